@@ -1,0 +1,1 @@
+"""Everything that makes, trains or loads a checkpoint."""

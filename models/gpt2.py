@@ -1,0 +1,145 @@
+"""GPT-2 builders and loaders: the token language model and the regression model of Wu et al. (2024).
+
+Both are Hugging Face ``PreTrainedModel`` s, so a checkpoint is a ``save_pretrained`` folder that every
+tool in the ecosystem (TransformerLens's ``boot_transformers`` included) can load.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import torch
+from huggingface_hub.dataclasses import strict
+from torch import nn
+from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedModel
+from transformers.models.gpt2.modeling_gpt2 import GPT2Model, GPT2PreTrainedModel
+
+from models.errors import ForethoughtError
+
+ModelKind = Literal["lm", "regression"]
+
+
+def gpt2_config(
+    n_layer: int,
+    d_model: int,
+    n_head: int,
+    *,
+    vocab_size: int = 50257,
+    n_positions: int = 1024,
+    activation: str = "gelu_new",
+    dropout: float = 0.0,
+) -> GPT2Config:
+    """A GPT2Config for a model trained from scratch (sdpa attention, MLP width 4·d_model)."""
+    if d_model % n_head:
+        raise ForethoughtError(f"d_model={d_model} is not divisible by n_head={n_head}")
+    return GPT2Config(
+        n_layer=n_layer,
+        n_embd=d_model,
+        n_head=n_head,
+        vocab_size=vocab_size,
+        n_positions=n_positions,
+        activation_function=activation,
+        resid_pdrop=dropout,
+        embd_pdrop=dropout,
+        attn_pdrop=dropout,
+        bos_token_id=vocab_size - 1,
+        eos_token_id=vocab_size - 1,
+        attn_implementation="sdpa",
+    )
+
+
+def build_lm(config: GPT2Config, seed: int | None = None) -> GPT2LMHeadModel:
+    """A randomly initialised token language model; ``seed`` makes the initialisation reproducible."""
+    with torch.random.fork_rng(enabled=seed is not None):
+        if seed is not None:
+            torch.manual_seed(seed)
+        return GPT2LMHeadModel(config)
+
+
+@strict(accept_kwargs=True)
+@dataclass(repr=False)
+class GPT2RegressionConfig(GPT2Config):
+    """GPT2Config plus the sizes of the continuous input and output of the regression model."""
+
+    model_type = "gpt2-regression"
+    in_dim: int = 2
+    out_dim: int = 1
+
+
+class GPT2RegressionModel(GPT2PreTrainedModel):
+    """A GPT-2 trunk for continuous sequences: Linear(in_dim → d) in, Linear(d → out_dim) out.
+
+    The linear input map replaces the token embedding (``transformer.wte`` is a 1-row stub, never used);
+    learned position embeddings are kept, as in the paper's code.
+    """
+
+    config_class = GPT2RegressionConfig
+
+    def __init__(self, config: GPT2RegressionConfig):
+        super().__init__(config)
+        self.transformer = GPT2Model(config)
+        self.read_in = nn.Linear(config.in_dim, config.n_embd)
+        self.read_out = nn.Linear(config.n_embd, config.out_dim)
+        self.post_init()
+
+    def forward(self, inputs: torch.Tensor) -> torch.Tensor:
+        """inputs [batch, seq, in_dim] → predictions [batch, seq, out_dim]."""
+        embeds = self.read_in(inputs)  # [batch, seq, d_model]
+        hidden = self.transformer(inputs_embeds=embeds, use_cache=False).last_hidden_state
+        return self.read_out(hidden)
+
+
+def regression_config(in_dim: int, out_dim: int, **gpt2_kwargs) -> GPT2RegressionConfig:
+    """A GPT2RegressionConfig from the same arguments as :func:`gpt2_config` (vocabulary unused)."""
+    base = gpt2_config(vocab_size=1, **gpt2_kwargs).to_dict()
+    for key in ("model_type", "transformers_version", "architectures"):
+        base.pop(key, None)
+    return GPT2RegressionConfig(in_dim=in_dim, out_dim=out_dim, **base)
+
+
+def build_regression(config: GPT2RegressionConfig, seed: int | None = None) -> GPT2RegressionModel:
+    """A randomly initialised regression model; ``seed`` makes the initialisation reproducible."""
+    with torch.random.fork_rng(enabled=seed is not None):
+        if seed is not None:
+            torch.manual_seed(seed)
+        return GPT2RegressionModel(config)
+
+
+_CLASSES: dict[ModelKind, type[PreTrainedModel]] = {
+    "lm": GPT2LMHeadModel,
+    "regression": GPT2RegressionModel,
+}
+
+
+def model_kind(model: nn.Module) -> ModelKind:
+    """Which of forethought's model kinds ``model`` is."""
+    for kind, cls in _CLASSES.items():
+        if isinstance(model, cls):
+            return kind
+    raise ForethoughtError(f"{type(model).__name__} is not a forethought GPT-2 model")
+
+
+def load_model(source: str | Path, kind: ModelKind) -> PreTrainedModel:
+    """Load a ``save_pretrained`` folder (or, for ``kind="lm"``, a hub id) and check it is ``kind``."""
+    folder = Path(source)
+    if folder.exists():
+        config_file = folder / "config.json"
+        if not config_file.is_file():
+            raise ForethoughtError(f"checkpoint folder {folder} has no config.json")
+        architectures = json.loads(config_file.read_text()).get("architectures") or ["?"]
+        expected = _CLASSES[kind].__name__
+        if architectures[0] != expected:
+            raise ForethoughtError(
+                f"checkpoint {folder} holds a {architectures[0]}, expected a {expected} ({kind} model)"
+            )
+    elif kind == "regression":
+        raise ForethoughtError(f"checkpoint folder {folder} does not exist")
+    try:
+        return _CLASSES[kind].from_pretrained(str(source))
+    except OSError as error:  # not a folder, and the hub does not have it (or is unreachable)
+        raise ForethoughtError(
+            f"{source} is neither a checkpoint folder nor a loadable hub id: {error}"
+        ) from error

@@ -1,0 +1,234 @@
+"""The myopic gradient: no loss at position i sends gradient into another position's hidden state.
+
+Under ``with myopic(model):`` every GPT-2 self-attention layer attends, for every pair i ≠ j, to keys and
+values computed from a *detached* copy of position j's attention input (``cut="residual"``, the paper's
+definition), or to detached keys and values (``cut="kv"``, stricter: the key/value projections then learn
+only from the diagonal). Forward values are unchanged; only the gradient changes. Equivalently, the
+gradient is the sum over i of ∂ℓ_i/∂θ with every other position's attention input held constant.
+
+Two implementations:
+
+- ``reference``: the paper's. Materialise the T×T scores of q against the detached keys, overwrite the
+  diagonal with the live q_i·k_i, softmax, and add ``diag(A)·(v − ṽ)``. O(T²) memory.
+- ``fast`` (the default when it applies): flash attention on (q, k̃, ṽ), which also returns the row
+  log-sum-exp λ, plus an O(T·d) diagonal correction that is zero in value and routes the diagonal's
+  gradient to the live k_i, v_i (DESIGN.md, "Making myopic training as fast as vanilla"):
+
+      o_i += a_ii · ⟨sg q_i, δk_i⟩ · sg(ṽ_i − o_i) + a_ii · δv_i,    a_ii = exp(⟨q_i, k_i⟩·scale − λ_i)
+
+  with δk_i = (k_i − sg k_i) − (k̃_i − sg k̃_i), likewise δv_i. Writing δk as a difference of two exact zeros
+  keeps the forward value bit-identical and cancels the gradient flash already sends into k̃_i on the
+  diagonal (DESIGN.md's ⟨sg q_i, k_i⟩ alone would count the diagonal's key-weight gradient twice).
+
+k̃, ṽ never need a second projection: :class:`_KeyValueDetachedCopy` returns the live q, k, v from one
+matmul plus a copy of k, v whose gradient reaches the projection weights but not the input.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Literal
+
+import torch
+from torch import nn
+from transformers.models.gpt2.modeling_gpt2 import GPT2Attention
+
+from models.errors import ForethoughtError
+
+Cut = Literal["residual", "kv"]
+Impl = Literal["auto", "fast", "reference"]
+CUTS: tuple[str, ...] = ("residual", "kv")
+IMPLS: tuple[str, ...] = ("auto", "fast", "reference")
+
+
+@contextmanager
+def myopic(model: nn.Module, cut: Cut = "residual", impl: Impl = "auto") -> Iterator[nn.Module]:
+    """Within this context, forward passes of ``model`` produce the myopic gradient.
+
+    Args:
+        model: any module holding GPT-2 self-attention layers (``GPT2LMHeadModel``, ``GPT2RegressionModel``).
+        cut: ``"residual"`` (the paper's) or ``"kv"`` (also cut the key/value projections of other positions).
+        impl: ``"fast"`` (flash attention + diagonal correction), ``"reference"`` (materialised scores), or
+            ``"auto"``: fast unless an attention mask or active attention dropout requires the reference.
+    """
+    if cut not in CUTS:
+        raise ForethoughtError(f"unknown myopic cut {cut!r}; choose one of {', '.join(CUTS)}")
+    if impl not in IMPLS:
+        raise ForethoughtError(f"unknown myopic impl {impl!r}; choose one of {', '.join(IMPLS)}")
+    layers = [m for m in model.modules() if isinstance(m, GPT2Attention) and not m.is_cross_attention]
+    if not layers:
+        raise ForethoughtError(f"myopic(): {type(model).__name__} has no GPT-2 self-attention layers")
+    if any("forward" in layer.__dict__ for layer in layers):
+        raise ForethoughtError("myopic(): the model is already inside a myopic context (or patched)")
+    for layer in layers:
+        layer.forward = _MyopicForward(layer, cut, impl)
+    try:
+        yield model
+    finally:
+        for layer in layers:
+            del layer.forward  # back to GPT2Attention.forward
+
+
+def is_myopic(model: nn.Module) -> bool:
+    """Whether ``model`` is currently inside a :func:`myopic` context."""
+    return any(isinstance(m.__dict__.get("forward"), _MyopicForward) for m in model.modules())
+
+
+class _MyopicForward:
+    """Replacement for ``GPT2Attention.forward`` (same signature and return) producing the myopic gradient."""
+
+    def __init__(self, layer: GPT2Attention, cut: Cut, impl: Impl):
+        self.layer, self.cut, self.impl = layer, cut, impl
+
+    def __call__(
+        self,
+        hidden_states: torch.Tensor,
+        past_key_values=None,
+        attention_mask: torch.Tensor | None = None,
+        **kwargs,
+    ) -> tuple[torch.Tensor, None]:
+        layer = self.layer
+        batch, seq, d_model = hidden_states.shape
+        if past_key_values is not None and past_key_values.get_seq_length(layer.layer_idx) > 0:
+            raise ForethoughtError("myopic(): incremental decoding with a filled KV cache is not supported")
+        if self.cut == "residual":
+            q, k, v, k_past, v_past = _KeyValueDetachedCopy.apply(
+                hidden_states, layer.c_attn.weight, layer.c_attn.bias
+            )
+        else:
+            q, k, v = layer.c_attn(hidden_states).split(d_model, dim=2)
+            k_past, v_past = k.detach(), v.detach()
+        q, k, v, k_past, v_past = (_heads(x, layer.num_heads) for x in (q, k, v, k_past, v_past))
+        if past_key_values is not None:  # keep the cache's forward values, as a vanilla pass would
+            past_key_values.update(k.detach(), v.detach(), layer.layer_idx)
+
+        dropout = layer.attn_dropout.p if layer.training else 0.0
+        fast_applies = attention_mask is None and dropout == 0.0 and _has_flash_with_lse(q)
+        if self.impl == "fast" and not fast_applies:
+            raise ForethoughtError(
+                "myopic(impl='fast') needs no attention mask, no active attention dropout, and a CPU or CUDA device"
+            )
+        if self.impl == "fast" or (self.impl == "auto" and fast_applies):
+            out = fast_myopic_attention(q, k, v, k_past, v_past, layer.scaling)
+        else:
+            out = reference_myopic_attention(
+                q, k, v, k_past, v_past, layer.scaling, attention_mask, dropout
+            )
+        out = out.transpose(1, 2).reshape(batch, seq, d_model)
+        return layer.resid_dropout(layer.c_proj(out)), None
+
+
+def _heads(x: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """[batch, seq, d_model] → [batch, heads, seq, d_head]."""
+    batch, seq, d_model = x.shape
+    return x.view(batch, seq, n_heads, d_model // n_heads).transpose(1, 2)
+
+
+class _KeyValueDetachedCopy(torch.autograd.Function):
+    """``q, k, v = x @ W + b`` (GPT-2's fused ``c_attn``) plus ``k̃, ṽ``: the same values, whose gradient
+    reaches W and b but not x. One forward matmul; the backward folds k̃, ṽ's gradient into W's."""
+
+    @staticmethod
+    @torch.amp.custom_fwd(device_type="cuda")
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor):
+        d_model = x.shape[-1]
+        qkv = torch.addmm(bias, x.reshape(-1, d_model), weight).view(*x.shape[:-1], -1)  # [b, t, 3d]
+        ctx.save_for_backward(x, weight)
+        q, k, v = qkv.split(d_model, dim=-1)
+        return q, k, v, k.clone(), v.clone()
+
+    @staticmethod
+    @torch.amp.custom_bwd(device_type="cuda")
+    def backward(ctx, g_q, g_k, g_v, g_k_past, g_v_past):
+        x, weight = ctx.saved_tensors
+        g_q, g_k, g_v, g_k_past, g_v_past = (
+            torch.zeros_like(x) if g is None else g for g in (g_q, g_k, g_v, g_k_past, g_v_past)
+        )
+        g_live = torch.cat([g_q, g_k, g_v], dim=-1).reshape(-1, weight.shape[1])  # [b·t, 3d]
+        g_all = torch.cat([g_q, g_k + g_k_past, g_v + g_v_past], dim=-1).reshape(-1, weight.shape[1])
+        x_flat = x.reshape(-1, x.shape[-1])
+        g_x = (g_live @ weight.t().to(g_live.dtype)).view_as(x)
+        g_weight = (x_flat.t().to(g_all.dtype) @ g_all).to(weight.dtype)
+        g_bias = g_all.sum(0).to(weight.dtype)
+        return g_x.to(x.dtype), g_weight, g_bias
+
+
+def reference_myopic_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    k_past: torch.Tensor,
+    v_past: torch.Tensor,
+    scale: float,
+    attention_mask: torch.Tensor | None = None,
+    dropout: float = 0.0,
+) -> torch.Tensor:
+    """The paper's myopic attention with materialised scores. All tensors [batch, heads, seq, d_head].
+
+    ``attention_mask`` is Hugging Face's 4-D mask (bool: True = attend, or additive float), causal part
+    included; ``None`` means plain causal attention.
+    """
+    seq = q.shape[-2]
+    scores = (q @ k_past.transpose(-1, -2)) * scale  # [b, h, t, t]: q_i · k̃_j
+    live_diagonal = (q * k).sum(-1, keepdim=True) * scale  # [b, h, t, 1]: q_i · k_i
+    eye = torch.eye(seq, dtype=torch.bool, device=q.device)
+    scores = torch.where(eye, live_diagonal, scores)
+    if attention_mask is None:
+        causal = torch.ones(seq, seq, dtype=torch.bool, device=q.device).tril()
+        scores = scores.masked_fill(~causal, float("-inf"))
+    elif attention_mask.dtype == torch.bool:
+        scores = scores.masked_fill(~attention_mask, float("-inf"))
+    else:
+        scores = scores + attention_mask
+    weights = torch.softmax(scores.to(torch.promote_types(q.dtype, torch.float32)), dim=-1).to(v.dtype)
+    weights = nn.functional.dropout(weights, p=dropout, training=dropout > 0)
+    self_weight = weights.diagonal(dim1=-2, dim2=-1).unsqueeze(-1)  # [b, h, t, 1]
+    return weights @ v_past + self_weight * (v - v_past)
+
+
+def fast_myopic_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    k_past: torch.Tensor,
+    v_past: torch.Tensor,
+    scale: float,
+) -> torch.Tensor:
+    """Flash attention on (q, k̃, ṽ) plus the O(T·d) diagonal correction. Causal, no mask, no dropout.
+
+    All tensors [batch, heads, seq, d_head]; ``k``/``k_past`` (and ``v``/``v_past``) must hold equal values.
+    """
+    out, lse = flash_attention_with_lse(q, k_past, v_past, scale)  # [b,h,t,d], [b,h,t]
+    with torch.no_grad():
+        precise = torch.promote_types(q.dtype, torch.float32)  # bf16 scores are summed in fp32
+        self_score = (q.to(precise) * k.to(precise)).sum(-1) * scale  # [b, h, t]
+        self_weight = torch.exp(self_score - lse.to(precise)).to(q.dtype).unsqueeze(-1)  # a_ii
+        value_minus_out = v_past - out
+    delta_k = (k - k.detach()) - (k_past - k_past.detach())  # zero; gradient +1 to k, −1 to k̃
+    delta_v = (v - v.detach()) - (v_past - v_past.detach())
+    score_delta = (q.detach() * delta_k).sum(-1, keepdim=True) * scale  # zero-valued s_ii deviation
+    return out + self_weight * score_delta * value_minus_out + self_weight * delta_v
+
+
+def _has_flash_with_lse(q: torch.Tensor) -> bool:
+    return q.device.type in ("cpu", "cuda")
+
+
+def flash_attention_with_lse(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Causal fused attention that also returns the row log-sum-exp λ ([batch, heads, seq], no gradient).
+
+    CUDA: the flash kernel for fp16/bf16, memory-efficient attention otherwise; CPU: the tiled flash kernel.
+    """
+    if q.device.type == "cuda":
+        if q.dtype in (torch.float16, torch.bfloat16):
+            out = torch.ops.aten._scaled_dot_product_flash_attention(q, k, v, 0.0, True, False, scale=scale)
+            return out[0], out[1].detach()
+        out = torch.ops.aten._scaled_dot_product_efficient_attention(
+            q, k, v, None, True, 0.0, True, scale=scale
+        )
+        return out[0], out[1][..., : q.shape[-2]].detach()
+    out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, True, scale=scale)
+    return out, lse.detach()

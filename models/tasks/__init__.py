@@ -1,0 +1,1 @@
+"""Data: tasks that sample (inputs, targets) batches and define their training loss."""

@@ -1,0 +1,145 @@
+"""The myopic gradient equals a per-position brute force, exactly (float64)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.nn.functional import cross_entropy
+from transformers.models.gpt2.modeling_gpt2 import GPT2Attention
+
+from models.errors import ForethoughtError
+from models.myopic import fast_myopic_attention, is_myopic, myopic, reference_myopic_attention
+
+
+def lm_losses(model, tokens) -> torch.Tensor:
+    """Per-position next-token losses [batch, seq-1]."""
+    logits = model(tokens, use_cache=False).logits[:, :-1]
+    return cross_entropy(logits.transpose(1, 2), tokens[:, 1:], reduction="none")
+
+
+def grads(model, loss: torch.Tensor) -> list[torch.Tensor]:
+    params = [p for p in model.parameters() if p.requires_grad]
+    return list(torch.autograd.grad(loss, params, allow_unused=True, materialize_grads=True))
+
+
+def attention_layers(model):
+    return [m for m in model.modules() if isinstance(m, GPT2Attention)]
+
+
+def brute_force_myopic_grads(model, losses_fn, inputs, cut: str) -> list[torch.Tensor]:
+    """Σ_i ∂ℓ_i/∂θ with every position j ≠ i frozen: its attention input (cut="residual") or its
+    keys and values (cut="kv") replaced by constants recorded from a plain forward pass."""
+    recorded: dict[int, torch.Tensor] = {}
+    hooks = []
+    for index, layer in enumerate(attention_layers(model)):
+        if cut == "residual":
+            hooks.append(layer.register_forward_pre_hook(
+                lambda mod, args, kwargs, index=index: recorded.__setitem__(index, args[0].detach())
+                , with_kwargs=True))
+        else:
+            hooks.append(layer.c_attn.register_forward_hook(
+                lambda mod, args, out, index=index: recorded.__setitem__(index, out.detach())))
+    with torch.no_grad():
+        n_positions = losses_fn(model, inputs).shape[1]
+    for hook in hooks:
+        hook.remove()
+
+    total = None
+    for position in range(n_positions):
+        live = torch.zeros(1, inputs.shape[1], 1, dtype=torch.bool)
+        live[0, position] = True
+        hooks = []
+        for index, layer in enumerate(attention_layers(model)):
+            if cut == "residual":
+                def freeze_input(mod, args, kwargs, index=index):
+                    return (torch.where(live, args[0], recorded[index]),) + args[1:], kwargs
+                hooks.append(layer.register_forward_pre_hook(freeze_input, with_kwargs=True))
+            else:
+                def freeze_kv(mod, args, out, index=index):
+                    d = out.shape[-1] // 3
+                    frozen = torch.where(live, out, recorded[index])
+                    return torch.cat([out[..., :d], frozen[..., d:]], dim=-1)
+                hooks.append(layer.c_attn.register_forward_hook(freeze_kv))
+        loss = losses_fn(model, inputs)[:, position].sum()
+        for hook in hooks:
+            hook.remove()
+        position_grads = grads(model, loss)
+        total = position_grads if total is None else [a + b for a, b in zip(total, position_grads)]
+    return total
+
+
+def regression_losses(model, inputs) -> torch.Tensor:
+    return model(inputs).squeeze(-1).square()  # [batch, seq]
+
+
+@pytest.mark.parametrize("cut", ["residual", "kv"])
+@pytest.mark.parametrize("impl", ["fast", "reference"])
+def test_lm_myopic_gradient_equals_brute_force(tiny_lm, tokens, cut, impl):
+    expected = brute_force_myopic_grads(tiny_lm, lm_losses, tokens, cut)
+    with myopic(tiny_lm, cut=cut, impl=impl):
+        actual = grads(tiny_lm, lm_losses(tiny_lm, tokens).sum())
+    vanilla = grads(tiny_lm, lm_losses(tiny_lm, tokens).sum())
+    for a, e in zip(actual, expected):
+        torch.testing.assert_close(a, e, atol=1e-9, rtol=0)
+    assert max((a - e).abs().max().item() for a, e in zip(vanilla, expected)) > 1e-4
+
+
+@pytest.mark.parametrize("impl", ["fast", "reference"])
+def test_regression_myopic_gradient_equals_brute_force(tiny_regression, impl):
+    inputs = torch.randn(2, 6, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    expected = brute_force_myopic_grads(tiny_regression, regression_losses, inputs, "residual")
+    with myopic(tiny_regression, impl=impl):
+        actual = grads(tiny_regression, regression_losses(tiny_regression, inputs).sum())
+    for a, e in zip(actual, expected):
+        torch.testing.assert_close(a, e, atol=1e-9, rtol=0)
+
+
+def test_forward_values_identical(tiny_lm, tokens):
+    vanilla = tiny_lm(tokens).logits
+    with myopic(tiny_lm):
+        fast = tiny_lm(tokens).logits
+    with myopic(tiny_lm, impl="reference"):
+        reference = tiny_lm(tokens).logits
+    assert torch.equal(fast, vanilla)
+    torch.testing.assert_close(reference, vanilla, atol=1e-12, rtol=0)
+
+
+def test_fast_and_reference_kernels_agree_in_value_and_gradient():
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 3, 9, 4, dtype=torch.float64, generator=gen, requires_grad=True) for _ in range(3))
+    k_past, v_past = k.detach().clone().requires_grad_(), v.detach().clone().requires_grad_()
+    weights = torch.randn(2, 3, 9, 4, dtype=torch.float64, generator=gen)
+    results = []
+    for kernel in (fast_myopic_attention, reference_myopic_attention):
+        out = kernel(q, k, v, k_past, v_past, 0.5)
+        results.append((out, torch.autograd.grad((out * weights).sum(), (q, k, v, k_past, v_past))))
+    (fast_out, fast_grads), (ref_out, ref_grads) = results
+    torch.testing.assert_close(fast_out, ref_out, atol=1e-12, rtol=0)
+    for f, r in zip(fast_grads, ref_grads):
+        torch.testing.assert_close(f, r, atol=1e-12, rtol=0)
+
+
+def test_context_restores_vanilla_even_after_an_exception(tiny_lm, tokens):
+    before = grads(tiny_lm, lm_losses(tiny_lm, tokens).sum())
+    with pytest.raises(RuntimeError, match="boom"):
+        with myopic(tiny_lm):
+            assert is_myopic(tiny_lm)
+            raise RuntimeError("boom")
+    assert not is_myopic(tiny_lm)
+    after = grads(tiny_lm, lm_losses(tiny_lm, tokens).sum())
+    for a, b in zip(before, after):
+        assert torch.equal(a, b)
+
+
+def test_bad_arguments_are_named(tiny_lm):
+    with pytest.raises(ForethoughtError, match="unknown myopic cut 'diagonal'"):
+        with myopic(tiny_lm, cut="diagonal"):
+            pass
+    with pytest.raises(ForethoughtError, match="already inside a myopic context"):
+        with myopic(tiny_lm):
+            with myopic(tiny_lm):
+                pass
+    assert not is_myopic(tiny_lm)
+    with pytest.raises(ForethoughtError, match="no GPT-2 self-attention layers"):
+        with myopic(torch.nn.Linear(2, 2)):
+            pass
