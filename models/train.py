@@ -1,0 +1,183 @@
+"""The training loop: AdamW, cosine schedule with warm-up, clipping, optional myopic gradient, exact resume.
+
+A run lives in one folder. Every ``checkpoint_every`` steps (and at the end) it writes an atomic checkpoint
+(:mod:`models.checkpoint`); calling :func:`train` again on the same folder resumes from the newest one and,
+on the CPU, ends with exactly the weights of an uninterrupted run. A NaN/inf loss stops the run with an
+error naming the step, leaving the last good checkpoint as it was.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+from transformers import PreTrainedModel, get_cosine_schedule_with_warmup
+
+from models.checkpoint import latest_checkpoint, load_training_state, save_checkpoint
+from models.errors import ForethoughtError
+from models.myopic import CUTS, myopic
+
+
+class Task(Protocol):
+    """What the loop needs from a task: fresh batches and a loss."""
+
+    def sample(self, batch_size: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+    def loss(self, model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor: ...
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation settings. Fields marked in ``RESUMABLE`` may change between a run and its resume."""
+
+    steps: int = 1000
+    batch_size: int = 64
+    lr: float = 1e-3
+    weight_decay: float = 0.01
+    warmup_frac: float = 0.01  # fraction of steps spent warming up (at least one step)
+    grad_clip: float = 1.0  # max global gradient norm; 0 disables clipping
+    seed: int = 0  # data stream and dropout; model initialisation is seeded by its builder
+    myopic: bool = False
+    myopic_cut: str = "residual"
+    eval_every: int = 100
+    eval_batches: int = 4
+    checkpoint_every: int = 500
+    keep_checkpoints: int = 2
+    device: str = "auto"  # "auto": CUDA when available
+    progress: bool = True
+
+    RESUMABLE = ("eval_every", "checkpoint_every", "keep_checkpoints", "device", "progress")
+
+    def __post_init__(self):
+        if self.steps < 1 or self.batch_size < 1:
+            raise ForethoughtError(f"steps and batch_size must be ≥ 1, got {self.steps}, {self.batch_size}")
+        if self.myopic_cut not in CUTS:
+            raise ForethoughtError(f"unknown myopic cut {self.myopic_cut!r}; choose one of {', '.join(CUTS)}")
+        if not 0 <= self.warmup_frac < 1:
+            raise ForethoughtError(f"warmup_frac must lie in [0, 1), got {self.warmup_frac}")
+
+    def resolved_device(self) -> torch.device:
+        if self.device == "auto":
+            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return torch.device(self.device)
+
+    def trajectory(self) -> dict[str, Any]:
+        """The fields that determine the weights (a resume must match them)."""
+        return {k: v for k, v in asdict(self).items() if k not in self.RESUMABLE}
+
+
+class TrainingDiverged(ForethoughtError):
+    """The loss became NaN or infinite."""
+
+
+@dataclass
+class TrainResult:
+    model: PreTrainedModel
+    checkpoint: Path  # the final checkpoint folder
+    history: list[dict[str, float]] = field(default_factory=list)  # {"step", "train_loss"[, "eval_loss"]}
+
+
+def train(model: PreTrainedModel, task: Task, config: TrainConfig, run_dir: str | Path) -> TrainResult:
+    """Train ``model`` on ``task`` in ``run_dir``, resuming from its newest checkpoint if there is one."""
+    run_dir = Path(run_dir)
+    device = config.resolved_device()
+    model.to(device).train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    warmup = max(1, math.ceil(config.warmup_frac * config.steps))
+    scheduler = get_cosine_schedule_with_warmup(optimizer, warmup, config.steps)
+    data = torch.Generator(device).manual_seed(config.seed)
+    torch.manual_seed(config.seed)
+    step, history = 0, []
+
+    resume_from = latest_checkpoint(run_dir)
+    if resume_from is not None:
+        step, history = _resume(resume_from, model, optimizer, scheduler, data, config)
+    eval_batches = _eval_batches(task, config, device)
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
+    last_checkpoint = resume_from
+
+    def checkpoint() -> Path:
+        state = {
+            "step": step,
+            "config": config.trajectory(),
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+            "data_rng": data.get_state(),
+            "torch_rng": torch.get_rng_state(),
+            "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            "history": history,
+        }
+        return save_checkpoint(run_dir, step, model, state, keep=config.keep_checkpoints)
+
+    mode = myopic(model, cut=config.myopic_cut) if config.myopic else contextlib.nullcontext()
+    with mode, tqdm(
+        total=config.steps, initial=step, disable=not config.progress, desc=run_dir.name, leave=False
+    ) as bar:
+        while step < config.steps:
+            inputs, targets = task.sample(config.batch_size, data)
+            with autocast:
+                loss = task.loss(model, inputs, targets)
+            loss_value = loss.item()
+            if not math.isfinite(loss_value):
+                where = f"last good checkpoint: {last_checkpoint}" if last_checkpoint else "no checkpoint yet"
+                raise TrainingDiverged(f"loss is {loss_value} at step {step + 1} of {run_dir} ({where})")
+            loss.backward()
+            if config.grad_clip > 0:
+                nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            record = {"step": step, "train_loss": loss_value}
+            if step % config.eval_every == 0 or step == config.steps:
+                record["eval_loss"] = evaluate(model, task, eval_batches, autocast)
+                bar.set_postfix(eval_loss=f"{record['eval_loss']:.4f}")
+            history.append(record)
+            bar.update()
+            if step % config.checkpoint_every == 0 or step == config.steps:
+                last_checkpoint = checkpoint()
+    return TrainResult(model=model.eval(), checkpoint=last_checkpoint, history=history)
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, task: Task, batches, autocast) -> float:
+    """Mean task loss over fixed held-out batches."""
+    was_training = model.training
+    model.eval()
+    with autocast:
+        losses = [task.loss(model, inputs, targets).item() for inputs, targets in batches]
+    model.train(was_training)
+    return sum(losses) / len(losses)
+
+
+def _eval_batches(task: Task, config: TrainConfig, device: torch.device):
+    """Held-out batches from a stream disjoint from training's (seed + 1_000_003)."""
+    generator = torch.Generator(device).manual_seed(config.seed + 1_000_003)
+    return [task.sample(config.batch_size, generator) for _ in range(config.eval_batches)]
+
+
+def _resume(folder: Path, model, optimizer, scheduler, data: torch.Generator, config: TrainConfig):
+    state = load_training_state(folder)
+    saved = state.get("config", {})
+    changed = {k: (saved.get(k), v) for k, v in config.trajectory().items() if saved.get(k) != v}
+    if changed:
+        detail = ", ".join(f"{k}: {old!r} → {new!r}" for k, (old, new) in changed.items())
+        raise ForethoughtError(f"cannot resume {folder}: it was trained with other settings ({detail})")
+    try:
+        saved_model = type(model).from_pretrained(folder)
+        model.load_state_dict(saved_model.state_dict())
+    except (RuntimeError, ValueError, OSError) as error:
+        raise ForethoughtError(f"checkpoint {folder} does not match the model being trained: {error}") from error
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    data.set_state(state["data_rng"])
+    torch.set_rng_state(state["torch_rng"])
+    if state["cuda_rng"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda_rng"])
+    return state["step"], state["history"]

@@ -1,0 +1,88 @@
+"""The training loop: exact resume after an interruption, NaN stops with the step, settings are checked."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from models.checkpoint import latest_checkpoint, list_checkpoints
+from models.errors import ForethoughtError
+from models.gpt2 import build_regression, regression_config
+from models.tasks.synthetic import SyntheticTask
+from models.train import TrainConfig, TrainingDiverged, train
+
+TASK = SyntheticTask(p=1.0, n_terms=3, freq=3.0, seq_len=8)
+
+
+def tiny_model():
+    config = regression_config(in_dim=2, out_dim=1, n_layer=2, d_model=16, n_head=2, n_positions=8)
+    return build_regression(config, seed=0)
+
+
+def config(**overrides) -> TrainConfig:
+    settings = dict(steps=12, batch_size=8, lr=3e-3, eval_every=4, checkpoint_every=5, progress=False)
+    return TrainConfig(**{**settings, **overrides})
+
+
+class Interrupted(Exception):
+    pass
+
+
+class FailingTask:
+    """Wraps a task; raises (like a kill) when asked for batch number ``fail_at``, or returns NaN loss."""
+
+    def __init__(self, task, fail_at: int, nan: bool = False):
+        self.task, self.fail_at, self.nan, self.calls = task, fail_at, nan, 0
+
+    def sample(self, batch_size, generator):
+        self.calls += 1
+        if self.calls == self.fail_at and not self.nan:
+            raise Interrupted
+        return self.task.sample(batch_size, generator)
+
+    def loss(self, model, inputs, targets):
+        loss = self.task.loss(model, inputs, targets)
+        return loss * float("nan") if self.nan and self.calls == self.fail_at else loss
+
+
+@pytest.mark.parametrize("myopic", [False, True])
+def test_interrupted_run_resumes_to_identical_weights(tmp_path, myopic):
+    straight = train(tiny_model(), TASK, config(myopic=myopic), tmp_path / "straight")
+    eval_batches = config().eval_batches
+    with pytest.raises(Interrupted):  # dies while sampling step 8's batch, after the step-5 checkpoint
+        train(tiny_model(), FailingTask(TASK, fail_at=eval_batches + 8), config(myopic=myopic), tmp_path / "resumed")
+    assert [p.name for p in list_checkpoints(tmp_path / "resumed")] == ["step-0000005"]
+    resumed = train(tiny_model(), TASK, config(myopic=myopic), tmp_path / "resumed")
+    for (name, a), b in zip(straight.model.state_dict().items(), resumed.model.state_dict().values()):
+        assert torch.equal(a, b), name
+    assert resumed.history == straight.history
+    assert [p.name for p in list_checkpoints(tmp_path / "resumed")] == ["step-0000010", "step-0000012"]
+
+
+def test_myopic_and_vanilla_runs_differ(tmp_path):
+    vanilla = train(tiny_model(), TASK, config(steps=3), tmp_path / "v").model
+    myopic = train(tiny_model(), TASK, config(steps=3, myopic=True), tmp_path / "m").model
+    assert any(not torch.equal(a, b) for a, b in zip(vanilla.parameters(), myopic.parameters()))
+
+
+def test_nan_loss_stops_naming_the_step_and_keeps_last_checkpoint(tmp_path):
+    eval_batches = config().eval_batches
+    task = FailingTask(TASK, fail_at=eval_batches + 7, nan=True)
+    with pytest.raises(TrainingDiverged, match=r"loss is nan at step 7 .*step-0000005"):
+        train(tiny_model(), task, config(), tmp_path)
+    checkpoint = latest_checkpoint(tmp_path)
+    assert checkpoint.name == "step-0000005"
+    assert not list((tmp_path / "checkpoints").glob("*.tmp"))
+    resumed = train(tiny_model(), TASK, config(), tmp_path)  # the kept checkpoint still resumes
+    assert resumed.history[-1]["step"] == 12
+
+
+def test_resume_with_other_settings_is_refused(tmp_path):
+    train(tiny_model(), TASK, config(steps=5), tmp_path)
+    with pytest.raises(ForethoughtError, match=r"trained with other settings \(lr: 0.003 → 0.1"):
+        train(tiny_model(), TASK, config(steps=5, lr=0.1), tmp_path)
+
+
+def test_bad_config_is_named():
+    with pytest.raises(ForethoughtError, match="unknown myopic cut 'x'"):
+        TrainConfig(myopic_cut="x")
