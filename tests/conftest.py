@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
-import pytest
-import torch
+import os
+
+os.environ["HF_HUB_OFFLINE"] = "1"  # tests never reach a hub
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 from models.gpt2 import build_lm, build_regression, gpt2_config, regression_config
 

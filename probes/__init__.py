@@ -1,0 +1,1 @@
+"""Residual streams in, probe results out."""

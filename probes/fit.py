@@ -1,0 +1,76 @@
+"""Fitting probes over a grid of layers, with held-out *sequences*.
+
+Residuals come as [n_layers, n_sequences, seq, d_model]; a probe per layer is fitted on the training
+sequences' positions and scored on the held-out sequences' positions (never splitting a sequence).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import pandas as pd
+import torch
+
+from models.errors import ForethoughtError
+from probes.linear import RidgeProbe
+from probes.metrics import r2_scores
+
+
+def split_sequences(n_sequences: int, test_fraction: float = 0.25, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Random disjoint (train, test) index arrays over whole sequences."""
+    if not 0 < test_fraction < 1:
+        raise ForethoughtError(f"test_fraction must lie in (0, 1), got {test_fraction}")
+    n_test = max(1, round(n_sequences * test_fraction))
+    if n_test >= n_sequences:
+        raise ForethoughtError(f"{n_sequences} sequences are too few to hold out {test_fraction:.0%}")
+    order = np.random.default_rng(seed).permutation(n_sequences)
+    return np.sort(order[n_test:]), np.sort(order[:n_test])
+
+
+def _rows(array: np.ndarray, sequences: np.ndarray, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """[n_sequences, seq, ...] → examples [len(sequences)·len(positions), ...] and their sequence ids."""
+    picked = array[sequences][:, positions]
+    ids = np.repeat(sequences, len(positions))
+    return picked.reshape(len(ids), *array.shape[2:]), ids
+
+
+def fit_ridge_by_layer(
+    residuals: torch.Tensor | np.ndarray,
+    targets: torch.Tensor | np.ndarray,
+    target_names: Sequence[str],
+    layers: Sequence[int],
+    positions: np.ndarray,
+    split: tuple[np.ndarray, np.ndarray],
+    alpha: float = 1e-4,
+) -> pd.DataFrame:
+    """R² of a ridge probe per (layer, target) on held-out sequences, with bootstrap CIs.
+
+    Args:
+        residuals: [len(layers), n_sequences, seq, d_model].
+        targets: [n_sequences, seq, n_targets]; all targets must be finite at ``positions``.
+        positions: sequence positions used as examples (same for train and test).
+        split: (train, test) sequence indices, e.g. from :func:`split_sequences`.
+
+    Returns one row per (layer, target): layer, target, metric="r2", split="test", value, ci_low, ci_high, n.
+    """
+    residuals, targets = np.asarray(residuals, dtype=np.float64), np.asarray(targets, dtype=np.float64)
+    if len(residuals) != len(layers) or targets.shape[-1] != len(target_names):
+        raise ForethoughtError("residuals/targets do not match the given layers/target names")
+    train, test = split
+    y_train, _ = _rows(targets, train, positions)
+    y_test, test_ids = _rows(targets, test, positions)
+    if not (np.isfinite(y_train).all() and np.isfinite(y_test).all()):
+        raise ForethoughtError("probe targets are undefined (NaN) at some of the probed positions")
+    rows = []
+    for layer, layer_residuals in zip(layers, residuals):
+        x_train, _ = _rows(layer_residuals, train, positions)
+        x_test, _ = _rows(layer_residuals, test, positions)
+        probe = RidgeProbe(alpha=alpha).fit(x_train, y_train)
+        for name, estimate in zip(target_names, r2_scores(y_test, probe.predict(x_test), test_ids)):
+            rows.append({
+                "layer": layer, "target": name, "metric": "r2", "split": "test",
+                "value": estimate.value, "ci_low": estimate.ci_low, "ci_high": estimate.ci_high,
+                "n": estimate.n,
+            })
+    return pd.DataFrame(rows)

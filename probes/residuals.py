@@ -1,0 +1,90 @@
+"""Residual streams h[l, t], l = 0 … L — the only file that imports TransformerLens.
+
+Layer convention (DESIGN.md): l = 0 is the input to block 0 (``blocks.0.hook_resid_pre``); l ≥ 1 is the
+output of block l − 1 (``blocks.{l-1}.hook_resid_post``), so l = L is the last block's output *before* the
+final LayerNorm. (Hugging Face's last ``hidden_states`` entry has the final LayerNorm applied: not used.)
+
+Two routes give the same tensors: :func:`bridge_residuals` through TransformerLens's ``TransformerBridge``
+(token models, with every hook TransformerLens offers) and :func:`model_residuals` through forward hooks on a
+Hugging Face GPT-2 (any forethought model, the regression model included).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from transformer_lens.model_bridge import TransformerBridge
+from transformers import PreTrainedModel
+
+from models.errors import ForethoughtError
+
+
+def hook_name(layer: int) -> str:
+    """TransformerLens hook of residual layer ``layer`` (0 … L)."""
+    return "blocks.0.hook_resid_pre" if layer == 0 else f"blocks.{layer - 1}.hook_resid_post"
+
+
+def load_bridge(source: str | Path, device: str = "cpu", dtype: torch.dtype = torch.float32) -> TransformerBridge:
+    """Boot a TransformerBridge from a ``save_pretrained`` folder (with tokenizer files) or a hub id.
+
+    Raw Hugging Face weights (no TransformerLens weight processing): cached residuals are the model's own.
+    """
+    try:
+        return TransformerBridge.boot_transformers(str(source), device=device, dtype=dtype)
+    except (OSError, ValueError, KeyError) as error:
+        raise ForethoughtError(f"cannot boot a TransformerBridge from {source}: {error}") from error
+
+
+def processing_mode(bridge: TransformerBridge) -> str:
+    """``"compatibility"`` if TransformerLens weight processing is on, else ``"raw"``; record it with caches."""
+    return "compatibility" if bridge.compatibility_mode else "raw"
+
+
+def _check_layers(layers: Sequence[int] | None, n_layers: int) -> list[int]:
+    layers = list(range(n_layers + 1)) if layers is None else list(layers)
+    bad = [layer for layer in layers if not 0 <= layer <= n_layers]
+    if bad:
+        raise ForethoughtError(f"layers {bad} out of range: this model has residual layers 0 … {n_layers}")
+    return layers
+
+
+@torch.no_grad()
+def bridge_residuals(
+    bridge: TransformerBridge, tokens: torch.Tensor, layers: Sequence[int] | None = None
+) -> torch.Tensor:
+    """tokens [batch, seq] → residuals [len(layers), batch, seq, d_model] via ``run_with_cache``.
+
+    Only the asked-for hooks are cached, and blocks past the deepest asked-for layer are not run.
+    """
+    n_layers = bridge.cfg.n_layers
+    layers = _check_layers(layers, n_layers)
+    names = [hook_name(layer) for layer in layers]
+    stop = max(layers) if max(layers) < n_layers else None
+    _, cache = bridge.run_with_cache(tokens, names_filter=names, stop_at_layer=stop)
+    return torch.stack([cache[name] for name in names])
+
+
+@torch.no_grad()
+def model_residuals(
+    model: PreTrainedModel, inputs: torch.Tensor, layers: Sequence[int] | None = None
+) -> torch.Tensor:
+    """inputs (token ids [batch, seq] or features [batch, seq, in_dim]) → [len(layers), batch, seq, d_model].
+
+    Reads the Hugging Face GPT-2 trunk (``model.transformer``) with forward hooks on its blocks.
+    """
+    blocks = model.transformer.h
+    layers = _check_layers(layers, len(blocks))
+    captured: dict[int, torch.Tensor] = {}
+    handles = [blocks[0].register_forward_pre_hook(lambda _, args: captured.__setitem__(0, args[0]))]
+    for index, block in enumerate(blocks):
+        handles.append(block.register_forward_hook(
+            lambda _, __, out, layer=index + 1: captured.__setitem__(layer, out)
+        ))
+    try:
+        model(inputs)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return torch.stack([captured[layer] for layer in layers])

@@ -1,0 +1,33 @@
+"""Metrics match their definitions; intervals resample whole sequences."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from sklearn.metrics import r2_score
+
+from probes.metrics import mean_scores, r2_scores
+
+
+def test_r2_point_estimates_match_sklearn():
+    rng = np.random.default_rng(0)
+    y = rng.normal(size=(500, 3))
+    pred = y + rng.normal(size=(500, 3)) * [0.1, 1.0, 3.0]
+    ids = np.repeat(np.arange(50), 10)
+    estimates = r2_scores(y, pred, ids)
+    for column, estimate in enumerate(estimates):
+        assert estimate.value == pytest.approx(r2_score(y[:, column], pred[:, column]))
+        assert estimate.ci_low < estimate.value < estimate.ci_high
+        assert (estimate.n, estimate.n_sequences) == (500, 50)
+
+
+def test_interval_reflects_sequences_not_positions():
+    """Values constant within a sequence: the CI must be as wide as S sequences allow, not S·T points."""
+    rng = np.random.default_rng(1)
+    n_sequences, length = 400, 50
+    values = np.repeat(rng.normal(size=n_sequences), length)
+    ids = np.repeat(np.arange(n_sequences), length)
+    (estimate,) = mean_scores(values, ids)
+    assert estimate.value == pytest.approx(values.mean())
+    expected_width = 2 * 1.96 / np.sqrt(n_sequences)  # standard error of a mean of 400 unit-variance draws
+    assert estimate.ci_high - estimate.ci_low == pytest.approx(expected_width, rel=0.15)

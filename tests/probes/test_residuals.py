@@ -1,0 +1,59 @@
+"""Both residual routes (TransformerBridge hooks, HF forward hooks) give the same tensors."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from tokenizers import Tokenizer, models, pre_tokenizers
+from transformers import PreTrainedTokenizerFast
+
+from models.errors import ForethoughtError
+from probes.residuals import bridge_residuals, load_bridge, model_residuals
+from tests.conftest import VOCAB
+
+
+@pytest.fixture
+def lm_folder(tiny_lm, tmp_path):
+    """The tiny LM (float32) saved with a word-level tokenizer, as TransformerLens needs."""
+    vocab = {f"w{i}": i for i in range(VOCAB)}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="w0"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="w0", eos_token=f"w{VOCAB - 1}")
+    tiny_lm.float().save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    return tmp_path
+
+
+def test_bridge_and_model_routes_agree(tiny_lm, tokens, lm_folder):
+    bridge = load_bridge(lm_folder, dtype=torch.float64)
+    via_bridge = bridge_residuals(bridge, tokens)
+    via_model = model_residuals(tiny_lm.double(), tokens)
+    assert via_bridge.shape == (4, 3, 7, 16)
+    torch.testing.assert_close(via_bridge, via_model, atol=1e-10, rtol=0)
+    # conventions: layer 0 = embeddings, layer L = before the final LayerNorm
+    embeddings = tiny_lm.transformer.wte(tokens) + tiny_lm.transformer.wpe(torch.arange(7))
+    torch.testing.assert_close(via_model[0], embeddings)
+    final = tiny_lm.transformer(tokens).last_hidden_state
+    torch.testing.assert_close(tiny_lm.transformer.ln_f(via_model[3]), final)
+
+
+def test_layer_subsets_match_the_full_stack(tiny_lm, tokens, lm_folder):
+    bridge = load_bridge(lm_folder, dtype=torch.float64)
+    full = bridge_residuals(bridge, tokens)
+    torch.testing.assert_close(bridge_residuals(bridge, tokens, layers=[0, 2]), full[[0, 2]])
+    torch.testing.assert_close(model_residuals(tiny_lm.double(), tokens, layers=[1]), full[[1]], atol=1e-10, rtol=0)
+
+
+def test_regression_model_residuals(tiny_regression):
+    inputs = torch.randn(2, 5, 2, dtype=torch.float64)
+    residuals = model_residuals(tiny_regression, inputs)
+    assert residuals.shape == (4, 2, 5, 16)
+    embeddings = tiny_regression.read_in(inputs) + tiny_regression.transformer.wpe(torch.arange(5))
+    torch.testing.assert_close(residuals[0], embeddings)
+
+
+def test_bad_layers_and_sources_are_named(tiny_lm, tokens, tmp_path):
+    with pytest.raises(ForethoughtError, match=r"layers \[4\] out of range: .* 0 … 3"):
+        model_residuals(tiny_lm, tokens, layers=[4])
+    with pytest.raises(ForethoughtError, match="cannot boot a TransformerBridge"):
+        load_bridge(tmp_path / "missing")
