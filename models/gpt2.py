@@ -73,7 +73,9 @@ class GPT2RegressionModel(GPT2PreTrainedModel):
     """A GPT-2 trunk for continuous sequences: Linear(in_dim → d) in, Linear(d → out_dim) out.
 
     The linear input map replaces the token embedding (``transformer.wte`` is a 1-row stub, never used);
-    learned position embeddings are kept, as in the paper's code.
+    learned position embeddings are kept. As in the paper's code, the two linear maps keep PyTorch's
+    default initialisation (not GPT-2's N(0, 0.02)): the input then dominates the position embeddings, and
+    a random-init model is the nonlinear expansion of x_t that the probe controls rely on.
     """
 
     config_class = GPT2RegressionConfig
@@ -84,6 +86,11 @@ class GPT2RegressionModel(GPT2PreTrainedModel):
         self.read_in = nn.Linear(config.in_dim, config.n_embd)
         self.read_out = nn.Linear(config.n_embd, config.out_dim)
         self.post_init()
+
+    def _init_weights(self, module: nn.Module) -> None:
+        if module is self.read_in or module is self.read_out:
+            return  # keep nn.Linear's default initialisation, drawn in __init__
+        super()._init_weights(module)
 
     def forward(self, inputs: torch.Tensor) -> torch.Tensor:
         """inputs [batch, seq, in_dim] → predictions [batch, seq, out_dim]."""

@@ -1,0 +1,87 @@
+"""The ``forethought`` command. Subcommands are dataclass configs: every field is a ``--flag``.
+
+    forethought demo                      the embedded default: the synthetic experiment, cpu preset
+    forethought synthetic --preset paper  the synthetic pre-caching experiment
+    forethought bench myopic              myopic vs vanilla training-step speed and memory
+"""
+
+from __future__ import annotations
+
+import argparse
+import inspect
+import re
+import sys
+from dataclasses import MISSING, fields
+
+from analyses.bench import MyopicBenchConfig, bench_myopic
+from analyses.synthetic import PRESETS, SyntheticConfig, run_synthetic
+from models.errors import ForethoughtError
+
+
+def _field_help(cls: type) -> dict[str, str]:
+    """Help for each field, from the comment after it in the class source."""
+    source = inspect.getsource(cls)
+    return dict(re.findall(r"^\s+(\w+): [^=\n]+= [^#\n]+#\s*(.+)$", source, flags=re.MULTILINE))
+
+
+def add_config_arguments(parser: argparse.ArgumentParser, cls: type, skip: tuple[str, ...] = ()) -> None:
+    """One ``--flag`` per dataclass field; flags left out are absent from the parsed namespace."""
+    helps = _field_help(cls)
+    for f in fields(cls):
+        if f.name in skip or f.name.isupper():
+            continue
+        kind = str(f.type)
+        options: dict = {"default": argparse.SUPPRESS, "dest": f.name}
+        if kind == "bool":
+            options["action"] = argparse.BooleanOptionalAction
+        else:
+            options["type"] = int if kind.startswith("int") else float if kind.startswith("float") else str
+            options["metavar"] = options["type"].__name__.upper()
+        default = f.default if f.default is not MISSING else None
+        options["help"] = f"{helps.get(f.name, '')} (default: {default})".strip()
+        parser.add_argument("--" + f.name.replace("_", "-"), **options)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="forethought", description=__doc__.split("\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    demo = commands.add_parser("demo", help="run the embedded default: the synthetic experiment, cpu preset")
+    add_config_arguments(demo, SyntheticConfig, skip=("preset",))
+    synthetic = commands.add_parser(
+        "synthetic", help="vanilla vs myopic twins on the synthetic pre-caching task, probed layer by layer",
+        description=SyntheticConfig.__doc__,
+    )
+    synthetic.add_argument("--preset", default="cpu", help=f"starting values: {' or '.join(PRESETS)} (default: cpu)")
+    add_config_arguments(synthetic, SyntheticConfig, skip=("preset",))
+
+    bench = commands.add_parser("bench", help="speed and memory, as ratios measured in one run")
+    benches = bench.add_subparsers(dest="bench", required=True, metavar="BENCH")
+    myopic_bench = benches.add_parser("myopic", help="training step: myopic (fast, naive) ÷ vanilla",
+                                      description=MyopicBenchConfig.__doc__)
+    add_config_arguments(myopic_bench, MyopicBenchConfig)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = vars(build_parser().parse_args(argv))
+    command = args.pop("command")
+    try:
+        if command in ("demo", "synthetic"):
+            config = SyntheticConfig.from_preset(args.pop("preset", "cpu"), **args)
+            results = run_synthetic(config)
+            print(results.summary())
+            print(f"results, figures and checkpoints in {config.out}")
+        elif command == "bench":
+            args.pop("bench")
+            table = bench_myopic(MyopicBenchConfig(**args))
+            print(f"forethought bench myopic — {table.attrs['setting']}")
+            print(table.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
+    except ForethoughtError as error:
+        print(f"forethought: error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("forethought: interrupted; run the same command again to resume", file=sys.stderr)
+        return 130
+    return 0

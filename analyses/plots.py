@@ -1,0 +1,72 @@
+"""Figures. Every function returns a ``go.Figure``; :func:`save_figure` writes HTML (and PNG if it can)."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pandas as pd
+import plotly.express as px
+import plotly.graph_objects as go
+
+_CHROMIUM = ("chromium", "chromium-browser", "google-chrome", "chrome")
+
+
+def probe_r2_figure(table: pd.DataFrame, title: str = "Probe R² on held-out sequences") -> go.Figure:
+    """R² of ridge probes by lookback j (x), one line per layer; one column per checkpoint, one row per target.
+
+    ``table``: tidy rows with metric "r2" and tau = −j.
+    """
+    rows = table[table["metric"] == "r2"].assign(
+        lookback=lambda t: -t["tau"].astype(int),
+        layer=lambda t: "layer " + t["layer"].astype(str),
+        plus=lambda t: t["ci_high"] - t["value"],
+        minus=lambda t: t["value"] - t["ci_low"],
+    )
+    figure = px.line(
+        rows, x="lookback", y="value", color="layer", facet_col="checkpoint", facet_row="target",
+        error_y="plus", error_y_minus="minus", markers=True,
+        category_orders={"checkpoint": list(dict.fromkeys(rows["checkpoint"]))},
+        labels={"lookback": "lookback j (probe target uses x_{t−j})", "value": "R²"},
+        title=title,
+    )
+    figure.update_yaxes(range=[-0.05, 1.05])
+    figure.for_each_annotation(lambda a: a.update(text=a.text.split("=", 1)[-1]))
+    return figure
+
+
+def loss_curves_figure(
+    histories: dict[str, list[dict[str, float]]], baseline: float | None = None, baseline_name: str = "trivial"
+) -> go.Figure:
+    """Training loss (faint) and held-out loss (bold) by step for each run; ``baseline`` dashed."""
+    figure = go.Figure()
+    colors = px.colors.qualitative.D3
+    for color, (name, history) in zip(colors, histories.items()):
+        frame = pd.DataFrame(history)
+        figure.add_scatter(x=frame["step"], y=frame["train_loss"], name=f"{name} (train)",
+                           line=dict(color=color, width=1), opacity=0.35)
+        if "eval_loss" in frame:
+            held_out = frame.dropna(subset=["eval_loss"])
+            figure.add_scatter(x=held_out["step"], y=held_out["eval_loss"], name=f"{name} (held out)",
+                               line=dict(color=color, width=3))
+    if baseline is not None:
+        figure.add_hline(y=baseline, line_dash="dash", annotation_text=baseline_name)
+    figure.update_layout(title="Training loss", xaxis_title="step", yaxis_title="loss", yaxis_type="log")
+    return figure
+
+
+def png_export_available() -> bool:
+    """PNG export needs a Chromium for kaleido; we never let kaleido download one."""
+    return any(shutil.which(name) for name in _CHROMIUM)
+
+
+def save_figure(figure: go.Figure, stem: str | Path, scale: float = 2.0) -> list[Path]:
+    """Write ``<stem>.html`` always and ``<stem>.png`` when Chromium is installed; return what was written."""
+    stem = Path(stem)
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    written = [stem.with_suffix(".html")]
+    figure.write_html(written[0], include_plotlyjs="cdn")
+    if png_export_available():
+        figure.write_image(stem.with_suffix(".png"), scale=scale, width=1100, height=650)
+        written.append(stem.with_suffix(".png"))
+    return written

@@ -1,0 +1,84 @@
+"""The tidy results table and its ``meta.json``.
+
+One row per (checkpoint, task, layer, tau, target, probe, metric, split, seed) with ``value``, ``ci_low``,
+``ci_high``, ``n``. ``tau`` is the offset of the predicted quantity from the probed position (τ = 1: the
+next token; τ = −j: a feature of the input j positions back). Rows without a layer or offset (losses)
+leave those cells empty.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import subprocess
+from datetime import datetime, timezone
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from models.errors import ForethoughtError
+
+COLUMNS = [
+    "checkpoint", "task", "layer", "tau", "target", "probe", "metric", "split", "seed",
+    "value", "ci_low", "ci_high", "n",
+]
+_PACKAGES = ("forethought", "torch", "transformers", "transformer-lens", "scikit-learn", "numpy", "pandas")
+
+
+def tidy(rows: pd.DataFrame | list[dict[str, Any]], **constants: Any) -> pd.DataFrame:
+    """Rows (+ columns shared by all of them) → a table with exactly :data:`COLUMNS`, typed."""
+    table = pd.DataFrame(rows).assign(**constants)
+    missing = set(COLUMNS) - set(table.columns) - {"layer", "tau", "target", "probe"}
+    if missing:
+        raise ForethoughtError(f"results rows lack columns {sorted(missing)}")
+    table = table.reindex(columns=COLUMNS)
+    return table.astype({"layer": "Int64", "tau": "Int64", "seed": "Int64", "n": "Int64"})
+
+
+def git_revision() -> str | None:
+    """The workbench's git commit, if it runs from a checkout."""
+    try:
+        return subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True, text=True, check=True
+        ).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return None
+
+
+def run_meta(**details: Any) -> dict[str, Any]:
+    """Provenance for a results folder: versions, git revision, time, plus the caller's details."""
+    versions = {}
+    for package in _PACKAGES:
+        try:
+            versions[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            versions[package] = None
+    return {
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "git_revision": git_revision(),
+        "python": platform.python_version(),
+        "versions": versions,
+        **details,
+    }
+
+
+def write_results(table: pd.DataFrame, out_dir: str | Path, meta: dict[str, Any]) -> list[Path]:
+    """Write ``results.parquet``, ``results.csv`` and ``meta.json`` into ``out_dir``."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = [out_dir / "results.parquet", out_dir / "results.csv", out_dir / "meta.json"]
+    table.to_parquet(paths[0], index=False)
+    table.to_csv(paths[1], index=False)
+    paths[2].write_text(json.dumps(meta, indent=2, default=str) + "\n")
+    return paths
+
+
+def read_results(out_dir: str | Path) -> tuple[pd.DataFrame, dict[str, Any]]:
+    """The table and meta written by :func:`write_results`."""
+    out_dir = Path(out_dir)
+    try:
+        return pd.read_parquet(out_dir / "results.parquet"), json.loads((out_dir / "meta.json").read_text())
+    except (OSError, ValueError) as error:
+        raise ForethoughtError(f"cannot read results in {out_dir}: {error}") from error

@@ -1,0 +1,288 @@
+"""The synthetic pre-caching experiment (Wu, Morris & Levine 2024, §2), end to end.
+
+Train a vanilla and a myopic twin (same config, data stream and seed), then on fresh held-out sequences
+report each one's Huber loss beside the trivial baseline (predict 0), and probe every residual layer for
+sin(freq · x_{t−j}) and x_{t−j}, j = 0 … n_terms + 2 — for both twins and for the same architecture at
+random initialisation (the control: a random nonlinear expansion of x_t already decodes sin(freq · x_t)).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import plotly.graph_objects as go
+import torch
+from torch.nn.functional import huber_loss
+
+from analyses.plots import loss_curves_figure, probe_r2_figure, save_figure
+from analyses.results import read_results, run_meta, tidy, write_results
+from models.errors import ForethoughtError
+from models.gpt2 import GPT2RegressionModel, build_regression, load_model, regression_config
+from models.tasks.synthetic import SyntheticTask
+from models.train import TrainConfig, train
+from probes.fit import fit_ridge_by_layer, split_sequences
+from probes.metrics import mean_scores
+from probes.residuals import model_residuals
+
+TWINS = ("vanilla", "myopic")
+CONTROL = "random init"
+
+
+@dataclass
+class SyntheticConfig:
+    """Settings of ``forethought synthetic``; every field is also a command-line flag.
+
+    The ``paper`` preset is the paper's setting; ``cpu`` (what ``forethought demo`` runs) changes only the
+    model size, steps, batch and the task's freq so that both twins train in minutes on 2 CPU cores.
+    """
+
+    preset: str = "cpu"  # the preset these values started from (recorded; set by from_preset)
+    # task
+    p: float = 1.0  # probability that y_t is the sine sum (otherwise y_t = x_t)
+    n_terms: int = 10  # y_t sums sin(freq · x_{t−i}) over i = 1 … n_terms
+    freq: float = 10.0
+    seq_len: int = 64
+    # model: GPT-2 trunk, MLP width 4·d_model, ReLU, no dropout
+    n_layer: int = 2
+    d_model: int = 128
+    n_head: int = 2
+    # training (identical for both twins)
+    steps: int = 20000
+    batch_size: int = 512
+    lr: float = 1e-3
+    weight_decay: float = 0.01
+    warmup_frac: float = 0.01
+    grad_clip: float = 0.0  # the paper did not clip
+    seed: int = 0
+    eval_every: int = 500
+    checkpoint_every: int = 2000
+    # held-out evaluation and probes
+    heldout_sequences: int = 4000  # fresh sequences for the losses and the probes
+    test_fraction: float = 0.25  # share of held-out sequences the probes are scored on
+    ridge_alpha: float = 1e-4
+    # evaluate these checkpoints instead of training (folders of GPT2RegressionModel)
+    vanilla_checkpoint: str | None = None
+    myopic_checkpoint: str | None = None
+    # where things go
+    out: str = "runs/synthetic"
+    figures_dir: str | None = None  # also copy the figures here (e.g. the repository's figures/)
+    device: str = "auto"
+    progress: bool = True
+
+    # fields that do not change results: a rerun into the same --out may differ in them
+    PRESENTATION = ("figures_dir", "device", "progress", "checkpoint_every", "eval_every")
+
+    def __post_init__(self):
+        self.task()  # validates p, n_terms, seq_len
+        if self.heldout_sequences < 8:
+            raise ForethoughtError(f"heldout_sequences must be at least 8, got {self.heldout_sequences}")
+        if self.seq_len <= self.n_terms + 2:
+            raise ForethoughtError(
+                f"seq_len={self.seq_len} leaves no position with all lookbacks 0 … n_terms + 2 = {self.n_terms + 2}"
+            )
+
+    @classmethod
+    def from_preset(cls, name: str, **overrides: Any) -> SyntheticConfig:
+        if name not in PRESETS:
+            raise ForethoughtError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
+        unknown = set(overrides) - {f.name for f in fields(cls)}
+        if unknown:
+            raise ForethoughtError(f"unknown settings {sorted(unknown)}")
+        return cls(**{**PRESETS[name], **overrides, "preset": name})
+
+    def task(self) -> SyntheticTask:
+        return SyntheticTask(p=self.p, n_terms=self.n_terms, freq=self.freq, seq_len=self.seq_len)
+
+    def model_config(self):
+        return regression_config(
+            in_dim=SyntheticTask.in_dim, out_dim=SyntheticTask.out_dim, n_layer=self.n_layer,
+            d_model=self.d_model, n_head=self.n_head, n_positions=self.seq_len, activation="relu",
+        )
+
+    def train_config(self, myopic: bool) -> TrainConfig:
+        return TrainConfig(
+            steps=self.steps, batch_size=self.batch_size, lr=self.lr, weight_decay=self.weight_decay,
+            warmup_frac=self.warmup_frac, grad_clip=self.grad_clip, seed=self.seed, myopic=myopic,
+            eval_every=self.eval_every, checkpoint_every=self.checkpoint_every, device=self.device,
+            progress=self.progress,
+        )
+
+    def results_settings(self) -> dict[str, Any]:
+        return {k: v for k, v in asdict(self).items() if k not in self.PRESENTATION}
+
+
+PRESETS: dict[str, dict[str, Any]] = {
+    "paper": {},  # the dataclass defaults are the paper's setting
+    "cpu": {
+        "freq": 5.0, "d_model": 64, "steps": 3000, "batch_size": 128, "heldout_sequences": 2000,
+        "eval_every": 250, "checkpoint_every": 1000, "out": "runs/demo",
+    },
+}
+
+
+@dataclass
+class SyntheticResults:
+    """What :func:`run_synthetic` found: the tidy table plus training histories."""
+
+    config: SyntheticConfig
+    table: pd.DataFrame
+    histories: dict[str, list[dict[str, float]]] = field(default_factory=dict)
+
+    @classmethod
+    def from_folder(cls, out: str | Path) -> SyntheticResults:
+        """Reload a finished run's results from its ``--out`` folder."""
+        table, meta = read_results(out)
+        histories = json.loads((Path(out) / "histories.json").read_text())
+        return cls(config=SyntheticConfig(**meta["config"]), table=table, histories=histories)
+
+    def losses(self) -> pd.DataFrame:
+        """Held-out Huber loss per model with CI, and its ratio to the trivial baseline."""
+        rows = self.table[self.table["metric"] == "huber"].set_index("checkpoint")
+        trivial = rows.loc["trivial (predict 0)", "value"]
+        return rows[["value", "ci_low", "ci_high", "n"]].assign(ratio_to_trivial=rows["value"] / trivial)
+
+    def r2(self, target: str = "sin", lookback: int = 0) -> pd.DataFrame:
+        """R² (layers × models) of the probe for ``target`` of x_{t−lookback}."""
+        rows = self.table[(self.table["metric"] == "r2") & (self.table["target"] == target)
+                          & (self.table["tau"] == -lookback)]
+        return rows.pivot(index="layer", columns="checkpoint", values="value")[[*TWINS, CONTROL]]
+
+    def probe_figure(self) -> go.Figure:
+        return probe_r2_figure(
+            self.table.replace({"target": {"sin": f"sin({self.config.freq:g}·x)"}}),
+            title=f"Synthetic task ({self.config.preset} preset): probe R² for sin({self.config.freq:g}·x_(t−j)) "
+                  "and x_(t−j), held-out sequences, 95% CI",
+        )
+
+    def loss_figure(self) -> go.Figure:
+        trivial = float(self.losses().loc["trivial (predict 0)", "value"])
+        return loss_curves_figure(self.histories, baseline=trivial, baseline_name="trivial (predict 0)")
+
+    def summary(self) -> str:
+        """A few lines for the terminal."""
+        losses = self.losses()
+        lines = ["held-out Huber loss (95% CI)                ratio to trivial"]
+        for name, row in losses.iterrows():
+            lines.append(f"  {name:<20} {row.value:.4f} ({row.ci_low:.4f}–{row.ci_high:.4f})   "
+                         f"{row.ratio_to_trivial:.2f}")
+        r2 = self.r2()
+        lines.append(f"probe R² for sin({self.config.freq:g}·x_t) by layer:")
+        lines.append("  layer  " + "  ".join(f"{name:>11}" for name in r2.columns))
+        for layer, row in r2.iterrows():
+            lines.append(f"  {layer:>5}  " + "  ".join(f"{v:>11.3f}" for v in row))
+        return "\n".join(lines)
+
+
+def run_synthetic(config: SyntheticConfig) -> SyntheticResults:
+    """Train (or load) the twins, evaluate, probe, and write table, meta and figures into ``config.out``."""
+    task = config.task()
+    models: dict[str, GPT2RegressionModel] = {
+        name: load_model(path, kind="regression").float()
+        for name in TWINS if (path := getattr(config, f"{name}_checkpoint")) is not None
+    }  # loaded first: a bad checkpoint fails before anything is written
+    out = _prepare_out(config)
+    histories: dict[str, list[dict[str, float]]] = {}
+    for name in TWINS:
+        if name in models:
+            continue
+        result = train(build_regression(config.model_config(), seed=config.seed), task,
+                       config.train_config(myopic=name == "myopic"), out / name)
+        models[name], histories[name] = result.model, result.history
+    models[CONTROL] = build_regression(config.model_config(), seed=config.seed)
+    models = {name: models[name] for name in (*TWINS, CONTROL)}
+
+    inputs, targets = task.sample(config.heldout_sequences, torch.Generator().manual_seed(config.seed + 2_000_003))
+    table = tidy(
+        [*_loss_rows(models, task, inputs, targets), *_probe_rows(models, task, inputs, config)],
+        task="synthetic", split="heldout", seed=config.seed,
+    )
+    results = SyntheticResults(config=config, table=table, histories=histories)
+    write_results(table, out, run_meta(
+        config=asdict(config), data=task.describe(),
+        heldout=f"{config.heldout_sequences} fresh sequences (generator seed {config.seed + 2_000_003})",
+        processing_mode="raw (Hugging Face forward hooks)",
+    ))
+    (out / "histories.json").write_text(json.dumps(histories))
+    _write_figures(results, out, config.figures_dir)
+    return results
+
+
+def _prepare_out(config: SyntheticConfig) -> Path:
+    """Create ``out`` (or check it holds a run with the same settings) and record the settings."""
+    out = Path(config.out)
+    if out.exists() and not out.is_dir():
+        raise ForethoughtError(f"--out {out} is a file, not a folder")
+    settings_file = out / "config.json"
+    if settings_file.exists():
+        saved = json.loads(settings_file.read_text())
+        changed = {k: (saved.get(k), v) for k, v in config.results_settings().items() if saved.get(k) != v}
+        if changed:
+            detail = ", ".join(f"{k}: {a!r} → {b!r}" for k, (a, b) in changed.items())
+            raise ForethoughtError(f"--out {out} holds a run with other settings ({detail}); choose another --out")
+    out.mkdir(parents=True, exist_ok=True)
+    settings_file.write_text(json.dumps(config.results_settings(), indent=2) + "\n")
+    return out
+
+
+@torch.no_grad()
+def _predict(model: GPT2RegressionModel, inputs: torch.Tensor, batch: int = 512) -> torch.Tensor:
+    model.eval()
+    device = next(model.parameters()).device
+    return torch.cat([model(chunk.to(device)).squeeze(-1).float().cpu() for chunk in inputs.split(batch)])
+
+
+def _loss_rows(models, task: SyntheticTask, inputs, targets) -> list[dict[str, Any]]:
+    """Held-out Huber loss per model and for predicting 0, CI over sequences."""
+    sequence_ids = np.repeat(np.arange(len(inputs)), inputs.shape[1])
+    predictions = {name: _predict(model, inputs) for name, model in models.items()}
+    predictions["trivial (predict 0)"] = torch.zeros_like(targets)
+    rows = []
+    for name, predicted in predictions.items():
+        per_position = huber_loss(predicted, targets, reduction="none").flatten().numpy()
+        (estimate,) = mean_scores(per_position, sequence_ids)
+        rows.append({"checkpoint": name, "target": "y", "metric": "huber", "value": estimate.value,
+                     "ci_low": estimate.ci_low, "ci_high": estimate.ci_high, "n": estimate.n})
+    return rows
+
+
+def _probe_rows(models, task: SyntheticTask, inputs, config: SyntheticConfig) -> list[dict[str, Any]]:
+    """Ridge-probe R² per (model, layer, target, lookback) on held-out sequences."""
+    lookbacks = range(task.n_terms + 3)
+    columns, labels = [], {}
+    for lookback in lookbacks:
+        for target, values in task.features(inputs, lookback).items():
+            columns.append(values)
+            labels[f"{target}(x[t-{lookback}])"] = (target, -lookback)
+    targets = torch.stack(columns, dim=-1).numpy()  # [sequences, seq, targets]
+    positions = np.arange(max(lookbacks), task.seq_len)  # every lookback defined
+    split = split_sequences(len(inputs), config.test_fraction, seed=config.seed)
+    layers = list(range(config.n_layer + 1))
+    rows = []
+    for name, model in models.items():
+        model.eval()
+        device = next(model.parameters()).device
+        residuals = torch.cat(
+            [model_residuals(model, chunk.to(device)).float().cpu() for chunk in inputs.split(512)], dim=1
+        )  # [layers, sequences, seq, d_model]
+        fitted = fit_ridge_by_layer(residuals.numpy(), targets, list(labels), layers, positions, split,
+                                    alpha=config.ridge_alpha)
+        for row in fitted.to_dict("records"):
+            row["target"], row["tau"] = labels[row["target"]]
+            rows.append({**row, "checkpoint": name, "probe": "ridge"})
+    return rows
+
+
+def _write_figures(results: SyntheticResults, out: Path, figures_dir: str | None) -> None:
+    written = save_figure(results.probe_figure(), out / "figures" / "synthetic_probe_r2")
+    if results.histories:
+        written += save_figure(results.loss_figure(), out / "figures" / "synthetic_loss")
+    if figures_dir is not None:
+        Path(figures_dir).mkdir(parents=True, exist_ok=True)
+        for path in written:
+            shutil.copy2(path, Path(figures_dir) / path.name)

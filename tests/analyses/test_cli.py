@@ -1,0 +1,74 @@
+"""The command line: bad input gives one line naming the problem, no traceback, nothing overwritten."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from analyses.cli import build_parser, main
+
+
+def run_cli(capsys, *argv: str) -> tuple[int, str, str]:
+    code = main(list(argv))
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--preset", "nope"], "unknown preset 'nope'; choose one of paper, cpu"),
+        (["--p", "1.5"], r"p must lie in [0, 1], got 1.5"),
+        (["--seq-len", "1"], "seq_len must be at least 2, got 1"),
+    ],
+)
+def test_bad_settings_are_one_line_errors(capsys, tmp_path, argv, message):
+    code, out, err = run_cli(capsys, "synthetic", *argv, "--out", str(tmp_path / "run"))
+    assert code == 2
+    assert err == f"forethought: error: {message}\n"
+    assert not (tmp_path / "run").exists()
+
+
+def test_out_that_is_a_file_is_refused_and_kept(capsys, tmp_path):
+    target = tmp_path / "results.txt"
+    target.write_text("precious")
+    code, _, err = run_cli(capsys, "synthetic", "--out", str(target), "--steps", "1")
+    assert code == 2 and err == f"forethought: error: --out {target} is a file, not a folder\n"
+    assert target.read_text() == "precious"
+
+
+def test_bad_checkpoints_are_named(capsys, tmp_path, tiny_lm):
+    code, _, err = run_cli(capsys, "synthetic", "--vanilla-checkpoint", str(tmp_path / "missing"),
+                           "--out", str(tmp_path / "run"))
+    assert code == 2 and err.startswith("forethought: error: checkpoint folder") and "does not exist" in err
+    tiny_lm.save_pretrained(tmp_path / "lm")
+    code, _, err = run_cli(capsys, "synthetic", "--myopic-checkpoint", str(tmp_path / "lm"),
+                           "--out", str(tmp_path / "run"))
+    assert code == 2 and "holds a GPT2LMHeadModel, expected a GPT2RegressionModel" in err
+    assert err.count("\n") == 1 and not (tmp_path / "run").exists()
+
+
+def test_flags_cover_every_setting():
+    parser = build_parser()
+    args = parser.parse_args(["synthetic", "--n-terms", "4", "--no-progress", "--figures-dir", "f"])
+    assert (args.n_terms, args.progress, args.figures_dir) == (4, False, "f")
+    assert not hasattr(args, "steps")  # unset flags leave the preset's value
+
+
+def test_bench_myopic_prints_ratios(capsys):
+    code, out, _ = run_cli(
+        capsys, "bench", "myopic", "--n-layer", "1", "--d-model", "16", "--n-head", "2", "--vocab-size", "11",
+        "--seq-len", "16", "--batch-size", "2", "--steps", "1", "--rounds", "1", "--warmup", "1",
+    )
+    assert code == 0
+    lines = out.splitlines()
+    assert lines[0].startswith("forethought bench myopic — cpu, GPT-2 1 layers")
+    assert [line.split()[0] for line in lines[2:]] == ["vanilla", "myopic", "myopic"]
+    assert lines[2].split()[2] == "1.000"
+
+
+def test_module_entry_point():
+    result = subprocess.run([sys.executable, "-m", "analyses", "--help"], capture_output=True, text=True)
+    assert result.returncode == 0 and "synthetic" in result.stdout and "bench" in result.stdout

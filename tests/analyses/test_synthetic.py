@@ -1,0 +1,99 @@
+"""The synthetic experiment end to end on a tiny setting: table, files, resume, refusals."""
+
+from __future__ import annotations
+
+import json
+
+import pandas as pd
+import pytest
+
+from analyses.results import COLUMNS, read_results
+from analyses.synthetic import CONTROL, PRESETS, SyntheticConfig, SyntheticResults, run_synthetic
+from models.errors import ForethoughtError
+
+TINY = dict(n_terms=3, freq=2.0, seq_len=10, n_layer=2, d_model=16, n_head=2, steps=40, batch_size=16,
+            heldout_sequences=48, eval_every=20, checkpoint_every=20, progress=False)
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("synthetic") / "run"
+    return run_synthetic(SyntheticConfig.from_preset("cpu", **TINY, out=str(out))), out
+
+
+def test_table_is_tidy_and_complete(tiny_run):
+    results, out = tiny_run
+    table = results.table
+    assert list(table.columns) == COLUMNS
+    probes = table[table["metric"] == "r2"]
+    assert set(probes["checkpoint"]) == {"vanilla", "myopic", CONTROL}
+    assert set(probes["layer"]) == {0, 1, 2}
+    assert sorted(set(probes["tau"])) == [-5, -4, -3, -2, -1, 0]  # lookbacks 0 … n_terms + 2
+    assert len(probes) == 3 * 3 * 2 * 6  # models × layers × targets × lookbacks
+    assert (probes["ci_low"] <= probes["value"]).all() and (probes["value"] <= probes["ci_high"]).all()
+    losses = results.losses()
+    assert set(losses.index) == {"vanilla", "myopic", CONTROL, "trivial (predict 0)"}
+    assert losses.loc["trivial (predict 0)", "ratio_to_trivial"] == 1.0
+
+
+def test_files_round_trip(tiny_run):
+    results, out = tiny_run
+    table, meta = read_results(out)
+    pd.testing.assert_frame_equal(table, results.table)
+    assert pd.read_csv(out / "results.csv").shape == results.table.shape
+    assert meta["config"]["steps"] == 40 and meta["versions"]["torch"]
+    assert "git_revision" in meta and "synthetic pre-caching task" in meta["data"]
+    for stem in ("synthetic_probe_r2", "synthetic_loss"):
+        assert (out / "figures" / f"{stem}.html").stat().st_size > 1000
+    reloaded = SyntheticResults.from_folder(out)
+    assert reloaded.histories == results.histories
+    assert "vanilla" in reloaded.summary() and "random init" in reloaded.summary()
+
+
+def test_figures_hold_the_data(tiny_run):
+    results, _ = tiny_run
+    probe = results.probe_figure()
+    assert {trace.name for trace in probe.data} == {"layer 0", "layer 1", "layer 2"}
+    assert len(probe.data) == 3 * 3 * 2  # layers × checkpoints × targets
+    loss = results.loss_figure()
+    assert {trace.name for trace in loss.data} >= {"vanilla (train)", "myopic (held out)"}
+
+
+def test_rerun_resumes_and_reproduces(tiny_run):
+    results, out = tiny_run
+    again = run_synthetic(SyntheticConfig.from_preset("cpu", **TINY, out=str(out)))
+    pd.testing.assert_frame_equal(again.table, results.table)
+
+
+def test_rerun_with_other_settings_is_refused_and_changes_nothing(tiny_run):
+    _, out = tiny_run
+    before = (out / "config.json").read_text()
+    with pytest.raises(ForethoughtError, match=r"holds a run with other settings \(lr: 0.001 → 0.01\)"):
+        run_synthetic(SyntheticConfig.from_preset("cpu", **{**TINY, "lr": 0.01}, out=str(out)))
+    assert (out / "config.json").read_text() == before
+
+
+def test_given_checkpoints_are_evaluated_without_training(tiny_run, tmp_path):
+    results, out = tiny_run
+    checkpoints = {name: str(sorted((out / name / "checkpoints").iterdir())[-1]) for name in ("vanilla", "myopic")}
+    again = run_synthetic(SyntheticConfig.from_preset(
+        "cpu", **TINY, out=str(tmp_path / "eval"),
+        vanilla_checkpoint=checkpoints["vanilla"], myopic_checkpoint=checkpoints["myopic"],
+    ))
+    pd.testing.assert_frame_equal(again.table, results.table)
+    assert not (tmp_path / "eval" / "vanilla").exists()
+
+
+def test_presets_and_settings_are_checked(tmp_path):
+    assert set(PRESETS) == {"paper", "cpu"}
+    paper = SyntheticConfig.from_preset("paper")
+    assert (paper.n_layer, paper.d_model, paper.n_head, paper.batch_size, paper.lr) == (2, 128, 2, 512, 1e-3)
+    assert (paper.p, paper.n_terms, paper.freq, paper.seq_len) == (1.0, 10, 10.0, 64)
+    cpu_changes = {k for k, v in json.loads(json.dumps(PRESETS["cpu"])).items() if getattr(paper, k) != v}
+    allowed = {"d_model", "n_layer", "n_head", "steps", "batch_size", "p", "n_terms", "freq",
+               "heldout_sequences", "eval_every", "checkpoint_every", "out"}
+    assert cpu_changes <= allowed
+    with pytest.raises(ForethoughtError, match="unknown preset 'gpu'"):
+        SyntheticConfig.from_preset("gpu")
+    with pytest.raises(ForethoughtError, match="seq_len=5 leaves no position"):
+        SyntheticConfig.from_preset("cpu", seq_len=5, n_terms=3)
