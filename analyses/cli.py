@@ -13,6 +13,8 @@ import re
 import sys
 from dataclasses import MISSING, fields
 
+from transformers.utils import logging as transformers_logging
+
 from analyses.bench import MyopicBenchConfig, bench_myopic
 from analyses.synthetic import PRESETS, SyntheticConfig, run_synthetic
 from models.errors import ForethoughtError
@@ -66,6 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = vars(build_parser().parse_args(argv))
+    transformers_logging.disable_progress_bar()  # per-file save/load bars drown our own
     command = args.pop("command")
     try:
         if command in ("demo", "synthetic"):
@@ -77,7 +80,8 @@ def main(argv: list[str] | None = None) -> int:
             args.pop("bench")
             table = bench_myopic(MyopicBenchConfig(**args))
             print(f"forethought bench myopic — {table.attrs['setting']}")
-            print(table.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
+            measured = table.dropna(axis=1, how="all")  # memory columns are CUDA-only
+            print(measured.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
     except ForethoughtError as error:
         print(f"forethought: error: {error}", file=sys.stderr)
         return 2

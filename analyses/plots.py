@@ -27,7 +27,7 @@ def probe_r2_figure(table: pd.DataFrame, title: str = "Probe R² on held-out seq
         rows, x="lookback", y="value", color="layer", facet_col="checkpoint", facet_row="target",
         error_y="plus", error_y_minus="minus", markers=True,
         category_orders={"checkpoint": list(dict.fromkeys(rows["checkpoint"]))},
-        labels={"lookback": "lookback j (probe target uses x_{t−j})", "value": "R²"},
+        labels={"lookback": "lookback j (the probe at position t reads x[t−j])", "value": "R²"},
         title=title,
     )
     figure.update_yaxes(range=[-0.05, 1.05])
@@ -36,7 +36,10 @@ def probe_r2_figure(table: pd.DataFrame, title: str = "Probe R² on held-out seq
 
 
 def loss_curves_figure(
-    histories: dict[str, list[dict[str, float]]], baseline: float | None = None, baseline_name: str = "trivial"
+    histories: dict[str, list[dict[str, float]]],
+    baseline: float | None = None,
+    baseline_name: str = "trivial",
+    title: str = "Training loss",
 ) -> go.Figure:
     """Training loss (faint) and held-out loss (bold) by step for each run; ``baseline`` dashed."""
     figure = go.Figure()
@@ -49,9 +52,11 @@ def loss_curves_figure(
             held_out = frame.dropna(subset=["eval_loss"])
             figure.add_scatter(x=held_out["step"], y=held_out["eval_loss"], name=f"{name} (held out)",
                                line=dict(color=color, width=3))
-    if baseline is not None:
-        figure.add_hline(y=baseline, line_dash="dash", annotation_text=baseline_name)
-    figure.update_layout(title="Training loss", xaxis_title="step", yaxis_title="loss", yaxis_type="log")
+    if baseline is not None:  # a trace, not add_hline: hline annotations misplace on log axes
+        steps = [min(h[0]["step"] for h in histories.values()), max(h[-1]["step"] for h in histories.values())]
+        figure.add_scatter(x=steps, y=[baseline, baseline], name=baseline_name, mode="lines",
+                           line=dict(color="black", dash="dash"))
+    figure.update_layout(title=title, xaxis_title="step", yaxis_title="loss (log scale)", yaxis_type="log")
     return figure
 
 

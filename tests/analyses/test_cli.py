@@ -11,6 +11,7 @@ from analyses.cli import build_parser, main
 
 
 def run_cli(capsys, *argv: str) -> tuple[int, str, str]:
+    capsys.readouterr()  # drop what the test printed before
     code = main(list(argv))
     captured = capsys.readouterr()
     return code, captured.out, captured.err
