@@ -14,7 +14,6 @@ import torch
 
 from models.errors import ForethoughtError
 from probes.linear import RidgeProbe
-from probes.metrics import r2_scores
 
 
 def split_sequences(n_sequences: int, test_fraction: float = 0.25, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -67,7 +66,7 @@ def fit_ridge_by_layer(
         x_train, _ = _rows(layer_residuals, train, positions)
         x_test, _ = _rows(layer_residuals, test, positions)
         probe = RidgeProbe(alpha=alpha).fit(x_train, y_train)
-        for name, estimate in zip(target_names, r2_scores(y_test, probe.predict(x_test), test_ids)):
+        for name, estimate in zip(target_names, probe.score(x_test, y_test, test_ids)):
             rows.append({
                 "layer": layer, "target": name, "metric": "r2", "split": "test",
                 "value": estimate.value, "ci_low": estimate.ci_low, "ci_high": estimate.ci_high,

@@ -14,6 +14,7 @@ from sklearn.linear_model import Ridge
 from torch.nn.functional import cross_entropy
 
 from models.errors import ForethoughtError
+from probes.metrics import Estimate, mean_scores, r2_scores
 
 
 def _check_features(features: np.ndarray, targets: np.ndarray) -> None:
@@ -43,6 +44,10 @@ class RidgeProbe:
 
     def predict(self, features: np.ndarray) -> np.ndarray:
         return self._ridge.predict(features.astype(np.float64))
+
+    def score(self, features: np.ndarray, targets: np.ndarray, sequence_ids: np.ndarray) -> list[Estimate]:
+        """Held-out R² per target column, with 95 % intervals over the sequences in ``sequence_ids``."""
+        return r2_scores(targets, self.predict(features), sequence_ids)
 
 
 @dataclass
@@ -92,3 +97,12 @@ class SoftmaxProbe:
 
     def predict(self, features: np.ndarray) -> np.ndarray:
         return self.logits(features).argmax(-1)
+
+    def score(self, features: np.ndarray, labels: np.ndarray, sequence_ids: np.ndarray) -> dict[str, Estimate]:
+        """Held-out top-1 accuracy and cross-entropy (nats), with 95 % intervals over sequences."""
+        logits = torch.as_tensor(self.logits(features))
+        labels = torch.as_tensor(labels, dtype=torch.long)
+        hits = (logits.argmax(-1) == labels).double().numpy()
+        losses = cross_entropy(logits, labels, reduction="none").numpy()
+        accuracy, loss = mean_scores(np.stack([hits, losses], axis=1), sequence_ids)
+        return {"accuracy": accuracy, "cross_entropy": loss}

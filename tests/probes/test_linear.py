@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from sklearn.linear_model import LogisticRegression
+from sklearn.metrics import log_loss
 
 from models.errors import ForethoughtError
 from probes.linear import RidgeProbe, SoftmaxProbe
@@ -18,11 +19,13 @@ def test_ridge_recovers_planted_linear_signal():
     y = np.stack([x @ w + noise * rng.normal(size=6000), np.sin(3 * rng.normal(size=6000))], axis=1)
     probe = RidgeProbe(alpha=1e-4).fit(x[:4000], y[:4000])
     pred = probe.predict(x[4000:])
+    scored = probe.score(x[4000:], y[4000:], sequence_ids=np.arange(2000) // 20)
     residual_var = ((y[4000:] - pred) ** 2).mean(0)
     expected_r2 = 1 - noise**2 / (w @ w + noise**2)
     observed_r2 = 1 - residual_var / y[4000:].var(0)
     assert observed_r2[0] == pytest.approx(expected_r2, abs=0.01)
     assert abs(observed_r2[1]) < 0.01  # unrelated target: nothing to decode
+    assert [estimate.value for estimate in scored] == pytest.approx(list(observed_r2))
     design = np.hstack([x[:4000], np.ones((4000, 1))])
     coef, *_ = np.linalg.lstsq(design, y[:4000, 0], rcond=None)  # tiny alpha ≈ least squares
     np.testing.assert_allclose(pred[:, 0], np.hstack([x[4000:], np.ones((2000, 1))]) @ coef, atol=1e-5)
@@ -40,6 +43,12 @@ def test_softmax_recovers_planted_classes_and_matches_sklearn():
     reference = LogisticRegression(C=1e4, max_iter=2000).fit(x[:2000], labels[:2000])
     agreement = (probe.predict(x[2000:]) == reference.predict(x[2000:])).mean()
     assert agreement > 0.97
+    scores = probe.score(x[2000:], labels[2000:], sequence_ids=np.arange(1000) // 10)
+    assert scores["accuracy"].value == pytest.approx(accuracy)
+    probabilities = np.exp(probe.logits(x[2000:]))
+    probabilities /= probabilities.sum(1, keepdims=True)
+    assert scores["cross_entropy"].value == pytest.approx(log_loss(labels[2000:], probabilities))
+    assert scores["accuracy"].n_sequences == 100
 
 
 def test_softmax_on_random_labels_is_at_chance():
