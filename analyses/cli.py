@@ -26,11 +26,19 @@ def _field_help(cls: type) -> dict[str, str]:
     return dict(re.findall(r"^\s+(\w+): [^=\n]+= [^#\n]+#\s*(.+)$", source, flags=re.MULTILINE))
 
 
-def add_config_arguments(parser: argparse.ArgumentParser, cls: type, skip: tuple[str, ...] = ()) -> None:
-    """One ``--flag`` per dataclass field; flags left out are absent from the parsed namespace."""
+def add_config_arguments(
+    parser: argparse.ArgumentParser,
+    cls: type,
+    skip: tuple[str, ...] = (),
+    presets: dict[str, dict] | None = None,
+) -> None:
+    """One ``--flag`` per dataclass field; flags left out are absent from the parsed namespace.
+
+    With ``presets``, the help shows each preset's value where one differs from the class default.
+    """
     helps = _field_help(cls)
     for f in fields(cls):
-        if f.name in skip or f.name.isupper():
+        if f.name in skip:
             continue
         kind = str(f.type)
         options: dict = {"default": argparse.SUPPRESS, "dest": f.name}
@@ -40,7 +48,12 @@ def add_config_arguments(parser: argparse.ArgumentParser, cls: type, skip: tuple
             options["type"] = int if kind.startswith("int") else float if kind.startswith("float") else str
             options["metavar"] = options["type"].__name__.upper()
         default = f.default if f.default is not MISSING else None
-        options["help"] = f"{helps.get(f.name, '')} (default: {default})".strip()
+        values = {name: preset.get(f.name, default) for name, preset in (presets or {"": {}}).items()}
+        if len({str(value) for value in values.values()}) == 1:
+            shown = f"default: {next(iter(values.values()))}"
+        else:
+            shown = ", ".join(f"{name}: {value}" for name, value in values.items())
+        options["help"] = f"{helps.get(f.name, '')} ({shown})".strip()
         parser.add_argument("--" + f.name.replace("_", "-"), **options)
 
 
@@ -50,13 +63,13 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     demo = commands.add_parser("demo", help="run the embedded default: the synthetic experiment, cpu preset")
-    add_config_arguments(demo, SyntheticConfig, skip=("preset",))
+    add_config_arguments(demo, SyntheticConfig, skip=("preset",), presets={"cpu": PRESETS["cpu"]})
     synthetic = commands.add_parser(
         "synthetic", help="vanilla vs myopic twins on the synthetic pre-caching task, probed layer by layer",
         description=SyntheticConfig.__doc__,
     )
     synthetic.add_argument("--preset", default="cpu", help=f"starting values: {' or '.join(PRESETS)} (default: cpu)")
-    add_config_arguments(synthetic, SyntheticConfig, skip=("preset",))
+    add_config_arguments(synthetic, SyntheticConfig, skip=("preset",), presets=PRESETS)
 
     bench = commands.add_parser("bench", help="speed and memory, as ratios measured in one run")
     benches = bench.add_subparsers(dest="bench", required=True, metavar="BENCH")

@@ -53,7 +53,7 @@ def fit_ridge_by_layer(
 
     Returns one row per (layer, target): layer, target, metric="r2", split="test", value, ci_low, ci_high, n.
     """
-    residuals, targets = np.asarray(residuals, dtype=np.float64), np.asarray(targets, dtype=np.float64)
+    residuals, targets = np.asarray(residuals), np.asarray(targets, dtype=np.float64)
     if len(residuals) != len(layers) or targets.shape[-1] != len(target_names):
         raise ForethoughtError("residuals/targets do not match the given layers/target names")
     train, test = split

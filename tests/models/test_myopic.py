@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import pytest
 import torch
 from torch.nn.functional import cross_entropy
@@ -26,43 +28,51 @@ def attention_layers(model):
     return [m for m in model.modules() if isinstance(m, GPT2Attention)]
 
 
+@contextmanager
+def rewrite_attention_inputs(model, cut: str, rewrite):
+    """Apply ``rewrite(layer_index, tensor) -> tensor`` to every attention layer's input hidden states
+    (cut="residual") or to the output of its fused q|k|v projection (cut="kv")."""
+    handles = []
+    for index, layer in enumerate(attention_layers(model)):
+        if cut == "residual":
+            hook = lambda module, args, index=index: (rewrite(index, args[0]), *args[1:])  # noqa: E731
+            handles.append(layer.register_forward_pre_hook(hook))
+        else:
+            hook = lambda module, args, out, index=index: rewrite(index, out)  # noqa: E731
+            handles.append(layer.c_attn.register_forward_hook(hook))
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
 def brute_force_myopic_grads(model, losses_fn, inputs, cut: str) -> list[torch.Tensor]:
     """Σ_i ∂ℓ_i/∂θ with every position j ≠ i frozen: its attention input (cut="residual") or its
     keys and values (cut="kv") replaced by constants recorded from a plain forward pass."""
     recorded: dict[int, torch.Tensor] = {}
-    hooks = []
-    for index, layer in enumerate(attention_layers(model)):
-        if cut == "residual":
-            hooks.append(layer.register_forward_pre_hook(
-                lambda mod, args, kwargs, index=index: recorded.__setitem__(index, args[0].detach())
-                , with_kwargs=True))
-        else:
-            hooks.append(layer.c_attn.register_forward_hook(
-                lambda mod, args, out, index=index: recorded.__setitem__(index, out.detach())))
-    with torch.no_grad():
+
+    def record(index, x):
+        recorded[index] = x.detach()
+        return x
+
+    with torch.no_grad(), rewrite_attention_inputs(model, cut, record):
         n_positions = losses_fn(model, inputs).shape[1]
-    for hook in hooks:
-        hook.remove()
 
     total = None
     for position in range(n_positions):
         live = torch.zeros(1, inputs.shape[1], 1, dtype=torch.bool)
         live[0, position] = True
-        hooks = []
-        for index, layer in enumerate(attention_layers(model)):
+
+        def freeze(index, x):
+            frozen = torch.where(live, x, recorded[index])
             if cut == "residual":
-                def freeze_input(mod, args, kwargs, index=index):
-                    return (torch.where(live, args[0], recorded[index]),) + args[1:], kwargs
-                hooks.append(layer.register_forward_pre_hook(freeze_input, with_kwargs=True))
-            else:
-                def freeze_kv(mod, args, out, index=index):
-                    d = out.shape[-1] // 3
-                    frozen = torch.where(live, out, recorded[index])
-                    return torch.cat([out[..., :d], frozen[..., d:]], dim=-1)
-                hooks.append(layer.c_attn.register_forward_hook(freeze_kv))
-        loss = losses_fn(model, inputs)[:, position].sum()
-        for hook in hooks:
-            hook.remove()
+                return frozen
+            d_model = x.shape[-1] // 3  # keep every query live: only keys and values are frozen
+            return torch.cat([x[..., :d_model], frozen[..., d_model:]], dim=-1)
+
+        with rewrite_attention_inputs(model, cut, freeze):
+            loss = losses_fn(model, inputs)[:, position].sum()
         position_grads = grads(model, loss)
         total = position_grads if total is None else [a + b for a, b in zip(total, position_grads)]
     return total
