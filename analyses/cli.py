@@ -2,6 +2,8 @@
 
     forethought demo                      the embedded default: the synthetic experiment, cpu preset
     forethought synthetic --preset paper  the synthetic pre-caching experiment
+    forethought pathstar --preset cpu     path-star graphs: Clever Hans, remedies, planning probes
+    forethought pathstar-data ...         write path-star train/test files in the paper's format
     forethought bench myopic              myopic vs vanilla training-step speed and memory
 """
 
@@ -11,13 +13,18 @@ import argparse
 import inspect
 import re
 import sys
+import time
 from dataclasses import MISSING, fields
+from pathlib import Path
 
 from transformers.utils import logging as transformers_logging
 
 from analyses.bench import MyopicBenchConfig, bench_myopic
+from analyses.pathstar import PRESETS as PATHSTAR_PRESETS
+from analyses.pathstar import PathStarConfig, run_pathstar
 from analyses.synthetic import PRESETS, SyntheticConfig, run_synthetic
 from models.errors import ForethoughtError
+from models.tasks.pathstar import PathStarSpec, generate_split
 
 
 def _field_help(cls: type) -> dict[str, str]:
@@ -71,6 +78,22 @@ def build_parser() -> argparse.ArgumentParser:
     synthetic.add_argument("--preset", default="cpu", help=f"starting values: {' or '.join(PRESETS)} (default: cpu)")
     add_config_arguments(synthetic, SyntheticConfig, skip=("preset",), presets=PRESETS)
 
+    pathstar = commands.add_parser(
+        "pathstar", help="path-star graphs: each regime × (vanilla, myopic), accuracy and planning probes",
+        description=PathStarConfig.__doc__,
+    )
+    pathstar.add_argument("--preset", default="cpu",
+                          help=f"starting values: {' or '.join(PATHSTAR_PRESETS)} (default: cpu)")
+    add_config_arguments(pathstar, PathStarConfig, skip=("preset",), presets=PATHSTAR_PRESETS)
+    data = commands.add_parser("pathstar-data", help="write disjoint train/test files of G(d, l, N)")
+    data.add_argument("--degree", type=int, default=5, help="d (default: 5)")
+    data.add_argument("--length", type=int, default=5, help="l (default: 5)")
+    data.add_argument("--n-nodes", type=int, default=50, help="N (default: 50)")
+    data.add_argument("--n-train", type=int, default=200000, help="(default: 200000)")
+    data.add_argument("--n-test", type=int, default=20000, help="(default: 20000)")
+    data.add_argument("--seed", type=int, default=0, help="(default: 0)")
+    data.add_argument("--out", default="data", help="folder for the two files (default: data)")
+
     bench = commands.add_parser("bench", help="speed and memory, as ratios measured in one run")
     benches = bench.add_subparsers(dest="bench", required=True, metavar="BENCH")
     myopic_bench = benches.add_parser("myopic", help="training step: myopic (fast, naive) ÷ vanilla",
@@ -89,6 +112,12 @@ def main(argv: list[str] | None = None) -> int:
             results = run_synthetic(config)
             print(results.summary())
             print(f"results, figures and checkpoints in {config.out}")
+        elif command == "pathstar":
+            config = PathStarConfig.from_preset(args.pop("preset", "cpu"), **args)
+            print(run_pathstar(config).summary())
+            print(f"results, figures and checkpoints in {config.out}")
+        elif command == "pathstar-data":
+            write_pathstar_data(**args)
         elif command == "bench":
             args.pop("bench")
             table = bench_myopic(MyopicBenchConfig(**args))
@@ -102,3 +131,21 @@ def main(argv: list[str] | None = None) -> int:
         print("forethought: interrupted; run the same command again to resume", file=sys.stderr)
         return 130
     return 0
+
+
+def write_pathstar_data(degree: int, length: int, n_nodes: int, n_train: int, n_test: int, seed: int, out: str) -> None:
+    """Generate G(d, l, N) train/test sets (disjoint) and write them in the paper's format and file names."""
+    spec = PathStarSpec(degree, length, n_nodes)
+    folder = Path(out)
+    if folder.exists() and not folder.is_dir():
+        raise ForethoughtError(f"--out {folder} is a file, not a folder")
+    started = time.perf_counter()
+    train, test = generate_split(spec, n_train, n_test, seed=seed)
+    generated = time.perf_counter() - started
+    folder.mkdir(parents=True, exist_ok=True)
+    for data, split, n in ((train, "train", n_train), (test, "test", n_test)):
+        path = folder / f"deg_{degree}_path_{length}_nodes_{n_nodes}_{split}_{n}.txt"
+        data.save(path)
+        print(f"wrote {path}")
+    print(f"generated {n_train + n_test:,} samples of {spec} in {generated:.2f} s "
+          f"(writing text: {time.perf_counter() - started - generated:.2f} s)")

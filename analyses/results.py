@@ -1,9 +1,10 @@
 """The tidy results table and its ``meta.json``.
 
-One row per (checkpoint, task, layer, tau, target, probe, metric, split, seed) with ``value``, ``ci_low``,
-``ci_high``, ``n``. ``tau`` is the offset of the predicted quantity from the probed position (τ = 1: the
-next token; τ = −j: a feature of the input j positions back). Rows without a layer or offset (losses)
-leave those cells empty.
+One row per (checkpoint, task, layer, position, tau, target, probe, metric, split, seed) with ``value``,
+``ci_low``, ``ci_high``, ``n``. ``tau`` is the offset of the predicted quantity from the probed position
+(τ = 1: the next token; τ = −j: a feature of the input j positions back); ``position`` is the probed
+position where a task has distinguished ones (empty: positions pooled). Cells that do not apply (the
+layer of a loss) stay empty.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import pandas as pd
 from models.errors import ForethoughtError
 
 COLUMNS = [
-    "checkpoint", "task", "layer", "tau", "target", "probe", "metric", "split", "seed",
+    "checkpoint", "task", "layer", "position", "tau", "target", "probe", "metric", "split", "seed",
     "value", "ci_low", "ci_high", "n",
 ]
 _PACKAGES = ("forethought", "torch", "transformers", "transformer-lens", "scikit-learn", "numpy", "pandas")
@@ -30,11 +31,11 @@ _PACKAGES = ("forethought", "torch", "transformers", "transformer-lens", "scikit
 def tidy(rows: pd.DataFrame | list[dict[str, Any]], **constants: Any) -> pd.DataFrame:
     """Rows (+ columns shared by all of them) → a table with exactly :data:`COLUMNS`, typed."""
     table = pd.DataFrame(rows).assign(**constants)
-    missing = set(COLUMNS) - set(table.columns) - {"layer", "tau", "target", "probe"}
+    missing = set(COLUMNS) - set(table.columns) - {"layer", "position", "tau", "target", "probe"}
     if missing:
         raise ForethoughtError(f"results rows lack columns {sorted(missing)}")
     table = table.reindex(columns=COLUMNS)
-    return table.astype({"layer": "Int64", "tau": "Int64", "seed": "Int64", "n": "Int64"})
+    return table.astype({"layer": "Int64", "position": "Int64", "tau": "Int64", "seed": "Int64", "n": "Int64"})
 
 
 def git_revision() -> str | None:
@@ -62,6 +63,26 @@ def run_meta(**details: Any) -> dict[str, Any]:
         "versions": versions,
         **details,
     }
+
+
+def prepare_out(out: str | Path, settings: dict[str, Any]) -> Path:
+    """Create the run folder ``out``, or check that it holds a run with the same ``settings``; record them.
+
+    Refuses (changing nothing) when ``out`` is a file or its ``config.json`` differs from ``settings``.
+    """
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise ForethoughtError(f"--out {out} is a file, not a folder")
+    settings_file = out / "config.json"
+    if settings_file.exists():
+        saved = json.loads(settings_file.read_text())
+        changed = {k: (saved.get(k), v) for k, v in settings.items() if saved.get(k) != v}
+        if changed:
+            detail = ", ".join(f"{k}: {a!r} → {b!r}" for k, (a, b) in changed.items())
+            raise ForethoughtError(f"--out {out} holds a run with other settings ({detail}); choose another --out")
+    out.mkdir(parents=True, exist_ok=True)
+    settings_file.write_text(json.dumps(settings, indent=2) + "\n")
+    return out
 
 
 def write_results(table: pd.DataFrame, out_dir: str | Path, meta: dict[str, Any]) -> list[Path]:

@@ -21,7 +21,7 @@ import torch
 from torch.nn.functional import huber_loss
 
 from analyses.plots import loss_curves_figure, probe_r2_figure, save_figure
-from analyses.results import read_results, run_meta, tidy, write_results
+from analyses.results import prepare_out, read_results, run_meta, tidy, write_results
 from models.errors import ForethoughtError
 from models.gpt2 import GPT2RegressionModel, build_regression, load_model, regression_config
 from models.tasks.synthetic import SyntheticTask
@@ -188,7 +188,7 @@ def run_synthetic(config: SyntheticConfig) -> SyntheticResults:
         name: load_model(path, kind="regression").float()
         for name in TWINS if (path := getattr(config, f"{name}_checkpoint")) is not None
     }  # loaded first: a bad checkpoint fails before anything is written
-    out = _prepare_out(config)
+    out = prepare_out(config.out, config.results_settings())
     histories: dict[str, list[dict[str, float]]] = {}
     for name in TWINS:
         if name in models:
@@ -213,23 +213,6 @@ def run_synthetic(config: SyntheticConfig) -> SyntheticResults:
     (out / "histories.json").write_text(json.dumps(histories))
     _write_figures(results, out, config.figures_dir)
     return results
-
-
-def _prepare_out(config: SyntheticConfig) -> Path:
-    """Create ``out`` (or check it holds a run with the same settings) and record the settings."""
-    out = Path(config.out)
-    if out.exists() and not out.is_dir():
-        raise ForethoughtError(f"--out {out} is a file, not a folder")
-    settings_file = out / "config.json"
-    if settings_file.exists():
-        saved = json.loads(settings_file.read_text())
-        changed = {k: (saved.get(k), v) for k, v in config.results_settings().items() if saved.get(k) != v}
-        if changed:
-            detail = ", ".join(f"{k}: {a!r} → {b!r}" for k, (a, b) in changed.items())
-            raise ForethoughtError(f"--out {out} holds a run with other settings ({detail}); choose another --out")
-    out.mkdir(parents=True, exist_ok=True)
-    settings_file.write_text(json.dumps(config.results_settings(), indent=2) + "\n")
-    return out
 
 
 @torch.no_grad()

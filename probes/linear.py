@@ -1,4 +1,4 @@
-"""Linear probes: ridge regression for continuous targets, softmax regression for classes.
+"""Linear probes: ridge regression for continuous targets, softmax regression for (few) classes.
 
 Both take plain arrays (features [n, d]); which examples go into ``fit`` and which into ``score`` is the
 caller's business — :mod:`probes.fit` splits by whole sequences, never by positions of one sequence.
@@ -9,9 +9,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import numpy as np
-import torch
-from sklearn.linear_model import Ridge
-from torch.nn.functional import cross_entropy
+from sklearn.linear_model import LogisticRegression, Ridge
+from sklearn.pipeline import Pipeline, make_pipeline
+from sklearn.preprocessing import StandardScaler
 
 from models.errors import ForethoughtError
 from probes.metrics import Estimate, mean_scores, r2_scores
@@ -52,57 +52,41 @@ class RidgeProbe:
 
 @dataclass
 class SoftmaxProbe:
-    """Affine map features → class logits, fitted by L2-penalised cross-entropy (full-batch L-BFGS, torch).
+    """Affine map features → class logits: multinomial logistic regression (sklearn, L-BFGS) on
+    standardised features, for small class counts (a vocabulary-sized probe needs minibatches on a GPU).
 
-    Features are standardised with the training mean and std; ``l2`` penalises the weights on that scale.
+    ``l2`` penalises the weights against the *mean* cross-entropy: l2 · ‖W‖² + mean CE.
     """
 
     n_classes: int
-    l2: float = 1e-4
-    max_iter: int = 200
-    _mean: torch.Tensor = field(init=False, repr=False)
-    _std: torch.Tensor = field(init=False, repr=False)
-    _weight: torch.Tensor = field(init=False, repr=False)  # [d, n_classes]
-    _bias: torch.Tensor = field(init=False, repr=False)  # [n_classes]
+    l2: float = 1e-3
+    max_iter: int = 500
+    _model: Pipeline = field(init=False, repr=False)
 
     def fit(self, features: np.ndarray, labels: np.ndarray) -> SoftmaxProbe:
         """features [n, d], integer labels [n] in 0 … n_classes − 1."""
         _check_features(features, labels)
         if labels.min() < 0 or labels.max() >= self.n_classes:
             raise ForethoughtError(f"labels must lie in 0 … {self.n_classes - 1}")
-        x = torch.as_tensor(features, dtype=torch.float64)
-        y = torch.as_tensor(labels, dtype=torch.long)
-        self._mean, self._std = x.mean(0), x.std(0).clamp_min(1e-12)
-        x = (x - self._mean) / self._std
-        weight = torch.zeros(x.shape[1], self.n_classes, dtype=torch.float64, requires_grad=True)
-        bias = torch.zeros(self.n_classes, dtype=torch.float64, requires_grad=True)
-        optimizer = torch.optim.LBFGS(
-            [weight, bias], max_iter=self.max_iter, line_search_fn="strong_wolfe", tolerance_grad=1e-9
-        )
-
-        def objective() -> torch.Tensor:
-            optimizer.zero_grad()
-            loss = cross_entropy(x @ weight + bias, y) + self.l2 * weight.square().sum()
-            loss.backward()
-            return loss
-
-        optimizer.step(objective)
-        self._weight, self._bias = weight.detach(), bias.detach()
+        regression = LogisticRegression(C=1 / (2 * self.l2 * len(labels)), max_iter=self.max_iter)
+        self._model = make_pipeline(StandardScaler(), regression).fit(features.astype(np.float64), labels)
         return self
 
     def logits(self, features: np.ndarray) -> np.ndarray:
-        """[n, d] → [n, n_classes]."""
-        x = (torch.as_tensor(features, dtype=torch.float64) - self._mean) / self._std
-        return (x @ self._weight + self._bias).numpy()
+        """[n, d] → [n, n_classes] (classes never seen in training get −inf)."""
+        seen = self._model.predict_log_proba(features.astype(np.float64))
+        logits = np.full((len(features), self.n_classes), -np.inf)
+        logits[:, self._model.classes_] = seen
+        return logits
 
     def predict(self, features: np.ndarray) -> np.ndarray:
         return self.logits(features).argmax(-1)
 
     def score(self, features: np.ndarray, labels: np.ndarray, sequence_ids: np.ndarray) -> dict[str, Estimate]:
-        """Held-out top-1 accuracy and cross-entropy (nats), with 95 % intervals over sequences."""
-        logits = torch.as_tensor(self.logits(features))
-        labels = torch.as_tensor(labels, dtype=torch.long)
-        hits = (logits.argmax(-1) == labels).double().numpy()
-        losses = cross_entropy(logits, labels, reduction="none").numpy()
+        """Held-out top-1 accuracy and cross-entropy (nats; probabilities floored at 1e-12), with 95 %
+        intervals over sequences."""
+        log_probs = np.maximum(self.logits(features), np.log(1e-12))
+        hits = (log_probs.argmax(-1) == labels).astype(np.float64)
+        losses = -log_probs[np.arange(len(labels)), labels]
         accuracy, loss = mean_scores(np.stack([hits, losses], axis=1), sequence_ids)
         return {"accuracy": accuracy, "cross_entropy": loss}

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from models.errors import ForethoughtError
-from probes.fit import fit_ridge_by_layer, split_sequences
+from probes.fit import fit_ridge_by_layer, fit_softmax_by_layer, split_sequences
 
 
 def test_split_is_disjoint_and_complete():
@@ -39,3 +39,17 @@ def test_nan_targets_at_probed_positions_are_refused():
     targets = np.full((8, 4, 1), np.nan)
     with pytest.raises(ForethoughtError, match="undefined"):
         fit_ridge_by_layer(np.zeros((1, 8, 4, 2)), targets, ["t"], [0], np.arange(4), split_sequences(8))
+
+
+def test_softmax_grid_finds_planted_classes_at_their_layer():
+    rng = np.random.default_rng(1)
+    n_sequences, seq, d = 300, 2, 6
+    labels = rng.integers(0, 3, size=(n_sequences, seq))
+    residuals = rng.normal(size=(2, n_sequences, seq, d))
+    residuals[1, ..., :3] += 4 * np.eye(3)[labels]  # layer 1 encodes the class one-hot
+    results = fit_softmax_by_layer(residuals, labels, "planted", 3, [0, 1], np.arange(seq),
+                                   split_sequences(n_sequences, 0.3, seed=0))
+    accuracy = results[results["metric"] == "accuracy"].set_index("layer")["value"]
+    assert accuracy[1] > 0.97
+    assert accuracy[0] == pytest.approx(1 / 3, abs=0.08)
+    assert set(results["metric"]) == {"accuracy", "cross_entropy"}

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import log_loss
 
 from models.errors import ForethoughtError
@@ -31,7 +30,7 @@ def test_ridge_recovers_planted_linear_signal():
     np.testing.assert_allclose(pred[:, 0], np.hstack([x[4000:], np.ones((2000, 1))]) @ coef, atol=1e-5)
 
 
-def test_softmax_recovers_planted_classes_and_matches_sklearn():
+def test_softmax_recovers_planted_classes():
     rng = np.random.default_rng(1)
     x = rng.normal(size=(3000, 8))
     w = rng.normal(size=(8, 4)) * 3
@@ -40,9 +39,6 @@ def test_softmax_recovers_planted_classes_and_matches_sklearn():
     accuracy = (probe.predict(x[2000:]) == labels[2000:]).mean()
     bayes = ((x[2000:] @ w).argmax(1) == labels[2000:]).mean()  # the true weights' accuracy
     assert accuracy > bayes - 0.03
-    reference = LogisticRegression(C=1e4, max_iter=2000).fit(x[:2000], labels[:2000])
-    agreement = (probe.predict(x[2000:]) == reference.predict(x[2000:])).mean()
-    assert agreement > 0.97
     scores = probe.score(x[2000:], labels[2000:], sequence_ids=np.arange(1000) // 10)
     assert scores["accuracy"].value == pytest.approx(accuracy)
     probabilities = np.exp(probe.logits(x[2000:]))

@@ -1,0 +1,359 @@
+"""Path-star (Bachmann & Nagarajan 2024): the Clever Hans cheat, its remedies, and whether the model plans.
+
+For each training regime (teacher forcing, teacherless, reverse) × (vanilla, myopic), train a GPT-2 on
+path-star graphs, then measure on held-out graphs: greedy-decoded exact-path accuracy, per-position accuracy
+(position 2 of the path is the real decision), teacher-forced per-token accuracy, beside chance 1/d. Then
+probe every layer's residual stream at ``=`` and at each target position for the plan: which arm leads to
+the goal (d classes) and the node τ steps ahead in the emitted sequence — with a random-init control.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import plotly.express as px
+import plotly.graph_objects as go
+import torch
+
+from analyses.plots import save_figure
+from analyses.results import prepare_out, read_results, run_meta, tidy, write_results
+from models.errors import ForethoughtError
+from models.gpt2 import build_lm, gpt2_config
+from models.tasks.pathstar import REGIMES, PathStarData, PathStarSpec, PathStarTask, check_regime, generate_split
+from models.train import TrainConfig, train
+from probes.fit import fit_softmax_by_layer, split_sequences
+from probes.metrics import mean_scores
+from probes.residuals import model_residuals
+
+TRAININGS = {"vanilla": False, "myopic": True}
+CONTROL = "random init"
+
+
+@dataclass
+class PathStarConfig:
+    """Settings of ``forethought pathstar``; every field is also a command-line flag."""
+
+    preset: str = "cpu"  # the preset these values started from (recorded; set by from_preset)
+    # graphs G(degree, length, n_nodes), generated unless files are given
+    degree: int = 2  # d: arms leaving the start node
+    length: int = 5  # l: nodes on the path, start included
+    n_nodes: int = 50  # N: labels 0 … N − 1
+    n_train: int = 200000
+    n_test: int = 20000
+    train_file: str | None = None  # a data file in the paper's format (e.g. its released ones)
+    test_file: str | None = None
+    # what to train
+    regimes: str = "teacher-forcing,teacherless,reverse"  # comma-separated
+    trainings: str = "vanilla,myopic"  # comma-separated: vanilla and/or myopic
+    n_layer: int = 6
+    d_model: int = 384
+    n_head: int = 6
+    epochs: float = 50.0  # passes over the training set (steps = ceil(epochs · n_train / batch_size))
+    batch_size: int = 256
+    lr: float = 1e-4
+    weight_decay: float = 0.0  # the paper's code ignored its weight-decay flag
+    warmup_frac: float = 0.01
+    grad_clip: float = 1.0
+    seed: int = 0
+    eval_every: int = 1000
+    checkpoint_every: int = 5000
+    # evaluation and probes
+    eval_samples: int = 2000  # graphs decoded greedily, from each of train and test
+    probe_samples: int = 2000  # test graphs whose residual streams are probed
+    probe_test_fraction: float = 0.25
+    # where things go
+    out: str = "runs/pathstar"
+    figures_dir: str | None = None  # also copy the figures here
+    device: str = "auto"
+    progress: bool = True
+
+    PRESENTATION = ("figures_dir", "device", "progress", "checkpoint_every", "eval_every")
+
+    def __post_init__(self):
+        if self.train_file is None:
+            self.spec()  # validates d, l, N
+        for regime in self.regime_list():
+            check_regime(regime)
+        unknown = set(self.training_list()) - set(TRAININGS)
+        if unknown or not self.training_list():
+            raise ForethoughtError(f"unknown training {sorted(unknown)}; choose from vanilla, myopic")
+        if (self.train_file is None) != (self.test_file is None):
+            raise ForethoughtError("give both --train-file and --test-file, or neither")
+
+    @classmethod
+    def from_preset(cls, name: str, **overrides: Any) -> PathStarConfig:
+        if name not in PRESETS:
+            raise ForethoughtError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
+        unknown = set(overrides) - {f.name for f in fields(cls)}
+        if unknown:
+            raise ForethoughtError(f"unknown settings {sorted(unknown)}")
+        return cls(**{**PRESETS[name], **overrides, "preset": name})
+
+    def spec(self) -> PathStarSpec:
+        return PathStarSpec(self.degree, self.length, self.n_nodes)
+
+    def regime_list(self) -> list[str]:
+        return [r.strip() for r in self.regimes.split(",") if r.strip()]
+
+    def training_list(self) -> list[str]:
+        return [t.strip() for t in self.trainings.split(",") if t.strip()]
+
+    def steps(self, n_train: int) -> int:
+        return max(1, math.ceil(self.epochs * n_train / self.batch_size))
+
+    def train_config(self, myopic: bool, n_train: int) -> TrainConfig:
+        return TrainConfig(
+            steps=self.steps(n_train), batch_size=self.batch_size, lr=self.lr, weight_decay=self.weight_decay,
+            warmup_frac=self.warmup_frac, grad_clip=self.grad_clip, seed=self.seed, myopic=myopic,
+            eval_every=self.eval_every, checkpoint_every=self.checkpoint_every, device=self.device,
+            progress=self.progress,
+        )
+
+    def results_settings(self) -> dict[str, Any]:
+        return {k: v for k, v in asdict(self).items() if k not in self.PRESENTATION}
+
+
+PRESETS: dict[str, dict[str, Any]] = {
+    "paper": {},  # 6 layers × 384, 6 heads, batch 256, AdamW lr 1e-4, 200k / 20k graphs of G(2, 5, 50)
+    "cpu": {
+        "length": 4, "n_nodes": 20, "n_train": 50000, "n_test": 2000, "n_layer": 2, "d_model": 64,
+        "n_head": 2, "epochs": 3.0, "batch_size": 128, "lr": 1e-3, "eval_every": 250,
+        "checkpoint_every": 1000, "out": "runs/pathstar-cpu",
+    },
+}
+
+
+@dataclass
+class PathStarResults:
+    """The tidy table of a path-star run, with the training histories and figure methods."""
+
+    config: PathStarConfig
+    table: pd.DataFrame
+    histories: dict[str, list[dict[str, float]]] = field(default_factory=dict)
+
+    @classmethod
+    def from_folder(cls, out: str | Path) -> PathStarResults:
+        table, meta = read_results(out)
+        histories = json.loads((Path(out) / "histories.json").read_text())
+        return cls(config=PathStarConfig(**meta["config"]), table=table, histories=histories)
+
+    @property
+    def chance(self) -> float:
+        return 1 / self.config.degree
+
+    def accuracy_table(self, split: str = "test") -> pd.DataFrame:
+        """Per (regime, training): exact-path accuracy, decision-token accuracy (path position 2, greedy)
+        and teacher-forced accuracy on positions ≥ 3 (the Clever Hans signature: ≈ 1 while decision ≈ 1/d)."""
+        t = self.table[self.table["split"] == split]
+        rows = []
+        later = [f"position {k}" for k in range(3, self.config.length + 1)]
+        trained = t[t["checkpoint"].isin(list(TRAININGS))]
+        for (task, checkpoint), group in trained.groupby(["task", "checkpoint"], sort=False):
+            def values(metric: str, targets: list[str]) -> pd.Series:
+                return group[(group["metric"] == metric) & group["target"].isin(targets)]["value"]
+            rows.append({
+                "regime": task.split(":", 1)[1], "training": checkpoint,
+                "exact_path": float(values("exact_path", ["path"]).iloc[0]),
+                "decision_token": float(values("position_accuracy", ["position 2"]).iloc[0]),
+                "forced_positions_3+": float(values("forced_accuracy", later).mean()),
+            })
+        return pd.DataFrame(rows)
+
+    def accuracy_figure(self) -> go.Figure:
+        """Regime × training heatmap of held-out exact-path accuracy, decision-token accuracy in the cells."""
+        table = self.accuracy_table()
+        exact = table.pivot(index="regime", columns="training", values="exact_path")
+        decision = table.pivot(index="regime", columns="training", values="decision_token")
+        text = [[f"exact {e:.2f}<br>decision {d:.2f}" for e, d in zip(er, dr)]
+                for er, dr in zip(exact.values, decision.values)]
+        figure = go.Figure(go.Heatmap(z=exact.values, x=list(exact.columns), y=list(exact.index), text=text,
+                                      texttemplate="%{text}", zmin=0, zmax=1, colorscale="Viridis",
+                                      colorbar=dict(title="exact path")))
+        figure.update_layout(title=f"Path-star {self.config.spec()}: held-out greedy accuracy (chance {self.chance:.2f})")
+        return figure
+
+    def position_figure(self) -> go.Figure:
+        """Accuracy by path position (greedy and teacher-forced), one panel per training, chance dashed."""
+        rows = self.table[self.table["metric"].isin(["position_accuracy", "forced_accuracy"])
+                          & (self.table["split"] == "test") & self.table["checkpoint"].isin(list(TRAININGS))]
+        rows = rows.assign(path_position=rows["target"].str.split().str[1].astype(int),
+                           regime=rows["task"].str.split(":").str[1],
+                           how=rows["metric"].map({"position_accuracy": "greedy", "forced_accuracy": "teacher-forced"}))
+        figure = px.line(rows, x="path_position", y="value", color="regime", line_dash="how",
+                         facet_col="checkpoint", markers=True, range_y=[-0.02, 1.02],
+                         labels={"path_position": "path position (1 = start, 2 = the decision)", "value": "accuracy"},
+                         title=f"Path-star {self.config.spec()}: held-out accuracy by path position")
+        figure.add_hline(y=self.chance, line_dash="dot", line_color="gray")
+        figure.for_each_annotation(lambda a: a.update(text=a.text.split("=", 1)[-1]))
+        return figure
+
+    def probe_figure(self, position: int = 0) -> go.Figure:
+        """Planning-probe accuracy by layer at target position ``position`` (0 = ``=``): goal arm and the node
+        τ steps ahead; rows = regimes, columns = vanilla / myopic / random init."""
+        rows = self.table[(self.table["metric"] == "accuracy") & (self.table["position"] == position)]
+        rows = rows.assign(
+            probe_target=np.where(rows["target"] == "goal arm", "goal arm",
+                                  "node τ=" + rows["tau"].astype("string").fillna("")),
+            regime=rows["task"].str.split(":").str[1],
+        )
+        figure = px.line(rows, x="layer", y="value", color="probe_target", facet_row="regime",
+                         facet_col="checkpoint", markers=True, range_y=[-0.02, 1.02],
+                         labels={"value": "probe accuracy", "probe_target": "probe for"},
+                         title=f"Path-star {self.config.spec()}: planning probes at target position {position} "
+                               f"(0 = '='), held-out graphs; goal-arm chance {self.chance:.2f}")
+        figure.for_each_annotation(lambda a: a.update(text=a.text.split("=", 1)[-1]))
+        return figure
+
+    def summary(self) -> str:
+        table = self.accuracy_table()
+        lines = [f"path-star {self.config.spec()}, held-out graphs (chance {self.chance:.2f} on the decision):",
+                 table.to_string(index=False, float_format=lambda v: f"{v:.3f}")]
+        arm = self.table[(self.table["target"] == "goal arm") & (self.table["position"] == 0)
+                         & (self.table["metric"] == "accuracy")]
+        best = arm.groupby(["task", "checkpoint"], sort=False)["value"].max().unstack()
+        lines += ["goal-arm probe accuracy at '=' (best layer):", best.to_string(float_format=lambda v: f"{v:.3f}")]
+        return "\n".join(lines)
+
+
+def run_pathstar(config: PathStarConfig) -> PathStarResults:
+    """Train every (regime, training) pair, evaluate, probe, and write table, meta and figures."""
+    if config.train_file is not None:
+        train_data = PathStarData.load(config.train_file)
+        test_data = PathStarData.load(config.test_file, n_nodes=train_data.spec.n_nodes)
+        if test_data.spec != train_data.spec:
+            raise ForethoughtError(f"train file is {train_data.spec} but test file is {test_data.spec}")
+    else:
+        train_data, test_data = generate_split(config.spec(), config.n_train, config.n_test, seed=config.seed)
+    spec = train_data.spec
+    out = prepare_out(config.out, config.results_settings())
+    model_config = gpt2_config(config.n_layer, config.d_model, config.n_head, vocab_size=spec.vocab_size,
+                               n_positions=spec.prefix_len + spec.length)
+    rows: list[dict[str, Any]] = []
+    histories: dict[str, list[dict[str, float]]] = {}
+    for regime in config.regime_list():
+        task = PathStarTask(train_data, regime)
+        models = {}
+        for training in config.training_list():
+            run = train(build_lm(model_config, seed=config.seed), task,
+                        config.train_config(TRAININGS[training], len(train_data)), out / regime / training)
+            models[training], histories[f"{regime} / {training}"] = run.model, run.history
+            for split, data in (("train", train_data), ("test", test_data)):
+                rows += [{**r, "checkpoint": training, "task": f"pathstar:{regime}", "split": split}
+                         for r in evaluate_model(run.model, data.subset(np.arange(min(config.eval_samples, len(data)))), regime)]
+        models[CONTROL] = build_lm(model_config, seed=config.seed)
+        probe_data = test_data.subset(np.arange(min(config.probe_samples, len(test_data))))
+        for name, model in models.items():
+            rows += [{**r, "checkpoint": name, "task": f"pathstar:{regime}", "split": "test"}
+                     for r in probe_model(model, probe_data, regime, config)]
+    rows.append({"checkpoint": "chance (1/d)", "task": "pathstar", "target": "position 2",
+                 "metric": "position_accuracy", "split": "test", "value": 1 / spec.degree})
+    table = tidy(rows, seed=config.seed)
+    results = PathStarResults(config=config, table=table, histories=histories)
+    write_results(table, out, run_meta(
+        config=asdict(config), data=f"path-star {spec}: {len(train_data)} train / {len(test_data)} test graphs, "
+        f"{'from ' + config.train_file if config.train_file else 'generated, seed ' + str(config.seed)}; "
+        "test graphs whose (edges, query) occur in training were redrawn",
+        processing_mode="raw (Hugging Face forward hooks)",
+    ))
+    (out / "histories.json").write_text(json.dumps(histories))
+    written = []
+    for name, figure in (("pathstar_accuracy", results.accuracy_figure()),
+                         ("pathstar_positions", results.position_figure()),
+                         ("pathstar_probes", results.probe_figure())):
+        written += save_figure(figure, out / "figures" / name)
+    if config.figures_dir is not None:
+        Path(config.figures_dir).mkdir(parents=True, exist_ok=True)
+        for path in written:
+            shutil.copy2(path, Path(config.figures_dir) / path.name)
+    return results
+
+
+@torch.no_grad()
+def decode(model, data: PathStarData, regime: str, batch: int = 500) -> np.ndarray:
+    """Greedy decoding of the emitted sequence [n, l]: token by token, or (teacherless) all at once after
+    l − 1 dummy tokens."""
+    model.eval()
+    device = next(model.parameters()).device
+    prefix = torch.from_numpy(data.prefix_tokens())
+    outputs = []
+    for chunk in prefix.split(batch):
+        sequence = chunk.to(device)
+        if regime == "teacherless":
+            dummies = torch.full((len(chunk), data.spec.length - 1), data.spec.dollar, device=device)
+            logits = model(torch.cat([sequence, dummies], dim=1), use_cache=False).logits
+            outputs.append(logits[:, data.spec.prefix_len - 1 :].argmax(-1).cpu())
+            continue
+        for _ in range(data.spec.length):
+            next_token = model(sequence, use_cache=False).logits[:, -1].argmax(-1, keepdim=True)
+            sequence = torch.cat([sequence, next_token], dim=1)
+        outputs.append(sequence[:, data.spec.prefix_len :].cpu())
+    return torch.cat(outputs).numpy()
+
+
+@torch.no_grad()
+def forced_predictions(model, data: PathStarData, regime: str, batch: int = 500) -> np.ndarray:
+    """Argmax predictions [n, l] of the target tokens given the regime's own training inputs."""
+    model.eval()
+    device = next(model.parameters()).device
+    inputs, _ = data.sequences(regime)
+    start = data.spec.prefix_len - 1
+    predictions = [model(chunk.to(device), use_cache=False).logits[:, start:].argmax(-1).cpu()
+                   for chunk in torch.from_numpy(inputs).split(batch)]
+    return torch.cat(predictions).numpy()
+
+
+def evaluate_model(model, data: PathStarData, regime: str) -> list[dict[str, Any]]:
+    """Exact-path accuracy, and greedy / teacher-forced accuracy per path position (forward order)."""
+    target = data.target(regime)
+    graph_ids = np.arange(len(data))
+    rows = []
+    for metric, predicted in (("position_accuracy", decode(model, data, regime)),
+                              ("forced_accuracy", forced_predictions(model, data, regime))):
+        hits = predicted == target  # [n, l] in emitted order
+        if regime == "reverse":
+            hits = hits[:, ::-1]  # back to path order: position 2 is always the decision
+        estimates = mean_scores(hits.astype(float), graph_ids)
+        rows += [{"target": f"position {k}", "metric": metric, **_estimate(e)} for k, e in enumerate(estimates, 1)]
+        if metric == "position_accuracy":
+            (exact,) = mean_scores(hits.all(axis=1).astype(float), graph_ids)
+            rows.append({"target": "path", "metric": "exact_path", **_estimate(exact)})
+    return rows
+
+
+def probe_model(model, data: PathStarData, regime: str, config: PathStarConfig) -> list[dict[str, Any]]:
+    """Softmax probes per layer at each target position: the goal arm, and the emitted node τ ahead."""
+    spec = data.spec
+    inputs, _ = data.sequences(regime)
+    device = next(model.parameters()).device
+    model.eval()
+    residuals = torch.cat([model_residuals(model, chunk.to(device)).float().cpu()
+                           for chunk in torch.from_numpy(inputs).split(500)], dim=1)
+    positions = np.arange(spec.prefix_len - 1, spec.prefix_len - 1 + spec.length)  # '=' and targets 1 … l−1
+    residuals = residuals[:, :, positions].numpy()  # [layers, n, l, d_model]
+    layers = list(range(len(residuals)))
+    split = split_sequences(len(data), config.probe_test_fraction, seed=config.seed)
+    emitted, arm = data.target(regime), data.goal_arm()
+    rows = []
+    for position in range(spec.length):
+        here = np.array([position])
+        for row in fit_softmax_by_layer(residuals, np.repeat(arm[:, None], spec.length, 1), "goal arm",
+                                        spec.degree, layers, here, split).to_dict("records"):
+            rows.append({**row, "position": position, "probe": "softmax"})
+        for tau in range(1, spec.length - position + 1):
+            labels = np.zeros((len(data), spec.length), dtype=np.int64)
+            labels[:, position] = emitted[:, position + tau - 1]
+            for row in fit_softmax_by_layer(residuals, labels, "next node", spec.n_nodes, layers,
+                                            here, split).to_dict("records"):
+                rows.append({**row, "position": position, "tau": tau, "probe": "softmax"})
+    return rows
+
+
+def _estimate(estimate) -> dict[str, Any]:
+    return {"value": estimate.value, "ci_low": estimate.ci_low, "ci_high": estimate.ci_high, "n": estimate.n}
