@@ -20,11 +20,18 @@ from pathlib import Path
 from transformers.utils import logging as transformers_logging
 
 from analyses.bench import MyopicBenchConfig, bench_myopic
-from analyses.pathstar import PRESETS as PATHSTAR_PRESETS
 from analyses.pathstar import PathStarConfig, run_pathstar
-from analyses.synthetic import PRESETS, SyntheticConfig, run_synthetic
+from analyses.synthetic import SyntheticConfig, run_synthetic
 from models.errors import ForethoughtError
 from models.tasks.pathstar import PathStarSpec, generate_split
+
+
+EXPERIMENTS = {  # command: (config dataclass, run function, help)
+    "synthetic": (SyntheticConfig, run_synthetic,
+                  "vanilla vs myopic twins on the synthetic pre-caching task, probed layer by layer"),
+    "pathstar": (PathStarConfig, run_pathstar,
+                 "path-star graphs: each regime × (vanilla, myopic), accuracy and planning probes"),
+}
 
 
 def _field_help(cls: type) -> dict[str, str]:
@@ -70,21 +77,12 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     demo = commands.add_parser("demo", help="run the embedded default: the synthetic experiment, cpu preset")
-    add_config_arguments(demo, SyntheticConfig, skip=("preset",), presets={"cpu": PRESETS["cpu"]})
-    synthetic = commands.add_parser(
-        "synthetic", help="vanilla vs myopic twins on the synthetic pre-caching task, probed layer by layer",
-        description=SyntheticConfig.__doc__,
-    )
-    synthetic.add_argument("--preset", default="cpu", help=f"starting values: {' or '.join(PRESETS)} (default: cpu)")
-    add_config_arguments(synthetic, SyntheticConfig, skip=("preset",), presets=PRESETS)
-
-    pathstar = commands.add_parser(
-        "pathstar", help="path-star graphs: each regime × (vanilla, myopic), accuracy and planning probes",
-        description=PathStarConfig.__doc__,
-    )
-    pathstar.add_argument("--preset", default="cpu",
-                          help=f"starting values: {' or '.join(PATHSTAR_PRESETS)} (default: cpu)")
-    add_config_arguments(pathstar, PathStarConfig, skip=("preset",), presets=PATHSTAR_PRESETS)
+    add_config_arguments(demo, SyntheticConfig, skip=("preset",), presets={"cpu": SyntheticConfig.PRESETS["cpu"]})
+    for name, (config_class, _, help_text) in EXPERIMENTS.items():
+        experiment = commands.add_parser(name, help=help_text, description=config_class.__doc__)
+        experiment.add_argument("--preset", default="cpu",
+                                help=f"starting values: {' or '.join(config_class.PRESETS)} (default: cpu)")
+        add_config_arguments(experiment, config_class, skip=("preset",), presets=config_class.PRESETS)
     data = commands.add_parser("pathstar-data", help="write disjoint train/test files of G(d, l, N)")
     data.add_argument("--degree", type=int, default=5, help="d (default: 5)")
     data.add_argument("--length", type=int, default=5, help="l (default: 5)")
@@ -107,14 +105,10 @@ def main(argv: list[str] | None = None) -> int:
     transformers_logging.disable_progress_bar()  # per-file save/load bars drown our own
     command = args.pop("command")
     try:
-        if command in ("demo", "synthetic"):
-            config = SyntheticConfig.from_preset(args.pop("preset", "cpu"), **args)
-            results = run_synthetic(config)
-            print(results.summary())
-            print(f"results, figures and checkpoints in {config.out}")
-        elif command == "pathstar":
-            config = PathStarConfig.from_preset(args.pop("preset", "cpu"), **args)
-            print(run_pathstar(config).summary())
+        if command in ("demo", *EXPERIMENTS):
+            config_class, run, _ = EXPERIMENTS.get(command, EXPERIMENTS["synthetic"])
+            config = config_class.from_preset(args.pop("preset", "cpu"), **args)
+            print(run(config).summary())
             print(f"results, figures and checkpoints in {config.out}")
         elif command == "pathstar-data":
             write_pathstar_data(**args)

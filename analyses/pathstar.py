@@ -9,12 +9,9 @@ the goal (d classes) and the node τ steps ahead in the emitted sequence — wit
 
 from __future__ import annotations
 
-import json
 import math
-import shutil
-from dataclasses import asdict, dataclass, field, fields
-from pathlib import Path
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, ClassVar
 
 import numpy as np
 import pandas as pd
@@ -22,12 +19,12 @@ import plotly.express as px
 import plotly.graph_objects as go
 import torch
 
-from analyses.plots import save_figure
-from analyses.results import prepare_out, read_results, run_meta, tidy, write_results
+from analyses.experiment import ExperimentConfig, ExperimentResults, finish_run, prepare_out
+from analyses.results import run_meta, tidy
 from models.errors import ForethoughtError
 from models.gpt2 import build_lm, gpt2_config
-from models.tasks.pathstar import REGIMES, PathStarData, PathStarSpec, PathStarTask, check_regime, generate_split
-from models.train import TrainConfig, train
+from models.tasks.pathstar import PathStarData, PathStarSpec, PathStarTask, check_regime, generate_split
+from models.train import train
 from probes.fit import fit_softmax_by_layer, split_sequences
 from probes.metrics import mean_scores
 from probes.residuals import model_residuals
@@ -37,7 +34,7 @@ CONTROL = "random init"
 
 
 @dataclass
-class PathStarConfig:
+class PathStarConfig(ExperimentConfig):
     """Settings of ``forethought pathstar``; every field is also a command-line flag."""
 
     preset: str = "cpu"  # the preset these values started from (recorded; set by from_preset)
@@ -74,7 +71,14 @@ class PathStarConfig:
     device: str = "auto"
     progress: bool = True
 
-    PRESENTATION = ("figures_dir", "device", "progress", "checkpoint_every", "eval_every")
+    PRESETS: ClassVar[dict[str, dict[str, Any]]] = {
+        "paper": {},  # 6 layers × 384, 6 heads, batch 256, AdamW lr 1e-4, 200k / 20k graphs of G(2, 5, 50)
+        "cpu": {
+            "length": 4, "n_nodes": 20, "n_train": 50000, "n_test": 2000, "n_layer": 2, "d_model": 64,
+            "n_head": 2, "epochs": 10.0, "batch_size": 128, "lr": 1e-3, "warmup_frac": 0.05, "eval_every": 250,
+            "checkpoint_every": 1000, "out": "runs/pathstar-cpu",
+        },
+    }
 
     def __post_init__(self):
         if self.train_file is None:
@@ -86,15 +90,6 @@ class PathStarConfig:
             raise ForethoughtError(f"unknown training {sorted(unknown)}; choose from vanilla, myopic")
         if (self.train_file is None) != (self.test_file is None):
             raise ForethoughtError("give both --train-file and --test-file, or neither")
-
-    @classmethod
-    def from_preset(cls, name: str, **overrides: Any) -> PathStarConfig:
-        if name not in PRESETS:
-            raise ForethoughtError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
-        unknown = set(overrides) - {f.name for f in fields(cls)}
-        if unknown:
-            raise ForethoughtError(f"unknown settings {sorted(unknown)}")
-        return cls(**{**PRESETS[name], **overrides, "preset": name})
 
     def spec(self) -> PathStarSpec:
         return PathStarSpec(self.degree, self.length, self.n_nodes)
@@ -108,41 +103,11 @@ class PathStarConfig:
     def steps(self, n_train: int) -> int:
         return max(1, math.ceil(self.epochs * n_train / self.batch_size))
 
-    def train_config(self, myopic: bool, n_train: int) -> TrainConfig:
-        return TrainConfig(
-            steps=self.steps(n_train), batch_size=self.batch_size, lr=self.lr, weight_decay=self.weight_decay,
-            warmup_frac=self.warmup_frac, grad_clip=self.grad_clip, seed=self.seed, myopic=myopic,
-            eval_every=self.eval_every, checkpoint_every=self.checkpoint_every, device=self.device,
-            progress=self.progress,
-        )
-
-    def results_settings(self) -> dict[str, Any]:
-        return {k: v for k, v in asdict(self).items() if k not in self.PRESENTATION}
-
-
-PRESETS: dict[str, dict[str, Any]] = {
-    "paper": {},  # 6 layers × 384, 6 heads, batch 256, AdamW lr 1e-4, 200k / 20k graphs of G(2, 5, 50)
-    "cpu": {
-        "length": 4, "n_nodes": 20, "n_train": 50000, "n_test": 2000, "n_layer": 2, "d_model": 64,
-        "n_head": 2, "epochs": 3.0, "batch_size": 128, "lr": 1e-3, "eval_every": 250,
-        "checkpoint_every": 1000, "out": "runs/pathstar-cpu",
-    },
-}
-
-
 @dataclass
-class PathStarResults:
+class PathStarResults(ExperimentResults):
     """The tidy table of a path-star run, with the training histories and figure methods."""
 
-    config: PathStarConfig
-    table: pd.DataFrame
-    histories: dict[str, list[dict[str, float]]] = field(default_factory=dict)
-
-    @classmethod
-    def from_folder(cls, out: str | Path) -> PathStarResults:
-        table, meta = read_results(out)
-        histories = json.loads((Path(out) / "histories.json").read_text())
-        return cls(config=PathStarConfig(**meta["config"]), table=table, histories=histories)
+    CONFIG: ClassVar[type] = PathStarConfig
 
     @property
     def chance(self) -> float:
@@ -208,8 +173,13 @@ class PathStarResults:
                          labels={"value": "probe accuracy", "probe_target": "probe for"},
                          title=f"Path-star {self.config.spec()}: planning probes at target position {position} "
                                f"(0 = '='), held-out graphs; goal-arm chance {self.chance:.2f}")
+        figure.update_xaxes(dtick=1)
         figure.for_each_annotation(lambda a: a.update(text=a.text.split("=", 1)[-1]))
         return figure
+
+    def figures(self) -> dict[str, go.Figure]:
+        return {"pathstar_accuracy": self.accuracy_figure(), "pathstar_positions": self.position_figure(),
+                "pathstar_probes": self.probe_figure()}
 
     def summary(self) -> str:
         table = self.accuracy_table()
@@ -217,9 +187,10 @@ class PathStarResults:
                  table.to_string(index=False, float_format=lambda v: f"{v:.3f}")]
         arm = self.table[(self.table["target"] == "goal arm") & (self.table["position"] == 0)
                          & (self.table["metric"] == "accuracy")]
-        best = arm.groupby(["task", "checkpoint"], sort=False)["value"].max().unstack()
-        lines += ["goal-arm probe accuracy at '=' (best layer):", best.to_string(float_format=lambda v: f"{v:.3f}")]
-        return "\n".join(lines)
+        by_layer = arm.pivot_table(index=["task", "checkpoint"], columns="layer", values="value", sort=False)
+        lines += ["goal-arm probe accuracy at '=' by layer (layer 0 reads the same '=' token in every graph:",
+                  "it scores the majority-class rate)", by_layer.to_string(float_format=lambda v: f"{v:.3f}")]
+        return "\n".join(lines) + "\n"
 
 
 def run_pathstar(config: PathStarConfig) -> PathStarResults:
@@ -232,6 +203,9 @@ def run_pathstar(config: PathStarConfig) -> PathStarResults:
     else:
         train_data, test_data = generate_split(config.spec(), config.n_train, config.n_test, seed=config.seed)
     spec = train_data.spec
+    overlap = len(set(test_data.keys().tolist()) & set(train_data.keys().tolist()))
+    evaluated = {split: data.subset(np.arange(min(config.eval_samples, len(data))))
+                 for split, data in (("train", train_data), ("test", test_data))}
     out = prepare_out(config.out, config.results_settings())
     model_config = gpt2_config(config.n_layer, config.d_model, config.n_head, vocab_size=spec.vocab_size,
                                n_positions=spec.prefix_len + spec.length)
@@ -242,11 +216,12 @@ def run_pathstar(config: PathStarConfig) -> PathStarResults:
         models = {}
         for training in config.training_list():
             run = train(build_lm(model_config, seed=config.seed), task,
-                        config.train_config(TRAININGS[training], len(train_data)), out / regime / training)
+                        config.train_config(TRAININGS[training], config.steps(len(train_data))),
+                        out / regime / training)
             models[training], histories[f"{regime} / {training}"] = run.model, run.history
-            for split, data in (("train", train_data), ("test", test_data)):
+            for split, data in evaluated.items():
                 rows += [{**r, "checkpoint": training, "task": f"pathstar:{regime}", "split": split}
-                         for r in evaluate_model(run.model, data.subset(np.arange(min(config.eval_samples, len(data)))), regime)]
+                         for r in evaluate_model(run.model, data, regime)]
         models[CONTROL] = build_lm(model_config, seed=config.seed)
         probe_data = test_data.subset(np.arange(min(config.probe_samples, len(test_data))))
         for name, model in models.items():
@@ -256,22 +231,13 @@ def run_pathstar(config: PathStarConfig) -> PathStarResults:
                  "metric": "position_accuracy", "split": "test", "value": 1 / spec.degree})
     table = tidy(rows, seed=config.seed)
     results = PathStarResults(config=config, table=table, histories=histories)
-    write_results(table, out, run_meta(
-        config=asdict(config), data=f"path-star {spec}: {len(train_data)} train / {len(test_data)} test graphs, "
-        f"{'from ' + config.train_file if config.train_file else 'generated, seed ' + str(config.seed)}; "
-        "test graphs whose (edges, query) occur in training were redrawn",
+    finish_run(results, out, run_meta(
+        data=f"path-star {spec}: {len(train_data)} train / {len(test_data)} test graphs "
+        + (f"from {config.train_file} / {config.test_file}" if config.train_file else
+           f"generated with seed {config.seed}, test samples seen in training redrawn")
+        + f"; test samples whose edges and query also occur in training: {overlap}",
         processing_mode="raw (Hugging Face forward hooks)",
     ))
-    (out / "histories.json").write_text(json.dumps(histories))
-    written = []
-    for name, figure in (("pathstar_accuracy", results.accuracy_figure()),
-                         ("pathstar_positions", results.position_figure()),
-                         ("pathstar_probes", results.probe_figure())):
-        written += save_figure(figure, out / "figures" / name)
-    if config.figures_dir is not None:
-        Path(config.figures_dir).mkdir(parents=True, exist_ok=True)
-        for path in written:
-            shutil.copy2(path, Path(config.figures_dir) / path.name)
     return results
 
 

@@ -65,26 +65,6 @@ def run_meta(**details: Any) -> dict[str, Any]:
     }
 
 
-def prepare_out(out: str | Path, settings: dict[str, Any]) -> Path:
-    """Create the run folder ``out``, or check that it holds a run with the same ``settings``; record them.
-
-    Refuses (changing nothing) when ``out`` is a file or its ``config.json`` differs from ``settings``.
-    """
-    out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise ForethoughtError(f"--out {out} is a file, not a folder")
-    settings_file = out / "config.json"
-    if settings_file.exists():
-        saved = json.loads(settings_file.read_text())
-        changed = {k: (saved.get(k), v) for k, v in settings.items() if saved.get(k) != v}
-        if changed:
-            detail = ", ".join(f"{k}: {a!r} → {b!r}" for k, (a, b) in changed.items())
-            raise ForethoughtError(f"--out {out} holds a run with other settings ({detail}); choose another --out")
-    out.mkdir(parents=True, exist_ok=True)
-    settings_file.write_text(json.dumps(settings, indent=2) + "\n")
-    return out
-
-
 def write_results(table: pd.DataFrame, out_dir: str | Path, meta: dict[str, Any]) -> list[Path]:
     """Write ``results.parquet``, ``results.csv`` and ``meta.json`` into ``out_dir``."""
     out_dir = Path(out_dir)

@@ -8,11 +8,8 @@ random initialisation (the control: a random nonlinear expansion of x_t already 
 
 from __future__ import annotations
 
-import json
-import shutil
-from dataclasses import asdict, dataclass, field, fields
-from pathlib import Path
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, ClassVar
 
 import numpy as np
 import pandas as pd
@@ -20,12 +17,13 @@ import plotly.graph_objects as go
 import torch
 from torch.nn.functional import huber_loss
 
-from analyses.plots import loss_curves_figure, probe_r2_figure, save_figure
-from analyses.results import prepare_out, read_results, run_meta, tidy, write_results
+from analyses.experiment import ExperimentConfig, ExperimentResults, finish_run, prepare_out
+from analyses.plots import loss_curves_figure, probe_r2_figure
+from analyses.results import run_meta, tidy
 from models.errors import ForethoughtError
 from models.gpt2 import GPT2RegressionModel, build_regression, load_model, regression_config
 from models.tasks.synthetic import SyntheticTask
-from models.train import TrainConfig, train
+from models.train import train
 from probes.fit import fit_ridge_by_layer, split_sequences
 from probes.metrics import mean_scores
 from probes.residuals import model_residuals
@@ -35,7 +33,7 @@ CONTROL = "random init"
 
 
 @dataclass
-class SyntheticConfig:
+class SyntheticConfig(ExperimentConfig):
     """Settings of ``forethought synthetic``; every field is also a command-line flag.
 
     The ``paper`` preset is the paper's setting; ``cpu`` (what ``forethought demo`` runs) changes the
@@ -76,8 +74,13 @@ class SyntheticConfig:
     device: str = "auto"
     progress: bool = True
 
-    # fields that do not change results: a rerun into the same --out may differ in them
-    PRESENTATION = ("figures_dir", "device", "progress", "checkpoint_every", "eval_every")
+    PRESETS: ClassVar[dict[str, dict[str, Any]]] = {
+        "paper": {},  # the dataclass defaults are the paper's setting
+        "cpu": {  # seq_len 32: at 64 the same token budget leaves vanilla at 0.35 × trivial (README)
+            "freq": 5.0, "seq_len": 32, "d_model": 64, "steps": 3000, "batch_size": 128,
+            "heldout_sequences": 2000, "eval_every": 250, "checkpoint_every": 1000, "out": "runs/demo",
+        },
+    }
 
     def __post_init__(self):
         self.task()  # validates p, n_terms, seq_len
@@ -88,15 +91,6 @@ class SyntheticConfig:
                 f"seq_len={self.seq_len} leaves no position with all lookbacks 0 … n_terms + 2 = {self.n_terms + 2}"
             )
 
-    @classmethod
-    def from_preset(cls, name: str, **overrides: Any) -> SyntheticConfig:
-        if name not in PRESETS:
-            raise ForethoughtError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
-        unknown = set(overrides) - {f.name for f in fields(cls)}
-        if unknown:
-            raise ForethoughtError(f"unknown settings {sorted(unknown)}")
-        return cls(**{**PRESETS[name], **overrides, "preset": name})
-
     def task(self) -> SyntheticTask:
         return SyntheticTask(p=self.p, n_terms=self.n_terms, freq=self.freq, seq_len=self.seq_len)
 
@@ -106,41 +100,12 @@ class SyntheticConfig:
             d_model=self.d_model, n_head=self.n_head, n_positions=self.seq_len, activation="relu",
         )
 
-    def train_config(self, myopic: bool) -> TrainConfig:
-        return TrainConfig(
-            steps=self.steps, batch_size=self.batch_size, lr=self.lr, weight_decay=self.weight_decay,
-            warmup_frac=self.warmup_frac, grad_clip=self.grad_clip, seed=self.seed, myopic=myopic,
-            eval_every=self.eval_every, checkpoint_every=self.checkpoint_every, device=self.device,
-            progress=self.progress,
-        )
-
-    def results_settings(self) -> dict[str, Any]:
-        return {k: v for k, v in asdict(self).items() if k not in self.PRESENTATION}
-
-
-PRESETS: dict[str, dict[str, Any]] = {
-    "paper": {},  # the dataclass defaults are the paper's setting
-    "cpu": {  # seq_len 32: at 64 the same token budget leaves vanilla at 0.35 × trivial (README)
-        "freq": 5.0, "seq_len": 32, "d_model": 64, "steps": 3000, "batch_size": 128, "heldout_sequences": 2000,
-        "eval_every": 250, "checkpoint_every": 1000, "out": "runs/demo",
-    },
-}
-
 
 @dataclass
-class SyntheticResults:
+class SyntheticResults(ExperimentResults):
     """What :func:`run_synthetic` found: the tidy table plus training histories."""
 
-    config: SyntheticConfig
-    table: pd.DataFrame
-    histories: dict[str, list[dict[str, float]]] = field(default_factory=dict)
-
-    @classmethod
-    def from_folder(cls, out: str | Path) -> SyntheticResults:
-        """Reload a finished run's results from its ``--out`` folder."""
-        table, meta = read_results(out)
-        histories = json.loads((Path(out) / "histories.json").read_text())
-        return cls(config=SyntheticConfig(**meta["config"]), table=table, histories=histories)
+    CONFIG: ClassVar[type] = SyntheticConfig
 
     def losses(self) -> pd.DataFrame:
         """Held-out Huber loss per model with CI, and its ratio to the trivial baseline."""
@@ -165,6 +130,12 @@ class SyntheticResults:
         trivial = float(self.losses().loc["trivial (predict 0)", "value"])
         return loss_curves_figure(self.histories, baseline=trivial, baseline_name="trivial (predict 0)",
                                   title=f"Synthetic task ({self.config.preset} preset): Huber loss")
+
+    def figures(self) -> dict[str, go.Figure]:
+        figures = {"synthetic_probe_r2": self.probe_figure()}
+        if self.histories:  # none when both twins came from given checkpoints
+            figures["synthetic_loss"] = self.loss_figure()
+        return figures
 
     def summary(self) -> str:
         """A few lines for the terminal."""
@@ -194,7 +165,7 @@ def run_synthetic(config: SyntheticConfig) -> SyntheticResults:
         if name in models:
             continue
         result = train(build_regression(config.model_config(), seed=config.seed), task,
-                       config.train_config(myopic=name == "myopic"), out / name)
+                       config.train_config(myopic=name == "myopic", steps=config.steps), out / name)
         models[name], histories[name] = result.model, result.history
     models[CONTROL] = build_regression(config.model_config(), seed=config.seed)
     models = {name: models[name] for name in (*TWINS, CONTROL)}
@@ -205,13 +176,11 @@ def run_synthetic(config: SyntheticConfig) -> SyntheticResults:
         task="synthetic", split="heldout", seed=config.seed,
     )
     results = SyntheticResults(config=config, table=table, histories=histories)
-    write_results(table, out, run_meta(
-        config=asdict(config), data=task.describe(),
+    finish_run(results, out, run_meta(
+        data=task.describe(),
         heldout=f"{config.heldout_sequences} fresh sequences (generator seed {config.seed + 2_000_003})",
         processing_mode="raw (Hugging Face forward hooks)",
     ))
-    (out / "histories.json").write_text(json.dumps(histories))
-    _write_figures(results, out, config.figures_dir)
     return results
 
 
@@ -261,13 +230,3 @@ def _probe_rows(models, task: SyntheticTask, inputs, config: SyntheticConfig) ->
             row["target"], row["tau"] = labels[row["target"]]
             rows.append({**row, "checkpoint": name, "probe": "ridge"})
     return rows
-
-
-def _write_figures(results: SyntheticResults, out: Path, figures_dir: str | None) -> None:
-    written = save_figure(results.probe_figure(), out / "figures" / "synthetic_probe_r2")
-    if results.histories:
-        written += save_figure(results.loss_figure(), out / "figures" / "synthetic_loss")
-    if figures_dir is not None:
-        Path(figures_dir).mkdir(parents=True, exist_ok=True)
-        for path in written:
-            shutil.copy2(path, Path(figures_dir) / path.name)

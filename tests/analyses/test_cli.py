@@ -73,3 +73,36 @@ def test_bench_myopic_prints_ratios(capsys):
 def test_module_entry_point():
     result = subprocess.run([sys.executable, "-m", "analyses", "--help"], capture_output=True, text=True)
     assert result.returncode == 0 and "synthetic" in result.stdout and "bench" in result.stdout
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--degree", "1"], "degree d must be at least 2, got 1"),
+        (["--length", "1"], "path length l must be at least 2, got 1"),
+        (["--n-nodes", "6"], "N = 6 labels are too few for G(2, 4): it has 7 nodes"),
+        (["--regimes", "teacher-forcing,revers"],
+         "unknown regime 'revers'; choose one of teacher-forcing, teacherless, reverse"),
+    ],
+)
+def test_pathstar_bad_settings_are_one_line_errors(capsys, tmp_path, argv, message):
+    code, _, err = run_cli(capsys, "pathstar", *argv, "--out", str(tmp_path / "run"))
+    assert code == 2 and err == f"forethought: error: {message}\n"
+    assert not (tmp_path / "run").exists()
+
+
+def test_pathstar_mixed_file_names_the_line(capsys, tmp_path):
+    (tmp_path / "train.txt").write_text("1,2|1,3/1,2=1,2\n1,2|1,3|2,4|3,5/1,4=1,2,4\n")
+    (tmp_path / "test.txt").write_text("1,2|1,3/1,2=1,2\n")
+    code, _, err = run_cli(capsys, "pathstar", "--train-file", str(tmp_path / "train.txt"),
+                           "--test-file", str(tmp_path / "test.txt"), "--out", str(tmp_path / "run"))
+    assert code == 2 and "train.txt line 2: G(2, 3) differs from line 1's G(2, 2)" in err
+    assert err.count("\n") == 1 and not (tmp_path / "run").exists()
+
+
+def test_pathstar_data_writes_the_paper_files(capsys, tmp_path):
+    code, out, _ = run_cli(capsys, "pathstar-data", "--degree", "2", "--length", "3", "--n-nodes", "9",
+                           "--n-train", "50", "--n-test", "10", "--out", str(tmp_path))
+    assert code == 0 and "generated 60 samples of G(2, 3, 9)" in out
+    lines = (tmp_path / "deg_2_path_3_nodes_9_train_50.txt").read_text().splitlines()
+    assert len(lines) == 50 and (tmp_path / "deg_2_path_3_nodes_9_test_10.txt").exists()

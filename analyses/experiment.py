@@ -1,0 +1,110 @@
+"""What every experiment shares: a config dataclass built from presets, its run folder, its training
+settings, and a results object that reloads from the folder.
+
+An experiment = a config dataclass (subclass of :class:`ExperimentConfig`; its fields double as CLI flags),
+a ``run_*`` function, and a results dataclass (subclass of :class:`ExperimentResults`).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any, ClassVar
+
+import pandas as pd
+import plotly.graph_objects as go
+
+from analyses.plots import save_figure
+from analyses.results import read_results, write_results
+from models.errors import ForethoughtError
+from models.train import TrainConfig
+
+
+class ExperimentConfig:
+    """Mixin for experiment configs. Subclasses are dataclasses with the fields ``preset``, ``batch_size``,
+    ``lr``, ``weight_decay``, ``warmup_frac``, ``grad_clip``, ``seed``, ``eval_every``, ``checkpoint_every``,
+    ``out``, ``figures_dir``, ``device``, ``progress``, and a ``PRESETS`` table of overrides."""
+
+    PRESETS: ClassVar[dict[str, dict[str, Any]]] = {}
+    # fields that do not change results: a rerun into the same --out may differ in them
+    PRESENTATION: ClassVar[tuple[str, ...]] = ("figures_dir", "device", "progress", "checkpoint_every", "eval_every")
+
+    @classmethod
+    def from_preset(cls, name: str, **overrides: Any):
+        """The preset's values, then ``overrides`` (validated by the dataclass)."""
+        if name not in cls.PRESETS:
+            raise ForethoughtError(f"unknown preset {name!r}; choose one of {', '.join(cls.PRESETS)}")
+        unknown = set(overrides) - {f.name for f in fields(cls)}
+        if unknown:
+            raise ForethoughtError(f"unknown settings {sorted(unknown)}")
+        return cls(**{**cls.PRESETS[name], **overrides, "preset": name})
+
+    def results_settings(self) -> dict[str, Any]:
+        """The settings a run folder is bound to."""
+        return {k: v for k, v in asdict(self).items() if k not in self.PRESENTATION}
+
+    def train_config(self, myopic: bool, steps: int) -> TrainConfig:
+        return TrainConfig(
+            steps=steps, batch_size=self.batch_size, lr=self.lr, weight_decay=self.weight_decay,
+            warmup_frac=self.warmup_frac, grad_clip=self.grad_clip, seed=self.seed, myopic=myopic,
+            eval_every=self.eval_every, checkpoint_every=self.checkpoint_every, device=self.device,
+            progress=self.progress,
+        )
+
+
+@dataclass
+class ExperimentResults:
+    """A finished run: its config, the tidy table and the training histories ({run name: records})."""
+
+    CONFIG: ClassVar[type] = ExperimentConfig
+
+    config: Any
+    table: pd.DataFrame
+    histories: dict[str, list[dict[str, float]]] = field(default_factory=dict)
+
+    @classmethod
+    def from_folder(cls, out: str | Path):
+        """Reload a finished run from its ``--out`` folder."""
+        table, meta = read_results(out)
+        histories = json.loads((Path(out) / "histories.json").read_text())
+        return cls(config=cls.CONFIG(**meta["config"]), table=table, histories=histories)
+
+    def figures(self) -> dict[str, go.Figure]:
+        """{file stem: figure} written by :func:`finish_run`."""
+        return {}
+
+
+def prepare_out(out: str | Path, settings: dict[str, Any]) -> Path:
+    """Create the run folder ``out``, or check that it holds a run with the same ``settings``; record them.
+
+    Refuses (changing nothing) when ``out`` is a file or its ``config.json`` differs from ``settings``.
+    """
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise ForethoughtError(f"--out {out} is a file, not a folder")
+    settings_file = out / "config.json"
+    if settings_file.exists():
+        saved = json.loads(settings_file.read_text())
+        changed = {k: (saved.get(k), v) for k, v in settings.items() if saved.get(k) != v}
+        if changed:
+            detail = ", ".join(f"{k}: {a!r} → {b!r}" for k, (a, b) in changed.items())
+            raise ForethoughtError(f"--out {out} holds a run with other settings ({detail}); choose another --out")
+    out.mkdir(parents=True, exist_ok=True)
+    settings_file.write_text(json.dumps(settings, indent=2) + "\n")
+    return out
+
+
+def finish_run(results: ExperimentResults, out: Path, meta: dict[str, Any]) -> None:
+    """Write the table, ``meta.json`` (with the config), the histories and the figures of a run; copy the
+    figures to ``config.figures_dir`` too when it is set."""
+    write_results(results.table, out, {**meta, "config": asdict(results.config)})
+    (out / "histories.json").write_text(json.dumps(results.histories))
+    written = []
+    for stem, figure in results.figures().items():
+        written += save_figure(figure, out / "figures" / stem)
+    if results.config.figures_dir is not None:
+        Path(results.config.figures_dir).mkdir(parents=True, exist_ok=True)
+        for path in written:
+            shutil.copy2(path, Path(results.config.figures_dir) / path.name)
