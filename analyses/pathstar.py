@@ -121,13 +121,11 @@ class PathStarResults(ExperimentResults):
         later = [f"position {k}" for k in range(3, self.config.length + 1)]
         trained = t[t["checkpoint"].isin(list(TRAININGS))]
         for (task, checkpoint), group in trained.groupby(["task", "checkpoint"], sort=False):
-            def values(metric: str, targets: list[str]) -> pd.Series:
-                return group[(group["metric"] == metric) & group["target"].isin(targets)]["value"]
             rows.append({
                 "regime": task.split(":", 1)[1], "training": checkpoint,
-                "exact_path": float(values("exact_path", ["path"]).iloc[0]),
-                "decision_token": float(values("position_accuracy", ["position 2"]).iloc[0]),
-                "forced_positions_3+": float(values("forced_accuracy", later).mean()),
+                "exact_path": float(_values(group, "exact_path", ["path"]).iloc[0]),
+                "decision_token": float(_values(group, "position_accuracy", ["position 2"]).iloc[0]),
+                "forced_positions_3+": float(_values(group, "forced_accuracy", later).mean()),
             })
         return pd.DataFrame(rows)
 
@@ -286,10 +284,10 @@ def evaluate_model(model, data: PathStarData, regime: str) -> list[dict[str, Any
         if regime == "reverse":
             hits = hits[:, ::-1]  # back to path order: position 2 is always the decision
         estimates = mean_scores(hits.astype(float), graph_ids)
-        rows += [{"target": f"position {k}", "metric": metric, **_estimate(e)} for k, e in enumerate(estimates, 1)]
+        rows += [{"target": f"position {k}", "metric": metric, **e.columns()} for k, e in enumerate(estimates, 1)]
         if metric == "position_accuracy":
             (exact,) = mean_scores(hits.all(axis=1).astype(float), graph_ids)
-            rows.append({"target": "path", "metric": "exact_path", **_estimate(exact)})
+            rows.append({"target": "path", "metric": "exact_path", **exact.columns()})
     return rows
 
 
@@ -321,5 +319,5 @@ def probe_model(model, data: PathStarData, regime: str, config: PathStarConfig) 
     return rows
 
 
-def _estimate(estimate) -> dict[str, Any]:
-    return {"value": estimate.value, "ci_low": estimate.ci_low, "ci_high": estimate.ci_high, "n": estimate.n}
+def _values(rows: pd.DataFrame, metric: str, targets: list[str]) -> pd.Series:
+    return rows[(rows["metric"] == metric) & rows["target"].isin(targets)]["value"]

@@ -159,6 +159,14 @@ def run_synthetic(config: SyntheticConfig) -> SyntheticResults:
         name: load_model(path, kind="regression").float()
         for name in TWINS if (path := getattr(config, f"{name}_checkpoint")) is not None
     }  # loaded first: a bad checkpoint fails before anything is written
+    expected = config.model_config()
+    for name, model in models.items():
+        for key in ("n_layer", "n_embd", "n_head", "in_dim", "out_dim"):
+            if getattr(model.config, key) != getattr(expected, key):
+                raise ForethoughtError(
+                    f"{name} checkpoint {getattr(config, f'{name}_checkpoint')} has {key}="
+                    f"{getattr(model.config, key)}, but the settings say {getattr(expected, key)}"
+                )
     out = prepare_out(config.out, config.results_settings())
     histories: dict[str, list[dict[str, float]]] = {}
     for name in TWINS:
@@ -200,8 +208,7 @@ def _loss_rows(models, task: SyntheticTask, inputs, targets) -> list[dict[str, A
     for name, predicted in predictions.items():
         per_position = huber_loss(predicted, targets, reduction="none").flatten().numpy()
         (estimate,) = mean_scores(per_position, sequence_ids)
-        rows.append({"checkpoint": name, "target": "y", "metric": "huber", "value": estimate.value,
-                     "ci_low": estimate.ci_low, "ci_high": estimate.ci_high, "n": estimate.n})
+        rows.append({"checkpoint": name, "target": "y", "metric": "huber", **estimate.columns()})
     return rows
 
 

@@ -49,8 +49,7 @@ def _layer_examples(residuals, targets, layers, positions, split) -> Iterator[tu
 
 
 def _row(layer: int, target: str, metric: str, estimate: Estimate) -> dict:
-    return {"layer": layer, "target": target, "metric": metric, "split": "test", "value": estimate.value,
-            "ci_low": estimate.ci_low, "ci_high": estimate.ci_high, "n": estimate.n}
+    return {"layer": layer, "target": target, "metric": metric, "split": "test", **estimate.columns()}
 
 
 def fit_ridge_by_layer(

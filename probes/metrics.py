@@ -26,6 +26,10 @@ class Estimate:
     n: int
     n_sequences: int
 
+    def columns(self) -> dict[str, float | int]:
+        """The results-table cells: value, ci_low, ci_high, n."""
+        return {"value": self.value, "ci_low": self.ci_low, "ci_high": self.ci_high, "n": self.n}
+
 
 def _per_sequence_sums(values: np.ndarray, sequence_ids: np.ndarray) -> np.ndarray:
     """values [n, k] → sums per sequence [n_sequences, k] (sequence ids relabelled 0 … S − 1)."""

@@ -106,3 +106,13 @@ def test_pathstar_data_writes_the_paper_files(capsys, tmp_path):
     assert code == 0 and "generated 60 samples of G(2, 3, 9)" in out
     lines = (tmp_path / "deg_2_path_3_nodes_9_train_50.txt").read_text().splitlines()
     assert len(lines) == 50 and (tmp_path / "deg_2_path_3_nodes_9_test_10.txt").exists()
+
+
+def test_checkpoint_of_another_architecture_is_named(capsys, tmp_path):
+    from models.gpt2 import build_regression, regression_config
+    config = regression_config(in_dim=2, out_dim=1, n_layer=3, d_model=16, n_head=2, n_positions=32)
+    build_regression(config).save_pretrained(tmp_path / "deep")
+    code, _, err = run_cli(capsys, "synthetic", "--vanilla-checkpoint", str(tmp_path / "deep"),
+                           "--out", str(tmp_path / "run"))
+    assert code == 2 and "has n_layer=3, but the settings say 2" in err
+    assert not (tmp_path / "run").exists()
