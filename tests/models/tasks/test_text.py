@@ -1,12 +1,16 @@
-"""The offline GPT-2 tokenizer gives GPT-2's ids, and path-star text goes through it."""
+"""The offline GPT-2 tokenizer, path-star text through it, corpora and resumable token files."""
 
 from __future__ import annotations
 
+import json
+
+import numpy as np
+import pandas as pd
 import pytest
 
 from models.errors import ForethoughtError
 from models.tasks.pathstar import IGNORE, PathStarData
-from models.tasks.text import gpt2_tokenizer
+from models.tasks.text import TokenFile, embedded_documents, gpt2_tokenizer, iter_documents, tokenize_source
 
 PAPER_LINE = "32,3|16,12|3,19|32,34|34,6|6,16|19,47|47,28/32,12=32,34,6,16,12"
 
@@ -41,12 +45,6 @@ def test_unequal_bpe_lengths_are_refused(tokenizer):
 
 
 # corpora and token files ---------------------------------------------------------------------------------
-import json  # noqa: E402
-
-import numpy as np  # noqa: E402
-import pandas as pd  # noqa: E402
-
-from models.tasks.text import TokenFile, embedded_documents, iter_documents, tokenize_source  # noqa: E402
 
 DOCS = ["the cat sat on the mat", "a dog", "one two three four five six seven eight nine ten eleven twelve"]
 
