@@ -121,14 +121,6 @@ _CLASSES: dict[ModelKind, type[PreTrainedModel]] = {
 }
 
 
-def model_kind(model: nn.Module) -> ModelKind:
-    """Which of forethought's model kinds ``model`` is."""
-    for kind, cls in _CLASSES.items():
-        if isinstance(model, cls):
-            return kind
-    raise ForethoughtError(f"{type(model).__name__} is not a forethought GPT-2 model")
-
-
 def load_model(source: str | Path, kind: ModelKind) -> PreTrainedModel:
     """Load a ``save_pretrained`` folder (or, for ``kind="lm"``, a hub id) and check it is ``kind``."""
     folder = Path(source)

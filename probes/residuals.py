@@ -37,11 +37,6 @@ def load_bridge(source: str | Path, device: str = "cpu", dtype: torch.dtype = to
         raise ForethoughtError(f"cannot boot a TransformerBridge from {source}: {error}") from error
 
 
-def processing_mode(bridge: TransformerBridge) -> str:
-    """``"compatibility"`` if TransformerLens weight processing is on, else ``"raw"``; record it with caches."""
-    return "compatibility" if bridge.compatibility_mode else "raw"
-
-
 def _check_layers(layers: Sequence[int] | None, n_layers: int) -> list[int]:
     layers = list(range(n_layers + 1)) if layers is None else list(layers)
     bad = [layer for layer in layers if not 0 <= layer <= n_layers]
