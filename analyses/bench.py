@@ -1,6 +1,6 @@
 """``forethought bench``: speed and memory, always as ratios against a baseline measured in the same run.
 
-``bench myopic``: one training step (forward, backward, AdamW) of a GPT-2 language model, vanilla
+``bench train``: one training step (forward, backward, AdamW) of a GPT-2 language model, vanilla
 (PyTorch fused attention) vs myopic (flash attention + diagonal correction) vs naive myopic (materialised
 T×T scores, as in the paper's code). Variants alternate round by round so drift hits all of them alike.
 """
@@ -22,8 +22,8 @@ from models.myopic import myopic
 
 
 @dataclass
-class MyopicBenchConfig:
-    """Settings of ``forethought bench myopic``; unset sizes follow the device (GPT-2 small on a GPU)."""
+class TrainBenchConfig:
+    """Settings of ``forethought bench train``; unset sizes follow the device (GPT-2 small on a GPU)."""
 
     device: str = "auto"  # "auto": CUDA when available
     n_layer: int | None = None  # GPU: 12, CPU: 4
@@ -37,11 +37,11 @@ class MyopicBenchConfig:
     warmup: int = 3  # untimed steps per variant before timing
     compile: bool = False  # torch.compile the model (GPU)
 
-    def resolved(self) -> MyopicBenchConfig:
+    def resolved(self) -> TrainBenchConfig:
         device = ("cuda" if torch.cuda.is_available() else "cpu") if self.device == "auto" else self.device
         sizes = GPU_SIZES if device.startswith("cuda") else CPU_SIZES
         filled = {k: (getattr(self, k) if getattr(self, k) is not None else v) for k, v in sizes.items()}
-        return MyopicBenchConfig(**{**self.__dict__, **filled, "device": device})
+        return TrainBenchConfig(**{**self.__dict__, **filled, "device": device})
 
 
 GPU_SIZES = dict(n_layer=12, d_model=768, n_head=12, vocab_size=50257, seq_len=1024, batch_size=16)
@@ -49,7 +49,7 @@ CPU_SIZES = dict(n_layer=4, d_model=256, n_head=4, vocab_size=1000, seq_len=256,
 VARIANTS = {"vanilla": None, "myopic (fast)": "fast", "myopic (naive)": "reference"}
 
 
-def bench_myopic(config: MyopicBenchConfig) -> pd.DataFrame:
+def bench_train(config: TrainBenchConfig) -> pd.DataFrame:
     """Seconds per training step and peak memory per variant, with ratios to vanilla."""
     config = config.resolved()
     device = torch.device(config.device)

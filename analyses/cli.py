@@ -4,13 +4,14 @@
     forethought synthetic --preset paper  the synthetic pre-caching experiment
     forethought pathstar --preset cpu     path-star graphs: Clever Hans, remedies, planning probes
     forethought pathstar-data ...         write path-star train/test files in the paper's format
-    forethought bench myopic              myopic vs vanilla training-step speed and memory
+    forethought bench train              myopic vs vanilla training-step speed and memory
 """
 
 from __future__ import annotations
 
 import argparse
 import inspect
+import os
 import re
 import sys
 import time
@@ -19,10 +20,12 @@ from pathlib import Path
 
 from transformers.utils import logging as transformers_logging
 
-from analyses.bench import MyopicBenchConfig, bench_myopic
+from analyses.bench import TrainBenchConfig, bench_train
+from analyses.gap import GapConfig, run_gap
 from analyses.pathstar import PathStarConfig, run_pathstar
 from analyses.synthetic import SyntheticConfig, run_synthetic
 from models.errors import ForethoughtError
+from models.lm import LMTrainConfig, train_lm
 from models.tasks.pathstar import PathStarSpec, generate_split
 
 
@@ -67,7 +70,7 @@ def add_config_arguments(
             shown = f"default: {next(iter(values.values()))}"
         else:
             shown = ", ".join(f"{name}: {value}" for name, value in values.items())
-        options["help"] = f"{helps.get(f.name, '')} ({shown})".strip()
+        options["help"] = f"{helps.get(f.name, '')} ({shown})".strip().replace("%", "%%")  # argparse formats help
         parser.add_argument("--" + f.name.replace("_", "-"), **options)
 
 
@@ -92,11 +95,18 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument("--seed", type=int, default=0, help="(default: 0)")
     data.add_argument("--out", default="data", help="folder for the two files (default: data)")
 
+    lm = commands.add_parser("train", help="train a GPT-2 language model on text, vanilla or --myopic",
+                             description=LMTrainConfig.__doc__)
+    add_config_arguments(lm, LMTrainConfig)
+    gap = commands.add_parser("gap", help="myopia gap of twins and future-gradient share per layer",
+                              description=GapConfig.__doc__)
+    add_config_arguments(gap, GapConfig)
+
     bench = commands.add_parser("bench", help="speed and memory, as ratios measured in one run")
     benches = bench.add_subparsers(dest="bench", required=True, metavar="BENCH")
-    myopic_bench = benches.add_parser("myopic", help="training step: myopic (fast, naive) ÷ vanilla",
-                                      description=MyopicBenchConfig.__doc__)
-    add_config_arguments(myopic_bench, MyopicBenchConfig)
+    train_bench = benches.add_parser("train", aliases=["myopic"], description=TrainBenchConfig.__doc__,
+                                     help="training step: tokens/s and memory, myopic (fast, naive) ÷ vanilla")
+    add_config_arguments(train_bench, TrainBenchConfig)
     return parser
 
 
@@ -112,10 +122,19 @@ def main(argv: list[str] | None = None) -> int:
             print(f"results, figures and checkpoints in {config.out}")
         elif command == "pathstar-data":
             write_pathstar_data(**args)
+        elif command == "train":
+            result = train_lm(LMTrainConfig(**args))
+            if result.history and int(os.environ.get("RANK", "0")) == 0:  # torchrun: one report
+                print(f"step {result.history[-1]['step']}: {_losses(result.history)}")
+                print(f"checkpoint: {result.checkpoint}")
+        elif command == "gap":
+            config = GapConfig(**args)
+            print(run_gap(config).summary())
+            print(f"results and figures in {config.out}")
         elif command == "bench":
             args.pop("bench")
-            table = bench_myopic(MyopicBenchConfig(**args))
-            print(f"forethought bench myopic — {table.attrs['setting']}")
+            table = bench_train(TrainBenchConfig(**args))
+            print(f"forethought bench train — {table.attrs['setting']}")
             measured = table.dropna(axis=1, how="all")  # memory columns are CUDA-only
             print(measured.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
     except ForethoughtError as error:
@@ -125,6 +144,13 @@ def main(argv: list[str] | None = None) -> int:
         print("forethought: interrupted; run the same command again to resume", file=sys.stderr)
         return 130
     return 0
+
+
+def _losses(history: list[dict[str, float]]) -> str:
+    """The last training loss and the last held-out loss of a run."""
+    held_out = [record["eval_loss"] for record in history if "eval_loss" in record]
+    text = f"train loss {history[-1]['train_loss']:.4f}"
+    return text + (f", validation loss {held_out[-1]:.4f}" if held_out else "")
 
 
 def write_pathstar_data(degree: int, length: int, n_nodes: int, n_train: int, n_test: int, seed: int, out: str) -> None:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 import re
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -31,14 +32,24 @@ def checkpoints_dir(run_dir: str | Path) -> Path:
 
 
 def save_checkpoint(
-    run_dir: str | Path, step: int, model: PreTrainedModel, state: dict[str, Any], keep: int = 2
+    run_dir: str | Path,
+    step: int,
+    model: PreTrainedModel,
+    state: dict[str, Any],
+    keep: int = 2,
+    extra: Callable[[Path], None] | None = None,
 ) -> Path:
-    """Write model + training state for ``step`` atomically; keep only the newest ``keep`` checkpoints."""
+    """Write model + training state for ``step`` atomically; keep only the newest ``keep`` checkpoints.
+
+    ``extra(folder)`` writes further files (tokenizer, data description) into the folder before it is final.
+    """
     folder = checkpoints_dir(run_dir) / f"step-{step:07d}"
     staging = folder.with_name(folder.name + ".tmp")
     shutil.rmtree(staging, ignore_errors=True)
     model.save_pretrained(staging)
     torch.save(state, staging / STATE_FILE)
+    if extra is not None:
+        extra(staging)
     if folder.exists():  # re-saving a step (e.g. the final one after a resume): replace it whole
         shutil.rmtree(folder)
     os.replace(staging, folder)

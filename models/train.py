@@ -3,13 +3,15 @@
 A run lives in one folder. Every ``checkpoint_every`` steps (and at the end) it writes an atomic checkpoint
 (:mod:`models.checkpoint`); calling :func:`train` again on the same folder resumes from the newest one and,
 on the CPU, ends with exactly the weights of an uninterrupted run. A NaN/inf loss stops the run with an
-error naming the step, leaving the last good checkpoint as it was.
+error naming the step, leaving the last good checkpoint as it was. Under ``torchrun`` the same loop runs
+data-parallel (:mod:`models.distributed`): each process trains on its slice of every global batch.
 """
 
 from __future__ import annotations
 
 import contextlib
 import math
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -19,13 +21,18 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel, get_cosine_schedule_with_warmup
 
-from models.checkpoint import latest_checkpoint, load_training_state, save_checkpoint
+from models.checkpoint import checkpoints_dir, latest_checkpoint, load_training_state, save_checkpoint
+from models.distributed import Distributed
 from models.errors import ForethoughtError
 from models.myopic import CUTS, myopic
 
 
 class Task(Protocol):
-    """What the loop needs from a task: fresh batches and a loss."""
+    """What the loop needs from a task: fresh batches and a loss.
+
+    A task whose stream has state beyond the generator (an epoch cursor) also defines ``state_dict()`` and
+    ``load_state_dict(state)``; the loop saves it with every checkpoint.
+    """
 
     def sample(self, batch_size: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]: ...
 
@@ -50,9 +57,10 @@ class TrainConfig:
     checkpoint_every: int = 500
     keep_checkpoints: int = 2
     device: str = "auto"  # "auto": CUDA when available
+    compile: bool = False  # torch.compile the model (worth it on GPUs)
     progress: bool = True
 
-    RESUMABLE = ("eval_every", "checkpoint_every", "keep_checkpoints", "device", "progress")
+    RESUMABLE = ("eval_every", "checkpoint_every", "keep_checkpoints", "device", "compile", "progress")
 
     def __post_init__(self):
         if self.steps < 1 or self.batch_size < 1:
@@ -83,11 +91,25 @@ class TrainResult:
     history: list[dict[str, float]] = field(default_factory=list)  # {"step", "train_loss"[, "eval_loss"]}
 
 
-def train(model: PreTrainedModel, task: Task, config: TrainConfig, run_dir: str | Path) -> TrainResult:
-    """Train ``model`` on ``task`` in ``run_dir``, resuming from its newest checkpoint if there is one."""
+def train(
+    model: PreTrainedModel,
+    task: Task,
+    config: TrainConfig,
+    run_dir: str | Path,
+    eval_task: Task | None = None,
+    save_extra: Callable[[Path], None] | None = None,
+) -> TrainResult:
+    """Train ``model`` on ``task`` in ``run_dir``, resuming from its newest checkpoint if there is one.
+
+    ``eval_task`` (default: ``task``) gives the held-out batches; ``save_extra(folder)`` adds files (a
+    tokenizer, a data description) to every checkpoint folder before it is renamed into place.
+    """
     run_dir = Path(run_dir)
-    device = config.resolved_device()
+    dist = Distributed.from_env(config.resolved_device())
+    device = dist.device(config.resolved_device())
     model.to(device).train()
+    runnable = dist.wrap(model)
+    runnable = torch.compile(runnable) if config.compile else runnable
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     warmup = max(1, math.ceil(config.warmup_frac * config.steps))
     scheduler = get_cosine_schedule_with_warmup(optimizer, warmup, config.steps)
@@ -97,8 +119,8 @@ def train(model: PreTrainedModel, task: Task, config: TrainConfig, run_dir: str 
 
     resume_from = latest_checkpoint(run_dir)
     if resume_from is not None:
-        step, history = _resume(resume_from, model, optimizer, scheduler, data, config)
-    eval_batches = _eval_batches(task, config, device)
+        step, history = _resume(resume_from, model, optimizer, scheduler, data, task, config)
+    eval_batches = _eval_batches(eval_task or task, config, device) if dist.is_main else []
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
     last_checkpoint = resume_from
 
@@ -111,19 +133,25 @@ def train(model: PreTrainedModel, task: Task, config: TrainConfig, run_dir: str 
             "data_rng": data.get_state(),
             "torch_rng": torch.get_rng_state(),
             "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            "task": task.state_dict() if hasattr(task, "state_dict") else None,
             "history": history,
         }
-        return save_checkpoint(run_dir, step, model, state, keep=config.keep_checkpoints)
+        folder = checkpoints_dir(run_dir) / f"step-{step:07d}"
+        if dist.is_main:
+            folder = save_checkpoint(run_dir, step, model, state, keep=config.keep_checkpoints, extra=save_extra)
+        dist.barrier()
+        return folder
 
     mode = myopic(model, cut=config.myopic_cut) if config.myopic else contextlib.nullcontext()
     with mode, tqdm(
-        total=config.steps, initial=step, disable=not config.progress, desc=run_dir.name, leave=False
+        total=config.steps, initial=step, disable=not (config.progress and dist.is_main), desc=run_dir.name,
+        leave=False,
     ) as bar:
         while step < config.steps:
-            inputs, targets = task.sample(config.batch_size, data)
+            inputs, targets = task.sample(config.batch_size, data)  # the global batch, alike on every rank
             with autocast:
-                loss = task.loss(model, inputs, targets)
-            loss_value = loss.item()
+                loss = task.loss(runnable, dist.shard(inputs), dist.shard(targets))
+            loss_value = dist.mean(loss.item())
             if not math.isfinite(loss_value):
                 where = f"last good checkpoint: {last_checkpoint}" if last_checkpoint else "no checkpoint yet"
                 raise TrainingDiverged(f"loss is {loss_value} at step {step + 1} of {run_dir} ({where})")
@@ -135,8 +163,8 @@ def train(model: PreTrainedModel, task: Task, config: TrainConfig, run_dir: str 
             optimizer.zero_grad(set_to_none=True)
             step += 1
             record = {"step": step, "train_loss": loss_value}
-            if step % config.eval_every == 0 or step == config.steps:
-                record["eval_loss"] = evaluate(model, task, eval_batches, autocast)
+            if dist.is_main and (step % config.eval_every == 0 or step == config.steps):
+                record["eval_loss"] = evaluate(model, eval_task or task, eval_batches, autocast)
                 bar.set_postfix(eval_loss=f"{record['eval_loss']:.4f}")
             history.append(record)
             bar.update()
@@ -157,12 +185,17 @@ def evaluate(model: nn.Module, task: Task, batches, autocast) -> float:
 
 
 def _eval_batches(task: Task, config: TrainConfig, device: torch.device):
-    """Held-out batches from a stream disjoint from training's (seed + 1_000_003)."""
+    """Held-out batches from a stream disjoint from training's (seed + 1_000_003); a stateful task's
+    training stream is left where it was."""
     generator = torch.Generator(device).manual_seed(config.seed + 1_000_003)
-    return [task.sample(config.batch_size, generator) for _ in range(config.eval_batches)]
+    state = task.state_dict() if hasattr(task, "state_dict") else None
+    batches = [task.sample(config.batch_size, generator) for _ in range(config.eval_batches)]
+    if state is not None:
+        task.load_state_dict(state)
+    return batches
 
 
-def _resume(folder: Path, model, optimizer, scheduler, data: torch.Generator, config: TrainConfig):
+def _resume(folder: Path, model, optimizer, scheduler, data: torch.Generator, task: Task, config: TrainConfig):
     state = load_training_state(folder)
     saved = state.get("config", {})
     changed = {k: (saved.get(k), v) for k, v in config.trajectory().items() if saved.get(k) != v}
@@ -177,6 +210,8 @@ def _resume(folder: Path, model, optimizer, scheduler, data: torch.Generator, co
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     data.set_state(state["data_rng"])
+    if state.get("task") is not None:
+        task.load_state_dict(state["task"])
     torch.set_rng_state(state["torch_rng"])
     if state["cuda_rng"] and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda_rng"])

@@ -11,7 +11,8 @@ Hugging Face GPT-2 (any forethought model, the regression model included).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -61,6 +62,31 @@ def bridge_residuals(
     return torch.stack([cache[name] for name in names])
 
 
+@contextmanager
+def capture_residuals(model: PreTrainedModel, retain_grad: bool = False) -> Iterator[dict[int, torch.Tensor]]:
+    """Within the context, each forward pass of ``model`` fills the yielded {layer: h[layer]} with
+    [batch, seq, d_model] tensors of every residual layer 0 … L (forward hooks on ``model.transformer.h``).
+
+    ``retain_grad``: keep each tensor's ``.grad`` after a backward pass (the gradient reaching h[l]).
+    """
+    blocks = model.transformer.h
+    captured: dict[int, torch.Tensor] = {}
+
+    def keep(layer: int, hidden: torch.Tensor) -> None:
+        if retain_grad and hidden.requires_grad:
+            hidden.retain_grad()
+        captured[layer] = hidden
+
+    handles = [blocks[0].register_forward_pre_hook(lambda _, args: keep(0, args[0]))]
+    for index, block in enumerate(blocks):
+        handles.append(block.register_forward_hook(lambda _, __, out, layer=index + 1: keep(layer, out)))
+    try:
+        yield captured
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
 @torch.no_grad()
 def model_residuals(
     model: PreTrainedModel, inputs: torch.Tensor, layers: Sequence[int] | None = None
@@ -69,17 +95,7 @@ def model_residuals(
 
     Reads the Hugging Face GPT-2 trunk (``model.transformer``) with forward hooks on its blocks.
     """
-    blocks = model.transformer.h
-    layers = _check_layers(layers, len(blocks))
-    captured: dict[int, torch.Tensor] = {}
-    handles = [blocks[0].register_forward_pre_hook(lambda _, args: captured.__setitem__(0, args[0]))]
-    for index, block in enumerate(blocks):
-        handles.append(block.register_forward_hook(
-            lambda _, __, out, layer=index + 1: captured.__setitem__(layer, out)
-        ))
-    try:
+    layers = _check_layers(layers, len(model.transformer.h))
+    with capture_residuals(model) as captured:
         model(inputs)
-    finally:
-        for handle in handles:
-            handle.remove()
     return torch.stack([captured[layer] for layer in layers])

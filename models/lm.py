@@ -1,0 +1,221 @@
+"""GPT-2 language models on text: the settings of ``forethought train``, and the checkpoints it writes.
+
+A run folder holds ``train_config.json`` and ``checkpoints/step-N/``; every checkpoint folder is complete on
+its own — ``save_pretrained`` weights, the tokenizer files, and ``forethought.json`` (the training settings,
+the model source and the :class:`~models.tasks.text.TextData` it was trained on) — so
+``TransformerBridge.boot_transformers(folder)`` and ``GPT2LMHeadModel.from_pretrained(folder)`` load it
+offline, and an analysis can rebuild the held-out documents it never saw.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any
+
+from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerBase
+
+from models.checkpoint import latest_checkpoint
+from models.distributed import Distributed
+from models.errors import ForethoughtError
+from models.gpt2 import build_lm, gpt2_config, load_model
+from models.myopic import CUTS
+from models.tasks.text import TextData, TextTask, check_vocabulary, gpt2_tokenizer
+from models.train import TrainConfig, TrainResult, train
+
+DESCRIPTION_FILE = "forethought.json"
+LM_PRESETS: dict[str, dict[str, int]] = {  # from-scratch architectures (GPT-2 small is the paper's)
+    "gpt2-small": dict(n_layer=12, d_model=768, n_head=12),  # 124M parameters
+    "gpt2-mini": dict(n_layer=6, d_model=384, n_head=6),
+    "gpt2-tiny": dict(n_layer=4, d_model=256, n_head=4),
+    "gpt2-micro": dict(n_layer=2, d_model=64, n_head=2),  # CPU demonstrations and tests
+}
+
+
+@dataclass
+class LMTrainConfig:
+    """Settings of ``forethought train``: a GPT-2 language model on a text corpus, vanilla or myopic.
+
+    Defaults follow Wu et al.'s GPT-2 run on MS MARCO (first 64 tokens of each document, batch 512,
+    lr 6e-4, cosine schedule, one epoch); the embedded corpus is a small stand-in for it.
+    """
+
+    # data
+    corpus: str = "embedded"  # 'embedded', a local file or folder (txt, jsonl, parquet), or hf:NAME[:CONFIG]
+    corpus_split: str = "train"  # which split of a hub dataset to read
+    text_field: str = "text"  # the field of a jsonl / parquet / hub row that holds the text
+    max_documents: int | None = None  # read only the first documents of the corpus (None: all)
+    layout: str = "first"  # 'first': first seq_len tokens of each document that long (the paper's); 'packed'
+    seq_len: int = 64
+    split_seed: int = 0  # seeds the 90 / 1 / 9 % train / validation / test split by document
+    tokens_root: str = "runs/tokens"  # token files are written (once) under here
+    # model
+    model: str = "gpt2-small"  # a preset (gpt2-small, gpt2-mini, gpt2-tiny, gpt2-micro), a folder or a hub id
+    from_pretrained: bool = False  # start from the folder's / hub model's weights (fine-tuning)
+    tokenizer: str = "gpt2"  # 'gpt2' (hub, else the shipped BPE files) or a tokenizer folder
+    myopic: bool = False  # train with the myopic gradient
+    myopic_cut: str = "residual"  # 'residual' (the paper's) or 'kv'
+    # training
+    epochs: float = 1.0  # passes over the training sequences (ignored when steps is set)
+    steps: int | None = None  # optimiser steps (default: from epochs)
+    batch_size: int = 512  # sequences per global batch (split over torchrun processes)
+    lr: float = 6e-4
+    weight_decay: float = 0.01
+    warmup_frac: float = 0.1  # the paper's vanilla run warmed up for 1,000 of 9,100 steps
+    grad_clip: float = 1.0
+    seed: int = 0  # model initialisation and data order
+    eval_every: int = 200
+    eval_batches: int = 4  # validation batches per evaluation
+    checkpoint_every: int = 1000
+    out: str = "runs/lm"
+    device: str = "auto"  # 'auto': CUDA when available
+    compile: bool = False  # torch.compile the model (GPUs)
+    progress: bool = True
+
+    def __post_init__(self):
+        if self.myopic_cut not in CUTS:
+            raise ForethoughtError(f"unknown myopic cut {self.myopic_cut!r}; choose one of {', '.join(CUTS)}")
+        if self.from_pretrained and self.model in LM_PRESETS:
+            raise ForethoughtError(f"--from-pretrained needs a folder or hub id; {self.model!r} is a preset")
+        if self.epochs <= 0 and self.steps is None:
+            raise ForethoughtError(f"epochs must be positive, got {self.epochs}")
+        self.data()  # validates layout and seq_len
+
+    def data(self) -> TextData:
+        return TextData(corpus=self.corpus, corpus_split=self.corpus_split, text_field=self.text_field,
+                        max_documents=self.max_documents, layout=self.layout, seq_len=self.seq_len,
+                        split_seed=self.split_seed)
+
+    def train_config(self, n_train: int) -> TrainConfig:
+        steps = self.steps if self.steps is not None else math.ceil(self.epochs * n_train / self.batch_size)
+        return TrainConfig(
+            steps=steps, batch_size=self.batch_size, lr=self.lr, weight_decay=self.weight_decay,
+            warmup_frac=self.warmup_frac, grad_clip=self.grad_clip, seed=self.seed, myopic=self.myopic,
+            myopic_cut=self.myopic_cut, eval_every=self.eval_every, eval_batches=self.eval_batches,
+            checkpoint_every=self.checkpoint_every, device=self.device, compile=self.compile,
+            progress=self.progress,
+        )
+
+
+def load_tokenizer(name: str) -> PreTrainedTokenizerBase:
+    """``gpt2`` → :func:`gpt2_tokenizer`; otherwise a folder (or hub id) with tokenizer files."""
+    if name == "gpt2":
+        return gpt2_tokenizer()
+    try:
+        return AutoTokenizer.from_pretrained(name)
+    except (OSError, ValueError) as error:
+        raise ForethoughtError(f"cannot load a tokenizer from {name}: {error}") from error
+
+
+def lm_to_train(config: LMTrainConfig, vocab_size: int) -> GPT2LMHeadModel:
+    """The model a run starts from: a preset or another model's architecture, freshly initialised with
+    ``config.seed``; or, with ``from_pretrained``, that model's weights."""
+    if config.model in LM_PRESETS:
+        model_config = gpt2_config(**LM_PRESETS[config.model], vocab_size=vocab_size,
+                                   n_positions=max(1024, config.seq_len))
+        return build_lm(model_config, seed=config.seed)
+    if config.from_pretrained:
+        model = load_model(config.model, kind="lm")
+    else:
+        model = build_lm(_architecture(config.model), seed=config.seed)
+    if config.seq_len > model.config.n_positions:
+        raise ForethoughtError(f"seq_len {config.seq_len} exceeds the {model.config.n_positions} positions of {config.model}")
+    return model
+
+
+def _architecture(source: str) -> GPT2Config:
+    """The GPT-2 config of a folder or hub id (refusing other architectures)."""
+    folder = Path(source)
+    if folder.exists() and not (folder / "config.json").is_file():
+        raise ForethoughtError(f"checkpoint folder {folder} has no config.json")
+    try:
+        config = GPT2Config.from_pretrained(source)
+    except (OSError, ValueError) as error:
+        raise ForethoughtError(f"{source} is neither a preset, a checkpoint folder nor a loadable hub id: {error}") from error
+    architectures = config.architectures or ["GPT2LMHeadModel"]
+    if config.model_type != "gpt2" or architectures[0] != "GPT2LMHeadModel":
+        raise ForethoughtError(f"{source} holds a {architectures[0]} ({config.model_type}), not a GPT-2 language model")
+    return config
+
+
+def train_lm(config: LMTrainConfig) -> TrainResult:
+    """Tokenise (once), build or load the model, and train it into ``config.out`` (resuming if it is there).
+
+    Under torchrun, rank 0 tokenises and writes the run's files first; the other ranks then reuse them.
+    """
+    out = Path(config.out)
+    if out.exists() and not out.is_dir():
+        raise ForethoughtError(f"--out {out} is a file, not a folder")
+    tokenizer = load_tokenizer(config.tokenizer)
+    data = config.data()
+    settings = {k: v for k, v in asdict(config).items() if k not in TrainConfig.RESUMABLE}
+    with Distributed.from_env(TrainConfig(device=config.device).resolved_device()).main_first():
+        model = lm_to_train(config, vocab_size=len(tokenizer))
+        check_vocabulary(tokenizer, model.config.vocab_size, config.model)
+        sequences = data.load(tokenizer, config.tokens_root)
+        _record_settings(out, settings)
+    description = {
+        "model_source": config.model, "myopic": config.myopic, "myopic_cut": config.myopic_cut,
+        "data": asdict(data), "tokenizer": config.tokenizer,
+        "n_sequences": {name: len(part) for name, part in sequences.items()}, "train_config": settings,
+    }
+
+    def save_extra(folder: Path) -> None:
+        tokenizer.save_pretrained(folder)
+        (folder / DESCRIPTION_FILE).write_text(json.dumps(description, indent=2) + "\n")
+
+    task = TextTask(sequences["train"], seed=config.seed)
+    return train(model, task, config.train_config(len(sequences["train"])), out,
+                 eval_task=TextTask(sequences["validation"], seed=config.seed), save_extra=save_extra)
+
+
+def _record_settings(out: Path, settings: dict[str, Any]) -> None:
+    """Write ``out/train_config.json``, refusing (changing nothing) if it holds other settings."""
+    settings_file = out / "train_config.json"
+    if settings_file.exists() and (saved := json.loads(settings_file.read_text())) != settings:
+        changed = ", ".join(f"{k}: {saved.get(k)!r} → {v!r}" for k, v in settings.items() if saved.get(k) != v)
+        raise ForethoughtError(f"--out {out} holds a run with other settings ({changed}); choose another --out")
+    out.mkdir(parents=True, exist_ok=True)
+    settings_file.write_text(json.dumps(settings, indent=2) + "\n")
+
+
+@dataclass
+class LMCheckpoint:
+    """A language model loaded for analysis, with its tokenizer and what it was trained on (if known)."""
+
+    source: str  # the folder or hub id it came from
+    model: GPT2LMHeadModel
+    tokenizer: PreTrainedTokenizerBase
+    description: dict[str, Any] | None  # forethought.json; None for models trained elsewhere
+
+    @classmethod
+    def load(cls, source: str | Path) -> LMCheckpoint:
+        """A checkpoint folder, a run folder (its newest checkpoint), or a hub id."""
+        folder = resolve_checkpoint(source)
+        model = load_model(folder, kind="lm")
+        description_file = Path(folder) / DESCRIPTION_FILE
+        description = json.loads(description_file.read_text()) if description_file.is_file() else None
+        has_tokenizer = Path(folder).is_dir() and (Path(folder) / "tokenizer_config.json").is_file()
+        tokenizer = load_tokenizer(str(folder)) if has_tokenizer else gpt2_tokenizer()
+        check_vocabulary(tokenizer, model.config.vocab_size, str(folder))
+        return cls(str(folder), model.eval(), tokenizer, description)
+
+    def data(self) -> TextData | None:
+        """The text data it was trained on, if recorded."""
+        if self.description is None:
+            return None
+        known = {f.name for f in fields(TextData)}
+        return TextData(**{k: v for k, v in self.description["data"].items() if k in known})
+
+
+def resolve_checkpoint(source: str | Path) -> str:
+    """A run folder (with ``checkpoints/``) → its newest checkpoint; anything else unchanged."""
+    path = Path(source)
+    if (path / "checkpoints").is_dir():
+        newest = latest_checkpoint(path)
+        if newest is None:
+            raise ForethoughtError(f"run folder {path} has no finished checkpoint yet")
+        return str(newest)
+    return str(source)

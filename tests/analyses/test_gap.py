@@ -1,0 +1,99 @@
+"""The myopia gap and the future-gradient share: exact against brute force, end to end on a tiny pair."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from torch.nn.functional import cross_entropy
+
+from analyses.cli import main
+from analyses.gap import GAP, GapConfig, GapResults, future_gradient_stats, run_gap, token_losses
+from models.errors import ForethoughtError
+from models.lm import LMTrainConfig, train_lm
+from models.tasks.text import TextTask
+from probes.residuals import capture_residuals
+
+
+def test_future_gradient_share_matches_per_position_brute_force(tiny_lm):
+    tokens = torch.randint(0, 23, (2, 7), generator=torch.Generator().manual_seed(3))
+    per_loss = []  # per_loss[i]: gradient of ℓ_i (position i predicting token i + 1) at every residual
+    for i in range(tokens.shape[1] - 1):
+        with capture_residuals(tiny_lm, retain_grad=True) as captured:
+            logits = tiny_lm(tokens).logits
+            cross_entropy(logits[:, i], tokens[:, i + 1], reduction="sum").backward()
+        per_loss.append(torch.stack([captured[layer].grad for layer in sorted(captured)]))
+    grads = torch.stack(per_loss)  # [loss position i, L+1, batch, T, d]
+    i, t = torch.arange(grads.shape[0])[:, None], torch.arange(tokens.shape[1])[None, :]
+    future = (grads * (i > t).double()[:, None, None, :, None]).sum(0)  # losses after t reaching h[l, t]
+    total = grads.sum(0)
+    stats = future_gradient_stats(tiny_lm, tokens, batch_size=1)  # [sequences, 2·(L+1)]
+    n_layers = total.shape[0]
+    torch.testing.assert_close(torch.from_numpy(stats[:, :n_layers]).T, future.pow(2).sum((2, 3)), atol=1e-12, rtol=1e-9)
+    torch.testing.assert_close(torch.from_numpy(stats[:, n_layers:]).T, total.pow(2).sum((2, 3)), atol=1e-12, rtol=1e-9)
+    assert (stats[:, : n_layers - 1] > 0).all()  # a random model already sends gradient back in time ...
+    assert (stats[:, n_layers - 1] < 1e-20).all()  # ... but never into the last residual layer
+
+
+def test_token_losses_are_the_training_loss(tiny_lm):
+    tokens = torch.randint(0, 23, (5, 9), generator=torch.Generator().manual_seed(4))
+    losses = token_losses(tiny_lm, tokens, batch_size=2)
+    assert losses.shape == (5, 8)
+    assert losses.mean() == pytest.approx(TextTask(tokens.numpy()).loss(tiny_lm, tokens, tokens).item(), rel=1e-6)
+
+
+@pytest.fixture(scope="module")
+def twins(tmp_path_factory):
+    """A vanilla/myopic pair of gpt2-micro models trained briefly on a slice of the embedded corpus."""
+    root = tmp_path_factory.mktemp("twins")
+    common = dict(corpus="embedded", max_documents=3000, model="gpt2-micro", seq_len=32, steps=40, batch_size=16,
+                  lr=5e-3, eval_every=20, eval_batches=1, checkpoint_every=40, tokens_root=str(root / "tokens"),
+                  progress=False)
+    for name in ("vanilla", "myopic"):
+        train_lm(LMTrainConfig(**common, myopic=name == "myopic", out=str(root / name)))
+    return root
+
+
+def test_gap_end_to_end_on_a_tiny_pair(twins, tmp_path):
+    config = GapConfig(vanilla=str(twins / "vanilla"), myopic=str(twins / "myopic"), max_sequences=40,
+                       share_sequences=8, tokens_root=str(twins / "tokens"), out=str(tmp_path / "gap"), progress=False)
+    results = run_gap(config)
+    losses = results.losses()
+    assert losses.loc[["vanilla", "myopic"], "value"].lt(np.log(50257) - 2).all()  # both learned something
+    assert losses.loc[GAP, "value"] == pytest.approx(losses.loc["myopic", "value"] - losses.loc["vanilla", "value"])
+    assert (losses["ci_low"] <= losses["value"]).all() and (losses["value"] <= losses["ci_high"]).all()
+    by_position = results.by_position()
+    assert list(by_position.index) == list(range(31))  # T − 1 predicted positions
+    np.testing.assert_allclose(by_position[GAP], by_position["myopic"] - by_position["vanilla"], atol=1e-9)
+    shares = results.shares()
+    assert list(shares.index) == [0, 1, 2] and shares.loc[2].abs().max() < 1e-6
+    assert ((shares.loc[[0, 1]] > 0) & (shares.loc[[0, 1]] < 1)).all().all()
+    reloaded = GapResults.from_folder(tmp_path / "gap")
+    assert reloaded.table.equals(results.table) and reloaded.config == config
+    assert {p.name for p in (tmp_path / "gap" / "figures").glob("*.html")} == {
+        "gap_loss_by_position.html", "gap_future_gradient_share.html"}
+
+
+def test_twins_that_do_not_match_are_refused(twins, tmp_path, capsys):
+    def gap(*argv: str) -> str:
+        capsys.readouterr()
+        assert main(["gap", *argv, "--tokens-root", str(twins / "tokens"), "--out", str(tmp_path / "g"),
+                     "--no-progress"]) == 2
+        return capsys.readouterr().err
+
+    assert "was trained myopically" in gap("--vanilla", str(twins / "myopic"), "--myopic", str(twins / "vanilla"))
+    other = LMTrainConfig(corpus="embedded", max_documents=2000, model="gpt2-micro", seq_len=32, steps=1,
+                          batch_size=4, tokens_root=str(twins / "tokens"), out=str(tmp_path / "other"),
+                          progress=False)
+    train_lm(other)
+    assert "the twins were trained on different data" in gap("--vanilla", str(tmp_path / "other"),
+                                                              "--myopic", str(twins / "myopic"))
+    assert "give --vanilla and/or --myopic checkpoints" in gap()
+    assert "nowhere is neither a checkpoint folder nor a loadable hub id" in gap("--vanilla", str(tmp_path / "nowhere"))
+    assert not (tmp_path / "g").exists()
+
+
+def test_single_checkpoint_gives_its_share_alone(twins, tmp_path):
+    results = run_gap(GapConfig(vanilla=str(twins / "vanilla"), share_sequences=4, max_sequences=8,
+                                tokens_root=str(twins / "tokens"), out=str(tmp_path / "one"), progress=False))
+    assert list(results.shares().columns) == ["vanilla"] and GAP not in results.losses().index

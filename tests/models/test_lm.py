@@ -1,0 +1,107 @@
+"""Language models on text: presets and sources, checkpoints that load offline everywhere, bad input, resume."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from transformers import GPT2LMHeadModel, LlamaConfig
+
+from models.checkpoint import list_checkpoints
+from models.errors import ForethoughtError
+from models.gpt2 import build_lm, gpt2_config
+from models.lm import LMCheckpoint, LMTrainConfig, lm_to_train, resolve_checkpoint, train_lm
+from models.tasks.text import TextTask
+from probes.residuals import bridge_residuals, load_bridge, model_residuals
+
+DOCS = [f"Chapter {i}. " + " ".join(f"the {w} of {i}" for w in ("river", "hill", "town", "road")) for i in range(300)]
+
+
+@pytest.fixture
+def corpus(tmp_path):
+    path = tmp_path / "docs.jsonl"
+    path.write_text("\n".join(json.dumps({"text": d}) for d in DOCS) + "\n")
+    return str(path)
+
+
+def settings(corpus, tmp_path, **overrides) -> LMTrainConfig:
+    values = dict(corpus=corpus, model="gpt2-micro", seq_len=16, steps=4, batch_size=4, lr=3e-3,
+                  eval_every=2, eval_batches=1, checkpoint_every=2, tokens_root=str(tmp_path / "tokens"),
+                  out=str(tmp_path / "run"), progress=False)
+    return LMTrainConfig(**{**values, **overrides})
+
+
+def test_presets_and_architectures_from_folders(tmp_path):
+    small = lm_to_train(LMTrainConfig(model="gpt2-small"), vocab_size=50257)
+    assert (small.config.n_layer, small.config.n_embd, small.config.n_head) == (12, 768, 12)
+    assert 124e6 < small.num_parameters() < 125e6  # GPT-2 small (tied embeddings)
+    source = build_lm(gpt2_config(n_layer=2, d_model=32, n_head=2, vocab_size=50257, n_positions=64), seed=7)
+    source.save_pretrained(tmp_path / "src")
+    fresh = lm_to_train(LMTrainConfig(model=str(tmp_path / "src"), seed=0), vocab_size=50257)
+    tuned = lm_to_train(LMTrainConfig(model=str(tmp_path / "src"), from_pretrained=True), vocab_size=50257)
+    assert fresh.config.n_embd == 32 and not torch.equal(fresh.transformer.wte.weight, source.transformer.wte.weight)
+    assert torch.equal(tuned.transformer.wte.weight, source.transformer.wte.weight)
+    with pytest.raises(ForethoughtError, match="seq_len 128 exceeds the 64 positions"):
+        lm_to_train(LMTrainConfig(model=str(tmp_path / "src"), seq_len=128), vocab_size=50257)
+
+
+def test_bad_models_are_named(corpus, tmp_path):
+    LlamaConfig(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32,
+                architectures=["LlamaForCausalLM"]).save_pretrained(tmp_path / "llama")
+    with pytest.raises(ForethoughtError, match=r"llama holds a LlamaForCausalLM \(llama\), not a GPT-2 language model"):
+        lm_to_train(LMTrainConfig(model=str(tmp_path / "llama")), vocab_size=50257)
+    with pytest.raises(ForethoughtError, match="holds a LlamaForCausalLM, expected a GPT2LMHeadModel"):
+        lm_to_train(LMTrainConfig(model=str(tmp_path / "llama"), from_pretrained=True), vocab_size=50257)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ForethoughtError, match="empty has no config.json"):
+        lm_to_train(LMTrainConfig(model=str(tmp_path / "empty")), vocab_size=50257)
+    with pytest.raises(ForethoughtError, match="--from-pretrained needs a folder or hub id; 'gpt2-tiny' is a preset"):
+        LMTrainConfig(model="gpt2-tiny", from_pretrained=True)
+    build_lm(gpt2_config(n_layer=1, d_model=16, n_head=2, vocab_size=23), seed=0).save_pretrained(tmp_path / "v23")
+    with pytest.raises(ForethoughtError, match="the tokenizer has 50257 tokens but .*v23 has a vocabulary of 23"):
+        train_lm(settings(corpus, tmp_path, model=str(tmp_path / "v23"), from_pretrained=True))
+    assert not (tmp_path / "run").exists()  # refused before writing anything
+
+
+def test_checkpoint_loads_offline_in_transformers_and_transformer_lens(corpus, tmp_path):
+    result = train_lm(settings(corpus, tmp_path))
+    assert result.checkpoint.name == "step-0000004" and resolve_checkpoint(tmp_path / "run") == str(result.checkpoint)
+    checkpoint = LMCheckpoint.load(tmp_path / "run")  # the run folder resolves to its newest checkpoint
+    assert checkpoint.data() == settings(corpus, tmp_path).data()
+    assert checkpoint.description["myopic"] is False and checkpoint.description["n_sequences"]["train"] > 0
+    tokens = torch.tensor([checkpoint.tokenizer.encode("the river of 3 and the hill of 4")])
+    hf = GPT2LMHeadModel.from_pretrained(result.checkpoint).eval()
+    torch.testing.assert_close(hf(tokens).logits, result.model(tokens).logits)
+    bridge = load_bridge(result.checkpoint)  # TransformerBridge.boot_transformers(folder), no network
+    torch.testing.assert_close(bridge_residuals(bridge, tokens), model_residuals(hf, tokens), atol=1e-5, rtol=1e-5)
+    again = train_lm(settings(corpus, tmp_path))  # finished: nothing more to do, same weights
+    assert torch.equal(again.model.transformer.wte.weight, result.model.transformer.wte.weight)
+    with pytest.raises(ForethoughtError, match=r"holds a run with other settings \(lr: 0.003 → 0.001\)"):
+        train_lm(settings(corpus, tmp_path, lr=1e-3))
+
+
+class Interrupted(Exception):
+    pass
+
+
+def test_interrupted_text_run_resumes_to_identical_weights(corpus, tmp_path, monkeypatch):
+    straight = train_lm(settings(corpus, tmp_path, myopic=True, out=str(tmp_path / "straight")))
+    sample, calls = TextTask.sample, {"n": 0}
+
+    def dies_at_step_four(self, batch_size, generator):
+        if batch_size == 4 and len(self.sequences) > 10:  # training batches, not validation ones
+            calls["n"] += 1
+            if calls["n"] == 4:
+                raise Interrupted
+        return sample(self, batch_size, generator)
+
+    monkeypatch.setattr(TextTask, "sample", dies_at_step_four)
+    with pytest.raises(Interrupted):
+        train_lm(settings(corpus, tmp_path, myopic=True))
+    assert [p.name for p in list_checkpoints(tmp_path / "run")] == ["step-0000002"]
+    monkeypatch.setattr(TextTask, "sample", sample)
+    resumed = train_lm(settings(corpus, tmp_path, myopic=True))
+    for (name, a), b in zip(straight.model.state_dict().items(), resumed.model.state_dict().values()):
+        assert torch.equal(a, b), name
+    assert resumed.history == straight.history
