@@ -138,7 +138,7 @@ def main(argv: list[str] | None = None) -> int:
             measured = table.dropna(axis=1, how="all")  # memory columns are CUDA-only
             print(measured.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
     except ForethoughtError as error:
-        print(f"forethought: error: {error}", file=sys.stderr)
+        print(f"forethought: error: {' '.join(str(error).split())}", file=sys.stderr)  # one line
         return 2
     except KeyboardInterrupt:
         print("forethought: interrupted; run the same command again to resume", file=sys.stderr)

@@ -13,11 +13,13 @@ of the training signal at each layer asks for computation on behalf of later pos
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from typing import Any, ClassVar
 
 import numpy as np
 import pandas as pd
+import plotly.express as px
 import plotly.graph_objects as go
 import torch
 from plotly.subplots import make_subplots
@@ -34,6 +36,7 @@ from probes.residuals import capture_residuals
 
 TWINS = ("vanilla", "myopic")
 GAP = "myopia gap (myopic − vanilla)"
+COLORS = px.colors.qualitative.D3
 
 
 @dataclass
@@ -84,12 +87,12 @@ class GapResults(ExperimentResults):
     def by_position(self) -> pd.DataFrame:
         """Loss per position (rows) × checkpoint (columns), the gap included."""
         rows = self.table[(self.table["metric"] == "loss") & self.table["position"].notna()]
-        return rows.pivot(index="position", columns="checkpoint", values="value")
+        return rows.pivot(index="position", columns="checkpoint", values="value")[list(dict.fromkeys(rows["checkpoint"]))]
 
     def shares(self) -> pd.DataFrame:
         """Future-gradient share per layer (rows) × checkpoint (columns)."""
         rows = self.table[self.table["metric"] == "future_gradient_share"]
-        return rows.pivot(index="layer", columns="checkpoint", values="value")
+        return rows.pivot(index="layer", columns="checkpoint", values="value")[list(dict.fromkeys(rows["checkpoint"]))]
 
     def position_figure(self) -> go.Figure:
         rows = self.table[(self.table["metric"] == "loss") & self.table["position"].notna()]
@@ -97,9 +100,10 @@ class GapResults(ExperimentResults):
         has_gap = GAP in set(rows["checkpoint"])
         figure = make_subplots(rows=2 if has_gap else 1, cols=1, shared_xaxes=True, vertical_spacing=0.08,
                                subplot_titles=["held-out loss", GAP] if has_gap else None)
+        colors = iter(COLORS)
         for row, names in enumerate([twins, [GAP]] if has_gap else [twins], start=1):
             for name in names:
-                _band(figure, rows[rows["checkpoint"] == name], name, row=row)
+                _band(figure, rows[rows["checkpoint"] == name], name, next(colors), row=row)
         if has_gap:
             figure.add_hline(y=0, line=dict(color="gray", dash="dot"), row=2, col=1)
         figure.update_xaxes(title_text="position t (predicting token t + 1)", row=2 if has_gap else 1, col=1)
@@ -110,8 +114,9 @@ class GapResults(ExperimentResults):
     def share_figure(self) -> go.Figure:
         rows = self.table[self.table["metric"] == "future_gradient_share"]
         figure = go.Figure()
-        for name in rows["checkpoint"].unique():
-            _band(figure, rows[rows["checkpoint"] == name], name, x="layer")
+        for name, color in zip(rows["checkpoint"].unique(), COLORS):
+            _band(figure, rows[rows["checkpoint"] == name], name, color, x="layer")
+        figure.update_xaxes(dtick=1)
         figure.update_layout(
             title="Future-gradient share: ‖g_total − g_own‖ / ‖g_total‖ at each residual layer, 95% CI",
             xaxis_title="residual layer l (0 = embeddings)", yaxis_title="share of the gradient from later positions",
@@ -137,28 +142,33 @@ class GapResults(ExperimentResults):
         return "\n".join(lines)
 
 
-def _band(figure: go.Figure, rows: pd.DataFrame, name: str, x: str = "position", row: int | None = None) -> None:
+def _band(figure: go.Figure, rows: pd.DataFrame, name: str, color: str, x: str = "position",
+          row: int | None = None) -> None:
     """A line of ``value`` over column ``x`` with a shaded band from ``ci_low`` to ``ci_high``."""
     rows = rows.sort_values(x)
     x = rows[x].astype(int).tolist()
     where = dict(row=row, col=1) if row is not None else {}
-    line = figure.add_scatter(x=x, y=rows["value"], name=name, mode="lines+markers", **where)
-    color = line.data[-1].line.color
+    figure.add_scatter(x=x, y=rows["value"], name=name, mode="lines+markers", line=dict(color=color), **where)
     figure.add_scatter(x=x + x[::-1], y=rows["ci_high"].tolist() + rows["ci_low"].tolist()[::-1], fill="toself",
-                       line=dict(width=0, color=color), opacity=0.2, showlegend=False, hoverinfo="skip",
-                       name=f"{name} 95% CI", **where)
+                       mode="lines", line=dict(width=0, color=color), opacity=0.2, showlegend=False,
+                       hoverinfo="skip", name=f"{name} 95% CI", **where)
+
+
+def _batches(model: torch.nn.Module, sequences: torch.Tensor, batch_size: int, desc: str,
+             progress: bool) -> Iterator[torch.Tensor]:
+    """Chunks [≤ batch_size, T] of ``sequences`` on the model's device, with a progress bar."""
+    device = next(model.parameters()).device
+    for chunk in tqdm(sequences.split(batch_size), desc=desc, disable=not progress, leave=False):
+        yield chunk.to(device)
 
 
 @torch.no_grad()
 def token_losses(model: torch.nn.Module, sequences: torch.Tensor, batch_size: int = 32,
                  progress: bool = False) -> np.ndarray:
     """sequences [n, T] → per-token cross-entropy [n, T − 1] (position t predicts token t + 1), nats."""
-    device = next(model.parameters()).device
-    out = []
-    for chunk in tqdm(sequences.split(batch_size), desc="losses", disable=not progress, leave=False):
-        chunk = chunk.to(device)
-        out.append(next_token_loss(model(chunk, use_cache=False).logits, chunk, reduction="none").cpu())
-    return torch.cat(out).double().numpy()
+    losses = [next_token_loss(model(chunk, use_cache=False).logits, chunk, reduction="none").cpu()
+              for chunk in _batches(model, sequences, batch_size, "losses", progress)]
+    return torch.cat(losses).double().numpy()
 
 
 def residual_gradients(model: torch.nn.Module, tokens: torch.Tensor) -> torch.Tensor:
@@ -175,10 +185,8 @@ def residual_gradients(model: torch.nn.Module, tokens: torch.Tensor) -> torch.Te
 def future_gradient_stats(model: torch.nn.Module, sequences: torch.Tensor, batch_size: int = 16,
                           progress: bool = False) -> np.ndarray:
     """Per-sequence sufficient statistics [n, 2·(L+1)]: ‖g_total − g_own‖² and ‖g_total‖² per layer."""
-    device = next(model.parameters()).device
     stats = []
-    for chunk in tqdm(sequences.split(batch_size), desc="gradient share", disable=not progress, leave=False):
-        chunk = chunk.to(device)
+    for chunk in _batches(model, sequences, batch_size, "gradient share", progress):
         total = residual_gradients(model, chunk).double()  # [L+1, b, T, d]
         with myopic(model):
             own = residual_gradients(model, chunk).double()

@@ -18,6 +18,7 @@ from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedModel
 from transformers.models.gpt2.modeling_gpt2 import GPT2Model, GPT2PreTrainedModel
 
 from models.errors import ForethoughtError
+from models.hub import hub_reachable
 
 ModelKind = Literal["lm", "regression"]
 
@@ -136,6 +137,8 @@ def load_model(source: str | Path, kind: ModelKind) -> PreTrainedModel:
             )
     elif kind == "regression":
         raise ForethoughtError(f"checkpoint folder {folder} does not exist")
+    elif not hub_reachable():
+        raise ForethoughtError(f"{source} is not a folder, and the Hugging Face hub cannot be reached to fetch it")
     try:
         return _CLASSES[kind].from_pretrained(str(source))
     except OSError as error:  # not a folder, and the hub does not have it (or is unreachable)

@@ -21,6 +21,7 @@ from models.checkpoint import latest_checkpoint
 from models.distributed import Distributed
 from models.errors import ForethoughtError
 from models.gpt2 import build_lm, gpt2_config, load_model
+from models.hub import hub_reachable
 from models.myopic import CUTS
 from models.tasks.text import TextData, TextTask, check_vocabulary, gpt2_tokenizer
 from models.train import TrainConfig, TrainResult, train
@@ -130,6 +131,8 @@ def _architecture(source: str) -> GPT2Config:
     folder = Path(source)
     if folder.exists() and not (folder / "config.json").is_file():
         raise ForethoughtError(f"checkpoint folder {folder} has no config.json")
+    if not folder.exists() and not hub_reachable():
+        raise ForethoughtError(f"{source} is neither a preset nor a folder, and the Hugging Face hub cannot be reached")
     try:
         config = GPT2Config.from_pretrained(source)
     except (OSError, ValueError) as error:

@@ -105,6 +105,7 @@ def train(
     tokenizer, a data description) to every checkpoint folder before it is renamed into place.
     """
     run_dir = Path(run_dir)
+    eval_task = task if eval_task is None else eval_task
     dist = Distributed.from_env(config.resolved_device())
     device = dist.device(config.resolved_device())
     model.to(device).train()
@@ -120,7 +121,7 @@ def train(
     resume_from = latest_checkpoint(run_dir)
     if resume_from is not None:
         step, history = _resume(resume_from, model, optimizer, scheduler, data, task, config)
-    eval_batches = _eval_batches(eval_task or task, config, device) if dist.is_main else []
+    eval_batches = _eval_batches(eval_task, config, device) if dist.is_main else []
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
     last_checkpoint = resume_from
 
@@ -164,7 +165,7 @@ def train(
             step += 1
             record = {"step": step, "train_loss": loss_value}
             if dist.is_main and (step % config.eval_every == 0 or step == config.steps):
-                record["eval_loss"] = evaluate(model, eval_task or task, eval_batches, autocast)
+                record["eval_loss"] = evaluate(model, eval_task, eval_batches, autocast)
                 bar.set_postfix(eval_loss=f"{record['eval_loss']:.4f}")
             history.append(record)
             bar.update()

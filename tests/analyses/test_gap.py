@@ -10,6 +10,7 @@ from torch.nn.functional import cross_entropy
 from analyses.cli import main
 from analyses.gap import GAP, GapConfig, GapResults, future_gradient_stats, run_gap, token_losses
 from models.errors import ForethoughtError
+from models.gpt2 import build_lm, gpt2_config
 from models.lm import LMTrainConfig, train_lm
 from models.tasks.text import TextTask
 from probes.residuals import capture_residuals
@@ -89,7 +90,7 @@ def test_twins_that_do_not_match_are_refused(twins, tmp_path, capsys):
     assert "the twins were trained on different data" in gap("--vanilla", str(tmp_path / "other"),
                                                               "--myopic", str(twins / "myopic"))
     assert "give --vanilla and/or --myopic checkpoints" in gap()
-    assert "nowhere is neither a checkpoint folder nor a loadable hub id" in gap("--vanilla", str(tmp_path / "nowhere"))
+    assert "nowhere is not a folder, and the Hugging Face hub cannot be reached" in gap("--vanilla", str(tmp_path / "nowhere"))
     assert not (tmp_path / "g").exists()
 
 
@@ -97,3 +98,14 @@ def test_single_checkpoint_gives_its_share_alone(twins, tmp_path):
     results = run_gap(GapConfig(vanilla=str(twins / "vanilla"), share_sequences=4, max_sequences=8,
                                 tokens_root=str(twins / "tokens"), out=str(tmp_path / "one"), progress=False))
     assert list(results.shares().columns) == ["vanilla"] and GAP not in results.losses().index
+
+
+def test_a_model_trained_elsewhere_needs_a_corpus(twins, tmp_path, capsys):
+    """Like pretrained GPT-2 from the hub: weights with no tokenizer or data record beside them."""
+    build_lm(gpt2_config(n_layer=2, d_model=16, n_head=2), seed=0).save_pretrained(tmp_path / "elsewhere")
+    assert main(["gap", "--vanilla", str(tmp_path / "elsewhere"), "--out", str(tmp_path / "g")]) == 2
+    assert "record no training data (trained elsewhere?): pass --corpus" in capsys.readouterr().err
+    results = run_gap(GapConfig(vanilla=str(tmp_path / "elsewhere"), corpus="embedded", seq_len=32, max_sequences=8,
+                                share_sequences=4, tokens_root=str(twins / "tokens"), out=str(tmp_path / "g"),
+                                progress=False))
+    assert results.shares()["vanilla"].between(0, 1).all()
