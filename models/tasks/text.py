@@ -121,6 +121,8 @@ def iter_documents(source: str, split: str = "train", text_field: str = "text") 
         import datasets  # imported here: loading it costs seconds
 
         name, _, config = source[3:].partition(":")
+        if not Path(name).exists() and not hub_reachable():
+            raise ForethoughtError(f"{source}: not a local dataset folder, and the Hugging Face hub cannot be reached")
         try:
             rows = datasets.load_dataset(name, config or None, split=split, streaming=True)
             for row in rows:

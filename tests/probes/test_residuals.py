@@ -4,24 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from tokenizers import Tokenizer, models, pre_tokenizers
-from transformers import PreTrainedTokenizerFast
 
 from models.errors import ForethoughtError
 from probes.residuals import bridge_residuals, load_bridge, model_residuals
-from tests.conftest import VOCAB
-
-
-@pytest.fixture
-def lm_folder(tiny_lm, tmp_path):
-    """The tiny LM (float32) saved with a word-level tokenizer, as TransformerLens needs."""
-    vocab = {f"w{i}": i for i in range(VOCAB)}
-    backend = Tokenizer(models.WordLevel(vocab, unk_token="w0"))
-    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="w0", eos_token=f"w{VOCAB - 1}")
-    tiny_lm.float().save_pretrained(tmp_path)
-    tokenizer.save_pretrained(tmp_path)
-    return tmp_path
 
 
 def test_bridge_and_model_routes_agree(tiny_lm, tokens, lm_folder):

@@ -83,6 +83,8 @@ def test_hugging_face_loading_path_on_a_local_dataset_folder(tmp_path):
     (tmp_path / "data").mkdir()
     (tmp_path / "data" / "train.jsonl").write_text("\n".join(json.dumps({"text": d}) for d in DOCS) + "\n")
     assert list(iter_documents(f"hf:{tmp_path / 'data'}")) == DOCS
+    with pytest.raises(ForethoughtError, match="hf:nobody/nothing: not a local dataset folder, and the .* hub cannot"):
+        next(iter_documents("hf:nobody/nothing"))  # the tests run with HF_HUB_OFFLINE=1
 
 
 def test_token_file_round_trip_layouts_and_reuse(tokenizer, tmp_path):

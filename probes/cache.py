@@ -1,0 +1,204 @@
+"""The on-disk activation cache: residual streams of a checkpoint over token data, one float16 memmap a layer.
+
+Layout of a cache folder::
+
+    <cache>/meta.json          checkpoint, weights hash, processing mode, hooks, layers, shapes, dtype, versions
+    <cache>/tokens.npy         [n_sequences, seq] int64: the inputs
+    <cache>/layer_00.npy ...   [n_sequences, seq, d_model] float16: h[l] (DESIGN.md's layer convention)
+
+It is written into ``<cache>.partial/`` chunk by chunk (memory bounded by one chunk, whatever the corpus
+size), with ``progress.json`` recording the sequences done after each chunk is flushed; rerunning the same
+call resumes there. The folder is renamed to ``<cache>`` only when complete (atomic), so a crash never leaves
+a cache that looks finished. :meth:`ResidualCache.open` checks every file against ``meta.json``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from collections.abc import Sequence
+from dataclasses import dataclass
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+from transformers import PreTrainedModel
+
+from models.errors import ForethoughtError
+from probes.residuals import bridge_residuals, hook_name, load_bridge
+
+PROCESSING_MODE = "raw Hugging Face weights (TransformerBridge, no weight processing)"
+_PROGRESS = "progress.json"
+_VERSIONED = ("torch", "transformers", "transformer-lens", "numpy")
+
+
+def weights_hash(model: PreTrainedModel) -> str:
+    """A digest of every parameter and buffer (names, shapes, bytes): two caches of one model agree."""
+    digest = hashlib.blake2b(digest_size=16)
+    for name, tensor in sorted(model.state_dict().items()):
+        digest.update(f"{name}:{tuple(tensor.shape)}:{tensor.dtype}".encode())
+        digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def _layer_file(layer: int) -> str:
+    return f"layer_{layer:02d}.npy"
+
+
+@dataclass
+class ResidualCache:
+    """A finished cache: tokens [n, seq] and, per layer, residuals [n, seq, d_model] float16 (memmaps)."""
+
+    folder: Path
+    tokens: np.ndarray
+    meta: dict[str, Any]
+
+    @property
+    def layers(self) -> list[int]:
+        return list(self.meta["layers"])
+
+    def layer(self, layer: int) -> np.ndarray:
+        """h[layer] for every sequence: a read-only memmap [n_sequences, seq, d_model]."""
+        if layer not in self.layers:
+            raise ForethoughtError(f"layer {layer} is not in the cache {self.folder} (it holds layers {self.layers})")
+        return np.load(self.folder / _layer_file(layer), mmap_mode="r")
+
+    @classmethod
+    def open(cls, folder: str | Path) -> ResidualCache:
+        """Open a finished cache, checking that every file has the shape and type ``meta.json`` says."""
+        folder = Path(folder)
+        if not (folder / "meta.json").is_file():
+            partial = _partial(folder)
+            state = "an unfinished cache (run the same call again to resume)" if partial.exists() else "no cache"
+            raise ForethoughtError(f"{folder} holds {state}")
+        meta = json.loads((folder / "meta.json").read_text())
+        n, seq, d_model = meta["n_sequences"], meta["seq_len"], meta["d_model"]
+        tokens = _checked(folder / "tokens.npy", (n, seq), np.int64)
+        for layer in meta["layers"]:
+            _checked(folder / _layer_file(layer), (n, seq, d_model), np.dtype(meta["dtype"]))
+        return cls(folder, tokens, meta)
+
+
+def _checked(path: Path, shape: tuple[int, ...], dtype) -> np.ndarray:
+    try:
+        array = np.load(path, mmap_mode="r")
+    except (OSError, ValueError) as error:  # missing, truncated, or not an .npy file
+        raise ForethoughtError(f"{path} is missing, truncated or corrupt ({error})") from None
+    if array.shape != shape or array.dtype != dtype:
+        raise ForethoughtError(f"{path} holds {array.dtype}{list(array.shape)}, meta.json says {np.dtype(dtype)}{list(shape)}")
+    return array
+
+
+def _partial(folder: Path) -> Path:
+    return folder.with_name(folder.name + ".partial")
+
+
+def cache_bytes(n_sequences: int, seq_len: int, d_model: int, n_layers: int, dtype=np.float16) -> int:
+    """Bytes a cache of these sizes takes on disk (residuals + tokens)."""
+    return n_sequences * seq_len * (n_layers * d_model * np.dtype(dtype).itemsize + 8)
+
+
+def build_cache(
+    source: str | Path,
+    tokens: np.ndarray,
+    folder: str | Path,
+    layers: Sequence[int] | None = None,
+    batch_size: int = 32,
+    device: str = "cpu",
+    progress: bool = True,
+) -> ResidualCache:
+    """Cache h[l] of the checkpoint at ``source`` (folder or hub id) over ``tokens`` [n, seq] into ``folder``.
+
+    A finished cache of the same checkpoint, data and layers is reused; an interrupted one resumes; one of
+    anything else is refused with what differs. Needs and checks the disk space before writing.
+    """
+    folder, tokens = Path(folder), np.ascontiguousarray(tokens, dtype=np.int64)
+    if tokens.ndim != 2 or tokens.size == 0:
+        raise ForethoughtError(f"tokens must be a non-empty [n_sequences, seq] array, got shape {tokens.shape}")
+    bridge = load_bridge(source, device=device)
+    n_layers, d_model = bridge.cfg.n_layers, bridge.cfg.d_model
+    layers = list(range(n_layers + 1)) if layers is None else sorted(set(layers))
+    meta = {
+        "checkpoint": str(source),
+        "weights_hash": weights_hash(bridge.original_model),
+        "processing_mode": PROCESSING_MODE,
+        "layers": layers,
+        "hooks": [hook_name(layer) for layer in layers],
+        "n_sequences": len(tokens),
+        "seq_len": tokens.shape[1],
+        "d_model": d_model,
+        "dtype": "float16",
+        "tokens_hash": hashlib.blake2b(tokens.tobytes(), digest_size=16).hexdigest(),
+        "versions": {package: metadata.version(package) for package in _VERSIONED},
+    }
+    if (folder / "meta.json").is_file():
+        return _reuse(folder, meta)
+    partial = _partial(folder)
+    done = _resume_point(partial, meta)
+    if done == 0:
+        _check_disk(partial, cache_bytes(len(tokens), tokens.shape[1], d_model, len(layers)))
+        shutil.rmtree(partial, ignore_errors=True)
+        partial.mkdir(parents=True)
+        np.save(partial / "tokens.npy", tokens)
+        for layer in layers:
+            np.lib.format.open_memmap(partial / _layer_file(layer), mode="w+", dtype=np.float16,
+                                      shape=(len(tokens), tokens.shape[1], d_model)).flush()
+        _write_progress(partial, meta, 0)
+    outputs = {layer: np.load(partial / _layer_file(layer), mmap_mode="r+") for layer in layers}
+    starts = range(done, len(tokens), batch_size)
+    for start in tqdm(starts, desc=f"caching {folder.name}", disable=not progress, leave=False):
+        chunk = torch.from_numpy(tokens[start : start + batch_size]).to(device)
+        residuals = bridge_residuals(bridge, chunk, layers).to(torch.float16).cpu().numpy()  # [layers, b, seq, d]
+        for layer, values in zip(layers, residuals):
+            outputs[layer][start : start + len(chunk)] = values
+            outputs[layer].flush()
+        _write_progress(partial, meta, start + len(chunk))
+    del outputs
+    (partial / _PROGRESS).unlink()
+    (partial / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
+    os.replace(partial, folder)  # complete from here on
+    return ResidualCache.open(folder)
+
+
+def _reuse(folder: Path, meta: dict[str, Any]) -> ResidualCache:
+    cache = ResidualCache.open(folder)
+    keys = ("weights_hash", "tokens_hash", "layers", "processing_mode", "dtype")
+    differing = [key for key in keys if cache.meta.get(key) != meta[key]]
+    if differing:
+        raise ForethoughtError(
+            f"{folder} holds a cache of other {', '.join(differing)} (of {cache.meta['checkpoint']}); "
+            "choose another folder or remove it"
+        )
+    return cache
+
+
+def _resume_point(partial: Path, meta: dict[str, Any]) -> int:
+    """Sequences already written by an interrupted run of the same cache (0: start afresh)."""
+    progress_file = partial / _PROGRESS
+    if not progress_file.is_file():
+        return 0
+    progress = json.loads(progress_file.read_text())
+    if progress["meta"] != meta:
+        raise ForethoughtError(f"{partial} holds an unfinished cache of another checkpoint or data; remove it")
+    return progress["done"]
+
+
+def _write_progress(partial: Path, meta: dict[str, Any], done: int) -> None:
+    staging = partial / (_PROGRESS + ".tmp")
+    staging.write_text(json.dumps({"meta": meta, "done": done}))
+    os.replace(staging, partial / _PROGRESS)
+
+
+def _check_disk(folder: Path, needed: int) -> None:
+    existing = next(p for p in [folder, *folder.absolute().parents] if p.exists())
+    free = shutil.disk_usage(existing).free
+    print(f"caching needs {needed / 2**30:.2f} GiB in {folder.parent} ({free / 2**30:.1f} GiB free)")
+    if free < needed:
+        raise ForethoughtError(
+            f"caching needs {needed / 2**30:.2f} GiB in {folder.parent}; only {free / 2**30:.2f} GiB free"
+        )

@@ -1,0 +1,94 @@
+"""The activation cache: what it stores, reuse, resume after a crash, and every way it can be wrong."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections import namedtuple
+
+import numpy as np
+import pytest
+import torch
+
+import probes.cache
+from models.errors import ForethoughtError
+from probes.cache import ResidualCache, build_cache, weights_hash
+from probes.residuals import bridge_residuals, load_bridge
+
+TOKENS = np.random.default_rng(0).integers(0, 23, size=(10, 7))
+
+
+class Crash(Exception):
+    pass
+
+
+def test_cache_holds_the_bridge_residuals_in_float16(lm_folder, tmp_path):
+    cache = build_cache(lm_folder, TOKENS, tmp_path / "cache", layers=[0, 2, 3], batch_size=4, progress=False)
+    expected = bridge_residuals(load_bridge(lm_folder), torch.from_numpy(TOKENS), [0, 2, 3])
+    assert cache.layers == [0, 2, 3] and np.array_equal(cache.tokens, TOKENS)
+    for index, layer in enumerate(cache.layers):
+        stored = cache.layer(layer)
+        assert stored.dtype == np.float16 and stored.shape == (10, 7, 16)
+        np.testing.assert_array_equal(stored, expected[index].to(torch.float16).numpy())
+    meta = json.loads((tmp_path / "cache" / "meta.json").read_text())
+    assert meta["hooks"] == ["blocks.0.hook_resid_pre", "blocks.1.hook_resid_post", "blocks.2.hook_resid_post"]
+    assert meta["processing_mode"].startswith("raw") and meta["versions"]["transformer-lens"]
+    assert meta["weights_hash"] == weights_hash(load_bridge(lm_folder).original_model)
+    with pytest.raises(ForethoughtError, match=r"layer 1 is not in the cache .* \(it holds layers \[0, 2, 3\]\)"):
+        cache.layer(1)
+
+
+def test_finished_cache_is_reused_and_other_data_refused(lm_folder, tmp_path, monkeypatch):
+    first = build_cache(lm_folder, TOKENS, tmp_path / "cache", batch_size=4, progress=False)
+    monkeypatch.setattr(probes.cache, "bridge_residuals", lambda *a: pytest.fail("recomputed a finished cache"))
+    again = build_cache(lm_folder, TOKENS, tmp_path / "cache", batch_size=4, progress=False)
+    assert again.meta == first.meta
+    with pytest.raises(ForethoughtError, match="holds a cache of other tokens_hash"):
+        build_cache(lm_folder, TOKENS[:, ::-1], tmp_path / "cache", progress=False)
+    with pytest.raises(ForethoughtError, match="holds a cache of other layers"):
+        build_cache(lm_folder, TOKENS, tmp_path / "cache", layers=[1], progress=False)
+
+
+def test_interrupted_cache_resumes_to_the_same_files(lm_folder, tmp_path, monkeypatch):
+    straight = build_cache(lm_folder, TOKENS, tmp_path / "straight", batch_size=3, progress=False)
+    real, calls = probes.cache.bridge_residuals, {"n": 0}
+
+    def crashes_on_third_chunk(*args):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise Crash
+        return real(*args)
+
+    monkeypatch.setattr(probes.cache, "bridge_residuals", crashes_on_third_chunk)
+    with pytest.raises(Crash):
+        build_cache(lm_folder, TOKENS, tmp_path / "resumed", batch_size=3, progress=False)
+    with pytest.raises(ForethoughtError, match="holds an unfinished cache"):
+        ResidualCache.open(tmp_path / "resumed")
+    calls["n"] = -100  # no more crashes; count what the resume computes
+    resumed = build_cache(lm_folder, TOKENS, tmp_path / "resumed", batch_size=3, progress=False)
+    assert calls["n"] == -100 + 2  # chunks 3 and 4 only: the first two were kept
+    for layer in straight.layers:
+        np.testing.assert_array_equal(resumed.layer(layer), straight.layer(layer))
+    assert not (tmp_path / "resumed.partial").exists()
+
+
+def test_damaged_caches_are_named(lm_folder, tmp_path):
+    build_cache(lm_folder, TOKENS, tmp_path / "cache", progress=False)
+    with open(tmp_path / "cache" / "layer_02.npy", "r+b") as f:
+        f.truncate(200)
+    with pytest.raises(ForethoughtError, match="layer_02.npy is missing, truncated or corrupt"):
+        ResidualCache.open(tmp_path / "cache")
+    shutil.copy(tmp_path / "cache" / "tokens.npy", tmp_path / "cache" / "layer_02.npy")
+    with pytest.raises(ForethoughtError, match=r"layer_02.npy holds int64\[10, 7\], meta.json says float16\[10, 7, 16\]"):
+        ResidualCache.open(tmp_path / "cache")
+    with pytest.raises(ForethoughtError, match="holds no cache"):
+        ResidualCache.open(tmp_path / "nothing")
+
+
+def test_too_little_disk_is_refused_before_writing(lm_folder, tmp_path, monkeypatch, capsys):
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(10**6, 10**6, 1000))
+    with pytest.raises(ForethoughtError, match=r"caching needs 0.00 GiB in .*; only 0.00 GiB free"):
+        build_cache(lm_folder, TOKENS, tmp_path / "cache", progress=False)
+    assert "caching needs" in capsys.readouterr().out  # said before starting
+    assert not (tmp_path / "cache").exists() and not (tmp_path / "cache.partial").exists()
