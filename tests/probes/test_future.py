@@ -1,0 +1,68 @@
+"""Future-token probes: planted signals recovered where planted and nowhere else; the lens starts as the
+logit lens; bad τ named."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from models.errors import ForethoughtError
+from probes.fit import split_sequences
+from probes.future import FutureProbeConfig, InMemoryResiduals, fit_future_probes
+from probes.residuals import model_residuals
+
+VOCAB, SEQ, D = 12, 10, 16
+
+
+def planted(n_sequences: int = 300, seed: int = 0) -> InMemoryResiduals:
+    """Layer 0: noise. Layer 1: x[t+2] written in (τ = 2 decodable). Layer 2: x[t+1] written in (τ = 1)."""
+    rng = np.random.default_rng(seed)
+    tokens = rng.integers(0, VOCAB, size=(n_sequences, SEQ))
+    codes = rng.normal(size=(VOCAB, D))
+
+    def writes(offset: int) -> np.ndarray:
+        ahead = np.zeros_like(tokens)
+        ahead[:, : SEQ - offset] = tokens[:, offset:]
+        return codes[ahead] + 0.3 * rng.normal(size=(n_sequences, SEQ, D))
+
+    noise = rng.normal(size=(n_sequences, SEQ, D))
+    return InMemoryResiduals(tokens, {0: noise, 1: writes(2), 2: writes(1)})
+
+
+@pytest.mark.parametrize("kind", ["softmax", "topk"])
+def test_planted_future_tokens_are_found_where_planted_and_nowhere_else(kind):
+    config = FutureProbeConfig(kind=kind, top_k=VOCAB - 2, lr=3e-2, max_epochs=30, patience=3)
+    fitted, table = fit_future_probes(planted(), layers=[0, 1, 2], taus=[1, 2], config=config, vocab_size=VOCAB)
+    top1 = table[table["metric"] == "top1"].set_index(["layer", "tau"])["value"]
+    found = {pair for pair, value in top1.items() if value > 0.8}
+    assert found == {(1, 2), (2, 1)}, top1.to_dict()
+    chance = 0.3 if kind == "topk" else 0.2  # topk pools two tokens into "other"
+    assert top1.drop([(1, 2), (2, 1)]).max() < chance
+    assert set(table["metric"]) == {"top1", "top5", "cross_entropy"} and (table["probe"] == kind).all()
+    assert (table["ci_low"] <= table["value"]).all() and (table["value"] <= table["ci_high"]).all()
+    assert len(fitted.history) >= 2
+
+
+def test_untrained_lens_is_the_logit_lens(tiny_lm):
+    tokens = torch.randint(0, 23, (40, 8), generator=torch.Generator().manual_seed(0))
+    model = tiny_lm.float()
+    residuals = model_residuals(model, tokens).numpy()  # [L+1, n, seq, d]
+    source = InMemoryResiduals(tokens.numpy(), {3: residuals[3]})
+    config = FutureProbeConfig(kind="lens", max_epochs=0)  # no training: the identity
+    _, table = fit_future_probes(source, layers=[3], taus=[1], config=config, vocab_size=23,
+                                 unembed=(model.transformer.ln_f, model.lm_head))
+    top1 = table[table["metric"] == "top1"].iloc[0]
+    _, test = split_sequences(40, config.test_fraction, seed=config.seed)  # the probes' held-out sequences
+    assert top1["n"] == len(test) * 7
+    with torch.no_grad():
+        predictions = model(tokens).logits[:, :-1].argmax(-1)  # the model's own next-token guesses
+    own = (predictions[test] == tokens[test, 1:]).double().mean().item()
+    assert top1["value"] == pytest.approx(own, abs=1e-12)
+
+
+def test_bad_tau_is_named():
+    with pytest.raises(ForethoughtError, match=r"τ must lie in 1 … 9 for sequences of 10 tokens, got \[0, 1\]"):
+        fit_future_probes(planted(20), layers=[1], taus=[0, 1], config=FutureProbeConfig(), vocab_size=VOCAB)
+    with pytest.raises(ForethoughtError, match="unknown probe kind 'mlp'"):
+        FutureProbeConfig(kind="mlp")
