@@ -30,6 +30,7 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedModel
 
 from models.errors import ForethoughtError
+from models.lm import resolve_checkpoint
 from probes.residuals import bridge_residuals, hook_name, load_bridge
 
 PROCESSING_MODE = "raw Hugging Face weights (TransformerBridge, no weight processing)"
@@ -112,7 +113,7 @@ def build_cache(
     device: str = "cpu",
     progress: bool = True,
 ) -> ResidualCache:
-    """Cache h[l] of the checkpoint at ``source`` (folder or hub id) over ``tokens`` [n, seq] into ``folder``.
+    """Cache h[l] of the checkpoint at ``source`` (checkpoint or run folder, or hub id) over ``tokens`` [n, seq].
 
     A finished cache of the same checkpoint, data and layers is reused; an interrupted one resumes; one of
     anything else is refused with what differs. Needs and checks the disk space before writing.
@@ -120,6 +121,7 @@ def build_cache(
     folder, tokens = Path(folder), np.ascontiguousarray(tokens, dtype=np.int64)
     if tokens.ndim != 2 or tokens.size == 0:
         raise ForethoughtError(f"tokens must be a non-empty [n_sequences, seq] array, got shape {tokens.shape}")
+    source = resolve_checkpoint(source)
     bridge = load_bridge(source, device=device)
     n_layers, d_model = bridge.cfg.n_layers, bridge.cfg.d_model
     layers = list(range(n_layers + 1)) if layers is None else sorted(set(layers))
