@@ -15,6 +15,7 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
+from torch import nn
 from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerBase
 
 from models.checkpoint import latest_checkpoint
@@ -58,6 +59,7 @@ class LMTrainConfig:
     tokenizer: str = "gpt2"  # 'gpt2' (hub, else the shipped BPE files) or a tokenizer folder
     myopic: bool = False  # train with the myopic gradient
     myopic_cut: str = "residual"  # 'residual' (the paper's) or 'kv'
+    dropout: float | None = None  # None: presets 0, loaded models their own (attention dropout > 0 makes myopic slow)
     # training
     epochs: float = 1.0  # passes over the training sequences (ignored when steps is set)
     steps: int | None = None  # optimiser steps (default: from epochs)
@@ -115,12 +117,16 @@ def lm_to_train(config: LMTrainConfig, vocab_size: int) -> GPT2LMHeadModel:
     ``config.seed``; or, with ``from_pretrained``, that model's weights."""
     if config.model in LM_PRESETS:
         model_config = gpt2_config(**LM_PRESETS[config.model], vocab_size=vocab_size,
-                                   n_positions=max(1024, config.seq_len))
+                                   n_positions=max(1024, config.seq_len), dropout=config.dropout or 0.0)
         return build_lm(model_config, seed=config.seed)
-    if config.from_pretrained:
-        model = load_model(config.model, kind="lm")
-    else:
-        model = build_lm(_architecture(config.model), seed=config.seed)
+    source = resolve_checkpoint(config.model)
+    model = load_model(source, kind="lm") if config.from_pretrained else build_lm(_architecture(source), seed=config.seed)
+    if config.dropout is not None:
+        for name in ("attn_pdrop", "resid_pdrop", "embd_pdrop"):
+            setattr(model.config, name, config.dropout)
+        for module in model.modules():
+            if isinstance(module, nn.Dropout):
+                module.p = config.dropout
     if config.seq_len > model.config.n_positions:
         raise ForethoughtError(f"seq_len {config.seq_len} exceeds the {model.config.n_positions} positions of {config.model}")
     return model

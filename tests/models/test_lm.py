@@ -36,12 +36,15 @@ def test_presets_and_architectures_from_folders(tmp_path):
     small = lm_to_train(LMTrainConfig(model="gpt2-small"), vocab_size=50257)
     assert (small.config.n_layer, small.config.n_embd, small.config.n_head) == (12, 768, 12)
     assert 124e6 < small.num_parameters() < 125e6  # GPT-2 small (tied embeddings)
-    source = build_lm(gpt2_config(n_layer=2, d_model=32, n_head=2, vocab_size=50257, n_positions=64), seed=7)
+    source = build_lm(gpt2_config(n_layer=2, d_model=32, n_head=2, vocab_size=50257, n_positions=64, dropout=0.1), seed=7)
     source.save_pretrained(tmp_path / "src")
     fresh = lm_to_train(LMTrainConfig(model=str(tmp_path / "src"), seed=0), vocab_size=50257)
     tuned = lm_to_train(LMTrainConfig(model=str(tmp_path / "src"), from_pretrained=True), vocab_size=50257)
     assert fresh.config.n_embd == 32 and not torch.equal(fresh.transformer.wte.weight, source.transformer.wte.weight)
     assert torch.equal(tuned.transformer.wte.weight, source.transformer.wte.weight)
+    undropped = lm_to_train(LMTrainConfig(model=str(tmp_path / "src"), from_pretrained=True, dropout=0.0), 50257)
+    assert tuned.config.attn_pdrop == 0.1 and undropped.config.attn_pdrop == 0.0  # the model's own unless set
+    assert {m.p for m in undropped.modules() if isinstance(m, torch.nn.Dropout)} == {0.0}
     with pytest.raises(ForethoughtError, match="seq_len 128 exceeds the 64 positions"):
         lm_to_train(LMTrainConfig(model=str(tmp_path / "src"), seq_len=128), vocab_size=50257)
 
