@@ -9,7 +9,6 @@ from torch.nn.functional import cross_entropy
 
 from analyses.cli import main
 from analyses.gap import GAP, GapConfig, GapResults, future_gradient_stats, run_gap, token_losses
-from models.errors import ForethoughtError
 from models.gpt2 import build_lm, gpt2_config
 from models.lm import LMTrainConfig, train_lm
 from models.tasks.text import TextTask
