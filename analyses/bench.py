@@ -20,6 +20,7 @@ from models.errors import ForethoughtError
 from models.gpt2 import build_lm, gpt2_config
 from models.myopic import myopic
 from models.tasks.text import next_token_loss
+from models.train import resolve_device
 
 
 @dataclass
@@ -39,7 +40,7 @@ class TrainBenchConfig:
     compile: bool = False  # torch.compile the model (GPU)
 
     def resolved(self) -> TrainBenchConfig:
-        device = ("cuda" if torch.cuda.is_available() else "cpu") if self.device == "auto" else self.device
+        device = str(resolve_device(self.device))
         sizes = GPU_SIZES if device.startswith("cuda") else CPU_SIZES
         filled = {k: (getattr(self, k) if getattr(self, k) is not None else v) for k, v in sizes.items()}
         return TrainBenchConfig(**{**self.__dict__, **filled, "device": device})

@@ -22,6 +22,7 @@ from transformers.utils import logging as transformers_logging
 
 from analyses.bench import TrainBenchConfig, bench_train
 from analyses.gap import GapConfig, run_gap
+from analyses.probe import ProbeConfig, run_probe
 from analyses.pathstar import PathStarConfig, run_pathstar
 from analyses.synthetic import SyntheticConfig, run_synthetic
 from models.errors import ForethoughtError
@@ -98,6 +99,9 @@ def build_parser() -> argparse.ArgumentParser:
     lm = commands.add_parser("train", help="train a GPT-2 language model on text, vanilla or --myopic",
                              description=LMTrainConfig.__doc__)
     add_config_arguments(lm, LMTrainConfig)
+    probe = commands.add_parser("probe", help="future-token probes for every (layer, τ) of checkpoints",
+                                description=ProbeConfig.__doc__)
+    add_config_arguments(probe, ProbeConfig)
     gap = commands.add_parser("gap", help="myopia gap of twins and future-gradient share per layer",
                               description=GapConfig.__doc__)
     add_config_arguments(gap, GapConfig)
@@ -127,9 +131,10 @@ def main(argv: list[str] | None = None) -> int:
             if result.history and int(os.environ.get("RANK", "0")) == 0:  # torchrun: one report
                 print(f"step {result.history[-1]['step']}: {_losses(result.history)}")
                 print(f"checkpoint: {result.checkpoint}")
-        elif command == "gap":
-            config = GapConfig(**args)
-            print(run_gap(config).summary())
+        elif command in ("gap", "probe"):
+            config_class, run = (GapConfig, run_gap) if command == "gap" else (ProbeConfig, run_probe)
+            config = config_class(**args)
+            print(run(config).summary())
             print(f"results and figures in {config.out}")
         elif command == "bench":
             args.pop("bench")

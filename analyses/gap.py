@@ -31,6 +31,7 @@ from models.errors import ForethoughtError
 from models.lm import LMCheckpoint
 from models.myopic import myopic
 from models.tasks.text import TextData, next_token_loss, tokenizer_fingerprint
+from models.train import resolve_device
 from probes.metrics import Estimate, bootstrap, mean_scores
 from probes.residuals import capture_residuals
 
@@ -225,10 +226,10 @@ def check_twins(vanilla: LMCheckpoint, myopic_twin: LMCheckpoint) -> None:
             )
 
 
-def heldout_data(config: GapConfig, checkpoints: dict[str, LMCheckpoint]) -> TextData:
-    """The checkpoints' own data (its test documents are held out), or ``config.corpus``."""
-    if config.corpus is not None:
-        return TextData(corpus=config.corpus, layout=config.layout, seq_len=config.seq_len)
+def heldout_data(checkpoints: dict[str, LMCheckpoint], corpus: str | None, layout: str, seq_len: int) -> TextData:
+    """The checkpoints' own data (their test documents are held out), or ``corpus`` cut by layout and length."""
+    if corpus is not None:
+        return TextData(corpus=corpus, layout=layout, seq_len=seq_len)
     recorded = next((c.data() for c in checkpoints.values() if c.data() is not None), None)
     if recorded is None:
         raise ForethoughtError("the checkpoints record no training data (trained elsewhere?): pass --corpus")
@@ -241,11 +242,11 @@ def run_gap(config: GapConfig) -> GapResults:
                    if (source := getattr(config, name)) is not None}
     if len(checkpoints) == 2:
         check_twins(checkpoints["vanilla"], checkpoints["myopic"])
-    data = heldout_data(config, checkpoints)
+    data = heldout_data(checkpoints, config.corpus, config.layout, config.seq_len)
     tokenizer = next(iter(checkpoints.values())).tokenizer
     test = torch.from_numpy(data.load(tokenizer, config.tokens_root)["test"][: config.max_sequences])
     out = prepare_out(config.out, config.results_settings())
-    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if config.device == "auto" else config.device)
+    device = resolve_device(config.device)
 
     rows: list[dict[str, Any]] = []
     losses = {}

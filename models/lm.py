@@ -25,7 +25,7 @@ from models.gpt2 import build_lm, gpt2_config, load_model
 from models.hub import hub_reachable
 from models.myopic import CUTS
 from models.tasks.text import TextData, TextTask, check_vocabulary, gpt2_tokenizer
-from models.train import TrainConfig, TrainResult, train
+from models.train import TrainConfig, TrainResult, resolve_device, train
 
 DESCRIPTION_FILE = "forethought.json"
 LM_PRESETS: dict[str, dict[str, int]] = {  # from-scratch architectures (GPT-2 small is the paper's)
@@ -160,7 +160,7 @@ def train_lm(config: LMTrainConfig) -> TrainResult:
     tokenizer = load_tokenizer(config.tokenizer)
     data = config.data()
     settings = {k: v for k, v in asdict(config).items() if k not in TrainConfig.RESUMABLE}
-    with Distributed.from_env(TrainConfig(device=config.device).resolved_device()).main_first():
+    with Distributed.from_env(resolve_device(config.device)).main_first():
         model = lm_to_train(config, vocab_size=len(tokenizer))
         check_vocabulary(tokenizer, model.config.vocab_size, config.model)
         sequences = data.load(tokenizer, config.tokens_root)

@@ -71,13 +71,18 @@ class TrainConfig:
             raise ForethoughtError(f"warmup_frac must lie in [0, 1), got {self.warmup_frac}")
 
     def resolved_device(self) -> torch.device:
-        if self.device == "auto":
-            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        return torch.device(self.device)
+        return resolve_device(self.device)
 
     def trajectory(self) -> dict[str, Any]:
         """The fields that determine the weights (a resume must match them)."""
         return {k: v for k, v in asdict(self).items() if k not in self.RESUMABLE}
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` → CUDA when available, else the CPU; anything else as torch spells it."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
 
 
 class TrainingDiverged(ForethoughtError):

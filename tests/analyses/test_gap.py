@@ -42,18 +42,6 @@ def test_token_losses_are_the_training_loss(tiny_lm):
     assert losses.mean() == pytest.approx(TextTask(tokens.numpy()).loss(tiny_lm, tokens, tokens).item(), rel=1e-6)
 
 
-@pytest.fixture(scope="module")
-def twins(tmp_path_factory):
-    """A vanilla/myopic pair of gpt2-micro models trained briefly on a slice of the embedded corpus."""
-    root = tmp_path_factory.mktemp("twins")
-    common = dict(corpus="embedded", max_documents=3000, model="gpt2-micro", seq_len=32, steps=40, batch_size=16,
-                  lr=5e-3, eval_every=20, eval_batches=1, checkpoint_every=40, tokens_root=str(root / "tokens"),
-                  progress=False)
-    for name in ("vanilla", "myopic"):
-        train_lm(LMTrainConfig(**common, myopic=name == "myopic", out=str(root / name)))
-    return root
-
-
 def test_gap_end_to_end_on_a_tiny_pair(twins, tmp_path):
     config = GapConfig(vanilla=str(twins / "vanilla"), myopic=str(twins / "myopic"), max_sequences=40,
                        share_sequences=8, tokens_root=str(twins / "tokens"), out=str(tmp_path / "gap"), progress=False)

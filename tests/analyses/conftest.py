@@ -1,0 +1,19 @@
+"""A tiny vanilla/myopic pair of text models, trained once per test session."""
+
+from __future__ import annotations
+
+import pytest
+
+from models.lm import LMTrainConfig, train_lm
+
+
+@pytest.fixture(scope="session")
+def twins(tmp_path_factory):
+    """A vanilla/myopic pair of gpt2-micro models trained briefly on a slice of the embedded corpus."""
+    root = tmp_path_factory.mktemp("twins")
+    common = dict(corpus="embedded", max_documents=3000, model="gpt2-micro", seq_len=32, steps=40, batch_size=16,
+                  lr=5e-3, eval_every=20, eval_batches=1, checkpoint_every=40, tokens_root=str(root / "tokens"),
+                  progress=False)
+    for name in ("vanilla", "myopic"):
+        train_lm(LMTrainConfig(**common, myopic=name == "myopic", out=str(root / name)))
+    return root

@@ -1,0 +1,55 @@
+"""forethought probe: checkpoints + control + baselines in one tidy table, cached work reused, bad input named."""
+
+from __future__ import annotations
+
+import pytest
+
+import probes.cache
+from analyses.cli import main
+from analyses.probe import CONTROL, ProbeConfig, ProbeResults, run_probe
+
+
+def settings(twins, out, **overrides) -> ProbeConfig:
+    values = dict(checkpoints=f"vanilla={twins / 'vanilla'},{twins / 'myopic'}", taus="1,2", kind="topk", top_k=40,
+                  max_sequences=60, max_epochs=3, lr=1e-2, tokens_root=str(twins / "tokens"), out=str(out),
+                  progress=False)
+    return ProbeConfig(**{**values, **overrides})
+
+
+def test_probe_table_figure_and_reuse(twins, tmp_path, monkeypatch):
+    results = run_probe(settings(twins, tmp_path / "probe"))
+    table = results.to_dataframe()
+    assert set(table["checkpoint"]) == {"vanilla", "myopic", CONTROL, "baseline"}
+    probed = table[table["layer"].notna()]
+    assert len(probed) == 3 * 3 * 2 * 3  # checkpoints × layers 0–2 × τ ∈ {1, 2} × (top1, top5, cross_entropy)
+    assert set(table.loc[table["layer"].isna(), "probe"]) == {"unigram", "skip-bigram"}
+    top1 = results.accuracy()
+    assert list(top1.columns) == [0, 1, 2] and ((top1 >= 0) & (top1 <= 1)).all().all()
+    assert {trace.name for trace in results.figure().data} == {"τ = 1", "τ = 2"}
+    assert (tmp_path / "probe" / "figures" / "probe_topk_top1.html").exists()
+    assert ProbeResults.from_folder(tmp_path / "probe").table.equals(table)
+    monkeypatch.setattr(probes.cache, "bridge_residuals", lambda *a: pytest.fail("a finished cache was rebuilt"))
+    again = run_probe(settings(twins, tmp_path / "probe"))
+    assert again.table.equals(table)  # same caches, same seeds: the same numbers
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--checkpoints", "a=x,a=y"], "two checkpoints are named 'a'; name them NAME=PATH"),
+        (["--checkpoints", "x", "--taus", "0,1"], "taus must be offsets ≥ 1, got '0,1'"),
+        (["--checkpoints", "x", "--taus", "one"], "taus must be comma-separated integers, got 'one'"),
+        (["--checkpoints", "x", "--kind", "mlp"], "unknown probe kind 'mlp'; choose one of softmax, topk, lens"),
+        ([], "give --checkpoints NAME=PATH,..."),
+    ],
+)
+def test_bad_probe_settings_are_one_line_errors(capsys, tmp_path, argv, message):
+    assert main(["probe", *argv, "--out", str(tmp_path / "p")]) == 2
+    assert capsys.readouterr().err == f"forethought: error: {message}\n"
+    assert not (tmp_path / "p").exists()
+
+
+def test_layers_that_do_not_exist_are_named(twins, tmp_path, capsys):
+    assert main(["probe", "--checkpoints", str(twins / "vanilla"), "--layers", "1,7", "--out", str(tmp_path / "p"),
+                 "--tokens-root", str(twins / "tokens")]) == 2
+    assert "layers [7] out of range: the checkpoints have residual layers 0 … 2" in capsys.readouterr().err
