@@ -22,6 +22,7 @@ from transformers.utils import logging as transformers_logging
 
 from analyses.bench import TrainBenchConfig, bench_train
 from analyses.gap import GapConfig, run_gap
+from analyses.precache import PrecacheConfig, run_precache
 from analyses.probe import ProbeConfig, run_probe
 from analyses.pathstar import PathStarConfig, run_pathstar
 from analyses.synthetic import SyntheticConfig, run_synthetic
@@ -38,10 +39,20 @@ EXPERIMENTS = {  # command: (config dataclass, run function, help)
 }
 
 
+ANALYSES = {  # command: (config dataclass, run function) for analyses of trained checkpoints
+    "probe": (ProbeConfig, run_probe),
+    "precache": (PrecacheConfig, run_precache),
+    "gap": (GapConfig, run_gap),
+}
+
+
 def _field_help(cls: type) -> dict[str, str]:
-    """Help for each field, from the comment after it in the class source."""
-    source = inspect.getsource(cls)
-    return dict(re.findall(r"^\s+(\w+): [^=\n]+= [^#\n]+#\s*(.+)$", source, flags=re.MULTILINE))
+    """Help for each field, from the comment after it in the source of the class (or a base class)."""
+    helps: dict[str, str] = {}
+    for klass in reversed([k for k in cls.__mro__ if k is not object and "__dataclass_fields__" in vars(k)]):
+        source = inspect.getsource(klass)
+        helps.update(re.findall(r"^\s+(\w+): [^=\n]+= [^#\n]+#\s*(.+)$", source, flags=re.MULTILINE))
+    return helps
 
 
 def add_config_arguments(
@@ -102,6 +113,9 @@ def build_parser() -> argparse.ArgumentParser:
     probe = commands.add_parser("probe", help="future-token probes for every (layer, τ) of checkpoints",
                                 description=ProbeConfig.__doc__)
     add_config_arguments(probe, ProbeConfig)
+    precache = commands.add_parser("precache", help="pre-caching vs breadcrumbs for a vanilla/myopic twin pair",
+                                   description=PrecacheConfig.__doc__)
+    add_config_arguments(precache, PrecacheConfig, skip=("checkpoints",))
     gap = commands.add_parser("gap", help="myopia gap of twins and future-gradient share per layer",
                               description=GapConfig.__doc__)
     add_config_arguments(gap, GapConfig)
@@ -131,8 +145,8 @@ def main(argv: list[str] | None = None) -> int:
             if result.history and int(os.environ.get("RANK", "0")) == 0:  # torchrun: one report
                 print(f"step {result.history[-1]['step']}: {_losses(result.history)}")
                 print(f"checkpoint: {result.checkpoint}")
-        elif command in ("gap", "probe"):
-            config_class, run = (GapConfig, run_gap) if command == "gap" else (ProbeConfig, run_probe)
+        elif command in ANALYSES:
+            config_class, run = ANALYSES[command]
             config = config_class(**args)
             print(run(config).summary())
             print(f"results and figures in {config.out}")

@@ -23,11 +23,12 @@ from analyses.results import run_meta, tidy
 from models.errors import ForethoughtError
 from models.gpt2 import build_lm
 from models.lm import LMCheckpoint
+from models.tasks.text import TextData
 from models.train import resolve_device
 from probes.baselines import count_baselines
 from probes.cache import PROCESSING_MODE, build_cache
 from probes.fit import split_sequences
-from probes.future import FutureProbeConfig, fit_future_probes
+from probes.future import FutureProbeConfig, ProbeScores, fit_future_probes
 
 CONTROL = "random init"
 
@@ -105,6 +106,11 @@ class ProbeResults(ExperimentResults):
     """Held-out metrics of every (checkpoint, layer, τ) probe, the control and the count baselines."""
 
     CONFIG: ClassVar[type] = ProbeConfig
+    DERIVED: ClassVar[tuple[str, ...]] = ()  # rows computed from other checkpoints' (left out of accuracy plots)
+
+    def _probed(self, metric: str) -> pd.DataFrame:
+        table = self.table
+        return table[(table["metric"] == metric) & table["layer"].notna() & ~table["checkpoint"].isin(self.DERIVED)]
 
     def to_dataframe(self) -> pd.DataFrame:
         """The tidy table (DESIGN.md's columns)."""
@@ -112,12 +118,11 @@ class ProbeResults(ExperimentResults):
 
     def accuracy(self, metric: str = "top1") -> pd.DataFrame:
         """``metric`` by (checkpoint, τ) rows × layer columns."""
-        rows = self.table[(self.table["metric"] == metric) & self.table["layer"].notna()]
-        return rows.pivot_table(index=["checkpoint", "tau"], columns="layer", values="value", sort=False)
+        return self._probed(metric).pivot_table(index=["checkpoint", "tau"], columns="layer", values="value", sort=False)
 
     def figure(self, metric: str = "top1") -> go.Figure:
         """``metric`` by layer, one line per τ, one panel per checkpoint; skip-bigram baselines dashed."""
-        rows = self.table[(self.table["metric"] == metric) & self.table["layer"].notna()].assign(
+        rows = self._probed(metric).assign(
             tau=lambda t: "τ = " + t["tau"].astype(str),
             plus=lambda t: t["ci_high"] - t["value"], minus=lambda t: t["value"] - t["ci_low"])
         figure = px.line(rows, x="layer", y="value", color="tau", facet_col="checkpoint", markers=True,
@@ -146,37 +151,57 @@ class ProbeResults(ExperimentResults):
         return "\n".join(lines)
 
 
-def run_probe(config: ProbeConfig) -> ProbeResults:
-    """Cache and probe every checkpoint (and the control) on held-out text; write table, meta and figures."""
-    checkpoints = {name: LMCheckpoint.load(source) for name, source in config.named_checkpoints().items()}
+@dataclass
+class ProbeRun:
+    """What probing a set of checkpoints produced, before it is written: rows, and per-example scores."""
+
+    data: TextData
+    tokens: np.ndarray  # [n, seq] the held-out sequences probed
+    rows: list[dict[str, Any]]
+    scores: dict[str, ProbeScores]  # per checkpoint (and the control)
+    sources: dict[str, str]
+
+
+def probe_checkpoints(config: ProbeConfig, checkpoints: dict[str, LMCheckpoint], out: Path) -> ProbeRun:
+    """Cache and probe ``checkpoints`` (and the control) on held-out text; add the count baselines."""
     first = next(iter(checkpoints.values()))
     data = heldout_data(checkpoints, config.corpus, config.layout, config.seq_len)
     tokens = data.load(first.tokenizer, config.tokens_root)["test"][: config.max_sequences]
     layers = config.layer_list(first.model.config.n_layer)
-    out = prepare_out(config.out, config.results_settings())
     device = str(resolve_device(config.device))
     if config.random_init:
-        control = build_lm(first.model.config, seed=config.seed)
-        control.save_pretrained(out / "random-init")
+        build_lm(first.model.config, seed=config.seed).save_pretrained(out / "random-init")
         first.tokenizer.save_pretrained(out / "random-init")
-        checkpoints[CONTROL] = LMCheckpoint.load(out / "random-init")
-
+        checkpoints = {**checkpoints, CONTROL: LMCheckpoint.load(out / "random-init")}
     rows: list[dict[str, Any]] = []
+    scores: dict[str, ProbeScores] = {}
     for name, checkpoint in checkpoints.items():
         cache = build_cache(checkpoint.source, tokens, out / "caches" / name.replace("/", "_"), layers,
                             config.batch_sequences, device, config.progress)
         model = checkpoint.model.to(device)
         unembed = (model.transformer.ln_f, model.lm_head) if config.kind == "lens" else None
-        _, table = fit_future_probes(cache, layers, config.tau_list(), config.probe_config(device),
-                                     vocab_size=model.config.vocab_size, unembed=unembed, progress=config.progress)
-        rows += table.assign(checkpoint=name).to_dict("records")
+        _, scores[name] = fit_future_probes(cache, layers, config.tau_list(), config.probe_config(device),
+                                            vocab_size=model.config.vocab_size, unembed=unembed,
+                                            progress=config.progress)
+        rows += scores[name].table().assign(checkpoint=name).to_dict("records")
     train, test = split_sequences(len(tokens), config.probe_config(device).test_fraction, seed=config.seed)
     baselines = count_baselines(tokens, train, test, config.tau_list(), first.model.config.vocab_size)
     rows += baselines.assign(checkpoint="baseline").to_dict("records")
-    table = tidy(rows, task=f"text: {data.corpus}", seed=config.seed, target="token x[t+τ]")
+    return ProbeRun(data, tokens, rows, scores, {name: c.source for name, c in checkpoints.items()})
+
+
+def probe_meta(run: ProbeRun) -> dict[str, Any]:
+    """Provenance of a probing run for ``meta.json``."""
+    return run_meta(data=asdict(run.data), heldout=f"first {len(run.tokens)} sequences of the test documents",
+                    checkpoints=run.sources, processing_mode=PROCESSING_MODE)
+
+
+def run_probe(config: ProbeConfig) -> ProbeResults:
+    """Cache and probe every checkpoint (and the control) on held-out text; write table, meta and figures."""
+    checkpoints = {name: LMCheckpoint.load(source) for name, source in config.named_checkpoints().items()}
+    out = prepare_out(config.out, config.results_settings())
+    run = probe_checkpoints(config, checkpoints, out)
+    table = tidy(run.rows, task=f"text: {run.data.corpus}", seed=config.seed, target="token x[t+τ]")
     results = ProbeResults(config=config, table=table)
-    finish_run(results, out, run_meta(
-        data=asdict(data), heldout=f"first {len(tokens)} sequences of the test documents",
-        checkpoints={name: c.source for name, c in checkpoints.items()}, processing_mode=PROCESSING_MODE,
-    ))
+    finish_run(results, out, probe_meta(run))
     return results

@@ -31,6 +31,7 @@ from probes.fit import split_sequences
 from probes.metrics import mean_scores
 
 KINDS = ("softmax", "topk", "lens")
+METRICS = ("top1", "top5", "cross_entropy")
 
 
 class Residuals(Protocol):
@@ -118,9 +119,9 @@ def fit_future_probes(
     vocab_size: int,
     unembed: tuple[nn.Module, nn.Module] | None = None,
     progress: bool = False,
-) -> tuple[FittedProbes, pd.DataFrame]:
-    """Fit every (layer, τ) probe on training sequences; return it and the held-out metrics (tidy rows:
-    layer, tau, probe, metric ∈ top1, top5, cross_entropy, split "test", value, ci_low, ci_high, n)."""
+) -> tuple[FittedProbes, ProbeScores]:
+    """Fit every (layer, τ) probe on training sequences; return it and its held-out scores (``.table()``:
+    tidy rows layer, tau, probe, metric ∈ top1, top5, cross_entropy, split "test", value, CI, n)."""
     layers, taus = list(layers), sorted(set(taus))
     tokens = np.asarray(residuals.tokens)
     n_sequences, seq_len = tokens.shape
@@ -211,29 +212,49 @@ def _validation_losses(probes: FutureTokenProbes, batches: _Batches, sequences: 
     return total / count
 
 
+@dataclass
+class ProbeScores:
+    """Per-example held-out scores of every probe: values[(layer, τ)] [n, 3] = (top-1 hit, top-5 hit,
+    cross-entropy), all probes on the same examples, which come from the sequences in ``sequence_ids``."""
+
+    kind: str
+    values: dict[tuple[int, int], np.ndarray]
+    sequence_ids: np.ndarray
+
+    def table(self) -> pd.DataFrame:
+        """Tidy rows: layer, tau, probe, metric ∈ top1, top5, cross_entropy, split "test", value, CI, n."""
+        rows = []
+        for (layer, tau), values in self.values.items():
+            for metric, estimate in zip(METRICS, mean_scores(values, self.sequence_ids)):
+                rows.append({"layer": layer, "tau": tau, "probe": self.kind, "metric": metric, "split": "test",
+                             **estimate.columns()})
+        return pd.DataFrame(rows)
+
+    def minus(self, other: ProbeScores) -> pd.DataFrame:
+        """Paired differences self − other per (layer, τ, metric) on the same examples, 95 % bootstrap
+        intervals resampling the same sequences for both (e.g. the pre-caching estimate P = vanilla − myopic)."""
+        if not np.array_equal(self.sequence_ids, other.sequence_ids) or self.values.keys() != other.values.keys():
+            raise ForethoughtError("paired differences need both probe grids scored on the same examples")
+        return ProbeScores(self.kind, {key: self.values[key] - other.values[key] for key in self.values},
+                           self.sequence_ids).table()
+
+
 @torch.no_grad()
 def score_future_probes(fitted: FittedProbes, residuals: Residuals, sequences: np.ndarray,
-                        batch_sequences: int = 64) -> pd.DataFrame:
-    """Top-1, top-5 and cross-entropy of every probe on ``sequences``, 95 % bootstrap CIs over sequences."""
+                        batch_sequences: int = 64) -> ProbeScores:
+    """Top-1, top-5 and cross-entropy of every probe on each held-out example of ``sequences``."""
     probes = fitted.probes
-    device = probes.weight.device
-    batches = _Batches(residuals, fitted.layers, fitted.taus, fitted.classes, device)
-    per_example: dict[tuple[int, int], list[np.ndarray]] = {}
+    batches = _Batches(residuals, fitted.layers, fitted.taus, fitted.classes, probes.weight.device)
+    chunks: dict[tuple[int, int], list[np.ndarray]] = {}
     for start in range(0, len(sequences), batch_sequences):
         features, targets = batches(sequences[start : start + batch_sequences])
-        for i in range(len(fitted.layers)):
-            for j in range(len(fitted.taus)):
+        for i, layer in enumerate(fitted.layers):
+            for j, tau in enumerate(fitted.taus):
                 log_probs = probes.logits(i, j, features[i]).log_softmax(-1)
                 top5 = log_probs.topk(min(5, log_probs.shape[-1]), dim=-1).indices
                 hits = top5 == targets[j][:, None]
                 values = torch.stack([hits[:, 0].double(), hits.any(-1).double(),
                                       -log_probs.gather(-1, targets[j][:, None])[:, 0].double()], dim=1)
-                per_example.setdefault((i, j), []).append(values.cpu().numpy())
-    sequence_ids = batches.sequence_ids(sequences)  # the chunks above, in order
-    rows = []
-    for (i, j), chunks in per_example.items():
-        top1, top5, loss = mean_scores(np.concatenate(chunks), sequence_ids)
-        for metric, estimate in (("top1", top1), ("top5", top5), ("cross_entropy", loss)):
-            rows.append({"layer": fitted.layers[i], "tau": fitted.taus[j], "probe": probes.kind, "metric": metric,
-                         "split": "test", **estimate.columns()})
-    return pd.DataFrame(rows)
+                chunks.setdefault((layer, tau), []).append(values.cpu().numpy())
+    values = {key: np.concatenate(parts) for key, parts in chunks.items()}
+    return ProbeScores(probes.kind, values, batches.sequence_ids(sequences))  # ids: the chunks above, in order

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 
 import probes.cache
 from analyses.cli import main
+from analyses.precache import PRECACHE, PrecacheConfig, run_precache
 from analyses.probe import CONTROL, ProbeConfig, ProbeResults, run_probe
 
 
@@ -53,3 +55,29 @@ def test_layers_that_do_not_exist_are_named(twins, tmp_path, capsys):
     assert main(["probe", "--checkpoints", str(twins / "vanilla"), "--layers", "1,7", "--out", str(tmp_path / "p"),
                  "--tokens-root", str(twins / "tokens")]) == 2
     assert "layers [7] out of range: the checkpoints have residual layers 0 … 2" in capsys.readouterr().err
+
+
+def test_precache_estimates_are_paired_differences(twins, tmp_path):
+    config = PrecacheConfig(vanilla=str(twins / "vanilla"), myopic=str(twins / "myopic"), taus="1,2", kind="topk",
+                            top_k=40, max_sequences=60, max_epochs=3, lr=1e-2, share_sequences=4, random_init=False,
+                            tokens_root=str(twins / "tokens"), out=str(tmp_path / "pre"), progress=False)
+    results = run_precache(config)
+    vanilla, myopic = (results.table[(results.table["checkpoint"] == name) & (results.table["metric"] == "top1")]
+                       .pivot(index="layer", columns="tau", values="value") for name in ("vanilla", "myopic"))
+    np.testing.assert_allclose(results.precaching(), vanilla - myopic, atol=1e-12)
+    assert results.breadcrumbs().equals(myopic)
+    p = results.table[results.table["checkpoint"] == PRECACHE]
+    assert (p["ci_low"] <= p["value"]).all() and (p["value"] <= p["ci_high"]).all()
+    shares = results.table[results.table["metric"] == "future_gradient_share"]
+    assert set(shares["checkpoint"]) == {"vanilla", "myopic"} and len(shares) == 6
+    assert {p.name for p in (tmp_path / "pre" / "figures").glob("*.html")} == {
+        "precache_topk_top1.html", "precache_topk_heatmap.html"}
+    assert PRECACHE not in results.accuracy().index.get_level_values("checkpoint")
+
+
+def test_precache_refuses_swapped_twins(twins, tmp_path, capsys):
+    assert main(["precache", "--vanilla", str(twins / "myopic"), "--myopic", str(twins / "vanilla"),
+                 "--out", str(tmp_path / "pre"), "--tokens-root", str(twins / "tokens")]) == 2
+    assert "was trained myopically" in capsys.readouterr().err and not (tmp_path / "pre").exists()
+    assert main(["precache", "--vanilla", str(twins / "vanilla"), "--out", str(tmp_path / "pre")]) == 2
+    assert "give the twins: --vanilla and --myopic" in capsys.readouterr().err

@@ -33,7 +33,8 @@ def planted(n_sequences: int = 300, seed: int = 0) -> InMemoryResiduals:
 @pytest.mark.parametrize("kind", ["softmax", "topk"])
 def test_planted_future_tokens_are_found_where_planted_and_nowhere_else(kind):
     config = FutureProbeConfig(kind=kind, top_k=VOCAB - 2, lr=3e-2, max_epochs=30, patience=3)
-    fitted, table = fit_future_probes(planted(), layers=[0, 1, 2], taus=[1, 2], config=config, vocab_size=VOCAB)
+    fitted, scores = fit_future_probes(planted(), layers=[0, 1, 2], taus=[1, 2], config=config, vocab_size=VOCAB)
+    table = scores.table()
     top1 = table[table["metric"] == "top1"].set_index(["layer", "tau"])["value"]
     found = {pair for pair, value in top1.items() if value > 0.8}
     assert found == {(1, 2), (2, 1)}, top1.to_dict()
@@ -50,8 +51,9 @@ def test_untrained_lens_is_the_logit_lens(tiny_lm):
     residuals = model_residuals(model, tokens).numpy()  # [L+1, n, seq, d]
     source = InMemoryResiduals(tokens.numpy(), {3: residuals[3]})
     config = FutureProbeConfig(kind="lens", max_epochs=0)  # no training: the identity
-    _, table = fit_future_probes(source, layers=[3], taus=[1], config=config, vocab_size=23,
-                                 unembed=(model.transformer.ln_f, model.lm_head))
+    _, scores = fit_future_probes(source, layers=[3], taus=[1], config=config, vocab_size=23,
+                                  unembed=(model.transformer.ln_f, model.lm_head))
+    table = scores.table()
     top1 = table[table["metric"] == "top1"].iloc[0]
     _, test = split_sequences(40, config.test_fraction, seed=config.seed)  # the probes' held-out sequences
     assert top1["n"] == len(test) * 7
@@ -66,3 +68,19 @@ def test_bad_tau_is_named():
         fit_future_probes(planted(20), layers=[1], taus=[0, 1], config=FutureProbeConfig(), vocab_size=VOCAB)
     with pytest.raises(ForethoughtError, match="unknown probe kind 'mlp'"):
         FutureProbeConfig(kind="mlp")
+
+
+def test_paired_difference_finds_what_one_model_lacks():
+    """P = acc(with) − acc(without): large with an interval above 0 where only one holds the signal, ≈ 0 elsewhere."""
+    full = planted()
+    lacking = InMemoryResiduals(full.tokens, {**full.arrays, 1: planted(seed=1).arrays[0]})  # layer 1: noise
+    config = FutureProbeConfig(lr=3e-2, max_epochs=30, patience=3)
+    _, with_signal = fit_future_probes(full, layers=[1, 2], taus=[1, 2], config=config, vocab_size=VOCAB)
+    _, without = fit_future_probes(lacking, layers=[1, 2], taus=[1, 2], config=config, vocab_size=VOCAB)
+    difference = with_signal.minus(without)
+    top1 = difference[difference["metric"] == "top1"].set_index(["layer", "tau"])
+    assert top1.loc[(1, 2), "value"] > 0.8 and top1.loc[(1, 2), "ci_low"] > 0.7
+    assert top1.loc[(2, 1), "value"] == 0.0 and top1.loc[(2, 1), "ci_low"] == top1.loc[(2, 1), "ci_high"] == 0.0
+    assert top1.loc[(1, 1), "ci_low"] < 0 < top1.loc[(1, 1), "ci_high"] or top1.loc[(1, 1), "value"] == 0
+    with pytest.raises(ForethoughtError, match="same examples"):
+        with_signal.minus(fit_future_probes(full, layers=[1], taus=[1], config=config, vocab_size=VOCAB)[1])

@@ -1,0 +1,112 @@
+"""Separating pre-caching from breadcrumbs (``forethought precache``) for a vanilla / myopic twin pair.
+
+Per (layer, τ): the pre-caching estimate P = acc_vanilla − acc_myopic with a paired bootstrap interval (both
+twins' probes are scored on the same held-out positions; the bootstrap resamples the same sequences for
+both), and the breadcrumb estimate B = acc_myopic — information a model trained only for the present still
+carries about x[t+τ]. Beside them: the random-init control, the count baselines, and each twin's
+future-gradient share per layer (:mod:`analyses.gap`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import numpy as np
+import pandas as pd
+import plotly.graph_objects as go
+import torch
+
+from analyses.experiment import finish_run, prepare_out
+from analyses.gap import check_twins, future_gradient_share
+from analyses.probe import ProbeConfig, ProbeResults, probe_checkpoints, probe_meta
+from analyses.results import tidy
+from models.errors import ForethoughtError
+from models.lm import LMCheckpoint
+from models.train import resolve_device
+
+PRECACHE = "pre-caching (vanilla − myopic)"
+
+
+@dataclass
+class PrecacheConfig(ProbeConfig):
+    """Settings of ``forethought precache``: the probe settings plus the twins; every field is a flag."""
+
+    vanilla: str | None = None  # the vanilla twin: checkpoint or run folder
+    myopic: str | None = None  # the myopic twin: same architecture, tokenizer and training data
+    share_sequences: int = 64  # held-out sequences for each twin's future-gradient share
+
+    def named_checkpoints(self) -> dict[str, str]:
+        if self.vanilla is None or self.myopic is None:
+            raise ForethoughtError("give the twins: --vanilla and --myopic")
+        return {"vanilla": self.vanilla, "myopic": self.myopic}
+
+
+@dataclass
+class PrecacheResults(ProbeResults):
+    """Probe metrics of the twins, the control and the baselines; P per (layer, τ); gradient shares."""
+
+    CONFIG: ClassVar[type] = PrecacheConfig
+    DERIVED: ClassVar[tuple[str, ...]] = (PRECACHE,)
+
+    def precaching(self, metric: str = "top1") -> pd.DataFrame:
+        """P (layers × τ) for ``metric``."""
+        rows = self.table[(self.table["checkpoint"] == PRECACHE) & (self.table["metric"] == metric)]
+        return rows.pivot(index="layer", columns="tau", values="value")
+
+    def breadcrumbs(self, metric: str = "top1") -> pd.DataFrame:
+        """B = the myopic twin's probe metric (layers × τ)."""
+        rows = self.table[(self.table["checkpoint"] == "myopic") & (self.table["metric"] == metric)]
+        return rows.pivot(index="layer", columns="tau", values="value")
+
+    def heatmap(self, metric: str = "top1") -> go.Figure:
+        """Layer × τ heatmap of P; cells whose 95 % interval contains 0 are marked "n.s."."""
+        rows = self.table[(self.table["checkpoint"] == PRECACHE) & (self.table["metric"] == metric)]
+        value = rows.pivot(index="layer", columns="tau", values="value")
+        low = rows.pivot(index="layer", columns="tau", values="ci_low")
+        high = rows.pivot(index="layer", columns="tau", values="ci_high")
+        significant = (low > 0) | (high < 0)
+        text = np.where(significant, value.map(lambda v: f"{v:+.3f}"), value.map(lambda v: f"{v:+.3f}<br>n.s."))
+        bound = float(np.nanmax(np.abs(value.to_numpy()))) or 1.0
+        figure = go.Figure(go.Heatmap(
+            z=value.to_numpy(), x=[f"τ = {tau}" for tau in value.columns], y=[str(layer) for layer in value.index],
+            text=text, texttemplate="%{text}", colorscale="RdBu", zmid=0, zmin=-bound, zmax=bound,
+            colorbar=dict(title="P"),
+        ))
+        figure.update_layout(title=f"Pre-caching estimate P = {metric}(vanilla) − {metric}(myopic), "
+                                   "paired 95% CI; n.s.: interval contains 0",
+                             xaxis_title="offset τ", yaxis_title="residual layer l")
+        return figure
+
+    def figures(self) -> dict[str, go.Figure]:
+        return {f"precache_{self.config.kind}_top1": self.figure(), f"precache_{self.config.kind}_heatmap": self.heatmap()}
+
+    def summary(self) -> str:
+        lines = [super().summary(), "pre-caching estimate P (top-1, vanilla − myopic), layers × τ:",
+                 self.precaching().to_string(float_format=lambda v: f"{v:+.3f}")]
+        shares = self.table[self.table["metric"] == "future_gradient_share"]
+        lines.append("future-gradient share by layer: " + "; ".join(
+            f"{name} " + ", ".join(f"{v:.3f}" for v in group.sort_values("layer")["value"])
+            for name, group in shares.groupby("checkpoint", sort=False)))
+        return "\n".join(lines)
+
+
+def run_precache(config: PrecacheConfig) -> PrecacheResults:
+    """Probe both twins and the control, estimate P and B per (layer, τ); write table, meta and figures."""
+    checkpoints = {name: LMCheckpoint.load(source) for name, source in config.named_checkpoints().items()}
+    check_twins(checkpoints["vanilla"], checkpoints["myopic"])
+    out = prepare_out(config.out, config.results_settings())
+    run = probe_checkpoints(config, checkpoints, out)
+    rows: list[dict[str, Any]] = list(run.rows)
+    rows += run.scores["vanilla"].minus(run.scores["myopic"]).assign(checkpoint=PRECACHE).to_dict("records")
+    device = resolve_device(config.device)
+    for name in ("vanilla", "myopic"):
+        model = checkpoints[name].model.to(device)
+        shares = future_gradient_share(model, torch.from_numpy(run.tokens[: config.share_sequences]),
+                                       config.batch_sequences, config.seed)
+        rows += [{"checkpoint": name, "layer": layer, "metric": "future_gradient_share", "split": "test",
+                  **estimate.columns()} for layer, estimate in enumerate(shares)]
+    table = tidy(rows, task=f"text: {run.data.corpus}", seed=config.seed, target="token x[t+τ]")
+    results = PrecacheResults(config=config, table=table)
+    finish_run(results, out, probe_meta(run))
+    return results
