@@ -63,6 +63,14 @@ class ResidualCache:
     def layers(self) -> list[int]:
         return list(self.meta["layers"])
 
+    @property
+    def d_model(self) -> int:
+        return self.meta["d_model"]
+
+    def read(self, sequences: np.ndarray, layers: Sequence[int]) -> np.ndarray:
+        """h[l] of the given sequences for each of ``layers``: [len(layers), len(sequences), seq, d_model]."""
+        return np.stack([self.layer(layer)[sequences] for layer in layers])
+
     def layer(self, layer: int) -> np.ndarray:
         """h[layer] for every sequence: a read-only memmap [n_sequences, seq, d_model]."""
         if layer not in self.layers:

@@ -35,11 +35,13 @@ METRICS = ("top1", "top5", "cross_entropy")
 
 
 class Residuals(Protocol):
-    """Where residuals come from: a :class:`probes.cache.ResidualCache`, or :class:`InMemoryResiduals`."""
+    """Where residuals come from: a :class:`probes.cache.ResidualCache` (disk),
+    :class:`probes.residuals.StreamingResiduals` (the model's forward passes) or :class:`InMemoryResiduals`."""
 
     tokens: np.ndarray  # [n_sequences, seq]
+    d_model: int
 
-    def layer(self, layer: int) -> np.ndarray: ...  # [n_sequences, seq, d_model]
+    def read(self, sequences: np.ndarray, layers: Sequence[int]) -> np.ndarray: ...  # [layers, len(seqs), seq, d]
 
 
 @dataclass
@@ -49,8 +51,12 @@ class InMemoryResiduals:
     tokens: np.ndarray
     arrays: dict[int, np.ndarray]
 
-    def layer(self, layer: int) -> np.ndarray:
-        return self.arrays[layer]
+    @property
+    def d_model(self) -> int:
+        return next(iter(self.arrays.values())).shape[-1]
+
+    def read(self, sequences: np.ndarray, layers: Sequence[int]) -> np.ndarray:
+        return np.stack([self.arrays[layer][sequences] for layer in layers])
 
 
 @dataclass
@@ -133,7 +139,7 @@ def fit_future_probes(
     validation, fit_part = np.sort(shuffled[:n_validation]), np.sort(shuffled[n_validation:])
     classes = _top_classes(tokens[train], config.top_k) if config.kind == "topk" else None
     n_classes = config.top_k + 1 if classes is not None else vocab_size
-    d_model = residuals.layer(layers[0]).shape[-1]
+    d_model = residuals.d_model
     device = torch.device(config.device)
     probes = FutureTokenProbes(len(layers), len(taus), d_model, n_classes, config.kind, unembed).to(device)
     optimizer = torch.optim.AdamW([probes.weight, probes.bias], lr=config.lr, weight_decay=config.weight_decay)
@@ -186,7 +192,7 @@ class _Batches:
             self.lookup[classes] = np.arange(len(classes))
 
     def __call__(self, sequences: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
-        features = np.stack([self.residuals.layer(layer)[sequences, : self.positions] for layer in self.layers])
+        features = self.residuals.read(sequences, self.layers)[:, :, : self.positions]  # [I, b, positions, d]
         features = torch.from_numpy(features.astype(np.float32)).flatten(1, 2).to(self.device)  # [I, n, d]
         targets = np.stack([self.tokens[sequences, tau : tau + self.positions] for tau in self.taus])
         if self.lookup is not None:

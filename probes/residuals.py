@@ -15,6 +15,7 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
+import numpy as np
 import torch
 from transformer_lens.model_bridge import TransformerBridge
 from transformers import PreTrainedModel
@@ -44,6 +45,20 @@ def _check_layers(layers: Sequence[int] | None, n_layers: int) -> list[int]:
     if bad:
         raise ForethoughtError(f"layers {bad} out of range: this model has residual layers 0 … {n_layers}")
     return layers
+
+
+class StreamingResiduals:
+    """Residuals computed on demand by the model's forward passes (no disk cache): the probes' data source
+    for corpora too large to cache; every read of a block of sequences runs the bridge on them."""
+
+    def __init__(self, bridge: TransformerBridge, tokens: np.ndarray, device: str = "cpu"):
+        self.bridge, self.tokens, self.device = bridge, np.asarray(tokens), device
+        self.d_model = bridge.cfg.d_model
+
+    def read(self, sequences: np.ndarray, layers: Sequence[int]) -> np.ndarray:
+        """[len(layers), len(sequences), seq, d_model] float32."""
+        chunk = torch.from_numpy(self.tokens[sequences]).to(self.device)
+        return bridge_residuals(self.bridge, chunk, layers).float().cpu().numpy()
 
 
 @torch.no_grad()

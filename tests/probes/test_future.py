@@ -4,13 +4,14 @@ logit lens; bad τ named."""
 from __future__ import annotations
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 
 from models.errors import ForethoughtError
 from probes.fit import split_sequences
 from probes.future import FutureProbeConfig, InMemoryResiduals, fit_future_probes
-from probes.residuals import model_residuals
+from probes.residuals import StreamingResiduals, bridge_residuals, load_bridge, model_residuals
 
 VOCAB, SEQ, D = 12, 10, 16
 
@@ -84,3 +85,17 @@ def test_paired_difference_finds_what_one_model_lacks():
     assert top1.loc[(1, 1), "ci_low"] < 0 < top1.loc[(1, 1), "ci_high"] or top1.loc[(1, 1), "value"] == 0
     with pytest.raises(ForethoughtError, match="same examples"):
         with_signal.minus(fit_future_probes(full, layers=[1], taus=[1], config=config, vocab_size=VOCAB)[1])
+
+
+def test_streaming_from_the_model_fits_what_the_arrays_fit(lm_folder):
+    """No disk cache: residuals recomputed by forward passes give the probes exactly the in-memory arrays'."""
+    tokens = np.random.default_rng(2).integers(0, 23, size=(30, 8))
+    bridge = load_bridge(lm_folder)
+    streaming = StreamingResiduals(bridge, tokens)
+    arrays = bridge_residuals(bridge, torch.from_numpy(tokens), [1, 3]).numpy()
+    in_memory = InMemoryResiduals(tokens, {1: arrays[0], 3: arrays[1]})
+    np.testing.assert_array_equal(streaming.read(np.array([2, 5]), [1, 3]), in_memory.read(np.array([2, 5]), [1, 3]))
+    config = FutureProbeConfig(max_epochs=3, batch_sequences=8)
+    _, streamed = fit_future_probes(streaming, layers=[1, 3], taus=[1, 2], config=config, vocab_size=23)
+    _, held = fit_future_probes(in_memory, layers=[1, 3], taus=[1, 2], config=config, vocab_size=23)
+    pd.testing.assert_frame_equal(streamed.table(), held.table())
