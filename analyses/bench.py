@@ -1,5 +1,8 @@
 """``forethought bench``: speed and memory, always as ratios against a baseline measured in the same run.
 
+``bench probe``: caching residuals, and fitting the (layer, τ) future-token probe grid in one torch pass vs
+one sklearn ``LogisticRegression`` per probe on a small vocabulary subset, at their held-out accuracies.
+
 ``bench train``: one training step (forward, next-token loss, backward, clipping, AdamW — the step of
 ``forethought train``) of a GPT-2 language model, vanilla (PyTorch fused attention) vs myopic (flash
 attention + diagonal correction) vs naive myopic (materialised T×T scores, as in the paper's code): tokens/s
@@ -9,18 +12,28 @@ and peak memory, as ratios to vanilla. Variants alternate round by round so drif
 from __future__ import annotations
 
 import contextlib
+import shutil
 import statistics
 import time
+import warnings
 from dataclasses import dataclass
+from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import torch
+from sklearn.exceptions import ConvergenceWarning
+from sklearn.linear_model import LogisticRegression
+from sklearn.preprocessing import StandardScaler
 
 from models.errors import ForethoughtError
 from models.gpt2 import build_lm, gpt2_config
 from models.myopic import myopic
-from models.tasks.text import next_token_loss
+from models.tasks.text import TextData, gpt2_tokenizer, next_token_loss
 from models.train import resolve_device
+from probes.cache import build_cache
+from probes.fit import split_sequences
+from probes.future import FutureProbeConfig, fit_future_probes
 
 
 @dataclass
@@ -116,3 +129,90 @@ def bench_train(config: TrainBenchConfig) -> pd.DataFrame:
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+@dataclass
+class ProbeBenchConfig:
+    """Settings of ``forethought bench probe``: cache throughput, probe-fitting throughput, and the same probe
+    grid fitted by sklearn ``LogisticRegression`` on a small vocabulary subset (the K most frequent tokens +
+    "other"), as a time ratio beside both held-out accuracies. Model: GPT-2 architecture at random init, run
+    on held-out text of the embedded corpus. Unset sizes follow the device."""
+
+    device: str = "auto"  # "auto": CUDA when available
+    n_layer: int | None = None  # GPU: 12, CPU: 4
+    d_model: int | None = None  # GPU: 768, CPU: 256
+    n_sequences: int | None = None  # GPU: 4096, CPU: 256 (64 tokens each)
+    taus: str = "1,2,3,4"
+    classes: int = 20  # K: the vocabulary subset both fitters predict (+ "other")
+    epochs: int = 10  # torch probe epochs (early stopping may end sooner)
+    sklearn_max_iter: int = 200  # L-BFGS iterations per sklearn probe
+    folder: str = "runs/bench-probe"  # the model and the cache go here
+
+    def resolved(self) -> ProbeBenchConfig:
+        device = str(resolve_device(self.device))
+        sizes = dict(n_layer=12, d_model=768, n_sequences=4096) if device.startswith("cuda") else \
+            dict(n_layer=4, d_model=256, n_sequences=256)
+        filled = {k: (getattr(self, k) if getattr(self, k) is not None else v) for k, v in sizes.items()}
+        return ProbeBenchConfig(**{**self.__dict__, **filled, "device": device})
+
+
+def bench_probe(config: ProbeBenchConfig) -> pd.DataFrame:
+    """Seconds and throughput of caching and of fitting the (layer, τ) probe grid, torch vs sklearn."""
+    config = config.resolved()
+    folder = Path(config.folder)
+    tokenizer = gpt2_tokenizer()
+    tokens = TextData().load(tokenizer)["train"][: config.n_sequences]
+    model = build_lm(gpt2_config(config.n_layer, config.d_model, config.d_model // 64 or 1), seed=0)
+    shutil.rmtree(folder, ignore_errors=True)
+    model.save_pretrained(folder / "model")
+    tokenizer.save_pretrained(folder / "model")
+    layers, taus = list(range(config.n_layer + 1)), [int(t) for t in config.taus.split(",")]
+
+    start = time.perf_counter()
+    cache = build_cache(folder / "model", tokens, folder / "cache", layers, device=config.device, progress=False)
+    cache_seconds = time.perf_counter() - start
+    cache_bytes = sum(p.stat().st_size for p in (folder / "cache").glob("layer_*.npy"))
+
+    probe_config = FutureProbeConfig(kind="topk", top_k=config.classes, lr=1e-2, max_epochs=config.epochs,
+                                     device=config.device)
+    start = time.perf_counter()
+    fitted, scores = fit_future_probes(cache, layers, taus, probe_config, vocab_size=len(tokenizer))
+    torch_seconds = time.perf_counter() - start
+    torch_accuracy = scores.table().query("metric == 'top1'")["value"].mean()
+
+    train, test = split_sequences(len(tokens), probe_config.test_fraction, seed=probe_config.seed)
+    lookup = np.full(len(tokenizer), config.classes)
+    lookup[fitted.classes] = np.arange(config.classes)
+    positions = tokens.shape[1] - max(taus)
+    start, accuracies = time.perf_counter(), []
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", ConvergenceWarning)
+        for layer in layers:
+            features = cache.layer(layer)[:, :positions].astype(np.float32)
+            for tau in taus:
+                labels = lookup[tokens[:, tau : tau + positions]]
+                scaler = StandardScaler().fit(features[train].reshape(-1, config.d_model))
+                probe = LogisticRegression(max_iter=config.sklearn_max_iter).fit(
+                    scaler.transform(features[train].reshape(-1, config.d_model)), labels[train].ravel())
+                predicted = probe.predict(scaler.transform(features[test].reshape(-1, config.d_model)))
+                accuracies.append(float((predicted == labels[test].ravel()).mean()))
+    sklearn_seconds = time.perf_counter() - start
+    unconverged = sum(issubclass(w.category, ConvergenceWarning) for w in caught)
+
+    n_tokens, n_probes = tokens.size, len(layers) * len(taus)
+    table = pd.DataFrame({
+        "step": ["cache (forward + write)", "probes: torch, one pass", "probes: sklearn, one per (layer, τ)"],
+        "seconds": [cache_seconds, torch_seconds, sklearn_seconds],
+        "tokens_per_s": [n_tokens / cache_seconds, None, None],
+        "gb_written_per_s": [cache_bytes / cache_seconds / 1e9, None, None],
+        "probes": [None, n_probes, n_probes],
+        "mean_top1": [None, torch_accuracy, float(np.mean(accuracies))],
+        "speedup_vs_sklearn": [None, sklearn_seconds / torch_seconds, 1.0],
+    })
+    table.attrs["setting"] = (
+        f"{config.device}, GPT-2 {config.n_layer} layers × d_model {config.d_model} (random init), "
+        f"{config.n_sequences} sequences × {tokens.shape[1]} tokens of the embedded corpus, τ ∈ {taus}, "
+        f"{config.classes} most frequent tokens + other; sklearn lbfgs stopped at max_iter "
+        f"{config.sklearn_max_iter} in {unconverged} of {n_probes} probes"
+    )
+    return table

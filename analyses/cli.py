@@ -20,7 +20,7 @@ from pathlib import Path
 
 from transformers.utils import logging as transformers_logging
 
-from analyses.bench import TrainBenchConfig, bench_train
+from analyses.bench import ProbeBenchConfig, TrainBenchConfig, bench_probe, bench_train
 from analyses.gap import GapConfig, run_gap
 from analyses.precache import PrecacheConfig, run_precache
 from analyses.probe import ProbeConfig, run_probe
@@ -44,6 +44,7 @@ ANALYSES = {  # command: (config dataclass, run function) for analyses of traine
     "precache": (PrecacheConfig, run_precache),
     "gap": (GapConfig, run_gap),
 }
+BENCHES = {"train": (TrainBenchConfig, bench_train), "probe": (ProbeBenchConfig, bench_probe)}
 
 
 def _field_help(cls: type) -> dict[str, str]:
@@ -125,6 +126,9 @@ def build_parser() -> argparse.ArgumentParser:
     train_bench = benches.add_parser("train", aliases=["myopic"], description=TrainBenchConfig.__doc__,
                                      help="training step: tokens/s and memory, myopic (fast, naive) ÷ vanilla")
     add_config_arguments(train_bench, TrainBenchConfig)
+    probe_bench = benches.add_parser("probe", description=ProbeBenchConfig.__doc__,
+                                     help="caching and probe fitting: throughput, and torch ÷ sklearn time")
+    add_config_arguments(probe_bench, ProbeBenchConfig)
     return parser
 
 
@@ -151,9 +155,10 @@ def main(argv: list[str] | None = None) -> int:
             print(run(config).summary())
             print(f"results and figures in {config.out}")
         elif command == "bench":
-            args.pop("bench")
-            table = bench_train(TrainBenchConfig(**args))
-            print(f"forethought bench train — {table.attrs['setting']}")
+            name = args.pop("bench").replace("myopic", "train")  # `bench myopic` is the old name of `bench train`
+            config_class, run = BENCHES[name]
+            table = run(config_class(**args))
+            print(f"forethought bench {name} — {table.attrs['setting']}")
             measured = table.dropna(axis=1, how="all")  # memory columns are CUDA-only
             print(measured.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
     except ForethoughtError as error:

@@ -28,7 +28,7 @@ from models.train import resolve_device
 from probes.baselines import count_baselines
 from probes.cache import PROCESSING_MODE, build_cache
 from probes.fit import split_sequences
-from probes.future import FutureProbeConfig, ProbeScores, fit_future_probes
+from probes.future import FutureProbeConfig, ProbeScores, fit_future_probes, top_classes
 
 CONTROL = "random init"
 
@@ -185,7 +185,8 @@ def probe_checkpoints(config: ProbeConfig, checkpoints: dict[str, LMCheckpoint],
                                             progress=config.progress)
         rows += scores[name].table().assign(checkpoint=name).to_dict("records")
     train, test = split_sequences(len(tokens), config.probe_config(device).test_fraction, seed=config.seed)
-    baselines = count_baselines(tokens, train, test, config.tau_list(), first.model.config.vocab_size)
+    classes = top_classes(tokens[train], config.top_k) if config.kind == "topk" else None  # the probes' classes
+    baselines = count_baselines(tokens, train, test, config.tau_list(), first.model.config.vocab_size, classes=classes)
     rows += baselines.assign(checkpoint="baseline").to_dict("records")
     return ProbeRun(data, tokens, rows, scores, {name: c.source for name, c in checkpoints.items()})
 

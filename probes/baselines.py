@@ -20,9 +20,16 @@ from probes.metrics import mean_scores
 
 
 def count_baselines(tokens: np.ndarray, train: np.ndarray, test: np.ndarray, taus: Sequence[int],
-                    vocab_size: int, alpha: float = 0.1) -> pd.DataFrame:
-    """Tidy rows (probe ∈ unigram, skip-bigram; tau; metric ∈ top1, top5, cross_entropy; split "test")."""
+                    vocab_size: int, alpha: float = 0.1, classes: np.ndarray | None = None) -> pd.DataFrame:
+    """Tidy rows (probe ∈ unigram, skip-bigram; tau; metric ∈ top1, top5, cross_entropy; split "test").
+
+    ``classes``: predict only these token ids + "other" (what ``topk`` probes predict), so the numbers compare.
+    """
     taus = sorted(set(taus))
+    if classes is not None:
+        lookup = np.full(vocab_size, len(classes))
+        lookup[classes] = np.arange(len(classes))
+        tokens, vocab_size = lookup[tokens], len(classes) + 1
     positions = tokens.shape[1] - max(taus)
     current_train, current_test = tokens[train, :positions].ravel(), tokens[test, :positions].ravel()
     sequence_ids = np.repeat(test, positions)

@@ -137,7 +137,7 @@ def fit_future_probes(
     n_validation = max(1, round(len(train) * config.validation_fraction))
     shuffled = np.random.default_rng(config.seed).permutation(train)
     validation, fit_part = np.sort(shuffled[:n_validation]), np.sort(shuffled[n_validation:])
-    classes = _top_classes(tokens[train], config.top_k) if config.kind == "topk" else None
+    classes = top_classes(tokens[train], config.top_k) if config.kind == "topk" else None
     n_classes = config.top_k + 1 if classes is not None else vocab_size
     d_model = residuals.d_model
     device = torch.device(config.device)
@@ -174,7 +174,8 @@ def fit_future_probes(
     return fitted, score_future_probes(fitted, residuals, test, config.batch_sequences)
 
 
-def _top_classes(tokens: np.ndarray, k: int) -> np.ndarray:
+def top_classes(tokens: np.ndarray, k: int) -> np.ndarray:
+    """The ``k`` most frequent token ids of ``tokens`` (the topk probes' classes; ties: smaller id)."""
     counts = np.bincount(tokens.ravel())
     return np.argsort(-counts, kind="stable")[:k]
 

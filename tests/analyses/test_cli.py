@@ -116,3 +116,17 @@ def test_checkpoint_of_another_architecture_is_named(capsys, tmp_path):
                            "--out", str(tmp_path / "run"))
     assert code == 2 and "has n_layer=3, but the settings say 2" in err
     assert not (tmp_path / "run").exists()
+
+
+def test_bench_probe_prints_throughput_and_the_sklearn_ratio(capsys, tmp_path):
+    code, out, _ = run_cli(
+        capsys, "bench", "probe", "--n-layer", "1", "--d-model", "64", "--n-sequences", "24", "--taus", "1,2",
+        "--classes", "5", "--epochs", "2", "--sklearn-max-iter", "20", "--folder", str(tmp_path / "bench"),
+    )
+    assert code == 0
+    lines = out.splitlines()
+    header = next(i for i, line in enumerate(lines) if line.startswith("forethought bench probe — cpu, GPT-2 1 layers"))
+    assert "of 4 probes" in lines[header]  # 2 layers × 2 τ
+    rows = lines[header + 2 :]
+    assert [row.split()[0] for row in rows] == ["cache", "probes:", "probes:"]
+    assert float(rows[1].split()[-1]) > 0 and float(rows[2].split()[-1]) == 1.0

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pandas as pd
 import pytest
 
 from probes.baselines import count_baselines
@@ -32,3 +33,12 @@ def test_values_by_hand():
     expected = -(np.log(after1[1] / after1.sum()) + np.log(after1[0] / after1.sum()) + np.log(after0[0] / after0.sum())) / 3
     assert value[("skip-bigram", "cross_entropy")] == pytest.approx(expected)
     assert value[("skip-bigram", "top1")] == pytest.approx(1 / 3)  # predicts 1 after 1 (right once), 1 after 0
+
+
+def test_baselines_over_a_class_subset_pool_the_rest():
+    tokens = np.array([[0, 1, 0, 2], [0, 1, 2, 2], [1, 1, 0, 3]])
+    pooled = count_baselines(tokens, np.array([0, 1]), np.array([2]), taus=[1], vocab_size=4,
+                             classes=np.array([0, 1]))
+    mapped = np.minimum(tokens, 2)  # classes 0, 1 kept; 2 and 3 become "other" = 2
+    direct = count_baselines(mapped, np.array([0, 1]), np.array([2]), taus=[1], vocab_size=3)
+    pd.testing.assert_frame_equal(pooled, direct)
