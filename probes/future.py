@@ -65,7 +65,7 @@ class FutureProbeConfig:
 
     kind: str = "softmax"  # softmax, topk or lens
     top_k: int = 1000  # topk: classes = the K most frequent training tokens + "other"
-    lr: float = 1e-3
+    lr: float = 1e-2
     weight_decay: float = 0.0
     batch_sequences: int = 64  # sequences per minibatch (all their probed positions)
     max_epochs: int = 20
