@@ -200,10 +200,12 @@ def bench_probe(config: ProbeBenchConfig) -> pd.DataFrame:
     unconverged = sum(issubclass(w.category, ConvergenceWarning) for w in caught)
 
     n_tokens, n_probes = tokens.size, len(layers) * len(taus)
+    fit_examples = (1 - probe_config.validation_fraction) * len(train) * positions  # per probe and epoch
     table = pd.DataFrame({
         "step": ["cache (forward + write)", "probes: torch, one pass", "probes: sklearn, one per (layer, τ)"],
         "seconds": [cache_seconds, torch_seconds, sklearn_seconds],
         "tokens_per_s": [n_tokens / cache_seconds, None, None],
+        "probe_examples_per_s": [None, fit_examples * n_probes * len(fitted.history) / torch_seconds, None],
         "gb_written_per_s": [cache_bytes / cache_seconds / 1e9, None, None],
         "probes": [None, n_probes, n_probes],
         "mean_top1": [None, torch_accuracy, float(np.mean(accuracies))],

@@ -56,8 +56,8 @@ class PrecacheResults(ProbeResults):
 
     def breadcrumbs(self, metric: str = "top1") -> pd.DataFrame:
         """B = the myopic twin's probe metric (layers × τ)."""
-        rows = self.table[(self.table["checkpoint"] == "myopic") & (self.table["metric"] == metric)]
-        return rows.pivot(index="layer", columns="tau", values="value")
+        rows = self._probed(metric)
+        return rows[rows["checkpoint"] == "myopic"].pivot(index="layer", columns="tau", values="value")
 
     def heatmap(self, metric: str = "top1") -> go.Figure:
         """Layer × τ heatmap of P; cells whose 95 % interval contains 0 are marked "n.s."."""

@@ -8,7 +8,7 @@ checkpoint's architecture (the control), and the unigram / skip-bigram count bas
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -31,6 +31,7 @@ from probes.fit import split_sequences
 from probes.future import FutureProbeConfig, ProbeScores, fit_future_probes, top_classes
 
 CONTROL = "random init"
+LOGIT_LENS = "logit lens"
 
 
 @dataclass
@@ -108,9 +109,11 @@ class ProbeResults(ExperimentResults):
     CONFIG: ClassVar[type] = ProbeConfig
     DERIVED: ClassVar[tuple[str, ...]] = ()  # rows computed from other checkpoints' (left out of accuracy plots)
 
-    def _probed(self, metric: str) -> pd.DataFrame:
+    def _probed(self, metric: str, probe: str | None = None) -> pd.DataFrame:
+        """Rows of the fitted probes (or of ``probe``, e.g. the logit lens) for ``metric``, per checkpoint."""
         table = self.table
-        return table[(table["metric"] == metric) & table["layer"].notna() & ~table["checkpoint"].isin(self.DERIVED)]
+        return table[(table["metric"] == metric) & (table["probe"] == (probe or self.config.kind))
+                     & table["layer"].notna() & ~table["checkpoint"].isin(self.DERIVED)]
 
     def to_dataframe(self) -> pd.DataFrame:
         """The tidy table (DESIGN.md's columns)."""
@@ -121,7 +124,8 @@ class ProbeResults(ExperimentResults):
         return self._probed(metric).pivot_table(index=["checkpoint", "tau"], columns="layer", values="value", sort=False)
 
     def figure(self, metric: str = "top1") -> go.Figure:
-        """``metric`` by layer, one line per τ, one panel per checkpoint; skip-bigram baselines dashed."""
+        """``metric`` by layer, one line per τ, one panel per checkpoint; skip-bigram baselines dashed, the
+        logit lens (τ = 1) dotted."""
         rows = self._probed(metric).assign(
             tau=lambda t: "τ = " + t["tau"].astype(str),
             plus=lambda t: t["ci_high"] - t["value"], minus=lambda t: t["value"] - t["ci_low"])
@@ -129,8 +133,14 @@ class ProbeResults(ExperimentResults):
                          error_y="plus", error_y_minus="minus", color_discrete_sequence=px.colors.qualitative.D3,
                          labels={"layer": "residual layer l", "value": metric},
                          title=f"Future-token probes ({self.config.kind}): held-out {metric} of x[t+τ] from h[l, t], "
-                               "95% CI; dashed: skip-bigram baseline")
+                               "95% CI; dashed: skip-bigram, dotted: logit lens (τ = 1)")
         colors = {trace.name: trace.line.color for trace in figure.data}
+        lens = self._probed(metric, probe=LOGIT_LENS)
+        for column, name in enumerate(dict.fromkeys(rows["checkpoint"]), start=1):
+            mine = lens[lens["checkpoint"] == name].sort_values("layer")
+            figure.add_scatter(x=mine["layer"].astype(int), y=mine["value"], mode="lines", name="logit lens (τ = 1)",
+                               line=dict(dash="dot", color=colors.get("τ = 1", "gray")), showlegend=column == 1,
+                               row=1, col=column)
         baselines = self.table[(self.table["probe"] == "skip-bigram") & (self.table["metric"] == metric)]
         for _, row in baselines.iterrows():
             figure.add_hline(y=row["value"], line_dash="dash", line_color=colors.get(f"τ = {row['tau']}", "gray"),
@@ -145,6 +155,8 @@ class ProbeResults(ExperimentResults):
     def summary(self) -> str:
         table = self.accuracy()
         lines = ["held-out top-1 of x[t+τ] by layer:", table.to_string(float_format=lambda v: f"{v:.3f}")]
+        lens = self._probed("top1", probe=LOGIT_LENS).pivot(index="checkpoint", columns="layer", values="value")
+        lines += ["logit lens (τ = 1), top-1 by layer:", lens.to_string(float_format=lambda v: f"{v:.3f}")]
         baselines = self.table[(self.table["checkpoint"] == "baseline") & (self.table["metric"] == "top1")]
         for _, row in baselines.iterrows():
             lines.append(f"  {row['probe']:<12} τ = {row['tau']}: {row['value']:.3f}")
@@ -184,11 +196,22 @@ def probe_checkpoints(config: ProbeConfig, checkpoints: dict[str, LMCheckpoint],
                                             vocab_size=model.config.vocab_size, unembed=unembed,
                                             progress=config.progress)
         rows += scores[name].table().assign(checkpoint=name).to_dict("records")
+        rows += _logit_lens(cache, layers, config, device, model).assign(checkpoint=name).to_dict("records")
     train, test = split_sequences(len(tokens), config.probe_config(device).test_fraction, seed=config.seed)
     classes = top_classes(tokens[train], config.top_k) if config.kind == "topk" else None  # the probes' classes
     baselines = count_baselines(tokens, train, test, config.tau_list(), first.model.config.vocab_size, classes=classes)
     rows += baselines.assign(checkpoint="baseline").to_dict("records")
     return ProbeRun(data, tokens, rows, scores, {name: c.source for name, c in checkpoints.items()})
+
+
+def _logit_lens(cache, layers: list[int], config: ProbeConfig, device: str, model) -> pd.DataFrame:
+    """The untrained lens — the model's own final LayerNorm and unembedding on h[l] — for τ = 1, scored on
+    the probes' held-out positions (the lens grid is built for all τ so the positions match, then kept at τ = 1)."""
+    lens_config = replace(config.probe_config(device), kind="lens", max_epochs=0)
+    _, scores = fit_future_probes(cache, layers, config.tau_list(), lens_config, vocab_size=model.config.vocab_size,
+                                  unembed=(model.transformer.ln_f, model.lm_head))
+    table = scores.table()
+    return table[table["tau"] == 1].assign(probe=LOGIT_LENS)
 
 
 def probe_meta(run: ProbeRun) -> dict[str, Any]:

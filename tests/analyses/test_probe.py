@@ -22,12 +22,14 @@ def test_probe_table_figure_and_reuse(twins, tmp_path, monkeypatch):
     results = run_probe(settings(twins, tmp_path / "probe"))
     table = results.to_dataframe()
     assert set(table["checkpoint"]) == {"vanilla", "myopic", CONTROL, "baseline"}
-    probed = table[table["layer"].notna()]
+    probed = table[table["layer"].notna() & (table["probe"] == "topk")]
     assert len(probed) == 3 * 3 * 2 * 3  # checkpoints × layers 0–2 × τ ∈ {1, 2} × (top1, top5, cross_entropy)
+    lens = table[table["probe"] == "logit lens"]
+    assert len(lens) == 3 * 3 * 3 and set(lens["tau"]) == {1}  # checkpoints × layers × metrics, τ = 1 only
     assert set(table.loc[table["layer"].isna(), "probe"]) == {"unigram", "skip-bigram"}
     top1 = results.accuracy()
     assert list(top1.columns) == [0, 1, 2] and ((top1 >= 0) & (top1 <= 1)).all().all()
-    assert {trace.name for trace in results.figure().data} == {"τ = 1", "τ = 2"}
+    assert {trace.name for trace in results.figure().data} == {"τ = 1", "τ = 2", "logit lens (τ = 1)"}
     assert (tmp_path / "probe" / "figures" / "probe_topk_top1.html").exists()
     assert ProbeResults.from_folder(tmp_path / "probe").table.equals(table)
     monkeypatch.setattr(probes.cache, "bridge_residuals", lambda *a: pytest.fail("a finished cache was rebuilt"))
@@ -62,8 +64,9 @@ def test_precache_estimates_are_paired_differences(twins, tmp_path):
                             top_k=40, max_sequences=60, max_epochs=3, lr=1e-2, share_sequences=4, random_init=False,
                             tokens_root=str(twins / "tokens"), out=str(tmp_path / "pre"), progress=False)
     results = run_precache(config)
-    vanilla, myopic = (results.table[(results.table["checkpoint"] == name) & (results.table["metric"] == "top1")]
-                       .pivot(index="layer", columns="tau", values="value") for name in ("vanilla", "myopic"))
+    probed = results.table[(results.table["metric"] == "top1") & (results.table["probe"] == "topk")]
+    vanilla, myopic = (probed[probed["checkpoint"] == name].pivot(index="layer", columns="tau", values="value")
+                       for name in ("vanilla", "myopic"))
     np.testing.assert_allclose(results.precaching(), vanilla - myopic, atol=1e-12)
     assert results.breadcrumbs().equals(myopic)
     p = results.table[results.table["checkpoint"] == PRECACHE]
