@@ -12,8 +12,8 @@ and peak memory, as ratios to vanilla. Variants alternate round by round so drif
 from __future__ import annotations
 
 import contextlib
-import shutil
 import statistics
+import tempfile
 import time
 import warnings
 from dataclasses import dataclass
@@ -146,7 +146,7 @@ class ProbeBenchConfig:
     classes: int = 20  # K: the vocabulary subset both fitters predict (+ "other")
     epochs: int = 10  # torch probe epochs (early stopping may end sooner)
     sklearn_max_iter: int = 200  # L-BFGS iterations per sklearn probe
-    folder: str = "runs/bench-probe"  # the model and the cache go here
+    folder: str = "runs/bench-probe"  # a temporary folder for the model and the cache is made (and removed) here
 
     def resolved(self) -> ProbeBenchConfig:
         device = str(resolve_device(self.device))
@@ -157,13 +157,20 @@ class ProbeBenchConfig:
 
 
 def bench_probe(config: ProbeBenchConfig) -> pd.DataFrame:
-    """Seconds and throughput of caching and of fitting the (layer, τ) probe grid, torch vs sklearn."""
+    """Seconds and throughput of caching and of fitting the (layer, τ) probe grid, torch vs sklearn.
+
+    Model and cache go to a temporary folder under ``config.folder``, removed afterwards (nothing else there is
+    touched)."""
     config = config.resolved()
-    folder = Path(config.folder)
+    Path(config.folder).mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=config.folder, prefix="bench-") as work:
+        return _bench_probe(config, Path(work))
+
+
+def _bench_probe(config: ProbeBenchConfig, folder: Path) -> pd.DataFrame:
     tokenizer = gpt2_tokenizer()
     tokens = TextData().load(tokenizer)["train"][: config.n_sequences]
     model = build_lm(gpt2_config(config.n_layer, config.d_model, config.d_model // 64 or 1), seed=0)
-    shutil.rmtree(folder, ignore_errors=True)
     model.save_pretrained(folder / "model")
     tokenizer.save_pretrained(folder / "model")
     layers, taus = list(range(config.n_layer + 1)), [int(t) for t in config.taus.split(",")]

@@ -130,3 +130,4 @@ def test_bench_probe_prints_throughput_and_the_sklearn_ratio(capsys, tmp_path):
     rows = lines[header + 2 :]
     assert [row.split()[0] for row in rows] == ["cache", "probes:", "probes:"]
     assert float(rows[1].split()[-1]) > 0 and float(rows[2].split()[-1]) == 1.0
+    assert list((tmp_path / "bench").iterdir()) == []  # the model and cache were temporary
