@@ -18,8 +18,6 @@ import time
 from dataclasses import MISSING, fields
 from pathlib import Path
 
-from transformers.utils import logging as transformers_logging
-
 from analyses.bench import ProbeBenchConfig, TrainBenchConfig, bench_probe, bench_train
 from analyses.gap import GapConfig, run_gap
 from analyses.precache import PrecacheConfig, run_precache
@@ -27,6 +25,7 @@ from analyses.probe import ProbeConfig, run_probe
 from analyses.pathstar import PathStarConfig, run_pathstar
 from analyses.synthetic import SyntheticConfig, run_synthetic
 from models.errors import ForethoughtError
+from models.gpt2 import quiet_loading
 from models.lm import LMTrainConfig, train_lm
 from models.tasks.pathstar import PathStarSpec, generate_split
 
@@ -132,9 +131,9 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+@quiet_loading()
 def main(argv: list[str] | None = None) -> int:
     args = vars(build_parser().parse_args(argv))
-    transformers_logging.disable_progress_bar()  # per-file save/load bars drown our own
     command = args.pop("command")
     try:
         if command in ("demo", *EXPERIMENTS):

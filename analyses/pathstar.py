@@ -20,7 +20,7 @@ import plotly.graph_objects as go
 import torch
 
 from analyses.experiment import ExperimentConfig, ExperimentResults, finish_run, prepare_out
-from analyses.results import run_meta, tidy
+from analyses.results import CONTROL, run_meta, tidy
 from models.errors import ForethoughtError
 from models.gpt2 import build_lm, gpt2_config
 from models.tasks.pathstar import PathStarData, PathStarSpec, PathStarTask, check_regime, generate_split
@@ -30,7 +30,6 @@ from probes.metrics import mean_scores
 from probes.residuals import model_residuals
 
 TRAININGS = {"vanilla": False, "myopic": True}
-CONTROL = "random init"
 
 
 @dataclass

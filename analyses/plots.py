@@ -5,6 +5,7 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import plotly.express as px
 import plotly.graph_objects as go
@@ -57,6 +58,23 @@ def loss_curves_figure(
         figure.add_scatter(x=steps, y=[baseline, baseline], name=baseline_name, mode="lines",
                            line=dict(color="black", dash="dash"))
     figure.update_layout(title=title, xaxis_title="step", yaxis_title="loss (log scale)", yaxis_type="log")
+    return figure
+
+
+def difference_heatmap(rows: pd.DataFrame, title: str, colorbar: str) -> go.Figure:
+    """Layer × τ heatmap of differences (tidy rows with layer, tau, value, ci_low, ci_high), centred at 0;
+    cells whose 95 % interval contains 0 are marked "n.s."."""
+    value, low, high = (rows.pivot(index="layer", columns="tau", values=column)
+                        for column in ("value", "ci_low", "ci_high"))
+    significant = (low > 0) | (high < 0)
+    text = np.where(significant, value.map(lambda v: f"{v:+.3f}"), value.map(lambda v: f"{v:+.3f}<br>n.s."))
+    bound = float(np.nanmax(np.abs(value.to_numpy()))) or 1.0
+    figure = go.Figure(go.Heatmap(
+        z=value.to_numpy(), x=[f"τ = {tau}" for tau in value.columns], y=[str(layer) for layer in value.index],
+        text=text, texttemplate="%{text}", colorscale="RdBu", zmid=0, zmin=-bound, zmax=bound,
+        colorbar=dict(title=colorbar),
+    ))
+    figure.update_layout(title=title, xaxis_title="offset τ", yaxis_title="residual layer l")
     return figure
 
 

@@ -12,17 +12,16 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-import numpy as np
 import pandas as pd
 import plotly.graph_objects as go
 import torch
 
 from analyses.experiment import finish_run, prepare_out
 from analyses.gap import check_twins, future_gradient_share
-from analyses.probe import ProbeConfig, ProbeResults, probe_checkpoints, probe_meta
+from analyses.plots import difference_heatmap
+from analyses.probe import ProbeConfig, ProbeResults, load_checkpoints, probe_checkpoints, probe_meta
 from analyses.results import tidy
 from models.errors import ForethoughtError
-from models.lm import LMCheckpoint
 from models.train import resolve_device
 
 PRECACHE = "pre-caching (vanilla − myopic)"
@@ -62,21 +61,8 @@ class PrecacheResults(ProbeResults):
     def heatmap(self, metric: str = "top1") -> go.Figure:
         """Layer × τ heatmap of P; cells whose 95 % interval contains 0 are marked "n.s."."""
         rows = self.table[(self.table["checkpoint"] == PRECACHE) & (self.table["metric"] == metric)]
-        value = rows.pivot(index="layer", columns="tau", values="value")
-        low = rows.pivot(index="layer", columns="tau", values="ci_low")
-        high = rows.pivot(index="layer", columns="tau", values="ci_high")
-        significant = (low > 0) | (high < 0)
-        text = np.where(significant, value.map(lambda v: f"{v:+.3f}"), value.map(lambda v: f"{v:+.3f}<br>n.s."))
-        bound = float(np.nanmax(np.abs(value.to_numpy()))) or 1.0
-        figure = go.Figure(go.Heatmap(
-            z=value.to_numpy(), x=[f"τ = {tau}" for tau in value.columns], y=[str(layer) for layer in value.index],
-            text=text, texttemplate="%{text}", colorscale="RdBu", zmid=0, zmin=-bound, zmax=bound,
-            colorbar=dict(title="P"),
-        ))
-        figure.update_layout(title=f"Pre-caching estimate P = {metric}(vanilla) − {metric}(myopic), "
-                                   "paired 95% CI; n.s.: interval contains 0",
-                             xaxis_title="offset τ", yaxis_title="residual layer l")
-        return figure
+        return difference_heatmap(rows, f"Pre-caching estimate P = {metric}(vanilla) − {metric}(myopic), "
+                                        "paired 95% CI; n.s.: interval contains 0", colorbar="P")
 
     def figures(self) -> dict[str, go.Figure]:
         return {f"precache_{self.config.kind}_top1": self.figure(), f"precache_{self.config.kind}_heatmap": self.heatmap()}
@@ -93,12 +79,13 @@ class PrecacheResults(ProbeResults):
 
 def run_precache(config: PrecacheConfig) -> PrecacheResults:
     """Probe both twins and the control, estimate P and B per (layer, τ); write table, meta and figures."""
-    checkpoints = {name: LMCheckpoint.load(source) for name, source in config.named_checkpoints().items()}
+    checkpoints = load_checkpoints(config.named_checkpoints())
     check_twins(checkpoints["vanilla"], checkpoints["myopic"])
     out = prepare_out(config.out, config.results_settings())
     run = probe_checkpoints(config, checkpoints, out)
     rows: list[dict[str, Any]] = list(run.rows)
-    rows += run.scores["vanilla"].minus(run.scores["myopic"]).assign(checkpoint=PRECACHE).to_dict("records")
+    rows += run.scores["vanilla"].minus(run.scores["myopic"]).assign(checkpoint=PRECACHE, target=config.target()
+                                                                      ).to_dict("records")
     device = resolve_device(config.device)
     for name in ("vanilla", "myopic"):
         model = checkpoints[name].model.to(device)
@@ -106,7 +93,7 @@ def run_precache(config: PrecacheConfig) -> PrecacheResults:
                                        config.batch_sequences, config.seed)
         rows += [{"checkpoint": name, "layer": layer, "metric": "future_gradient_share", "split": "test",
                   **estimate.columns()} for layer, estimate in enumerate(shares)]
-    table = tidy(rows, task=f"text: {run.data.corpus}", seed=config.seed, target="token x[t+τ]")
+    table = tidy(rows, task=f"text: {run.data.corpus}", seed=config.seed)
     results = PrecacheResults(config=config, table=table)
     finish_run(results, out, probe_meta(run))
     return results

@@ -8,6 +8,9 @@ checkpoint's architecture (the control), and the unigram / skip-bigram count bas
 
 from __future__ import annotations
 
+import hashlib
+import json
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, ClassVar
@@ -19,26 +22,26 @@ import plotly.graph_objects as go
 
 from analyses.experiment import ExperimentResults, finish_run, prepare_out
 from analyses.gap import heldout_data
-from analyses.results import run_meta, tidy
+from analyses.results import CONTROL, run_meta, tidy
 from models.errors import ForethoughtError
 from models.gpt2 import build_lm
 from models.lm import LMCheckpoint
 from models.tasks.text import TextData
 from models.train import resolve_device
 from probes.baselines import count_baselines
-from probes.cache import PROCESSING_MODE, build_cache
+from probes.cache import PROCESSING_MODE, ResidualCache, build_cache
 from probes.fit import split_sequences
 from probes.future import FutureProbeConfig, ProbeScores, fit_future_probes, top_classes
 
-CONTROL = "random init"
 LOGIT_LENS = "logit lens"
+BASELINE = "baseline"  # the checkpoint column of the count baselines' rows
 
 
 @dataclass
-class ProbeConfig:
-    """Settings of ``forethought probe``; every field is also a command-line flag."""
+class ProbeSettings:
+    """What is probed and how: held-out data, the (layer, τ) grid, the probe kind and its training. Shared by
+    ``forethought probe`` / ``precache`` and :class:`analyses.compare.Comparison`."""
 
-    checkpoints: str = ""  # comma-separated NAME=PATH (checkpoint or run folder, or hub id); PATH alone: its name
     corpus: str | None = None  # held-out text from another corpus (default: the checkpoints' own test documents)
     layout: str = "first"  # with corpus: 'first' or 'packed'
     seq_len: int = 64  # with corpus: sequence length
@@ -54,27 +57,13 @@ class ProbeConfig:
     batch_sequences: int = 64  # sequences per minibatch (cache writing and probe fitting)
     random_init: bool = True  # also probe a random-init model of the same architecture (the control)
     seed: int = 0  # probe split, probe training, random-init weights
-    out: str = "runs/probe"
-    figures_dir: str | None = None  # also copy the figures here
     device: str = "auto"  # 'auto': CUDA when available
     progress: bool = True
 
     def __post_init__(self):
         FutureProbeConfig(kind=self.kind)  # validates the kind
-        if not self.named_checkpoints():
-            raise ForethoughtError("give --checkpoints NAME=PATH,...")
         if not self.tau_list() or min(self.tau_list()) < 1:
             raise ForethoughtError(f"taus must be offsets ≥ 1, got {self.taus!r}")
-
-    def named_checkpoints(self) -> dict[str, str]:
-        """{name: source}; a name may appear once."""
-        named: dict[str, str] = {}
-        for item in filter(None, (part.strip() for part in self.checkpoints.split(","))):
-            name, _, source = item.rpartition("=") if "=" in item else (Path(item).name, "", item)
-            if name in named or name == CONTROL:
-                raise ForethoughtError(f"two checkpoints are named {name!r}; name them NAME=PATH")
-            named[name] = source
-        return named
 
     def tau_list(self) -> list[int]:
         return _integers(self.taus, "taus")
@@ -86,13 +75,56 @@ class ProbeConfig:
             raise ForethoughtError(f"layers {bad} out of range: the checkpoints have residual layers 0 … {n_layers}")
         return layers
 
-    def probe_config(self, device: str) -> FutureProbeConfig:
-        return FutureProbeConfig(kind=self.kind, top_k=self.top_k, lr=self.lr, max_epochs=self.max_epochs,
+    def probe_config(self, device: str, kind: str | None = None) -> FutureProbeConfig:
+        """How the probes of ``kind`` (default: :attr:`kind`) are fitted."""
+        return FutureProbeConfig(kind=kind or self.kind, top_k=self.top_k, lr=self.lr, max_epochs=self.max_epochs,
                                  patience=self.patience, batch_sequences=self.batch_sequences, seed=self.seed,
                                  device=device)
 
+    def lens_config(self, device: str) -> FutureProbeConfig:
+        """The logit lens: the untrained lens probe, scored on the probes' held-out positions."""
+        return replace(self.probe_config(device, "lens"), max_epochs=0)
+
+    def target(self, kind: str | None = None) -> str:
+        """What a probe of ``kind`` predicts (the results table's ``target``)."""
+        if (kind or self.kind) == "topk":
+            return f"token x[t+τ] if among the {self.top_k} most frequent, else other"
+        return "token x[t+τ]"
+
+
+@dataclass
+class ProbeConfig(ProbeSettings):
+    """Settings of ``forethought probe``; every field is also a command-line flag."""
+
+    checkpoints: str = ""  # comma-separated NAME=PATH (checkpoint or run folder, or hub id); PATH alone: its name
+    out: str = "runs/probe"
+    figures_dir: str | None = None  # also copy the figures here
+
+    def __post_init__(self):
+        super().__post_init__()
+        if not self.named_checkpoints():
+            raise ForethoughtError("give --checkpoints NAME=PATH,...")
+
+    def named_checkpoints(self) -> dict[str, str]:
+        """{name: source}; a name may appear once."""
+        named: dict[str, str] = {}
+        for item in filter(None, (part.strip() for part in self.checkpoints.split(","))):
+            name, _, source = item.rpartition("=") if "=" in item else (Path(item).name, "", item)
+            named[check_name(name, named)] = source
+        return named
+
     def results_settings(self) -> dict[str, Any]:
         return {k: v for k, v in asdict(self).items() if k not in ("figures_dir", "device", "progress")}
+
+
+def check_name(name: str, taken: Iterable[str]) -> str:
+    """``name`` if no other checkpoint has it (nor the control or the baselines)."""
+    if name in (CONTROL, BASELINE):
+        raise ForethoughtError(f"the name {name!r} is kept for the {'control' if name == CONTROL else 'count baselines'}"
+                               "; name the checkpoint otherwise")
+    if name in taken:
+        raise ForethoughtError(f"two checkpoints are named {name!r}; name them NAME=PATH")
+    return name
 
 
 def _integers(text: str, what: str) -> list[int]:
@@ -157,10 +189,75 @@ class ProbeResults(ExperimentResults):
         lines = ["held-out top-1 of x[t+τ] by layer:", table.to_string(float_format=lambda v: f"{v:.3f}")]
         lens = self._probed("top1", probe=LOGIT_LENS).pivot(index="checkpoint", columns="layer", values="value")
         lines += ["logit lens (τ = 1), top-1 by layer:", lens.to_string(float_format=lambda v: f"{v:.3f}")]
-        baselines = self.table[(self.table["checkpoint"] == "baseline") & (self.table["metric"] == "top1")]
+        baselines = self.table[(self.table["checkpoint"] == BASELINE) & (self.table["metric"] == "top1")]
         for _, row in baselines.iterrows():
             lines.append(f"  {row['probe']:<12} τ = {row['tau']}: {row['value']:.3f}")
         return "\n".join(lines)
+
+
+def load_checkpoints(named: dict[str, str]) -> dict[str, LMCheckpoint]:
+    """Load every named checkpoint; one that cannot be loaded is named with the reason."""
+    return {name: load_checkpoint(name, source) for name, source in named.items()}
+
+
+def load_checkpoint(name: str, source: str | Path) -> LMCheckpoint:
+    try:
+        return LMCheckpoint.load(source)
+    except (ForethoughtError, OSError, ValueError) as error:
+        raise ForethoughtError(f"checkpoint {name!r} ({source}) cannot be loaded: {error}") from None
+
+
+def heldout_tokens(checkpoints: dict[str, LMCheckpoint], settings: ProbeSettings) -> tuple[TextData, np.ndarray]:
+    """The held-out data and its first ``max_sequences`` test sequences [n, seq] (the tokens probed)."""
+    data = heldout_data(checkpoints, settings.corpus, settings.layout, settings.seq_len)
+    first = next(iter(checkpoints.values()))
+    return data, data.load(first.tokenizer, settings.tokens_root)["test"][: settings.max_sequences]
+
+
+def control_checkpoint(like: LMCheckpoint, seed: int, folder: Path) -> LMCheckpoint:
+    """A random-init model of ``like``'s architecture (saved in ``folder/random-init``, so it can be cached)."""
+    build_lm(like.model.config, seed=seed).save_pretrained(folder / "random-init")
+    like.tokenizer.save_pretrained(folder / "random-init")
+    return LMCheckpoint.load(folder / "random-init")
+
+
+def residual_cache(name: str, checkpoint: LMCheckpoint, tokens: np.ndarray, layers: list[int],
+                   settings: ProbeSettings, folder: Path, device: str) -> ResidualCache:
+    """``checkpoint``'s residuals over ``tokens``, cached in ``folder/caches/<name>`` (reused when there)."""
+    return build_cache(checkpoint.source, tokens, folder / "caches" / name.replace("/", "_"), layers,
+                       settings.batch_sequences, device, settings.progress)
+
+
+def probe_scores(cache: ResidualCache, checkpoint: LMCheckpoint, taus: list[int], config: FutureProbeConfig,
+                 store: Path, progress: bool = False) -> ProbeScores:
+    """Held-out scores of every (layer, τ) probe of ``config`` on ``cache``: fitted once, then read back from
+    ``store`` (keyed by the weights, the tokens, the grid and every fitting setting, so nothing stale is reused)."""
+    key = {"weights_hash": cache.meta["weights_hash"], "tokens_hash": cache.meta["tokens_hash"],
+           "layers": cache.layers, "taus": taus, **{k: v for k, v in asdict(config).items() if k != "device"}}
+    digest = hashlib.blake2b(json.dumps(key, sort_keys=True).encode(), digest_size=8).hexdigest()
+    path = store / f"{config.kind}{'-untrained' if config.max_epochs == 0 else ''}-{digest}.npz"
+    if path.is_file():
+        return ProbeScores.load(path)
+    model = checkpoint.model.to(config.device)
+    unembed = (model.transformer.ln_f, model.lm_head) if config.kind == "lens" else None
+    _, scores = fit_future_probes(cache, cache.layers, taus, config, vocab_size=model.config.vocab_size,
+                                  unembed=unembed, progress=progress)
+    scores.save(path)
+    return scores
+
+
+def score_rows(scores: ProbeScores, checkpoint: str, target: str, probe: str | None = None) -> pd.DataFrame:
+    """Tidy rows of ``scores``; with ``probe`` = :data:`LOGIT_LENS`, only τ = 1 (the lens predicts the next token)."""
+    table = scores.table().assign(checkpoint=checkpoint, target=target)
+    return table if probe is None else table[table["tau"] == 1].assign(probe=probe)
+
+
+def baseline_rows(tokens: np.ndarray, settings: ProbeSettings, kind: str, vocab_size: int) -> pd.DataFrame:
+    """Unigram and skip-bigram rows on the probes' held-out sequences, over the classes probes of ``kind`` predict."""
+    train, test = split_sequences(len(tokens), settings.probe_config("cpu").test_fraction, seed=settings.seed)
+    classes = top_classes(tokens[train], settings.top_k) if kind == "topk" else None
+    return count_baselines(tokens, train, test, settings.tau_list(), vocab_size, classes=classes).assign(
+        checkpoint=BASELINE, target=settings.target(kind))
 
 
 @dataclass
@@ -175,43 +272,25 @@ class ProbeRun:
 
 
 def probe_checkpoints(config: ProbeConfig, checkpoints: dict[str, LMCheckpoint], out: Path) -> ProbeRun:
-    """Cache and probe ``checkpoints`` (and the control) on held-out text; add the count baselines."""
+    """Cache and probe ``checkpoints`` (and the control) on held-out text; add the logit lens and the baselines."""
     first = next(iter(checkpoints.values()))
-    data = heldout_data(checkpoints, config.corpus, config.layout, config.seq_len)
-    tokens = data.load(first.tokenizer, config.tokens_root)["test"][: config.max_sequences]
+    data, tokens = heldout_tokens(checkpoints, config)
     layers = config.layer_list(first.model.config.n_layer)
     device = str(resolve_device(config.device))
     if config.random_init:
-        build_lm(first.model.config, seed=config.seed).save_pretrained(out / "random-init")
-        first.tokenizer.save_pretrained(out / "random-init")
-        checkpoints = {**checkpoints, CONTROL: LMCheckpoint.load(out / "random-init")}
-    rows: list[dict[str, Any]] = []
-    scores: dict[str, ProbeScores] = {}
+        checkpoints = {**checkpoints, CONTROL: control_checkpoint(first, config.seed, out)}
+    frames, scores = [], {}
     for name, checkpoint in checkpoints.items():
-        cache = build_cache(checkpoint.source, tokens, out / "caches" / name.replace("/", "_"), layers,
-                            config.batch_sequences, device, config.progress)
-        model = checkpoint.model.to(device)
-        unembed = (model.transformer.ln_f, model.lm_head) if config.kind == "lens" else None
-        _, scores[name] = fit_future_probes(cache, layers, config.tau_list(), config.probe_config(device),
-                                            vocab_size=model.config.vocab_size, unembed=unembed,
-                                            progress=config.progress)
-        rows += scores[name].table().assign(checkpoint=name).to_dict("records")
-        rows += _logit_lens(cache, layers, config, device, model).assign(checkpoint=name).to_dict("records")
-    train, test = split_sequences(len(tokens), config.probe_config(device).test_fraction, seed=config.seed)
-    classes = top_classes(tokens[train], config.top_k) if config.kind == "topk" else None  # the probes' classes
-    baselines = count_baselines(tokens, train, test, config.tau_list(), first.model.config.vocab_size, classes=classes)
-    rows += baselines.assign(checkpoint="baseline").to_dict("records")
+        cache = residual_cache(name, checkpoint, tokens, layers, config, out, device)
+        store = out / "scores" / name.replace("/", "_")
+        scores[name] = probe_scores(cache, checkpoint, config.tau_list(), config.probe_config(device), store,
+                                    config.progress)
+        lens = probe_scores(cache, checkpoint, config.tau_list(), config.lens_config(device), store)
+        frames += [score_rows(scores[name], name, config.target()),
+                   score_rows(lens, name, config.target("lens"), probe=LOGIT_LENS)]
+    frames.append(baseline_rows(tokens, config, config.kind, first.model.config.vocab_size))
+    rows = pd.concat(frames, ignore_index=True).to_dict("records")
     return ProbeRun(data, tokens, rows, scores, {name: c.source for name, c in checkpoints.items()})
-
-
-def _logit_lens(cache, layers: list[int], config: ProbeConfig, device: str, model) -> pd.DataFrame:
-    """The untrained lens — the model's own final LayerNorm and unembedding on h[l] — for τ = 1, scored on
-    the probes' held-out positions (the lens grid is built for all τ so the positions match, then kept at τ = 1)."""
-    lens_config = replace(config.probe_config(device), kind="lens", max_epochs=0)
-    _, scores = fit_future_probes(cache, layers, config.tau_list(), lens_config, vocab_size=model.config.vocab_size,
-                                  unembed=(model.transformer.ln_f, model.lm_head))
-    table = scores.table()
-    return table[table["tau"] == 1].assign(probe=LOGIT_LENS)
 
 
 def probe_meta(run: ProbeRun) -> dict[str, Any]:
@@ -222,10 +301,10 @@ def probe_meta(run: ProbeRun) -> dict[str, Any]:
 
 def run_probe(config: ProbeConfig) -> ProbeResults:
     """Cache and probe every checkpoint (and the control) on held-out text; write table, meta and figures."""
-    checkpoints = {name: LMCheckpoint.load(source) for name, source in config.named_checkpoints().items()}
+    checkpoints = load_checkpoints(config.named_checkpoints())
     out = prepare_out(config.out, config.results_settings())
     run = probe_checkpoints(config, checkpoints, out)
-    table = tidy(run.rows, task=f"text: {run.data.corpus}", seed=config.seed, target="token x[t+τ]")
+    table = tidy(run.rows, task=f"text: {run.data.corpus}", seed=config.seed)
     results = ProbeResults(config=config, table=table)
     finish_run(results, out, probe_meta(run))
     return results

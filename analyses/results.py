@@ -25,6 +25,7 @@ COLUMNS = [
     "checkpoint", "task", "layer", "position", "tau", "target", "probe", "metric", "split", "seed",
     "value", "ci_low", "ci_high", "n",
 ]
+CONTROL = "random init"  # the checkpoint name of the random-init control, in every experiment
 _PACKAGES = ("forethought", "torch", "transformers", "transformer-lens", "scikit-learn", "numpy", "pandas")
 
 

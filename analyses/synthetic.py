@@ -19,7 +19,7 @@ from torch.nn.functional import huber_loss
 
 from analyses.experiment import ExperimentConfig, ExperimentResults, finish_run, prepare_out
 from analyses.plots import loss_curves_figure, probe_r2_figure
-from analyses.results import run_meta, tidy
+from analyses.results import CONTROL, run_meta, tidy
 from models.errors import ForethoughtError
 from models.gpt2 import GPT2RegressionModel, build_regression, load_model, regression_config
 from models.tasks.synthetic import SyntheticTask
@@ -29,7 +29,6 @@ from probes.metrics import mean_scores
 from probes.residuals import model_residuals
 
 TWINS = ("vanilla", "myopic")
-CONTROL = "random init"
 
 
 @dataclass

@@ -7,6 +7,8 @@ tool in the ecosystem (TransformerLens's ``boot_transformers`` included) can loa
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -16,6 +18,7 @@ from huggingface_hub.dataclasses import strict
 from torch import nn
 from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedModel
 from transformers.models.gpt2.modeling_gpt2 import GPT2Model, GPT2PreTrainedModel
+from transformers.utils import logging as transformers_logging
 
 from models.errors import ForethoughtError
 from models.hub import hub_reachable
@@ -120,6 +123,19 @@ _CLASSES: dict[ModelKind, type[PreTrainedModel]] = {
     "lm": GPT2LMHeadModel,
     "regression": GPT2RegressionModel,
 }
+
+
+@contextmanager
+def quiet_loading() -> Iterator[None]:
+    """Switch off transformers' per-file load/save progress bars (they drown our own); restored afterwards.
+    Also a decorator: ``@quiet_loading()``."""
+    enabled = transformers_logging.is_progress_bar_enabled()
+    transformers_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if enabled:
+            transformers_logging.enable_progress_bar()
 
 
 def load_model(source: str | Path, kind: ModelKind) -> PreTrainedModel:

@@ -15,8 +15,11 @@ keeps, for each (layer, τ), the parameters of its best validation epoch.
 
 from __future__ import annotations
 
+import os
+import zipfile
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Protocol
 
 import numpy as np
@@ -236,6 +239,34 @@ class ProbeScores:
                 rows.append({"layer": layer, "tau": tau, "probe": self.kind, "metric": metric, "split": "test",
                              **estimate.columns()})
         return pd.DataFrame(rows)
+
+    @property
+    def layers(self) -> list[int]:
+        return sorted({layer for layer, _ in self.values})
+
+    @property
+    def taus(self) -> list[int]:
+        return sorted({tau for _, tau in self.values})
+
+    def save(self, path: str | Path) -> None:
+        """Write to ``path`` (.npz) atomically: a crash leaves the old file or none, never half a file."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        staging = path.with_name(path.name + ".tmp.npz")
+        np.savez(staging, kind=self.kind, keys=np.array(list(self.values)).reshape(-1, 2),
+                 values=np.stack(list(self.values.values())), sequence_ids=self.sequence_ids)
+        os.replace(staging, path)
+
+    @classmethod
+    def load(cls, path: str | Path) -> ProbeScores:
+        """Read what :meth:`save` wrote; a damaged file is named."""
+        try:
+            with np.load(path) as stored:
+                keys, values = stored["keys"], stored["values"]
+                return cls(str(stored["kind"]), {(int(layer), int(tau)): value for (layer, tau), value in zip(keys, values)},
+                           stored["sequence_ids"])
+        except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as error:
+            raise ForethoughtError(f"stored probe scores {path} are unreadable ({error}); remove the file") from None
 
     def minus(self, other: ProbeScores) -> pd.DataFrame:
         """Paired differences self − other per (layer, τ, metric) on the same examples, 95 % bootstrap

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+import analyses.probe
 import probes.cache
 from analyses.cli import main
 from analyses.precache import PRECACHE, PrecacheConfig, run_precache
@@ -33,8 +34,12 @@ def test_probe_table_figure_and_reuse(twins, tmp_path, monkeypatch):
     assert (tmp_path / "probe" / "figures" / "probe_topk_top1.html").exists()
     assert ProbeResults.from_folder(tmp_path / "probe").table.equals(table)
     monkeypatch.setattr(probes.cache, "bridge_residuals", lambda *a: pytest.fail("a finished cache was rebuilt"))
+    monkeypatch.setattr(analyses.probe, "fit_future_probes", lambda *a, **k: pytest.fail("probes were refitted"))
     again = run_probe(settings(twins, tmp_path / "probe"))
-    assert again.table.equals(table)  # same caches, same seeds: the same numbers
+    assert again.table.equals(table)  # read back from the stored scores
+    monkeypatch.undo()
+    fresh = run_probe(settings(twins, tmp_path / "fresh"))  # the same caches, seeds and fits, from scratch
+    assert fresh.table.equals(table)
 
 
 @pytest.mark.parametrize(

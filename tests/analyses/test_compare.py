@@ -1,0 +1,170 @@
+"""Comparison: lazy, cached probe results of named checkpoints; its figure's menus; bad input named, work kept."""
+
+from __future__ import annotations
+
+import re
+
+import numpy as np
+import pandas as pd
+import pytest
+
+import analyses.compare
+import analyses.probe
+import probes.cache
+from analyses.compare import Comparison
+from analyses.probe import LOGIT_LENS, ProbeConfig, run_probe
+from analyses.results import CONTROL
+from models.errors import ForethoughtError
+from models.lm import LMCheckpoint
+
+SETTINGS = dict(taus="1,2", kind="topk", top_k=40, max_sequences=60, max_epochs=3, progress=False)
+KEY = ["checkpoint", "probe", "target", "layer", "tau", "metric"]
+
+
+@pytest.fixture(scope="module")
+def probed(twins, tmp_path_factory):
+    """A ``forethought probe`` run over the twins: the folder a Comparison picks up."""
+    out = tmp_path_factory.mktemp("compare") / "probe"
+    results = run_probe(ProbeConfig(checkpoints=f"vanilla={twins / 'vanilla'},myopic={twins / 'myopic'}",
+                                    tokens_root=str(twins / "tokens"), out=str(out), **SETTINGS))
+    return out, results.to_dataframe()
+
+
+@pytest.fixture
+def comparison(probed):
+    return Comparison.from_folder(probed[0], progress=False)
+
+
+def no_work(monkeypatch) -> None:
+    """Make any residual caching or probe fitting fail the test."""
+    monkeypatch.setattr(probes.cache, "bridge_residuals", lambda *a: pytest.fail("residuals were cached again"))
+    monkeypatch.setattr(analyses.probe, "fit_future_probes", lambda *a, **k: pytest.fail("probes were fitted again"))
+
+
+def rows(table: pd.DataFrame) -> pd.DataFrame:
+    return table.sort_values(KEY).reset_index(drop=True)
+
+
+def test_a_probe_run_is_reused_and_nothing_is_computed_twice(probed, comparison, twins, monkeypatch):
+    out, probe_table = probed
+    no_work(monkeypatch)
+    assert "computed: nothing yet" in repr(comparison)
+    table = comparison.to_dataframe()
+    assert set(table["checkpoint"]) == {"vanilla", "myopic", CONTROL, "baseline"}
+    same = table.merge(probe_table[KEY], on=KEY)  # the probe run's rows (the comparison adds the lens's baselines)
+    assert len(same) == len(probe_table) and rows(same).equals(rows(probe_table))
+    monkeypatch.setattr(analyses.compare, "probe_scores", lambda *a: pytest.fail("scores were read again"))
+    assert comparison.to_dataframe().equals(table)  # the second call is served from memory
+    monkeypatch.undo()
+    no_work(monkeypatch)
+    rebuilt = Comparison.from_checkpoints({"vanilla": twins / "vanilla", "myopic": twins / "myopic"}, folder=out,
+                                          tokens_root=str(twins / "tokens"), **SETTINGS)
+    assert rebuilt.to_dataframe().equals(table)  # a new object in a new session: from disk
+
+
+def test_repr_says_what_is_computed_and_where(comparison):
+    assert comparison._repr_html_().count("<td>·</td>") == 3 and "<td>✓</td>" not in comparison._repr_html_()
+    comparison.compute()
+    assert repr(comparison) == (f"Comparison(vanilla, myopic, {CONTROL}; τ 1,2; computed: topk (3/3), "
+                                f"logit lens (3/3); folder {comparison.folder})")
+    page = comparison._repr_html_()
+    assert page.count("<td>✓</td>") == 6 and "60 held-out sequences of 32 tokens" in page
+    assert str(comparison.folder) in page and "<table>" in page
+
+
+def click(figure, menu: int, label: str) -> None:
+    """Press a menu button the way plotly.js would."""
+    button = next(b for b in figure.layout.updatemenus[menu].buttons if b.label == label)
+    if button.method == "update":
+        figure.plotly_update(restyle_data=button.args[0], relayout_data=button.args[1])
+    else:
+        figure.plotly_restyle(button.args[0])
+
+
+def drawn(figure) -> dict[str, tuple]:
+    """{name: y} of the lines one sees: visible, opaque, not a legend entry."""
+    return {t.name: t.y for t in figure.data if t.visible is True and t.opacity == 1 and t.x != (None,)}
+
+
+def test_figure_menus_show_the_chosen_kind_metric_and_tau(comparison):
+    table = comparison.to_dataframe()
+    figure = comparison.figure()
+    assert [menu.buttons[menu.active].label for menu in figure.layout.updatemenus] == ["topk", "top1", "τ = 1"]
+    legend = [t.name for t in figure.data if t.visible is True and t.showlegend is not False]
+    assert legend == ["vanilla", "myopic", CONTROL, "unigram", "skip-bigram"]  # one entry per line, toggles all τ
+
+    def expected(kind: str, metric: str, tau: int) -> dict[str, tuple]:
+        chosen = table[(table["metric"] == metric) & (table["tau"] == tau)]
+        probes = chosen[chosen["probe"] == kind].sort_values("layer")
+        lines = {name: tuple(part["value"]) for name, part in probes.groupby("checkpoint", sort=False)}
+        target = probes["target"].iloc[0]
+        for _, baseline in chosen[(chosen["checkpoint"] == "baseline") & (chosen["target"] == target)].iterrows():
+            lines[baseline["probe"]] = (baseline["value"],) * 3  # flat over layers 0–2
+        return lines
+
+    assert drawn(figure) == expected("topk", "top1", 1)
+    click(figure, 1, "top5")
+    click(figure, 2, "τ = 2")
+    assert drawn(figure) == expected("topk", "top5", 2)
+    click(figure, 0, LOGIT_LENS)
+    click(figure, 2, "τ = 1")
+    assert drawn(figure) == expected(LOGIT_LENS, "top5", 1)
+    assert "logit lens" in figure.layout.title.text and figure.layout.yaxis.title.text == "top5"
+    click(figure, 0, "topk")
+    click(figure, 2, "all τ")
+    assert len(drawn(figure)) == 5 and sum(t.opacity == 1 and t.visible is True for t in figure.data) == 5 + 2 * 5
+
+
+def test_heatmap_is_the_paired_difference_with_confidence_marks(comparison):
+    accuracy = comparison.accuracy()
+    heatmap = comparison.heatmap("vanilla", "myopic")
+    difference = (accuracy.loc["vanilla"] - accuracy.loc["myopic"]).T  # layers × τ
+    np.testing.assert_allclose(heatmap.data[0].z, difference.to_numpy(), atol=1e-12)
+    same = comparison.heatmap("vanilla", "vanilla", layers=[1, 2], taus=[2])
+    assert same.data[0].z.tolist() == [[0.0], [0.0]] and all("n.s." in cell for row in same.data[0].text for cell in row)
+    rows = comparison.difference("vanilla", "myopic")
+    assert ((rows["ci_low"] <= rows["value"]) & (rows["value"] <= rows["ci_high"])).all()
+
+
+def test_a_model_in_memory_gives_the_numbers_of_its_folder(twins, tmp_path):
+    checkpoint = LMCheckpoint.load(twins / "vanilla")
+    comparison = Comparison.from_checkpoints([("folder", twins / "vanilla"), ("memory", checkpoint.model)],
+                                             folder=tmp_path, tokenizer=checkpoint.tokenizer, random_init=False,
+                                             tokens_root=str(twins / "tokens"), **SETTINGS)
+    table = comparison.to_dataframe().set_index(KEY[1:])
+    folder, memory = table[table["checkpoint"] == "folder"], table[table["checkpoint"] == "memory"]
+    assert len(folder) == 3 * 2 * 3 + 3 * 3 and folder.drop(columns="checkpoint").equals(memory.drop(columns="checkpoint"))
+
+
+def test_bad_input_is_named_and_computed_results_stay_usable(comparison, twins, tmp_path, lm_folder, monkeypatch):
+    table = comparison.to_dataframe()
+    no_work(monkeypatch)
+    (tmp_path / "other" / "vanilla").mkdir(parents=True)
+    (tmp_path / "broken").mkdir()
+    failures = [
+        (lambda: Comparison.from_checkpoints([twins / "vanilla", tmp_path / "other" / "vanilla"]),
+         "two checkpoints are named 'vanilla'; name them NAME=PATH"),
+        (lambda: Comparison.from_checkpoints({CONTROL: twins / "vanilla"}),
+         f"the name '{CONTROL}' is kept for the control; name the checkpoint otherwise"),
+        (lambda: comparison.add("broken", tmp_path / "broken"),
+         f"checkpoint 'broken' ({tmp_path / 'broken'}) cannot be loaded: checkpoint folder {tmp_path / 'broken'} "
+         "has no config.json"),
+        (lambda: comparison.add("myopic", twins / "myopic"), "two checkpoints are named 'myopic'"),
+        (lambda: comparison.add("words", lm_folder),
+         "checkpoint 'words' uses another tokenizer than 'vanilla': they cannot be probed on the same tokens"),
+        (lambda: comparison.heatmap("vanilla", "myopic", taus=[3]),
+         "τ [3] not computed: this comparison probes τ 1, 2 (set taus= when building it)"),
+        (lambda: comparison.accuracy(layers=[1, 5]),
+         "layer [5] not computed for 'vanilla': it is probed at layers 0, 1, 2"),
+        (lambda: comparison.figure(tau=4), "τ [4] not computed"),
+        (lambda: comparison.heatmap("vanilla", "nope"),
+         f"no checkpoint named 'nope'; this comparison holds vanilla, myopic, {CONTROL}"),
+        (lambda: comparison.figure(metric="accuracy"), "unknown metric 'accuracy'; choose one of top1, top5"),
+        (lambda: comparison.scores("vanilla", kind="mlp"), "unknown probe kind 'mlp'"),
+    ]
+    for attempt, message in failures:
+        with pytest.raises(ForethoughtError, match="^" + re.escape(message)):
+            attempt()
+    assert comparison.names == ["vanilla", "myopic", CONTROL]
+    assert comparison.to_dataframe().equals(table)
+    assert comparison.accuracy(layers=[1], taus=[2]).shape == (3, 1)
