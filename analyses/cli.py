@@ -1,21 +1,19 @@
-"""The ``forethought`` command. Subcommands are dataclass configs: every field is a ``--flag``.
+"""forethought: do language models plan ahead? Each subcommand is a dataclass config: every field is a --flag.
 
-    forethought demo                      the embedded default: the synthetic experiment, cpu preset
-    forethought synthetic --preset paper  the synthetic pre-caching experiment
-    forethought pathstar --preset cpu     path-star graphs: Clever Hans, remedies, planning probes
-    forethought pathstar-data ...         write path-star train/test files in the paper's format
-    forethought bench train              myopic vs vanilla training-step speed and memory
+``forethought --help`` lists the commands; the README's command-line reference is this parser's own help text,
+written there by ``forethought readme`` (a test fails when it is stale).
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import inspect
 import os
 import re
 import sys
 import time
-from dataclasses import MISSING, fields
+from dataclasses import MISSING, Field, fields
 from pathlib import Path
 
 from analyses.bench import ProbeBenchConfig, TrainBenchConfig, bench_probe, bench_train
@@ -45,6 +43,20 @@ ANALYSES = {  # command: (config dataclass, run function) for analyses of traine
 }
 BENCHES = {"train": (TrainBenchConfig, bench_train), "probe": (ProbeBenchConfig, bench_probe)}
 
+# Every figure in figures/, from the embedded default (about 55 min on 2 CPU cores; each step resumes or
+# reuses what an earlier run left in runs/, so a rerun redoes only what changed).
+FIGURES = [
+    "demo --figures-dir figures",
+    "pathstar --figures-dir figures",
+    "train --model gpt2-micro --epochs 2 --batch-size 32 --lr 3e-3 --out runs/lm-cpu-vanilla",
+    "train --model gpt2-micro --epochs 2 --batch-size 32 --lr 3e-3 --out runs/lm-cpu-myopic --myopic",
+    "gap --vanilla runs/lm-cpu-vanilla --myopic runs/lm-cpu-myopic --out runs/gap-cpu --figures-dir figures",
+    "precache --vanilla runs/lm-cpu-vanilla --myopic runs/lm-cpu-myopic --kind topk --top-k 1000 --max-epochs 30 "
+    "--out runs/precache-cpu --figures-dir figures",
+]
+README = Path(__file__).parents[1] / "README.md"
+REFERENCE_START, REFERENCE_END = "<!-- cli-reference: written by `forethought readme` -->", "<!-- /cli-reference -->"
+
 
 def _field_help(cls: type) -> dict[str, str]:
     """Help for each field, from the comment after it in the source of the class (or a base class)."""
@@ -53,6 +65,13 @@ def _field_help(cls: type) -> dict[str, str]:
         source = inspect.getsource(klass)
         helps.update(re.findall(r"^\s+(\w+): [^=\n]+= [^#\n]+#\s*(.+)$", source, flags=re.MULTILINE))
     return helps
+
+
+def _own_fields_first(cls: type) -> list[Field]:
+    """The dataclass's fields, those a class declares itself before those it inherits (``--checkpoints`` before
+    the shared probe settings)."""
+    order = [name for klass in cls.__mro__ for name in vars(klass).get("__annotations__", {})]
+    return sorted(fields(cls), key=lambda f: order.index(f.name))
 
 
 def add_config_arguments(
@@ -66,7 +85,7 @@ def add_config_arguments(
     With ``presets``, the help shows each preset's value where one differs from the class default.
     """
     helps = _field_help(cls)
-    for f in fields(cls):
+    for f in _own_fields_first(cls):
         if f.name in skip:
             continue
         kind = str(f.type)
@@ -120,6 +139,12 @@ def build_parser() -> argparse.ArgumentParser:
                               description=GapConfig.__doc__)
     add_config_arguments(gap, GapConfig)
 
+    figures = commands.add_parser("figures", help="regenerate every figure in figures/ from the embedded default",
+                                  description="Runs, in order: " + "; ".join(f"forethought {c}" for c in FIGURES))
+    figures.add_argument("--dry-run", action="store_true", help="print the commands without running them")
+    readme = commands.add_parser("readme", help="write this parser's help into the README's command-line reference")
+    readme.add_argument("--check", action="store_true", help="only say whether the reference is current")
+
     bench = commands.add_parser("bench", help="speed and memory, as ratios measured in one run")
     benches = bench.add_subparsers(dest="bench", required=True, metavar="BENCH")
     train_bench = benches.add_parser("train", aliases=["myopic"], description=TrainBenchConfig.__doc__,
@@ -153,6 +178,13 @@ def main(argv: list[str] | None = None) -> int:
             config = config_class(**args)
             print(run(config).summary())
             print(f"results and figures in {config.out}")
+        elif command == "figures":
+            for line in FIGURES:
+                print(f"forethought {line}", flush=True)
+                if not args["dry_run"] and (status := main(line.split())) != 0:
+                    return status
+        elif command == "readme":
+            return write_reference(check=args["check"])
         elif command == "bench":
             name = args.pop("bench").replace("myopic", "train")  # `bench myopic` is the old name of `bench train`
             config_class, run = BENCHES[name]
@@ -167,6 +199,55 @@ def main(argv: list[str] | None = None) -> int:
         print("forethought: interrupted; run the same command again to resume", file=sys.stderr)
         return 130
     return 0
+
+
+def cli_reference() -> str:
+    """The help of the command and of every subcommand, as Markdown (collapsed blocks), 100 columns wide."""
+    parser = build_parser()
+    blocks = [f"```\n{_help_text(parser)}```"]
+    for name, subparser in _subcommands(parser):
+        blocks.append(f"<details><summary><code>forethought {name}</code></summary>\n\n"
+                      f"```\n{_help_text(subparser)}```\n</details>")
+    return "\n\n".join(blocks)
+
+
+def _subcommands(parser: argparse.ArgumentParser, prefix: str = "") -> list[tuple[str, argparse.ArgumentParser]]:
+    """(name, parser) of every subcommand, nested ones (``bench train``) included, aliases once."""
+    found, seen = [], set()
+    for action in parser._subparsers._group_actions if parser._subparsers else []:
+        for name, subparser in action.choices.items():
+            if id(subparser) not in seen:
+                seen.add(id(subparser))
+                found.append((prefix + name, subparser))
+                found += _subcommands(subparser, prefix + name + " ")
+    return found
+
+
+def _help_text(parser: argparse.ArgumentParser) -> str:
+    """``parser``'s help at a fixed width, whatever the terminal."""
+    formatter_class = parser.formatter_class
+    parser.formatter_class = functools.partial(formatter_class, width=100)
+    try:
+        return parser.format_help()
+    finally:
+        parser.formatter_class = formatter_class
+
+
+def write_reference(check: bool = False) -> int:
+    """Put :func:`cli_reference` between the README's markers (``check``: only compare); 1 if it was stale."""
+    if not README.is_file():
+        raise ForethoughtError(f"no README at {README}: run this from a checkout of forethought")
+    text = README.read_text()
+    if REFERENCE_START not in text or REFERENCE_END not in text:
+        raise ForethoughtError(f"{README} lacks the markers {REFERENCE_START} … {REFERENCE_END}")
+    head, rest = text.split(REFERENCE_START, 1)
+    current, tail = rest.split(REFERENCE_END, 1)
+    wanted = f"\n{cli_reference()}\n"
+    if check:
+        print("the README's command-line reference is " + ("current" if current == wanted else "stale: run forethought readme"))
+    else:
+        README.write_text(head + REFERENCE_START + wanted + REFERENCE_END + tail)
+    return int(current != wanted and check)
 
 
 def _losses(history: list[dict[str, float]]) -> str:

@@ -174,7 +174,8 @@ class Comparison:
     def compute(self, kinds: str | Sequence[str] | None = None) -> Comparison:
         """Probe every checkpoint with each of ``kinds`` (default: the settings' kind), and the logit lens."""
         for kind in self._kinds(kinds):
-            for name in tqdm(self.names, desc=f"probing ({kind})", disable=not self.settings.progress):
+            missing = [name for name in self.names if {(name, kind), (name, LOGIT_LENS)} - self._scores.keys()]
+            for name in tqdm(missing, desc=f"probing ({kind})", disable=not self.settings.progress or not missing):
                 self.scores(name, kind)
                 self.scores(name, LOGIT_LENS)
         return self

@@ -241,7 +241,7 @@ def probe_scores(cache: ResidualCache, checkpoint: LMCheckpoint, taus: list[int]
     model = checkpoint.model.to(config.device)
     unembed = (model.transformer.ln_f, model.lm_head) if config.kind == "lens" else None
     _, scores = fit_future_probes(cache, cache.layers, taus, config, vocab_size=model.config.vocab_size,
-                                  unembed=unembed, progress=progress)
+                                  unembed=unembed, progress=progress and config.max_epochs > 0)
     scores.save(path)
     return scores
 
@@ -285,7 +285,7 @@ def probe_checkpoints(config: ProbeConfig, checkpoints: dict[str, LMCheckpoint],
         store = out / "scores" / name.replace("/", "_")
         scores[name] = probe_scores(cache, checkpoint, config.tau_list(), config.probe_config(device), store,
                                     config.progress)
-        lens = probe_scores(cache, checkpoint, config.tau_list(), config.lens_config(device), store)
+        lens = probe_scores(cache, checkpoint, config.tau_list(), config.lens_config(device), store, config.progress)
         frames += [score_rows(scores[name], name, config.target()),
                    score_rows(lens, name, config.target("lens"), probe=LOGIT_LENS)]
     frames.append(baseline_rows(tokens, config, config.kind, first.model.config.vocab_size))

@@ -22,6 +22,7 @@ import torch
 from transformers import PreTrainedModel
 
 from models.errors import ForethoughtError
+from models.gpt2 import quiet_loading
 
 STATE_FILE = "training_state.pt"
 _STEP_FOLDER = re.compile(r"^step-(\d+)$")
@@ -31,6 +32,7 @@ def checkpoints_dir(run_dir: str | Path) -> Path:
     return Path(run_dir) / "checkpoints"
 
 
+@quiet_loading()
 def save_checkpoint(
     run_dir: str | Path,
     step: int,

@@ -138,6 +138,7 @@ def quiet_loading() -> Iterator[None]:
             transformers_logging.enable_progress_bar()
 
 
+@quiet_loading()
 def load_model(source: str | Path, kind: ModelKind) -> PreTrainedModel:
     """Load a ``save_pretrained`` folder (or, for ``kind="lm"``, a hub id) and check it is ``kind``."""
     folder = Path(source)
