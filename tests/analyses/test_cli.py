@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from analyses.cli import build_parser, main
+from analyses.cli import FIGURES, build_parser, cli_reference, main
 
 
 def run_cli(capsys, *argv: str) -> tuple[int, str, str]:
@@ -131,3 +131,17 @@ def test_bench_probe_prints_throughput_and_the_sklearn_ratio(capsys, tmp_path):
     assert [row.split()[0] for row in rows] == ["cache", "probes:", "probes:"]
     assert float(rows[1].split()[-1]) > 0 and float(rows[2].split()[-1]) == 1.0
     assert list((tmp_path / "bench").iterdir()) == []  # the model and cache were temporary
+
+
+def test_readme_reference_is_the_parsers_help(capsys):
+    assert main(["readme", "--check"]) == 0, "the README's command-line reference is stale: run forethought readme"
+    reference = cli_reference()
+    assert "<code>forethought bench probe</code>" in reference and "--checkpoints STR" in reference
+
+
+def test_figures_lists_commands_that_parse(capsys):
+    code, out, _ = run_cli(capsys, "figures", "--dry-run")
+    assert code == 0 and out.splitlines() == [f"forethought {line}" for line in FIGURES]
+    for line in FIGURES:
+        args = vars(build_parser().parse_args(line.split()))
+        assert args["command"] == "train" or args["figures_dir"] == "figures"  # every figure lands in figures/
