@@ -20,6 +20,7 @@ from itertools import cycle
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 import plotly.express as px
 import plotly.graph_objects as go
@@ -62,7 +63,7 @@ class Comparison:
         self._device = str(resolve_device(settings.device))
         self._scores: dict[tuple[str, str], ProbeScores] = {}  # (checkpoint, probe kind or LOGIT_LENS)
         self._baselines: dict[str, pd.DataFrame] = {}  # per target
-        self._heldout: tuple[TextData, Any] | None = None  # (data, tokens [n, seq])
+        self._heldout: tuple[TextData, np.ndarray] | None = None  # (data, tokens [n, seq])
 
     @classmethod
     def from_checkpoints(
@@ -81,6 +82,10 @@ class Comparison:
         names: list[str] = []
         for name, _ in pairs:
             names.append(check_name(name, names))
+        known = [f.name for f in fields(ProbeSettings)]
+        unknown = sorted(set(settings) - set(known))
+        if unknown:
+            raise ForethoughtError(f"unknown settings {unknown}; the probe settings are {', '.join(known)}")
         loaded = {name: _load(name, source, folder, tokenizer) for name, source in pairs}
         return cls(loaded, ProbeSettings(**settings), folder)
 
@@ -136,7 +141,7 @@ class Comparison:
         return self.settings.tau_list()
 
     @property
-    def tokens(self):
+    def tokens(self) -> np.ndarray:
         """The held-out sequences every checkpoint is probed on [n, seq]."""
         if self._heldout is None:
             self._heldout = heldout_tokens(self._checkpoints, self.settings)
@@ -266,6 +271,8 @@ class Comparison:
         tau = self.taus[0] if tau is None else tau
         self._check_grid([], None, [tau])
         metric = _metric(metric)
+        # The menus act on different trace attributes — kind on `visible`, metric on the data (y and error bars),
+        # τ on `opacity` (and hover) — so any combination of choices shows exactly the lines it names.
         colors = dict(zip(self._checkpoints, cycle(c for c in px.colors.qualitative.D3 if c != "#7F7F7F")))
         colors |= {CONTROL: "#7F7F7F", **_BASELINE_COLORS}
         figure = go.Figure()
@@ -297,8 +304,8 @@ class Comparison:
             xaxis=dict(title="residual layer l", dtick=1), yaxis_title=metric, legend_title="checkpoint",
             margin=dict(t=170),
             updatemenus=[self._kind_menu(views, keys), _metric_menu(lines, metric), self._tau_menu(keys, tau)],
-            annotations=[dict(text=label, x=x, y=1.2, xref="paper", yref="paper", showarrow=False, xanchor="left", yanchor="bottom")
-                         for label, x in (("probe", 0.0), ("metric", 0.25), ("τ", 0.5))],
+            annotations=[dict(text=label, x=x, y=1.2, xref="paper", yref="paper", showarrow=False, xanchor="left",
+                              yanchor="bottom") for label, x in (("probe", 0.0), ("metric", 0.25), ("τ", 0.5))],
         )
         return figure
 
@@ -317,13 +324,14 @@ class Comparison:
     def _figure_title(self, view: str) -> str:
         what = ("the logit lens (the model's own unembedding, τ = 1 only)" if view == LOGIT_LENS
                 else f"{view} probes of x[t+τ] from h[l, t]")
-        return f"{what}: held-out accuracy by layer, 95% CI<br><sup>τ by dash: " + ", ".join(
+        return f"{what}: held-out score by layer, 95% CI<br><sup>τ by dash: " + ", ".join(
             f"{_DASHES[i % len(_DASHES)]} {tau}" for i, tau in enumerate(self.taus)) + "; baselines flat</sup>"
 
     def _kind_menu(self, views: list[str], keys: list[tuple[str, int | None]]) -> dict[str, Any]:
         return dict(x=0.0, y=1.12, xanchor="left", yanchor="bottom", active=0, buttons=[
             dict(label=view, method="update",
-                 args=[{"visible": [key_view == view for key_view, _ in keys]}, {"title.text": self._figure_title(view)}])
+                 args=[{"visible": [key_view == view for key_view, _ in keys]},
+                       {"title.text": self._figure_title(view)}])
             for view in views])
 
     def _tau_menu(self, keys: list[tuple[str, int | None]], tau: int) -> dict[str, Any]:

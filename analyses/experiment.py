@@ -18,6 +18,7 @@ import plotly.graph_objects as go
 
 from analyses.plots import save_figure
 from analyses.results import read_results, write_results
+from models.checkpoint import changed_settings
 from models.errors import ForethoughtError
 from models.train import TrainConfig
 
@@ -85,12 +86,8 @@ def prepare_out(out: str | Path, settings: dict[str, Any]) -> Path:
     if out.exists() and not out.is_dir():
         raise ForethoughtError(f"--out {out} is a file, not a folder")
     settings_file = out / "config.json"
-    if settings_file.exists():
-        saved = json.loads(settings_file.read_text())
-        changed = {k: (saved.get(k), v) for k, v in settings.items() if saved.get(k) != v}
-        if changed:
-            detail = ", ".join(f"{k}: {a!r} → {b!r}" for k, (a, b) in changed.items())
-            raise ForethoughtError(f"--out {out} holds a run with other settings ({detail}); choose another --out")
+    if settings_file.exists() and (changed := changed_settings(json.loads(settings_file.read_text()), settings)):
+        raise ForethoughtError(f"--out {out} holds a run with other settings ({changed}); choose another --out")
     out.mkdir(parents=True, exist_ok=True)
     settings_file.write_text(json.dumps(settings, indent=2) + "\n")
     return out

@@ -83,3 +83,13 @@ def load_training_state(folder: str | Path) -> dict[str, Any]:
         return torch.load(path, weights_only=False, map_location="cpu")
     except Exception as error:  # truncated or not a torch file
         raise ForethoughtError(f"cannot read {path}: {error}") from error
+
+
+def changed_settings(saved: dict[str, Any], wanted: dict[str, Any], defaults: dict[str, Any] | None = None) -> str:
+    """``"key: old → new"`` for each setting in which a run folder's ``saved`` settings differ from ``wanted``
+    ("" if none). A key the saved run lacks counts as ``defaults[key]``: a setting the workbench gained after
+    the run was made, whose default keeps the behaviour the run had."""
+    defaults = defaults or {}
+    keys = dict.fromkeys([*saved, *wanted])
+    return ", ".join(f"{key}: {saved.get(key, defaults.get(key))!r} → {wanted.get(key)!r}" for key in keys
+                     if saved.get(key, defaults.get(key)) != wanted.get(key))

@@ -11,14 +11,14 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import asdict, dataclass, fields
+from dataclasses import MISSING, asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
 from torch import nn
 from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerBase
 
-from models.checkpoint import latest_checkpoint
+from models.checkpoint import changed_settings, latest_checkpoint
 from models.distributed import Distributed
 from models.errors import ForethoughtError
 from models.gpt2 import build_lm, gpt2_config, load_model
@@ -183,8 +183,9 @@ def train_lm(config: LMTrainConfig) -> TrainResult:
 def _record_settings(out: Path, settings: dict[str, Any]) -> None:
     """Write ``out/train_config.json``, refusing (changing nothing) if it holds other settings."""
     settings_file = out / "train_config.json"
-    if settings_file.exists() and (saved := json.loads(settings_file.read_text())) != settings:
-        changed = ", ".join(f"{k}: {saved.get(k)!r} → {v!r}" for k, v in settings.items() if saved.get(k) != v)
+    defaults = {f.name: f.default for f in fields(LMTrainConfig) if f.default is not MISSING}
+    saved = json.loads(settings_file.read_text()) if settings_file.exists() else settings
+    if changed := changed_settings(saved, settings, defaults):
         raise ForethoughtError(f"--out {out} holds a run with other settings ({changed}); choose another --out")
     out.mkdir(parents=True, exist_ok=True)
     settings_file.write_text(json.dumps(settings, indent=2) + "\n")

@@ -161,6 +161,7 @@ def test_bad_input_is_named_and_computed_results_stay_usable(comparison, twins, 
          f"no checkpoint named 'nope'; this comparison holds vanilla, myopic, {CONTROL}"),
         (lambda: comparison.figure(metric="accuracy"), "unknown metric 'accuracy'; choose one of top1, top5"),
         (lambda: comparison.scores("vanilla", kind="mlp"), "unknown probe kind 'mlp'"),
+        (lambda: Comparison.from_checkpoints([twins / "vanilla"], tau="1"), "unknown settings ['tau']; the probe"),
     ]
     for attempt, message in failures:
         with pytest.raises(ForethoughtError, match="^" + re.escape(message)):

@@ -82,6 +82,12 @@ def test_checkpoint_loads_offline_in_transformers_and_transformer_lens(corpus, t
     assert torch.equal(again.model.transformer.wte.weight, result.model.transformer.wte.weight)
     with pytest.raises(ForethoughtError, match=r"holds a run with other settings \(lr: 0.003 → 0.001\)"):
         train_lm(settings(corpus, tmp_path, lr=1e-3))
+    saved = json.loads((tmp_path / "run" / "train_config.json").read_text())
+    del saved["dropout"]  # a run made before the workbench had this setting: it counts as the default
+    (tmp_path / "run" / "train_config.json").write_text(json.dumps(saved))
+    assert torch.equal(train_lm(settings(corpus, tmp_path)).model.transformer.wte.weight, result.model.transformer.wte.weight)
+    with pytest.raises(ForethoughtError, match=r"other settings \(dropout: None → 0.0\)"):
+        train_lm(settings(corpus, tmp_path, dropout=0.0))
 
 
 class Interrupted(Exception):
