@@ -17,6 +17,7 @@ from dataclasses import MISSING, Field, fields
 from pathlib import Path
 
 from analyses.bench import ProbeBenchConfig, TrainBenchConfig, bench_probe, bench_train
+from analyses.compare import CompareConfig, run_compare
 from analyses.gap import GapConfig, run_gap
 from analyses.precache import PrecacheConfig, run_precache
 from analyses.probe import ProbeConfig, run_probe
@@ -53,6 +54,7 @@ FIGURES = [
     "gap --vanilla runs/lm-cpu-vanilla --myopic runs/lm-cpu-myopic --out runs/gap-cpu --figures-dir figures",
     "precache --vanilla runs/lm-cpu-vanilla --myopic runs/lm-cpu-myopic --kind topk --top-k 1000 --max-epochs 30 "
     "--out runs/precache-cpu --figures-dir figures",
+    "compare --run runs/precache-cpu --figures-dir figures",
 ]
 README = Path(__file__).parents[1] / "README.md"
 REFERENCE_START, REFERENCE_END = "<!-- cli-reference: written by `forethought readme` -->", "<!-- /cli-reference -->"
@@ -135,6 +137,9 @@ def build_parser() -> argparse.ArgumentParser:
     precache = commands.add_parser("precache", help="pre-caching vs breadcrumbs for a vanilla/myopic twin pair",
                                    description=PrecacheConfig.__doc__)
     add_config_arguments(precache, PrecacheConfig, skip=("checkpoints",))
+    compare = commands.add_parser("compare", help="the interactive comparison figure of a probe or precache run",
+                                  description=CompareConfig.__doc__)
+    add_config_arguments(compare, CompareConfig)
     gap = commands.add_parser("gap", help="myopia gap of twins and future-gradient share per layer",
                               description=GapConfig.__doc__)
     add_config_arguments(gap, GapConfig)
@@ -178,6 +183,10 @@ def main(argv: list[str] | None = None) -> int:
             config = config_class(**args)
             print(run(config).summary())
             print(f"results and figures in {config.out}")
+        elif command == "compare":
+            config = CompareConfig(**args)
+            print(repr(run_compare(config)))
+            print(f"figure in {config.figures_dir}")
         elif command == "figures":
             for line in FIGURES:
                 print(f"forethought {line}", flush=True)

@@ -15,7 +15,7 @@ from __future__ import annotations
 import html
 import json
 from collections.abc import Mapping, Sequence
-from dataclasses import fields, replace
+from dataclasses import dataclass, fields, replace
 from itertools import cycle
 from pathlib import Path
 from typing import Any
@@ -27,11 +27,11 @@ import plotly.graph_objects as go
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from analyses.plots import difference_heatmap
+from analyses.plots import difference_heatmap, save_figure
 from analyses.precache import PrecacheConfig
 from analyses.probe import (
     BASELINE, LOGIT_LENS, ProbeConfig, ProbeSettings, baseline_rows, check_name, control_checkpoint,
-    heldout_tokens, load_checkpoint, probe_scores, residual_cache, score_rows,
+    heldout_tokens, load_checkpoint, parse_checkpoints, probe_scores, residual_cache, score_rows,
 )
 from analyses.results import CONTROL, tidy
 from models.errors import ForethoughtError
@@ -44,6 +44,30 @@ from probes.future import KINDS, METRICS, ProbeScores
 CheckpointSource = str | Path | LMCheckpoint | PreTrainedModel  # folder, run folder, hub id, or in memory
 _DASHES = ("solid", "dash", "dot", "dashdot", "longdash", "longdashdot")
 _BASELINE_COLORS = {"unigram": "#b0b0b0", "skip-bigram": "#404040"}
+
+
+@dataclass
+class CompareConfig:
+    """Settings of ``forethought compare``: the comparison figure of a probe or precache run, as interactive HTML
+    (menus and legend work in a browser) and PNG."""
+
+    run: str = ""  # the --out folder of a `forethought probe` or `forethought precache` run
+    add: str = ""  # more checkpoints to probe beside the run's: comma-separated NAME=PATH
+    figures_dir: str = "figures"  # writes compare_<kind>.html (and .png with Chromium) here
+    progress: bool = True
+
+    def __post_init__(self):
+        if not self.run:
+            raise ForethoughtError("give --run: the --out folder of a forethought probe or precache run")
+
+
+def run_compare(config: CompareConfig) -> Comparison:
+    """Open the run, add the extra checkpoints, write the figure; return the comparison."""
+    comparison = Comparison.from_folder(config.run, progress=config.progress)
+    for name, source in parse_checkpoints(config.add).items():
+        comparison.add(name, source)
+    save_figure(comparison.figure(), Path(config.figures_dir) / f"compare_{comparison.settings.kind}")
+    return comparison
 
 
 class Comparison:

@@ -106,15 +106,19 @@ class ProbeConfig(ProbeSettings):
             raise ForethoughtError("give --checkpoints NAME=PATH,...")
 
     def named_checkpoints(self) -> dict[str, str]:
-        """{name: source}; a name may appear once."""
-        named: dict[str, str] = {}
-        for item in filter(None, (part.strip() for part in self.checkpoints.split(","))):
-            name, _, source = item.rpartition("=") if "=" in item else (Path(item).name, "", item)
-            named[check_name(name, named)] = source
-        return named
+        return parse_checkpoints(self.checkpoints)
 
     def results_settings(self) -> dict[str, Any]:
         return {k: v for k, v in asdict(self).items() if k not in ("figures_dir", "device", "progress")}
+
+
+def parse_checkpoints(text: str) -> dict[str, str]:
+    """``"NAME=PATH,PATH,..."`` → {name: source} (a PATH alone is named after its folder); a name may appear once."""
+    named: dict[str, str] = {}
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        name, _, source = item.rpartition("=") if "=" in item else (Path(item).name, "", item)
+        named[check_name(name, named)] = source
+    return named
 
 
 def check_name(name: str, taken: Iterable[str]) -> str:

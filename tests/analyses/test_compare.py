@@ -11,6 +11,7 @@ import pytest
 import analyses.compare
 import analyses.probe
 import probes.cache
+from analyses.cli import main
 from analyses.compare import Comparison
 from analyses.probe import LOGIT_LENS, ProbeConfig, run_probe
 from analyses.results import CONTROL
@@ -169,3 +170,13 @@ def test_bad_input_is_named_and_computed_results_stay_usable(comparison, twins, 
     assert comparison.names == ["vanilla", "myopic", CONTROL]
     assert comparison.to_dataframe().equals(table)
     assert comparison.accuracy(layers=[1], taus=[2]).shape == (3, 1)
+
+
+def test_compare_command_writes_the_figure_of_a_run(probed, tmp_path, capsys, monkeypatch):
+    no_work(monkeypatch)
+    assert main(["compare", "--run", str(probed[0]), "--figures-dir", str(tmp_path), "--no-progress"]) == 0
+    assert "computed: topk (3/3)" in capsys.readouterr().out and (tmp_path / "compare_topk.html").is_file()
+    assert main(["compare", "--figures-dir", str(tmp_path)]) == 2
+    assert capsys.readouterr().err == "forethought: error: give --run: the --out folder of a forethought probe or precache run\n"
+    assert main(["compare", "--run", str(tmp_path)]) == 2
+    assert f"{tmp_path} holds no probe or precache run (no config.json)" in capsys.readouterr().err
