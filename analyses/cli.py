@@ -128,21 +128,15 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument("--seed", type=int, default=0, help="(default: 0)")
     data.add_argument("--out", default="data", help="folder for the two files (default: data)")
 
-    lm = commands.add_parser("train", help="train a GPT-2 language model on text, vanilla or --myopic",
-                             description=LMTrainConfig.__doc__)
-    add_config_arguments(lm, LMTrainConfig)
-    probe = commands.add_parser("probe", help="future-token probes for every (layer, τ) of checkpoints",
-                                description=ProbeConfig.__doc__)
-    add_config_arguments(probe, ProbeConfig)
-    precache = commands.add_parser("precache", help="pre-caching vs breadcrumbs for a vanilla/myopic twin pair",
-                                   description=PrecacheConfig.__doc__)
-    add_config_arguments(precache, PrecacheConfig, skip=("checkpoints",))
-    compare = commands.add_parser("compare", help="the interactive comparison figure of a probe or precache run",
-                                  description=CompareConfig.__doc__)
-    add_config_arguments(compare, CompareConfig)
-    gap = commands.add_parser("gap", help="myopia gap of twins and future-gradient share per layer",
-                              description=GapConfig.__doc__)
-    add_config_arguments(gap, GapConfig)
+    for name, config_class, help_text, skip in (
+        ("train", LMTrainConfig, "train a GPT-2 language model on text, vanilla or --myopic", ()),
+        ("probe", ProbeConfig, "future-token probes for every (layer, τ) of checkpoints", ()),
+        ("precache", PrecacheConfig, "pre-caching vs breadcrumbs for a vanilla/myopic twin pair", ("checkpoints",)),
+        ("compare", CompareConfig, "the interactive comparison figure of a probe or precache run", ()),
+        ("gap", GapConfig, "myopia gap of twins and future-gradient share per layer", ()),
+    ):
+        command = commands.add_parser(name, help=help_text, description=config_class.__doc__)
+        add_config_arguments(command, config_class, skip=skip)
 
     figures = commands.add_parser("figures", help="regenerate every figure in figures/ from the embedded default",
                                   description="Runs, in order: " + "; ".join(f"forethought {c}" for c in FIGURES))

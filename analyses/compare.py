@@ -86,6 +86,7 @@ class Comparison:
             self._admit(name, checkpoint)
         self._device = str(resolve_device(settings.device))
         self._scores: dict[tuple[str, str], ProbeScores] = {}  # (checkpoint, probe kind or LOGIT_LENS)
+        self._rows: dict[tuple[str, str], pd.DataFrame] = {}  # tidy rows of self._scores (bootstrapped once)
         self._baselines: dict[str, pd.DataFrame] = {}  # per target
         self._heldout: tuple[TextData, np.ndarray] | None = None  # (data, tokens [n, seq])
 
@@ -230,9 +231,8 @@ class Comparison:
         self.compute(kinds)
         frames = []
         for kind in kinds:
-            frames += [score_rows(self.scores(name, kind), name, self.settings.target(kind)) for name in self.names]
-        frames += [score_rows(self.scores(name, LOGIT_LENS), name, self.settings.target("lens"), probe=LOGIT_LENS)
-                   for name in self.names]
+            frames += [self._score_rows(name, kind) for name in self.names]
+        frames += [self._score_rows(name, LOGIT_LENS) for name in self.names]
         vocab_size = self._checkpoint(self.names[0]).model.config.vocab_size
         targets = {self.settings.target(kind): kind for kind in [*kinds, "lens"]}  # lens: the logit lens's classes
         for target, kind in targets.items():
@@ -241,6 +241,14 @@ class Comparison:
             frames.append(self._baselines[target])
         task = f"text: {self._heldout[0].corpus}" if self._heldout else None
         return tidy(pd.concat(frames, ignore_index=True), task=task, seed=self.settings.seed)
+
+    def _score_rows(self, name: str, kind: str) -> pd.DataFrame:
+        """Tidy rows of :meth:`scores` (their bootstrap intervals are computed once)."""
+        if (name, kind) not in self._rows:
+            scores = self.scores(name, kind)
+            self._rows[name, kind] = (score_rows(scores, name, self.settings.target("lens"), probe=LOGIT_LENS)
+                                      if kind == LOGIT_LENS else score_rows(scores, name, self.settings.target(kind)))
+        return self._rows[name, kind]
 
     def accuracy(self, kind: str | None = None, metric: str = "top1", layers: Sequence[int] | None = None,
                  taus: Sequence[int] | None = None) -> pd.DataFrame:

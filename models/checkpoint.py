@@ -93,3 +93,19 @@ def changed_settings(saved: dict[str, Any], wanted: dict[str, Any], defaults: di
     keys = dict.fromkeys([*saved, *wanted])
     return ", ".join(f"{key}: {saved.get(key, defaults.get(key))!r} → {wanted.get(key)!r}" for key in keys
                      if saved.get(key, defaults.get(key)) != wanted.get(key))
+
+
+def size_text(n_bytes: float) -> str:
+    """``n_bytes`` readably: ``"12 KiB"``, ``"340 MiB"``, ``"3.40 GiB"``."""
+    if n_bytes < 2**20:
+        return f"{n_bytes / 2**10:.0f} KiB"
+    return f"{n_bytes / 2**20:.0f} MiB" if n_bytes < 2**30 else f"{n_bytes / 2**30:.2f} GiB"
+
+
+def check_free_space(folder: str | Path, needed: int, what: str) -> None:
+    """Refuse before writing when the disk holding ``folder`` (or its nearest existing parent) has less than
+    ``needed`` bytes free; ``what`` names the job in the message."""
+    existing = next(p for p in [Path(folder), *Path(folder).absolute().parents] if p.exists())
+    free = shutil.disk_usage(existing).free
+    if free < needed:
+        raise ForethoughtError(f"{what} needs about {size_text(needed)} in {folder}; only {size_text(free)} free")

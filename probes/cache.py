@@ -30,6 +30,7 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedModel
 
 from models.errors import ForethoughtError
+from models.checkpoint import check_free_space, size_text
 from models.lm import resolve_checkpoint
 from probes.residuals import bridge_residuals, hook_name, load_bridge
 
@@ -151,7 +152,9 @@ def build_cache(
     partial = _partial(folder)
     done = _resume_point(partial, meta)
     if done == 0:
-        _check_disk(partial, cache_bytes(len(tokens), tokens.shape[1], d_model, len(layers)))
+        needed = cache_bytes(len(tokens), tokens.shape[1], d_model, len(layers))
+        print(f"caching needs about {size_text(needed)} in {folder.parent}")
+        check_free_space(folder.parent, needed, "caching")
         shutil.rmtree(partial, ignore_errors=True)
         partial.mkdir(parents=True)
         np.save(partial / "tokens.npy", tokens)
@@ -203,12 +206,3 @@ def _write_progress(partial: Path, meta: dict[str, Any], done: int) -> None:
     staging.write_text(json.dumps({"meta": meta, "done": done}))
     os.replace(staging, partial / _PROGRESS)
 
-
-def _check_disk(folder: Path, needed: int) -> None:
-    existing = next(p for p in [folder, *folder.absolute().parents] if p.exists())
-    free = shutil.disk_usage(existing).free
-    print(f"caching needs {needed / 2**30:.2f} GiB in {folder.parent} ({free / 2**30:.1f} GiB free)")
-    if free < needed:
-        raise ForethoughtError(
-            f"caching needs {needed / 2**30:.2f} GiB in {folder.parent}; only {free / 2**30:.2f} GiB free"
-        )

@@ -39,6 +39,7 @@ from torch.nn.functional import cross_entropy
 from transformers import AutoTokenizer, GPT2Tokenizer, PreTrainedTokenizerBase
 
 from models.errors import ForethoughtError
+from models.checkpoint import check_free_space
 from models.hub import hub_reachable
 
 GPT2_HUB_ID = "openai-community/gpt2"
@@ -280,12 +281,7 @@ def tokenize_source(source: str, folder: str | Path, tokenizer: PreTrainedTokeni
     """Tokenise a corpus source once into ``folder`` (reused, or resumed, on later calls)."""
     needed = _token_bytes_estimate(source, split, max_documents)
     if needed is not None and not (Path(folder) / "meta.json").exists():
-        existing = next(p for p in [Path(folder), *Path(folder).absolute().parents] if p.exists())
-        free = shutil.disk_usage(existing).free
-        if free < needed:
-            raise ForethoughtError(
-                f"tokenising {source} needs about {needed / 2**20:.0f} MiB in {folder}; only {free / 2**20:.0f} MiB free"
-            )
+        check_free_space(folder, needed, f"tokenising {source}")
     documents = islice(iter_documents(source, split, text_field), max_documents)
     description = {"source": source, "split": split, "text_field": text_field, "max_documents": max_documents}
     return TokenFile.build(documents, folder, tokenizer, description)

@@ -55,6 +55,7 @@ def test_a_probe_run_is_reused_and_nothing_is_computed_twice(probed, comparison,
     same = table.merge(probe_table[KEY], on=KEY)  # the probe run's rows (the comparison adds the lens's baselines)
     assert len(same) == len(probe_table) and rows(same).equals(rows(probe_table))
     monkeypatch.setattr(analyses.compare, "probe_scores", lambda *a: pytest.fail("scores were read again"))
+    monkeypatch.setattr(analyses.compare, "score_rows", lambda *a, **k: pytest.fail("intervals were recomputed"))
     assert comparison.to_dataframe().equals(table)  # the second call is served from memory
     monkeypatch.undo()
     no_work(monkeypatch)

@@ -158,7 +158,7 @@ def test_too_little_disk_is_refused_before_starting(tokenizer, tmp_path, monkeyp
 
     usage = namedtuple("usage", "total used free")
     monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(100, 100, 10))
-    with pytest.raises(ForethoughtError, match=r"needs about \d+ MiB in .*only 0 MiB free"):
+    with pytest.raises(ForethoughtError, match=r"needs about \d+ KiB in .*only 0 KiB free"):
         tokenize_source(str(_jsonl(tmp_path)), tmp_path / "tok", tokenizer)
     with pytest.raises(ForethoughtError, match=r"tokenising hf:.* needs about"):  # a local dataset folder
         tokenize_source(f"hf:{tmp_path}", tmp_path / "tok", tokenizer)
