@@ -3,6 +3,10 @@
 ``bench probe``: caching residuals, and fitting the (layer, τ) future-token probe grid in one torch pass vs
 one sklearn ``LogisticRegression`` per probe on a small vocabulary subset, at their held-out accuracies.
 
+``bench cache``: residual caching through TransformerLens's bridge (forward + float16 writes of every residual
+layer) against a bare Hugging Face forward pass with ``output_hidden_states=True`` on the same tokens, at the
+same precision: tokens/s and their ratio (default model: SmolLM2-135M).
+
 ``bench train``: one training step (forward, next-token loss, backward, clipping, AdamW — the step of
 ``forethought train``) of a GPT-2 language model, vanilla (PyTorch fused attention) vs myopic (flash
 attention + diagonal correction) vs naive myopic (materialised T×T scores, as in the paper's code): tokens/s
@@ -31,9 +35,12 @@ from models.gpt2 import build_lm, gpt2_config
 from models.myopic import myopic
 from models.tasks.text import TextData, gpt2_tokenizer, next_token_loss
 from models.train import resolve_device
+from models.lm import LMCheckpoint
+from models.precision import autocast, check_precision
 from probes.cache import build_cache
 from probes.fit import split_sequences
 from probes.future import FutureProbeConfig, fit_future_probes
+from probes.residuals import bridge_residuals, load_bridge
 
 
 @dataclass
@@ -225,3 +232,67 @@ def _bench_probe(config: ProbeBenchConfig, folder: Path) -> pd.DataFrame:
         f"{config.sklearn_max_iter} in {unconverged} of {n_probes} probes"
     )
     return table
+
+
+@dataclass
+class CacheBenchConfig:
+    """Settings of ``forethought bench cache``: residual caching through the TransformerBridge (forward pass and
+    float16 writes of all L + 1 residual layers) ÷ a bare Hugging Face forward pass with
+    ``output_hidden_states=True``, on the same held-out tokens of the embedded corpus, at the same precision."""
+
+    model: str = "smollm2-135m"  # any model source (folder, run folder, hub id, smollm2-135m, gguf:PATH)
+    corpus: str = "embedded"  # held-out text: test documents of this corpus, packed into sequences
+    tokens_root: str = "runs/tokens"
+    device: str = "auto"  # "auto": CUDA when available
+    precision: str = "bfloat16"  # float32 or bfloat16 (autocast), for both
+    n_sequences: int = 128  # sequences of seq_len tokens per round
+    seq_len: int = 64
+    batch_size: int = 32
+    rounds: int = 3  # rounds, alternating the two; each one's throughput is the median over rounds
+    folder: str = "runs/bench-cache"  # a temporary folder for the caches is made (and removed) here
+
+    def __post_init__(self):
+        check_precision(self.precision)
+        if min(self.n_sequences, self.seq_len, self.batch_size, self.rounds) < 1:
+            raise ForethoughtError("n_sequences, seq_len, batch_size and rounds must be at least 1")
+
+
+def bench_cache(config: CacheBenchConfig) -> pd.DataFrame:
+    """Tokens/s of caching through the bridge and of the bare Hugging Face forward pass, and their ratio."""
+    device = str(resolve_device(config.device))
+    checkpoint = LMCheckpoint.load(config.model)
+    model = checkpoint.model.to(device)
+    data = TextData(corpus=config.corpus, layout="packed", seq_len=config.seq_len)
+    tokens = data.load(checkpoint.tokenizer, config.tokens_root)["test"][: config.n_sequences]
+    batches = torch.from_numpy(tokens).split(config.batch_size)
+    bridge = load_bridge(checkpoint.source, device=device)  # warm: booting is not caching
+    with torch.no_grad(), autocast(device, config.precision):  # warm-up, untimed
+        model(batches[0].to(device), output_hidden_states=True, use_cache=False)
+        bridge_residuals(bridge, batches[0].to(device))
+    Path(config.folder).mkdir(parents=True, exist_ok=True)
+    seconds: dict[str, list[float]] = {"Hugging Face forward (output_hidden_states)": [], "caching via the bridge": []}
+    with tempfile.TemporaryDirectory(dir=config.folder, prefix="bench-") as work:
+        for round_ in range(config.rounds):
+            start = time.perf_counter()
+            with torch.no_grad(), autocast(device, config.precision):
+                for batch in batches:
+                    model(batch.to(device), output_hidden_states=True, use_cache=False)
+            _synchronize(device)
+            seconds["Hugging Face forward (output_hidden_states)"].append(time.perf_counter() - start)
+            start = time.perf_counter()
+            build_cache(checkpoint.source, tokens, Path(work) / f"cache-{round_}", batch_size=config.batch_size,
+                        device=device, progress=False, precision=config.precision, bridge=bridge)
+            seconds["caching via the bridge"].append(time.perf_counter() - start)
+    rates = {name: tokens.size / statistics.median(times) for name, times in seconds.items()}
+    baseline = rates["Hugging Face forward (output_hidden_states)"]
+    table = pd.DataFrame({"step": list(rates), "tokens_per_s": list(rates.values()),
+                          "ratio_to_hugging_face": [rate / baseline for rate in rates.values()]})
+    table.attrs["setting"] = (f"{device}, {config.model} ({type(model).__name__}, {model.config.num_hidden_layers} "
+                              f"layers), {config.precision}, {len(tokens)} sequences × {config.seq_len} tokens, "
+                              f"batch {config.batch_size}, median of {config.rounds} alternating rounds")
+    return table
+
+
+def _synchronize(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()

@@ -16,7 +16,9 @@ import time
 from dataclasses import MISSING, Field, fields
 from pathlib import Path
 
-from analyses.bench import ProbeBenchConfig, TrainBenchConfig, bench_probe, bench_train
+from analyses.bench import (
+    CacheBenchConfig, ProbeBenchConfig, TrainBenchConfig, bench_cache, bench_probe, bench_train,
+)
 from analyses.compare import CompareConfig, run_compare
 from analyses.gap import GapConfig, run_gap
 from analyses.precache import PrecacheConfig, run_precache
@@ -42,7 +44,8 @@ ANALYSES = {  # command: (config dataclass, run function) for analyses of traine
     "precache": (PrecacheConfig, run_precache),
     "gap": (GapConfig, run_gap),
 }
-BENCHES = {"train": (TrainBenchConfig, bench_train), "probe": (ProbeBenchConfig, bench_probe)}
+BENCHES = {"train": (TrainBenchConfig, bench_train), "probe": (ProbeBenchConfig, bench_probe),
+           "cache": (CacheBenchConfig, bench_cache)}
 
 # Every figure in figures/, from the embedded default (about 55 min on 2 CPU cores; each step resumes or
 # reuses what an earlier run left in runs/, so a rerun redoes only what changed).
@@ -152,6 +155,9 @@ def build_parser() -> argparse.ArgumentParser:
     probe_bench = benches.add_parser("probe", description=ProbeBenchConfig.__doc__,
                                      help="caching and probe fitting: throughput, and torch ÷ sklearn time")
     add_config_arguments(probe_bench, ProbeBenchConfig)
+    cache_bench = benches.add_parser("cache", description=CacheBenchConfig.__doc__,
+                                     help="residual caching through the bridge ÷ a bare Hugging Face forward pass")
+    add_config_arguments(cache_bench, CacheBenchConfig)
     return parser
 
 

@@ -36,8 +36,9 @@ from analyses.probe import (
 from analyses.results import CONTROL, tidy
 from models.errors import ForethoughtError
 from models.gpt2 import quiet_loading
-from models.lm import LMCheckpoint
-from models.tasks.text import TextData, check_vocabulary, gpt2_tokenizer, tokenizer_fingerprint
+from models.families import n_layers
+from models.lm import LMCheckpoint, check_same_tokenizer
+from models.tasks.text import TextData, check_vocabulary, gpt2_tokenizer
 from models.train import resolve_device
 from probes.future import KINDS, METRICS, ProbeScores
 
@@ -136,10 +137,8 @@ class Comparison:
         """Check that ``checkpoint`` can be fed the same tokens and has the requested layers; then keep it."""
         if self._checkpoints:
             first_name, first = next(iter(self._checkpoints.items()))
-            if tokenizer_fingerprint(checkpoint.tokenizer) != tokenizer_fingerprint(first.tokenizer):
-                raise ForethoughtError(f"checkpoint {name!r} uses another tokenizer than {first_name!r}: "
-                                       "they cannot be probed on the same tokens")
-        self.settings.layer_list(checkpoint.model.config.n_layer)
+            check_same_tokenizer({first_name: first, name: checkpoint})
+        self.settings.layer_list(n_layers(checkpoint.model.config))
         self._checkpoints[name] = checkpoint
 
     # ---- what is compared, and what has been computed
@@ -159,7 +158,7 @@ class Comparison:
 
     def layers(self, name: str) -> list[int]:
         """The residual layers probed in checkpoint ``name``."""
-        return self.settings.layer_list(self._checkpoint(name).model.config.n_layer)
+        return self.settings.layer_list(n_layers(self._checkpoint(name).model.config))
 
     @property
     def taus(self) -> list[int]:

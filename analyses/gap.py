@@ -14,7 +14,7 @@ of the training signal at each layer asks for computation on behalf of later pos
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any, ClassVar
 
 import numpy as np
@@ -28,8 +28,9 @@ from tqdm.auto import tqdm
 from analyses.experiment import ExperimentResults, finish_run, prepare_out
 from analyses.results import run_meta, tidy
 from models.errors import ForethoughtError
+from models.families import architecture_summary
 from models.lm import LMCheckpoint
-from models.myopic import myopic
+from models.myopic import myopic, myopic_layers
 from models.tasks.text import TextData, next_token_loss, tokenizer_fingerprint
 from models.train import resolve_device
 from probes.metrics import Estimate, bootstrap, mean_scores
@@ -126,7 +127,9 @@ class GapResults(ExperimentResults):
         return figure
 
     def figures(self) -> dict[str, go.Figure]:
-        figures = {"gap_future_gradient_share": self.share_figure()}
+        figures = {}
+        if (self.table["metric"] == "future_gradient_share").any():
+            figures["gap_future_gradient_share"] = self.share_figure()
         if (self.table["metric"] == "loss").any():
             figures["gap_loss_by_position"] = self.position_figure()
         return figures
@@ -136,6 +139,8 @@ class GapResults(ExperimentResults):
         for name, row in self.losses().iterrows():
             lines.append(f"  {name:<30} {row.value:.4f} ({row.ci_low:.4f}–{row.ci_high:.4f})  n={row.n}")
         shares = self.shares()
+        if shares.empty:
+            return "\n".join(lines)
         lines.append("future-gradient share by layer:")
         lines.append("  layer  " + "  ".join(f"{name:>10}" for name in shares.columns))
         for layer, row in shares.iterrows():
@@ -208,11 +213,10 @@ def future_gradient_share(model: torch.nn.Module, sequences: torch.Tensor, batch
 
 def check_twins(vanilla: LMCheckpoint, myopic_twin: LMCheckpoint) -> None:
     """Refuse twins that differ in architecture, tokenizer or training data, or that are not what they say."""
-    keys = ("n_layer", "n_embd", "n_head", "vocab_size", "n_positions", "activation_function")
-    differing = [k for k in keys if getattr(vanilla.model.config, k) != getattr(myopic_twin.model.config, k)]
+    ours, theirs = architecture_summary(vanilla.model.config), architecture_summary(myopic_twin.model.config)
+    differing = [k for k in dict.fromkeys([*ours, *theirs]) if ours.get(k) != theirs.get(k)]
     if differing:
-        detail = ", ".join(f"{k} {getattr(vanilla.model.config, k)} vs {getattr(myopic_twin.model.config, k)}"
-                           for k in differing)
+        detail = ", ".join(f"{k} {ours.get(k)} vs {theirs.get(k)}" for k in differing)
         raise ForethoughtError(f"the twins differ in architecture: {detail}")
     if tokenizer_fingerprint(vanilla.tokenizer) != tokenizer_fingerprint(myopic_twin.tokenizer):
         raise ForethoughtError("the twins use different tokenizers")
@@ -226,14 +230,17 @@ def check_twins(vanilla: LMCheckpoint, myopic_twin: LMCheckpoint) -> None:
             )
 
 
-def heldout_data(checkpoints: dict[str, LMCheckpoint], corpus: str | None, layout: str, seq_len: int) -> TextData:
-    """The checkpoints' own data (their test documents are held out), or ``corpus`` cut by layout and length."""
+def heldout_data(checkpoints: dict[str, LMCheckpoint], corpus: str | None, layout: str, seq_len: int,
+                 prepend_bos: bool | None = None) -> TextData:
+    """The checkpoints' own data (their test documents are held out), or ``corpus`` cut by layout and length;
+    ``prepend_bos`` (None: as the data was recorded, or no BOS for ``corpus``) sets the BOS policy."""
     if corpus is not None:
-        return TextData(corpus=corpus, layout=layout, seq_len=seq_len)
+        return TextData(corpus=corpus, layout=layout, seq_len=seq_len, prepend_bos=bool(prepend_bos))
     recorded = next((c.data() for c in checkpoints.values() if c.data() is not None), None)
     if recorded is None:
-        raise ForethoughtError("the checkpoints record no training data (trained elsewhere?): pass --corpus")
-    return recorded
+        raise ForethoughtError("the checkpoints record no training data (trained elsewhere?): pass --corpus, "
+                               "e.g. --corpus embedded")
+    return recorded if prepend_bos is None else replace(recorded, prepend_bos=prepend_bos)
 
 
 def run_gap(config: GapConfig) -> GapResults:
@@ -253,6 +260,9 @@ def run_gap(config: GapConfig) -> GapResults:
     for name, checkpoint in checkpoints.items():
         model = checkpoint.model.to(device).float()
         losses[name] = token_losses(model, test, config.batch_size, config.progress)
+        if not myopic_layers(model):  # the share needs the myopic gradient: GPT-2 attention only, so far
+            print(f"{name}: no future-gradient share — the myopic gradient is implemented for GPT-2 attention only")
+            continue
         shares = future_gradient_share(model, test[: config.share_sequences], config.batch_size,
                                        config.seed, config.progress)
         rows += [{"checkpoint": name, "layer": layer, "metric": "future_gradient_share", **estimate.columns()}

@@ -1,7 +1,8 @@
 """GPT-2 builders and loaders: the token language model and the regression model of Wu et al. (2024).
 
 Both are Hugging Face ``PreTrainedModel`` s, so a checkpoint is a ``save_pretrained`` folder that every
-tool in the ecosystem (TransformerLens's ``boot_transformers`` included) can load.
+tool in the ecosystem (TransformerLens's ``boot_transformers`` included) can load. Language models of other
+families (Llama, …) load and build through the same two functions: ``kind="lm"`` is any causal LM.
 """
 
 from __future__ import annotations
@@ -16,7 +17,8 @@ from typing import Literal
 import torch
 from huggingface_hub.dataclasses import strict
 from torch import nn
-from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedModel
+from transformers import AutoModelForCausalLM, GPT2Config, PretrainedConfig, PreTrainedModel
+from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 from transformers.models.gpt2.modeling_gpt2 import GPT2Model, GPT2PreTrainedModel
 from transformers.utils import logging as transformers_logging
 
@@ -55,12 +57,13 @@ def gpt2_config(
     )
 
 
-def build_lm(config: GPT2Config, seed: int | None = None) -> GPT2LMHeadModel:
-    """A randomly initialised token language model; ``seed`` makes the initialisation reproducible."""
+def build_lm(config: PretrainedConfig, seed: int | None = None) -> PreTrainedModel:
+    """A randomly initialised causal language model of ``config``'s architecture (GPT-2, Llama, …);
+    ``seed`` makes the initialisation reproducible."""
     with torch.random.fork_rng(enabled=seed is not None):
         if seed is not None:
             torch.manual_seed(seed)
-        return GPT2LMHeadModel(config)
+        return AutoModelForCausalLM.from_config(config)
 
 
 @strict(accept_kwargs=True)
@@ -119,10 +122,18 @@ def build_regression(config: GPT2RegressionConfig, seed: int | None = None) -> G
         return GPT2RegressionModel(config)
 
 
-_CLASSES: dict[ModelKind, type[PreTrainedModel]] = {
-    "lm": GPT2LMHeadModel,
+_CLASSES: dict[ModelKind, type] = {
+    "lm": AutoModelForCausalLM,  # any causal language model
     "regression": GPT2RegressionModel,
 }
+CAUSAL_LM_CLASSES = frozenset(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values())
+
+
+def _expected(kind: ModelKind, architecture: str) -> str | None:
+    """What a checkpoint of ``kind`` should hold, if ``architecture`` is not it (None: it is)."""
+    if kind == "lm":
+        return None if architecture in CAUSAL_LM_CLASSES else "causal language model"
+    return None if architecture == GPT2RegressionModel.__name__ else GPT2RegressionModel.__name__
 
 
 @contextmanager
@@ -140,18 +151,16 @@ def quiet_loading() -> Iterator[None]:
 
 @quiet_loading()
 def load_model(source: str | Path, kind: ModelKind) -> PreTrainedModel:
-    """Load a ``save_pretrained`` folder (or, for ``kind="lm"``, a hub id) and check it is ``kind``."""
+    """Load a ``save_pretrained`` folder (or, for ``kind="lm"``, a hub id) and check it is ``kind``
+    (``lm``: any causal language model transformers knows; ``regression``: :class:`GPT2RegressionModel`)."""
     folder = Path(source)
     if folder.exists():
         config_file = folder / "config.json"
         if not config_file.is_file():
             raise ForethoughtError(f"checkpoint folder {folder} has no config.json")
         architectures = json.loads(config_file.read_text()).get("architectures") or ["?"]
-        expected = _CLASSES[kind].__name__
-        if architectures[0] != expected:
-            raise ForethoughtError(
-                f"checkpoint {folder} holds a {architectures[0]}, expected a {expected} ({kind} model)"
-            )
+        if expected := _expected(kind, architectures[0]):
+            raise ForethoughtError(f"checkpoint {folder} holds a {architectures[0]}, expected a {expected} ({kind} model)")
     elif kind == "regression":
         raise ForethoughtError(f"checkpoint folder {folder} does not exist")
     elif not hub_reachable():

@@ -1,10 +1,12 @@
-"""GPT-2 language models on text: the settings of ``forethought train``, and the checkpoints it writes.
+"""Language models on text: the settings of ``forethought train``, the checkpoints it writes, and
+:class:`LMCheckpoint`, any causal language model loaded for analysis.
 
 A run folder holds ``train_config.json`` and ``checkpoints/step-N/``; every checkpoint folder is complete on
 its own — ``save_pretrained`` weights, the tokenizer files, and ``forethought.json`` (the training settings,
 the model source and the :class:`~models.tasks.text.TextData` it was trained on) — so
-``TransformerBridge.boot_transformers(folder)`` and ``GPT2LMHeadModel.from_pretrained(folder)`` load it
-offline, and an analysis can rebuild the held-out documents it never saw.
+``TransformerBridge.boot_transformers(folder)`` and ``AutoModelForCausalLM.from_pretrained(folder)`` load it
+offline, and an analysis can rebuild the held-out documents it never saw. Models come from any source
+:mod:`models.sources` knows (folders, run folders, hub ids, ``smollm2-135m``, ``gguf:PATH``).
 """
 
 from __future__ import annotations
@@ -16,15 +18,17 @@ from pathlib import Path
 from typing import Any
 
 from torch import nn
-from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerBase
+from transformers import AutoConfig, AutoTokenizer, PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
 
-from models.checkpoint import changed_settings, latest_checkpoint
+from models.checkpoint import changed_settings
 from models.distributed import Distributed
 from models.errors import ForethoughtError
-from models.gpt2 import build_lm, gpt2_config, load_model
+from models.families import architecture
+from models.gpt2 import CAUSAL_LM_CLASSES, build_lm, gpt2_config, load_model
 from models.hub import hub_reachable
-from models.myopic import CUTS
-from models.tasks.text import TextData, TextTask, check_vocabulary, gpt2_tokenizer
+from models.myopic import CUTS, check_myopic_support
+from models.sources import model_folder, source_card
+from models.tasks.text import TextData, TextTask, check_vocabulary, gpt2_tokenizer, tokenizer_fingerprint
 from models.train import TrainConfig, TrainResult, resolve_device, train
 
 DESCRIPTION_FILE = "forethought.json"
@@ -54,7 +58,7 @@ class LMTrainConfig:
     split_seed: int = 0  # seeds the 90 / 1 / 9 % train / validation / test split by document
     tokens_root: str = "runs/tokens"  # token files are written (once) under here
     # model
-    model: str = "gpt2-small"  # a preset (gpt2-small, gpt2-mini, gpt2-tiny, gpt2-micro), a folder or a hub id
+    model: str = "gpt2-small"  # a preset (gpt2-small, gpt2-mini, gpt2-tiny, gpt2-micro), a folder, hub id, smollm2-135m or gguf:PATH
     from_pretrained: bool = False  # start from the folder's / hub model's weights (fine-tuning)
     tokenizer: str = "gpt2"  # 'gpt2' (hub, else the shipped BPE files) or a tokenizer folder
     myopic: bool = False  # train with the myopic gradient
@@ -112,40 +116,41 @@ def load_tokenizer(name: str) -> PreTrainedTokenizerBase:
         raise ForethoughtError(f"cannot load a tokenizer from {name}: {error}") from error
 
 
-def lm_to_train(config: LMTrainConfig, vocab_size: int) -> GPT2LMHeadModel:
-    """The model a run starts from: a preset or another model's architecture, freshly initialised with
-    ``config.seed``; or, with ``from_pretrained``, that model's weights."""
+def lm_to_train(config: LMTrainConfig, vocab_size: int) -> PreTrainedModel:
+    """The model a run starts from: a preset or another model's architecture (any causal-LM family), freshly
+    initialised with ``config.seed``; or, with ``from_pretrained``, that model's weights."""
     if config.model in LM_PRESETS:
         model_config = gpt2_config(**LM_PRESETS[config.model], vocab_size=vocab_size,
                                    n_positions=max(1024, config.seq_len), dropout=config.dropout or 0.0)
         return build_lm(model_config, seed=config.seed)
-    source = resolve_checkpoint(config.model)
+    source = model_folder(config.model)
     model = load_model(source, kind="lm") if config.from_pretrained else build_lm(_architecture(source), seed=config.seed)
     if config.dropout is not None:
-        for name in ("attn_pdrop", "resid_pdrop", "embd_pdrop"):
-            setattr(model.config, name, config.dropout)
+        for name in ("attn_pdrop", "resid_pdrop", "embd_pdrop", "attention_dropout"):
+            if hasattr(model.config, name):
+                setattr(model.config, name, config.dropout)
         for module in model.modules():
             if isinstance(module, nn.Dropout):
                 module.p = config.dropout
-    if config.seq_len > model.config.n_positions:
-        raise ForethoughtError(f"seq_len {config.seq_len} exceeds the {model.config.n_positions} positions of {config.model}")
+    positions = model.config.max_position_embeddings
+    if config.seq_len > positions:
+        raise ForethoughtError(f"seq_len {config.seq_len} exceeds the {positions} positions of {config.model}")
     return model
 
 
-def _architecture(source: str) -> GPT2Config:
-    """The GPT-2 config of a folder or hub id (refusing other architectures)."""
+def _architecture(source: str) -> PretrainedConfig:
+    """The config of a folder or hub id (refusing models that are not causal language models)."""
     folder = Path(source)
     if folder.exists() and not (folder / "config.json").is_file():
         raise ForethoughtError(f"checkpoint folder {folder} has no config.json")
     if not folder.exists() and not hub_reachable():
         raise ForethoughtError(f"{source} is neither a preset nor a folder, and the Hugging Face hub cannot be reached")
     try:
-        config = GPT2Config.from_pretrained(source)
+        config = AutoConfig.from_pretrained(source)
     except (OSError, ValueError) as error:
         raise ForethoughtError(f"{source} is neither a preset, a checkpoint folder nor a loadable hub id: {error}") from error
-    architectures = config.architectures or ["GPT2LMHeadModel"]
-    if config.model_type != "gpt2" or architectures[0] != "GPT2LMHeadModel":
-        raise ForethoughtError(f"{source} holds a {architectures[0]} ({config.model_type}), not a GPT-2 language model")
+    if architecture(config) not in CAUSAL_LM_CLASSES:
+        raise ForethoughtError(f"{source} holds a {architecture(config)} ({config.model_type}), not a causal language model")
     return config
 
 
@@ -163,6 +168,8 @@ def train_lm(config: LMTrainConfig) -> TrainResult:
     with Distributed.from_env(resolve_device(config.device)).main_first():
         model = lm_to_train(config, vocab_size=len(tokenizer))
         check_vocabulary(tokenizer, model.config.vocab_size, config.model)
+        if config.myopic:
+            check_myopic_support(model)
         sequences = data.load(tokenizer, config.tokens_root)
         _record_settings(out, settings)
     description = {
@@ -195,22 +202,25 @@ def _record_settings(out: Path, settings: dict[str, Any]) -> None:
 class LMCheckpoint:
     """A language model loaded for analysis, with its tokenizer and what it was trained on (if known)."""
 
-    source: str  # the folder or hub id it came from
-    model: GPT2LMHeadModel
+    source: str  # the folder or hub id it was loaded from
+    model: PreTrainedModel  # any causal language model (GPT-2, Llama, …)
     tokenizer: PreTrainedTokenizerBase
     description: dict[str, Any] | None  # forethought.json; None for models trained elsewhere
+    origin: dict[str, Any] | None = None  # a converted model's card (models.sources); None otherwise
 
     @classmethod
     def load(cls, source: str | Path) -> LMCheckpoint:
-        """A checkpoint folder, a run folder (its newest checkpoint), or a hub id."""
-        folder = resolve_checkpoint(source)
+        """Any source of :func:`models.sources.model_folder`: a checkpoint or run folder, a hub id,
+        ``smollm2-135m`` or ``gguf:PATH`` (converted on first use)."""
+        folder = model_folder(source)
         model = load_model(folder, kind="lm")
         description_file = Path(folder) / DESCRIPTION_FILE
         description = json.loads(description_file.read_text()) if description_file.is_file() else None
-        has_tokenizer = Path(folder).is_dir() and (Path(folder) / "tokenizer_config.json").is_file()
-        tokenizer = load_tokenizer(str(folder)) if has_tokenizer else gpt2_tokenizer()
+        local = Path(folder).is_dir()
+        has_tokenizer = local and (Path(folder) / "tokenizer_config.json").is_file()
+        tokenizer = load_tokenizer(str(folder)) if has_tokenizer or not local else gpt2_tokenizer()
         check_vocabulary(tokenizer, model.config.vocab_size, str(folder))
-        return cls(str(folder), model.eval(), tokenizer, description)
+        return cls(str(folder), model.eval(), tokenizer, description, source_card(folder) if local else None)
 
     def data(self) -> TextData | None:
         """The text data it was trained on, if recorded."""
@@ -220,12 +230,14 @@ class LMCheckpoint:
         return TextData(**{k: v for k, v in self.description["data"].items() if k in known})
 
 
-def resolve_checkpoint(source: str | Path) -> str:
-    """A run folder (with ``checkpoints/``) → its newest checkpoint; anything else unchanged."""
-    path = Path(source)
-    if (path / "checkpoints").is_dir():
-        newest = latest_checkpoint(path)
-        if newest is None:
-            raise ForethoughtError(f"run folder {path} has no finished checkpoint yet")
-        return str(newest)
-    return str(source)
+def check_same_tokenizer(checkpoints: dict[str, LMCheckpoint]) -> None:
+    """Refuse checkpoints whose tokenizers map text (or BOS / EOS) to different ids: they cannot be fed, and
+    probed on, the same tokens."""
+    def identity(checkpoint: LMCheckpoint) -> tuple:
+        tokenizer = checkpoint.tokenizer
+        return tokenizer_fingerprint(tokenizer), tokenizer.bos_token_id, tokenizer.eos_token_id
+    (first_name, first), *others = checkpoints.items()
+    for name, checkpoint in others:
+        if identity(checkpoint) != identity(first):
+            raise ForethoughtError(f"checkpoint {name!r} uses another tokenizer than {first_name!r}: they cannot be "
+                                   f"probed on the same tokens (vocabulary, BOS, EOS: {identity(checkpoint)} vs {identity(first)})")

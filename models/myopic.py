@@ -56,9 +56,7 @@ def myopic(model: nn.Module, cut: Cut = "residual", impl: Impl = "auto") -> Iter
         raise ForethoughtError(f"unknown myopic cut {cut!r}; choose one of {', '.join(CUTS)}")
     if impl not in IMPLS:
         raise ForethoughtError(f"unknown myopic impl {impl!r}; choose one of {', '.join(IMPLS)}")
-    layers = [m for m in model.modules() if isinstance(m, GPT2Attention) and not m.is_cross_attention]
-    if not layers:
-        raise ForethoughtError(f"myopic(): {type(model).__name__} has no GPT-2 self-attention layers")
+    layers = check_myopic_support(model)
     if any("forward" in layer.__dict__ for layer in layers):
         raise ForethoughtError("myopic(): the model is already inside a myopic context (or patched)")
     for layer in layers:
@@ -68,6 +66,20 @@ def myopic(model: nn.Module, cut: Cut = "residual", impl: Impl = "auto") -> Iter
     finally:
         for layer in layers:
             del layer.forward  # back to GPT2Attention.forward
+
+
+def myopic_layers(model: nn.Module) -> list[GPT2Attention]:
+    """The self-attention layers :func:`myopic` patches (empty for models it cannot make myopic)."""
+    return [m for m in model.modules() if isinstance(m, GPT2Attention) and not m.is_cross_attention]
+
+
+def check_myopic_support(model: nn.Module) -> list[GPT2Attention]:
+    """:func:`myopic_layers`, refusing a model that has none."""
+    layers = myopic_layers(model)
+    if not layers:
+        raise ForethoughtError(f"the myopic gradient is implemented for GPT-2 attention only; {type(model).__name__} "
+                               "has none")
+    return layers
 
 
 def is_myopic(model: nn.Module) -> bool:

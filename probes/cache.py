@@ -29,10 +29,11 @@ import torch
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel
 
-from models.errors import ForethoughtError
 from models.checkpoint import check_free_space, size_text
-from models.lm import resolve_checkpoint
-from probes.residuals import bridge_residuals, hook_name, load_bridge
+from models.errors import ForethoughtError
+from models.precision import autocast, check_precision
+from models.sources import model_folder
+from probes.residuals import TransformerBridge, bridge_residuals, hook_name, load_bridge
 
 PROCESSING_MODE = "raw Hugging Face weights (TransformerBridge, no weight processing)"
 _PROGRESS = "progress.json"
@@ -121,23 +122,29 @@ def build_cache(
     batch_size: int = 32,
     device: str = "cpu",
     progress: bool = True,
+    precision: str = "float32",
+    bridge: TransformerBridge | None = None,
 ) -> ResidualCache:
-    """Cache h[l] of the checkpoint at ``source`` (checkpoint or run folder, or hub id) over ``tokens`` [n, seq].
+    """Cache h[l] of the model at ``source`` (any :func:`models.sources.model_folder` source) over ``tokens``
+    [n, seq] — exactly those tokens: nothing (no BOS) is added. ``precision``: the forward pass's (recorded).
 
-    A finished cache of the same checkpoint, data and layers is reused; an interrupted one resumes; one of
-    anything else is refused with what differs. Needs and checks the disk space before writing.
+    A finished cache of the same checkpoint, data, layers and precision is reused; an interrupted one resumes;
+    one of anything else is refused with what differs. Needs and checks the disk space before writing.
+    ``bridge``: the model already booted from ``source`` (else it is booted here).
     """
     folder, tokens = Path(folder), np.ascontiguousarray(tokens, dtype=np.int64)
     if tokens.ndim != 2 or tokens.size == 0:
         raise ForethoughtError(f"tokens must be a non-empty [n_sequences, seq] array, got shape {tokens.shape}")
-    source = resolve_checkpoint(source)
-    bridge = load_bridge(source, device=device)
+    check_precision(precision)
+    source = model_folder(source)
+    bridge = bridge or load_bridge(source, device=device)
     n_layers, d_model = bridge.cfg.n_layers, bridge.cfg.d_model
     layers = list(range(n_layers + 1)) if layers is None else sorted(set(layers))
     meta = {
         "checkpoint": str(source),
         "weights_hash": weights_hash(bridge.original_model),
         "processing_mode": PROCESSING_MODE,
+        "precision": precision,
         "layers": layers,
         "hooks": [hook_name(layer) for layer in layers],
         "n_sequences": len(tokens),
@@ -166,7 +173,8 @@ def build_cache(
     starts = range(done, len(tokens), batch_size)
     for start in tqdm(starts, desc=f"caching {folder.name}", disable=not progress, leave=False):
         chunk = torch.from_numpy(tokens[start : start + batch_size]).to(device)
-        residuals = bridge_residuals(bridge, chunk, layers).to(torch.float16).cpu().numpy()  # [layers, b, seq, d]
+        with autocast(device, precision):
+            residuals = bridge_residuals(bridge, chunk, layers).to(torch.float16).cpu().numpy()  # [layers, b, seq, d]
         for layer, values in zip(layers, residuals):
             outputs[layer][start : start + len(chunk)] = values
             outputs[layer].flush()
@@ -180,8 +188,9 @@ def build_cache(
 
 def _reuse(folder: Path, meta: dict[str, Any]) -> ResidualCache:
     cache = ResidualCache.open(folder)
-    keys = ("weights_hash", "tokens_hash", "layers", "processing_mode", "dtype")
-    differing = [key for key in keys if cache.meta.get(key) != meta[key]]
+    keys = ("weights_hash", "tokens_hash", "layers", "processing_mode", "precision", "dtype")
+    saved = {"precision": "float32", **cache.meta}  # caches made before the setting existed ran in float32
+    differing = [key for key in keys if saved.get(key) != meta[key]]
     if differing:
         raise ForethoughtError(
             f"{folder} holds a cache of other {', '.join(differing)} (of {cache.meta['checkpoint']}); "

@@ -7,6 +7,12 @@ Kinds (torch, minibatches, for vocabulary-sized outputs):
 - ``lens``: an affine map d_model → d_model initialised at the identity, then the model's frozen final
   LayerNorm and unembedding (tuned-lens style); untrained, it is the logit lens.
 
+``softmax`` and ``topk`` probes read standardised features ((h − mean) / std per dimension, from the training
+sequences: still an affine map of h) and start from W = 0 with the bias at the log frequencies of the training
+targets, i.e. at the unigram baseline. Both matter for real models: a Llama's residual stream has a few
+"massive" dimensions (SmolLM2: standard deviations up to ~3,000 against a median of ~10), which make an
+unstandardised probe ill-conditioned, and Adam moves a zero bias by only ~lr a step.
+
 Examples are positions t < T − max(τ) of whole sequences (so every τ has a target); sequences are split into
 train / validation / test, never positions of one sequence. Training minimises the summed cross-entropy of
 all probes, reading the residuals chunk by chunk (all layers of a block of sequences at once); early stopping
@@ -30,6 +36,7 @@ from torch.nn.functional import cross_entropy
 from tqdm.auto import tqdm
 
 from models.errors import ForethoughtError
+from models.precision import autocast, check_precision
 from probes.fit import split_sequences
 from probes.metrics import mean_scores
 
@@ -68,7 +75,7 @@ class FutureProbeConfig:
 
     kind: str = "softmax"  # softmax, topk or lens
     top_k: int = 1000  # topk: classes = the K most frequent training tokens + "other"
-    lr: float = 1e-2
+    lr: float = 3e-3
     weight_decay: float = 0.0
     batch_sequences: int = 64  # sequences per minibatch (all their probed positions)
     max_epochs: int = 20
@@ -77,14 +84,17 @@ class FutureProbeConfig:
     validation_fraction: float = 0.1  # of the rest, for early stopping
     seed: int = 0
     device: str = "cpu"
+    precision: str = "float32"  # or bfloat16: the probes' matrix products under autocast (float32 weights)
 
     def __post_init__(self):
         if self.kind not in KINDS:
             raise ForethoughtError(f"unknown probe kind {self.kind!r}; choose one of {', '.join(KINDS)}")
+        check_precision(self.precision)
 
 
 class FutureTokenProbes(nn.Module):
-    """One affine probe per (layer index i, τ index j), stored stacked: weight [I, J, d_in, n_out]."""
+    """One affine probe per (layer index i, τ index j); layer i's are stacked in ``weights[i]`` [J, d_in, n_out]
+    and ``biases[i]`` [J, n_out] (one tensor a layer, so a layer's backward touches only its own)."""
 
     def __init__(self, n_layers: int, n_taus: int, d_model: int, n_classes: int, kind: str,
                  unembed: tuple[nn.Module, nn.Module] | None = None):
@@ -93,19 +103,28 @@ class FutureTokenProbes(nn.Module):
         if kind == "lens":
             if unembed is None:
                 raise ForethoughtError("lens probes need the model's final LayerNorm and unembedding")
-            identity = torch.eye(d_model).expand(n_layers, n_taus, d_model, d_model)
-            self.weight = nn.Parameter(identity.clone())
-            self.bias = nn.Parameter(torch.zeros(n_layers, n_taus, d_model))
+            self.weights = nn.ParameterList([torch.eye(d_model).repeat(n_taus, 1, 1) for _ in range(n_layers)])
+            self.biases = nn.ParameterList([torch.zeros(n_taus, d_model) for _ in range(n_layers)])
             self.final_norm, self.unembed = unembed
             for parameter in [*self.final_norm.parameters(), *self.unembed.parameters()]:
                 parameter.requires_grad_(False)
         else:
-            self.weight = nn.Parameter(torch.zeros(n_layers, n_taus, d_model, n_classes))
-            self.bias = nn.Parameter(torch.zeros(n_layers, n_taus, n_classes))
+            self.weights = nn.ParameterList([torch.zeros(n_taus, d_model, n_classes) for _ in range(n_layers)])
+            self.biases = nn.ParameterList([torch.zeros(n_taus, n_classes) for _ in range(n_layers)])
+        # features are standardised as (h − feature_mean[i]) · feature_scale[i]; the lens reads h as it is
+        self.register_buffer("feature_mean", torch.zeros(n_layers, d_model))
+        self.register_buffer("feature_scale", torch.ones(n_layers, d_model))
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """(number of layers, number of τ)."""
+        return len(self.weights), self.weights[0].shape[0]
 
     def logits(self, i: int, j: int, features: torch.Tensor) -> torch.Tensor:
         """features [batch, d_model] of layer index i → logits [batch, classes] of the τ-index-j probe."""
-        mapped = torch.addmm(self.bias[i, j], features, self.weight[i, j])
+        if self.kind != "lens":
+            features = (features - self.feature_mean[i]) * self.feature_scale[i]
+        mapped = torch.addmm(self.biases[i][j], features, self.weights[i][j])
         return self.unembed(self.final_norm(mapped)) if self.kind == "lens" else mapped
 
 
@@ -145,36 +164,74 @@ def fit_future_probes(
     d_model = residuals.d_model
     device = torch.device(config.device)
     probes = FutureTokenProbes(len(layers), len(taus), d_model, n_classes, config.kind, unembed).to(device)
-    optimizer = torch.optim.AdamW([probes.weight, probes.bias], lr=config.lr, weight_decay=config.weight_decay)
     batches = _Batches(residuals, layers, taus, classes, device)
     generator = np.random.default_rng(config.seed)
+    if config.kind != "lens":
+        sample = np.sort(generator.permutation(fit_part)[:_STATISTICS_SEQUENCES])
+        probes.feature_mean[:], probes.feature_scale[:] = _feature_statistics(batches, sample, config.batch_sequences)
+        with torch.no_grad():
+            for bias in probes.biases:
+                bias.copy_(_log_frequencies(batches.targets(fit_part), n_classes))
+    optimizer = torch.optim.AdamW(probes.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     best = torch.full((len(layers), len(taus)), float("inf"))
-    best_state = (probes.weight.detach().clone(), probes.bias.detach().clone())
+    best_weights = [weight.detach().clone() for weight in probes.weights]  # per layer: of each τ's best epoch
+    best_biases = [bias.detach().clone() for bias in probes.biases]
     history, stale = [], 0
     for epoch in tqdm(range(config.max_epochs), desc="probes", disable=not progress, leave=False):
         order = generator.permutation(fit_part)
         for start in range(0, len(order), config.batch_sequences):
             features, targets = batches(np.sort(order[start : start + config.batch_sequences]))
-            for i in range(len(layers)):  # one pair at a time: a [batch, vocabulary] logit block each
-                for j in range(len(taus)):
-                    cross_entropy(probes.logits(i, j, features[i]), targets[j]).backward()
+            for i in range(len(layers)):  # a layer at a time: J [batch, classes] logit blocks
+                with autocast(device, config.precision):
+                    logits = [probes.logits(i, j, features[i]) for j in range(len(taus))]
+                # outside autocast, so bfloat16 logits keep a bfloat16 softmax (float32 doubles the step's time)
+                sum(cross_entropy(block, target) for block, target in zip(logits, targets)).backward()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
-        losses = _validation_losses(probes, batches, validation, config.batch_sequences)  # [I, J]
+        with autocast(device, config.precision):
+            losses = _validation_losses(probes, batches, validation, config.batch_sequences)  # [I, J]
         improved = losses < best
         best = torch.where(improved, losses, best)
         with torch.no_grad():
-            best_state[0][improved] = probes.weight[improved]
-            best_state[1][improved] = probes.bias[improved]
+            for i in range(len(layers)):
+                best_weights[i][improved[i]] = probes.weights[i][improved[i]]
+                best_biases[i][improved[i]] = probes.biases[i][improved[i]]
         history.append({"epoch": epoch + 1, "validation_loss": float(losses.mean())})
         stale = 0 if improved.any() else stale + 1
         if stale >= config.patience:
             break
     with torch.no_grad():
-        probes.weight.copy_(best_state[0])
-        probes.bias.copy_(best_state[1])
+        for i in range(len(layers)):
+            probes.weights[i].copy_(best_weights[i])
+            probes.biases[i].copy_(best_biases[i])
     fitted = FittedProbes(probes, layers, taus, classes, history)
-    return fitted, score_future_probes(fitted, residuals, test, config.batch_sequences)
+    with autocast(device, config.precision):
+        return fitted, score_future_probes(fitted, residuals, test, config.batch_sequences)
+
+
+_STATISTICS_SEQUENCES = 256  # training sequences the feature means and standard deviations are estimated from
+
+
+@torch.no_grad()
+def _feature_statistics(batches: _Batches, sequences: np.ndarray, batch_sequences: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per layer, the mean and 1 / standard deviation of every feature over ``sequences``' examples: [I, d] each."""
+    total = squares = None
+    count = 0
+    for start in range(0, len(sequences), batch_sequences):
+        features = batches(sequences[start : start + batch_sequences])[0].double()  # [I, n, d]
+        total = features.sum(1) if total is None else total + features.sum(1)
+        squares = features.pow(2).sum(1) if squares is None else squares + features.pow(2).sum(1)
+        count += features.shape[1]
+    mean = total / count
+    variance = (squares / count - mean.pow(2)).clamp(min=0)
+    floor = 1e-6 * variance.mean(1, keepdim=True) + 1e-12  # constant features stay finite
+    return mean.float(), (variance + floor).rsqrt().float()
+
+
+def _log_frequencies(targets: np.ndarray, n_classes: int) -> torch.Tensor:
+    """targets [J, n] → log of each class's add-one frequency per τ [J, n_classes]: the unigram baseline."""
+    counts = np.stack([np.bincount(row, minlength=n_classes) for row in targets]) + 1.0
+    return torch.from_numpy(np.log(counts / counts.sum(1, keepdims=True))).float()
 
 
 def top_classes(tokens: np.ndarray, k: int) -> np.ndarray:
@@ -198,10 +255,14 @@ class _Batches:
     def __call__(self, sequences: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
         features = self.residuals.read(sequences, self.layers)[:, :, : self.positions]  # [I, b, positions, d]
         features = torch.from_numpy(features.astype(np.float32)).flatten(1, 2).to(self.device)  # [I, n, d]
+        return features, torch.from_numpy(self.targets(sequences)).to(self.device)
+
+    def targets(self, sequences: np.ndarray) -> np.ndarray:
+        """The class of x[t+τ] at every example of ``sequences``: [J, n]."""
         targets = np.stack([self.tokens[sequences, tau : tau + self.positions] for tau in self.taus])
         if self.lookup is not None:
             targets = self.lookup[targets]
-        return features, torch.from_numpy(targets.reshape(len(self.taus), -1)).to(self.device)  # [J, n]
+        return targets.reshape(len(self.taus), -1)
 
     def sequence_ids(self, sequences: np.ndarray) -> np.ndarray:
         return np.repeat(sequences, self.positions)
@@ -211,13 +272,14 @@ class _Batches:
 def _validation_losses(probes: FutureTokenProbes, batches: _Batches, sequences: np.ndarray,
                        batch_sequences: int) -> torch.Tensor:
     """Mean cross-entropy per (layer, τ) probe on ``sequences`` [I, J]."""
-    n_layers, n_taus = probes.weight.shape[:2]
+    n_layers, n_taus = probes.shape
     total, count = torch.zeros(n_layers, n_taus), 0
     for start in range(0, len(sequences), batch_sequences):
         features, targets = batches(sequences[start : start + batch_sequences])
         for i in range(n_layers):
             for j in range(n_taus):
-                total[i, j] += cross_entropy(probes.logits(i, j, features[i]), targets[j], reduction="sum").cpu()
+                logits = probes.logits(i, j, features[i]).float()
+                total[i, j] += cross_entropy(logits, targets[j], reduction="sum").cpu()
         count += targets.shape[1]
     return total / count
 
@@ -282,13 +344,13 @@ def score_future_probes(fitted: FittedProbes, residuals: Residuals, sequences: n
                         batch_sequences: int = 64) -> ProbeScores:
     """Top-1, top-5 and cross-entropy of every probe on each held-out example of ``sequences``."""
     probes = fitted.probes
-    batches = _Batches(residuals, fitted.layers, fitted.taus, fitted.classes, probes.weight.device)
+    batches = _Batches(residuals, fitted.layers, fitted.taus, fitted.classes, probes.weights[0].device)
     chunks: dict[tuple[int, int], list[np.ndarray]] = {}
     for start in range(0, len(sequences), batch_sequences):
         features, targets = batches(sequences[start : start + batch_sequences])
         for i, layer in enumerate(fitted.layers):
             for j, tau in enumerate(fitted.taus):
-                log_probs = probes.logits(i, j, features[i]).log_softmax(-1)
+                log_probs = probes.logits(i, j, features[i]).float().log_softmax(-1)
                 top5 = log_probs.topk(min(5, log_probs.shape[-1]), dim=-1).indices
                 hits = top5 == targets[j][:, None]
                 values = torch.stack([hits[:, 0].double(), hits.any(-1).double(),

@@ -5,8 +5,9 @@ output of block l − 1 (``blocks.{l-1}.hook_resid_post``), so l = L is the last
 final LayerNorm. (Hugging Face's last ``hidden_states`` entry has the final LayerNorm applied: not used.)
 
 Two routes give the same tensors: :func:`bridge_residuals` through TransformerLens's ``TransformerBridge``
-(token models, with every hook TransformerLens offers) and :func:`model_residuals` through forward hooks on a
-Hugging Face GPT-2 (any forethought model, the regression model included).
+(token models of any family TransformerLens supports, with every hook it offers) and :func:`model_residuals`
+through forward hooks on a Hugging Face model's decoder blocks (any family :mod:`models.families` knows, the
+regression model included).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from transformer_lens.model_bridge import TransformerBridge
 from transformers import PreTrainedModel
 
 from models.errors import ForethoughtError
+from models.families import decoder_blocks
 
 
 def hook_name(layer: int) -> str:
@@ -80,11 +82,11 @@ def bridge_residuals(
 @contextmanager
 def capture_residuals(model: PreTrainedModel, retain_grad: bool = False) -> Iterator[dict[int, torch.Tensor]]:
     """Within the context, each forward pass of ``model`` fills the yielded {layer: h[layer]} with
-    [batch, seq, d_model] tensors of every residual layer 0 … L (forward hooks on ``model.transformer.h``).
+    [batch, seq, d_model] tensors of every residual layer 0 … L (forward hooks on the decoder blocks).
 
     ``retain_grad``: keep each tensor's ``.grad`` after a backward pass (the gradient reaching h[l]).
     """
-    blocks = model.transformer.h
+    blocks = decoder_blocks(model)
     captured: dict[int, torch.Tensor] = {}
 
     def keep(layer: int, hidden: torch.Tensor) -> None:
@@ -108,9 +110,9 @@ def model_residuals(
 ) -> torch.Tensor:
     """inputs (token ids [batch, seq] or features [batch, seq, in_dim]) → [len(layers), batch, seq, d_model].
 
-    Reads the Hugging Face GPT-2 trunk (``model.transformer``) with forward hooks on its blocks.
+    Reads the Hugging Face model's decoder blocks with forward hooks.
     """
-    layers = _check_layers(layers, len(model.transformer.h))
+    layers = _check_layers(layers, len(decoder_blocks(model)))
     with capture_residuals(model) as captured:
         model(inputs)
     return torch.stack([captured[layer] for layer in layers])

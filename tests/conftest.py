@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import os
+import tempfile
 
 os.environ["HF_HUB_OFFLINE"] = "1"  # tests never reach a hub
+os.environ["FORETHOUGHT_CACHE"] = tempfile.mkdtemp(prefix="forethought-tests-")  # converted models: not in ~/.cache
 
+import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 from tokenizers import Tokenizer, models, pre_tokenizers  # noqa: E402
@@ -46,3 +49,49 @@ def lm_folder(tiny_lm, tmp_path):
     tiny_lm.float().save_pretrained(tmp_path)
     tokenizer.save_pretrained(tmp_path)
     return tmp_path
+
+
+LLAMA_TEXT = ["the river runs past the hill and the hill looks over the river",
+              "a quick brown fox jumps over the lazy dog by the river"]
+
+
+@pytest.fixture(scope="session")
+def llama_folder(tmp_path_factory):
+    """A tiny random Llama (2 layers, d_model 32, 4 heads / 2 KV heads, rotary, tied embeddings) saved with a
+    byte-level BPE tokenizer (~300 tokens, BOS ``<s>``) — a SmolLM2 in miniature."""
+    from tokenizers import decoders, trainers
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    backend = Tokenizer(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    backend.train_from_iterator(LLAMA_TEXT * 20, trainers.BpeTrainer(
+        vocab_size=300, special_tokens=["<|endoftext|>", "<s>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", eos_token="<|endoftext|>")
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                         tie_word_embeddings=True)
+    folder = tmp_path_factory.mktemp("llama")
+    torch.manual_seed(3)
+    LlamaForCausalLM(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def llama_gguf(llama_folder, tmp_path_factory):
+    """The tiny Llama written as an unquantised GGUF file."""
+    from tests.gguf_files import write_llama_gguf
+
+    return write_llama_gguf(llama_folder, tmp_path_factory.mktemp("gguf") / "tiny-llama.gguf")
+
+
+@pytest.fixture(scope="session")
+def llama_text(tmp_path_factory):
+    """A local corpus of the tiny Llama's words (its BPE knows them): 400 paragraphs of 30 words."""
+    words = " ".join(LLAMA_TEXT).split()
+    rng = np.random.default_rng(0)
+    path = tmp_path_factory.mktemp("text") / "words.txt"
+    path.write_text("\n\n".join(" ".join(rng.choice(words, size=30)) for _ in range(400)))
+    return path

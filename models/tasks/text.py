@@ -340,6 +340,7 @@ class TextData:
     seq_len: int = 64
     split_fractions: tuple[float, float, float] = (0.9, 0.01, 0.09)  # train / validation / test, by document
     split_seed: int = 0
+    prepend_bos: bool = False  # start every sequence with the tokenizer's BOS token (seq_len counts it)
 
     def __post_init__(self):
         if self.layout not in ("first", "packed"):
@@ -350,28 +351,45 @@ class TextData:
         if len(self.split_fractions) != 3 or min(self.split_fractions) <= 0:
             raise ForethoughtError(f"split_fractions must be three positive numbers, got {self.split_fractions}")
 
-    def tokens_folder(self, root: str | Path = "runs/tokens") -> Path:
-        """The token file's folder: one per (corpus, split, field, document limit)."""
+    def tokens_folder(self, tokenizer: PreTrainedTokenizerBase, root: str | Path = "runs/tokens") -> Path:
+        """The token file's folder: one per (corpus, split, field, document limit, tokenizer)."""
         source = {"source": self.corpus, "split": self.corpus_split, "field": self.text_field,
-                  "max_documents": self.max_documents}
+                  "max_documents": self.max_documents, "tokenizer": tokenizer_fingerprint(tokenizer)}
         digest = hashlib.sha1(json.dumps(source, sort_keys=True).encode()).hexdigest()[:8]
         name = re.sub(r"[^A-Za-z0-9]+", "-", Path(self.corpus).name or self.corpus).strip("-")
         return Path(root) / f"{name}-{digest}"
 
     def load(self, tokenizer: PreTrainedTokenizerBase, tokens_root: str | Path = "runs/tokens") -> dict[str, np.ndarray]:
-        """{"train", "validation", "test": sequences [n, seq_len] int64}, tokenising the corpus on first use."""
-        tokens = tokenize_source(self.corpus, self.tokens_folder(tokens_root), tokenizer, split=self.corpus_split,
-                                 text_field=self.text_field, max_documents=self.max_documents)
+        """{"train", "validation", "test": sequences [n, seq_len] int64}, tokenising the corpus on first use.
+
+        The text is tokenised without special tokens; with ``prepend_bos`` each sequence is the tokenizer's BOS
+        token followed by ``seq_len`` − 1 text tokens. Nothing else is added, here or downstream.
+        """
+        if self.prepend_bos and tokenizer.bos_token_id is None:
+            raise ForethoughtError("prepend_bos is set but the tokenizer has no BOS token")
+        tokens = tokenize_source(self.corpus, self.tokens_folder(tokenizer, tokens_root), tokenizer,
+                                 split=self.corpus_split, text_field=self.text_field, max_documents=self.max_documents)
         parts = tokens.split_documents(self.split_fractions, seed=self.split_seed)
         sequences = {}
         for name, documents in zip(SPLITS, parts):
             try:
-                sequences[name] = tokens.sequences(self.seq_len, self.layout, documents, tokenizer.eos_token_id)
+                text = tokens.sequences(self.seq_len - self.prepend_bos, self.layout, documents, tokenizer.eos_token_id)
             except ForethoughtError as error:
                 raise ForethoughtError(
                     f"the {name} split of {self.corpus} ({len(documents)} documents) gives no sequence: {error}"
                 ) from None
+            bos = np.full((len(text), int(self.prepend_bos)), tokenizer.bos_token_id or 0, dtype=np.int64)
+            sequences[name] = np.concatenate([bos, text], axis=1)
         return sequences
+
+
+def tokenization(tokenizer: PreTrainedTokenizerBase, data: TextData) -> dict[str, Any]:
+    """What the probed tokens are made of: the tokenizer, its special tokens, the BOS policy and how the text
+    was cut into sequences (recorded in ``meta.json``; compared checkpoints share all of it)."""
+    return {"tokenizer": tokenizer_fingerprint(tokenizer), "vocab_size": len(tokenizer),
+            "bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id,
+            "prepend_bos": data.prepend_bos, "special_tokens_added_by_tokenizer": False,
+            "layout": data.layout, "seq_len": data.seq_len, "split_seed": data.split_seed}
 
 
 class TextTask:

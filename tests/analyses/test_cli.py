@@ -145,3 +145,18 @@ def test_figures_lists_commands_that_parse(capsys):
     for line in FIGURES:
         args = vars(build_parser().parse_args(line.split()))
         assert args["command"] == "train" or args["figures_dir"] == "figures"  # every figure lands in figures/
+
+
+def test_bench_cache_prints_the_ratio_to_a_bare_forward_pass(capsys, llama_folder, llama_text, tmp_path):
+    code, out, _ = run_cli(
+        capsys, "bench", "cache", "--model", str(llama_folder), "--corpus", str(llama_text), "--n-sequences", "8",
+        "--seq-len", "8", "--batch-size", "4", "--rounds", "1", "--precision", "float32",
+        "--tokens-root", str(tmp_path / "tokens"), "--folder", str(tmp_path / "bench"))
+    assert code == 0
+    lines = out.splitlines()
+    header = next(i for i, line in enumerate(lines) if line.startswith("forethought bench cache — cpu, "))
+    assert "LlamaForCausalLM, 2 layers" in lines[header]
+    rows = {line.rsplit(maxsplit=2)[0].strip(): [float(v) for v in line.split()[-2:]] for line in lines[header + 2:]}
+    assert set(rows) == {"Hugging Face forward (output_hidden_states)", "caching via the bridge"}
+    assert rows["Hugging Face forward (output_hidden_states)"][1] == 1.0 and rows["caching via the bridge"][0] > 0
+    assert list((tmp_path / "bench").iterdir()) == []  # the caches were temporary

@@ -7,6 +7,7 @@ import re
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 
 import analyses.compare
 import analyses.probe
@@ -181,3 +182,30 @@ def test_compare_command_writes_the_figure_of_a_run(probed, tmp_path, capsys, mo
     assert capsys.readouterr().err == "forethought: error: give --run: the --out folder of a forethought probe or precache run\n"
     assert main(["compare", "--run", str(tmp_path)]) == 2
     assert f"{tmp_path} holds no probe or precache run (no config.json)" in capsys.readouterr().err
+
+
+def test_a_llama_goes_through_cache_probes_and_comparison(llama_folder, llama_gguf, llama_text, tmp_path):
+    """A Llama-architecture model, from its folder and from a GGUF file of it: the same weights, so exactly the
+    same rows; the cache holds its residual stream by DESIGN.md's convention, on exactly the tokens probed."""
+    comparison = Comparison.from_checkpoints(
+        {"llama": llama_folder, "gguf": f"gguf:{llama_gguf}"}, folder=tmp_path, corpus=str(llama_text),
+        layout="packed", seq_len=16, tokens_root=str(tmp_path / "tokens"), **{**SETTINGS, "max_sequences": 200})
+    table = comparison.to_dataframe()
+    assert set(table["checkpoint"]) == {"llama", "gguf", CONTROL, "baseline"}
+    assert set(table.loc[table["probe"] == "topk", "layer"]) == {0, 1, 2}
+    assert set(table.loc[table["probe"] == LOGIT_LENS, "layer"]) == {0, 1, 2}
+    llama, gguf = (table[table["checkpoint"] == name].drop(columns="checkpoint").reset_index(drop=True)
+                   for name in ("llama", "gguf"))
+    assert llama.equals(gguf)
+    heatmap = comparison.heatmap("llama", "gguf")
+    assert np.all(heatmap.data[0].z == 0) and all("n.s." in cell for row in heatmap.data[0].text for cell in row)
+    cache = probes.cache.ResidualCache.open(tmp_path / "caches" / "llama")
+    np.testing.assert_array_equal(cache.tokens, comparison.tokens)  # nothing prepended, nothing shifted
+    model = LMCheckpoint.load(llama_folder).model
+    tokens = torch.from_numpy(comparison.tokens[:4])
+    with torch.no_grad():
+        hidden = model(tokens, output_hidden_states=True).hidden_states
+        final = model.model.norm(torch.from_numpy(np.asarray(cache.layer(2)[:4], dtype=np.float32)))
+    np.testing.assert_allclose(cache.layer(0)[:4], model.model.embed_tokens(tokens).detach(), atol=1e-3)
+    np.testing.assert_allclose(final, hidden[2], atol=2e-2)  # HF's last entry has the final norm applied
+    assert comparison.figure().data and "llama" in repr(comparison)

@@ -2,14 +2,20 @@
 
 from __future__ import annotations
 
+import json
+import shutil
+
 import numpy as np
 import pytest
+from transformers import AutoTokenizer
 
 import analyses.probe
 import probes.cache
 from analyses.cli import main
 from analyses.precache import PRECACHE, PrecacheConfig, run_precache
 from analyses.probe import CONTROL, ProbeConfig, ProbeResults, run_probe
+from models.lm import LMCheckpoint
+from probes.cache import ResidualCache
 
 
 def settings(twins, out, **overrides) -> ProbeConfig:
@@ -89,3 +95,35 @@ def test_precache_refuses_swapped_twins(twins, tmp_path, capsys):
     assert "was trained myopically" in capsys.readouterr().err and not (tmp_path / "pre").exists()
     assert main(["precache", "--vanilla", str(twins / "vanilla"), "--out", str(tmp_path / "pre")]) == 2
     assert "give the twins: --vanilla and --myopic" in capsys.readouterr().err
+
+
+def test_the_bos_policy_is_recorded_and_the_probes_see_exactly_those_tokens(llama_folder, llama_text, tmp_path):
+    common = dict(corpus=str(llama_text), layout="packed", seq_len=12, taus="1,2", kind="topk", top_k=20,
+                  max_sequences=40, max_epochs=1, random_init=False, tokens_root=str(tmp_path / "tokens"),
+                  progress=False)
+    bos = LMCheckpoint.load(llama_folder).tokenizer.bos_token_id
+    for prepend_bos in (False, True):
+        out = tmp_path / f"bos-{prepend_bos}"
+        run_probe(ProbeConfig(checkpoints=f"llama={llama_folder}", prepend_bos=prepend_bos, out=str(out), **common))
+        tokenization = json.loads((out / "meta.json").read_text())["tokenization"]
+        assert tokenization["prepend_bos"] is prepend_bos and tokenization["bos_token_id"] == bos
+        assert tokenization["seq_len"] == 12 and tokenization["special_tokens_added_by_tokenizer"] is False
+        tokens = ResidualCache.open(out / "caches" / "llama").tokens
+        assert tokens.shape[1] == 12 and (tokens[:, 0] == bos).all() == prepend_bos
+        assert (tokens[:, 1:] != bos).all()  # the text itself never holds it
+    with_bos = ResidualCache.open(tmp_path / "bos-True" / "caches" / "llama").tokens
+    without = ResidualCache.open(tmp_path / "bos-False" / "caches" / "llama").tokens
+    np.testing.assert_array_equal(with_bos[0, 1:], without[0, :11])  # BOS, then the same text
+
+
+def test_checkpoints_with_other_special_tokens_are_refused(llama_folder, llama_text, tmp_path, capsys):
+    other = tmp_path / "other-bos"
+    shutil.copytree(llama_folder, other)
+    tokenizer = AutoTokenizer.from_pretrained(other)
+    tokenizer.bos_token = "<|endoftext|>"  # the same vocabulary, another BOS
+    tokenizer.save_pretrained(other)
+    assert main(["probe", "--checkpoints", f"a={llama_folder},b={other}", "--corpus", str(llama_text),
+                 "--out", str(tmp_path / "p"), "--tokens-root", str(tmp_path / "tokens")]) == 2
+    assert "checkpoint 'b' uses another tokenizer than 'a': they cannot be probed on the same tokens" in \
+        capsys.readouterr().err
+    assert not (tmp_path / "p").exists()

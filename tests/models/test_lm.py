@@ -6,12 +6,13 @@ import json
 
 import pytest
 import torch
-from transformers import GPT2LMHeadModel, LlamaConfig
+from transformers import BertConfig, GPT2LMHeadModel
 
 from models.checkpoint import list_checkpoints
 from models.errors import ForethoughtError
 from models.gpt2 import build_lm, gpt2_config
-from models.lm import LMCheckpoint, LMTrainConfig, lm_to_train, resolve_checkpoint, train_lm
+from models.lm import LMCheckpoint, LMTrainConfig, lm_to_train, train_lm
+from models.sources import model_folder
 from models.tasks.text import TextTask
 from probes.residuals import bridge_residuals, load_bridge, model_residuals
 
@@ -49,13 +50,23 @@ def test_presets_and_architectures_from_folders(tmp_path):
         lm_to_train(LMTrainConfig(model=str(tmp_path / "src"), seq_len=128), vocab_size=50257)
 
 
-def test_bad_models_are_named(corpus, tmp_path):
-    LlamaConfig(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32,
-                architectures=["LlamaForCausalLM"]).save_pretrained(tmp_path / "llama")
-    with pytest.raises(ForethoughtError, match=r"llama holds a LlamaForCausalLM \(llama\), not a GPT-2 language model"):
-        lm_to_train(LMTrainConfig(model=str(tmp_path / "llama")), vocab_size=50257)
-    with pytest.raises(ForethoughtError, match="holds a LlamaForCausalLM, expected a GPT2LMHeadModel"):
-        lm_to_train(LMTrainConfig(model=str(tmp_path / "llama"), from_pretrained=True), vocab_size=50257)
+def test_other_families_train_and_bad_models_are_named(corpus, llama_folder, tmp_path):
+    fresh = lm_to_train(LMTrainConfig(model=str(llama_folder), seed=1), vocab_size=300)
+    tuned = lm_to_train(LMTrainConfig(model=str(llama_folder), from_pretrained=True), vocab_size=300)
+    original = LMCheckpoint.load(llama_folder).model
+    assert type(fresh).__name__ == "LlamaForCausalLM" and fresh.config.num_key_value_heads == 2
+    assert torch.equal(tuned.model.embed_tokens.weight, original.model.embed_tokens.weight)
+    assert not torch.equal(fresh.model.embed_tokens.weight, original.model.embed_tokens.weight)
+    with pytest.raises(ForethoughtError, match="the myopic gradient is implemented for GPT-2 attention only; "
+                                               "LlamaForCausalLM has none"):
+        train_lm(settings(corpus, tmp_path, model=str(llama_folder), tokenizer=str(llama_folder), myopic=True))
+    assert not (tmp_path / "run").exists()  # refused before writing anything
+    BertConfig(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32,
+               architectures=["BertModel"]).save_pretrained(tmp_path / "bert")
+    with pytest.raises(ForethoughtError, match=r"bert holds a BertModel \(bert\), not a causal language model"):
+        lm_to_train(LMTrainConfig(model=str(tmp_path / "bert")), vocab_size=50257)
+    with pytest.raises(ForethoughtError, match="holds a BertModel, expected a causal language model"):
+        lm_to_train(LMTrainConfig(model=str(tmp_path / "bert"), from_pretrained=True), vocab_size=50257)
     (tmp_path / "empty").mkdir()
     with pytest.raises(ForethoughtError, match="empty has no config.json"):
         lm_to_train(LMTrainConfig(model=str(tmp_path / "empty")), vocab_size=50257)
@@ -69,7 +80,7 @@ def test_bad_models_are_named(corpus, tmp_path):
 
 def test_checkpoint_loads_offline_in_transformers_and_transformer_lens(corpus, tmp_path):
     result = train_lm(settings(corpus, tmp_path))
-    assert result.checkpoint.name == "step-0000004" and resolve_checkpoint(tmp_path / "run") == str(result.checkpoint)
+    assert result.checkpoint.name == "step-0000004" and model_folder(tmp_path / "run") == str(result.checkpoint)
     checkpoint = LMCheckpoint.load(tmp_path / "run")  # the run folder resolves to its newest checkpoint
     assert checkpoint.data() == settings(corpus, tmp_path).data()
     assert checkpoint.description["myopic"] is False and checkpoint.description["n_sequences"]["train"] > 0

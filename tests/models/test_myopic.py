@@ -150,6 +150,6 @@ def test_bad_arguments_are_named(tiny_lm):
             with myopic(tiny_lm):
                 pass
     assert not is_myopic(tiny_lm)
-    with pytest.raises(ForethoughtError, match="no GPT-2 self-attention layers"):
+    with pytest.raises(ForethoughtError, match="the myopic gradient is implemented for GPT-2 attention only; Linear has none"):
         with myopic(torch.nn.Linear(2, 2)):
             pass

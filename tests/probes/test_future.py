@@ -3,6 +3,8 @@ logit lens; bad τ named."""
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -62,6 +64,45 @@ def test_untrained_lens_is_the_logit_lens(tiny_lm):
         predictions = model(tokens).logits[:, :-1].argmax(-1)  # the model's own next-token guesses
     own = (predictions[test] == tokens[test, 1:]).double().mean().item()
     assert top1["value"] == pytest.approx(own, abs=1e-12)
+
+
+def test_massive_dimensions_do_not_hide_a_planted_signal():
+    """A Llama-like residual stream: the signal on a scale of 1,000 and one "massive" noise dimension 100 times
+    larger still. Standardised features recover it as well as from the clean stream."""
+    clean = planted()
+    massive = {layer: 1000 * array for layer, array in clean.arrays.items()}
+    for array in massive.values():
+        array[..., 0] = 1e5 * np.random.default_rng(5).normal(size=array.shape[:2])
+    config = FutureProbeConfig(lr=3e-2, max_epochs=30, patience=3)
+    tables = [fit_future_probes(source, layers=[1, 2], taus=[1, 2], config=config, vocab_size=VOCAB)[1].table()
+              for source in (clean, InMemoryResiduals(clean.tokens, massive))]
+    top1 = [table[table["metric"] == "top1"].set_index(["layer", "tau"])["value"] for table in tables]
+    assert top1[1][(1, 2)] > 0.8 and top1[1][(2, 1)] > 0.8
+    assert (top1[1] - top1[0]).abs().max() < 0.05
+
+
+def test_untrained_probes_start_at_the_unigram_baseline():
+    """W = 0 and the bias at the training targets' log-frequencies: the majority class, as the count baseline."""
+    source = planted()
+    tokens = source.tokens.copy()
+    tokens[tokens > 8] = 3  # token 3 the majority: ~1/3 of the targets
+    skewed = InMemoryResiduals(tokens, source.arrays)
+    config = FutureProbeConfig(max_epochs=0)
+    _, scores = fit_future_probes(skewed, layers=[1, 2], taus=[1, 2], config=config, vocab_size=VOCAB)
+    _, test = split_sequences(len(tokens), config.test_fraction, seed=config.seed)
+    majority = (tokens[test, 1:SEQ - 1] == 3).mean()  # τ = 1 targets of the probed positions t < T − 2
+    top1 = scores.table().query("metric == 'top1' and tau == 1")["value"]
+    np.testing.assert_allclose(top1, majority, atol=1e-12)
+
+
+def test_bfloat16_probes_agree_with_float32():
+    config = FutureProbeConfig(lr=3e-2, max_epochs=30, patience=3)
+    tables = [fit_future_probes(planted(), layers=[1, 2], taus=[1, 2], config=replace(config, precision=precision),
+                                vocab_size=VOCAB)[1].table() for precision in ("float32", "bfloat16")]
+    top1 = [table[table["metric"] == "top1"]["value"].to_numpy() for table in tables]
+    np.testing.assert_allclose(top1[1], top1[0], atol=0.03)
+    with pytest.raises(ForethoughtError, match="unknown precision 'half'; choose one of float32, bfloat16"):
+        FutureProbeConfig(precision="half")
 
 
 def test_bad_tau_is_named():

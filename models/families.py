@@ -1,0 +1,51 @@
+"""What differs between causal-LM families (GPT-2, Llama, GPT-NeoX, …), in one place: where the decoder blocks,
+the final norm and the unembedding live, and the sizes an analysis needs.
+
+Everything else reads models through these functions, so supporting a family is a change here.
+Tested on GPT-2 and Llama (tiny random configs); other families whose Hugging Face module names match
+(``*.h`` / ``*.layers`` blocks, ``ln_f`` / ``norm`` / ``final_layer_norm``) work the same way.
+"""
+
+from __future__ import annotations
+
+from torch import nn
+from transformers import PretrainedConfig, PreTrainedModel
+
+from models.errors import ForethoughtError
+
+_BLOCKS = ("h", "layers")  # GPT-2 / GPT-J: .h; Llama, Mistral, Qwen2, GPT-NeoX: .layers
+_FINAL_NORMS = ("ln_f", "norm", "final_layer_norm")  # GPT-2; Llama-family; GPT-NeoX
+
+
+def decoder_blocks(model: PreTrainedModel) -> nn.ModuleList:
+    """The model's decoder blocks, in order (block l maps residual h[l] to h[l + 1])."""
+    return _first_attribute(model.base_model, _BLOCKS, "decoder blocks")
+
+
+def unembedding(model: PreTrainedModel) -> tuple[nn.Module, nn.Module]:
+    """(final norm, unembedding): what turns the last residual h[L] into logits — the logit lens's readout."""
+    return _first_attribute(model.base_model, _FINAL_NORMS, "final norm"), model.get_output_embeddings()
+
+
+def n_layers(config: PretrainedConfig) -> int:
+    """Number of decoder blocks L (residual layers are 0 … L)."""
+    return config.num_hidden_layers
+
+
+def architecture(config: PretrainedConfig) -> str:
+    """The model class a config describes, e.g. ``GPT2LMHeadModel`` or ``LlamaForCausalLM``."""
+    return (config.architectures or [type(config).__name__.removesuffix("Config")])[0]
+
+
+def architecture_summary(config: PretrainedConfig) -> dict[str, object]:
+    """The settings that make two models the same architecture (twins must agree on all of them)."""
+    keys = ("model_type", "num_hidden_layers", "hidden_size", "num_attention_heads", "num_key_value_heads",
+            "intermediate_size", "n_inner", "vocab_size", "max_position_embeddings", "activation_function", "hidden_act")
+    return {key: value for key in keys if (value := getattr(config, key, None)) is not None}
+
+
+def _first_attribute(module: nn.Module, names: tuple[str, ...], what: str) -> nn.Module:
+    for name in names:
+        if isinstance(found := getattr(module, name, None), nn.Module):
+            return found
+    raise ForethoughtError(f"{type(module).__name__} has no {what} under a known name ({', '.join(names)})")
