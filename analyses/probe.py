@@ -30,13 +30,14 @@ from models.lm import LMCheckpoint, check_same_tokenizer
 from models.precision import check_precision
 from models.tasks.text import TextData, tokenization
 from models.train import resolve_device
-from probes.baselines import count_baselines
+from probes.baselines import BaselineScores, count_baselines
 from probes.cache import PROCESSING_MODE, ResidualCache, build_cache
 from probes.fit import split_sequences
 from probes.future import FutureProbeConfig, ProbeScores, fit_future_probes, top_classes
 
 LOGIT_LENS = "logit lens"
 BASELINE = "baseline"  # the checkpoint column of the count baselines' rows
+SKIP_BIGRAM = "skip-bigram"
 
 
 @dataclass
@@ -160,6 +161,28 @@ class ProbeResults(ExperimentResults):
         """The tidy table (DESIGN.md's columns)."""
         return self.table
 
+    def beyond_counts(self, checkpoint: str | None = None, metric: str = "top1") -> pd.DataFrame:
+        """Probe − skip-bigram baseline for ``metric`` (paired, same examples) of ``checkpoint`` (default: the
+        first): (layer, τ) rows with value, ci_low, ci_high — where the residual stream holds more about x[t+τ]
+        than the token x[t] does through the counts."""
+        rows = self.table[(self.table["probe"] == f"{self.config.kind} − {SKIP_BIGRAM}") & (self.table["metric"] == metric)]
+        rows = rows[rows["checkpoint"] == (checkpoint or rows["checkpoint"].iloc[0])]
+        return rows.set_index(["layer", "tau"])[["value", "ci_low", "ci_high", "n"]]
+
+    def reading(self, checkpoint: str | None = None, metric: str = "top1") -> str:
+        """The plain reading: per τ, the best layer's probe minus the skip-bigram with its paired 95 % interval,
+        and the layers whose interval lies above 0 (the best layer is picked on these same held-out examples)."""
+        checkpoint = checkpoint or next(iter(self.config.named_checkpoints()))
+        beyond = self.beyond_counts(checkpoint, metric)
+        lines = [f"{checkpoint}: {metric} of the probe minus the skip-bigram (paired 95% CI):"]
+        for tau, rows in beyond.groupby(level="tau"):
+            best = rows["value"].idxmax()
+            above = [int(layer) for (layer, _), row in rows.iterrows() if row["ci_low"] > 0]
+            row = rows.loc[best]
+            lines.append(f"  τ = {tau}: best layer {int(best[0])}: {row['value']:+.3f} ({row['ci_low']:+.3f} – "
+                         f"{row['ci_high']:+.3f}); interval above 0 at {_span_text(above)}")
+        return "\n".join(lines)
+
     def accuracy(self, metric: str = "top1") -> pd.DataFrame:
         """``metric`` by (checkpoint, τ) rows × layer columns."""
         return self._probed(metric).pivot_table(index=["checkpoint", "tau"], columns="layer", values="value", sort=False)
@@ -201,7 +224,21 @@ class ProbeResults(ExperimentResults):
         baselines = self.table[(self.table["checkpoint"] == BASELINE) & (self.table["metric"] == "top1")]
         for _, row in baselines.iterrows():
             lines.append(f"  {row['probe']:<12} τ = {row['tau']}: {row['value']:.3f}")
+        if (self.table["probe"] == f"{self.config.kind} − {SKIP_BIGRAM}").any():  # runs made before it: none
+            lines.append(self.reading())
         return "\n".join(lines)
+
+
+def _span_text(layers: list[int]) -> str:
+    """``[3, 4, 5, 9]`` → ``"layers 3–5, 9"``; ``[]`` → ``"no layer"``."""
+    if not layers:
+        return "no layer"
+    runs, start = [], layers[0]
+    for previous, layer in zip(layers, [*layers[1:], None]):
+        if layer != previous + 1:
+            runs.append(f"{start}" if start == previous else f"{start}–{previous}")
+            start = layer
+    return f"layer{'s' if len(layers) > 1 else ''} {', '.join(runs)}"
 
 
 def load_checkpoints(named: dict[str, str]) -> dict[str, LMCheckpoint]:
@@ -265,12 +302,17 @@ def score_rows(scores: ProbeScores, checkpoint: str, target: str, probe: str | N
     return table if probe is None else table[table["tau"] == 1].assign(probe=probe)
 
 
-def baseline_rows(tokens: np.ndarray, settings: ProbeSettings, kind: str, vocab_size: int) -> pd.DataFrame:
-    """Unigram and skip-bigram rows on the probes' held-out sequences, over the classes probes of ``kind`` predict."""
+def baseline_scores(tokens: np.ndarray, settings: ProbeSettings, kind: str, vocab_size: int) -> BaselineScores:
+    """Unigram and skip-bigram scores on the probes' held-out examples, over the classes probes of ``kind`` predict."""
     train, test = split_sequences(len(tokens), settings.probe_config("cpu").test_fraction, seed=settings.seed)
     classes = top_classes(tokens[train], settings.top_k) if kind == "topk" else None
-    return count_baselines(tokens, train, test, settings.tau_list(), vocab_size, classes=classes).assign(
-        checkpoint=BASELINE, target=settings.target(kind))
+    return count_baselines(tokens, train, test, settings.tau_list(), vocab_size, classes=classes)
+
+
+def baseline_rows(tokens: np.ndarray, settings: ProbeSettings, kind: str, vocab_size: int) -> pd.DataFrame:
+    """Tidy rows of :func:`baseline_scores`."""
+    return baseline_scores(tokens, settings, kind, vocab_size).table().assign(checkpoint=BASELINE,
+                                                                             target=settings.target(kind))
 
 
 @dataclass
@@ -303,7 +345,10 @@ def probe_checkpoints(config: ProbeConfig, checkpoints: dict[str, LMCheckpoint],
         lens = probe_scores(cache, checkpoint, config.tau_list(), config.lens_config(device), store, config.progress)
         frames += [score_rows(scores[name], name, config.target()),
                    score_rows(lens, name, config.target("lens"), probe=LOGIT_LENS)]
-    frames.append(baseline_rows(tokens, config, config.kind, first.model.config.vocab_size))
+    baselines = baseline_scores(tokens, config, config.kind, first.model.config.vocab_size)
+    frames.append(baselines.table().assign(checkpoint=BASELINE, target=config.target()))
+    frames += [scores[name].minus_baseline(baselines, SKIP_BIGRAM).assign(checkpoint=name, target=config.target())
+               for name in checkpoints]  # beyond the counts: paired probe − skip-bigram per (layer, τ)
     rows = pd.concat(frames, ignore_index=True).to_dict("records")
     return ProbeRun(data, tokens, rows, scores, {name: c.source for name, c in checkpoints.items()},
                     tokenization(first.tokenizer, data), {name: c.origin for name, c in checkpoints.items() if c.origin})

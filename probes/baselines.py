@@ -11,6 +11,7 @@ Both are add-α smoothed over the vocabulary, scored on the same held-out positi
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
@@ -19,9 +20,28 @@ from scipy.sparse import coo_matrix
 from probes.metrics import mean_scores
 
 
+@dataclass
+class BaselineScores:
+    """Per-example held-out scores of the count baselines: ``values[probe][τ]`` [n, 3] = (top-1 hit, top-5 hit,
+    cross-entropy) on the probes' examples, in their order (``sequence_ids``), so differences are paired."""
+
+    values: dict[str, dict[int, np.ndarray]]
+    sequence_ids: np.ndarray
+
+    def table(self) -> pd.DataFrame:
+        """Tidy rows (probe ∈ unigram, skip-bigram; tau; metric ∈ top1, top5, cross_entropy; split "test")."""
+        rows = []
+        for probe, by_tau in self.values.items():
+            for tau, values in by_tau.items():
+                for metric, estimate in zip(("top1", "top5", "cross_entropy"), mean_scores(values, self.sequence_ids)):
+                    rows.append({"probe": probe, "tau": tau, "metric": metric, "split": "test", **estimate.columns()})
+        return pd.DataFrame(rows).sort_values("tau", kind="stable").reset_index(drop=True)
+
+
 def count_baselines(tokens: np.ndarray, train: np.ndarray, test: np.ndarray, taus: Sequence[int],
-                    vocab_size: int, alpha: float = 0.1, classes: np.ndarray | None = None) -> pd.DataFrame:
-    """Tidy rows (probe ∈ unigram, skip-bigram; tau; metric ∈ top1, top5, cross_entropy; split "test").
+                    vocab_size: int, alpha: float = 0.1, classes: np.ndarray | None = None) -> BaselineScores:
+    """The unigram and skip-bigram baselines' scores on every held-out example (positions t < T − max τ of the
+    ``test`` sequences).
 
     ``classes``: predict only these token ids + "other" (what ``topk`` probes predict), so the numbers compare.
     """
@@ -32,22 +52,16 @@ def count_baselines(tokens: np.ndarray, train: np.ndarray, test: np.ndarray, tau
         tokens, vocab_size = lookup[tokens], len(classes) + 1
     positions = tokens.shape[1] - max(taus)
     current_train, current_test = tokens[train, :positions].ravel(), tokens[test, :positions].ravel()
-    sequence_ids = np.repeat(test, positions)
     unigram = np.bincount(tokens[train].ravel(), minlength=vocab_size).astype(np.float64)
-    rows = []
+    values: dict[str, dict[int, np.ndarray]] = {"unigram": {}, "skip-bigram": {}}
     for tau in taus:
         ahead_train, ahead_test = tokens[train, tau : tau + positions].ravel(), tokens[test, tau : tau + positions].ravel()
         table = coo_matrix((np.ones(len(current_train)), (current_train, ahead_train)),
                            shape=(vocab_size, vocab_size)).tocsr()
-        scores = {
-            "unigram": _score_rows(np.zeros(len(ahead_test), dtype=int), ahead_test, lambda _: unigram, alpha),
-            "skip-bigram": _score_rows(current_test, ahead_test,
-                                       lambda x: table[x].toarray()[0] if table[x].nnz else unigram, alpha),
-        }
-        for probe, values in scores.items():
-            for metric, estimate in zip(("top1", "top5", "cross_entropy"), mean_scores(values, sequence_ids)):
-                rows.append({"probe": probe, "tau": tau, "metric": metric, "split": "test", **estimate.columns()})
-    return pd.DataFrame(rows)
+        values["unigram"][tau] = _score_rows(np.zeros(len(ahead_test), dtype=int), ahead_test, lambda _: unigram, alpha)
+        values["skip-bigram"][tau] = _score_rows(current_test, ahead_test,
+                                                 lambda x: table[x].toarray()[0] if table[x].nnz else unigram, alpha)
+    return BaselineScores(values, np.repeat(test, positions))
 
 
 def _score_rows(contexts: np.ndarray, targets: np.ndarray, counts_for, alpha: float) -> np.ndarray:

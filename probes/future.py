@@ -37,6 +37,7 @@ from tqdm.auto import tqdm
 
 from models.errors import ForethoughtError
 from models.precision import autocast, check_precision
+from probes.baselines import BaselineScores
 from probes.fit import split_sequences
 from probes.metrics import mean_scores
 
@@ -337,6 +338,16 @@ class ProbeScores:
             raise ForethoughtError("paired differences need both probe grids scored on the same examples")
         return ProbeScores(self.kind, {key: self.values[key] - other.values[key] for key in self.values},
                            self.sequence_ids).table()
+
+    def minus_baseline(self, baseline: BaselineScores, probe: str = "skip-bigram") -> pd.DataFrame:
+        """Paired differences self − a count baseline per (layer, τ, metric), on the same examples, with 95 %
+        bootstrap intervals resampling the same sequences for both: what the residual stream tells about x[t+τ]
+        beyond the counts (the rows' probe is "<kind> − <baseline>")."""
+        if not np.array_equal(self.sequence_ids, baseline.sequence_ids):
+            raise ForethoughtError("paired differences need the probes and the baseline scored on the same examples")
+        by_tau = baseline.values[probe]
+        differences = {(layer, tau): values - by_tau[tau] for (layer, tau), values in self.values.items()}
+        return ProbeScores(f"{self.kind} − {probe}", differences, self.sequence_ids).table()
 
 
 @torch.no_grad()

@@ -49,6 +49,7 @@ def rows(table: pd.DataFrame) -> pd.DataFrame:
 
 def test_a_probe_run_is_reused_and_nothing_is_computed_twice(probed, comparison, twins, monkeypatch):
     out, probe_table = probed
+    probe_table = probe_table[~probe_table["probe"].str.endswith(" − skip-bigram")]  # the probe run's own reading
     no_work(monkeypatch)
     assert "computed: nothing yet" in repr(comparison)
     table = comparison.to_dataframe()

@@ -31,6 +31,7 @@ def test_probe_table_figure_and_reuse(twins, tmp_path, monkeypatch):
     assert set(table["checkpoint"]) == {"vanilla", "myopic", CONTROL, "baseline"}
     probed = table[table["layer"].notna() & (table["probe"] == "topk")]
     assert len(probed) == 3 * 3 * 2 * 3  # checkpoints × layers 0–2 × τ ∈ {1, 2} × (top1, top5, cross_entropy)
+    assert (table["probe"] == "topk − skip-bigram").sum() == len(probed)  # the same grid, paired with the counts
     lens = table[table["probe"] == "logit lens"]
     assert len(lens) == 3 * 3 * 3 and set(lens["tau"]) == {1}  # checkpoints × layers × metrics, τ = 1 only
     assert set(table.loc[table["layer"].isna(), "probe"]) == {"unigram", "skip-bigram"}
@@ -39,6 +40,12 @@ def test_probe_table_figure_and_reuse(twins, tmp_path, monkeypatch):
     assert {trace.name for trace in results.figure().data} == {"τ = 1", "τ = 2", "logit lens (τ = 1)"}
     assert (tmp_path / "probe" / "figures" / "probe_topk_top1.html").exists()
     assert ProbeResults.from_folder(tmp_path / "probe").table.equals(table)
+    skip_bigram = table[(table["probe"] == "skip-bigram") & (table["metric"] == "top1")].set_index("tau")["value"]
+    beyond = results.beyond_counts("myopic")
+    for (layer, tau), row in beyond.iterrows():  # paired means: exactly probe − baseline
+        assert row["value"] == pytest.approx(top1.loc[("myopic", tau), layer] - skip_bigram[tau], abs=1e-12)
+        assert row["ci_low"] <= row["value"] <= row["ci_high"]
+    assert "myopic" not in results.reading() and "vanilla: top1 of the probe minus the skip-bigram" in results.reading()
     monkeypatch.setattr(probes.cache, "bridge_residuals", lambda *a: pytest.fail("a finished cache was rebuilt"))
     monkeypatch.setattr(analyses.probe, "fit_future_probes", lambda *a, **k: pytest.fail("probes were refitted"))
     again = run_probe(settings(twins, tmp_path / "probe"))

@@ -13,7 +13,7 @@ def test_skip_bigram_finds_a_deterministic_successor():
     vocab = 9
     starts = np.random.default_rng(0).integers(0, vocab, size=200)
     tokens = (starts[:, None] + np.arange(6)) % vocab  # x[t+τ] = x[t] + τ (mod 9)
-    table = count_baselines(tokens, np.arange(150), np.arange(150, 200), taus=[1, 3], vocab_size=vocab)
+    table = count_baselines(tokens, np.arange(150), np.arange(150, 200), taus=[1, 3], vocab_size=vocab).table()
     top1 = table[table["metric"] == "top1"].set_index(["probe", "tau"])["value"]
     assert top1[("skip-bigram", 1)] == 1.0 and top1[("skip-bigram", 3)] == 1.0
     assert top1[("unigram", 1)] < 0.25
@@ -22,7 +22,7 @@ def test_skip_bigram_finds_a_deterministic_successor():
 
 def test_values_by_hand():
     tokens = np.array([[0, 1, 0, 1], [0, 1, 1, 1], [1, 1, 0, 0]])
-    table = count_baselines(tokens, train=np.array([0, 1]), test=np.array([2]), taus=[1], vocab_size=3, alpha=0.5)
+    table = count_baselines(tokens, train=np.array([0, 1]), test=np.array([2]), taus=[1], vocab_size=3, alpha=0.5).table()
     value = table.set_index(["probe", "metric"])["value"]
     # unigram over the training tokens: counts (3, 5, 0) + 0.5 → p = (3.5, 5.5, 0.5) / 9.5
     # test pairs (x[t], x[t+1]) for t < 3: (1, 1), (1, 0), (0, 0)
@@ -38,7 +38,7 @@ def test_values_by_hand():
 def test_baselines_over_a_class_subset_pool_the_rest():
     tokens = np.array([[0, 1, 0, 2], [0, 1, 2, 2], [1, 1, 0, 3]])
     pooled = count_baselines(tokens, np.array([0, 1]), np.array([2]), taus=[1], vocab_size=4,
-                             classes=np.array([0, 1]))
+                             classes=np.array([0, 1])).table()
     mapped = np.minimum(tokens, 2)  # classes 0, 1 kept; 2 and 3 become "other" = 2
-    direct = count_baselines(mapped, np.array([0, 1]), np.array([2]), taus=[1], vocab_size=3)
+    direct = count_baselines(mapped, np.array([0, 1]), np.array([2]), taus=[1], vocab_size=3).table()
     pd.testing.assert_frame_equal(pooled, direct)
