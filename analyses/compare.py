@@ -30,7 +30,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from analyses.plots import difference_heatmap, save_figure
 from analyses.precache import PrecacheConfig
 from analyses.probe import (
-    BASELINE, LOGIT_LENS, ProbeConfig, ProbeSettings, baseline_rows, check_name, control_checkpoint,
+    BASELINE, LENS_TAUS, LOGIT_LENS, ProbeConfig, ProbeSettings, baseline_rows, check_name, control_checkpoint,
     heldout_tokens, load_checkpoint, parse_checkpoints, probe_scores, residual_cache, score_rows,
 )
 from analyses.results import CONTROL, tidy
@@ -196,8 +196,8 @@ class Comparison:
             config = (self.settings.lens_config(self._device) if kind == LOGIT_LENS
                       else self.settings.probe_config(self._device, kind))
             store = self.folder / "scores" / name.replace("/", "_")
-            self._scores[name, kind] = probe_scores(cache, checkpoint, self.taus, config, store,
-                                                    self.settings.progress)
+            taus = LENS_TAUS if kind == LOGIT_LENS else self.taus
+            self._scores[name, kind] = probe_scores(cache, checkpoint, taus, config, store, self.settings.progress)
         return self._scores[name, kind]
 
     def compute(self, kinds: str | Sequence[str] | None = None) -> Comparison:

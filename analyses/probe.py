@@ -36,6 +36,7 @@ from probes.fit import split_sequences
 from probes.future import FutureProbeConfig, ProbeScores, fit_future_probes, top_classes
 
 LOGIT_LENS = "logit lens"
+LENS_TAUS = [1]  # the logit lens reads the model's own next-token prediction
 BASELINE = "baseline"  # the checkpoint column of the count baselines' rows
 SKIP_BIGRAM = "skip-bigram"
 
@@ -88,8 +89,9 @@ class ProbeSettings:
                                  device=device, precision=self.precision)
 
     def lens_config(self, device: str) -> FutureProbeConfig:
-        """The logit lens: the untrained lens probe, scored on the probes' held-out positions."""
-        return replace(self.probe_config(device, "lens"), max_epochs=0)
+        """The logit lens: the untrained lens probe of τ = 1 (:data:`LENS_TAUS`), scored on the probes' held-out
+        positions (their horizon, max τ)."""
+        return replace(self.probe_config(device, "lens"), max_epochs=0, horizon=max(self.tau_list()))
 
     def target(self, kind: str | None = None) -> str:
         """What a probe of ``kind`` predicts (the results table's ``target``)."""
@@ -297,9 +299,9 @@ def probe_scores(cache: ResidualCache, checkpoint: LMCheckpoint, taus: list[int]
 
 
 def score_rows(scores: ProbeScores, checkpoint: str, target: str, probe: str | None = None) -> pd.DataFrame:
-    """Tidy rows of ``scores``; with ``probe`` = :data:`LOGIT_LENS`, only τ = 1 (the lens predicts the next token)."""
+    """Tidy rows of ``scores`` (named ``probe``, e.g. :data:`LOGIT_LENS`, instead of the scores' kind)."""
     table = scores.table().assign(checkpoint=checkpoint, target=target)
-    return table if probe is None else table[table["tau"] == 1].assign(probe=probe)
+    return table if probe is None else table.assign(probe=probe)
 
 
 def baseline_scores(tokens: np.ndarray, settings: ProbeSettings, kind: str, vocab_size: int) -> BaselineScores:
@@ -342,7 +344,7 @@ def probe_checkpoints(config: ProbeConfig, checkpoints: dict[str, LMCheckpoint],
         store = out / "scores" / name.replace("/", "_")
         scores[name] = probe_scores(cache, checkpoint, config.tau_list(), config.probe_config(device), store,
                                     config.progress)
-        lens = probe_scores(cache, checkpoint, config.tau_list(), config.lens_config(device), store, config.progress)
+        lens = probe_scores(cache, checkpoint, LENS_TAUS, config.lens_config(device), store, config.progress)
         frames += [score_rows(scores[name], name, config.target()),
                    score_rows(lens, name, config.target("lens"), probe=LOGIT_LENS)]
     baselines = baseline_scores(tokens, config, config.kind, first.model.config.vocab_size)

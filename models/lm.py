@@ -60,7 +60,7 @@ class LMTrainConfig:
     # model
     model: str = "gpt2-small"  # a preset (gpt2-small, gpt2-mini, gpt2-tiny, gpt2-micro), a folder, hub id, smollm2-135m or gguf:PATH
     from_pretrained: bool = False  # start from the folder's / hub model's weights (fine-tuning)
-    tokenizer: str = "gpt2"  # 'gpt2' (hub, else the shipped BPE files) or a tokenizer folder
+    tokenizer: str = "gpt2"  # 'gpt2' (hub, else the shipped BPE files), or a model source's: a folder, smollm2-135m, …
     myopic: bool = False  # train with the myopic gradient
     myopic_cut: str = "residual"  # 'residual' (the paper's) or 'kv'
     dropout: float | None = None  # None: presets 0, loaded models their own (attention dropout > 0 makes myopic slow)
@@ -107,11 +107,12 @@ class LMTrainConfig:
 
 
 def load_tokenizer(name: str) -> PreTrainedTokenizerBase:
-    """``gpt2`` → :func:`gpt2_tokenizer`; otherwise a folder (or hub id) with tokenizer files."""
+    """``gpt2`` → :func:`gpt2_tokenizer`; otherwise the tokenizer of a model source (a folder or hub id with
+    tokenizer files, ``smollm2-135m``, ``gguf:PATH``)."""
     if name == "gpt2":
         return gpt2_tokenizer()
     try:
-        return AutoTokenizer.from_pretrained(name)
+        return AutoTokenizer.from_pretrained(model_folder(name))
     except (OSError, ValueError) as error:
         raise ForethoughtError(f"cannot load a tokenizer from {name}: {error}") from error
 

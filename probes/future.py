@@ -13,7 +13,7 @@ targets, i.e. at the unigram baseline. Both matter for real models: a Llama's re
 "massive" dimensions (SmolLM2: standard deviations up to ~3,000 against a median of ~10), which make an
 unstandardised probe ill-conditioned, and Adam moves a zero bias by only ~lr a step.
 
-Examples are positions t < T − max(τ) of whole sequences (so every τ has a target); sequences are split into
+Examples are positions t < T − max(τ) (or a given horizon) of whole sequences (so every τ has a target); sequences are split into
 train / validation / test, never positions of one sequence. Training minimises the summed cross-entropy of
 all probes, reading the residuals chunk by chunk (all layers of a block of sequences at once); early stopping
 keeps, for each (layer, τ), the parameters of its best validation epoch.
@@ -86,6 +86,8 @@ class FutureProbeConfig:
     seed: int = 0
     device: str = "cpu"
     precision: str = "float32"  # or bfloat16: the probes' matrix products under autocast (float32 weights)
+    horizon: int | None = None  # examples are positions t < T − horizon (default: max τ); a larger horizon scores
+    # probes of fewer τ on the examples of a larger grid (the logit lens, τ = 1, beside probes up to τ = 4)
 
     def __post_init__(self):
         if self.kind not in KINDS:
@@ -138,6 +140,7 @@ class FittedProbes:
     taus: list[int]
     classes: np.ndarray | None  # topk: the K token ids; None: classes are token ids
     history: list[dict[str, float]]  # per epoch: mean validation loss over probes
+    horizon: int  # examples are positions t < T − horizon
 
 
 def fit_future_probes(
@@ -156,6 +159,9 @@ def fit_future_probes(
     n_sequences, seq_len = tokens.shape
     if not taus or min(taus) < 1 or max(taus) >= seq_len:
         raise ForethoughtError(f"τ must lie in 1 … {seq_len - 1} for sequences of {seq_len} tokens, got {taus}")
+    horizon = max(taus) if config.horizon is None else config.horizon
+    if not max(taus) <= horizon < seq_len:
+        raise ForethoughtError(f"the horizon must lie in {max(taus)} … {seq_len - 1}, got {horizon}")
     train, test = split_sequences(n_sequences, config.test_fraction, seed=config.seed)
     n_validation = max(1, round(len(train) * config.validation_fraction))
     shuffled = np.random.default_rng(config.seed).permutation(train)
@@ -165,7 +171,7 @@ def fit_future_probes(
     d_model = residuals.d_model
     device = torch.device(config.device)
     probes = FutureTokenProbes(len(layers), len(taus), d_model, n_classes, config.kind, unembed).to(device)
-    batches = _Batches(residuals, layers, taus, classes, device)
+    batches = _Batches(residuals, layers, taus, classes, device, horizon)
     generator = np.random.default_rng(config.seed)
     if config.kind != "lens":
         sample = np.sort(generator.permutation(fit_part)[:_STATISTICS_SEQUENCES])
@@ -205,7 +211,7 @@ def fit_future_probes(
         for i in range(len(layers)):
             probes.weights[i].copy_(best_weights[i])
             probes.biases[i].copy_(best_biases[i])
-    fitted = FittedProbes(probes, layers, taus, classes, history)
+    fitted = FittedProbes(probes, layers, taus, classes, history, horizon)
     with autocast(device, config.precision):
         return fitted, score_future_probes(fitted, residuals, test, config.batch_sequences)
 
@@ -244,10 +250,10 @@ def top_classes(tokens: np.ndarray, k: int) -> np.ndarray:
 class _Batches:
     """Reads the residuals of a block of sequences: features [I, n_examples, d], targets [J, n_examples]."""
 
-    def __init__(self, residuals: Residuals, layers: list[int], taus: list[int], classes, device):
+    def __init__(self, residuals: Residuals, layers: list[int], taus: list[int], classes, device, horizon: int):
         self.residuals, self.layers, self.taus, self.device = residuals, layers, taus, device
         self.tokens = np.asarray(residuals.tokens)
-        self.positions = self.tokens.shape[1] - max(taus)  # t = 0 … T − max τ − 1
+        self.positions = self.tokens.shape[1] - horizon  # t = 0 … T − horizon − 1
         self.lookup = None
         if classes is not None:  # token id → class index, "other" = K (classes are ids seen in the tokens)
             self.lookup = np.full(self.tokens.max() + 1, len(classes))
@@ -355,17 +361,18 @@ def score_future_probes(fitted: FittedProbes, residuals: Residuals, sequences: n
                         batch_sequences: int = 64) -> ProbeScores:
     """Top-1, top-5 and cross-entropy of every probe on each held-out example of ``sequences``."""
     probes = fitted.probes
-    batches = _Batches(residuals, fitted.layers, fitted.taus, fitted.classes, probes.weights[0].device)
+    batches = _Batches(residuals, fitted.layers, fitted.taus, fitted.classes, probes.weights[0].device,
+                       fitted.horizon)
     chunks: dict[tuple[int, int], list[np.ndarray]] = {}
     for start in range(0, len(sequences), batch_sequences):
         features, targets = batches(sequences[start : start + batch_sequences])
         for i, layer in enumerate(fitted.layers):
             for j, tau in enumerate(fitted.taus):
-                log_probs = probes.logits(i, j, features[i]).float().log_softmax(-1)
-                top5 = log_probs.topk(min(5, log_probs.shape[-1]), dim=-1).indices
-                hits = top5 == targets[j][:, None]
-                values = torch.stack([hits[:, 0].double(), hits.any(-1).double(),
-                                      -log_probs.gather(-1, targets[j][:, None])[:, 0].double()], dim=1)
+                logits = probes.logits(i, j, features[i])  # [n, classes]
+                hits = logits.topk(min(5, logits.shape[-1]), dim=-1).indices == targets[j][:, None]
+                logits = logits.float()  # cross-entropy = logsumexp − the target's logit, in float32
+                losses = logits.logsumexp(-1) - logits.gather(-1, targets[j][:, None])[:, 0]
+                values = torch.stack([hits[:, 0].double(), hits.any(-1).double(), losses.double()], dim=1)
                 chunks.setdefault((layer, tau), []).append(values.cpu().numpy())
     values = {key: np.concatenate(parts) for key, parts in chunks.items()}
     return ProbeScores(probes.kind, values, batches.sequence_ids(sequences))  # ids: the chunks above, in order
