@@ -58,6 +58,8 @@ FIGURES = [
     "precache --vanilla runs/lm-cpu-vanilla --myopic runs/lm-cpu-myopic --kind topk --top-k 1000 --max-epochs 30 "
     "--out runs/precache-cpu --figures-dir figures",
     "compare --run runs/precache-cpu --figures-dir figures",
+    "probe --checkpoints smollm2-135m --corpus embedded --layout packed --seq-len 64 --max-sequences 2000 --kind topk "
+    "--top-k 1000 --precision bfloat16 --batch-sequences 32 --max-epochs 4 --out runs/probe-smollm2 --figures-dir figures",
 ]
 README = Path(__file__).parents[1] / "README.md"
 REFERENCE_START, REFERENCE_END = "<!-- cli-reference: written by `forethought readme` -->", "<!-- /cli-reference -->"

@@ -173,16 +173,19 @@ class ProbeResults(ExperimentResults):
 
     def reading(self, checkpoint: str | None = None, metric: str = "top1") -> str:
         """The plain reading: per τ, the best layer's probe minus the skip-bigram with its paired 95 % interval,
-        and the layers whose interval lies above 0 (the best layer is picked on these same held-out examples)."""
+        and the layers whose interval lies wholly on the better side of 0 (higher top-1 / top-5, lower
+        cross-entropy). The best layer is picked on these same held-out examples."""
         checkpoint = checkpoint or next(iter(self.config.named_checkpoints()))
+        sign = -1 if metric == "cross_entropy" else 1  # +1: higher is better
         beyond = self.beyond_counts(checkpoint, metric)
         lines = [f"{checkpoint}: {metric} of the probe minus the skip-bigram (paired 95% CI):"]
         for tau, rows in beyond.groupby(level="tau"):
-            best = rows["value"].idxmax()
-            above = [int(layer) for (layer, _), row in rows.iterrows() if row["ci_low"] > 0]
+            best = (sign * rows["value"]).idxmax()
+            better = [int(layer) for (layer, _), row in rows.iterrows()
+                      if min(sign * row["ci_low"], sign * row["ci_high"]) > 0]
             row = rows.loc[best]
             lines.append(f"  τ = {tau}: best layer {int(best[0])}: {row['value']:+.3f} ({row['ci_low']:+.3f} – "
-                         f"{row['ci_high']:+.3f}); interval above 0 at {_span_text(above)}")
+                         f"{row['ci_high']:+.3f}); better than the counts at {_span_text(better)}")
         return "\n".join(lines)
 
     def accuracy(self, metric: str = "top1") -> pd.DataFrame:
@@ -216,7 +219,7 @@ class ProbeResults(ExperimentResults):
         return figure
 
     def figures(self) -> dict[str, go.Figure]:
-        return {f"probe_{self.config.kind}_top1": self.figure()}
+        return {f"probe_{self.config.kind}_{metric}": self.figure(metric) for metric in ("top1", "top5")}
 
     def summary(self) -> str:
         table = self.accuracy()

@@ -69,13 +69,12 @@ def bridge_residuals(
 ) -> torch.Tensor:
     """tokens [batch, seq] → residuals [len(layers), batch, seq, d_model] via ``run_with_cache``.
 
-    Only the asked-for hooks are cached, and blocks past the deepest asked-for layer are not run.
+    Only the asked-for hooks are cached, and blocks past the deepest asked-for layer are not run (nor the final
+    norm and unembedding: the residual stream is all that is read).
     """
-    n_layers = bridge.cfg.n_layers
-    layers = _check_layers(layers, n_layers)
+    layers = _check_layers(layers, bridge.cfg.n_layers)
     names = [hook_name(layer) for layer in layers]
-    stop = max(layers) if max(layers) < n_layers else None
-    _, cache = bridge.run_with_cache(tokens, names_filter=names, stop_at_layer=stop)
+    _, cache = bridge.run_with_cache(tokens, names_filter=names, stop_at_layer=max(layers))
     return torch.stack([cache[name] for name in names])
 
 

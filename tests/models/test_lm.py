@@ -61,6 +61,13 @@ def test_other_families_train_and_bad_models_are_named(corpus, llama_folder, tmp
                                                "LlamaForCausalLM has none"):
         train_lm(settings(corpus, tmp_path, model=str(llama_folder), tokenizer=str(llama_folder), myopic=True))
     assert not (tmp_path / "run").exists()  # refused before writing anything
+    result = train_lm(settings(corpus, tmp_path, model=str(llama_folder), tokenizer=str(llama_folder),
+                               from_pretrained=True, out=str(tmp_path / "llama")))  # fine-tuning, vanilla
+    assert result.checkpoint.name == "step-0000004" and all(torch.isfinite(torch.tensor(r["train_loss"]))
+                                                           for r in result.history)
+    tuned_checkpoint = LMCheckpoint.load(tmp_path / "llama")
+    assert type(tuned_checkpoint.model).__name__ == "LlamaForCausalLM"
+    assert not torch.equal(tuned_checkpoint.model.model.embed_tokens.weight, original.model.embed_tokens.weight)
     BertConfig(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32,
                architectures=["BertModel"]).save_pretrained(tmp_path / "bert")
     with pytest.raises(ForethoughtError, match=r"bert holds a BertModel \(bert\), not a causal language model"):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from transformers import AutoModelForCausalLM
 
 from models.errors import ForethoughtError
 from probes.residuals import bridge_residuals, load_bridge, model_residuals
@@ -20,6 +21,19 @@ def test_bridge_and_model_routes_agree(tiny_lm, tokens, lm_folder):
     torch.testing.assert_close(via_model[0], embeddings)
     final = tiny_lm.transformer(tokens).last_hidden_state
     torch.testing.assert_close(tiny_lm.transformer.ln_f(via_model[3]), final)
+
+
+def test_both_routes_agree_on_a_llama(llama_folder):
+    """Rotary positions, grouped-query attention, RMSNorm: the bridge and the decoder-block hooks still agree."""
+    model = AutoModelForCausalLM.from_pretrained(llama_folder).double().eval()
+    tokens = torch.randint(0, model.config.vocab_size, (2, 9), generator=torch.Generator().manual_seed(4))
+    via_bridge = bridge_residuals(load_bridge(llama_folder, dtype=torch.float64), tokens)
+    via_model = model_residuals(model, tokens)
+    assert via_bridge.shape == (3, 2, 9, 32)
+    torch.testing.assert_close(via_bridge, via_model, atol=1e-7, rtol=0)  # eager vs sdpa attention kernels
+    torch.testing.assert_close(via_model[0], model.model.embed_tokens(tokens))  # no BOS added, nothing shifted
+    hidden = model(tokens, output_hidden_states=True).hidden_states
+    torch.testing.assert_close(model.model.norm(via_model[2]), hidden[2])  # HF's last entry: after the norm
 
 
 def test_layer_subsets_match_the_full_stack(tiny_lm, tokens, lm_folder):
