@@ -157,6 +157,7 @@ def test_bench_cache_prints_the_ratio_to_a_bare_forward_pass(capsys, llama_folde
     header = next(i for i, line in enumerate(lines) if line.startswith("forethought bench cache — cpu, "))
     assert "LlamaForCausalLM, 2 layers" in lines[header]
     rows = {line.rsplit(maxsplit=2)[0].strip(): [float(v) for v in line.split()[-2:]] for line in lines[header + 2:]}
-    assert set(rows) == {"Hugging Face forward (output_hidden_states)", "caching via the bridge"}
+    assert set(rows) == {"Hugging Face forward (output_hidden_states)", "bridge forward (residuals, no writes)",
+                         "caching via the bridge"}
     assert rows["Hugging Face forward (output_hidden_states)"][1] == 1.0 and rows["caching via the bridge"][0] > 0
     assert list((tmp_path / "bench").iterdir()) == []  # the caches were temporary
