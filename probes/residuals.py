@@ -74,7 +74,8 @@ def bridge_residuals(
     """
     layers = _check_layers(layers, bridge.cfg.n_layers)
     names = [hook_name(layer) for layer in layers]
-    _, cache = bridge.run_with_cache(tokens, names_filter=names, stop_at_layer=max(layers))
+    # stopping at block k keeps blocks 0 … k − 1; h[0] is block 0's input, so block 0 always runs
+    _, cache = bridge.run_with_cache(tokens, names_filter=names, stop_at_layer=max(*layers, 1))
     return torch.stack([cache[name] for name in names])
 
 

@@ -40,6 +40,7 @@ def test_layer_subsets_match_the_full_stack(tiny_lm, tokens, lm_folder):
     bridge = load_bridge(lm_folder, dtype=torch.float64)
     full = bridge_residuals(bridge, tokens)
     torch.testing.assert_close(bridge_residuals(bridge, tokens, layers=[0, 2]), full[[0, 2]])
+    torch.testing.assert_close(bridge_residuals(bridge, tokens, layers=[0]), full[[0]])
     torch.testing.assert_close(model_residuals(tiny_lm.double(), tokens, layers=[1]), full[[1]], atol=1e-10, rtol=0)
 
 
