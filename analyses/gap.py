@@ -29,9 +29,9 @@ from analyses.experiment import ExperimentResults, finish_run, prepare_out
 from analyses.results import run_meta, tidy
 from models.errors import ForethoughtError
 from models.families import architecture_summary
-from models.lm import LMCheckpoint
+from models.lm import LMCheckpoint, check_same_tokenizer
 from models.myopic import myopic, myopic_layers
-from models.tasks.text import TextData, next_token_loss, tokenizer_fingerprint
+from models.tasks.text import TextData, next_token_loss
 from models.train import resolve_device
 from probes.metrics import Estimate, bootstrap, mean_scores
 from probes.residuals import capture_residuals
@@ -218,8 +218,7 @@ def check_twins(vanilla: LMCheckpoint, myopic_twin: LMCheckpoint) -> None:
     if differing:
         detail = ", ".join(f"{k} {ours.get(k)} vs {theirs.get(k)}" for k in differing)
         raise ForethoughtError(f"the twins differ in architecture: {detail}")
-    if tokenizer_fingerprint(vanilla.tokenizer) != tokenizer_fingerprint(myopic_twin.tokenizer):
-        raise ForethoughtError("the twins use different tokenizers")
+    check_same_tokenizer({"vanilla": vanilla, "myopic": myopic_twin})
     if vanilla.data() != myopic_twin.data():
         raise ForethoughtError(f"the twins were trained on different data: {vanilla.data()} vs {myopic_twin.data()}")
     for name, checkpoint in zip(TWINS, (vanilla, myopic_twin)):

