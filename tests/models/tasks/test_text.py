@@ -16,7 +16,6 @@ from models.tasks.text import (
     TextTask,
     TokenFile,
     check_vocabulary,
-    embedded_documents,
     gpt2_tokenizer,
     iter_documents,
     tokenize_source,
@@ -58,14 +57,6 @@ def test_unequal_bpe_lengths_are_refused(tokenizer):
 # corpora and token files ---------------------------------------------------------------------------------
 
 DOCS = ["the cat sat on the mat", "a dog", "one two three four five six seven eight nine ten eleven twelve"]
-
-
-def test_embedded_corpus_is_the_gutenberg_books():
-    docs = list(embedded_documents())
-    assert len(docs) > 20000
-    assert any(d.startswith("To Sherlock Holmes she is always the woman.") for d in docs[:50])
-    assert any(d.startswith("\"Well, Prince, so Genoa and Lucca") for d in docs)  # War and Peace
-    assert not any("START OF TH" in d for d in docs)  # licence headers and footers are cut off
 
 
 def test_local_sources_in_three_formats(tmp_path):
