@@ -19,6 +19,7 @@ from pathlib import Path
 from analyses.bench import (
     CacheBenchConfig, ProbeBenchConfig, TrainBenchConfig, bench_cache, bench_probe, bench_train,
 )
+from analyses.across import AcrossConfig, run_seeds, run_trend
 from analyses.compare import CompareConfig, run_compare
 from analyses.gap import GapConfig, run_gap
 from analyses.precache import PrecacheConfig, run_precache
@@ -43,23 +44,35 @@ ANALYSES = {  # command: (config dataclass, run function) for analyses of traine
     "probe": (ProbeConfig, run_probe),
     "precache": (PrecacheConfig, run_precache),
     "gap": (GapConfig, run_gap),
+    "seeds": (AcrossConfig, run_seeds),
+    "trend": (AcrossConfig, run_trend),
 }
 BENCHES = {"train": (TrainBenchConfig, bench_train), "probe": (ProbeBenchConfig, bench_probe),
            "cache": (CacheBenchConfig, bench_cache)}
 
-# Every figure in figures/, from the embedded default (about 55 min on 2 CPU cores; each step resumes or
-# reuses what an earlier run left in runs/, so a rerun redoes only what changed).
+# Every figure in figures/, from the embedded default (a few hours on 2 CPU cores; each step resumes or reuses
+# what an earlier run left in runs/, so a rerun redoes only what changed).
+CPU_SEEDS, CPU_SIZES = (0, 1, 2), ("gpt2-micro", "gpt2-nano")  # the cpu preset's pair over seeds; smaller sizes
+_PAIRS = {**{f"cpu-s{seed}": f"--seed {seed}" for seed in CPU_SEEDS},
+          **{f"cpu-{size}": f"--model {size}" for size in CPU_SIZES}}
 FIGURES = [
     "demo --figures-dir figures",
     "pathstar --figures-dir figures",
-    "train --model gpt2-micro --epochs 2 --batch-size 32 --lr 3e-3 --out runs/lm-cpu-vanilla",
-    "train --model gpt2-micro --epochs 2 --batch-size 32 --lr 3e-3 --out runs/lm-cpu-myopic --myopic",
-    "gap --vanilla runs/lm-cpu-vanilla --myopic runs/lm-cpu-myopic --out runs/gap-cpu --figures-dir figures",
-    "precache --vanilla runs/lm-cpu-vanilla --myopic runs/lm-cpu-myopic --kind topk --top-k 1000 --max-epochs 30 "
-    "--out runs/precache-cpu --figures-dir figures",
-    "compare --run runs/precache-cpu --figures-dir figures",
-    "probe --checkpoints smollm2-135m --corpus embedded --layout packed --seq-len 64 --max-sequences 2000 --kind topk "
-    "--top-k 1000 --precision bfloat16 --batch-sequences 32 --max-epochs 4 --out runs/probe-smollm2 --figures-dir figures",
+    *[f"train --preset cpu {flags} --out runs/lm-{pair}-{twin}" + (" --myopic" if twin == "myopic" else "")
+      for pair, flags in _PAIRS.items() for twin in ("vanilla", "myopic")],
+    *[f"gap --vanilla runs/lm-{pair}-vanilla --myopic runs/lm-{pair}-myopic --out runs/gap-{pair}"
+      + (" --figures-dir figures" if pair == "cpu-s0" else "") for pair in _PAIRS],
+    *[f"precache --vanilla runs/lm-cpu-s{seed}-vanilla --myopic runs/lm-cpu-s{seed}-myopic --precision bfloat16 "
+      f"--out runs/precache-cpu-s{seed}" + (" --figures-dir figures" if seed == 0 else "") for seed in CPU_SEEDS],
+    "seeds --runs " + ",".join(f"runs/gap-cpu-s{seed}" for seed in CPU_SEEDS) + " --out runs/seeds-gap-cpu "
+    "--figures-dir figures",
+    "seeds --runs " + ",".join(f"runs/precache-cpu-s{seed}" for seed in CPU_SEEDS) + " --out runs/seeds-precache-cpu "
+    "--figures-dir figures",
+    "trend --runs " + ",".join(f"runs/gap-{pair}" for pair in _PAIRS) + " --out runs/trend-cpu --figures-dir figures",
+    "compare --run runs/precache-cpu-s0 --figures-dir figures",
+    "probe --checkpoints smollm2-135m --corpus embedded:gutenberg --layout packed --seq-len 64 --max-sequences 2000 "
+    "--kind topk --top-k 1000 --precision bfloat16 --batch-sequences 32 --max-epochs 4 --out runs/probe-smollm2 "
+    "--figures-dir figures",
 ]
 README = Path(__file__).parents[1] / "README.md"
 REFERENCE_START, REFERENCE_END = "<!-- cli-reference: written by `forethought readme` -->", "<!-- /cli-reference -->"
@@ -139,6 +152,8 @@ def build_parser() -> argparse.ArgumentParser:
         ("precache", PrecacheConfig, "pre-caching vs breadcrumbs for a vanilla/myopic twin pair", ("checkpoints",)),
         ("compare", CompareConfig, "the interactive comparison figure of a probe or precache run", ()),
         ("gap", GapConfig, "myopia gap of twins and future-gradient share per layer", ()),
+        ("seeds", AcrossConfig, "spread between runs (training seeds) of gap / precache / probe results", ()),
+        ("trend", AcrossConfig, "myopia gap of gap runs against model size", ()),
     ):
         command = commands.add_parser(name, help=help_text, description=config_class.__doc__)
         presets = {"no preset": {}, **LM_TRAIN_PRESETS} if config_class is LMTrainConfig else None

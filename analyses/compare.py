@@ -1,6 +1,6 @@
 """Compare checkpoints interactively: one object that probes them lazily and draws the comparison.
 
-    comparison = Comparison.from_checkpoints({"vanilla": "runs/lm-cpu-vanilla", "myopic": "runs/lm-cpu-myopic"})
+    comparison = Comparison.from_checkpoints({"vanilla": "runs/lm-cpu-s0-vanilla", "myopic": "runs/lm-cpu-s0-myopic"})
     comparison.figure()                      # probe accuracy by layer; menus for probe kind, metric and τ
     comparison.heatmap("vanilla", "myopic")  # layer × τ paired differences with confidence marks
     comparison.to_dataframe()                # the tidy table (DESIGN.md's columns)
@@ -31,7 +31,7 @@ from analyses.plots import difference_heatmap, save_figure
 from analyses.precache import PrecacheConfig
 from analyses.probe import (
     BASELINE, LENS_TAUS, LOGIT_LENS, ProbeConfig, ProbeSettings, baseline_rows, check_name, control_checkpoint,
-    heldout_tokens, load_checkpoint, parse_checkpoints, probe_scores, residual_cache, score_rows,
+    counted_sequences, heldout_tokens, load_checkpoint, parse_checkpoints, probe_scores, residual_cache, score_rows,
 )
 from analyses.results import CONTROL, tidy
 from models.errors import ForethoughtError
@@ -236,7 +236,8 @@ class Comparison:
         targets = {self.settings.target(kind): kind for kind in [*kinds, "lens"]}  # lens: the logit lens's classes
         for target, kind in targets.items():
             if target not in self._baselines:
-                self._baselines[target] = baseline_rows(self.tokens, self.settings, kind, vocab_size)
+                counted = counted_sequences(self._checkpoints, self.settings)
+                self._baselines[target] = baseline_rows(self.tokens, self.settings, kind, vocab_size, counted)
             frames.append(self._baselines[target])
         task = f"text: {self._heldout[0].corpus}" if self._heldout else None
         return tidy(pd.concat(frames, ignore_index=True), task=task, seed=self.settings.seed)

@@ -307,17 +307,29 @@ def score_rows(scores: ProbeScores, checkpoint: str, target: str, probe: str | N
     return table if probe is None else table.assign(probe=probe)
 
 
-def baseline_scores(tokens: np.ndarray, settings: ProbeSettings, kind: str, vocab_size: int) -> BaselineScores:
-    """Unigram and skip-bigram scores on the probes' held-out examples, over the classes probes of ``kind`` predict."""
+def counted_sequences(checkpoints: dict[str, LMCheckpoint], settings: ProbeSettings) -> np.ndarray | None:
+    """The checkpoints' own training sequences [m, T] where the held-out text is their data (the count baselines
+    then know what the models saw); None for another corpus (the baselines count the probes' training split)."""
+    if settings.corpus is not None:
+        return None
+    data = heldout_data(checkpoints, None, settings.layout, settings.seq_len, settings.prepend_bos)
+    return data.load(next(iter(checkpoints.values())).tokenizer, settings.tokens_root)["train"]
+
+
+def baseline_scores(tokens: np.ndarray, settings: ProbeSettings, kind: str, vocab_size: int,
+                    counted: np.ndarray | None = None) -> BaselineScores:
+    """Unigram and skip-bigram scores on the probes' held-out examples, over the classes probes of ``kind`` predict,
+    counted on ``counted`` (:func:`counted_sequences`) or else the probes' training split."""
     train, test = split_sequences(len(tokens), settings.probe_config("cpu").test_fraction, seed=settings.seed)
     classes = top_classes(tokens[train], settings.top_k) if kind == "topk" else None
-    return count_baselines(tokens, train, test, settings.tau_list(), vocab_size, classes=classes)
+    return count_baselines(tokens, train, test, settings.tau_list(), vocab_size, classes=classes, counted=counted)
 
 
-def baseline_rows(tokens: np.ndarray, settings: ProbeSettings, kind: str, vocab_size: int) -> pd.DataFrame:
+def baseline_rows(tokens: np.ndarray, settings: ProbeSettings, kind: str, vocab_size: int,
+                  counted: np.ndarray | None = None) -> pd.DataFrame:
     """Tidy rows of :func:`baseline_scores`."""
-    return baseline_scores(tokens, settings, kind, vocab_size).table().assign(checkpoint=BASELINE,
-                                                                             target=settings.target(kind))
+    return baseline_scores(tokens, settings, kind, vocab_size, counted).table().assign(
+        checkpoint=BASELINE, target=settings.target(kind))
 
 
 @dataclass
@@ -330,7 +342,16 @@ class ProbeRun:
     scores: dict[str, ProbeScores]  # per checkpoint (and the control)
     sources: dict[str, str]
     tokenization: dict[str, Any]  # tokenizer, BOS policy and how the text was cut (checked equal for all)
+    baselines_counted_on: str  # which tokens the count baselines count
     origins: dict[str, dict[str, Any]]  # converted models' cards (where a model came from, licence)
+
+
+def counted_on(counted: np.ndarray | None, tokens: np.ndarray, settings: ProbeSettings) -> str:
+    """What the count baselines counted, in words (``meta.json``)."""
+    if counted is not None:
+        return f"the models' {counted.size:,} training tokens ({len(counted):,} sequences)"
+    n_train = len(split_sequences(len(tokens), settings.probe_config("cpu").test_fraction, seed=settings.seed)[0])
+    return f"the probes' training split of the held-out text ({n_train:,} sequences)"
 
 
 def probe_checkpoints(config: ProbeConfig, checkpoints: dict[str, LMCheckpoint], out: Path) -> ProbeRun:
@@ -341,7 +362,7 @@ def probe_checkpoints(config: ProbeConfig, checkpoints: dict[str, LMCheckpoint],
     device = str(resolve_device(config.device))
     if config.random_init:
         checkpoints = {**checkpoints, CONTROL: control_checkpoint(first, config.seed, out)}
-    frames, scores = [], {}
+    frames, scores, lenses = [], {}, {}
     for name, checkpoint in checkpoints.items():
         cache = residual_cache(name, checkpoint, tokens, layers, config, out, device)
         store = out / "scores" / name.replace("/", "_")
@@ -350,19 +371,26 @@ def probe_checkpoints(config: ProbeConfig, checkpoints: dict[str, LMCheckpoint],
         lens = probe_scores(cache, checkpoint, LENS_TAUS, config.lens_config(device), store, config.progress)
         frames += [score_rows(scores[name], name, config.target()),
                    score_rows(lens, name, config.target("lens"), probe=LOGIT_LENS)]
-    baselines = baseline_scores(tokens, config, config.kind, first.model.config.vocab_size)
+        lenses[name] = lens
+    counted = counted_sequences(checkpoints, config)
+    baselines = baseline_scores(tokens, config, config.kind, first.model.config.vocab_size, counted)
     frames.append(baselines.table().assign(checkpoint=BASELINE, target=config.target()))
     frames += [scores[name].minus_baseline(baselines, SKIP_BIGRAM).assign(checkpoint=name, target=config.target())
                for name in checkpoints]  # beyond the counts: paired probe − skip-bigram per (layer, τ)
+    if config.kind != "topk":  # the lens and these baselines predict the same classes (the whole vocabulary)
+        frames += [lenses[name].minus_baseline(baselines, SKIP_BIGRAM).assign(
+            checkpoint=name, target=config.target("lens"), probe=f"{LOGIT_LENS} − {SKIP_BIGRAM}") for name in checkpoints]
     rows = pd.concat(frames, ignore_index=True).to_dict("records")
     return ProbeRun(data, tokens, rows, scores, {name: c.source for name, c in checkpoints.items()},
-                    tokenization(first.tokenizer, data), {name: c.origin for name, c in checkpoints.items() if c.origin})
+                    tokenization(first.tokenizer, data), counted_on(counted, tokens, config),
+                    {name: c.origin for name, c in checkpoints.items() if c.origin})
 
 
 def probe_meta(run: ProbeRun) -> dict[str, Any]:
     """Provenance of a probing run for ``meta.json``."""
     return run_meta(data=asdict(run.data), heldout=f"first {len(run.tokens)} sequences of the test documents",
                     checkpoints=run.sources, models=run.origins, tokenization=run.tokenization,
+                    baselines_counted_on=run.baselines_counted_on,
                     processing_mode=PROCESSING_MODE)
 
 

@@ -32,6 +32,14 @@ def n_layers(config: PretrainedConfig) -> int:
     return config.num_hidden_layers
 
 
+def non_embedding_parameters(model: PreTrainedModel) -> int:
+    """Parameters outside the token / position embeddings and the unembedding (Kaplan et al.'s N, the size
+    measure of scaling trends)."""
+    embeddings = [model.get_input_embeddings(), model.get_output_embeddings(), getattr(model.base_model, "wpe", None)]
+    excluded = {id(p) for module in embeddings if module is not None for p in module.parameters()}
+    return sum(p.numel() for p in model.parameters() if id(p) not in excluded)
+
+
 def architecture(config: PretrainedConfig) -> str:
     """The model class a config describes, e.g. ``GPT2LMHeadModel`` or ``LlamaForCausalLM``."""
     return (config.architectures or [type(config).__name__.removesuffix("Config")])[0]

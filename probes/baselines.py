@@ -1,8 +1,11 @@
 """Count baselines for future-token probes, from the training sequences' tokens alone (no model).
 
-- ``unigram``: always the training split's token frequencies;
-- ``skip-bigram``: the frequencies of x[t+τ] after x[t] in the training split (a τ-skip bigram table),
+- ``unigram``: always the counted tokens' frequencies;
+- ``skip-bigram``: the frequencies of x[t+τ] after x[t] in the counted tokens (a τ-skip bigram table),
   falling back to the unigram where x[t] was never seen.
+
+The counted tokens are the model's own training sequences where they are known (what count statistics of
+the same data achieve), else the probes' training split of the held-out sequences.
 
 Both are add-α smoothed over the vocabulary, scored on the same held-out positions as the probes
 (t < T − max τ) with top-1, top-5 and cross-entropy and 95 % bootstrap intervals over sequences.
@@ -39,23 +42,27 @@ class BaselineScores:
 
 
 def count_baselines(tokens: np.ndarray, train: np.ndarray, test: np.ndarray, taus: Sequence[int],
-                    vocab_size: int, alpha: float = 0.1, classes: np.ndarray | None = None) -> BaselineScores:
+                    vocab_size: int, alpha: float = 0.1, classes: np.ndarray | None = None,
+                    counted: np.ndarray | None = None) -> BaselineScores:
     """The unigram and skip-bigram baselines' scores on every held-out example (positions t < T − max τ of the
-    ``test`` sequences).
+    ``test`` sequences of ``tokens`` [n, T]), counted on ``tokens[train]`` or, if given, on ``counted`` [m, T']
+    (e.g. the model's training sequences).
 
     ``classes``: predict only these token ids + "other" (what ``topk`` probes predict), so the numbers compare.
     """
     taus = sorted(set(taus))
+    counted = tokens[train] if counted is None else counted
     if classes is not None:
         lookup = np.full(vocab_size, len(classes))
         lookup[classes] = np.arange(len(classes))
-        tokens, vocab_size = lookup[tokens], len(classes) + 1
-    positions = tokens.shape[1] - max(taus)
-    current_train, current_test = tokens[train, :positions].ravel(), tokens[test, :positions].ravel()
-    unigram = np.bincount(tokens[train].ravel(), minlength=vocab_size).astype(np.float64)
+        tokens, counted, vocab_size = lookup[tokens], lookup[counted], len(classes) + 1
+    positions, counted_positions = tokens.shape[1] - max(taus), counted.shape[1] - max(taus)
+    current_train, current_test = counted[:, :counted_positions].ravel(), tokens[test, :positions].ravel()
+    unigram = np.bincount(counted.ravel(), minlength=vocab_size).astype(np.float64)
     values: dict[str, dict[int, np.ndarray]] = {"unigram": {}, "skip-bigram": {}}
     for tau in taus:
-        ahead_train, ahead_test = tokens[train, tau : tau + positions].ravel(), tokens[test, tau : tau + positions].ravel()
+        ahead_train = counted[:, tau : tau + counted_positions].ravel()
+        ahead_test = tokens[test, tau : tau + positions].ravel()
         table = coo_matrix((np.ones(len(current_train)), (current_train, ahead_train)),
                            shape=(vocab_size, vocab_size)).tocsr()
         values["unigram"][tau] = _score_rows(np.zeros(len(ahead_test), dtype=int), ahead_test, lambda _: unigram, alpha)

