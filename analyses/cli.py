@@ -63,7 +63,8 @@ FIGURES = [
     *[f"gap --vanilla runs/lm-{pair}-vanilla --myopic runs/lm-{pair}-myopic --out runs/gap-{pair}"
       + (" --figures-dir figures" if pair == "cpu-s0" else "") for pair in _PAIRS],
     *[f"precache --vanilla runs/lm-cpu-s{seed}-vanilla --myopic runs/lm-cpu-s{seed}-myopic --precision bfloat16 "
-      f"--out runs/precache-cpu-s{seed}" + (" --figures-dir figures" if seed == 0 else "") for seed in CPU_SEEDS],
+      f"--max-sequences 1000 --max-epochs 10 --out runs/precache-cpu-s{seed}"
+      + (" --figures-dir figures" if seed == 0 else " --no-random-init") for seed in CPU_SEEDS],  # one control
     "seeds --runs " + ",".join(f"runs/gap-cpu-s{seed}" for seed in CPU_SEEDS) + " --out runs/seeds-gap-cpu "
     "--figures-dir figures",
     "seeds --runs " + ",".join(f"runs/precache-cpu-s{seed}" for seed in CPU_SEEDS) + " --out runs/seeds-precache-cpu "

@@ -2,13 +2,16 @@
 
 import json
 
+import numpy as np
 import pytest
+import torch
 from transformers import AutoTokenizer
 
 from models.errors import ForethoughtError
 from models.lm import LMCheckpoint, LMTrainConfig, train_lm
 from models.tasks.bpe import bpe_folder, bpe_size, corpus_bpe
 from models.tasks.text import TextData, split_documents, tokenizer_fingerprint
+from probes.cache import build_cache
 
 PLANTED = "qzxvjqzxvj"
 
@@ -68,3 +71,9 @@ def test_a_run_with_a_corpus_bpe_saves_it_in_every_checkpoint(tmp_path):
     assert checkpoint.model.config.vocab_size == 300 and (result.checkpoint / "tokenizer.json").is_file()
     tokens_meta = json.loads(next((tmp_path / "tokens").glob("corpus-train-*/meta.json")).read_text())
     assert tokens_meta["tokenizer"] == tokenizer_fingerprint(fitted)  # the token file names its tokenizer
+    test = checkpoint.data().load(checkpoint.tokenizer, tmp_path / "tokens")["test"][:2]
+    cache = build_cache(checkpoint.source, test, tmp_path / "cache")  # TransformerLens boots the folder as it is
+    with torch.no_grad():
+        hidden = checkpoint.model(torch.from_numpy(test), output_hidden_states=True).hidden_states
+    torch.testing.assert_close(torch.from_numpy(np.asarray(cache.layer(1), dtype=np.float32)), hidden[1],
+                               atol=2e-3, rtol=2e-3)  # float16 cache
