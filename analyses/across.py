@@ -139,7 +139,8 @@ class SeedsResults(ExperimentResults):
         ))
         figure.add_hrect(y0=row["mean"] - row["sd"], y1=row["mean"] + row["sd"], fillcolor="gray", opacity=0.2,
                          line_width=0)
-        figure.add_hline(y=row["mean"], line=dict(color="gray"), annotation_text=f"mean {row['mean']:+.3f} ± sd {row['sd']:.3f}")
+        figure.add_hline(y=row["mean"], line=dict(color="gray"),
+                         annotation_text=f"mean {row['mean']:+.3f} ± sd {row['sd']:.3f}")
         figure.add_hline(y=0, line=dict(color="black", dash="dot"))
         figure.update_layout(title="Myopia gap (held-out loss, myopic − vanilla) of each training seed",
                              xaxis_title="run", yaxis_title="nats per token")
@@ -164,8 +165,8 @@ class SeedsResults(ExperimentResults):
         for _, row in self.differences().iterrows():
             where = ", ".join(f"{k} {row[k]}" for k in ("layer", "tau") if not pd.isna(row[k]))
             name = row["checkpoint"] + (f" {row['probe']}" if isinstance(row["probe"], str) else "")
-            runs = "  ".join(f"{row[f'value@{label}']:+.4f} [{row[f'ci_low@{label}']:+.4f}, {row[f'ci_high@{label}']:+.4f}]"
-                             for label in labels)
+            runs = "  ".join(f"{row[f'value@{label}']:+.4f} "
+                             f"[{row[f'ci_low@{label}']:+.4f}, {row[f'ci_high@{label}']:+.4f}]" for label in labels)
             lines.append(f"  {name} {row['metric']}{' (' + where + ')' if where else ''}: {runs}  →  "
                          f"mean {row['mean']:+.4f} ± sd {row['sd']:.4f}, sign {row['sign']}")
         return "\n".join(lines)
@@ -217,7 +218,8 @@ def run_trend(config: AcrossConfig) -> TrendResults:
     tables, metas = read_runs(config)
     rows = []
     for label, table in tables.items():
-        gap = table[table["checkpoint"].str.endswith(GAP_SUFFIX) & (table["metric"] == "loss") & table["position"].isna()]
+        overall = (table["metric"] == "loss") & table["position"].isna()
+        gap = table[table["checkpoint"].str.endswith(GAP_SUFFIX) & overall]
         if gap.empty:
             raise ForethoughtError(f"run {label} holds no myopia gap: give finished `forethought gap` runs of twins")
         source = metas[label].get("checkpoints", {}).get("vanilla")

@@ -379,7 +379,8 @@ def probe_checkpoints(config: ProbeConfig, checkpoints: dict[str, LMCheckpoint],
                for name in checkpoints]  # beyond the counts: paired probe − skip-bigram per (layer, τ)
     if config.kind != "topk":  # the lens and these baselines predict the same classes (the whole vocabulary)
         frames += [lenses[name].minus_baseline(baselines, SKIP_BIGRAM).assign(
-            checkpoint=name, target=config.target("lens"), probe=f"{LOGIT_LENS} − {SKIP_BIGRAM}") for name in checkpoints]
+            checkpoint=name, target=config.target("lens"), probe=f"{LOGIT_LENS} − {SKIP_BIGRAM}")
+            for name in checkpoints]
     rows = pd.concat(frames, ignore_index=True).to_dict("records")
     return ProbeRun(data, tokens, rows, scores, {name: c.source for name, c in checkpoints.items()},
                     tokenization(first.tokenizer, data), counted_on(counted, tokens, config),

