@@ -142,9 +142,17 @@ def test_readme_reference_is_the_parsers_help(capsys):
 def test_figures_lists_commands_that_parse(capsys):
     code, out, _ = run_cli(capsys, "figures", "--dry-run")
     assert code == 0 and out.splitlines() == [f"forethought {line}" for line in FIGURES]
+    made = set()
     for line in FIGURES:
         args = vars(build_parser().parse_args(line.split()))
-        assert args["command"] == "train" or args["figures_dir"] == "figures"  # every figure lands in figures/
+        read = [] if args["command"] == "train" else [args.get(key) for key in ("vanilla", "myopic", "run")]
+        for folder in filter(None, read + args.get("runs", "").split(",")):
+            assert folder in made, f"{line}: {folder} is made by no earlier command"
+        if args["command"] in ("train", "gap", "precache") and "figures_dir" not in args:
+            made.add(args["out"])  # a step whose results a later command reads
+        else:
+            assert args["figures_dir"] == "figures"  # every figure lands in figures/
+            made.add(args.get("out"))
 
 
 def test_bench_cache_prints_the_ratio_to_a_bare_forward_pass(capsys, llama_folder, llama_text, tmp_path):
