@@ -20,12 +20,13 @@ import plotly.express as px
 import plotly.graph_objects as go
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from analyses.experiment import ExperimentResults, finish_run, prepare_out
+from analyses.experiment import ExperimentResults, finish_run, prepare_out, writes_run
 from analyses.plots import difference_heatmap
 from analyses.results import CONTROL, read_results, run_meta
 from models.errors import ForethoughtError
 from models.families import non_embedding_parameters
 from models.gpt2 import quiet_loading
+from models.settings import check_settings
 
 KEYS = ["checkpoint", "task", "layer", "position", "tau", "target", "probe", "metric", "split"]
 GAP_SUFFIX = "(myopic − vanilla)"  # the checkpoint name of the myopia gap rows ends so
@@ -42,6 +43,7 @@ class AcrossConfig:
     figures_dir: str | None = None  # also copy the figures here
 
     def __post_init__(self):
+        check_settings(self)
         if len(self.run_folders()) < 2:
             raise ForethoughtError("give at least two run folders: --runs A,B[,…]")
         if len(set(self.run_labels())) != len(self.run_folders()):
@@ -172,6 +174,7 @@ class SeedsResults(ExperimentResults):
         return "\n".join(lines)
 
 
+@writes_run
 def run_seeds(config: AcrossConfig) -> SeedsResults:
     """The spread between runs (e.g. training seeds) of every quantity they share; table, meta and figures."""
     tables, metas = read_runs(config)
@@ -213,6 +216,7 @@ class TrendResults(ExperimentResults):
         return self.table.to_string(index=False, float_format=lambda v: f"{v:+.4f}")
 
 
+@writes_run
 def run_trend(config: AcrossConfig) -> TrendResults:
     """The overall myopia gap of ``gap`` runs against their models' non-embedding parameters; table, figure."""
     tables, metas = read_runs(config)

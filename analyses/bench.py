@@ -37,6 +37,7 @@ from models.tasks.text import TextData, gpt2_tokenizer, next_token_loss
 from models.train import resolve_device
 from models.lm import LMCheckpoint
 from models.precision import autocast, check_precision
+from models.settings import check_settings
 from probes.cache import build_cache
 from probes.fit import split_sequences
 from probes.future import FutureProbeConfig, fit_future_probes
@@ -64,6 +65,9 @@ class TrainBenchConfig:
         sizes = GPU_SIZES if device.startswith("cuda") else CPU_SIZES
         filled = {k: (getattr(self, k) if getattr(self, k) is not None else v) for k, v in sizes.items()}
         return TrainBenchConfig(**{**self.__dict__, **filled, "device": device})
+
+    def __post_init__(self):
+        check_settings(self)
 
 
 GPU_SIZES = dict(n_layer=12, d_model=768, n_head=12, vocab_size=50257, seq_len=1024, batch_size=16)
@@ -162,6 +166,9 @@ class ProbeBenchConfig:
         filled = {k: (getattr(self, k) if getattr(self, k) is not None else v) for k, v in sizes.items()}
         return ProbeBenchConfig(**{**self.__dict__, **filled, "device": device})
 
+    def __post_init__(self):
+        check_settings(self)
+
 
 def bench_probe(config: ProbeBenchConfig) -> pd.DataFrame:
     """Seconds and throughput of caching and of fitting the (layer, τ) probe grid, torch vs sklearn.
@@ -255,6 +262,7 @@ class CacheBenchConfig:
     folder: str = "runs/bench-cache"  # a temporary folder for the caches is made (and removed) here
 
     def __post_init__(self):
+        check_settings(self)
         check_precision(self.precision)
         if min(self.n_sequences, self.seq_len, self.batch_size, self.rounds) < 1:
             raise ForethoughtError("n_sequences, seq_len, batch_size and rounds must be at least 1")

@@ -27,6 +27,7 @@ from analyses.probe import ProbeConfig, run_probe
 from analyses.pathstar import PathStarConfig, run_pathstar
 from analyses.synthetic import SyntheticConfig, run_synthetic
 from models.errors import ForethoughtError
+from models.files import check_free_space
 from models.gpt2 import quiet_loading
 from models.lm import LM_TRAIN_PRESETS, LMTrainConfig, train_lm
 from models.tasks.pathstar import PathStarSpec, generate_split
@@ -224,6 +225,10 @@ def main(argv: list[str] | None = None) -> int:
     except ForethoughtError as error:
         print(f"forethought: error: {' '.join(str(error).split())}", file=sys.stderr)  # one line
         return 2
+    except OSError as error:  # the disk or the file system refused (full, read-only, permissions)
+        where = f": {error.filename}" if error.filename else ""
+        print(f"forethought: error: {error.strerror or error}{where}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print("forethought: interrupted; run the same command again to resume", file=sys.stderr)
         return 130
@@ -287,18 +292,26 @@ def _losses(history: list[dict[str, float]]) -> str:
 
 
 def write_pathstar_data(degree: int, length: int, n_nodes: int, n_train: int, n_test: int, seed: int, out: str) -> None:
-    """Generate G(d, l, N) train/test sets (disjoint) and write them in the paper's format and file names."""
+    """Generate G(d, l, N) train/test sets (disjoint) and write them in the paper's format and file names; files
+    already there (another seed's, say) are never overwritten."""
     spec = PathStarSpec(degree, length, n_nodes)
+    if min(n_train, n_test) < 1 or seed < 0:
+        raise ForethoughtError(f"n_train and n_test must be ≥ 1 and seed ≥ 0, got {n_train}, {n_test}, {seed}")
     folder = Path(out)
     if folder.exists() and not folder.is_dir():
         raise ForethoughtError(f"--out {folder} is a file, not a folder")
+    paths = {split: folder / f"deg_{degree}_path_{length}_nodes_{n_nodes}_{split}_{n}.txt"
+             for split, n in (("train", n_train), ("test", n_test))}
+    if taken := [str(path) for path in paths.values() if path.exists()]:
+        raise ForethoughtError(f"{' and '.join(taken)} already exist; remove them or choose another --out")
+    line_bytes = 4 * (2 * spec.n_edges + 2 + length)  # ≤ 3 digits and a separator per label
+    check_free_space(folder, (n_train + n_test) * line_bytes, "pathstar-data")
     started = time.perf_counter()
     train, test = generate_split(spec, n_train, n_test, seed=seed)
     generated = time.perf_counter() - started
     folder.mkdir(parents=True, exist_ok=True)
-    for data, split, n in ((train, "train", n_train), (test, "test", n_test)):
-        path = folder / f"deg_{degree}_path_{length}_nodes_{n_nodes}_{split}_{n}.txt"
-        data.save(path)
-        print(f"wrote {path}")
+    for data, split in ((train, "train"), (test, "test")):
+        data.save(paths[split])
+        print(f"wrote {paths[split]}")
     print(f"generated {n_train + n_test:,} samples of {spec} in {generated:.2f} s "
           f"(writing text: {time.perf_counter() - started - generated:.2f} s)")

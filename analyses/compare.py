@@ -13,7 +13,6 @@ run's folder is reused as it is); asking again, in this session or a later one, 
 from __future__ import annotations
 
 import html
-import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, fields, replace
 from itertools import cycle
@@ -27,7 +26,7 @@ import plotly.graph_objects as go
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from analyses.plots import difference_heatmap, save_figure
+from analyses.plots import FDR_NOTE, difference_heatmap, save_figure
 from analyses.precache import PrecacheConfig
 from analyses.probe import (
     BASELINE, LENS_TAUS, LOGIT_LENS, ProbeConfig, ProbeSettings, baseline_rows, check_name, control_checkpoint,
@@ -35,11 +34,13 @@ from analyses.probe import (
 )
 from analyses.results import CONTROL, tidy
 from models.errors import ForethoughtError
+from models.files import read_json
 from models.gpt2 import quiet_loading
 from models.families import n_layers
 from models.lm import LMCheckpoint, check_same_tokenizer
 from models.tasks.text import TextData, check_vocabulary, gpt2_tokenizer
 from models.train import resolve_device
+from models.settings import check_settings
 from probes.future import KINDS, METRICS, ProbeScores
 
 CheckpointSource = str | Path | LMCheckpoint | PreTrainedModel  # folder, run folder, hub id, or in memory
@@ -58,6 +59,7 @@ class CompareConfig:
     progress: bool = True
 
     def __post_init__(self):
+        check_settings(self)
         if not self.run:
             raise ForethoughtError("give --run: the --out folder of a forethought probe or precache run")
 
@@ -122,8 +124,12 @@ class Comparison:
         settings_file = Path(out) / "config.json"
         if not settings_file.is_file():
             raise ForethoughtError(f"{out} holds no probe or precache run (no config.json)")
-        saved = json.loads(settings_file.read_text())
-        config = (PrecacheConfig if "vanilla" in saved else ProbeConfig)(**saved)
+        saved = read_json(settings_file, f"run the probe or precache command into {out} again")
+        config_class = PrecacheConfig if "vanilla" in saved else ProbeConfig
+        known = {f.name for f in fields(config_class)}
+        if not ({"vanilla", "checkpoints"} & set(saved)) or set(saved) - known:
+            raise ForethoughtError(f"{out} holds no probe or precache run (its config.json has other settings)")
+        config = config_class(**saved)
         settings = ProbeSettings(**{f.name: getattr(config, f.name) for f in fields(ProbeSettings)})
         checkpoints = {name: load_checkpoint(name, source) for name, source in config.named_checkpoints().items()}
         return cls(checkpoints, replace(settings, **overrides), out)
@@ -274,14 +280,14 @@ class Comparison:
 
     def heatmap(self, a: str, b: str, kind: str | None = None, metric: str = "top1",
                 layers: Sequence[int] | None = None, taus: Sequence[int] | None = None) -> go.Figure:
-        """Layer × τ heatmap of ``metric``(a) − ``metric``(b); cells whose paired 95 % interval contains 0 are
-        marked "n.s."."""
+        """Layer × τ heatmap of ``metric``(a) − ``metric``(b); cells not significant over the grid (Benjamini–
+        Hochberg, 5 % false-discovery rate, from the paired 95 % intervals) are marked "n.s."."""
         self._check_grid([a, b], layers, taus)
         rows = self.difference(a, b, kind)
         rows = rows[(rows["metric"] == _metric(metric)) & rows["layer"].isin(layers or rows["layer"])
                     & rows["tau"].isin(taus or rows["tau"])]
         return difference_heatmap(rows, f"{metric}({a}) − {metric}({b}), {self._kind(kind)} probes, paired 95% CI; "
-                                        "n.s.: interval contains 0", colorbar="difference")
+                                        + FDR_NOTE, colorbar="difference")
 
     def _check_grid(self, names: Sequence[str], layers: Sequence[int] | None, taus: Sequence[int] | None) -> None:
         """Refuse layers or τ outside what these checkpoints are probed at, saying what they are probed at."""

@@ -7,8 +7,9 @@ a ``run_*`` function, and a results dataclass (subclass of :class:`ExperimentRes
 
 from __future__ import annotations
 
-import json
+import functools
 import shutil
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, ClassVar
@@ -20,6 +21,7 @@ from analyses.plots import save_figure
 from analyses.results import read_results, write_results
 from models.checkpoint import changed_settings
 from models.errors import ForethoughtError
+from models.files import atomic_write_json, read_json, run_lock
 from models.train import TrainConfig
 
 
@@ -69,7 +71,7 @@ class ExperimentResults:
     def from_folder(cls, out: str | Path):
         """Reload a finished run from its ``--out`` folder."""
         table, meta = read_results(out)
-        histories = json.loads((Path(out) / "histories.json").read_text())
+        histories = read_json(Path(out) / "histories.json", "run the command again to rewrite it")
         return cls(config=cls.CONFIG(**meta["config"]), table=table, histories=histories)
 
     def figures(self) -> dict[str, go.Figure]:
@@ -77,19 +79,40 @@ class ExperimentResults:
         return {}
 
 
+UNBOUND = ("out", "figures_dir", "device", "progress", "tokens_root")  # never part of a run's identity
+
+
+def writes_run(run: Callable[[Any], Any]) -> Callable[[Any], Any]:
+    """Decorate an experiment's ``run_*(config)``: it holds ``config.out``'s writer lock while it runs, so a
+    second process writing the same folder is refused (with who holds it) instead of mixing files."""
+    @functools.wraps(run)
+    def locked(config: Any) -> Any:
+        out = Path(config.out)
+        if out.exists() and not out.is_dir():
+            raise ForethoughtError(f"--out {out} is a file, not a folder")
+        with run_lock(out):
+            return run(config)
+    return locked
+
+
 def prepare_out(out: str | Path, settings: dict[str, Any]) -> Path:
-    """Create the run folder ``out``, or check that it holds a run with the same ``settings``; record them.
+    """Create the run folder ``out``, or check that it holds a run with the same ``settings``; record them
+    (atomically). Where the folder is and how the run reports (:data:`UNBOUND`) never bind it: a run folder
+    may be moved, or named with a trailing slash.
 
     Refuses (changing nothing) when ``out`` is a file or its ``config.json`` differs from ``settings``.
     """
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise ForethoughtError(f"--out {out} is a file, not a folder")
+    settings = {k: v for k, v in settings.items() if k not in UNBOUND}
     settings_file = out / "config.json"
-    if settings_file.exists() and (changed := changed_settings(json.loads(settings_file.read_text()), settings)):
-        raise ForethoughtError(f"--out {out} holds a run with other settings ({changed}); choose another --out")
+    if settings_file.exists():
+        saved = read_json(settings_file, f"remove {out} to start afresh")
+        if changed := changed_settings({k: v for k, v in saved.items() if k not in UNBOUND}, settings):
+            raise ForethoughtError(f"--out {out} holds a run with other settings ({changed}); choose another --out")
     out.mkdir(parents=True, exist_ok=True)
-    settings_file.write_text(json.dumps(settings, indent=2) + "\n")
+    atomic_write_json(settings_file, settings)
     return out
 
 
@@ -97,7 +120,7 @@ def finish_run(results: ExperimentResults, out: Path, meta: dict[str, Any]) -> N
     """Write the table, ``meta.json`` (with the config), the histories and the figures of a run; copy the
     figures to ``config.figures_dir`` too when it is set."""
     write_results(results.table, out, {**meta, "config": asdict(results.config)})
-    (out / "histories.json").write_text(json.dumps(results.histories))
+    atomic_write_json(out / "histories.json", results.histories, indent=None)
     written = []
     for stem, figure in results.figures().items():
         written += save_figure(figure, out / "figures" / stem)

@@ -25,14 +25,16 @@ import torch
 from plotly.subplots import make_subplots
 from tqdm.auto import tqdm
 
-from analyses.experiment import ExperimentResults, finish_run, prepare_out
+from analyses.experiment import UNBOUND, ExperimentResults, finish_run, prepare_out, writes_run
 from analyses.results import run_meta, tidy
+from models.checkpoint import changed_settings, checkpoint_step
 from models.errors import ForethoughtError
 from models.families import architecture_summary
 from models.lm import LMCheckpoint, check_same_tokenizer
 from models.myopic import myopic, myopic_layers
 from models.tasks.text import TextData, next_token_loss
 from models.train import resolve_device
+from models.settings import check_settings
 from probes.metrics import Estimate, bootstrap, mean_scores
 from probes.residuals import capture_residuals
 
@@ -66,6 +68,7 @@ class GapConfig:
     progress: bool = True
 
     def __post_init__(self):
+        check_settings(self)
         if self.vanilla is None and self.myopic is None:
             raise ForethoughtError("give --vanilla and/or --myopic checkpoints")
         if min(self.max_sequences, self.share_sequences, self.batch_size) < 1:
@@ -227,6 +230,24 @@ def check_twins(vanilla: LMCheckpoint, myopic_twin: LMCheckpoint) -> None:
             raise ForethoughtError(
                 f"--{name} {checkpoint.source} was trained {'myopically' if trained_myopic else 'the vanilla way'}"
             )
+    settings = [_twin_settings(checkpoint) for checkpoint in (vanilla, myopic_twin)]
+    if None not in settings and (changed := changed_settings(*settings)):
+        raise ForethoughtError(f"the twins were trained with other settings (vanilla → myopic: {changed})")
+    steps = [checkpoint_step(checkpoint.source) for checkpoint in (vanilla, myopic_twin)]
+    if steps[0] != steps[1]:
+        planned = [(c.description or {}).get("steps") for c in (vanilla, myopic_twin)]
+        detail = ", ".join(f"{name} at step {step}" + (f" of {total}" if total else "")
+                           for name, step, total in zip(TWINS, steps, planned))
+        raise ForethoughtError(f"the twins are not at the same training step ({detail}): finish the shorter run, or "
+                               "pass checkpoint folders of the same step")
+
+
+def _twin_settings(checkpoint: LMCheckpoint) -> dict[str, Any] | None:
+    """The training settings a twin recorded (None if it records none), less what twins differ in or what never
+    changes the weights (the myopic flag and cut; where the run and its token files are kept)."""
+    recorded = (checkpoint.description or {}).get("train_config")
+    ignored = {"myopic", "myopic_cut", "eval_batches", *UNBOUND}
+    return None if recorded is None else {k: v for k, v in recorded.items() if k not in ignored}
 
 
 def heldout_data(checkpoints: dict[str, LMCheckpoint], corpus: str | None, layout: str, seq_len: int,
@@ -242,6 +263,7 @@ def heldout_data(checkpoints: dict[str, LMCheckpoint], corpus: str | None, layou
     return recorded if prepend_bos is None else replace(recorded, prepend_bos=prepend_bos)
 
 
+@writes_run
 def run_gap(config: GapConfig) -> GapResults:
     """Load the checkpoint(s), evaluate held-out losses and gradient shares; write table, meta and figures."""
     checkpoints = {name: LMCheckpoint.load(source) for name in TWINS

@@ -10,7 +10,7 @@ the goal (d classes) and the node τ steps ahead in the emitted sequence — wit
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, ClassVar
 
 import numpy as np
@@ -19,12 +19,13 @@ import plotly.express as px
 import plotly.graph_objects as go
 import torch
 
-from analyses.experiment import ExperimentConfig, ExperimentResults, finish_run, prepare_out
+from analyses.experiment import ExperimentConfig, ExperimentResults, finish_run, prepare_out, writes_run
 from analyses.results import CONTROL, run_meta, tidy
 from models.errors import ForethoughtError
 from models.gpt2 import build_lm, gpt2_config
 from models.tasks.pathstar import PathStarData, PathStarSpec, PathStarTask, check_regime, generate_split
 from models.train import train
+from models.settings import check_settings
 from probes.fit import fit_softmax_by_layer, split_sequences
 from probes.metrics import mean_scores
 from probes.residuals import model_residuals
@@ -37,7 +38,8 @@ class PathStarConfig(ExperimentConfig):
     """Settings of ``forethought pathstar``; every field is also a command-line flag."""
 
     preset: str = "cpu"  # the preset these values started from (recorded; set by from_preset)
-    # graphs G(degree, length, n_nodes), generated unless files are given
+    # graphs G(degree, length, n_nodes), generated unless files are given (then d and l are the files', N at least
+    # their largest label + 1)
     degree: int = 2  # d: arms leaving the start node
     length: int = 5  # l: nodes on the path, start included
     n_nodes: int = 50  # N: labels 0 … N − 1
@@ -80,6 +82,7 @@ class PathStarConfig(ExperimentConfig):
     }
 
     def __post_init__(self):
+        check_settings(self)
         if self.train_file is None:
             self.spec()  # validates d, l, N
         for regime in self.regime_list():
@@ -190,13 +193,16 @@ class PathStarResults(ExperimentResults):
         return "\n".join(lines) + "\n"
 
 
+@writes_run
 def run_pathstar(config: PathStarConfig) -> PathStarResults:
     """Train every (regime, training) pair, evaluate, probe, and write table, meta and figures."""
-    if config.train_file is not None:
-        train_data = PathStarData.load(config.train_file)
-        test_data = PathStarData.load(config.test_file, n_nodes=train_data.spec.n_nodes)
-        if test_data.spec != train_data.spec:
+    if config.train_file is not None:  # d, l and N come from the graphs (N: at least their largest label + 1)
+        train_data, test_data = PathStarData.load(config.train_file), PathStarData.load(config.test_file)
+        if test_data.spec.degree != train_data.spec.degree or test_data.spec.length != train_data.spec.length:
             raise ForethoughtError(f"train file is {train_data.spec} but test file is {test_data.spec}")
+        n_nodes = max(config.n_nodes, train_data.spec.n_nodes, test_data.spec.n_nodes)
+        train_data, test_data = (replace(data, spec=replace(data.spec, n_nodes=n_nodes)) for data in (train_data, test_data))
+        config = replace(config, degree=train_data.spec.degree, length=train_data.spec.length, n_nodes=n_nodes)
     else:
         train_data, test_data = generate_split(config.spec(), config.n_train, config.n_test, seed=config.seed)
     spec = train_data.spec

@@ -10,6 +10,8 @@ import pandas as pd
 import plotly.express as px
 import plotly.graph_objects as go
 
+from probes.metrics import fdr_significant
+
 _CHROMIUM = ("chromium", "chromium-browser", "google-chrome", "chrome")
 
 
@@ -61,12 +63,15 @@ def loss_curves_figure(
     return figure
 
 
+FDR_NOTE = "n.s.: not significant at a 5% false-discovery rate over the grid (Benjamini–Hochberg)"
+
+
 def difference_heatmap(rows: pd.DataFrame, title: str, colorbar: str) -> go.Figure:
     """Layer × τ heatmap of differences (tidy rows with layer, tau, value, ci_low, ci_high), centred at 0;
-    cells whose 95 % interval contains 0 are marked "n.s."."""
+    cells not significant over the whole grid (:data:`FDR_NOTE`) are marked "n.s."."""
     value, low, high = (rows.pivot(index="layer", columns="tau", values=column)
                         for column in ("value", "ci_low", "ci_high"))
-    significant = (low > 0) | (high < 0)
+    significant = fdr_significant(value.to_numpy(), low.to_numpy(), high.to_numpy())
     text = np.where(significant, value.map(lambda v: f"{v:+.3f}"), value.map(lambda v: f"{v:+.3f}<br>n.s."))
     bound = float(np.nanmax(np.abs(value.to_numpy()))) or 1.0
     figure = go.Figure(go.Heatmap(

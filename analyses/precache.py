@@ -16,9 +16,9 @@ import pandas as pd
 import plotly.graph_objects as go
 import torch
 
-from analyses.experiment import finish_run, prepare_out
+from analyses.experiment import finish_run, prepare_out, writes_run
 from analyses.gap import check_twins, future_gradient_share
-from analyses.plots import difference_heatmap
+from analyses.plots import FDR_NOTE, difference_heatmap
 from analyses.probe import ProbeConfig, ProbeResults, load_checkpoints, probe_checkpoints, probe_meta
 from analyses.results import tidy
 from models.errors import ForethoughtError
@@ -59,10 +59,11 @@ class PrecacheResults(ProbeResults):
         return rows[rows["checkpoint"] == "myopic"].pivot(index="layer", columns="tau", values="value")
 
     def heatmap(self, metric: str = "top1") -> go.Figure:
-        """Layer × τ heatmap of P; cells whose 95 % interval contains 0 are marked "n.s."."""
+        """Layer × τ heatmap of P; cells not significant over the grid (Benjamini–Hochberg, 5 % false-discovery
+        rate) are marked "n.s."."""
         rows = self.table[(self.table["checkpoint"] == PRECACHE) & (self.table["metric"] == metric)]
         return difference_heatmap(rows, f"Pre-caching estimate P = {metric}(vanilla) − {metric}(myopic), "
-                                        "paired 95% CI; n.s.: interval contains 0", colorbar="P")
+                                        "paired 95% CI; " + FDR_NOTE, colorbar="P")
 
     def figures(self) -> dict[str, go.Figure]:
         return {f"precache_{self.config.kind}_top1": self.figure(), f"precache_{self.config.kind}_heatmap": self.heatmap()}
@@ -77,6 +78,7 @@ class PrecacheResults(ProbeResults):
         return "\n".join(lines)
 
 
+@writes_run
 def run_precache(config: PrecacheConfig) -> PrecacheResults:
     """Probe both twins and the control, estimate P and B per (layer, τ); write table, meta and figures."""
     checkpoints = load_checkpoints(config.named_checkpoints())

@@ -20,7 +20,7 @@ import pandas as pd
 import plotly.express as px
 import plotly.graph_objects as go
 
-from analyses.experiment import ExperimentResults, finish_run, prepare_out
+from analyses.experiment import ExperimentResults, finish_run, prepare_out, writes_run
 from analyses.gap import heldout_data
 from analyses.results import CONTROL, run_meta, tidy
 from models.errors import ForethoughtError
@@ -30,6 +30,7 @@ from models.lm import LMCheckpoint, check_same_tokenizer
 from models.precision import check_precision
 from models.tasks.text import TextData, tokenization
 from models.train import resolve_device
+from models.settings import check_settings
 from probes.baselines import BaselineScores, count_baselines
 from probes.cache import PROCESSING_MODE, ResidualCache, build_cache
 from probes.fit import split_sequences
@@ -67,6 +68,7 @@ class ProbeSettings:
     progress: bool = True
 
     def __post_init__(self):
+        check_settings(self)
         FutureProbeConfig(kind=self.kind)  # validates the kind
         check_precision(self.precision)
         if not self.tau_list() or min(self.tau_list()) < 1:
@@ -90,12 +92,13 @@ class ProbeSettings:
 
     def lens_config(self, device: str) -> FutureProbeConfig:
         """The logit lens: the untrained lens probe of τ = 1 (:data:`LENS_TAUS`), scored on the probes' held-out
-        positions (their horizon, max τ)."""
-        return replace(self.probe_config(device, "lens"), max_epochs=0, horizon=max(self.tau_list()))
+        positions (their horizon, max τ) and, beside topk probes, in their classes (K tokens + "other")."""
+        return replace(self.probe_config(device, "lens"), max_epochs=0, horizon=max(self.tau_list()),
+                       in_topk_classes=self.kind == "topk")
 
     def target(self, kind: str | None = None) -> str:
         """What a probe of ``kind`` predicts (the results table's ``target``)."""
-        if (kind or self.kind) == "topk":
+        if (kind or self.kind) == "topk" or (kind == "lens" and self.kind == "topk"):
             return f"token x[t+τ] if among the {self.top_k} most frequent, else other"
         return "token x[t+τ]"
 
@@ -131,6 +134,8 @@ def parse_checkpoints(text: str) -> dict[str, str]:
 
 def check_name(name: str, taken: Iterable[str]) -> str:
     """``name`` if no other checkpoint has it (nor the control or the baselines)."""
+    if not name.strip() or name.strip(".") == "":
+        raise ForethoughtError(f"checkpoint name {name!r} cannot name a folder; name it NAME=PATH")
     if name in (CONTROL, BASELINE):
         raise ForethoughtError(f"the name {name!r} is kept for the {'control' if name == CONTROL else 'count baselines'}"
                                "; name the checkpoint otherwise")
@@ -291,13 +296,15 @@ def probe_scores(cache: ResidualCache, checkpoint: LMCheckpoint, taus: list[int]
            "layers": cache.layers, "taus": taus, **{k: v for k, v in asdict(config).items() if k != "device"}}
     digest = hashlib.blake2b(json.dumps(key, sort_keys=True).encode(), digest_size=8).hexdigest()
     path = store / f"{config.kind}{'-untrained' if config.max_epochs == 0 else ''}-{digest}.npz"
+    made_from = cache.meta["digests"] | {"key": digest}  # the residuals' content, not only their names
+    made_from = hashlib.blake2b(json.dumps(made_from, sort_keys=True).encode(), digest_size=16).hexdigest()
     if path.is_file():
-        return ProbeScores.load(path)
+        return ProbeScores.load(path, made_from)
     model = checkpoint.model.to(config.device)
     unembed = unembedding(model) if config.kind == "lens" else None
     _, scores = fit_future_probes(cache, cache.layers, taus, config, vocab_size=model.config.vocab_size,
                                   unembed=unembed, progress=progress and config.max_epochs > 0)
-    scores.save(path)
+    scores.save(path, made_from)
     return scores
 
 
@@ -377,10 +384,8 @@ def probe_checkpoints(config: ProbeConfig, checkpoints: dict[str, LMCheckpoint],
     frames.append(baselines.table().assign(checkpoint=BASELINE, target=config.target()))
     frames += [scores[name].minus_baseline(baselines, SKIP_BIGRAM).assign(checkpoint=name, target=config.target())
                for name in checkpoints]  # beyond the counts: paired probe − skip-bigram per (layer, τ)
-    if config.kind != "topk":  # the lens and these baselines predict the same classes (the whole vocabulary)
-        frames += [lenses[name].minus_baseline(baselines, SKIP_BIGRAM).assign(
-            checkpoint=name, target=config.target("lens"), probe=f"{LOGIT_LENS} − {SKIP_BIGRAM}")
-            for name in checkpoints]
+    frames += [lenses[name].minus_baseline(baselines, SKIP_BIGRAM).assign(  # the lens predicts the probes' classes
+        checkpoint=name, target=config.target("lens"), probe=f"{LOGIT_LENS} − {SKIP_BIGRAM}") for name in checkpoints]
     rows = pd.concat(frames, ignore_index=True).to_dict("records")
     return ProbeRun(data, tokens, rows, scores, {name: c.source for name, c in checkpoints.items()},
                     tokenization(first.tokenizer, data), counted_on(counted, tokens, config),
@@ -395,6 +400,7 @@ def probe_meta(run: ProbeRun) -> dict[str, Any]:
                     processing_mode=PROCESSING_MODE)
 
 
+@writes_run
 def run_probe(config: ProbeConfig) -> ProbeResults:
     """Cache and probe every checkpoint (and the control) on held-out text; write table, meta and figures."""
     checkpoints = load_checkpoints(config.named_checkpoints())

@@ -9,7 +9,6 @@ layer of a loss) stay empty.
 
 from __future__ import annotations
 
-import json
 import platform
 import subprocess
 from datetime import datetime, timezone
@@ -20,6 +19,7 @@ from typing import Any
 import pandas as pd
 
 from models.errors import ForethoughtError
+from models.files import atomic_write_bytes, atomic_write_json, atomic_write_text, read_json
 
 COLUMNS = [
     "checkpoint", "task", "layer", "position", "tau", "target", "probe", "metric", "split", "seed",
@@ -71,16 +71,20 @@ def write_results(table: pd.DataFrame, out_dir: str | Path, meta: dict[str, Any]
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = [out_dir / "results.parquet", out_dir / "results.csv", out_dir / "meta.json"]
-    table.to_parquet(paths[0], index=False)
-    table.to_csv(paths[1], index=False)
-    paths[2].write_text(json.dumps(meta, indent=2, default=str) + "\n")
+    atomic_write_bytes(paths[0], table.to_parquet(index=False))
+    atomic_write_text(paths[1], table.to_csv(index=False))
+    atomic_write_json(paths[2], meta)
     return paths
 
 
 def read_results(out_dir: str | Path) -> tuple[pd.DataFrame, dict[str, Any]]:
     """The table and meta written by :func:`write_results`."""
     out_dir = Path(out_dir)
+    if not (out_dir / "meta.json").is_file():
+        raise ForethoughtError(f"cannot read results in {out_dir}: it holds no finished run (no meta.json)")
+    meta = read_json(out_dir / "meta.json", "run its command again")
     try:
-        return pd.read_parquet(out_dir / "results.parquet"), json.loads((out_dir / "meta.json").read_text())
+        return pd.read_parquet(out_dir / "results.parquet"), meta
     except (OSError, ValueError) as error:
-        raise ForethoughtError(f"cannot read results in {out_dir}: {error}") from error
+        reason = " ".join(str(error).split())[:160]
+        raise ForethoughtError(f"cannot read results in {out_dir} ({reason}); run its command again") from None

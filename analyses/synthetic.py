@@ -17,13 +17,14 @@ import plotly.graph_objects as go
 import torch
 from torch.nn.functional import huber_loss
 
-from analyses.experiment import ExperimentConfig, ExperimentResults, finish_run, prepare_out
+from analyses.experiment import ExperimentConfig, ExperimentResults, finish_run, prepare_out, writes_run
 from analyses.plots import loss_curves_figure, probe_r2_figure
 from analyses.results import CONTROL, run_meta, tidy
 from models.errors import ForethoughtError
 from models.gpt2 import GPT2RegressionModel, build_regression, load_model, regression_config
 from models.tasks.synthetic import SyntheticTask
 from models.train import train
+from models.settings import check_settings
 from probes.fit import fit_ridge_by_layer, split_sequences
 from probes.metrics import mean_scores
 from probes.residuals import model_residuals
@@ -82,6 +83,7 @@ class SyntheticConfig(ExperimentConfig):
     }
 
     def __post_init__(self):
+        check_settings(self)
         self.task()  # validates p, n_terms, seq_len
         if self.heldout_sequences < 8:
             raise ForethoughtError(f"heldout_sequences must be at least 8, got {self.heldout_sequences}")
@@ -151,6 +153,7 @@ class SyntheticResults(ExperimentResults):
         return "\n".join(lines)
 
 
+@writes_run
 def run_synthetic(config: SyntheticConfig) -> SyntheticResults:
     """Train (or load) the twins, evaluate, probe, and write table, meta and figures into ``config.out``."""
     task = config.task()

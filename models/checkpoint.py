@@ -5,8 +5,10 @@ Layout of a run folder::
     <run>/checkpoints/step-0000500/   config.json, model.safetensors, training_state.pt
     <run>/checkpoints/step-0001000/
 
-A checkpoint is written to ``step-N.tmp`` and renamed into place, so a crash never leaves a folder that
-looks complete; leftover ``.tmp`` folders are ignored and cleared by the next save.
+A checkpoint is written to ``step-N.tmp``, fsynced and renamed into place, so a crash never leaves a folder
+that looks complete; leftover ``.tmp`` folders are ignored and cleared by the next save. Weights that are not
+all finite are never saved, and the disk's free space is checked first. ``training_state.pt`` is read with
+``torch.load(weights_only=True)``: tensors and plain containers only, so a planted pickle never runs.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import torch
 from transformers import PreTrainedModel
 
 from models.errors import ForethoughtError
+from models.files import check_free_space, fsync_folder
 from models.gpt2 import quiet_loading
 
 STATE_FILE = "training_state.pt"
@@ -46,18 +49,36 @@ def save_checkpoint(
     ``extra(folder)`` writes further files (tokenizer, data description) into the folder before it is final.
     """
     folder = checkpoints_dir(run_dir) / f"step-{step:07d}"
+    check_finite_weights(model, f"step {step} of {run_dir}")
     staging = folder.with_name(folder.name + ".tmp")
     shutil.rmtree(staging, ignore_errors=True)
+    n_bytes = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+    check_free_space(folder.parent, 3 * n_bytes + 2**24, f"checkpoint {folder.name}")  # weights + AdamW moments
     model.save_pretrained(staging)
     torch.save(state, staging / STATE_FILE)
     if extra is not None:
         extra(staging)
+    for path in staging.iterdir():
+        _fsync(path)
     if folder.exists():  # re-saving a step (e.g. the final one after a resume): replace it whole
         shutil.rmtree(folder)
     os.replace(staging, folder)
+    fsync_folder(folder.parent)
     for old in list_checkpoints(run_dir)[:-keep]:
         shutil.rmtree(old)
     return folder
+
+
+def check_finite_weights(model: PreTrainedModel, what: str) -> None:
+    """Refuse to save weights holding NaN or ±inf (a diverged step), naming the first such tensor."""
+    for name, tensor in model.state_dict().items():
+        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            raise ForethoughtError(f"not saving {what}: {name} holds NaN or infinite weights")
+
+
+def _fsync(path: Path) -> None:
+    with open(path, "rb") as written:
+        os.fsync(written.fileno())
 
 
 def list_checkpoints(run_dir: str | Path) -> list[Path]:
@@ -67,6 +88,12 @@ def list_checkpoints(run_dir: str | Path) -> list[Path]:
         return []
     found = [(int(m.group(1)), p) for p in root.iterdir() if (m := _STEP_FOLDER.match(p.name))]
     return [path for _, path in sorted(found)]
+
+
+def checkpoint_step(folder: str | Path) -> int | None:
+    """The training step of a checkpoint folder (``step-N``); None for anything else (a hub model)."""
+    match = _STEP_FOLDER.match(Path(folder).name)
+    return int(match.group(1)) if match else None
 
 
 def latest_checkpoint(run_dir: str | Path) -> Path | None:
@@ -80,9 +107,11 @@ def load_training_state(folder: str | Path) -> dict[str, Any]:
     if not path.is_file():
         raise ForethoughtError(f"checkpoint {folder} has no {STATE_FILE}; it cannot be resumed")
     try:
-        return torch.load(path, weights_only=False, map_location="cpu")
-    except Exception as error:  # truncated or not a torch file
-        raise ForethoughtError(f"cannot read {path}: {error}") from error
+        return torch.load(path, weights_only=True, map_location="cpu")
+    except Exception as error:  # truncated, not a torch file, or holding objects weights_only refuses
+        reason = " ".join(str(error).split())[:200]
+        raise ForethoughtError(f"cannot read {path} (damaged, or not a training state this workbench wrote: "
+                               f"{reason})") from None
 
 
 def changed_settings(saved: dict[str, Any], wanted: dict[str, Any], defaults: dict[str, Any] | None = None) -> str:
@@ -93,19 +122,3 @@ def changed_settings(saved: dict[str, Any], wanted: dict[str, Any], defaults: di
     keys = dict.fromkeys([*saved, *wanted])
     return ", ".join(f"{key}: {saved.get(key, defaults.get(key))!r} → {wanted.get(key)!r}" for key in keys
                      if saved.get(key, defaults.get(key)) != wanted.get(key))
-
-
-def size_text(n_bytes: float) -> str:
-    """``n_bytes`` readably: ``"12 KiB"``, ``"340 MiB"``, ``"3.40 GiB"``."""
-    if n_bytes < 2**20:
-        return f"{n_bytes / 2**10:.0f} KiB"
-    return f"{n_bytes / 2**20:.0f} MiB" if n_bytes < 2**30 else f"{n_bytes / 2**30:.2f} GiB"
-
-
-def check_free_space(folder: str | Path, needed: int, what: str) -> None:
-    """Refuse before writing when the disk holding ``folder`` (or its nearest existing parent) has less than
-    ``needed`` bytes free; ``what`` names the job in the message."""
-    existing = next(p for p in [Path(folder), *Path(folder).absolute().parents] if p.exists())
-    free = shutil.disk_usage(existing).free
-    if free < needed:
-        raise ForethoughtError(f"{what} needs about {size_text(needed)} in {folder}; only {size_text(free)} free")

@@ -7,7 +7,6 @@ families (Llama, …) load and build through the same two functions: ``kind="lm"
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -15,6 +14,7 @@ from pathlib import Path
 from typing import Literal
 
 import torch
+from safetensors import SafetensorError
 from huggingface_hub.dataclasses import strict
 from torch import nn
 from transformers import AutoModelForCausalLM, GPT2Config, PretrainedConfig, PreTrainedModel
@@ -23,6 +23,7 @@ from transformers.models.gpt2.modeling_gpt2 import GPT2Model, GPT2PreTrainedMode
 from transformers.utils import logging as transformers_logging
 
 from models.errors import ForethoughtError
+from models.files import read_json
 from models.hub import hub_reachable
 
 ModelKind = Literal["lm", "regression"]
@@ -158,7 +159,7 @@ def load_model(source: str | Path, kind: ModelKind) -> PreTrainedModel:
         config_file = folder / "config.json"
         if not config_file.is_file():
             raise ForethoughtError(f"checkpoint folder {folder} has no config.json")
-        architectures = json.loads(config_file.read_text()).get("architectures") or ["?"]
+        architectures = read_json(config_file, "the checkpoint is damaged").get("architectures") or ["?"]
         if expected := _expected(kind, architectures[0]):
             raise ForethoughtError(f"checkpoint {folder} holds a {architectures[0]}, expected a {expected} ({kind} model)")
     elif kind == "regression":
@@ -171,3 +172,6 @@ def load_model(source: str | Path, kind: ModelKind) -> PreTrainedModel:
         raise ForethoughtError(
             f"{source} is neither a checkpoint folder nor a loadable hub id: {error}"
         ) from error
+    except (SafetensorError, ValueError, RuntimeError) as error:  # truncated or mismatched weight files
+        reason = " ".join(str(error).split())[:200]
+        raise ForethoughtError(f"the weights in {source} cannot be loaded (damaged or incomplete: {reason})") from None

@@ -11,11 +11,12 @@ offline, and an analysis can rebuild the held-out documents it never saw. Models
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 from dataclasses import MISSING, asdict, dataclass, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from torch import nn
 from transformers import AutoConfig, AutoTokenizer, PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
@@ -24,6 +25,7 @@ from models.checkpoint import changed_settings
 from models.distributed import Distributed
 from models.errors import ForethoughtError
 from models.families import architecture
+from models.files import atomic_write_json, read_json, run_lock
 from models.gpt2 import CAUSAL_LM_CLASSES, build_lm, gpt2_config, load_model
 from models.hub import hub_reachable
 from models.myopic import CUTS, check_myopic_support
@@ -31,6 +33,7 @@ from models.sources import model_folder, source_card
 from models.tasks.bpe import bpe_size, corpus_bpe
 from models.tasks.text import TextData, TextTask, check_vocabulary, gpt2_tokenizer, tokenizer_fingerprint
 from models.train import TrainConfig, TrainResult, resolve_device, train
+from models.settings import check_settings
 
 DESCRIPTION_FILE = "forethought.json"
 LM_PRESETS: dict[str, dict[str, int]] = {  # from-scratch architectures (GPT-2 small is the paper's)
@@ -92,6 +95,8 @@ class LMTrainConfig:
     progress: bool = True
     preset: str | None = None  # starting values from LM_TRAIN_PRESETS (cpu); flags given override them
 
+    PRESENTATION: ClassVar[tuple[str, ...]] = ("out", "tokens_root")
+
     @classmethod
     def from_preset(cls, name: str, **overrides: Any) -> LMTrainConfig:
         """The preset's values, then ``overrides``."""
@@ -100,6 +105,7 @@ class LMTrainConfig:
         return cls(**{**LM_TRAIN_PRESETS[name], **overrides, "preset": name})
 
     def __post_init__(self):
+        check_settings(self)
         if self.preset is not None and self.preset not in LM_TRAIN_PRESETS:
             raise ForethoughtError(f"unknown preset {self.preset!r}; choose one of {', '.join(LM_TRAIN_PRESETS)}")
         if self.myopic_cut not in CUTS:
@@ -111,6 +117,11 @@ class LMTrainConfig:
         if bpe_size(self.tokenizer) is not None and self.from_pretrained:
             raise ForethoughtError("--tokenizer bpe:N makes a new vocabulary: it cannot fine-tune a pretrained model")
         self.data()  # validates layout, seq_len and the corpus name
+
+    def settings(self) -> dict[str, Any]:
+        """What binds a run folder: every setting but the resumable and presentation ones (where it is, where
+        token files are cached, how it reports)."""
+        return {k: v for k, v in asdict(self).items() if k not in (*TrainConfig.RESUMABLE, *self.PRESENTATION)}
 
     def data(self) -> TextData:
         return TextData(corpus=self.corpus, corpus_split=self.corpus_split, text_field=self.text_field,
@@ -185,10 +196,16 @@ def train_lm(config: LMTrainConfig) -> TrainResult:
     out = Path(config.out)
     if out.exists() and not out.is_dir():
         raise ForethoughtError(f"--out {out} is a file, not a folder")
+    dist = Distributed.from_env(resolve_device(config.device))
+    with run_lock(out) if dist.is_main else contextlib.nullcontext():
+        return _train_lm(config, out, dist)
+
+
+def _train_lm(config: LMTrainConfig, out: Path, dist: Distributed) -> TrainResult:
     data = config.data()
     size = bpe_size(config.tokenizer)
-    settings = {k: v for k, v in asdict(config).items() if k not in TrainConfig.RESUMABLE}
-    with Distributed.from_env(resolve_device(config.device)).main_first():
+    settings = config.settings()
+    with dist.main_first():
         tokenizer = load_tokenizer(config.tokenizer) if size is None else corpus_bpe(data, size, config.tokens_root)
         model = lm_to_train(config, vocab_size=len(tokenizer))
         check_vocabulary(tokenizer, model.config.vocab_size, config.model)
@@ -200,6 +217,7 @@ def train_lm(config: LMTrainConfig) -> TrainResult:
         "model_source": config.model, "myopic": config.myopic, "myopic_cut": config.myopic_cut,
         "data": asdict(data), "tokenizer": config.tokenizer,
         "n_sequences": {name: len(part) for name, part in sequences.items()}, "train_config": settings,
+        "steps": config.train_config(len(sequences["train"])).steps,  # the run's planned last step
     }
 
     def save_extra(folder: Path) -> None:
@@ -215,11 +233,12 @@ def _record_settings(out: Path, settings: dict[str, Any]) -> None:
     """Write ``out/train_config.json``, refusing (changing nothing) if it holds other settings."""
     settings_file = out / "train_config.json"
     defaults = {f.name: f.default for f in fields(LMTrainConfig) if f.default is not MISSING}
-    saved = json.loads(settings_file.read_text()) if settings_file.exists() else settings
+    saved = read_json(settings_file, "remove the run folder to start afresh") if settings_file.exists() else settings
+    saved = {k: v for k, v in saved.items() if k not in LMTrainConfig.PRESENTATION}  # runs made before out was dropped
     if changed := changed_settings(saved, settings, defaults):
         raise ForethoughtError(f"--out {out} holds a run with other settings ({changed}); choose another --out")
     out.mkdir(parents=True, exist_ok=True)
-    settings_file.write_text(json.dumps(settings, indent=2) + "\n")
+    atomic_write_json(settings_file, settings)
 
 
 @dataclass

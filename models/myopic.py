@@ -10,7 +10,8 @@ Two implementations:
 
 - ``reference``: the paper's. Materialise the T×T scores of q against the detached keys, overwrite the
   diagonal with the live q_i·k_i, softmax, and add ``diag(A)·(v − ṽ)``. O(T²) memory.
-- ``fast`` (the default when it applies): flash attention on (q, k̃, ṽ), which also returns the row
+- ``fast`` (the default when it applies: no mask, no attention dropout, and a fused kernel that supports the
+  device, dtype and head size — else ``auto`` falls back to ``reference``): flash attention on (q, k̃, ṽ), which also returns the row
   log-sum-exp λ, plus an O(T·d) diagonal correction that is zero in value and routes the diagonal's
   gradient to the live k_i, v_i (DESIGN.md, "Making myopic training as fast as vanilla"):
 
@@ -50,7 +51,8 @@ def myopic(model: nn.Module, cut: Cut = "residual", impl: Impl = "auto") -> Iter
         model: any module holding GPT-2 self-attention layers (``GPT2LMHeadModel``, ``GPT2RegressionModel``).
         cut: ``"residual"`` (the paper's) or ``"kv"`` (also cut the key/value projections of other positions).
         impl: ``"fast"`` (flash attention + diagonal correction), ``"reference"`` (materialised scores), or
-            ``"auto"``: fast unless an attention mask or active attention dropout requires the reference.
+            ``"auto"``: fast unless an attention mask, active attention dropout, or a device / dtype / head size
+            no fused kernel supports requires the reference.
     """
     if cut not in CUTS:
         raise ForethoughtError(f"unknown myopic cut {cut!r}; choose one of {', '.join(CUTS)}")
@@ -116,17 +118,15 @@ class _MyopicForward:
             past_key_values.update(k.detach(), v.detach(), layer.layer_idx)
 
         dropout = layer.attn_dropout.p if layer.training else 0.0
-        fast_applies = attention_mask is None and dropout == 0.0 and _has_flash_with_lse(q)
+        fast_applies = attention_mask is None and dropout == 0.0
         if self.impl == "fast" and not fast_applies:
-            raise ForethoughtError(
-                "myopic(impl='fast') needs no attention mask, no active attention dropout, and a CPU or CUDA device"
-            )
-        if self.impl == "fast" or (self.impl == "auto" and fast_applies):
-            out = fast_myopic_attention(q, k, v, k_past, v_past, layer.scaling)
-        else:
-            out = reference_myopic_attention(
-                q, k, v, k_past, v_past, layer.scaling, attention_mask, dropout
-            )
+            raise ForethoughtError("myopic(impl='fast') needs no attention mask and no active attention dropout")
+        out = fast_myopic_attention(q, k, v, k_past, v_past, layer.scaling) if fast_applies and self.impl != "reference" else None
+        if out is None and self.impl == "fast":
+            raise ForethoughtError(f"myopic(impl='fast'): no fused attention kernel supports {q.dtype} heads of size "
+                                   f"{q.shape[-1]} on {q.device}; use impl='auto' to fall back to the reference path")
+        if out is None:
+            out = reference_myopic_attention(q, k, v, k_past, v_past, layer.scaling, attention_mask, dropout)
         out = out.transpose(1, 2).reshape(batch, seq, d_model)
         return layer.resid_dropout(layer.c_proj(out)), None
 
@@ -189,8 +189,8 @@ def reference_myopic_attention(
     if attention_mask is None:
         causal = torch.ones(seq, seq, dtype=torch.bool, device=q.device).tril()
         scores = scores.masked_fill(~causal, float("-inf"))
-    elif attention_mask.dtype == torch.bool:
-        scores = scores.masked_fill(~attention_mask, float("-inf"))
+    elif attention_mask.dtype == torch.bool:  # the dtype's lowest, not −inf: a padded query row that may attend
+        scores = scores.masked_fill(~attention_mask, torch.finfo(scores.dtype).min)  # nothing stays finite, as in HF
     else:
         scores = scores + attention_mask
     weights = torch.softmax(scores.to(torch.promote_types(q.dtype, torch.float32)), dim=-1).to(v.dtype)
@@ -206,12 +206,16 @@ def fast_myopic_attention(
     k_past: torch.Tensor,
     v_past: torch.Tensor,
     scale: float,
-) -> torch.Tensor:
+) -> torch.Tensor | None:
     """Flash attention on (q, k̃, ṽ) plus the O(T·d) diagonal correction. Causal, no mask, no dropout.
 
     All tensors [batch, heads, seq, d_head]; ``k``/``k_past`` (and ``v``/``v_past``) must hold equal values.
+    None where no fused kernel supports this device, dtype and head size (the caller falls back).
     """
-    out, lse = flash_attention_with_lse(q, k_past, v_past, scale)  # [b,h,t,d], [b,h,t]
+    fused = flash_attention_with_lse(q, k_past, v_past, scale)  # [b,h,t,d], [b,h,t]
+    if fused is None:
+        return None
+    out, lse = fused
     with torch.no_grad():
         precise = torch.promote_types(q.dtype, torch.float32)  # bf16 scores are summed in fp32
         self_score = (q.to(precise) * k.to(precise)).sum(-1) * scale  # [b, h, t]
@@ -223,24 +227,48 @@ def fast_myopic_attention(
     return out + self_weight * score_delta * value_minus_out + self_weight * delta_v
 
 
-def _has_flash_with_lse(q: torch.Tensor) -> bool:
-    return q.device.type in ("cpu", "cuda")
+Fused = tuple[torch.Tensor, torch.Tensor]
 
 
-def flash_attention_with_lse(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Causal fused attention that also returns the row log-sum-exp λ ([batch, heads, seq], no gradient).
+def _cuda_flash(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> Fused:
+    """The flash kernel: fp16/bf16, sm80+ for bf16, head sizes the build supports (it raises otherwise)."""
+    if q.dtype not in (torch.float16, torch.bfloat16):
+        raise RuntimeError("flash attention needs fp16 or bf16")
+    out = torch.ops.aten._scaled_dot_product_flash_attention(q, k, v, 0.0, True, False, scale=scale)
+    return out[0], out[1].detach()
 
-    CUDA: the flash kernel for fp16/bf16, memory-efficient attention otherwise; CPU: the tiled flash kernel.
-    """
-    if q.device.type == "cuda":
-        if q.dtype in (torch.float16, torch.bfloat16):
-            out = torch.ops.aten._scaled_dot_product_flash_attention(q, k, v, 0.0, True, False, scale=scale)
-            return out[0], out[1].detach()
-        out = torch.ops.aten._scaled_dot_product_efficient_attention(
-            q, k, v, None, True, 0.0, True, scale=scale
-        )
-        return out[0], out[1][..., : q.shape[-2]].detach()
+
+def _cuda_efficient(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> Fused:
+    """Memory-efficient attention: any float dtype; raises for head sizes or GPUs it does not support."""
+    out = torch.ops.aten._scaled_dot_product_efficient_attention(q, k, v, None, True, 0.0, True, scale=scale)
+    return out[0], out[1][..., : q.shape[-2]].detach()
+
+
+def _cpu_flash(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> Fused:
+    """The tiled CPU flash kernel."""
     out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, True, scale=scale)
     return out, lse.detach()
+
+
+FUSED_KERNELS: dict[str, tuple] = {"cuda": (_cuda_flash, _cuda_efficient), "cpu": (_cpu_flash,)}  # in order of preference
+_UNSUPPORTED: set[tuple] = set()  # (kernel, device, dtype, head size) that raised once: not tried again
+
+
+def flash_attention_with_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> Fused | None:
+    """Causal fused attention that also returns the row log-sum-exp λ ([batch, heads, seq], no gradient).
+
+    Tries :data:`FUSED_KERNELS` of the device in order (CUDA: flash, then memory-efficient; CPU: the tiled
+    flash kernel); a kernel that refuses the dtype, head size or GPU generation is remembered and skipped.
+    None when none applies: the caller uses the reference path.
+    """
+    for kernel in FUSED_KERNELS.get(q.device.type, ()):
+        key = (kernel.__name__, str(q.device), q.dtype, q.shape[-1])
+        if key in _UNSUPPORTED:
+            continue
+        try:
+            return kernel(q, k, v, scale)
+        except torch.OutOfMemoryError:
+            raise
+        except (RuntimeError, NotImplementedError):
+            _UNSUPPORTED.add(key)
+    return None

@@ -34,7 +34,8 @@ from typing import Any
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from models.checkpoint import check_free_space, latest_checkpoint
+from models.checkpoint import latest_checkpoint
+from models.files import check_free_space
 from models.errors import ForethoughtError
 from models.gpt2 import quiet_loading
 

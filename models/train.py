@@ -24,7 +24,9 @@ from transformers import PreTrainedModel, get_cosine_schedule_with_warmup
 from models.checkpoint import checkpoints_dir, latest_checkpoint, load_training_state, save_checkpoint
 from models.distributed import Distributed
 from models.errors import ForethoughtError
+from models.files import run_lock
 from models.myopic import CUTS, myopic
+from models.settings import check_settings
 
 
 class Task(Protocol):
@@ -63,6 +65,7 @@ class TrainConfig:
     RESUMABLE = ("eval_every", "checkpoint_every", "keep_checkpoints", "device", "compile", "progress")
 
     def __post_init__(self):
+        check_settings(self)
         if self.steps < 1 or self.batch_size < 1:
             raise ForethoughtError(f"steps and batch_size must be ≥ 1, got {self.steps}, {self.batch_size}")
         if self.myopic_cut not in CUTS:
@@ -107,11 +110,16 @@ def train(
     """Train ``model`` on ``task`` in ``run_dir``, resuming from its newest checkpoint if there is one.
 
     ``eval_task`` (default: ``task``) gives the held-out batches; ``save_extra(folder)`` adds files (a
-    tokenizer, a data description) to every checkpoint folder before it is renamed into place.
+    tokenizer, a data description) to every checkpoint folder before it is renamed into place. The process
+    that writes (rank 0) holds ``run_dir``'s lock throughout: a second writer is refused.
     """
-    run_dir = Path(run_dir)
-    eval_task = task if eval_task is None else eval_task
     dist = Distributed.from_env(config.resolved_device())
+    with run_lock(run_dir) if dist.is_main else contextlib.nullcontext():
+        return _train(model, task, config, Path(run_dir), task if eval_task is None else eval_task, save_extra, dist)
+
+
+def _train(model: PreTrainedModel, task: Task, config: TrainConfig, run_dir: Path, eval_task: Task,
+           save_extra: Callable[[Path], None] | None, dist: Distributed) -> TrainResult:
     device = dist.device(config.resolved_device())
     model.to(device).train()
     runnable = dist.wrap(model)

@@ -9,17 +9,18 @@ Layout of a cache folder::
 It is written into ``<cache>.partial/`` chunk by chunk (memory bounded by one chunk, whatever the corpus
 size), with ``progress.json`` recording the sequences done after each chunk is flushed; rerunning the same
 call resumes there. The folder is renamed to ``<cache>`` only when complete (atomic), so a crash never leaves
-a cache that looks finished. :meth:`ResidualCache.open` checks every file against ``meta.json``.
+a cache that looks finished. ``meta.json`` records every file's content digest (BLAKE2b): :meth:`ResidualCache.open`
+checks shapes, types and the tokens, and each layer file is checked the first time it is read, so a cache
+changed after it was written (NaN bytes, overwritten rows, shifted tokens) is refused, never used.
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import shutil
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -29,8 +30,8 @@ import torch
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel
 
-from models.checkpoint import check_free_space, size_text
 from models.errors import ForethoughtError
+from models.files import atomic_write_json, check_digest, check_free_space, file_digest, read_json, size_text
 from models.precision import autocast, check_precision
 from models.sources import model_folder
 from probes.residuals import TransformerBridge, bridge_residuals, hook_name, load_bridge
@@ -60,6 +61,7 @@ class ResidualCache:
     folder: Path
     tokens: np.ndarray
     meta: dict[str, Any]
+    verified: set[int] = field(default_factory=set)  # layers whose file matched its digest in this process
 
     @property
     def layers(self) -> list[int]:
@@ -74,10 +76,15 @@ class ResidualCache:
         return np.stack([self.layer(layer)[sequences] for layer in layers])
 
     def layer(self, layer: int) -> np.ndarray:
-        """h[layer] for every sequence: a read-only memmap [n_sequences, seq, d_model]."""
+        """h[layer] for every sequence: a read-only memmap [n_sequences, seq, d_model] (its file's digest is
+        checked on the first read)."""
         if layer not in self.layers:
             raise ForethoughtError(f"layer {layer} is not in the cache {self.folder} (it holds layers {self.layers})")
-        return np.load(self.folder / _layer_file(layer), mmap_mode="r")
+        path = self.folder / _layer_file(layer)
+        if layer not in self.verified:
+            check_digest(path, self.meta["digests"][path.name], _rebuild(self.folder))
+            self.verified.add(layer)
+        return np.load(path, mmap_mode="r")
 
     @classmethod
     def open(cls, folder: str | Path) -> ResidualCache:
@@ -87,9 +94,15 @@ class ResidualCache:
             partial = _partial(folder)
             state = "an unfinished cache (run the same call again to resume)" if partial.exists() else "no cache"
             raise ForethoughtError(f"{folder} holds {state}")
-        meta = json.loads((folder / "meta.json").read_text())
+        meta = read_json(folder / "meta.json", _rebuild(folder))
+        if "digests" not in meta:
+            raise ForethoughtError(f"{folder} is a cache without content digests (made by an older forethought); "
+                                   f"{_rebuild(folder)}")
         n, seq, d_model = meta["n_sequences"], meta["seq_len"], meta["d_model"]
+        check_digest(folder / "tokens.npy", meta["digests"]["tokens.npy"], _rebuild(folder))
         tokens = _checked(folder / "tokens.npy", (n, seq), np.int64)
+        if _tokens_hash(tokens) != meta["tokens_hash"]:
+            raise ForethoughtError(f"{folder}/tokens.npy holds other tokens than meta.json records; {_rebuild(folder)}")
         for layer in meta["layers"]:
             _checked(folder / _layer_file(layer), (n, seq, d_model), np.dtype(meta["dtype"]))
         return cls(folder, tokens, meta)
@@ -103,6 +116,14 @@ def _checked(path: Path, shape: tuple[int, ...], dtype) -> np.ndarray:
     if array.shape != shape or array.dtype != dtype:
         raise ForethoughtError(f"{path} holds {array.dtype}{list(array.shape)}, meta.json says {np.dtype(dtype)}{list(shape)}")
     return array
+
+
+def _rebuild(folder: Path) -> str:
+    return f"remove {folder} and run the same command again to rebuild the cache"
+
+
+def _tokens_hash(tokens: np.ndarray) -> str:
+    return hashlib.blake2b(np.ascontiguousarray(tokens).tobytes(), digest_size=16).hexdigest()
 
 
 def _partial(folder: Path) -> Path:
@@ -151,7 +172,7 @@ def build_cache(
         "seq_len": tokens.shape[1],
         "d_model": d_model,
         "dtype": "float16",
-        "tokens_hash": hashlib.blake2b(tokens.tobytes(), digest_size=16).hexdigest(),
+        "tokens_hash": _tokens_hash(tokens),
         "versions": {package: metadata.version(package) for package in _VERSIONED},
     }
     if (folder / "meta.json").is_file():
@@ -181,7 +202,8 @@ def build_cache(
         _write_progress(partial, meta, start + len(chunk))
     del outputs
     (partial / _PROGRESS).unlink()
-    (partial / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
+    files = ["tokens.npy", *(_layer_file(layer) for layer in layers)]
+    atomic_write_json(partial / "meta.json", {**meta, "digests": {name: file_digest(partial / name) for name in files}})
     os.replace(partial, folder)  # complete from here on
     return ResidualCache.open(folder)
 
@@ -204,14 +226,12 @@ def _resume_point(partial: Path, meta: dict[str, Any]) -> int:
     progress_file = partial / _PROGRESS
     if not progress_file.is_file():
         return 0
-    progress = json.loads(progress_file.read_text())
+    progress = read_json(progress_file, f"remove {partial} to start the cache afresh")
     if progress["meta"] != meta:
         raise ForethoughtError(f"{partial} holds an unfinished cache of another checkpoint or data; remove it")
     return progress["done"]
 
 
 def _write_progress(partial: Path, meta: dict[str, Any], done: int) -> None:
-    staging = partial / (_PROGRESS + ".tmp")
-    staging.write_text(json.dumps({"meta": meta, "done": done}))
-    os.replace(staging, partial / _PROGRESS)
+    atomic_write_json(partial / _PROGRESS, {"meta": meta, "done": done}, indent=None)
 

@@ -21,7 +21,7 @@ keeps, for each (layer, τ), the parameters of its best validation epoch.
 
 from __future__ import annotations
 
-import os
+import io
 import zipfile
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -36,7 +36,9 @@ from torch.nn.functional import cross_entropy
 from tqdm.auto import tqdm
 
 from models.errors import ForethoughtError
+from models.files import atomic_write_bytes
 from models.precision import autocast, check_precision
+from models.settings import NON_NEGATIVE, check_settings
 from probes.baselines import BaselineScores
 from probes.fit import split_sequences
 from probes.metrics import mean_scores
@@ -88,8 +90,11 @@ class FutureProbeConfig:
     precision: str = "float32"  # or bfloat16: the probes' matrix products under autocast (float32 weights)
     horizon: int | None = None  # examples are positions t < T − horizon (default: max τ); a larger horizon scores
     # probes of fewer τ on the examples of a larger grid (the logit lens, τ = 1, beside probes up to τ = 4)
+    in_topk_classes: bool = False  # lens only: score it in the topk probes' classes (the top_k most frequent
+    # training tokens + "other", whose logit is the log-sum-exp of the other tokens'), to be drawn beside them
 
     def __post_init__(self):
+        check_settings(self, {"max_epochs": NON_NEGATIVE})  # 0: untrained (the logit lens)
         if self.kind not in KINDS:
             raise ForethoughtError(f"unknown probe kind {self.kind!r}; choose one of {', '.join(KINDS)}")
         check_precision(self.precision)
@@ -100,9 +105,11 @@ class FutureTokenProbes(nn.Module):
     and ``biases[i]`` [J, n_out] (one tensor a layer, so a layer's backward touches only its own)."""
 
     def __init__(self, n_layers: int, n_taus: int, d_model: int, n_classes: int, kind: str,
-                 unembed: tuple[nn.Module, nn.Module] | None = None):
+                 unembed: tuple[nn.Module, nn.Module] | None = None, lens_classes: np.ndarray | None = None):
         super().__init__()
         self.kind = kind
+        # lens in the topk classes: the K token ids whose logits are kept ("other": the log-sum-exp of the rest)
+        self.register_buffer("lens_classes", None if lens_classes is None else torch.as_tensor(lens_classes))
         if kind == "lens":
             if unembed is None:
                 raise ForethoughtError("lens probes need the model's final LayerNorm and unembedding")
@@ -128,7 +135,13 @@ class FutureTokenProbes(nn.Module):
         if self.kind != "lens":
             features = (features - self.feature_mean[i]) * self.feature_scale[i]
         mapped = torch.addmm(self.biases[i][j], features, self.weights[i][j])
-        return self.unembed(self.final_norm(mapped)) if self.kind == "lens" else mapped
+        if self.kind != "lens":
+            return mapped
+        vocabulary = self.unembed(self.final_norm(mapped))  # [batch, vocab]
+        if self.lens_classes is None:
+            return vocabulary
+        rest = vocabulary.index_fill(1, self.lens_classes, float("-inf")).logsumexp(1, keepdim=True)
+        return torch.cat([vocabulary[:, self.lens_classes], rest], dim=1)  # [batch, K + 1]
 
 
 @dataclass
@@ -166,11 +179,13 @@ def fit_future_probes(
     n_validation = max(1, round(len(train) * config.validation_fraction))
     shuffled = np.random.default_rng(config.seed).permutation(train)
     validation, fit_part = np.sort(shuffled[:n_validation]), np.sort(shuffled[n_validation:])
-    classes = top_classes(tokens[train], config.top_k) if config.kind == "topk" else None
+    in_topk = config.kind == "topk" or (config.kind == "lens" and config.in_topk_classes)
+    classes = top_classes(tokens[train], config.top_k) if in_topk else None
     n_classes = config.top_k + 1 if classes is not None else vocab_size
     d_model = residuals.d_model
     device = torch.device(config.device)
-    probes = FutureTokenProbes(len(layers), len(taus), d_model, n_classes, config.kind, unembed).to(device)
+    probes = FutureTokenProbes(len(layers), len(taus), d_model, n_classes, config.kind, unembed,
+                               classes if config.kind == "lens" else None).to(device)
     batches = _Batches(residuals, layers, taus, classes, device, horizon)
     generator = np.random.default_rng(config.seed)
     if config.kind != "lens":
@@ -316,25 +331,31 @@ class ProbeScores:
     def taus(self) -> list[int]:
         return sorted({tau for _, tau in self.values})
 
-    def save(self, path: str | Path) -> None:
-        """Write to ``path`` (.npz) atomically: a crash leaves the old file or none, never half a file."""
+    def save(self, path: str | Path, made_from: str = "") -> None:
+        """Write to ``path`` (.npz) atomically: a crash leaves the old file or none, never half a file.
+        ``made_from``: a digest of what the scores were computed from, checked by :meth:`load`."""
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        staging = path.with_name(path.name + ".tmp.npz")
-        np.savez(staging, kind=self.kind, keys=np.array(list(self.values)).reshape(-1, 2),
-                 values=np.stack(list(self.values.values())), sequence_ids=self.sequence_ids)
-        os.replace(staging, path)
+        buffer = io.BytesIO()
+        np.savez(buffer, kind=self.kind, keys=np.array(list(self.values)).reshape(-1, 2),
+                 values=np.stack(list(self.values.values())), sequence_ids=self.sequence_ids, made_from=made_from)
+        atomic_write_bytes(path, buffer.getvalue())
 
     @classmethod
-    def load(cls, path: str | Path) -> ProbeScores:
-        """Read what :meth:`save` wrote; a damaged file is named."""
+    def load(cls, path: str | Path, made_from: str | None = None) -> ProbeScores:
+        """Read what :meth:`save` wrote. A damaged file (the zip's CRC-32s are checked), or one made from
+        anything else than ``made_from`` (when given), is refused, naming the file."""
         try:
             with np.load(path) as stored:
                 keys, values = stored["keys"], stored["values"]
-                return cls(str(stored["kind"]), {(int(layer), int(tau)): value for (layer, tau), value in zip(keys, values)},
-                           stored["sequence_ids"])
+                scores = cls(str(stored["kind"]), {(int(layer), int(tau)): value for (layer, tau), value in zip(keys, values)},
+                             stored["sequence_ids"])
+                stored_from = str(stored["made_from"]) if "made_from" in stored else ""
         except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as error:
             raise ForethoughtError(f"stored probe scores {path} are unreadable ({error}); remove the file") from None
+        if made_from is not None and stored_from != made_from:
+            raise ForethoughtError(f"stored probe scores {path} were made from other residuals or settings; remove the file")
+        return scores
 
     def minus(self, other: ProbeScores) -> pd.DataFrame:
         """Paired differences self − other per (layer, τ, metric) on the same examples, 95 % bootstrap

@@ -10,6 +10,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
+from scipy import stats
 
 from models.errors import ForethoughtError
 
@@ -87,3 +88,21 @@ def mean_scores(values: np.ndarray, sequence_ids: np.ndarray, seed: int = 0) -> 
     v = values.reshape(len(values), -1).astype(np.float64)
     stats = _per_sequence_sums(np.concatenate([np.ones((len(v), 1)), v], axis=1), sequence_ids)
     return bootstrap(stats, lambda sums: sums[..., 1:] / sums[..., :1], len(v), seed=seed)
+
+
+def fdr_significant(value: np.ndarray, ci_low: np.ndarray, ci_high: np.ndarray, rate: float = 0.05) -> np.ndarray:
+    """Which differences stay significant when a whole grid of them is read at once: Benjamini–Hochberg at
+    false-discovery rate ``rate`` over every finite cell. Each cell's two-sided p-value comes from its 95 %
+    interval read as a normal one (standard error = width / 3.92); cells without an interval are not
+    significant. Same shape as ``value``."""
+    value, low, high = (np.asarray(a, dtype=np.float64) for a in (value, ci_low, ci_high))
+    standard_error = (high - low) / (2 * stats.norm.ppf(0.975))
+    finite = np.isfinite(value) & np.isfinite(standard_error)
+    significant = np.zeros(value.shape, dtype=bool)
+    if not finite.any():
+        return significant
+    with np.errstate(divide="ignore", invalid="ignore"):
+        z = np.abs(value[finite]) / standard_error[finite]  # a zero-width interval: z = ∞ unless value is 0
+    p = np.where(np.isnan(z), 1.0, 2 * stats.norm.sf(z))
+    significant[finite] = stats.false_discovery_control(p, method="bh") <= rate
+    return significant

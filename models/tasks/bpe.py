@@ -23,7 +23,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, 
 from transformers import AutoTokenizer, PreTrainedTokenizerFast, PreTrainedTokenizerBase
 
 from models.errors import ForethoughtError
-from models.tasks.text import TextData, iter_documents, split_documents
+from models.tasks.text import TextData, iter_documents, source_fingerprint, split_documents
 
 BPE_PREFIX = "bpe"
 DEFAULT_BPE_SIZE = 4096
@@ -57,7 +57,7 @@ def fit_bpe(documents, vocab_size: int) -> PreTrainedTokenizerFast:
 def bpe_folder(data: TextData, vocab_size: int, tokens_root: str | Path) -> Path:
     """Where the BPE of ``data``'s training documents is kept: one folder per (corpus, split, size)."""
     source = {"data": {k: v for k, v in asdict(data).items() if k not in ("layout", "seq_len", "prepend_bos")},
-              "vocab_size": vocab_size}
+              "content": source_fingerprint(data.corpus), "vocab_size": vocab_size}
     digest = hashlib.sha1(json.dumps(source, sort_keys=True).encode()).hexdigest()[:8]
     return Path(tokens_root) / f"bpe-{vocab_size}-{digest}"
 

@@ -144,6 +144,18 @@ def is_embedded(source: str) -> bool:
     return source == EMBEDDED or source.startswith(EMBEDDED + ":")
 
 
+def embedded_versions(source: str) -> str:
+    """``dist==version`` of each named text's package: with the RECORD check, what pins their content."""
+    versions = []
+    for name in embedded_names(source):
+        text = EMBEDDED_TEXTS[name]
+        try:
+            versions.append(f"{text.distribution}=={metadata.version(text.distribution)}")
+        except metadata.PackageNotFoundError:
+            raise ForethoughtError(f"the embedded text {name!r} needs PyPI's {text.distribution}: {text.install}") from None
+    return ",".join(versions)
+
+
 def text_files(name: str) -> list[Path]:
     """The installed files of an embedded text, each checked against its wheel's RECORD sha256."""
     text = EMBEDDED_TEXTS[name]

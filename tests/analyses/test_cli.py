@@ -21,8 +21,8 @@ def run_cli(capsys, *argv: str) -> tuple[int, str, str]:
     "argv, message",
     [
         (["--preset", "nope"], "unknown preset 'nope'; choose one of paper, cpu"),
-        (["--p", "1.5"], r"p must lie in [0, 1], got 1.5"),
-        (["--seq-len", "1"], "seq_len must be at least 2, got 1"),
+        (["--p", "1.5"], r"p must be in [0, 1], got 1.5"),
+        (["--seq-len", "1"], "seq_len must be ≥ 2, got 1"),
     ],
 )
 def test_bad_settings_are_one_line_errors(capsys, tmp_path, argv, message):
@@ -78,8 +78,8 @@ def test_module_entry_point():
 @pytest.mark.parametrize(
     "argv, message",
     [
-        (["--degree", "1"], "degree d must be at least 2, got 1"),
-        (["--length", "1"], "path length l must be at least 2, got 1"),
+        (["--degree", "1"], "degree must be ≥ 2, got 1"),
+        (["--length", "1"], "length must be ≥ 2, got 1"),
         (["--n-nodes", "6"], "N = 6 labels are too few for G(2, 4): it has 7 nodes"),
         (["--regimes", "teacher-forcing,revers"],
          "unknown regime 'revers'; choose one of teacher-forcing, teacherless, reverse"),

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import shutil
+
 import numpy as np
 import pytest
 import torch
@@ -76,6 +78,16 @@ def test_twins_that_do_not_match_are_refused(twins, tmp_path, capsys):
     train_lm(other)
     assert "the twins were trained on different data" in gap("--vanilla", str(tmp_path / "other"),
                                                               "--myopic", str(twins / "myopic"))
+    other_lr = LMTrainConfig(corpus="embedded", max_documents=3000, model="gpt2-micro", seq_len=32, steps=2,
+                             batch_size=16, lr=1e-3, tokens_root=str(twins / "tokens"), out=str(tmp_path / "lr"),
+                             myopic=True, progress=False)
+    train_lm(other_lr)
+    assert "trained with other settings (vanilla → myopic: steps: 40 → 2, lr: 0.005 → 0.001" in gap(
+        "--vanilla", str(twins / "vanilla"), "--myopic", str(tmp_path / "lr"))
+    early = tmp_path / "early" / "checkpoints" / "step-0000020"  # the twin's weights, filed as an earlier step
+    shutil.copytree(twins / "myopic" / "checkpoints" / "step-0000040", early)
+    assert "not at the same training step (vanilla at step 40 of 40, myopic at step 20 of 40)" in gap(
+        "--vanilla", str(twins / "vanilla"), "--myopic", str(early))
     assert "give --vanilla and/or --myopic checkpoints" in gap()
     assert "nowhere is not a folder, and the Hugging Face hub cannot be reached" in gap("--vanilla", str(tmp_path / "nowhere"))
     assert not (tmp_path / "g").exists()

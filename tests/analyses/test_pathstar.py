@@ -110,7 +110,7 @@ def test_rerun_reproduces(tiny_run):
 
 
 def test_files_train_and_bad_settings(tmp_path):
-    train, test = generate_split(PathStarSpec(2, 3, 8), 100, 20, seed=3)
+    train, test = generate_split(PathStarSpec(3, 4, 12), 100, 20, seed=3)  # not the config's G(2, 3, 8)
     train.save(tmp_path / "train.txt")
     test.save(tmp_path / "test.txt")
     config = PathStarConfig.from_preset("cpu", **{**TINY, "epochs": 0.3, "regimes": "reverse", "trainings": "myopic"},
@@ -118,6 +118,9 @@ def test_files_train_and_bad_settings(tmp_path):
                                         out=str(tmp_path / "run"))
     results = run_pathstar(config)
     assert results.accuracy_table()[["regime", "training"]].values.tolist() == [["reverse", "myopic"]]
+    assert (results.config.degree, results.config.length, results.config.n_nodes) == (3, 4, 12)  # from the graphs
+    assert results.chance == pytest.approx(1 / 3) and "G(3, 4, 12)" in results.summary()
+    assert "forced_positions_3+" in results.accuracy_table()  # positions 3 … l of the files' l = 4
     with pytest.raises(ForethoughtError, match="unknown regime 'teacherles'"):
         PathStarConfig.from_preset("cpu", regimes="teacherles")
     with pytest.raises(ForethoughtError, match="unknown training"):

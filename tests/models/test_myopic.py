@@ -153,3 +153,69 @@ def test_bad_arguments_are_named(tiny_lm):
     with pytest.raises(ForethoughtError, match="the myopic gradient is implemented for GPT-2 attention only; Linear has none"):
         with myopic(torch.nn.Linear(2, 2)):
             pass
+
+
+def masked_lm_losses(mask):
+    """Per-position next-token losses [batch, seq − 1] of a padded batch, 0 where the input or the target is
+    padding (a padded query row attends to nothing: what it predicts is not a model's prediction)."""
+    def losses(model, tokens):
+        logits = model(tokens, attention_mask=mask, use_cache=False).logits[:, :-1]
+        return cross_entropy(logits.transpose(1, 2), tokens[:, 1:], reduction="none") * mask[:, :-1] * mask[:, 1:]
+    return losses
+
+
+@pytest.mark.parametrize("padding", ["left", "right"])
+@pytest.mark.parametrize("cut", ["residual", "kv"])
+def test_padded_batches_give_the_exact_myopic_gradient_and_no_nan(tiny_lm, tokens, padding, cut):
+    mask = torch.ones_like(tokens)
+    if padding == "left":
+        mask[0, :3], mask[1, :1] = 0, 0
+    else:
+        mask[0, -3:], mask[2, -2:] = 0, 0
+    losses = masked_lm_losses(mask)
+    expected = brute_force_myopic_grads(tiny_lm, losses, tokens, cut)
+    with myopic(tiny_lm, cut=cut):  # a mask: the reference path
+        actual = grads(tiny_lm, losses(tiny_lm, tokens).sum())
+        logits = tiny_lm(tokens, attention_mask=mask).logits
+    assert all(torch.isfinite(a).all() for a in actual) and torch.isfinite(logits).all()
+    vanilla = tiny_lm(tokens, attention_mask=mask).logits
+    real = mask.bool()
+    torch.testing.assert_close(logits[real], vanilla[real], atol=1e-12, rtol=0)
+    for a, e in zip(actual, expected):
+        torch.testing.assert_close(a, e, atol=1e-9, rtol=0)
+
+
+def _refuses(q, k, v, scale):
+    raise RuntimeError("this kernel does not support the inputs")
+
+
+@pytest.mark.parametrize("kernels", ["first refuses", "all refuse"])
+def test_fused_kernels_fall_back_in_order_then_to_the_reference(tiny_lm, tokens, monkeypatch, kernels):
+    import models.myopic as module
+
+    tried = []
+
+    def spy(kernel):
+        def wrapped(*args):
+            tried.append(kernel.__name__)
+            return kernel(*args)
+        wrapped.__name__ = kernel.__name__
+        return wrapped
+
+    cpu_flash = module.FUSED_KERNELS["cpu"][0]
+    chain = (_refuses, cpu_flash) if kernels == "first refuses" else (_refuses,)
+    monkeypatch.setattr(module, "FUSED_KERNELS", {"cpu": tuple(spy(k) for k in chain)})
+    monkeypatch.setattr(module, "_UNSUPPORTED", set())
+    expected = brute_force_myopic_grads(tiny_lm, lm_losses, tokens, "residual")
+    with myopic(tiny_lm):
+        actual = grads(tiny_lm, lm_losses(tiny_lm, tokens).sum())
+    for a, e in zip(actual, expected):
+        torch.testing.assert_close(a, e, atol=1e-9, rtol=0)
+    n_layers = len(attention_layers(tiny_lm))
+    if kernels == "first refuses":  # refused once (then remembered), the next kernel serves every layer
+        assert tried == ["_refuses"] + ["_cpu_flash"] * n_layers
+    else:
+        assert tried == ["_refuses"]
+        with pytest.raises(ForethoughtError, match=r"no fused attention kernel supports torch.float64 heads of size 4"):
+            with myopic(tiny_lm, impl="fast"):
+                tiny_lm(tokens)

@@ -86,3 +86,52 @@ def test_resume_with_other_settings_is_refused(tmp_path):
 def test_bad_config_is_named():
     with pytest.raises(ForethoughtError, match="unknown myopic cut 'x'"):
         TrainConfig(myopic_cut="x")
+
+
+class Payload:
+    """Unpickling this runs code: it creates ``marker``."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def test_a_planted_pickle_in_a_run_folder_never_runs(tmp_path):
+    train(tiny_model(), TASK, config(steps=5), tmp_path / "run")
+    state_file = latest_checkpoint(tmp_path / "run") / "training_state.pt"
+    marker = tmp_path / "payload-ran"
+    torch.save({"step": 5, "config": {}, "payload": Payload(marker)}, state_file)
+    with pytest.raises(ForethoughtError, match="cannot read .*training_state.pt .*not a training state"):
+        train(tiny_model(), TASK, config(steps=8), tmp_path / "run")
+    assert not marker.exists()
+
+
+class NanGradientTask:
+    """A finite loss whose gradient is NaN (√x at 0, times 0): the weights go NaN while the loss looks fine."""
+
+    def sample(self, batch_size, generator):
+        return TASK.sample(batch_size, generator)
+
+    def loss(self, model, inputs, targets):
+        first = next(model.parameters())
+        return TASK.loss(model, inputs, targets) + torch.sqrt(0 * first.sum())
+
+
+def test_non_finite_weights_are_never_checkpointed(tmp_path):
+    with pytest.raises(ForethoughtError, match=r"not saving step 1 .* holds NaN or infinite weights"):
+        train(tiny_model(), NanGradientTask(), config(checkpoint_every=1, grad_clip=0.0), tmp_path)
+    assert latest_checkpoint(tmp_path) is None
+    assert not list((tmp_path / "checkpoints").glob("*"))
+
+
+def test_a_second_process_cannot_write_a_run_folder_being_trained(tmp_path, monkeypatch):
+    import models.files
+
+    train(tiny_model(), TASK, config(steps=5), tmp_path)
+    monkeypatch.setattr(models.files.fcntl, "flock", lambda *args: (_ for _ in ()).throw(BlockingIOError()))
+    (tmp_path / models.files.LOCK_FILE).write_text("pid 4242 on host since now (forethought train)")
+    with pytest.raises(ForethoughtError, match=r"is being written by pid 4242 on host .*; wait for it"):
+        train(tiny_model(), TASK, config(steps=8), tmp_path)
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["step-0000005"]

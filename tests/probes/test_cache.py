@@ -92,3 +92,48 @@ def test_too_little_disk_is_refused_before_writing(lm_folder, tmp_path, monkeypa
         build_cache(lm_folder, TOKENS, tmp_path / "cache", progress=False)
     assert "caching needs" in capsys.readouterr().out  # said before starting
     assert not (tmp_path / "cache").exists() and not (tmp_path / "cache.partial").exists()
+
+
+def _overwrite(path, offset_from_end: int, data: bytes) -> None:
+    """Write ``data`` into ``path`` at ``offset_from_end`` bytes before its end, keeping its size."""
+    with open(path, "r+b") as f:
+        f.seek(-offset_from_end, 2)
+        f.write(data)
+
+
+@pytest.mark.parametrize("damage", ["nan bytes", "overwritten rows", "shifted tokens"])
+def test_a_cache_changed_after_it_was_written_is_refused(lm_folder, tmp_path, damage):
+    build_cache(lm_folder, TOKENS, tmp_path / "cache", progress=False)
+    folder = tmp_path / "cache"
+    if damage == "nan bytes":  # float16 NaNs (0x7e00) over the last 4 values of layer 1: same shape and type
+        _overwrite(folder / "layer_01.npy", 8, np.full(4, np.nan, np.float16).tobytes())
+    elif damage == "overwritten rows":  # the last 3 sequences of layer 3 replaced by another layer's
+        row = 7 * 16 * 2
+        _overwrite(folder / "layer_03.npy", 3 * row, np.load(folder / "layer_00.npy")[-3:].tobytes())
+    else:  # every token moved one place along (np.roll), same shape and dtype
+        np.save(folder / "tokens.npy", np.roll(np.load(folder / "tokens.npy"), 1))
+    cache_or_error = ResidualCache.open(folder) if damage != "shifted tokens" else None
+    with pytest.raises(ForethoughtError, match=r"(changed or damaged after it was written|other tokens).*rebuild"):
+        if cache_or_error is None:
+            ResidualCache.open(folder)
+        else:
+            cache_or_error.read(np.arange(10), cache_or_error.layers)
+    with pytest.raises(ForethoughtError, match=r"changed or damaged|other tokens"):  # and when reused by a build
+        build_cache(lm_folder, TOKENS, folder, progress=False).read(np.arange(10), [0, 1, 2, 3])
+
+
+def test_reading_a_layer_checks_its_digest_once(lm_folder, tmp_path, monkeypatch):
+    cache = build_cache(lm_folder, TOKENS, tmp_path / "cache", progress=False)
+    checked = []
+    monkeypatch.setattr(probes.cache, "check_digest", lambda path, *args: checked.append(path.name))
+    cache.read(np.arange(3), [0, 1])
+    cache.read(np.arange(3, 6), [0, 1])
+    assert checked == ["layer_00.npy", "layer_01.npy"]
+
+
+def test_a_torn_meta_json_is_one_line(lm_folder, tmp_path):
+    build_cache(lm_folder, TOKENS, tmp_path / "cache", progress=False)
+    meta = tmp_path / "cache" / "meta.json"
+    meta.write_text(meta.read_text()[:40])
+    with pytest.raises(ForethoughtError, match=r"meta.json is damaged .*rebuild the cache"):
+        ResidualCache.open(tmp_path / "cache")

@@ -9,10 +9,11 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from torch.nn.functional import cross_entropy
 
 from models.errors import ForethoughtError
 from probes.fit import split_sequences
-from probes.future import FutureProbeConfig, InMemoryResiduals, fit_future_probes
+from probes.future import FutureProbeConfig, InMemoryResiduals, fit_future_probes, top_classes
 from probes.residuals import StreamingResiduals, bridge_residuals, load_bridge, model_residuals
 
 VOCAB, SEQ, D = 12, 10, 16
@@ -64,6 +65,30 @@ def test_untrained_lens_is_the_logit_lens(tiny_lm):
         predictions = model(tokens).logits[:, :-1].argmax(-1)  # the model's own next-token guesses
     own = (predictions[test] == tokens[test, 1:]).double().mean().item()
     assert top1["value"] == pytest.approx(own, abs=1e-12)
+
+
+def test_the_lens_in_topk_classes_is_the_logit_lens_mapped_by_hand(tiny_lm):
+    """Beside topk probes the lens predicts their classes: the K most frequent training tokens, or "other" with
+    the log-sum-exp of every other token's logit. Its hits and cross-entropy equal that mapping done by hand."""
+    tokens = torch.randint(0, 23, (40, 8), generator=torch.Generator().manual_seed(0))
+    model = tiny_lm.float()
+    source = InMemoryResiduals(tokens.numpy(), {3: model_residuals(model, tokens).numpy()[3]})
+    config = FutureProbeConfig(kind="lens", max_epochs=0, top_k=5, in_topk_classes=True)
+    _, scores = fit_future_probes(source, layers=[3], taus=[1], config=config, vocab_size=23,
+                                  unembed=(model.transformer.ln_f, model.lm_head))
+    train, test = split_sequences(40, config.test_fraction, seed=config.seed)
+    classes = top_classes(tokens.numpy()[train], 5)
+    with torch.no_grad():
+        logits = model(tokens).logits[test, :-1].reshape(-1, 23).double()
+    others = np.setdiff1d(np.arange(23), classes)
+    mapped = torch.cat([logits[:, classes], logits[:, others].logsumexp(1, keepdim=True)], dim=1)
+    lookup = np.full(23, 5)
+    lookup[classes] = np.arange(5)
+    target = torch.from_numpy(lookup[tokens.numpy()[test, 1:].reshape(-1)])
+    hits, losses = scores.values[3, 1][:, 0], scores.values[3, 1][:, 2]
+    np.testing.assert_array_equal(hits, (mapped.argmax(1) == target).numpy())
+    np.testing.assert_allclose(losses, cross_entropy(mapped, target, reduction="none").numpy(), atol=1e-5)
+    assert 0 < hits.mean() < 1
 
 
 def test_massive_dimensions_do_not_hide_a_planted_signal():

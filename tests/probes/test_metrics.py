@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from scipy.stats import norm
 from sklearn.metrics import r2_score
 
-from probes.metrics import mean_scores, r2_scores
+from probes.metrics import fdr_significant, mean_scores, r2_scores
 
 
 def test_r2_point_estimates_match_sklearn():
@@ -31,3 +32,19 @@ def test_interval_reflects_sequences_not_positions():
     assert estimate.value == pytest.approx(values.mean())
     expected_width = 2 * 1.96 / np.sqrt(n_sequences)  # standard error of a mean of 400 unit-variance draws
     assert estimate.ci_high - estimate.ci_low == pytest.approx(expected_width, rel=0.15)
+
+
+def test_fdr_marks_follow_benjamini_hochberg_over_the_grid():
+    # a 95 % interval read as normal: value ± 1.96 se; se = 1 here, so z = value
+    z = np.array([[5.0, 2.1, 0.1], [2.0, 0.0, -4.0], [np.nan, 1.0, -2.05]])
+    low, high = z - 1.96, z + 1.96
+    significant = fdr_significant(z, low, high)
+    p = 2 * norm.sf(np.abs(z[np.isfinite(z)]))  # 8 finite cells
+    order = np.argsort(p)
+    passed = p[order] <= 0.05 * np.arange(1, 9) / 8  # BH: the largest k with p_(k) ≤ k·q/m, and all below it
+    k = np.nonzero(passed)[0].max() + 1
+    expected = np.zeros(8, dtype=bool)
+    expected[order[:k]] = True
+    np.testing.assert_array_equal(significant[np.isfinite(z)], expected)
+    assert significant[0, 0] and significant[1, 2] and not significant[2, 0]
+    assert not significant[0, 1] and ((low > 0) | (high < 0))[0, 1]  # each alone "significant"; not over the grid

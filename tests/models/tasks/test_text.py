@@ -18,6 +18,7 @@ from models.tasks.text import (
     check_vocabulary,
     gpt2_tokenizer,
     iter_documents,
+    source_fingerprint,
     tokenize_source,
     tokenizer_fingerprint,
 )
@@ -203,3 +204,33 @@ def test_text_task_loss_is_next_token_cross_entropy(tiny_lm):
 def test_vocabulary_mismatch_is_refused(tokenizer):
     with pytest.raises(ForethoughtError, match="the tokenizer has 50257 tokens but tiny has a vocabulary of 23"):
         check_vocabulary(tokenizer, 23, "tiny")
+
+
+def test_a_changed_corpus_gets_a_new_token_folder(tokenizer, tmp_path):
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n\n".join(f"paragraph {i} about a cat" for i in range(100)))
+    data = TextData(corpus=str(corpus), seq_len=2)
+    before = data.tokens_folder(tokenizer, tmp_path / "tokens")
+    data.load(tokenizer, tmp_path / "tokens")
+    corpus.write_text(corpus.read_text().replace("a", "e"))  # same path, same size, other text
+    after = data.tokens_folder(tokenizer, tmp_path / "tokens")
+    assert after != before
+    assert TokenFile.open(before).meta["content"] != source_fingerprint(str(corpus))
+
+
+@pytest.mark.parametrize("file", ["tokens.bin", "offsets.npy"])
+def test_a_token_file_changed_after_it_was_written_is_refused(tokenizer, tmp_path, file):
+    tokens = tokenize_source(str(_jsonl(tmp_path)), tmp_path / "tok", tokenizer)
+    path = tokens.folder / file
+    data = bytearray(path.read_bytes())
+    data[-2:] = data[-1:] + data[-2:-1] if data[-1] != data[-2] else bytes([data[-1] ^ 1, data[-2]])
+    path.write_bytes(bytes(data))  # same size: only the digest can tell
+    with pytest.raises(ForethoughtError, match=rf"{file} was changed or damaged .*tokenise afresh"):
+        TokenFile.open(tmp_path / "tok")
+
+
+def test_a_document_that_is_not_text_is_named(tokenizer, tmp_path):
+    corpus = tmp_path / "c.jsonl"
+    corpus.write_text('{"text": "fine"}\n{"text": 12}\n')
+    with pytest.raises(ForethoughtError, match=r"document 2 is int, not text"):
+        tokenize_source(str(corpus), tmp_path / "tok", tokenizer)

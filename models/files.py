@@ -1,0 +1,153 @@
+"""Files a later run trusts: atomic writes, checked JSON, content digests, free space, and the run-folder lock.
+
+Every file the workbench reads back (settings, progress, meta, caches, token files, checkpoints) is written
+through here or with the same pattern: write a temporary sibling, ``fsync`` it, rename it over the final name,
+``fsync`` the folder. A crash leaves the old file or the new one, never half of one. Content digests (BLAKE2b,
+streamed in 16 MiB blocks) let a reader detect a file changed after it was written.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import os
+import shutil
+import socket
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from models.errors import ForethoughtError
+
+_BLOCK = 16 * 2**20
+LOCK_FILE = ".forethought.lock"
+_HELD: dict[Path, int] = {}  # folders this process holds the lock of → nesting depth
+
+
+def fsync_folder(folder: str | Path) -> None:
+    """Make a rename inside ``folder`` durable."""
+    descriptor = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` via a temporary sibling, fsync and rename."""
+    path = Path(path)
+    staging = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(staging, "wb") as out:
+            out.write(data)
+            out.flush()
+            os.fsync(out.fileno())
+        os.replace(staging, path)
+    finally:
+        staging.unlink(missing_ok=True)
+    fsync_folder(path.parent)
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    atomic_write_bytes(path, text.encode())
+
+
+def atomic_write_json(path: str | Path, value: Any, indent: int | None = 2) -> None:
+    """``value`` as JSON at ``path``, atomically."""
+    atomic_write_text(path, json.dumps(value, indent=indent, default=str) + "\n")
+
+
+def read_json(path: str | Path, rebuild: str = "") -> Any:
+    """The JSON at ``path``; a missing, torn or non-JSON file is a one-line error (``rebuild``: what to do)."""
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ForethoughtError(f"{path} is missing{'; ' + rebuild if rebuild else ''}") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ForethoughtError(f"{path} is damaged ({error}){'; ' + rebuild if rebuild else ''}") from None
+
+
+def file_digest(path: str | Path) -> str:
+    """BLAKE2b-128 of a file's bytes, read in 16 MiB blocks."""
+    digest = hashlib.blake2b(digest_size=16)
+    with open(path, "rb") as source:
+        while block := source.read(_BLOCK):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def check_digest(path: str | Path, expected: str, rebuild: str) -> None:
+    """Refuse a file whose content changed since its digest ``expected`` was recorded."""
+    try:
+        found = file_digest(path)
+    except OSError as error:
+        raise ForethoughtError(f"{path} cannot be read ({error.strerror}); {rebuild}") from None
+    if found != expected:
+        raise ForethoughtError(f"{path} was changed or damaged after it was written (content digest differs); {rebuild}")
+
+
+def size_text(n_bytes: float) -> str:
+    """``n_bytes`` readably: ``"12 KiB"``, ``"340 MiB"``, ``"3.40 GiB"``."""
+    if n_bytes < 2**20:
+        return f"{n_bytes / 2**10:.0f} KiB"
+    return f"{n_bytes / 2**20:.0f} MiB" if n_bytes < 2**30 else f"{n_bytes / 2**30:.2f} GiB"
+
+
+def check_free_space(folder: str | Path, needed: int, what: str) -> None:
+    """Refuse before writing when the disk holding ``folder`` (or its nearest existing parent) has less than
+    ``needed`` bytes free; ``what`` names the job in the message."""
+    existing = next(p for p in [Path(folder), *Path(folder).absolute().parents] if p.exists())
+    free = shutil.disk_usage(existing).free
+    if free < needed:
+        raise ForethoughtError(f"{what} needs about {size_text(needed)} in {folder}; only {size_text(free)} free")
+
+
+def folder_bytes(folder: str | Path) -> int:
+    """Bytes of the files under ``folder`` (0 if there is none)."""
+    folder = Path(folder)
+    return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file()) if folder.is_dir() else 0
+
+
+@contextmanager
+def run_lock(folder: str | Path) -> Iterator[None]:
+    """Hold ``folder``'s writer lock (an ``flock`` on ``folder/.forethought.lock``) for the block.
+
+    A second process asking for the same folder is refused at once with who holds it; the holding process may
+    nest the lock. The kernel releases the lock when the holder exits, however it exits, so a crash never
+    leaves a folder locked. A folder the lock created is removed again if nothing else was written into it
+    (a run refused after the lock was taken leaves nothing behind).
+    """
+    folder = Path(folder).absolute()
+    if folder in _HELD:
+        _HELD[folder] += 1
+        try:
+            yield
+        finally:
+            _HELD[folder] -= 1
+        return
+    created = not folder.exists()
+    folder.mkdir(parents=True, exist_ok=True)
+    descriptor = os.open(folder / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(descriptor, 4096, 0).decode(errors="replace").strip() or "another process"
+            raise ForethoughtError(f"{folder} is being written by {holder}; wait for it or choose another folder") from None
+        started = datetime.now(timezone.utc).isoformat(timespec="seconds")
+        os.ftruncate(descriptor, 0)
+        os.pwrite(descriptor, f"pid {os.getpid()} on {socket.gethostname()} since {started} "
+                              f"({' '.join(sys.argv[:3])})".encode(), 0)
+        _HELD[folder] = 1
+        try:
+            yield
+        finally:
+            del _HELD[folder]
+            if created and [p.name for p in folder.iterdir()] == [LOCK_FILE]:
+                shutil.rmtree(folder)
+    finally:
+        os.close(descriptor)  # releases the lock

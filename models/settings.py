@@ -1,0 +1,88 @@
+"""The range of every numeric setting, in one table, checked in full before a run writes anything.
+
+A setting means the same thing in every config that has it (``steps``, ``lr``, ``seq_len`` …), so one table
+keyed by field name serves every config dataclass: its ``__post_init__`` calls :func:`check_settings`. Every
+float must be finite; ``None`` (where a field allows it) means "not set" and is not checked. A test keeps the
+table complete: every int or float field of every command's config has a rule here.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import fields
+from typing import Any
+
+import torch
+
+from models.errors import ForethoughtError
+
+Rule = tuple[str, Callable[[Any], bool]]  # (the range in words, the test)
+
+AT_LEAST_1: Rule = ("≥ 1", lambda v: v >= 1)
+AT_LEAST_2: Rule = ("≥ 2", lambda v: v >= 2)
+POSITIVE: Rule = ("> 0", lambda v: v > 0)
+NON_NEGATIVE: Rule = ("≥ 0", lambda v: v >= 0)
+OPEN_UNIT: Rule = ("in (0, 1)", lambda v: 0 < v < 1)
+HALF_OPEN_UNIT: Rule = ("in [0, 1)", lambda v: 0 <= v < 1)
+PROBABILITY: Rule = ("in [0, 1]", lambda v: 0 <= v <= 1)
+
+RULES: dict[str, Rule] = {
+    # sizes of data and models
+    "seq_len": AT_LEAST_2, "n_layer": AT_LEAST_1, "d_model": AT_LEAST_1, "n_head": AT_LEAST_1,
+    "vocab_size": AT_LEAST_2, "max_documents": AT_LEAST_1, "n_terms": AT_LEAST_1, "degree": AT_LEAST_2,
+    "length": AT_LEAST_2, "n_nodes": AT_LEAST_2, "n_train": AT_LEAST_1, "n_test": AT_LEAST_1,
+    "heldout_sequences": AT_LEAST_1, "max_sequences": AT_LEAST_1, "n_sequences": AT_LEAST_1,
+    "share_sequences": AT_LEAST_1, "eval_samples": AT_LEAST_1, "probe_samples": AT_LEAST_1,
+    "batch_sequences": AT_LEAST_1, "classes": AT_LEAST_2, "top_k": AT_LEAST_1, "horizon": AT_LEAST_1,
+    # the synthetic task
+    "p": PROBABILITY, "freq": POSITIVE,
+    # optimisation
+    "steps": AT_LEAST_1, "epochs": POSITIVE, "batch_size": AT_LEAST_1, "lr": POSITIVE, "weight_decay": NON_NEGATIVE,
+    "warmup_frac": HALF_OPEN_UNIT, "grad_clip": NON_NEGATIVE, "dropout": HALF_OPEN_UNIT, "seed": NON_NEGATIVE,
+    "split_seed": NON_NEGATIVE, "eval_every": AT_LEAST_1, "eval_batches": AT_LEAST_1, "checkpoint_every": AT_LEAST_1,
+    "keep_checkpoints": AT_LEAST_1,
+    # probes
+    "max_epochs": AT_LEAST_1, "patience": NON_NEGATIVE, "ridge_alpha": NON_NEGATIVE, "test_fraction": OPEN_UNIT,
+    "probe_test_fraction": OPEN_UNIT, "validation_fraction": OPEN_UNIT, "sklearn_max_iter": AT_LEAST_1,
+    # benchmarks
+    "rounds": AT_LEAST_1, "warmup": NON_NEGATIVE,
+}
+
+
+def check_settings(config: Any, overrides: dict[str, Rule] | None = None) -> None:
+    """Refuse, in one line naming the setting, any numeric field of the dataclass ``config`` that is not finite
+    or outside its range in :data:`RULES` (``overrides`` replace rules for this config); also ``n_head`` not
+    dividing ``d_model``, and a ``device`` that is not there."""
+    rules = {**RULES, **(overrides or {})}
+    for field in fields(config):
+        value = getattr(config, field.name)
+        if value is None or isinstance(value, bool) or not isinstance(value, (int, float)):
+            continue
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ForethoughtError(f"{field.name} must be a finite number, got {value}")
+        if field.name in rules and not rules[field.name][1](value):
+            raise ForethoughtError(f"{field.name} must be {rules[field.name][0]}, got {value}")
+    d_model, n_head = getattr(config, "d_model", None), getattr(config, "n_head", None)
+    if d_model is not None and n_head is not None and d_model % n_head:
+        raise ForethoughtError(f"n_head {n_head} does not divide d_model {d_model}")
+    if isinstance(getattr(config, "device", None), str):
+        check_device(config.device)
+
+
+def check_device(name: str) -> None:
+    """Refuse a device torch cannot name or this machine does not have (``auto`` always works)."""
+    if name == "auto":
+        return
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise ForethoughtError(f"unknown device {name!r}; use auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda":
+        available = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if available == 0 or (device.index or 0) >= available:
+            raise ForethoughtError(f"device {name!r} is not there (this machine has {available} CUDA devices)")
+    elif device.type == "mps" and not torch.backends.mps.is_available():
+        raise ForethoughtError(f"device {name!r} is not there (no Apple GPU)")
+    elif device.type not in ("cpu", "cuda", "mps"):
+        raise ForethoughtError(f"device {name!r} is not supported; use auto, cpu, cuda or cuda:N")

@@ -1,0 +1,184 @@
+"""Bad input, command by command: one line naming the problem, exit code 2, and nothing written.
+
+The table grows with every command and every setting: each row is the command line and a pattern its one-line
+error must match. The files a row names are made by the ``workdir`` fixture (a corpus that is not UTF-8, a
+parquet file that is not one, a checkpoint with truncated weights, a run folder of another command …).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+
+from analyses.cli import main
+
+BAD_INPUT = {
+    "demo": [
+        (["--steps", "-5"], r"steps must be ≥ 1, got -5"),
+        (["--lr", "inf"], r"lr must be a finite number, got inf"),
+        (["--lr", "nan"], r"lr must be a finite number, got nan"),
+        (["--lr", "0"], r"lr must be > 0, got 0.0"),
+        (["--batch-size", "0"], r"batch_size must be ≥ 1, got 0"),
+        (["--weight-decay", "-0.1"], r"weight_decay must be ≥ 0"),
+        (["--warmup-frac", "1"], r"warmup_frac must be in \[0, 1\), got 1.0"),
+        (["--grad-clip", "-1"], r"grad_clip must be ≥ 0"),
+        (["--eval-every", "0"], r"eval_every must be ≥ 1"),
+        (["--checkpoint-every", "-2"], r"checkpoint_every must be ≥ 1"),
+        (["--seed", "-1"], r"seed must be ≥ 0"),
+        (["--d-model", "30", "--n-head", "4"], r"n_head 4 does not divide d_model 30"),
+        (["--n-layer", "0"], r"n_layer must be ≥ 1"),
+        (["--device", "cuda:7"], r"device 'cuda:7' is not there"),
+        (["--device", "tpu"], r"unknown device 'tpu'"),
+        (["--test-fraction", "1.5"], r"test_fraction must be in \(0, 1\)"),
+        (["--heldout-sequences", "0"], r"heldout_sequences must be ≥ 1"),
+        (["--p", "2"], r"p must be in \[0, 1\], got 2.0"),
+        (["--freq", "-1"], r"freq must be > 0"),
+        (["--ridge-alpha", "-1"], r"ridge_alpha must be ≥ 0"),
+        (["--vanilla-checkpoint", "missing"], r"checkpoint folder missing does not exist"),
+    ],
+    "pathstar": [
+        (["--preset", "nope"], r"unknown preset 'nope'"),
+        (["--epochs", "-1"], r"epochs must be > 0, got -1.0"),
+        (["--regimes", "foo"], r"unknown regime 'foo'"),
+        (["--trainings", "lazy"], r"lazy"),
+        (["--degree", "1"], r"degree must be ≥ 2"),
+        (["--n-nodes", "1"], r"n_nodes must be ≥ 2"),
+        (["--eval-samples", "0"], r"eval_samples must be ≥ 1"),
+        (["--probe-test-fraction", "0"], r"probe_test_fraction must be in \(0, 1\)"),
+        (["--train-file", "missing.txt", "--test-file", "missing.txt"], r"missing.txt does not exist"),
+        (["--train-file", "latin1.txt", "--test-file", "latin1.txt"], r"latin1.txt is not a path-star text file"),
+        (["--train-file", "star.txt", "--test-file", "notstar.txt"], r"notstar.txt line 1"),
+    ],
+    "pathstar-data": [
+        (["--n-train", "0"], r"n_train and n_test must be ≥ 1"),
+        (["--seed", "-3"], r"seed ≥ 0"),
+        (["--degree", "1"], r"degree"),
+        (["--out", "corpus.txt"], r"--out corpus.txt is a file, not a folder"),
+    ],
+    "train": [
+        (["--steps", "0"], r"steps must be ≥ 1, got 0"),
+        (["--epochs", "-1"], r"epochs must be > 0"),
+        (["--grad-clip", "-1"], r"grad_clip must be ≥ 0"),
+        (["--dropout", "1.5"], r"dropout must be in \[0, 1\)"),
+        (["--max-documents", "0"], r"max_documents must be ≥ 1"),
+        (["--seq-len", "1"], r"seq_len must be ≥ 2"),
+        (["--eval-batches", "0"], r"eval_batches must be ≥ 1"),
+        (["--device", "cuda:3"], r"device 'cuda:3' is not there"),
+        (["--preset", "nope"], r"unknown preset 'nope'"),
+        (["--tokenizer", "bpe:10"], r"the BPE size must be an integer from 257"),
+        (["--myopic-cut", "x"], r"unknown myopic cut 'x'"),
+        (["--corpus", "latin1.jsonl"], r"latin1.jsonl is not UTF-8 text"),
+        (["--corpus", "broken.parquet"], r"broken.parquet is not a readable parquet file"),
+        (["--corpus", "numbers.jsonl", "--model", "gpt2-micro"], r"document 2 is int, not text"),
+        (["--corpus", "nothere"], r"corpus nothere is neither"),
+        (["--model", "truncated", "--from-pretrained"], r"weights in truncated cannot be loaded"),
+        (["--model", "gpt2-micro", "--from-pretrained"], r"--from-pretrained needs a folder or hub id"),
+    ],
+    "probe": [
+        ([], r"give --checkpoints"),
+        (["--checkpoints", "=truncated"], r"checkpoint name '' cannot name a folder"),
+        (["--checkpoints", "a=truncated,a=truncated"], r"two checkpoints are named 'a'"),
+        (["--checkpoints", "truncated"], r"weights in truncated cannot be loaded"),
+        (["--checkpoints", "x", "--top-k", "0"], r"top_k must be ≥ 1, got 0"),
+        (["--checkpoints", "x", "--taus", "0"], r"taus must be offsets ≥ 1"),
+        (["--checkpoints", "x", "--taus", "a"], r"taus"),
+        (["--checkpoints", "x", "--max-epochs", "0"], r"max_epochs must be ≥ 1"),
+        (["--checkpoints", "x", "--patience", "-1"], r"patience must be ≥ 0"),
+        (["--checkpoints", "x", "--max-sequences", "0"], r"max_sequences must be ≥ 1"),
+        (["--checkpoints", "x", "--precision", "float8"], r"float8"),
+        (["--checkpoints", "x", "--kind", "nope"], r"unknown probe kind 'nope'"),
+        (["--checkpoints", "x", "--lr", "-1"], r"lr must be > 0"),
+    ],
+    "precache": [
+        (["--vanilla", "truncated"], r"myopic"),
+        (["--vanilla", "a", "--myopic", "b", "--max-epochs", "0"], r"max_epochs must be ≥ 1"),
+    ],
+    "gap": [
+        ([], r"give --vanilla and/or --myopic"),
+        (["--vanilla", "x", "--max-sequences", "0"], r"max_sequences must be ≥ 1"),
+        (["--vanilla", "x", "--share-sequences", "-1"], r"share_sequences must be ≥ 1"),
+        (["--vanilla", "nothere"], r"nothere is not a folder"),
+        (["--vanilla", "truncated"], r"weights in truncated cannot be loaded"),
+    ],
+    "seeds": [
+        (["--runs", ""], r"runs"),
+        (["--runs", "nothere,nothere2"], r"nothere"),
+        (["--runs", "otherrun,torn"], r"otherrun|torn"),
+    ],
+    "trend": [
+        (["--runs", "nothere"], r"give at least two run folders"),
+        (["--runs", "nothere,nothere2"], r"nothere"),
+    ],
+    "compare": [
+        (["--run", "otherrun"], r"otherrun holds no probe or precache run"),
+        (["--run", "torn"], r"torn/config.json is damaged"),
+        (["--run", "nothere"], r"nothere holds no probe or precache run"),
+    ],
+    "bench train": [
+        (["--rounds", "0"], r"rounds must be ≥ 1"),
+        (["--seq-len", "1"], r"seq_len must be ≥ 2"),
+        (["--device", "cuda:2"], r"device 'cuda:2' is not there"),
+    ],
+    "bench probe": [
+        (["--classes", "1"], r"classes must be ≥ 2"),
+        (["--epochs", "0"], r"epochs must be > 0"),
+    ],
+    "bench cache": [
+        (["--precision", "x"], r"precision"),
+        (["--n-sequences", "0"], r"n_sequences must be ≥ 1"),
+    ],
+}
+CASES = [(command, argv, pattern) for command, rows in BAD_INPUT.items() for argv, pattern in rows]
+
+
+@pytest.fixture
+def workdir(tmp_path, monkeypatch, tiny_lm):
+    """A working folder holding every bad file the table names."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "corpus.txt").write_text("a corpus, not a folder\n")
+    (tmp_path / "latin1.jsonl").write_bytes('{"text": "caf\xe9"}\n'.encode("latin-1"))
+    (tmp_path / "numbers.jsonl").write_text('{"text": "fine words here"}\n{"text": 12}\n')
+    (tmp_path / "broken.parquet").write_text("not parquet")
+    (tmp_path / "latin1.txt").write_bytes("1,2|1,3/1,3=1,3\xe9\n".encode("latin-1"))
+    (tmp_path / "star.txt").write_text("0,1|1,2|0,3|3,4/0,4=0,3,4\n")
+    (tmp_path / "notstar.txt").write_text("0,1|1,2/0,9=0,9\n")
+    tiny_lm.float().save_pretrained(tmp_path / "truncated")
+    weights = tmp_path / "truncated" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    (tmp_path / "otherrun").mkdir()
+    (tmp_path / "otherrun" / "config.json").write_text(json.dumps({"steps": 3}))
+    (tmp_path / "torn").mkdir()
+    (tmp_path / "torn" / "config.json").write_text('{"checkpoints": "a=b", "ta')
+    return tmp_path
+
+
+def _files(folder) -> set[str]:
+    return {str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file()}
+
+
+@pytest.mark.parametrize("command, argv, pattern", CASES, ids=[f"{c} {' '.join(a)}" for c, a, _ in CASES])
+def test_bad_input_is_one_line_and_writes_nothing(workdir, capsys, command, argv, pattern):
+    before = _files(workdir)
+    code = main([*command.split(), *argv])
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert err.startswith("forethought: error: ") and err.count("\n") == 1, err
+    assert re.search(pattern, err), err
+    assert _files(workdir) == before  # nothing written, nothing changed
+
+
+def test_every_numeric_setting_has_a_range():
+    """A new int or float setting of any command needs a rule in models.settings.RULES."""
+    from dataclasses import fields
+
+    from analyses.cli import ANALYSES, BENCHES, EXPERIMENTS
+    from analyses.compare import CompareConfig
+    from models.lm import LMTrainConfig
+    from models.settings import RULES
+
+    configs = [c for c, *_ in EXPERIMENTS.values()] + [c for c, _ in [*ANALYSES.values(), *BENCHES.values()]]
+    numeric = {f.name for config in [*configs, CompareConfig, LMTrainConfig] for f in fields(config)
+               if re.match(r"(int|float)\b", str(f.type))}
+    assert numeric - set(RULES) == set()

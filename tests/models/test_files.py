@@ -1,0 +1,86 @@
+"""Files a later run trusts: atomic writes, checked JSON, content digests and the run-folder lock."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+
+from models.errors import ForethoughtError
+from models.files import LOCK_FILE, atomic_write_json, check_digest, file_digest, read_json, run_lock
+
+HOLD = """
+import sys, time
+from models.files import run_lock
+with run_lock(sys.argv[1]):
+    open(sys.argv[2], "w").close()
+    time.sleep(60)
+"""
+
+
+@pytest.fixture
+def held(tmp_path):
+    """A folder whose lock another process holds (for up to a minute)."""
+    ready = tmp_path / "ready"
+    holder = subprocess.Popen([sys.executable, "-c", HOLD, str(tmp_path / "run"), str(ready)],
+                              cwd=os.path.dirname(os.path.dirname(os.path.dirname(__file__))))
+    while not ready.exists():
+        assert holder.poll() is None, "the holding process died"
+        time.sleep(0.05)
+    yield tmp_path / "run", holder.pid
+    holder.kill()
+    holder.wait()
+
+
+def test_a_second_writer_is_refused_with_who_holds_the_folder(held):
+    folder, pid = held
+    (folder / "precious").write_text("kept")
+    with pytest.raises(ForethoughtError, match=rf"run is being written by pid {pid} on .* since .*; wait for it"):
+        with run_lock(folder):
+            pass
+    assert (folder / "precious").read_text() == "kept"
+
+
+def test_the_lock_goes_with_its_holder(held, tmp_path):
+    folder, pid = held
+    os.kill(pid, 9)
+    os.waitpid(pid, 0)
+    with run_lock(folder):  # the kernel released the dead holder's lock
+        assert (folder / LOCK_FILE).exists()
+
+
+def test_the_holder_may_nest_its_lock_and_an_unused_folder_is_removed(tmp_path):
+    with run_lock(tmp_path / "run"):
+        with run_lock(tmp_path / "run"):
+            pass
+        assert (tmp_path / "run").is_dir()
+    assert not (tmp_path / "run").exists()  # created by the lock, nothing written: gone again
+    with run_lock(tmp_path / "kept"):
+        (tmp_path / "kept" / "file").write_text("x")
+    assert (tmp_path / "kept" / "file").exists()
+
+
+def test_atomic_json_round_trip_and_torn_json_is_one_line(tmp_path):
+    atomic_write_json(tmp_path / "a.json", {"x": [1, 2]})
+    assert read_json(tmp_path / "a.json") == {"x": [1, 2]}
+    assert [p.name for p in tmp_path.iterdir()] == ["a.json"]  # no temporary left
+    (tmp_path / "a.json").write_text('{"x": [1,')
+    with pytest.raises(ForethoughtError, match=r"a.json is damaged \(.*\); run it again"):
+        read_json(tmp_path / "a.json", "run it again")
+    with pytest.raises(ForethoughtError, match=r"b.json is missing"):
+        read_json(tmp_path / "b.json")
+
+
+def test_a_digest_catches_one_flipped_bit(tmp_path):
+    path = tmp_path / "f.bin"
+    path.write_bytes(bytes(range(256)) * 1000)
+    digest = file_digest(path)
+    check_digest(path, digest, "rebuild")
+    data = bytearray(path.read_bytes())
+    data[123_456] ^= 1
+    path.write_bytes(bytes(data))
+    with pytest.raises(ForethoughtError, match=r"f.bin was changed or damaged after it was written .*; rebuild"):
+        check_digest(path, digest, "rebuild")
