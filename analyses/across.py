@@ -161,12 +161,23 @@ class SeedsResults(ExperimentResults):
                                    "k↑ / k↓: runs whose 95% CI lies above / below 0")
         return figure
 
+    def headline(self) -> pd.DataFrame:
+        """The paired differences if the runs have any (gap, precache, probe runs), else every whole-model
+        quantity (no layer, positions pooled: the synthetic twins' losses, path-star accuracies)."""
+        rows = self.differences()
+        if rows.empty:
+            rows = self.table[self.table["layer"].isna() & self.table["position"].isna()]
+        return rows
+
     def summary(self) -> str:
         labels = self._labels()
-        lines = [f"{len(labels)} runs: {', '.join(labels)}; paired differences, positions pooled:"]
-        for _, row in self.differences().iterrows():
+        paired = not self.differences().empty
+        lines = [f"{len(labels)} runs: {', '.join(labels)}; "
+                 f"{'paired differences' if paired else 'whole-model quantities'}, positions pooled:"]
+        for _, row in self.headline().iterrows():
             where = ", ".join(f"{k} {row[k]}" for k in ("layer", "tau") if not pd.isna(row[k]))
-            name = row["checkpoint"] + (f" {row['probe']}" if isinstance(row["probe"], str) else "")
+            name = row["checkpoint"] + "".join(f" {row[k]}" for k in ("probe", "task", "target") if isinstance(row[k], str)
+                                               and not (k != "probe" and paired))
             runs = "  ".join(f"{row[f'value@{label}']:+.4f} "
                              f"[{row[f'ci_low@{label}']:+.4f}, {row[f'ci_high@{label}']:+.4f}]" for label in labels)
             lines.append(f"  {name} {row['metric']}{' (' + where + ')' if where else ''}: {runs}  →  "

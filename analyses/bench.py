@@ -7,6 +7,8 @@ one sklearn ``LogisticRegression`` per probe on a small vocabulary subset, at th
 layer) against a bare Hugging Face forward pass with ``output_hidden_states=True`` on the same tokens, at the
 same precision: tokens/s and their ratio (default model: SmolLM2-135M).
 
+``bench pathstar``: generating, writing and parsing path-star text files, vectorised vs line by line.
+
 ``bench train``: one training step (forward, next-token loss, backward, clipping, AdamW — the step of
 ``forethought train``) of a GPT-2 language model, vanilla (PyTorch fused attention) vs myopic (flash
 attention + diagonal correction) vs naive myopic (materialised T×T scores, as in the paper's code): tokens/s
@@ -33,6 +35,7 @@ from sklearn.preprocessing import StandardScaler
 from models.errors import ForethoughtError
 from models.gpt2 import build_lm, gpt2_config
 from models.myopic import myopic
+from models.tasks.pathstar import PathStarData, PathStarSpec, format_line, generate, parse_line
 from models.tasks.text import TextData, gpt2_tokenizer, next_token_loss
 from models.train import resolve_device
 from models.lm import LMCheckpoint
@@ -310,3 +313,46 @@ def bench_cache(config: CacheBenchConfig) -> pd.DataFrame:
 def _synchronize(device: str) -> None:
     if device.startswith("cuda"):
         torch.cuda.synchronize()
+
+@dataclass
+class PathStarBenchConfig:
+    """Settings of ``forethought bench pathstar``: generating path-star samples, writing them in the paper's text
+    format and parsing them back, vectorised (what ``pathstar-data`` and ``--train-file`` use) vs line by line
+    (a Python loop over :func:`~models.tasks.pathstar.format_line` / ``parse_line``)."""
+
+    degree: int = 5
+    length: int = 5
+    n_nodes: int = 50
+    n_train: int = 200000  # samples written and parsed
+    seed: int = 0
+
+    def __post_init__(self):
+        check_settings(self)
+        PathStarSpec(self.degree, self.length, self.n_nodes)  # validates d, l, N
+
+
+def bench_pathstar(config: PathStarBenchConfig) -> pd.DataFrame:
+    """Seconds of each step, vectorised and line by line, on the same samples (checked to agree)."""
+    started = time.perf_counter()
+    data = generate(PathStarSpec(config.degree, config.length, config.n_nodes), config.n_train,
+                    np.random.default_rng(config.seed))
+    seconds = {"generate": (time.perf_counter() - started, None)}
+    started = time.perf_counter()
+    text = data.text()
+    fast = time.perf_counter() - started
+    started = time.perf_counter()
+    loop_text = "".join(format_line(edges, path) + "\n" for edges, path in zip(data.edges, data.path))
+    seconds["write text"] = (fast, time.perf_counter() - started)
+    started = time.perf_counter()
+    parsed = PathStarData.from_text(text)
+    fast = time.perf_counter() - started
+    started = time.perf_counter()
+    looped = [parse_line(line, number) for number, line in enumerate(loop_text.splitlines(), 1)]
+    seconds["parse text"] = (fast, time.perf_counter() - started)
+    if text != loop_text or not np.array_equal(parsed.edges, np.stack([edges for edges, _ in looped])):
+        raise ForethoughtError("the vectorised and the line-by-line text disagree")  # a bug, never expected
+    table = pd.DataFrame([{"step": step, "vectorised_s": fast, "line_by_line_s": loop,
+                           "speedup": None if loop is None else loop / fast} for step, (fast, loop) in seconds.items()])
+    table.attrs["setting"] = (f"{config.n_train:,} samples of {data.spec}, {len(text) / 2**20:.0f} MiB of text, "
+                              "one process")
+    return table

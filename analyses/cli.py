@@ -17,7 +17,8 @@ from dataclasses import MISSING, Field, fields
 from pathlib import Path
 
 from analyses.bench import (
-    CacheBenchConfig, ProbeBenchConfig, TrainBenchConfig, bench_cache, bench_probe, bench_train,
+    CacheBenchConfig, PathStarBenchConfig, ProbeBenchConfig, TrainBenchConfig, bench_cache, bench_pathstar, bench_probe,
+    bench_train,
 )
 from analyses.across import AcrossConfig, run_seeds, run_trend
 from analyses.compare import CompareConfig, run_compare
@@ -49,7 +50,7 @@ ANALYSES = {  # command: (config dataclass, run function) for analyses of traine
     "trend": (AcrossConfig, run_trend),
 }
 BENCHES = {"train": (TrainBenchConfig, bench_train), "probe": (ProbeBenchConfig, bench_probe),
-           "cache": (CacheBenchConfig, bench_cache)}
+           "cache": (CacheBenchConfig, bench_cache), "pathstar": (PathStarBenchConfig, bench_pathstar)}
 
 # Every figure in figures/, from the embedded default (a few hours on 2 CPU cores; each step resumes or reuses
 # what an earlier run left in runs/, so a rerun redoes only what changed).
@@ -178,6 +179,9 @@ def build_parser() -> argparse.ArgumentParser:
     cache_bench = benches.add_parser("cache", description=CacheBenchConfig.__doc__,
                                      help="residual caching through the bridge ÷ a bare Hugging Face forward pass")
     add_config_arguments(cache_bench, CacheBenchConfig)
+    pathstar_bench = benches.add_parser("pathstar", description=PathStarBenchConfig.__doc__,
+                                        help="path-star text files: generate, write, parse, vectorised ÷ line by line")
+    add_config_arguments(pathstar_bench, PathStarBenchConfig)
     return parser
 
 

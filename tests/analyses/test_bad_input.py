@@ -125,6 +125,11 @@ BAD_INPUT = {
         (["--classes", "1"], r"classes must be ≥ 2"),
         (["--epochs", "0"], r"epochs must be > 0"),
     ],
+    "bench pathstar": [
+        (["--degree", "1"], r"degree must be ≥ 2"),
+        (["--n-nodes", "5"], r"N = 5 labels are too few"),
+        (["--n-train", "0"], r"n_train must be ≥ 1"),
+    ],
     "bench cache": [
         (["--precision", "x"], r"precision"),
         (["--n-sequences", "0"], r"n_sequences must be ≥ 1"),

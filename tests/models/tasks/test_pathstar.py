@@ -8,7 +8,7 @@ import torch
 
 from models.errors import ForethoughtError
 from models.tasks.pathstar import (
-    IGNORE, PathStarData, PathStarSpec, PathStarTask, generate, generate_split, parse_line,
+    IGNORE, PathStarData, PathStarSpec, PathStarTask, format_line, generate, generate_split, parse_line, parse_text,
 )
 
 PAPER_LINE = "32,3|16,12|3,19|32,34|34,6|6,16|19,47|47,28/32,12=32,34,6,16,12"  # the G(2, 5) test file
@@ -97,3 +97,36 @@ def test_mixed_sizes_and_bad_specs_are_refused():
         PathStarSpec(2, 5, 8)
     with pytest.raises(ForethoughtError, match="unknown regime 'teacher_forcing'"):
         PathStarTask(PathStarData.from_lines([PAPER_LINE]), "teacher_forcing")
+
+
+@pytest.mark.parametrize("spec", [PathStarSpec(2, 5, 50), PathStarSpec(5, 5, 50), PathStarSpec(3, 2, 1200)])
+def test_vectorised_text_is_the_line_by_line_text(spec):
+    data = generate(spec, 500, np.random.default_rng(1))
+    text = data.text()
+    assert text == "".join(format_line(edges, path) + "\n" for edges, path in zip(data.edges, data.path))
+    edges, path = parse_text(text)
+    looped = PathStarData.from_lines(text.splitlines(), n_nodes=spec.n_nodes)
+    assert np.array_equal(edges, looped.edges) and np.array_equal(path, looped.path)
+    bulk = PathStarData.from_text(text, n_nodes=spec.n_nodes)
+    assert bulk.spec == looped.spec and np.array_equal(bulk.edges, looped.edges) and np.array_equal(bulk.path, looped.path)
+    assert parse_text(text.rstrip("\n")) is not None  # a last line without its newline
+
+
+# PAPER_LINE with one defect each, keeping its layout (so only the bulk checks can catch it)
+SAME_LAYOUT = {
+    "32,3|16,12|3,19|32,34|34,6|6,16|19,47|47,28/32,12=32,34,6,19,12": "the path is not in the graph",
+    "32,3|16,12|3,19|32,34|34,6|6,16|19,47|47,16/32,12=32,34,6,16,12": "repeated labels",
+    "32,3|16,12|3,19|32,34|34,6|6,16|3,47|47,28/32,12=32,34,6,16,12": "not a star",
+    "32,3|16,12|3,19|32,34|34,6|6,16|19,47|47,28/32,28=32,34,6,16,12": "not of the form|the goal 28",
+    "32,3|16,12|3,19|32,34|34,6|6,16|19,47|47,28/32,12=34,34,6,16,12": "from the start 32",
+    "32,3|16,12|3,19|32,34|34,6|6,16|19,47|47,28/32,12=32,34,6,16,x": "not of the form",
+    "32,3|16,12|3,19|32,34|34,6|6,16|19,47|47,28/32,12=32,34,6,,12": "not of the form",
+}
+
+
+@pytest.mark.parametrize("line, message", SAME_LAYOUT.items())
+def test_a_defect_the_bulk_parser_finds_is_named_by_line(line, message):
+    text = "\n".join([PAPER_LINE, PAPER_LINE, line, PAPER_LINE]) + "\n"
+    assert parse_text(text) is None
+    with pytest.raises(ForethoughtError, match=f"data.txt line 3: .*({message})"):
+        PathStarData.from_text(text, source="data.txt")
