@@ -33,6 +33,7 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.preprocessing import StandardScaler
 
 from models.errors import ForethoughtError
+from models.files import file_digest
 from models.gpt2 import build_lm, gpt2_config
 from models.myopic import myopic
 from models.tasks.pathstar import PathStarData, PathStarSpec, format_line, generate, parse_line
@@ -196,6 +197,10 @@ def _bench_probe(config: ProbeBenchConfig, folder: Path) -> pd.DataFrame:
     cache = build_cache(folder / "model", tokens, folder / "cache", layers, device=config.device, progress=False)
     cache_seconds = time.perf_counter() - start
     cache_bytes = sum(p.stat().st_size for p in (folder / "cache").glob("layer_*.npy"))
+    start = time.perf_counter()  # what reading the cache back adds: each file's content digest, once
+    for name in cache.meta["digests"]:
+        file_digest(cache.folder / name)
+    digest_seconds = time.perf_counter() - start
 
     probe_config = FutureProbeConfig(kind="topk", top_k=config.classes, lr=1e-2, max_epochs=config.epochs,
                                      device=config.device)
@@ -226,14 +231,15 @@ def _bench_probe(config: ProbeBenchConfig, folder: Path) -> pd.DataFrame:
     n_tokens, n_probes = tokens.size, len(layers) * len(taus)
     fit_examples = (1 - probe_config.validation_fraction) * len(train) * positions  # per probe and epoch
     table = pd.DataFrame({
-        "step": ["cache (forward + write)", "probes: torch, one pass", "probes: sklearn, one per (layer, τ)"],
-        "seconds": [cache_seconds, torch_seconds, sklearn_seconds],
-        "tokens_per_s": [n_tokens / cache_seconds, None, None],
-        "probe_examples_per_s": [None, fit_examples * n_probes * len(fitted.history) / torch_seconds, None],
-        "gb_written_per_s": [cache_bytes / cache_seconds / 1e9, None, None],
-        "probes": [None, n_probes, n_probes],
-        "mean_top1": [None, torch_accuracy, float(np.mean(accuracies))],
-        "speedup_vs_sklearn": [None, sklearn_seconds / torch_seconds, 1.0],
+        "step": ["cache (forward + write)", "cache digests (checked when read)", "probes: torch, one pass",
+                 "probes: sklearn, one per (layer, τ)"],
+        "seconds": [cache_seconds, digest_seconds, torch_seconds, sklearn_seconds],
+        "tokens_per_s": [n_tokens / cache_seconds, n_tokens / digest_seconds, None, None],
+        "probe_examples_per_s": [None, None, fit_examples * n_probes * len(fitted.history) / torch_seconds, None],
+        "gb_per_s": [cache_bytes / cache_seconds / 1e9, cache_bytes / digest_seconds / 1e9, None, None],
+        "probes": [None, None, n_probes, n_probes],
+        "mean_top1": [None, None, torch_accuracy, float(np.mean(accuracies))],
+        "speedup_vs_sklearn": [None, None, sklearn_seconds / torch_seconds, 1.0],
     })
     table.attrs["setting"] = (
         f"{config.device}, GPT-2 {config.n_layer} layers × d_model {config.d_model} (random init), "

@@ -58,8 +58,10 @@ CPU_SEEDS, CPU_SIZES = (0, 1, 2), ("gpt2-nano",)  # the cpu preset's pair over s
 _PAIRS = {**{f"cpu-s{seed}": f"--seed {seed}" for seed in CPU_SEEDS},
           **{f"cpu-{size}": f"--model {size}" for size in CPU_SIZES}}
 FIGURES = [
-    "demo --figures-dir figures",
-    "pathstar --figures-dir figures",
+    *[f"{command} --seed {seed} --out runs/{name}-s{seed}" + (" --figures-dir figures" if seed == 0 else "")
+      for command, name in (("demo", "demo"), ("pathstar", "pathstar-cpu")) for seed in CPU_SEEDS],
+    *[f"seeds --runs {','.join(f'runs/{name}-s{seed}' for seed in CPU_SEEDS)} --out runs/seeds-{name}"
+      for name in ("demo", "pathstar-cpu")],
     *[f"train --preset cpu {flags} --out runs/lm-{pair}-{twin}" + (" --myopic" if twin == "myopic" else "")
       for pair, flags in _PAIRS.items() for twin in ("vanilla", "myopic")],
     *[f"gap --vanilla runs/lm-{pair}-vanilla --myopic runs/lm-{pair}-myopic --out runs/gap-{pair}"

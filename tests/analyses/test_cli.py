@@ -128,8 +128,9 @@ def test_bench_probe_prints_throughput_and_the_sklearn_ratio(capsys, tmp_path):
     header = next(i for i, line in enumerate(lines) if line.startswith("forethought bench probe — cpu, GPT-2 1 layers"))
     assert "of 4 probes" in lines[header]  # 2 layers × 2 τ
     rows = lines[header + 2 :]
-    assert [row.split()[0] for row in rows] == ["cache", "probes:", "probes:"]
-    assert float(rows[1].split()[-1]) > 0 and float(rows[2].split()[-1]) == 1.0
+    assert [" ".join(row.split()[:2]) for row in rows] == ["cache (forward", "cache digests", "probes: torch,",
+                                                           "probes: sklearn,"]
+    assert float(rows[2].split()[-1]) > 0 and float(rows[3].split()[-1]) == 1.0
     assert list((tmp_path / "bench").iterdir()) == []  # the model and cache were temporary
 
 
@@ -148,11 +149,8 @@ def test_figures_lists_commands_that_parse(capsys):
         read = [] if args["command"] == "train" else [args.get(key) for key in ("vanilla", "myopic", "run")]
         for folder in filter(None, read + args.get("runs", "").split(",")):
             assert folder in made, f"{line}: {folder} is made by no earlier command"
-        if args["command"] in ("train", "gap", "precache") and "figures_dir" not in args:
-            made.add(args["out"])  # a step whose results a later command reads
-        else:
-            assert args["figures_dir"] == "figures"  # every figure lands in figures/
-            made.add(args.get("out"))
+        assert args.get("figures_dir", "figures") == "figures"  # every figure lands in figures/
+        made.add(args.get("out"))  # results a later command may read
 
 
 def test_bench_cache_prints_the_ratio_to_a_bare_forward_pass(capsys, llama_folder, llama_text, tmp_path):
