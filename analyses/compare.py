@@ -239,12 +239,13 @@ class Comparison:
             frames += [self._score_rows(name, kind) for name in self.names]
         frames += [self._score_rows(name, LOGIT_LENS) for name in self.names]
         vocab_size = self._checkpoint(self.names[0]).model.config.vocab_size
-        targets = {self.settings.target(kind): kind for kind in [*kinds, "lens"]}  # lens: the logit lens's classes
-        for target, kind in targets.items():
-            if target not in self._baselines:
-                counted = counted_sequences(self._checkpoints, self.settings)
-                self._baselines[target] = baseline_rows(self.tokens, self.settings, kind, vocab_size, counted)
-            frames.append(self._baselines[target])
+        lens_classes = "topk" if self.settings.kind == "topk" else "lens"  # the logit lens predicts the run's classes
+        targets = {self.settings.target(kind): kind for kind in [lens_classes, *kinds]}  # one baseline per class set
+        missing = {target: kind for target, kind in targets.items() if target not in self._baselines}
+        counted = counted_sequences(self._checkpoints, self.settings) if missing else None  # loads the training data
+        for target, kind in missing.items():
+            self._baselines[target] = baseline_rows(self.tokens, self.settings, kind, vocab_size, counted)
+        frames += [self._baselines[target] for target in targets]
         task = f"text: {self._heldout[0].corpus}" if self._heldout else None
         return tidy(pd.concat(frames, ignore_index=True), task=task, seed=self.settings.seed)
 

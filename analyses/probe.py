@@ -24,6 +24,7 @@ from analyses.experiment import ExperimentResults, finish_run, prepare_out, writ
 from analyses.gap import heldout_data
 from analyses.results import CONTROL, run_meta, tidy
 from models.errors import ForethoughtError
+from models.files import check_free_space, staged_folder
 from models.families import n_layers, unembedding
 from models.gpt2 import build_lm
 from models.lm import LMCheckpoint, check_same_tokenizer
@@ -276,8 +277,12 @@ def heldout_tokens(checkpoints: dict[str, LMCheckpoint], settings: ProbeSettings
 def control_checkpoint(like: LMCheckpoint, seed: int, folder: Path) -> LMCheckpoint:
     """A random-init model of ``like``'s architecture, any family (saved in ``folder/random-init``, so it can be
     cached)."""
-    build_lm(like.model.config, seed=seed).save_pretrained(folder / "random-init")
-    like.tokenizer.save_pretrained(folder / "random-init")
+    model = build_lm(like.model.config, seed=seed)
+    check_free_space(folder, sum(t.numel() * t.element_size() for t in model.state_dict().values()) + 2**24,
+                     "the random-init control")
+    with staged_folder(folder / "random-init") as staging:
+        model.save_pretrained(staging)
+        like.tokenizer.save_pretrained(staging)
     return LMCheckpoint.load(folder / "random-init")
 
 

@@ -5,15 +5,14 @@ Layout of a run folder::
     <run>/checkpoints/step-0000500/   config.json, model.safetensors, training_state.pt
     <run>/checkpoints/step-0001000/
 
-A checkpoint is written to ``step-N.tmp``, fsynced and renamed into place, so a crash never leaves a folder
-that looks complete; leftover ``.tmp`` folders are ignored and cleared by the next save. Weights that are not
+A checkpoint is written to ``step-N.tmp-PID``, fsynced and renamed into place, so a crash never leaves a folder
+that looks complete; leftover ``.tmp-PID`` folders are ignored (only ``step-N`` folders count). Weights that are not
 all finite are never saved, and the disk's free space is checked first. ``training_state.pt`` is read with
 ``torch.load(weights_only=True)``: tensors and plain containers only, so a planted pickle never runs.
 """
 
 from __future__ import annotations
 
-import os
 import re
 import shutil
 from collections.abc import Callable
@@ -24,7 +23,7 @@ import torch
 from transformers import PreTrainedModel
 
 from models.errors import ForethoughtError
-from models.files import check_free_space, fsync_folder
+from models.files import check_free_space, staged_folder
 from models.gpt2 import quiet_loading
 
 STATE_FILE = "training_state.pt"
@@ -50,20 +49,13 @@ def save_checkpoint(
     """
     folder = checkpoints_dir(run_dir) / f"step-{step:07d}"
     check_finite_weights(model, f"step {step} of {run_dir}")
-    staging = folder.with_name(folder.name + ".tmp")
-    shutil.rmtree(staging, ignore_errors=True)
     n_bytes = sum(t.numel() * t.element_size() for t in model.state_dict().values())
     check_free_space(folder.parent, 3 * n_bytes + 2**24, f"checkpoint {folder.name}")  # weights + AdamW moments
-    model.save_pretrained(staging)
-    torch.save(state, staging / STATE_FILE)
-    if extra is not None:
-        extra(staging)
-    for path in staging.iterdir():
-        _fsync(path)
-    if folder.exists():  # re-saving a step (e.g. the final one after a resume): replace it whole
-        shutil.rmtree(folder)
-    os.replace(staging, folder)
-    fsync_folder(folder.parent)
+    with staged_folder(folder) as staging:  # re-saving a step (the final one after a resume) replaces it whole
+        model.save_pretrained(staging)
+        torch.save(state, staging / STATE_FILE)
+        if extra is not None:
+            extra(staging)
     for old in list_checkpoints(run_dir)[:-keep]:
         shutil.rmtree(old)
     return folder
@@ -74,11 +66,6 @@ def check_finite_weights(model: PreTrainedModel, what: str) -> None:
     for name, tensor in model.state_dict().items():
         if tensor.is_floating_point() and not torch.isfinite(tensor).all():
             raise ForethoughtError(f"not saving {what}: {name} holds NaN or infinite weights")
-
-
-def _fsync(path: Path) -> None:
-    with open(path, "rb") as written:
-        os.fsync(written.fileno())
 
 
 def list_checkpoints(run_dir: str | Path) -> list[Path]:

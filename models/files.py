@@ -61,6 +61,29 @@ def atomic_write_json(path: str | Path, value: Any, indent: int | None = 2) -> N
     atomic_write_text(path, json.dumps(value, indent=indent, default=str) + "\n")
 
 
+@contextmanager
+def staged_folder(final: str | Path) -> Iterator[Path]:
+    """Write a folder atomically: the block fills the yielded staging folder (a sibling of ``final``); on
+    success every file is fsynced and the staging folder replaces ``final`` whole. On failure it is removed
+    and ``final`` is left as it was."""
+    final = Path(final)
+    staging = final.with_name(f"{final.name}.tmp-{os.getpid()}")
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    try:
+        yield staging
+        for path in staging.rglob("*"):
+            if path.is_file():
+                with open(path, "rb") as written:
+                    os.fsync(written.fileno())
+        if final.exists():  # replaced whole, never merged
+            shutil.rmtree(final)
+        os.replace(staging, final)
+        fsync_folder(final.parent)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
 def read_json(path: str | Path, rebuild: str = "") -> Any:
     """The JSON at ``path``; a missing, torn or non-JSON file is a one-line error (``rebuild``: what to do)."""
     try:

@@ -10,7 +10,9 @@ import time
 import pytest
 
 from models.errors import ForethoughtError
-from models.files import LOCK_FILE, atomic_write_json, check_digest, file_digest, read_json, run_lock
+from models.files import (
+    LOCK_FILE, atomic_write_json, check_digest, file_digest, read_json, run_lock, staged_folder,
+)
 
 HOLD = """
 import sys, time
@@ -84,3 +86,17 @@ def test_a_digest_catches_one_flipped_bit(tmp_path):
     path.write_bytes(bytes(data))
     with pytest.raises(ForethoughtError, match=r"f.bin was changed or damaged after it was written .*; rebuild"):
         check_digest(path, digest, "rebuild")
+
+
+def test_a_staged_folder_replaces_the_old_one_whole_or_not_at_all(tmp_path):
+    final = tmp_path / "model"
+    final.mkdir()
+    (final / "old").write_text("old")
+    with pytest.raises(RuntimeError, match="crash"):
+        with staged_folder(final) as staging:
+            (staging / "new").write_text("new")
+            raise RuntimeError("crash")
+    assert [p.name for p in tmp_path.iterdir()] == ["model"] and (final / "old").exists()
+    with staged_folder(final) as staging:
+        (staging / "new").write_text("new")
+    assert [p.name for p in final.iterdir()] == ["new"] and [p.name for p in tmp_path.iterdir()] == ["model"]
