@@ -106,6 +106,12 @@ def test_checkpoint_loads_offline_in_transformers_and_transformer_lens(corpus, t
     assert torch.equal(train_lm(settings(corpus, tmp_path)).model.transformer.wte.weight, result.model.transformer.wte.weight)
     with pytest.raises(ForethoughtError, match=r"other settings \(dropout: None → 0.0\)"):
         train_lm(settings(corpus, tmp_path, dropout=0.0))
+    weights = result.model.transformer.wte.weight
+    assert torch.equal(train_lm(settings(corpus, tmp_path, out=str(tmp_path / "run") + "/")).model.transformer.wte.weight,
+                       weights)  # --out with a trailing slash: the same run
+    (tmp_path / "run").rename(tmp_path / "moved")
+    moved = train_lm(settings(corpus, tmp_path, out=str(tmp_path / "moved"), tokens_root=str(tmp_path / "elsewhere")))
+    assert torch.equal(moved.model.transformer.wte.weight, weights)  # a moved run folder, token files kept elsewhere
 
 
 class Interrupted(Exception):
