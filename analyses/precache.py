@@ -10,13 +10,14 @@ future-gradient share per layer (:mod:`analyses.gap`).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, ClassVar
 
 import pandas as pd
 import plotly.graph_objects as go
 import torch
 
-from analyses.experiment import finish_run, prepare_out, writes_run
+from analyses.experiment import finish_run, writes_run
 from analyses.gap import check_twins, future_gradient_share
 from analyses.plots import FDR_NOTE, difference_heatmap
 from analyses.probe import ProbeConfig, ProbeResults, load_checkpoints, probe_checkpoints, probe_meta
@@ -83,8 +84,7 @@ def run_precache(config: PrecacheConfig) -> PrecacheResults:
     """Probe both twins and the control, estimate P and B per (layer, τ); write table, meta and figures."""
     checkpoints = load_checkpoints(config.named_checkpoints())
     check_twins(checkpoints["vanilla"], checkpoints["myopic"])
-    out = prepare_out(config.out, config.results_settings())
-    run = probe_checkpoints(config, checkpoints, out)
+    run = probe_checkpoints(config, checkpoints, config.out)  # checks the settings, then writes the folder
     rows: list[dict[str, Any]] = list(run.rows)
     rows += run.scores["vanilla"].minus(run.scores["myopic"]).assign(checkpoint=PRECACHE, target=config.target()
                                                                       ).to_dict("records")
@@ -97,5 +97,5 @@ def run_precache(config: PrecacheConfig) -> PrecacheResults:
                   **estimate.columns()} for layer, estimate in enumerate(shares)]
     table = tidy(rows, task=f"text: {run.data.corpus}", seed=config.seed)
     results = PrecacheResults(config=config, table=table)
-    finish_run(results, out, probe_meta(run))
+    finish_run(results, Path(config.out), probe_meta(run))
     return results

@@ -366,11 +366,16 @@ def counted_on(counted: np.ndarray | None, tokens: np.ndarray, settings: ProbeSe
     return f"the probes' training split of the held-out text ({n_train:,} sequences)"
 
 
-def probe_checkpoints(config: ProbeConfig, checkpoints: dict[str, LMCheckpoint], out: Path) -> ProbeRun:
-    """Cache and probe ``checkpoints`` (and the control) on held-out text; add the logit lens and the baselines."""
+def probe_checkpoints(config: ProbeConfig, checkpoints: dict[str, LMCheckpoint], out: str | Path) -> ProbeRun:
+    """Cache and probe ``checkpoints`` (and the control) on held-out text into the run folder ``out``; add the
+    logit lens and the baselines. The held-out data, layers and τ are checked before the folder is written."""
     first = next(iter(checkpoints.values()))
     data, tokens = heldout_tokens(checkpoints, config)
     layers = config.layer_list(n_layers(first.model.config))
+    if max(config.tau_list()) >= tokens.shape[1]:
+        raise ForethoughtError(f"taus reach {max(config.tau_list())}, but the held-out sequences have "
+                               f"{tokens.shape[1]} tokens: τ must stay below that")
+    out = prepare_out(out, config.results_settings())
     device = str(resolve_device(config.device))
     if config.random_init:
         checkpoints = {**checkpoints, CONTROL: control_checkpoint(first, config.seed, out)}
@@ -409,9 +414,8 @@ def probe_meta(run: ProbeRun) -> dict[str, Any]:
 def run_probe(config: ProbeConfig) -> ProbeResults:
     """Cache and probe every checkpoint (and the control) on held-out text; write table, meta and figures."""
     checkpoints = load_checkpoints(config.named_checkpoints())
-    out = prepare_out(config.out, config.results_settings())
-    run = probe_checkpoints(config, checkpoints, out)
+    run = probe_checkpoints(config, checkpoints, config.out)
     table = tidy(run.rows, task=f"text: {run.data.corpus}", seed=config.seed)
     results = ProbeResults(config=config, table=table)
-    finish_run(results, out, probe_meta(run))
+    finish_run(results, Path(config.out), probe_meta(run))
     return results

@@ -14,6 +14,10 @@ import pytest
 
 from analyses.cli import main
 
+# a loadable tiny LM on a corpus of its words, token files kept outside the working folder: settings that only
+# the checkpoint and the data can refute
+GOOD = ["--checkpoints", "good", "--corpus", "words.txt", "--seq-len", "8", "--tokens-root", "../tokens"]
+
 BAD_INPUT = {
     "demo": [
         (["--steps", "-5"], r"steps must be ≥ 1, got -5"),
@@ -90,6 +94,8 @@ BAD_INPUT = {
         (["--checkpoints", "x", "--precision", "float8"], r"float8"),
         (["--checkpoints", "x", "--kind", "nope"], r"unknown probe kind 'nope'"),
         (["--checkpoints", "x", "--lr", "-1"], r"lr must be > 0"),
+        ([*GOOD, "--layers", "9"], r"layers \[9\] out of range: the checkpoints have residual layers 0 … 3"),
+        ([*GOOD, "--taus", "8"], r"taus reach 8, but the held-out sequences have 8 tokens"),
     ],
     "precache": [
         (["--vanilla", "truncated"], r"myopic"),
@@ -139,8 +145,9 @@ CASES = [(command, argv, pattern) for command, rows in BAD_INPUT.items() for arg
 
 
 @pytest.fixture
-def workdir(tmp_path, monkeypatch, tiny_lm):
+def workdir(tmp_path_factory, monkeypatch, tiny_lm, lm_folder):
     """A working folder holding every bad file the table names."""
+    tmp_path = tmp_path_factory.mktemp("work")
     monkeypatch.chdir(tmp_path)
     (tmp_path / "corpus.txt").write_text("a corpus, not a folder\n")
     (tmp_path / "latin1.jsonl").write_bytes('{"text": "caf\xe9"}\n'.encode("latin-1"))
@@ -149,6 +156,8 @@ def workdir(tmp_path, monkeypatch, tiny_lm):
     (tmp_path / "latin1.txt").write_bytes("1,2|1,3/1,3=1,3\xe9\n".encode("latin-1"))
     (tmp_path / "star.txt").write_text("0,1|1,2|0,3|3,4/0,4=0,3,4\n")
     (tmp_path / "notstar.txt").write_text("0,1|1,2/0,9=0,9\n")
+    lm_folder.rename(tmp_path / "good")  # a tiny LM with its tokenizer (words w0 … w22)
+    (tmp_path / "words.txt").write_text("\n\n".join(" ".join(f"w{(i + j) % 23}" for j in range(12)) for i in range(200)))
     tiny_lm.float().save_pretrained(tmp_path / "truncated")
     weights = tmp_path / "truncated" / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
