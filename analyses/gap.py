@@ -281,8 +281,9 @@ def run_gap(config: GapConfig) -> GapResults:
     for name, checkpoint in checkpoints.items():
         model = checkpoint.model.to(device).float()
         losses[name] = token_losses(model, test, config.batch_size, config.progress)
-        if not myopic_layers(model):  # the share needs the myopic gradient: GPT-2 attention only, so far
-            print(f"{name}: no future-gradient share — the myopic gradient is implemented for GPT-2 attention only")
+        if not myopic_layers(model):  # the share needs the myopic gradient
+            print(f"{name}: no future-gradient share — the myopic gradient is implemented for GPT-2, Llama, Mistral, "
+                  "Qwen2 and GPT-NeoX attention")
             continue
         shares = future_gradient_share(model, test[: config.share_sequences], config.batch_size,
                                        config.seed, config.progress)

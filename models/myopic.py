@@ -33,6 +33,8 @@ from typing import Literal
 
 import torch
 from torch import nn
+from transformers import AttentionInterface, AttentionMaskInterface
+from transformers.masking_utils import sdpa_mask
 from transformers.models.gpt2.modeling_gpt2 import GPT2Attention
 
 from models.errors import ForethoughtError
@@ -61,32 +63,100 @@ def myopic(model: nn.Module, cut: Cut = "residual", impl: Impl = "auto") -> Iter
     layers = check_myopic_support(model)
     if any("forward" in layer.__dict__ for layer in layers):
         raise ForethoughtError("myopic(): the model is already inside a myopic context (or patched)")
+    interfaced = [layer for layer in layers if not isinstance(layer, GPT2Attention)]
+    if interfaced and impl == "fast":
+        raise ForethoughtError(f"myopic(impl='fast') is implemented for GPT-2 only; {type(interfaced[0]).__name__} "
+                               "layers use impl='reference' (or 'auto')")
+    configs = list({id(layer.config): layer.config for layer in interfaced}.values())
+    implementations = [config._attn_implementation for config in configs]
     for layer in layers:
-        layer.forward = _MyopicForward(layer, cut, impl)
+        layer.forward = _MyopicForward(layer, cut, impl) if isinstance(layer, GPT2Attention) else _InterfaceForward(layer, cut)
+    for config in configs:  # their attention function becomes the myopic one (their masks: sdpa's, None when causal)
+        config._attn_implementation = _INTERFACE_NAME
     try:
         yield model
     finally:
         for layer in layers:
-            del layer.forward  # back to GPT2Attention.forward
+            del layer.forward  # back to the class's forward
+        for config, implementation in zip(configs, implementations):
+            config._attn_implementation = implementation
 
 
-def myopic_layers(model: nn.Module) -> list[GPT2Attention]:
+# Llama-family and GPT-NeoX attention: q, k, v (rotary applied, grouped-query) reach a pluggable attention
+# function; the myopic one replaces it for the duration of the context.
+INTERFACE_FAMILIES = ("LlamaAttention", "MistralAttention", "Qwen2Attention", "GPTNeoXAttention")
+_INTERFACE_NAME = "forethought_myopic"
+
+
+def myopic_layers(model: nn.Module) -> list[nn.Module]:
     """The self-attention layers :func:`myopic` patches (empty for models it cannot make myopic)."""
-    return [m for m in model.modules() if isinstance(m, GPT2Attention) and not m.is_cross_attention]
+    return [m for m in model.modules() if (isinstance(m, GPT2Attention) and not m.is_cross_attention)
+            or type(m).__name__ in INTERFACE_FAMILIES]
 
 
-def check_myopic_support(model: nn.Module) -> list[GPT2Attention]:
+def check_myopic_support(model: nn.Module) -> list[nn.Module]:
     """:func:`myopic_layers`, refusing a model that has none."""
     layers = myopic_layers(model)
     if not layers:
-        raise ForethoughtError(f"the myopic gradient is implemented for GPT-2 attention only; {type(model).__name__} "
-                               "has none")
+        raise ForethoughtError(f"the myopic gradient is implemented for GPT-2, Llama, Mistral, Qwen2 and GPT-NeoX "
+                               f"attention; {type(model).__name__} has none")
     return layers
 
 
 def is_myopic(model: nn.Module) -> bool:
     """Whether ``model`` is currently inside a :func:`myopic` context."""
-    return any(isinstance(m.__dict__.get("forward"), _MyopicForward) for m in model.modules())
+    return any(isinstance(m.__dict__.get("forward"), (_MyopicForward, _InterfaceForward)) for m in model.modules())
+
+
+class _InterfaceForward:
+    """Replacement for a Llama-family / GPT-NeoX attention forward. ``cut="residual"``: the layer's own forward
+    first runs on a detached copy of its input, and the attention function only records the keys and values
+    it is given (k̃, ṽ: rotary and all, the gradient reaching the weights but not the input); then the real
+    forward runs, and :func:`_interface_attention` attends to k̃, ṽ off the diagonal and to the live k, v on it.
+    ``cut="kv"``: the live keys and values, detached off the diagonal."""
+
+    _CACHES = ("past_key_values", "past_key_value", "layer_past")
+
+    def __init__(self, layer: nn.Module, cut: Cut):
+        self.layer, self.cut = layer, cut
+        self.recording, self.recorded = False, None
+
+    def __call__(self, *args, **kwargs):
+        forward = type(self.layer).forward
+        if self.cut == "residual":
+            if "hidden_states" in kwargs:
+                detached_args, detached_kwargs = args, {**kwargs, "hidden_states": kwargs["hidden_states"].detach()}
+            else:
+                detached_args, detached_kwargs = (args[0].detach(), *args[1:]), dict(kwargs)
+            detached_kwargs = {k: (None if k in self._CACHES else v) for k, v in detached_kwargs.items()}
+            self.recording = True
+            try:
+                forward(self.layer, *detached_args, **detached_kwargs)  # records k̃, ṽ; its output is discarded
+            finally:
+                self.recording = False
+        try:
+            return forward(self.layer, *args, **kwargs)
+        finally:
+            self.recorded = None
+
+
+def _interface_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                         attention_mask: torch.Tensor | None, scaling: float, dropout: float = 0.0, **kwargs):
+    """The attention function of a myopic Llama-family / GPT-NeoX layer: query [b, heads, t, d], key and value
+    [b, kv_heads, t, d] → (output [b, t, heads, d], None)."""
+    state = module.__dict__["forward"]
+    if state.recording:
+        state.recorded = (key, value)
+        return query.new_zeros(query.transpose(1, 2).shape), None
+    key_past, value_past = state.recorded if state.cut == "residual" else (key.detach(), value.detach())
+    groups = getattr(module, "num_key_value_groups", 1)
+    key, value, key_past, value_past = (x.repeat_interleave(groups, dim=1) for x in (key, value, key_past, value_past))
+    out = reference_myopic_attention(query, key, value, key_past, value_past, scaling, attention_mask, dropout)
+    return out.transpose(1, 2).contiguous(), None
+
+
+AttentionInterface.register(_INTERFACE_NAME, _interface_attention)
+AttentionMaskInterface.register(_INTERFACE_NAME, sdpa_mask)
 
 
 class _MyopicForward:

@@ -57,10 +57,9 @@ def test_other_families_train_and_bad_models_are_named(corpus, llama_folder, tmp
     assert type(fresh).__name__ == "LlamaForCausalLM" and fresh.config.num_key_value_heads == 2
     assert torch.equal(tuned.model.embed_tokens.weight, original.model.embed_tokens.weight)
     assert not torch.equal(fresh.model.embed_tokens.weight, original.model.embed_tokens.weight)
-    with pytest.raises(ForethoughtError, match="the myopic gradient is implemented for GPT-2 attention only; "
-                                               "LlamaForCausalLM has none"):
-        train_lm(settings(corpus, tmp_path, model=str(llama_folder), tokenizer=str(llama_folder), myopic=True))
-    assert not (tmp_path / "run").exists()  # refused before writing anything
+    myopic_run = train_lm(settings(corpus, tmp_path, model=str(llama_folder), tokenizer=str(llama_folder), myopic=True,
+                                   steps=2, out=str(tmp_path / "myopic-llama")))  # the myopic gradient, Llama family
+    assert LMCheckpoint.load(myopic_run.checkpoint).description["myopic"] is True
     result = train_lm(settings(corpus, tmp_path, model=str(llama_folder), tokenizer=str(llama_folder),
                                from_pretrained=True, out=str(tmp_path / "llama")))  # fine-tuning, vanilla
     assert result.checkpoint.name == "step-0000004" and all(torch.isfinite(torch.tensor(r["train_loss"]))

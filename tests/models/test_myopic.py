@@ -150,7 +150,8 @@ def test_bad_arguments_are_named(tiny_lm):
             with myopic(tiny_lm):
                 pass
     assert not is_myopic(tiny_lm)
-    with pytest.raises(ForethoughtError, match="the myopic gradient is implemented for GPT-2 attention only; Linear has none"):
+    with pytest.raises(ForethoughtError, match="implemented for GPT-2, Llama, Mistral, Qwen2 and GPT-NeoX attention; "
+                                               "Linear has none"):
         with myopic(torch.nn.Linear(2, 2)):
             pass
 
@@ -219,3 +220,88 @@ def test_fused_kernels_fall_back_in_order_then_to_the_reference(tiny_lm, tokens,
         with pytest.raises(ForethoughtError, match=r"no fused attention kernel supports torch.float64 heads of size 4"):
             with myopic(tiny_lm, impl="fast"):
                 tiny_lm(tokens)
+
+
+def tiny_family(family: str):
+    """A 2-layer float64 Llama (rotary, 4 heads over 2 key/value heads) or GPT-NeoX (partial rotary, parallel
+    residual) with a vocabulary of 23, in eval mode."""
+    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM, LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    if family == "llama":
+        config = LlamaConfig(vocab_size=23, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32)
+        return LlamaForCausalLM(config).double().eval()
+    config = GPTNeoXConfig(vocab_size=23, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                           num_attention_heads=4, rotary_pct=0.5, max_position_embeddings=32)
+    return GPTNeoXForCausalLM(config).double().eval()
+
+
+@contextmanager
+def freeze_family_inputs(model, cut: str, rewrite):
+    """Llama / NeoX: ``rewrite(index, tensor)`` applied to every attention layer's input (cut="residual") or to its
+    key and value projections (cut="kv": Llama's k_proj, v_proj; NeoX's k and v parts of the fused projection)."""
+    attentions = [m for m in model.modules() if type(m).__name__ in ("LlamaAttention", "GPTNeoXAttention")]
+    handles = []
+    for index, layer in enumerate(attentions):
+        if cut == "residual":
+            def hook(module, args, kwargs, index=index):
+                if "hidden_states" in kwargs:
+                    return args, {**kwargs, "hidden_states": rewrite(index, kwargs["hidden_states"])}
+                return (rewrite(index, args[0]), *args[1:]), kwargs
+            handles.append(layer.register_forward_pre_hook(hook, with_kwargs=True))
+        elif hasattr(layer, "k_proj"):
+            for offset, projection in enumerate((layer.k_proj, layer.v_proj)):
+                handles.append(projection.register_forward_hook(
+                    lambda module, args, out, key=2 * index + offset: rewrite(key, out)))
+        else:
+            def fused(module, args, out, index=index, head=layer.head_size):
+                per_head = out.view(*out.shape[:-1], -1, 3 * head)  # [b, t, heads, q | k | v]
+                kept = torch.cat([per_head[..., :head], rewrite(index, per_head[..., head:])], dim=-1)
+                return kept.view_as(out)
+            handles.append(layer.query_key_value.register_forward_hook(fused))
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def family_brute_force(model, tokens, cut: str) -> list[torch.Tensor]:
+    """Σ_i ∂ℓ_i/∂θ with every other position's attention input (or keys and values) held at its recorded value."""
+    recorded = {}
+
+    def record(index, x):
+        recorded[index] = x.detach()
+        return x
+
+    with torch.no_grad(), freeze_family_inputs(model, cut, record):
+        n_positions = lm_losses(model, tokens).shape[1]
+    total = None
+    for position in range(n_positions):
+        def freeze(index, x, position=position):
+            live = torch.zeros(x.shape[1], dtype=torch.bool)
+            live[position] = True
+            return torch.where(live.view(1, -1, *[1] * (x.dim() - 2)), x, recorded[index])
+        with freeze_family_inputs(model, cut, freeze):
+            position_grads = grads(model, lm_losses(model, tokens)[:, position].sum())
+        total = position_grads if total is None else [a + b for a, b in zip(total, position_grads)]
+    return total
+
+
+@pytest.mark.parametrize("cut", ["residual", "kv"])
+@pytest.mark.parametrize("family", ["llama", "neox"])
+def test_llama_and_neox_myopic_gradients_equal_brute_force(family, cut, tokens):
+    model = tiny_family(family)
+    expected = family_brute_force(model, tokens, cut)
+    vanilla_logits = model(tokens).logits
+    vanilla = grads(model, lm_losses(model, tokens).sum())
+    with myopic(model, cut=cut):
+        assert is_myopic(model)
+        logits = model(tokens).logits
+        actual = grads(model, lm_losses(model, tokens).sum())
+    assert not is_myopic(model) and model.config._attn_implementation != "forethought_myopic"
+    torch.testing.assert_close(logits, vanilla_logits, atol=1e-12, rtol=0)  # forward values unchanged
+    for a, e in zip(actual, expected):
+        torch.testing.assert_close(a, e, atol=1e-9, rtol=0)
+    assert max((a - e).abs().max().item() for a, e in zip(vanilla, expected)) > 1e-4  # the cut changes something
