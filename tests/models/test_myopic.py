@@ -47,33 +47,39 @@ def rewrite_attention_inputs(model, cut: str, rewrite):
             handle.remove()
 
 
-def brute_force_myopic_grads(model, losses_fn, inputs, cut: str) -> list[torch.Tensor]:
-    """Σ_i ∂ℓ_i/∂θ with every position j ≠ i frozen: its attention input (cut="residual") or its
-    keys and values (cut="kv") replaced by constants recorded from a plain forward pass."""
+def gpt2_frozen_inputs(model, cut: str, rewrite):
+    """GPT-2: ``rewrite`` every attention input (cut="residual") or the key and value thirds of the fused q|k|v
+    projection (cut="kv": every query stays live)."""
+    if cut == "residual":
+        return rewrite_attention_inputs(model, cut, rewrite)
+
+    def keys_and_values(index, x):
+        d_model = x.shape[-1] // 3
+        return torch.cat([x[..., :d_model], rewrite(index, x[..., d_model:])], dim=-1)
+    return rewrite_attention_inputs(model, cut, keys_and_values)
+
+
+def brute_force_myopic_grads(model, losses_fn, inputs, cut: str, frozen_inputs=gpt2_frozen_inputs) -> list[torch.Tensor]:
+    """Σ_i ∂ℓ_i/∂θ with every position j ≠ i frozen: its attention input (cut="residual") or its keys and values
+    (cut="kv") replaced by constants recorded from a plain forward pass. ``frozen_inputs(model, cut, rewrite)``
+    applies ``rewrite(index, tensor [batch, seq, …])`` to what is frozen."""
     recorded: dict[int, torch.Tensor] = {}
 
     def record(index, x):
         recorded[index] = x.detach()
         return x
 
-    with torch.no_grad(), rewrite_attention_inputs(model, cut, record):
+    with torch.no_grad(), frozen_inputs(model, cut, record):
         n_positions = losses_fn(model, inputs).shape[1]
-
     total = None
     for position in range(n_positions):
-        live = torch.zeros(1, inputs.shape[1], 1, dtype=torch.bool)
-        live[0, position] = True
+        def freeze(index, x, position=position):
+            live = torch.zeros(x.shape[1], dtype=torch.bool)
+            live[position] = True
+            return torch.where(live.view(1, -1, *[1] * (x.dim() - 2)), x, recorded[index])
 
-        def freeze(index, x):
-            frozen = torch.where(live, x, recorded[index])
-            if cut == "residual":
-                return frozen
-            d_model = x.shape[-1] // 3  # keep every query live: only keys and values are frozen
-            return torch.cat([x[..., :d_model], frozen[..., d_model:]], dim=-1)
-
-        with rewrite_attention_inputs(model, cut, freeze):
-            loss = losses_fn(model, inputs)[:, position].sum()
-        position_grads = grads(model, loss)
+        with frozen_inputs(model, cut, freeze):
+            position_grads = grads(model, losses_fn(model, inputs)[:, position].sum())
         total = position_grads if total is None else [a + b for a, b in zip(total, position_grads)]
     return total
 
@@ -267,33 +273,11 @@ def freeze_family_inputs(model, cut: str, rewrite):
             handle.remove()
 
 
-def family_brute_force(model, tokens, cut: str) -> list[torch.Tensor]:
-    """Σ_i ∂ℓ_i/∂θ with every other position's attention input (or keys and values) held at its recorded value."""
-    recorded = {}
-
-    def record(index, x):
-        recorded[index] = x.detach()
-        return x
-
-    with torch.no_grad(), freeze_family_inputs(model, cut, record):
-        n_positions = lm_losses(model, tokens).shape[1]
-    total = None
-    for position in range(n_positions):
-        def freeze(index, x, position=position):
-            live = torch.zeros(x.shape[1], dtype=torch.bool)
-            live[position] = True
-            return torch.where(live.view(1, -1, *[1] * (x.dim() - 2)), x, recorded[index])
-        with freeze_family_inputs(model, cut, freeze):
-            position_grads = grads(model, lm_losses(model, tokens)[:, position].sum())
-        total = position_grads if total is None else [a + b for a, b in zip(total, position_grads)]
-    return total
-
-
 @pytest.mark.parametrize("cut", ["residual", "kv"])
 @pytest.mark.parametrize("family", ["llama", "neox"])
 def test_llama_and_neox_myopic_gradients_equal_brute_force(family, cut, tokens):
     model = tiny_family(family)
-    expected = family_brute_force(model, tokens, cut)
+    expected = brute_force_myopic_grads(model, lm_losses, tokens, cut, freeze_family_inputs)
     vanilla_logits = model(tokens).logits
     vanilla = grads(model, lm_losses(model, tokens).sum())
     with myopic(model, cut=cut):
