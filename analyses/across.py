@@ -57,9 +57,6 @@ class AcrossConfig:
             return [Path(folder).name for folder in self.run_folders()]
         return [part.strip() for part in self.labels.split(",")]
 
-    def results_settings(self) -> dict[str, Any]:
-        return {k: v for k, v in asdict(self).items() if k != "figures_dir"}
-
 
 def read_runs(config: AcrossConfig) -> tuple[dict[str, pd.DataFrame], dict[str, dict[str, Any]]]:
     """{label: table}, {label: meta} of the runs, refusing runs of different commands or settings."""
@@ -176,8 +173,8 @@ class SeedsResults(ExperimentResults):
                  f"{'paired differences' if paired else 'whole-model quantities'}, positions pooled:"]
         for _, row in self.headline().iterrows():
             where = ", ".join(f"{k} {row[k]}" for k in ("layer", "tau") if not pd.isna(row[k]))
-            name = row["checkpoint"] + "".join(f" {row[k]}" for k in ("probe", "task", "target") if isinstance(row[k], str)
-                                               and not (k != "probe" and paired))
+            named_by = ("probe",) if paired else ("probe", "task", "target")
+            name = row["checkpoint"] + "".join(f" {row[k]}" for k in named_by if isinstance(row[k], str))
             runs = "  ".join(f"{row[f'value@{label}']:+.4f} "
                              f"[{row[f'ci_low@{label}']:+.4f}, {row[f'ci_high@{label}']:+.4f}]" for label in labels)
             lines.append(f"  {name} {row['metric']}{' (' + where + ')' if where else ''}: {runs}  →  "
@@ -189,7 +186,7 @@ class SeedsResults(ExperimentResults):
 def run_seeds(config: AcrossConfig) -> SeedsResults:
     """The spread between runs (e.g. training seeds) of every quantity they share; table, meta and figures."""
     tables, metas = read_runs(config)
-    out = prepare_out(config.out, config.results_settings())
+    out = prepare_out(config.out, asdict(config))
     results = SeedsResults(config=config, table=spread(tables))
     finish_run(results, out, run_meta(runs=dict(zip(config.run_labels(), config.run_folders()))))
     return results
@@ -239,7 +236,7 @@ def run_trend(config: AcrossConfig) -> TrendResults:
             raise ForethoughtError(f"run {label} holds no myopia gap: give finished `forethought gap` runs of twins")
         source = metas[label].get("checkpoints", {}).get("vanilla")
         rows.append({"run": label, "parameters": model_size(source), **gap.iloc[0][["value", "ci_low", "ci_high"]]})
-    out = prepare_out(config.out, config.results_settings())
+    out = prepare_out(config.out, asdict(config))
     results = TrendResults(config=config, table=pd.DataFrame(rows))
     finish_run(results, out, run_meta(runs=dict(zip(config.run_labels(), config.run_folders()))))
     return results

@@ -45,7 +45,8 @@ class ExperimentConfig:
         return cls(**{**cls.PRESETS[name], **overrides, "preset": name})
 
     def results_settings(self) -> dict[str, Any]:
-        """The settings a run folder is bound to."""
+        """The settings a run folder is bound to (:func:`prepare_out` also drops :data:`UNBOUND`; configs
+        without training pass ``asdict(config)`` to it)."""
         return {k: v for k, v in asdict(self).items() if k not in self.PRESENTATION}
 
     def train_config(self, myopic: bool, steps: int) -> TrainConfig:

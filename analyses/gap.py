@@ -74,9 +74,6 @@ class GapConfig:
         if min(self.max_sequences, self.share_sequences, self.batch_size) < 1:
             raise ForethoughtError("max_sequences, share_sequences and batch_size must be at least 1")
 
-    def results_settings(self) -> dict[str, Any]:
-        return {k: v for k, v in asdict(self).items() if k not in ("figures_dir", "device", "progress")}
-
 
 @dataclass
 class GapResults(ExperimentResults):
@@ -273,7 +270,7 @@ def run_gap(config: GapConfig) -> GapResults:
     data = heldout_data(checkpoints, config.corpus, config.layout, config.seq_len)
     tokenizer = next(iter(checkpoints.values())).tokenizer
     test = torch.from_numpy(data.load(tokenizer, config.tokens_root)["test"][: config.max_sequences])
-    out = prepare_out(config.out, config.results_settings())
+    out = prepare_out(config.out, asdict(config))
     device = resolve_device(config.device)
 
     rows: list[dict[str, Any]] = []

@@ -120,9 +120,6 @@ class ProbeConfig(ProbeSettings):
     def named_checkpoints(self) -> dict[str, str]:
         return parse_checkpoints(self.checkpoints)
 
-    def results_settings(self) -> dict[str, Any]:
-        return {k: v for k, v in asdict(self).items() if k not in ("figures_dir", "device", "progress")}
-
 
 def parse_checkpoints(text: str) -> dict[str, str]:
     """``"NAME=PATH,PATH,..."`` → {name: source} (a PATH alone is named after its folder); a name may appear once."""
@@ -375,7 +372,7 @@ def probe_checkpoints(config: ProbeConfig, checkpoints: dict[str, LMCheckpoint],
     if max(config.tau_list()) >= tokens.shape[1]:
         raise ForethoughtError(f"taus reach {max(config.tau_list())}, but the held-out sequences have "
                                f"{tokens.shape[1]} tokens: τ must stay below that")
-    out = prepare_out(out, config.results_settings())
+    out = prepare_out(out, asdict(config))
     device = str(resolve_device(config.device))
     if config.random_init:
         checkpoints = {**checkpoints, CONTROL: control_checkpoint(first, config.seed, out)}

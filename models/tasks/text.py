@@ -310,14 +310,15 @@ class TokenFile:
 
 
 def tokenize_source(source: str, folder: str | Path, tokenizer: PreTrainedTokenizerBase, split: str = "train",
-                    text_field: str = "text", max_documents: int | None = None) -> TokenFile:
-    """Tokenise a corpus source once into ``folder`` (reused, or resumed, on later calls)."""
+                    text_field: str = "text", max_documents: int | None = None, content: str | None = None) -> TokenFile:
+    """Tokenise a corpus source once into ``folder`` (reused, or resumed, on later calls). ``content``: the
+    source's :func:`source_fingerprint` if the caller has it (it reads a local corpus once more otherwise)."""
     needed = _token_bytes_estimate(source, split, max_documents)
     if needed is not None and not (Path(folder) / "meta.json").exists():
         check_free_space(folder, needed, f"tokenising {source}")
     documents = islice(iter_documents(source, split, text_field), max_documents)
-    description = {"source": source, "content": source_fingerprint(source), "split": split, "text_field": text_field,
-                   "max_documents": max_documents}
+    description = {"source": source, "content": content or source_fingerprint(source), "split": split,
+                   "text_field": text_field, "max_documents": max_documents}
     return TokenFile.build(documents, folder, tokenizer, description)
 
 
@@ -399,10 +400,13 @@ class TextData:
         if len(self.split_fractions) != 3 or min(self.split_fractions) <= 0:
             raise ForethoughtError(f"split_fractions must be three positive numbers, got {self.split_fractions}")
 
-    def tokens_folder(self, tokenizer: PreTrainedTokenizerBase, root: str | Path = "runs/tokens") -> Path:
-        """The token file's folder: one per (corpus and its content, split, field, document limit, tokenizer)."""
-        source = {"source": self.corpus, "content": source_fingerprint(self.corpus), "split": self.corpus_split, "field": self.text_field,
-                  "max_documents": self.max_documents, "tokenizer": tokenizer_fingerprint(tokenizer)}
+    def tokens_folder(self, tokenizer: PreTrainedTokenizerBase, root: str | Path = "runs/tokens",
+                      content: str | None = None) -> Path:
+        """The token file's folder: one per (corpus and its ``content`` — :func:`source_fingerprint`, computed
+        here unless given —, split, field, document limit, tokenizer)."""
+        source = {"source": self.corpus, "content": content or source_fingerprint(self.corpus),
+                  "split": self.corpus_split, "field": self.text_field, "max_documents": self.max_documents,
+                  "tokenizer": tokenizer_fingerprint(tokenizer)}
         digest = hashlib.sha1(json.dumps(source, sort_keys=True).encode()).hexdigest()[:8]
         name = re.sub(r"[^A-Za-z0-9]+", "-", Path(self.corpus).name or self.corpus).strip("-")
         return Path(root) / f"{name}-{digest}"
@@ -415,8 +419,10 @@ class TextData:
         """
         if self.prepend_bos and tokenizer.bos_token_id is None:
             raise ForethoughtError("prepend_bos is set but the tokenizer has no BOS token")
-        tokens = tokenize_source(self.corpus, self.tokens_folder(tokenizer, tokens_root), tokenizer,
-                                 split=self.corpus_split, text_field=self.text_field, max_documents=self.max_documents)
+        content = source_fingerprint(self.corpus)  # hashes a local corpus: once per load
+        tokens = tokenize_source(self.corpus, self.tokens_folder(tokenizer, tokens_root, content), tokenizer,
+                                 split=self.corpus_split, text_field=self.text_field, max_documents=self.max_documents,
+                                 content=content)
         parts = tokens.split_documents(self.split_fractions, seed=self.split_seed)
         sequences = {}
         for name, documents in zip(SPLITS, parts):
