@@ -29,6 +29,7 @@ from models.files import atomic_write_json, read_json, run_lock
 from models.gpt2 import CAUSAL_LM_CLASSES, build_lm, gpt2_config, load_model
 from models.hub import hub_reachable
 from models.myopic import CUTS, check_myopic_support
+from models.precision import TRAINING_PRECISIONS, check_precision
 from models.sources import model_folder, source_card
 from models.tasks.bpe import bpe_size, corpus_bpe
 from models.tasks.text import TextData, TextTask, check_vocabulary, gpt2_tokenizer, tokenizer_fingerprint
@@ -85,6 +86,8 @@ class LMTrainConfig:
     weight_decay: float = 0.01
     warmup_frac: float = 0.1  # the paper's vanilla run warmed up for 1,000 of 9,100 steps
     grad_clip: float = 1.0
+    precision: str = "auto"  # float32 or bfloat16 (autocast; ~2× faster on AMX / AVX512-BF16 CPUs); auto: bfloat16 on CUDA only
+    gradient_checkpointing: bool = False  # recompute activations in the backward pass: less memory, ~10–20 % slower
     seed: int = 0  # model initialisation and data order
     eval_every: int = 200
     eval_batches: int = 4  # validation batches per evaluation
@@ -110,6 +113,7 @@ class LMTrainConfig:
             raise ForethoughtError(f"unknown preset {self.preset!r}; choose one of {', '.join(LM_TRAIN_PRESETS)}")
         if self.myopic_cut not in CUTS:
             raise ForethoughtError(f"unknown myopic cut {self.myopic_cut!r}; choose one of {', '.join(CUTS)}")
+        check_precision(self.precision, TRAINING_PRECISIONS)
         if self.from_pretrained and self.model in LM_PRESETS:
             raise ForethoughtError(f"--from-pretrained needs a folder or hub id; {self.model!r} is a preset")
         if self.epochs <= 0 and self.steps is None:
@@ -134,7 +138,8 @@ class LMTrainConfig:
             steps=steps, batch_size=self.batch_size, lr=self.lr, weight_decay=self.weight_decay,
             warmup_frac=self.warmup_frac, grad_clip=self.grad_clip, seed=self.seed, myopic=self.myopic,
             myopic_cut=self.myopic_cut, eval_every=self.eval_every, eval_batches=self.eval_batches,
-            checkpoint_every=self.checkpoint_every, device=self.device, compile=self.compile,
+            checkpoint_every=self.checkpoint_every, precision=self.precision,
+            gradient_checkpointing=self.gradient_checkpointing, device=self.device, compile=self.compile,
             progress=self.progress,
         )
 

@@ -84,6 +84,7 @@ def myopic(model: nn.Module, cut: Cut = "residual", impl: Impl = "auto") -> Iter
 
 # Llama-family and GPT-NeoX attention: q, k, v (rotary applied, grouped-query) reach a pluggable attention
 # function; the myopic one replaces it for the duration of the context.
+FILLED_CACHE = "myopic(): incremental decoding with a filled KV cache is not supported (the gradient is for training)"
 INTERFACE_FAMILIES = ("LlamaAttention", "MistralAttention", "Qwen2Attention", "GPTNeoXAttention")
 _INTERFACE_NAME = "forethought_myopic"
 
@@ -145,6 +146,8 @@ def _interface_attention(module: nn.Module, query: torch.Tensor, key: torch.Tens
     """The attention function of a myopic Llama-family / GPT-NeoX layer: query [b, heads, t, d], key and value
     [b, kv_heads, t, d] → (output [b, t, heads, d], None)."""
     state = module.__dict__["forward"]
+    if key.shape[-2] != query.shape[-2]:
+        raise ForethoughtError(FILLED_CACHE)
     if state.recording:
         state.recorded = (key, value)
         return query.new_zeros(query.transpose(1, 2).shape), None
@@ -175,7 +178,7 @@ class _MyopicForward:
         layer = self.layer
         batch, seq, d_model = hidden_states.shape
         if past_key_values is not None and past_key_values.get_seq_length(layer.layer_idx) > 0:
-            raise ForethoughtError("myopic(): incremental decoding with a filled KV cache is not supported")
+            raise ForethoughtError(FILLED_CACHE)
         if self.cut == "residual":
             q, k, v, k_past, v_past = _KeyValueDetachedCopy.apply(
                 hidden_states, layer.c_attn.weight, layer.c_attn.bias

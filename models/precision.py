@@ -12,11 +12,19 @@ import torch
 from models.errors import ForethoughtError
 
 PRECISIONS = ("float32", "bfloat16")
+TRAINING_PRECISIONS = ("auto", *PRECISIONS)  # training's "auto": bfloat16 on CUDA, float32 elsewhere
 
 
-def check_precision(precision: str) -> str:
-    if precision not in PRECISIONS:
-        raise ForethoughtError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
+def check_precision(precision: str, allowed: tuple[str, ...] = PRECISIONS) -> str:
+    if precision not in allowed:
+        raise ForethoughtError(f"unknown precision {precision!r}; choose one of {', '.join(allowed)}")
+    return precision
+
+
+def training_precision(precision: str, device: str | torch.device) -> str:
+    """A training run's precision: ``auto`` → bfloat16 autocast on CUDA, float32 on other devices."""
+    if check_precision(precision, TRAINING_PRECISIONS) == "auto":
+        return "bfloat16" if torch.device(device).type == "cuda" else "float32"
     return precision
 
 

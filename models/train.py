@@ -26,6 +26,7 @@ from models.distributed import Distributed
 from models.errors import ForethoughtError
 from models.files import run_lock
 from models.myopic import CUTS, myopic
+from models.precision import TRAINING_PRECISIONS, autocast as precision_autocast, check_precision, training_precision
 from models.settings import check_settings
 
 
@@ -58,11 +59,14 @@ class TrainConfig:
     eval_batches: int = 4
     checkpoint_every: int = 500
     keep_checkpoints: int = 2
+    precision: str = "auto"  # float32 or bfloat16 autocast; "auto": bfloat16 on CUDA, float32 elsewhere
+    gradient_checkpointing: bool = False  # recompute each block's activations in the backward pass (less memory)
     device: str = "auto"  # "auto": CUDA when available
     compile: bool = False  # torch.compile the model (worth it on GPUs)
     progress: bool = True
 
-    RESUMABLE = ("eval_every", "checkpoint_every", "keep_checkpoints", "device", "compile", "progress")
+    RESUMABLE = ("eval_every", "checkpoint_every", "keep_checkpoints", "gradient_checkpointing", "device", "compile",
+                 "progress")
 
     def __post_init__(self):
         check_settings(self)
@@ -72,6 +76,7 @@ class TrainConfig:
             raise ForethoughtError(f"unknown myopic cut {self.myopic_cut!r}; choose one of {', '.join(CUTS)}")
         if not 0 <= self.warmup_frac < 1:
             raise ForethoughtError(f"warmup_frac must lie in [0, 1), got {self.warmup_frac}")
+        check_precision(self.precision, TRAINING_PRECISIONS)
 
     def resolved_device(self) -> torch.device:
         return resolve_device(self.device)
@@ -122,6 +127,10 @@ def _train(model: PreTrainedModel, task: Task, config: TrainConfig, run_dir: Pat
            save_extra: Callable[[Path], None] | None, dist: Distributed) -> TrainResult:
     device = dist.device(config.resolved_device())
     model.to(device).train()
+    if config.gradient_checkpointing:
+        if not model.supports_gradient_checkpointing:
+            raise ForethoughtError(f"{type(model).__name__} does not support gradient checkpointing")
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     runnable = dist.wrap(model)
     runnable = torch.compile(runnable) if config.compile else runnable
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
@@ -135,7 +144,7 @@ def _train(model: PreTrainedModel, task: Task, config: TrainConfig, run_dir: Pat
     if resume_from is not None:
         step, history = _resume(resume_from, model, optimizer, scheduler, data, task, config)
     eval_batches = _eval_batches(eval_task, config, device) if dist.is_main else []
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
+    autocast = precision_autocast(device, training_precision(config.precision, device))
     last_checkpoint = resume_from
 
     def checkpoint() -> Path:
@@ -184,6 +193,8 @@ def _train(model: PreTrainedModel, task: Task, config: TrainConfig, run_dir: Pat
             bar.update()
             if step % config.checkpoint_every == 0 or step == config.steps:
                 last_checkpoint = checkpoint()
+    if config.gradient_checkpointing:
+        model.gradient_checkpointing_disable()
     return TrainResult(model=model.eval(), checkpoint=last_checkpoint, history=history)
 
 
@@ -211,7 +222,8 @@ def _eval_batches(task: Task, config: TrainConfig, device: torch.device):
 
 def _resume(folder: Path, model, optimizer, scheduler, data: torch.Generator, task: Task, config: TrainConfig):
     state = load_training_state(folder)
-    saved = state.get("config", {})
+    defaults = TrainConfig().trajectory()  # a setting added since the run was saved had its default then
+    saved = {**defaults, **state.get("config", {})}
     changed = {k: (saved.get(k), v) for k, v in config.trajectory().items() if saved.get(k) != v}
     if changed:
         detail = ", ".join(f"{k}: {old!r} → {new!r}" for k, (old, new) in changed.items())

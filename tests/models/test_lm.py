@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 import torch
@@ -58,8 +59,11 @@ def test_other_families_train_and_bad_models_are_named(corpus, llama_folder, tmp
     assert torch.equal(tuned.model.embed_tokens.weight, original.model.embed_tokens.weight)
     assert not torch.equal(fresh.model.embed_tokens.weight, original.model.embed_tokens.weight)
     myopic_run = train_lm(settings(corpus, tmp_path, model=str(llama_folder), tokenizer=str(llama_folder), myopic=True,
-                                   steps=2, out=str(tmp_path / "myopic-llama")))  # the myopic gradient, Llama family
+                                   from_pretrained=True, precision="bfloat16", gradient_checkpointing=True,
+                                   steps=2, out=str(tmp_path / "myopic-llama")))  # myopic fine-tuning, frugal
     assert LMCheckpoint.load(myopic_run.checkpoint).description["myopic"] is True
+    assert not myopic_run.model.is_gradient_checkpointing and all(
+        torch.isfinite(torch.tensor(r["train_loss"])) for r in myopic_run.history)
     result = train_lm(settings(corpus, tmp_path, model=str(llama_folder), tokenizer=str(llama_folder),
                                from_pretrained=True, out=str(tmp_path / "llama")))  # fine-tuning, vanilla
     assert result.checkpoint.name == "step-0000004" and all(torch.isfinite(torch.tensor(r["train_loss"]))
@@ -111,6 +115,24 @@ def test_checkpoint_loads_offline_in_transformers_and_transformer_lens(corpus, t
     (tmp_path / "run").rename(tmp_path / "moved")
     moved = train_lm(settings(corpus, tmp_path, out=str(tmp_path / "moved"), tokens_root=str(tmp_path / "elsewhere")))
     assert torch.equal(moved.model.transformer.wte.weight, weights)  # a moved run folder, token files kept elsewhere
+
+
+def test_runs_saved_before_a_setting_existed_resume(corpus, tmp_path):
+    """A setting added later (here ``precision``) takes its default for runs saved without it."""
+    straight = train_lm(settings(corpus, tmp_path, out=str(tmp_path / "straight")))
+    train_lm(settings(corpus, tmp_path))
+    step_2, step_4 = list_checkpoints(tmp_path / "run")
+    shutil.rmtree(step_4)
+    state = torch.load(step_2 / "training_state.pt", weights_only=True)
+    del state["config"]["precision"]
+    torch.save(state, step_2 / "training_state.pt")
+    recorded = json.loads((tmp_path / "run" / "train_config.json").read_text())
+    del recorded["precision"]
+    (tmp_path / "run" / "train_config.json").write_text(json.dumps(recorded))
+    resumed = train_lm(settings(corpus, tmp_path))
+    assert resumed.checkpoint.name == "step-0000004" and resumed.history == straight.history
+    with pytest.raises(ForethoughtError, match="precision: 'auto' → 'bfloat16'"):
+        train_lm(settings(corpus, tmp_path, precision="bfloat16"))
 
 
 class Interrupted(Exception):

@@ -289,3 +289,58 @@ def test_llama_and_neox_myopic_gradients_equal_brute_force(family, cut, tokens):
     for a, e in zip(actual, expected):
         torch.testing.assert_close(a, e, atol=1e-9, rtol=0)
     assert max((a - e).abs().max().item() for a, e in zip(vanilla, expected)) > 1e-4  # the cut changes something
+
+
+@pytest.mark.parametrize("padding", ["left", "right"])
+@pytest.mark.parametrize("family", ["llama", "neox"])
+def test_llama_and_neox_padded_batches_give_the_exact_myopic_gradient(family, padding, tokens):
+    model = tiny_family(family)
+    mask = torch.ones_like(tokens)
+    if padding == "left":
+        mask[0, :3], mask[1, :1] = 0, 0
+    else:
+        mask[0, -3:], mask[2, -2:] = 0, 0
+    losses = masked_lm_losses(mask)
+    expected = brute_force_myopic_grads(model, losses, tokens, "residual", freeze_family_inputs)
+    with myopic(model):
+        actual = grads(model, losses(model, tokens).sum())
+        logits = model(tokens, attention_mask=mask).logits
+    real = mask.bool()
+    torch.testing.assert_close(logits[real], model(tokens, attention_mask=mask).logits[real], atol=1e-12, rtol=0)
+    for a, e in zip(actual, expected):
+        assert torch.isfinite(a).all()
+        torch.testing.assert_close(a, e, atol=1e-9, rtol=0)
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama", "neox"])
+def test_kv_cache_holds_vanilla_values_and_a_filled_cache_is_refused(family, tiny_lm, tokens):
+    model = tiny_lm if family == "gpt2" else tiny_family(family)
+    vanilla = model(tokens, use_cache=True).past_key_values
+    with myopic(model):
+        out = model(tokens, use_cache=True)
+        for layer in range(model.config.num_hidden_layers):
+            for mine, theirs in zip(_layer_cache(out.past_key_values, layer), _layer_cache(vanilla, layer)):
+                torch.testing.assert_close(mine, theirs, atol=1e-12, rtol=0)
+        with pytest.raises(ForethoughtError, match="filled KV cache is not supported"):
+            model(tokens[:, -1:], past_key_values=out.past_key_values, use_cache=True)
+
+
+def _layer_cache(cache, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(keys, values) a Hugging Face cache holds for ``layer``."""
+    return cache.layers[layer].keys, cache.layers[layer].values
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama", "neox"])
+def test_gradient_checkpointing_keeps_the_myopic_gradient(family, tiny_lm, tokens):
+    model = (tiny_lm if family == "gpt2" else tiny_family(family)).train()  # checkpointing acts in training mode
+    calls = []
+    attention = next(m for m in model.modules() if m.__class__.__name__.endswith("Attention"))
+    attention.register_forward_pre_hook(lambda module, args: calls.append(1))
+    with myopic(model):
+        plain = grads(model, lm_losses(model, tokens).sum())
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        checkpointed = grads(model, lm_losses(model, tokens).sum())
+    model.gradient_checkpointing_disable()
+    assert len(calls) == 3  # once without checkpointing; twice with (forward, then recomputed in the backward)
+    for a, e in zip(checkpointed, plain):
+        torch.testing.assert_close(a, e, atol=1e-12, rtol=0)
