@@ -28,14 +28,17 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
+from transformers import GPTNeoXConfig, LlamaConfig, PreTrainedModel
+from transformers.models.gpt2.modeling_gpt2 import GPT2Attention
 from sklearn.exceptions import ConvergenceWarning
 from sklearn.linear_model import LogisticRegression
 from sklearn.preprocessing import StandardScaler
 
 from models.errors import ForethoughtError
 from models.files import file_digest
-from models.gpt2 import build_lm, gpt2_config
-from models.myopic import myopic
+from models.gpt2 import build_lm, gpt2_config, load_model
+from models.sources import model_folder
+from models.myopic import check_myopic_support, myopic
 from models.tasks.pathstar import PathStarData, PathStarSpec, format_line, generate, parse_line
 from models.tasks.text import TextData, gpt2_tokenizer, next_token_loss
 from models.train import resolve_device
@@ -50,12 +53,14 @@ from probes.residuals import bridge_residuals, load_bridge
 
 @dataclass
 class TrainBenchConfig:
-    """Settings of ``forethought bench train``; unset sizes follow the device (GPT-2 small, T = 1024 on a GPU)."""
+    """Settings of ``forethought bench train``; unset sizes follow the device (GPT-2 small, T = 1024 on a GPU).
+    Llama and GPT-NeoX have no fast myopic path yet: they time vanilla against the reference path."""
 
+    model: str = "gpt2"  # a family at the sizes below (gpt2, llama, gpt-neox), or a model source at its own size
     device: str = "auto"  # "auto": CUDA when available
     n_layer: int | None = None  # GPU: 12, CPU: 4
     d_model: int | None = None  # GPU: 768, CPU: 256
-    n_head: int | None = None  # GPU: 12, CPU: 4
+    n_head: int | None = None  # GPU: 12, CPU: 4 (llama: half as many key/value heads)
     vocab_size: int | None = None  # GPU: 50257, CPU: 1000
     seq_len: int | None = None  # GPU: 1024, CPU: 256
     batch_size: int | None = None  # GPU: 16, CPU: 8
@@ -77,6 +82,24 @@ class TrainBenchConfig:
 GPU_SIZES = dict(n_layer=12, d_model=768, n_head=12, vocab_size=50257, seq_len=1024, batch_size=16)
 CPU_SIZES = dict(n_layer=4, d_model=256, n_head=4, vocab_size=1000, seq_len=256, batch_size=8)
 VARIANTS = {"vanilla": None, "myopic (fast)": "fast", "myopic (naive)": "reference"}
+BENCH_FAMILIES = ("gpt2", "llama", "gpt-neox")
+
+
+def bench_model(config: TrainBenchConfig) -> PreTrainedModel:
+    """The model ``bench train`` times: a family at the config's sizes (random init, seed 0, sdpa attention),
+    or a model source (folder, hub id, ``smollm2-135m``) at its own size."""
+    if config.model not in BENCH_FAMILIES:
+        return load_model(model_folder(config.model), kind="lm")
+    if config.model == "gpt2":
+        model_config = gpt2_config(config.n_layer, config.d_model, config.n_head, vocab_size=config.vocab_size,
+                                   n_positions=config.seq_len)
+    else:
+        common = dict(vocab_size=config.vocab_size, hidden_size=config.d_model, intermediate_size=4 * config.d_model,
+                      num_hidden_layers=config.n_layer, num_attention_heads=config.n_head,
+                      max_position_embeddings=config.seq_len, attn_implementation="sdpa")
+        model_config = (LlamaConfig(**common, num_key_value_heads=max(1, config.n_head // 2)) if config.model == "llama"
+                        else GPTNeoXConfig(**common, rotary_pct=0.25))
+    return build_lm(model_config, seed=0)
 
 
 def bench_train(config: TrainBenchConfig) -> pd.DataFrame:
@@ -85,12 +108,13 @@ def bench_train(config: TrainBenchConfig) -> pd.DataFrame:
     device = torch.device(config.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ForethoughtError("bench: --device cuda asked for, but no CUDA device is available")
-    model_config = gpt2_config(config.n_layer, config.d_model, config.n_head,
-                               vocab_size=config.vocab_size, n_positions=config.seq_len)
-    model = build_lm(model_config, seed=0).to(device).train()
+    model = bench_model(config).to(device).train()
+    vocab_size = model.config.vocab_size
+    fast = all(isinstance(layer, GPT2Attention) for layer in check_myopic_support(model))
+    variants = {name: impl for name, impl in VARIANTS.items() if fast or impl != "fast"}
     runnable = torch.compile(model) if config.compile else model
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    tokens = torch.randint(0, config.vocab_size, (config.batch_size, config.seq_len), device=device)
+    tokens = torch.randint(0, vocab_size, (config.batch_size, config.seq_len), device=device)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
 
     def step() -> None:
@@ -111,30 +135,31 @@ def bench_train(config: TrainBenchConfig) -> pd.DataFrame:
             _sync(device)
         return (time.perf_counter() - start) / max(n_steps, 1)
 
-    times: dict[str, list[float]] = {name: [] for name in VARIANTS}
+    times: dict[str, list[float]] = {name: [] for name in variants}
     memory: dict[str, float | None] = {}
-    for name, impl in VARIANTS.items():
+    for name, impl in variants.items():
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         run(impl, config.warmup)
         memory[name] = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
     for _ in range(config.rounds):
-        for name, impl in VARIANTS.items():
+        for name, impl in variants.items():
             times[name].append(run(impl, config.steps))
 
     seconds = {name: statistics.median(values) for name, values in times.items()}
     table = pd.DataFrame({
-        "variant": list(VARIANTS),
-        "ms_per_step": [1000 * seconds[name] for name in VARIANTS],
-        "ratio_to_vanilla": [seconds[name] / seconds["vanilla"] for name in VARIANTS],
-        "peak_memory_gib": [memory[name] for name in VARIANTS],
+        "variant": list(variants),
+        "ms_per_step": [1000 * seconds[name] for name in variants],
+        "ratio_to_vanilla": [seconds[name] / seconds["vanilla"] for name in variants],
+        "peak_memory_gib": [memory[name] for name in variants],
         "memory_ratio_to_vanilla": [
-            memory[name] / memory["vanilla"] if memory[name] is not None else None for name in VARIANTS
+            memory[name] / memory["vanilla"] if memory[name] is not None else None for name in variants
         ],
-        "tokens_per_s": [config.batch_size * config.seq_len / seconds[name] for name in VARIANTS],
+        "tokens_per_s": [config.batch_size * config.seq_len / seconds[name] for name in variants],
     })
     table.attrs["setting"] = (
-        f"{device.type}, GPT-2 {config.n_layer} layers × d_model {config.d_model}, vocab {config.vocab_size}, "
+        f"{device.type}, {type(model).__name__.removesuffix('ForCausalLM').removesuffix('LMHeadModel')} "
+        f"{model.config.num_hidden_layers} layers × d_model {model.config.hidden_size}, vocab {vocab_size}, "
         f"T={config.seq_len}, batch {config.batch_size}, {'bf16 autocast, ' if device.type == 'cuda' else ''}"
         f"{'compiled, ' if config.compile else ''}median of {config.rounds} rounds × {config.steps} steps"
     )

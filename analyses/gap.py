@@ -26,8 +26,9 @@ from plotly.subplots import make_subplots
 from tqdm.auto import tqdm
 
 from analyses.experiment import UNBOUND, ExperimentResults, finish_run, prepare_out, writes_run
+from analyses.plots import loss_curves_figure
 from analyses.results import run_meta, tidy
-from models.checkpoint import changed_settings, checkpoint_step
+from models.checkpoint import changed_settings, checkpoint_step, training_history
 from models.errors import ForethoughtError
 from models.families import architecture_summary
 from models.lm import LMCheckpoint, check_same_tokenizer
@@ -128,6 +129,9 @@ class GapResults(ExperimentResults):
 
     def figures(self) -> dict[str, go.Figure]:
         figures = {}
+        if self.histories:
+            figures["gap_training_loss"] = loss_curves_figure(
+                self.histories, title="Training of the checkpoints: train loss and validation loss by step")
         if (self.table["metric"] == "future_gradient_share").any():
             figures["gap_future_gradient_share"] = self.share_figure()
         if (self.table["metric"] == "loss").any():
@@ -296,7 +300,8 @@ def run_gap(config: GapConfig) -> GapResults:
         for position, estimate in enumerate(mean_scores(values, sequence_ids, seed=config.seed)):
             rows.append({"checkpoint": name, **loss_row, "position": position, **estimate.columns()})
     table = tidy(rows, task=f"text: {data.corpus}", split="test", seed=config.seed)
-    results = GapResults(config=config, table=table)
+    histories = {name: history for name, c in checkpoints.items() if (history := training_history(c.source))}
+    results = GapResults(config=config, table=table, histories=histories)
     finish_run(results, out, run_meta(
         data=asdict(data), heldout=f"first {len(test)} sequences of the test documents",
         checkpoints={name: c.source for name, c in checkpoints.items()},

@@ -28,6 +28,7 @@ BAD_INPUT = {
         (["--weight-decay", "-0.1"], r"weight_decay must be ≥ 0"),
         (["--warmup-frac", "1"], r"warmup_frac must be in \[0, 1\), got 1.0"),
         (["--grad-clip", "-1"], r"grad_clip must be ≥ 0"),
+        (["--precision", "float16"], r"unknown precision 'float16'; choose one of auto, float32, bfloat16"),
         (["--eval-every", "0"], r"eval_every must be ≥ 1"),
         (["--checkpoint-every", "-2"], r"checkpoint_every must be ≥ 1"),
         (["--seed", "-1"], r"seed must be ≥ 0"),
@@ -126,6 +127,7 @@ BAD_INPUT = {
         (["--rounds", "0"], r"rounds must be ≥ 1"),
         (["--seq-len", "1"], r"seq_len must be ≥ 2"),
         (["--device", "cuda:2"], r"device 'cuda:2' is not there"),
+        (["--model", "nowhere"], r"nowhere is not a folder, and the Hugging Face hub cannot be reached"),
     ],
     "bench probe": [
         (["--classes", "1"], r"classes must be ≥ 2"),

@@ -58,15 +58,16 @@ def test_flags_cover_every_setting():
     assert not hasattr(args, "steps")  # unset flags leave the preset's value
 
 
-def test_bench_train_prints_ratios(capsys):
+@pytest.mark.parametrize("model, name, variants", [("gpt2", "GPT2", 3), ("llama", "Llama", 2), ("gpt-neox", "GPTNeoX", 2)])
+def test_bench_train_prints_ratios(capsys, model, name, variants):
     code, out, _ = run_cli(
-        capsys, "bench", "myopic", "--n-layer", "1", "--d-model", "16", "--n-head", "2", "--vocab-size", "11",
-        "--seq-len", "16", "--batch-size", "2", "--steps", "1", "--rounds", "1", "--warmup", "1",
+        capsys, "bench", "myopic", "--model", model, "--n-layer", "1", "--d-model", "16", "--n-head", "2",
+        "--vocab-size", "11", "--seq-len", "16", "--batch-size", "2", "--steps", "1", "--rounds", "1", "--warmup", "1",
     )
     assert code == 0
     lines = out.splitlines()
-    assert lines[0].startswith("forethought bench train — cpu, GPT-2 1 layers")
-    assert [line.split()[0] for line in lines[2:]] == ["vanilla", "myopic", "myopic"]
+    assert lines[0].startswith(f"forethought bench train — cpu, {name} 1 layers × d_model 16, vocab 11")
+    assert [line.split()[0] for line in lines[2:]] == ["vanilla", "myopic", "myopic"][:variants]
     assert lines[2].split()[2] == "1.000"
 
 

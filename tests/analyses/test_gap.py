@@ -11,6 +11,7 @@ from torch.nn.functional import cross_entropy
 
 from analyses.cli import main
 from analyses.gap import GAP, GapConfig, GapResults, future_gradient_stats, run_gap, token_losses
+from models.checkpoint import latest_checkpoint, load_training_state
 from models.gpt2 import build_lm, gpt2_config
 from models.lm import LMTrainConfig, train_lm
 from models.tasks.text import TextTask
@@ -60,8 +61,11 @@ def test_gap_end_to_end_on_a_tiny_pair(twins, tmp_path):
     assert ((shares.loc[[0, 1]] > 0) & (shares.loc[[0, 1]] < 1)).all().all()
     reloaded = GapResults.from_folder(tmp_path / "gap")
     assert reloaded.table.equals(results.table) and reloaded.config == config
+    for twin in ("vanilla", "myopic"):  # the twins' own training curves, read from their training state
+        history = load_training_state(latest_checkpoint(twins / twin))["history"]
+        assert reloaded.histories[twin] == history and [r["step"] for r in history] == list(range(1, 41))
     assert {p.name for p in (tmp_path / "gap" / "figures").glob("*.html")} == {
-        "gap_loss_by_position.html", "gap_future_gradient_share.html"}
+        "gap_loss_by_position.html", "gap_future_gradient_share.html", "gap_training_loss.html"}
 
 
 def test_twins_that_do_not_match_are_refused(twins, tmp_path, capsys):
@@ -97,6 +101,7 @@ def test_single_checkpoint_gives_its_share_alone(twins, tmp_path):
     results = run_gap(GapConfig(vanilla=str(twins / "vanilla"), share_sequences=4, max_sequences=8,
                                 tokens_root=str(twins / "tokens"), out=str(tmp_path / "one"), progress=False))
     assert list(results.shares().columns) == ["vanilla"] and GAP not in results.losses().index
+    assert list(results.histories) == ["vanilla"]
 
 
 def test_a_model_trained_elsewhere_needs_a_corpus(twins, tmp_path, capsys):
