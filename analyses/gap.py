@@ -184,10 +184,14 @@ def token_losses(model: torch.nn.Module, sequences: torch.Tensor, batch_size: in
 def residual_gradients(model: torch.nn.Module, tokens: torch.Tensor) -> torch.Tensor:
     """tokens [batch, T] → gradient of the summed next-token loss at every residual layer [L+1, batch, T, d].
 
-    Under :func:`models.myopic.myopic`, h[l, t] receives only position t's own loss.
+    Under :func:`models.myopic.myopic`, h[l, t] receives only position t's own loss. The token embeddings enter
+    as a leaf that requires grad, so every h[l] does even where the embedding weights are frozen (a Llama's
+    h[0] is its token embeddings alone).
     """
+    embeddings = model.get_input_embeddings()(tokens).detach().requires_grad_()
     with capture_residuals(model, retain_grad=True) as captured:
-        next_token_loss(model(tokens, use_cache=False).logits, tokens, reduction="sum").backward()
+        logits = model(inputs_embeds=embeddings, use_cache=False).logits
+        next_token_loss(logits, tokens, reduction="sum").backward()
     model.zero_grad(set_to_none=True)
     return torch.stack([captured[layer].grad for layer in sorted(captured)])
 

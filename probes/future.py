@@ -21,6 +21,8 @@ keeps, for each (layer, τ), the parameters of its best validation epoch.
 
 from __future__ import annotations
 
+import copy
+
 import io
 import zipfile
 from collections.abc import Sequence
@@ -115,7 +117,8 @@ class FutureTokenProbes(nn.Module):
                 raise ForethoughtError("lens probes need the model's final LayerNorm and unembedding")
             self.weights = nn.ParameterList([torch.eye(d_model).repeat(n_taus, 1, 1) for _ in range(n_layers)])
             self.biases = nn.ParameterList([torch.zeros(n_taus, d_model) for _ in range(n_layers)])
-            self.final_norm, self.unembed = unembed
+            # frozen copies: the model being read keeps its own parameters (and their requires_grad) as they were
+            self.final_norm, self.unembed = (copy.deepcopy(module) for module in unembed)
             for parameter in [*self.final_norm.parameters(), *self.unembed.parameters()]:
                 parameter.requires_grad_(False)
         else:

@@ -10,7 +10,9 @@ import torch
 from torch.nn.functional import cross_entropy
 
 from analyses.cli import main
-from analyses.gap import GAP, GapConfig, GapResults, future_gradient_stats, run_gap, token_losses
+from analyses.compare import Comparison
+from analyses.gap import GAP, TWINS, GapConfig, GapResults, future_gradient_stats, run_gap, token_losses
+from analyses.precache import PrecacheConfig, run_precache
 from models.checkpoint import latest_checkpoint, load_training_state
 from models.gpt2 import build_lm, gpt2_config
 from models.lm import LMTrainConfig, train_lm
@@ -123,3 +125,27 @@ def test_a_llama_gets_its_losses_and_its_future_gradient_share(llama_folder, lla
     assert results.losses().loc["vanilla", "value"] > 0 and len(shares) == 3  # residual layers 0 … 2
     assert shares.between(0, 2).all() and shares.iloc[0] > 0  # later positions' losses reach the embeddings
     assert set(results.figures()) == {"gap_loss_by_position", "gap_future_gradient_share"}
+
+
+def test_fine_tuned_llama_twins_go_through_gap_precache_and_comparison(llama_folder, llama_text, tmp_path):
+    """A pretrained Llama fine-tuned vanilla and myopically (bfloat16, gradient checkpointing): the twins are
+    accepted downstream, as GPT-2 twins are."""
+    twins = {}
+    for name in TWINS:
+        config = LMTrainConfig(corpus=str(llama_text), layout="packed", seq_len=12, model=str(llama_folder),
+                               from_pretrained=True, tokenizer=str(llama_folder), myopic=name == "myopic", steps=3,
+                               batch_size=8, lr=1e-3, precision="bfloat16", gradient_checkpointing=True,
+                               eval_every=1, eval_batches=1, tokens_root=str(tmp_path / "tokens"),
+                               out=str(tmp_path / name), progress=False)
+        twins[name] = str(train_lm(config).checkpoint.parent.parent)
+    common = dict(max_sequences=16, share_sequences=4, tokens_root=str(tmp_path / "tokens"), progress=False)
+    gap = run_gap(GapConfig(**twins, out=str(tmp_path / "gap"), **common))
+    assert set(gap.losses().index) == {*TWINS, GAP} and set(gap.histories) == set(TWINS)
+    assert len(gap.shares()) == 3 and gap.shares().loc[0].gt(0).all()
+    precache = run_precache(PrecacheConfig(**twins, taus="1,2", kind="topk", top_k=20, max_epochs=2,
+                                           random_init=False, out=str(tmp_path / "pre"), **common))
+    assert precache.precaching().shape == (3, 2)
+    comparison = Comparison.from_checkpoints(twins, folder=tmp_path / "compare", taus="1", kind="topk", top_k=20,
+                                             max_sequences=16, max_epochs=2, tokens_root=str(tmp_path / "tokens"),
+                                             progress=False)
+    assert {"vanilla", "myopic"} <= set(comparison.to_dataframe()["checkpoint"])

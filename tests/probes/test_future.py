@@ -65,6 +65,7 @@ def test_untrained_lens_is_the_logit_lens(tiny_lm):
         predictions = model(tokens).logits[:, :-1].argmax(-1)  # the model's own next-token guesses
     own = (predictions[test] == tokens[test, 1:]).double().mean().item()
     assert top1["value"] == pytest.approx(own, abs=1e-12)
+    assert all(p.requires_grad for p in model.parameters())  # the lens froze copies, not the model it reads
 
 
 def test_the_lens_in_topk_classes_is_the_logit_lens_mapped_by_hand(tiny_lm):
