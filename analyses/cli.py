@@ -57,6 +57,10 @@ BENCHES = {"train": (TrainBenchConfig, bench_train), "probe": (ProbeBenchConfig,
 CPU_SEEDS, CPU_SIZES = (0, 1, 2), ("gpt2-nano",)  # the cpu preset's pair over seeds; a smaller size
 _PAIRS = {**{f"cpu-s{seed}": f"--seed {seed}" for seed in CPU_SEEDS},
           **{f"cpu-{size}": f"--model {size}" for size in CPU_SIZES}}
+SMOLLM2_FINE_TUNE = (  # Wu et al.'s Pythia protocol (fine-tune from the pretrained weights), at CPU scale
+    "--model smollm2-135m --from-pretrained --tokenizer smollm2-135m --corpus embedded --layout packed --seq-len 64 "
+    "--batch-size 16 --steps 300 --lr 1e-4 --warmup-frac 0.05 --precision bfloat16 --eval-every 30 --eval-batches 4 "
+    "--checkpoint-every 150")
 FIGURES = [
     *[f"{command} --seed {seed} --out runs/{name}-s{seed}" + (" --figures-dir figures" if seed == 0 else "")
       for command, name in (("demo", "demo"), ("pathstar", "pathstar-cpu")) for seed in CPU_SEEDS],
@@ -78,6 +82,12 @@ FIGURES = [
     "probe --checkpoints smollm2-135m --corpus embedded:gutenberg --layout packed --seq-len 64 --max-sequences 2000 "
     "--kind topk --top-k 1000 --precision bfloat16 --batch-sequences 32 --max-epochs 4 --out runs/probe-smollm2 "
     "--figures-dir figures",
+    "gap --vanilla smollm2-135m --corpus embedded --layout packed --seq-len 64 --max-sequences 256 --share-sequences 64 "
+    "--batch-size 8 --out runs/gap-smollm2 --figures-dir figures/smollm2",
+    *[f"train {SMOLLM2_FINE_TUNE} --out runs/ft-smollm2-{twin}" + (" --myopic" if twin == "myopic" else "")
+      for twin in ("vanilla", "myopic")],
+    "gap --vanilla runs/ft-smollm2-vanilla --myopic runs/ft-smollm2-myopic --max-sequences 1000 --share-sequences 32 "
+    "--batch-size 8 --out runs/gap-ft-smollm2 --figures-dir figures/smollm2-finetune",
 ]
 README = Path(__file__).parents[1] / "README.md"
 REFERENCE_START, REFERENCE_END = "<!-- cli-reference: written by `forethought readme` -->", "<!-- /cli-reference -->"

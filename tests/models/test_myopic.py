@@ -171,14 +171,20 @@ def masked_lm_losses(mask):
     return losses
 
 
-@pytest.mark.parametrize("padding", ["left", "right"])
-@pytest.mark.parametrize("cut", ["residual", "kv"])
-def test_padded_batches_give_the_exact_myopic_gradient_and_no_nan(tiny_lm, tokens, padding, cut):
+def padding_mask(tokens: torch.Tensor, padding: str) -> torch.Tensor:
+    """A [batch, seq] mask padding two of the three sequences on the ``padding`` side (0 = padding)."""
     mask = torch.ones_like(tokens)
     if padding == "left":
         mask[0, :3], mask[1, :1] = 0, 0
     else:
         mask[0, -3:], mask[2, -2:] = 0, 0
+    return mask
+
+
+@pytest.mark.parametrize("padding", ["left", "right"])
+@pytest.mark.parametrize("cut", ["residual", "kv"])
+def test_padded_batches_give_the_exact_myopic_gradient_and_no_nan(tiny_lm, tokens, padding, cut):
+    mask = padding_mask(tokens, padding)
     losses = masked_lm_losses(mask)
     expected = brute_force_myopic_grads(tiny_lm, losses, tokens, cut)
     with myopic(tiny_lm, cut=cut):  # a mask: the reference path
@@ -295,11 +301,7 @@ def test_llama_and_neox_myopic_gradients_equal_brute_force(family, cut, tokens):
 @pytest.mark.parametrize("family", ["llama", "neox"])
 def test_llama_and_neox_padded_batches_give_the_exact_myopic_gradient(family, padding, tokens):
     model = tiny_family(family)
-    mask = torch.ones_like(tokens)
-    if padding == "left":
-        mask[0, :3], mask[1, :1] = 0, 0
-    else:
-        mask[0, -3:], mask[2, -2:] = 0, 0
+    mask = padding_mask(tokens, padding)
     losses = masked_lm_losses(mask)
     expected = brute_force_myopic_grads(model, losses, tokens, "residual", freeze_family_inputs)
     with myopic(model):
