@@ -10,9 +10,10 @@ same precision: tokens/s and their ratio (default model: SmolLM2-135M).
 ``bench pathstar``: generating, writing and parsing path-star text files, vectorised vs line by line.
 
 ``bench train``: one training step (forward, next-token loss, backward, clipping, AdamW — the step of
-``forethought train``) of a GPT-2 language model, vanilla (PyTorch fused attention) vs myopic (flash
-attention + diagonal correction) vs naive myopic (materialised T×T scores, as in the paper's code): tokens/s
-and peak memory, as ratios to vanilla. Variants alternate round by round so drift hits all of them alike.
+``forethought train``) of a language model (``--model``: GPT-2, Llama or GPT-NeoX at the bench sizes, or a
+real model), vanilla (PyTorch fused attention) vs myopic (flash attention + diagonal correction; GPT-2 only)
+vs naive myopic (materialised T×T scores, as in the paper's code): tokens/s and peak memory, as ratios to
+vanilla. Variants alternate round by round so drift hits all of them alike.
 """
 
 from __future__ import annotations
