@@ -30,7 +30,6 @@ import numpy as np
 import pandas as pd
 import torch
 from transformers import GPTNeoXConfig, LlamaConfig, PreTrainedModel
-from transformers.models.gpt2.modeling_gpt2 import GPT2Attention
 from sklearn.exceptions import ConvergenceWarning
 from sklearn.linear_model import LogisticRegression
 from sklearn.preprocessing import StandardScaler
@@ -38,8 +37,8 @@ from sklearn.preprocessing import StandardScaler
 from models.errors import ForethoughtError
 from models.files import file_digest
 from models.gpt2 import build_lm, gpt2_config, load_model
+from models.myopic import has_fast_path, myopic
 from models.sources import model_folder
-from models.myopic import check_myopic_support, myopic
 from models.tasks.pathstar import PathStarData, PathStarSpec, format_line, generate, parse_line
 from models.tasks.text import TextData, gpt2_tokenizer, next_token_loss
 from models.train import resolve_device
@@ -111,7 +110,7 @@ def bench_train(config: TrainBenchConfig) -> pd.DataFrame:
         raise ForethoughtError("bench: --device cuda asked for, but no CUDA device is available")
     model = bench_model(config).to(device).train()
     vocab_size = model.config.vocab_size
-    fast = all(isinstance(layer, GPT2Attention) for layer in check_myopic_support(model))
+    fast = has_fast_path(model)
     variants = {name: impl for name, impl in VARIANTS.items() if fast or impl != "fast"}
     runnable = torch.compile(model) if config.compile else model
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)

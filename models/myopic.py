@@ -104,6 +104,11 @@ def check_myopic_support(model: nn.Module) -> list[nn.Module]:
     return layers
 
 
+def has_fast_path(model: nn.Module) -> bool:
+    """Whether ``impl="fast"`` applies to every layer :func:`myopic` patches (GPT-2 attention only, so far)."""
+    return all(isinstance(layer, GPT2Attention) for layer in check_myopic_support(model))
+
+
 def is_myopic(model: nn.Module) -> bool:
     """Whether ``model`` is currently inside a :func:`myopic` context."""
     return any(isinstance(m.__dict__.get("forward"), (_MyopicForward, _InterfaceForward)) for m in model.modules())
