@@ -37,7 +37,7 @@ from sklearn.preprocessing import StandardScaler
 from models.errors import ForethoughtError
 from models.files import file_digest
 from models.gpt2 import build_lm, gpt2_config, load_model
-from models.myopic import has_fast_path, myopic
+from models.myopic import myopic
 from models.sources import model_folder
 from models.tasks.pathstar import PathStarData, PathStarSpec, format_line, generate, parse_line
 from models.tasks.text import TextData, gpt2_tokenizer, next_token_loss
@@ -53,8 +53,7 @@ from probes.residuals import bridge_residuals, load_bridge
 
 @dataclass
 class TrainBenchConfig:
-    """Settings of ``forethought bench train``; unset sizes follow the device (GPT-2 small, T = 1024 on a GPU).
-    Llama and GPT-NeoX have no fast myopic path yet: they time vanilla against the reference path."""
+    """Settings of ``forethought bench train``; unset sizes follow the device (GPT-2 small, T = 1024 on a GPU)."""
 
     model: str = "gpt2"  # a family at the sizes below (gpt2, llama, gpt-neox), or a model source at its own size
     device: str = "auto"  # "auto": CUDA when available
@@ -110,8 +109,6 @@ def bench_train(config: TrainBenchConfig) -> pd.DataFrame:
         raise ForethoughtError("bench: --device cuda asked for, but no CUDA device is available")
     model = bench_model(config).to(device).train()
     vocab_size = model.config.vocab_size
-    fast = has_fast_path(model)
-    variants = {name: impl for name, impl in VARIANTS.items() if fast or impl != "fast"}
     runnable = torch.compile(model) if config.compile else model
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
     tokens = torch.randint(0, vocab_size, (config.batch_size, config.seq_len), device=device)
@@ -135,27 +132,31 @@ def bench_train(config: TrainBenchConfig) -> pd.DataFrame:
             _sync(device)
         return (time.perf_counter() - start) / max(n_steps, 1)
 
-    times: dict[str, list[float]] = {name: [] for name in variants}
+    times: dict[str, list[float]] = {name: [] for name in VARIANTS}
     memory: dict[str, float | None] = {}
-    for name, impl in variants.items():
+    for name, impl in VARIANTS.items():
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         run(impl, config.warmup)
         memory[name] = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
     for _ in range(config.rounds):
-        for name, impl in variants.items():
+        for name, impl in VARIANTS.items():
             times[name].append(run(impl, config.steps))
 
     seconds = {name: statistics.median(values) for name, values in times.items()}
+    # the same ratio within each round (variants alternate): its spread is how much the machine's noise moves it
+    round_ratios = {name: [t / v for t, v in zip(times[name], times["vanilla"])] for name in VARIANTS}
     table = pd.DataFrame({
-        "variant": list(variants),
-        "ms_per_step": [1000 * seconds[name] for name in variants],
-        "ratio_to_vanilla": [seconds[name] / seconds["vanilla"] for name in variants],
-        "peak_memory_gib": [memory[name] for name in variants],
+        "variant": list(VARIANTS),
+        "ms_per_step": [1000 * seconds[name] for name in VARIANTS],
+        "ratio_to_vanilla": [seconds[name] / seconds["vanilla"] for name in VARIANTS],
+        "round_ratio_min": [min(round_ratios[name]) for name in VARIANTS],
+        "round_ratio_max": [max(round_ratios[name]) for name in VARIANTS],
+        "peak_memory_gib": [memory[name] for name in VARIANTS],
         "memory_ratio_to_vanilla": [
-            memory[name] / memory["vanilla"] if memory[name] is not None else None for name in variants
+            memory[name] / memory["vanilla"] if memory[name] is not None else None for name in VARIANTS
         ],
-        "tokens_per_s": [config.batch_size * config.seq_len / seconds[name] for name in variants],
+        "tokens_per_s": [config.batch_size * config.seq_len / seconds[name] for name in VARIANTS],
     })
     table.attrs["setting"] = (
         f"{device.type}, {type(model).__name__.removesuffix('ForCausalLM').removesuffix('LMHeadModel')} "

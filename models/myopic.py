@@ -1,6 +1,6 @@
 """The myopic gradient: no loss at position i sends gradient into another position's hidden state.
 
-Under ``with myopic(model):`` every GPT-2 self-attention layer attends, for every pair i ≠ j, to keys and
+Under ``with myopic(model):`` every GPT-2, Llama-family or GPT-NeoX self-attention layer attends, for every pair i ≠ j, to keys and
 values computed from a *detached* copy of position j's attention input (``cut="residual"``, the paper's
 definition), or to detached keys and values (``cut="kv"``, stricter: the key/value projections then learn
 only from the diagonal). Forward values are unchanged; only the gradient changes. Equivalently, the
@@ -11,18 +11,21 @@ Two implementations:
 - ``reference``: the paper's. Materialise the T×T scores of q against the detached keys, overwrite the
   diagonal with the live q_i·k_i, softmax, and add ``diag(A)·(v − ṽ)``. O(T²) memory.
 - ``fast`` (the default when it applies: no mask, no attention dropout, and a fused kernel that supports the
-  device, dtype and head size — else ``auto`` falls back to ``reference``): flash attention on (q, k̃, ṽ), which also returns the row
-  log-sum-exp λ, plus an O(T·d) diagonal correction that is zero in value and routes the diagonal's
-  gradient to the live k_i, v_i (DESIGN.md, "Making myopic training as fast as vanilla"):
+  device, dtype and head size — else ``auto`` falls back to ``reference``): flash attention on (q, k̃, ṽ),
+  which also returns the row log-sum-exp λ, plus an O(T·d) diagonal correction that is zero in value and
+  routes the diagonal's gradient to the live k_i, v_i (DESIGN.md, "Making myopic training as fast as vanilla"):
 
       o_i += a_ii · ⟨sg q_i, δk_i⟩ · sg(ṽ_i − o_i) + a_ii · δv_i,    a_ii = exp(⟨q_i, k_i⟩·scale − λ_i)
 
-  with δk_i = (k_i − sg k_i) − (k̃_i − sg k̃_i), likewise δv_i. Writing δk as a difference of two exact zeros
-  keeps the forward value bit-identical and cancels the gradient flash already sends into k̃_i on the
-  diagonal (DESIGN.md's ⟨sg q_i, k_i⟩ alone would count the diagonal's key-weight gradient twice).
+  with δk_i = (k_i − sg k_i) − (k̃_i − sg k̃_i), likewise δv_i: the gradient +1 to k_i and −1 to k̃_i cancels
+  what flash already sends into k̃_i on the diagonal (DESIGN.md's ⟨sg q_i, k_i⟩ alone would count the
+  diagonal's key-weight gradient twice). :class:`_DiagonalCorrection` applies exactly that gradient in the
+  backward and is the identity in the forward, so the output stays bit-identical to vanilla's.
 
-k̃, ṽ never need a second projection: :class:`_KeyValueDetachedCopy` returns the live q, k, v from one
-matmul plus a copy of k, v whose gradient reaches the projection weights but not the input.
+k̃, ṽ never need a second projection: :class:`_DetachedInputCopy` returns the live projection from one matmul
+plus a copy whose gradient reaches the projection weights but not the input. GPT-2's attention is rewritten here;
+Llama-family and GPT-NeoX layers keep their own forward (rotary, grouped-query): their key and value projections
+emit [live | copy] as twice the heads, rotary treats both alike, and the attention function they call splits them.
 """
 
 from __future__ import annotations
@@ -50,7 +53,7 @@ def myopic(model: nn.Module, cut: Cut = "residual", impl: Impl = "auto") -> Iter
     """Within this context, forward passes of ``model`` produce the myopic gradient.
 
     Args:
-        model: any module holding GPT-2 self-attention layers (``GPT2LMHeadModel``, ``GPT2RegressionModel``).
+        model: any module holding GPT-2, Llama, Mistral, Qwen2 or GPT-NeoX self-attention layers.
         cut: ``"residual"`` (the paper's) or ``"kv"`` (also cut the key/value projections of other positions).
         impl: ``"fast"`` (flash attention + diagonal correction), ``"reference"`` (materialised scores), or
             ``"auto"``: fast unless an attention mask, active attention dropout, or a device / dtype / head size
@@ -64,13 +67,10 @@ def myopic(model: nn.Module, cut: Cut = "residual", impl: Impl = "auto") -> Iter
     if any("forward" in layer.__dict__ for layer in layers):
         raise ForethoughtError("myopic(): the model is already inside a myopic context (or patched)")
     interfaced = [layer for layer in layers if not isinstance(layer, GPT2Attention)]
-    if interfaced and impl == "fast":
-        raise ForethoughtError(f"myopic(impl='fast') is implemented for GPT-2 only; {type(interfaced[0]).__name__} "
-                               "layers use impl='reference' (or 'auto')")
     configs = list({id(layer.config): layer.config for layer in interfaced}.values())
     implementations = [config._attn_implementation for config in configs]
     for layer in layers:
-        layer.forward = _MyopicForward(layer, cut, impl) if isinstance(layer, GPT2Attention) else _InterfaceForward(layer, cut)
+        layer.forward = (_MyopicForward if isinstance(layer, GPT2Attention) else _InterfaceForward)(layer, cut, impl)
     for config in configs:  # their attention function becomes the myopic one (their masks: sdpa's, None when causal)
         config._attn_implementation = _INTERFACE_NAME
     try:
@@ -82,17 +82,18 @@ def myopic(model: nn.Module, cut: Cut = "residual", impl: Impl = "auto") -> Iter
             config._attn_implementation = implementation
 
 
-# Llama-family and GPT-NeoX attention: q, k, v (rotary applied, grouped-query) reach a pluggable attention
-# function; the myopic one replaces it for the duration of the context.
 FILLED_CACHE = "myopic(): incremental decoding with a filled KV cache is not supported (the gradient is for training)"
-INTERFACE_FAMILIES = ("LlamaAttention", "MistralAttention", "Qwen2Attention", "GPTNeoXAttention")
+# Llama-family and GPT-NeoX attention: q, k, v (rotary applied, grouped-query) reach a pluggable attention
+# function; the myopic one replaces it for the duration of the context. Their key/value projections by class:
+KEY_VALUE_PROJECTIONS = {"LlamaAttention": ("k_proj", "v_proj"), "MistralAttention": ("k_proj", "v_proj"),
+                         "Qwen2Attention": ("k_proj", "v_proj"), "GPTNeoXAttention": ("query_key_value",)}
 _INTERFACE_NAME = "forethought_myopic"
 
 
 def myopic_layers(model: nn.Module) -> list[nn.Module]:
     """The self-attention layers :func:`myopic` patches (empty for models it cannot make myopic)."""
     return [m for m in model.modules() if (isinstance(m, GPT2Attention) and not m.is_cross_attention)
-            or type(m).__name__ in INTERFACE_FAMILIES]
+            or type(m).__name__ in KEY_VALUE_PROJECTIONS]
 
 
 def check_myopic_support(model: nn.Module) -> list[nn.Module]:
@@ -104,62 +105,82 @@ def check_myopic_support(model: nn.Module) -> list[nn.Module]:
     return layers
 
 
-def has_fast_path(model: nn.Module) -> bool:
-    """Whether ``impl="fast"`` applies to every layer :func:`myopic` patches (GPT-2 attention only, so far)."""
-    return all(isinstance(layer, GPT2Attention) for layer in check_myopic_support(model))
-
-
 def is_myopic(model: nn.Module) -> bool:
     """Whether ``model`` is currently inside a :func:`myopic` context."""
     return any(isinstance(m.__dict__.get("forward"), (_MyopicForward, _InterfaceForward)) for m in model.modules())
 
 
+def _refuse_filled_cache(cache, layer_index: int) -> None:
+    if cache is not None and cache.get_seq_length(layer_index) > 0:
+        raise ForethoughtError(FILLED_CACHE)
+
+
 class _InterfaceForward:
-    """Replacement for a Llama-family / GPT-NeoX attention forward. ``cut="residual"``: the layer's own forward
-    first runs on a detached copy of its input, and the attention function only records the keys and values
-    it is given (k̃, ṽ: rotary and all, the gradient reaching the weights but not the input); then the real
-    forward runs, and :func:`_interface_attention` attends to k̃, ṽ off the diagonal and to the live k, v on it.
-    ``cut="kv"``: the live keys and values, detached off the diagonal."""
+    """Replacement for a Llama-family / GPT-NeoX attention forward: the class's own forward, where (``cut=
+    "residual"``) the key/value projections return [live | detached-input copy] (twice the heads, rotary applied
+    to both by the layer) and the cache is handed only the live half; :func:`_interface_attention` splits them."""
 
     _CACHES = ("past_key_values", "past_key_value", "layer_past")
 
-    def __init__(self, layer: nn.Module, cut: Cut):
-        self.layer, self.cut = layer, cut
-        self.recording, self.recorded = False, None
+    def __init__(self, layer: nn.Module, cut: Cut, impl: Impl):
+        self.layer, self.cut, self.impl = layer, cut, impl
 
     def __call__(self, *args, **kwargs):
-        forward = type(self.layer).forward
-        if self.cut == "residual":
-            if "hidden_states" in kwargs:
-                detached_args, detached_kwargs = args, {**kwargs, "hidden_states": kwargs["hidden_states"].detach()}
-            else:
-                detached_args, detached_kwargs = (args[0].detach(), *args[1:]), dict(kwargs)
-            detached_kwargs = {k: (None if k in self._CACHES else v) for k, v in detached_kwargs.items()}
-            self.recording = True
-            try:
-                forward(self.layer, *detached_args, **detached_kwargs)  # records k̃, ṽ; its output is discarded
-            finally:
-                self.recording = False
+        layer = self.layer
+        for name in self._CACHES:
+            _refuse_filled_cache(kwargs.get(name), layer.layer_idx)
+        if self.cut == "kv":
+            return type(layer).forward(layer, *args, **kwargs)
+        kwargs = {k: (_LiveHalfCache(v) if k in self._CACHES and v is not None else v) for k, v in kwargs.items()}
+        projections = [getattr(layer, name) for name in KEY_VALUE_PROJECTIONS[type(layer).__name__]]
+        for projection in projections:
+            projection.forward = _LinearWithDetachedCopy(projection)
         try:
-            return forward(self.layer, *args, **kwargs)
+            return type(layer).forward(layer, *args, **kwargs)
         finally:
-            self.recorded = None
+            for projection in projections:
+                del projection.forward
+
+
+class _LinearWithDetachedCopy:
+    """Forward of an ``nn.Linear`` returning [y | y], y = x·Wᵀ + b [..., out]: the second copy's gradient reaches W
+    and b but not x (k̃, ṽ of the detached input, from one matmul)."""
+
+    def __init__(self, linear: nn.Linear):
+        self.linear = linear
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat(_DetachedInputCopy.apply(x, self.linear.weight, self.linear.bias, 0, True), dim=-1)
+
+
+class _LiveHalfCache:
+    """A Hugging Face cache seen through a [live | copy] layer: it stores the live half, detached (a vanilla
+    pass's values); an empty cache (the only kind :func:`myopic` accepts) returns what it is given."""
+
+    def __init__(self, cache):
+        self.cache = cache
+
+    def update(self, key: torch.Tensor, value: torch.Tensor, layer_index: int, *args, **kwargs):
+        heads = key.shape[1] // 2
+        self.cache.update(key[:, :heads].detach(), value[:, :heads].detach(), layer_index, *args, **kwargs)
+        return key, value
 
 
 def _interface_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                          attention_mask: torch.Tensor | None, scaling: float, dropout: float = 0.0, **kwargs):
-    """The attention function of a myopic Llama-family / GPT-NeoX layer: query [b, heads, t, d], key and value
-    [b, kv_heads, t, d] → (output [b, t, heads, d], None)."""
+    """The attention function of a myopic Llama-family / GPT-NeoX layer: query [b, heads, t, d] (NeoX's: twice
+    the heads, the copy's unused), key and value [b, 2·kv_heads, t, d] ([live | copy]; cut="kv": kv_heads, live)
+    → (output [b, t, heads, d], None)."""
     state = module.__dict__["forward"]
-    if key.shape[-2] != query.shape[-2]:
-        raise ForethoughtError(FILLED_CACHE)
-    if state.recording:
-        state.recorded = (key, value)
-        return query.new_zeros(query.transpose(1, 2).shape), None
-    key_past, value_past = state.recorded if state.cut == "residual" else (key.detach(), value.detach())
-    groups = getattr(module, "num_key_value_groups", 1)
-    key, value, key_past, value_past = (x.repeat_interleave(groups, dim=1) for x in (key, value, key_past, value_past))
-    out = reference_myopic_attention(query, key, value, key_past, value_past, scaling, attention_mask, dropout)
+    if state.cut == "residual":
+        query = query[:, : module.config.num_attention_heads]
+        (key, key_past), (value, value_past) = key.chunk(2, dim=1), value.chunk(2, dim=1)
+    else:
+        key_past, value_past = key.detach(), value.detach()
+    groups = query.shape[1] // key.shape[1]  # grouped-query attention: each key/value head serves `groups` heads
+    if groups > 1:
+        key, value, key_past, value_past = (x.repeat_interleave(groups, 1) for x in (key, value, key_past, value_past))
+    out = myopic_attention(query, key, value, key_past, value_past, scaling, state.impl, attention_mask, dropout)
     return out.transpose(1, 2).contiguous(), None
 
 
@@ -182,29 +203,19 @@ class _MyopicForward:
     ) -> tuple[torch.Tensor, None]:
         layer = self.layer
         batch, seq, d_model = hidden_states.shape
-        if past_key_values is not None and past_key_values.get_seq_length(layer.layer_idx) > 0:
-            raise ForethoughtError(FILLED_CACHE)
-        if self.cut == "residual":
-            q, k, v, k_past, v_past = _KeyValueDetachedCopy.apply(
-                hidden_states, layer.c_attn.weight, layer.c_attn.bias
-            )
+        _refuse_filled_cache(past_key_values, layer.layer_idx)
+        if self.cut == "residual":  # [q | k | v] and a copy of [k | v] (k̃, ṽ)
+            projected, copy = _DetachedInputCopy.apply(hidden_states, layer.c_attn.weight, layer.c_attn.bias, d_model,
+                                                       False)
+            (q, k, v), (k_past, v_past) = projected.split(d_model, dim=2), copy.split(d_model, dim=2)
         else:
             q, k, v = layer.c_attn(hidden_states).split(d_model, dim=2)
             k_past, v_past = k.detach(), v.detach()
         q, k, v, k_past, v_past = (_heads(x, layer.num_heads) for x in (q, k, v, k_past, v_past))
         if past_key_values is not None:  # keep the cache's forward values, as a vanilla pass would
             past_key_values.update(k.detach(), v.detach(), layer.layer_idx)
-
         dropout = layer.attn_dropout.p if layer.training else 0.0
-        fast_applies = attention_mask is None and dropout == 0.0
-        if self.impl == "fast" and not fast_applies:
-            raise ForethoughtError("myopic(impl='fast') needs no attention mask and no active attention dropout")
-        out = fast_myopic_attention(q, k, v, k_past, v_past, layer.scaling) if fast_applies and self.impl != "reference" else None
-        if out is None and self.impl == "fast":
-            raise ForethoughtError(f"myopic(impl='fast'): no fused attention kernel supports {q.dtype} heads of size "
-                                   f"{q.shape[-1]} on {q.device}; use impl='auto' to fall back to the reference path")
-        if out is None:
-            out = reference_myopic_attention(q, k, v, k_past, v_past, layer.scaling, attention_mask, dropout)
+        out = myopic_attention(q, k, v, k_past, v_past, layer.scaling, self.impl, attention_mask, dropout)
         out = out.transpose(1, 2).reshape(batch, seq, d_model)
         return layer.resid_dropout(layer.c_proj(out)), None
 
@@ -215,33 +226,55 @@ def _heads(x: torch.Tensor, n_heads: int) -> torch.Tensor:
     return x.view(batch, seq, n_heads, d_model // n_heads).transpose(1, 2)
 
 
-class _KeyValueDetachedCopy(torch.autograd.Function):
-    """``q, k, v = x @ W + b`` (GPT-2's fused ``c_attn``) plus ``k̃, ṽ``: the same values, whose gradient
-    reaches W and b but not x. One forward matmul; the backward folds k̃, ṽ's gradient into W's."""
+class _DetachedInputCopy(torch.autograd.Function):
+    """``y = x·W + b`` [..., out] from one matmul, and ``y[..., start:]`` again as a second output (a view: no copy)
+    whose gradient reaches W and b but not x. ``weight`` is [in, out] (GPT-2's Conv1D) or, with ``linear``,
+    [out, in] (``nn.Linear``; bias may be None)."""
 
     @staticmethod
     @torch.amp.custom_fwd(device_type="cuda")
-    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor):
-        d_model = x.shape[-1]
-        qkv = torch.addmm(bias, x.reshape(-1, d_model), weight).view(*x.shape[:-1], -1)  # [b, t, 3d]
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, start: int, linear: bool):
+        if linear:
+            projected = nn.functional.linear(x, weight, bias)
+        else:
+            projected = torch.addmm(bias, x.reshape(-1, x.shape[-1]), weight).view(*x.shape[:-1], -1)
         ctx.save_for_backward(x, weight)
-        q, k, v = qkv.split(d_model, dim=-1)
-        return q, k, v, k.clone(), v.clone()
+        ctx.start, ctx.linear, ctx.has_bias = start, linear, bias is not None
+        return projected, projected[..., start:]
 
     @staticmethod
     @torch.amp.custom_bwd(device_type="cuda")
-    def backward(ctx, g_q, g_k, g_v, g_k_past, g_v_past):
+    def backward(ctx, grad_live: torch.Tensor, grad_copy: torch.Tensor):  # unused outputs: zeros (materialised)
         x, weight = ctx.saved_tensors
-        g_q, g_k, g_v, g_k_past, g_v_past = (
-            torch.zeros_like(x) if g is None else g for g in (g_q, g_k, g_v, g_k_past, g_v_past)
-        )
-        g_live = torch.cat([g_q, g_k, g_v], dim=-1).reshape(-1, weight.shape[1])  # [b·t, 3d]
-        g_all = torch.cat([g_q, g_k + g_k_past, g_v + g_v_past], dim=-1).reshape(-1, weight.shape[1])
-        x_flat = x.reshape(-1, x.shape[-1])
-        g_x = (g_live @ weight.t().to(g_live.dtype)).view_as(x)
-        g_weight = (x_flat.t().to(g_all.dtype) @ g_all).to(weight.dtype)
-        g_bias = g_all.sum(0).to(weight.dtype)
-        return g_x.to(x.dtype), g_weight, g_bias
+        weight_dtype, width = weight.dtype, weight.shape[0] if ctx.linear else weight.shape[1]
+        grad_live = grad_live.reshape(-1, width)  # [b·t, out]
+        grad_all = grad_live.clone()
+        grad_all[:, ctx.start:] += grad_copy.reshape(-1, width - ctx.start)  # the copy's: weights and bias only
+        x_flat, weight = x.reshape(-1, x.shape[-1]).to(grad_all.dtype), weight.to(grad_all.dtype)
+        if ctx.linear:
+            grad_x, grad_weight = grad_live @ weight, grad_all.t() @ x_flat
+        else:
+            grad_x, grad_weight = grad_live @ weight.t(), x_flat.t() @ grad_all
+        grad_bias = grad_all.sum(0).to(weight_dtype) if ctx.has_bias else None
+        return grad_x.view_as(x).to(x.dtype), grad_weight.to(weight_dtype), grad_bias, None, None
+
+
+def myopic_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_past: torch.Tensor, v_past: torch.Tensor,
+                     scale: float, impl: Impl = "auto", attention_mask: torch.Tensor | None = None,
+                     dropout: float = 0.0) -> torch.Tensor:
+    """Myopic attention by ``impl``: the fast path where it applies (no mask, no dropout, a fused kernel for the
+    device, dtype and head size), else the reference; ``impl="fast"`` refuses in one line what it cannot do.
+    All tensors [batch, heads, seq, d_head]; k̃ = ``k_past``, ṽ = ``v_past`` hold the values of k, v."""
+    fast_applies = attention_mask is None and dropout == 0.0
+    if impl == "fast" and not fast_applies:
+        raise ForethoughtError("myopic(impl='fast') needs no attention mask and no active attention dropout")
+    out = fast_myopic_attention(q, k, v, k_past, v_past, scale) if fast_applies and impl != "reference" else None
+    if out is None and impl == "fast":
+        raise ForethoughtError(f"myopic(impl='fast'): no fused attention kernel supports {q.dtype} heads of size "
+                               f"{q.shape[-1]} on {q.device}; use impl='auto' to fall back to the reference path")
+    if out is None:
+        out = reference_myopic_attention(q, k, v, k_past, v_past, scale, attention_mask, dropout)
+    return out
 
 
 def reference_myopic_attention(
@@ -290,6 +323,9 @@ def fast_myopic_attention(
     All tensors [batch, heads, seq, d_head]; ``k``/``k_past`` (and ``v``/``v_past``) must hold equal values.
     None where no fused kernel supports this device, dtype and head size (the caller falls back).
     """
+    if torch.is_autocast_enabled(q.device.type):  # as sdpa would: the kernel runs in the autocast dtype
+        dtype = torch.get_autocast_dtype(q.device.type)
+        q, k, v, k_past, v_past = (x.to(dtype) for x in (q, k, v, k_past, v_past))
     fused = flash_attention_with_lse(q, k_past, v_past, scale)  # [b,h,t,d], [b,h,t]
     if fused is None:
         return None
@@ -297,12 +333,33 @@ def fast_myopic_attention(
     with torch.no_grad():
         precise = torch.promote_types(q.dtype, torch.float32)  # bf16 scores are summed in fp32
         self_score = (q.to(precise) * k.to(precise)).sum(-1) * scale  # [b, h, t]
-        self_weight = torch.exp(self_score - lse.to(precise)).to(q.dtype).unsqueeze(-1)  # a_ii
-        value_minus_out = v_past - out
-    delta_k = (k - k.detach()) - (k_past - k_past.detach())  # zero; gradient +1 to k, −1 to k̃
-    delta_v = (v - v.detach()) - (v_past - v_past.detach())
-    score_delta = (q.detach() * delta_k).sum(-1, keepdim=True) * scale  # zero-valued s_ii deviation
-    return out + self_weight * score_delta * value_minus_out + self_weight * delta_v
+        self_weight = torch.exp(self_score - lse.to(precise)).to(q.dtype)  # a_ii
+    return _DiagonalCorrection.apply(out, q.detach(), k, v, k_past, v_past, self_weight, scale)
+
+
+class _DiagonalCorrection(torch.autograd.Function):
+    """The identity on flash's output o [b, h, t, d]; in the backward it moves the diagonal's gradient, which flash
+    sent to k̃_i, ṽ_i, to the live k_i, v_i. For g = ∂L/∂o_i and a_ii = ``self_weight`` [b, h, t]:
+
+        ∂L/∂k_i += c_i·q_i,  ∂L/∂k̃_i −= c_i·q_i,   c_i = a_ii · scale · ⟨g, ṽ_i − o_i⟩
+        ∂L/∂v_i += a_ii·g,   ∂L/∂ṽ_i −= a_ii·g
+
+    the gradient of DESIGN.md's zero-valued terms a_ii·(s_ii − sg s_ii)·sg(ṽ_i − o_i) + a_ii·(v_i − ṽ_i), in a
+    few O(T·d) operations of the backward only (autograd through those terms costs ~15 in each direction)."""
+
+    @staticmethod
+    def forward(ctx, out, q, k, v, k_past, v_past, self_weight, scale: float):
+        ctx.save_for_backward(q, v_past, out, self_weight)
+        ctx.scale = scale
+        return out.view_as(out)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        q, v_past, out, self_weight = ctx.saved_tensors
+        coefficient = self_weight * ctx.scale * torch.linalg.vecdot(v_past - out, grad)  # c_i [b, h, t]
+        grad_k = coefficient.unsqueeze(-1) * q
+        grad_v = self_weight.unsqueeze(-1) * grad
+        return grad, None, grad_k, grad_v, -grad_k, -grad_v, None, None
 
 
 Fused = tuple[torch.Tensor, torch.Tensor]

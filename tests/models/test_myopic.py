@@ -10,7 +10,7 @@ from torch.nn.functional import cross_entropy
 from transformers.models.gpt2.modeling_gpt2 import GPT2Attention
 
 from models.errors import ForethoughtError
-from models.myopic import fast_myopic_attention, is_myopic, myopic, reference_myopic_attention
+from models.myopic import fast_myopic_attention, is_myopic, myopic, myopic_layers, reference_myopic_attention
 
 
 def lm_losses(model, tokens) -> torch.Tensor:
@@ -172,11 +172,11 @@ def masked_lm_losses(mask):
 
 
 def padding_mask(tokens: torch.Tensor, padding: str) -> torch.Tensor:
-    """A [batch, seq] mask padding two of the three sequences on the ``padding`` side (0 = padding)."""
+    """A [batch, seq] mask padding two of the three sequences on the ``padding`` side (0 = padding; "none": all 1)."""
     mask = torch.ones_like(tokens)
     if padding == "left":
         mask[0, :3], mask[1, :1] = 0, 0
-    else:
+    elif padding == "right":
         mask[0, -3:], mask[2, -2:] = 0, 0
     return mask
 
@@ -235,25 +235,29 @@ def test_fused_kernels_fall_back_in_order_then_to_the_reference(tiny_lm, tokens,
 
 
 def tiny_family(family: str):
-    """A 2-layer float64 Llama (rotary, 4 heads over 2 key/value heads) or GPT-NeoX (partial rotary, parallel
-    residual) with a vocabulary of 23, in eval mode."""
-    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM, LlamaConfig, LlamaForCausalLM
+    """A 2-layer float64 model with a vocabulary of 23, in eval mode: Llama (rotary, 4 heads over 2 key/value
+    heads), Qwen2 (the same with biased q/k/v projections), Mistral (a sliding window of 4 positions) or GPT-NeoX
+    (partial rotary, parallel residual)."""
+    from transformers import (GPTNeoXConfig, GPTNeoXForCausalLM, LlamaConfig, LlamaForCausalLM, MistralConfig,
+                              MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM)
 
     torch.manual_seed(0)
-    if family == "llama":
-        config = LlamaConfig(vocab_size=23, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
-                             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32)
-        return LlamaForCausalLM(config).double().eval()
-    config = GPTNeoXConfig(vocab_size=23, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
-                           num_attention_heads=4, rotary_pct=0.5, max_position_embeddings=32)
-    return GPTNeoXForCausalLM(config).double().eval()
+    common = dict(vocab_size=23, hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=4,
+                  max_position_embeddings=32)
+    config, model_class = {
+        "llama": (lambda: LlamaConfig(**common, num_key_value_heads=2), LlamaForCausalLM),
+        "qwen2": (lambda: Qwen2Config(**common, num_key_value_heads=2), Qwen2ForCausalLM),
+        "mistral": (lambda: MistralConfig(**common, num_key_value_heads=2, sliding_window=4), MistralForCausalLM),
+        "neox": (lambda: GPTNeoXConfig(**common, rotary_pct=0.5), GPTNeoXForCausalLM),
+    }[family]
+    return model_class(config()).double().eval()
 
 
 @contextmanager
 def freeze_family_inputs(model, cut: str, rewrite):
     """Llama / NeoX: ``rewrite(index, tensor)`` applied to every attention layer's input (cut="residual") or to its
     key and value projections (cut="kv": Llama's k_proj, v_proj; NeoX's k and v parts of the fused projection)."""
-    attentions = [m for m in model.modules() if type(m).__name__ in ("LlamaAttention", "GPTNeoXAttention")]
+    attentions = myopic_layers(model)
     handles = []
     for index, layer in enumerate(attentions):
         if cut == "residual":
@@ -279,27 +283,41 @@ def freeze_family_inputs(model, cut: str, rewrite):
             handle.remove()
 
 
+@pytest.mark.parametrize("impl", ["fast", "reference"])
 @pytest.mark.parametrize("cut", ["residual", "kv"])
-@pytest.mark.parametrize("family", ["llama", "neox"])
-def test_llama_and_neox_myopic_gradients_equal_brute_force(family, cut, tokens):
+@pytest.mark.parametrize("family", ["llama", "qwen2", "neox"])
+def test_llama_qwen2_and_neox_myopic_gradients_equal_brute_force(family, cut, impl, tokens):
     model = tiny_family(family)
     expected = brute_force_myopic_grads(model, lm_losses, tokens, cut, freeze_family_inputs)
     vanilla_logits = model(tokens).logits
     vanilla = grads(model, lm_losses(model, tokens).sum())
-    with myopic(model, cut=cut):
+    with myopic(model, cut=cut, impl=impl):
         assert is_myopic(model)
         logits = model(tokens).logits
         actual = grads(model, lm_losses(model, tokens).sum())
     assert not is_myopic(model) and model.config._attn_implementation != "forethought_myopic"
-    torch.testing.assert_close(logits, vanilla_logits, atol=1e-12, rtol=0)  # forward values unchanged
+    if impl == "fast":  # forward values unchanged: bit for bit on the fused path
+        assert torch.equal(logits, vanilla_logits)
+    torch.testing.assert_close(logits, vanilla_logits, atol=1e-12, rtol=0)
     for a, e in zip(actual, expected):
         torch.testing.assert_close(a, e, atol=1e-9, rtol=0)
     assert max((a - e).abs().max().item() for a, e in zip(vanilla, expected)) > 1e-4  # the cut changes something
 
 
-@pytest.mark.parametrize("padding", ["left", "right"])
-@pytest.mark.parametrize("family", ["llama", "neox"])
-def test_llama_and_neox_padded_batches_give_the_exact_myopic_gradient(family, padding, tokens):
+@pytest.mark.parametrize("family", ["gpt2", "llama", "neox"])
+def test_bfloat16_autocast_forward_is_bit_identical_on_the_fast_path(family, tiny_lm, tokens):
+    model = (tiny_lm if family == "gpt2" else tiny_family(family)).float()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        vanilla = model(tokens).logits
+        with myopic(model, impl="fast"):
+            logits = model(tokens).logits
+    assert logits.dtype == vanilla.dtype and torch.equal(logits, vanilla)
+
+
+@pytest.mark.parametrize("padding", ["left", "right", "none"])
+@pytest.mark.parametrize("family", ["llama", "mistral", "neox"])
+def test_padded_and_sliding_window_batches_give_the_exact_myopic_gradient(family, padding, tokens):
+    """Also Mistral's sliding window (4 positions): a mask even without padding, so the reference path."""
     model = tiny_family(family)
     mask = padding_mask(tokens, padding)
     losses = masked_lm_losses(mask)
@@ -314,7 +332,7 @@ def test_llama_and_neox_padded_batches_give_the_exact_myopic_gradient(family, pa
         torch.testing.assert_close(a, e, atol=1e-9, rtol=0)
 
 
-@pytest.mark.parametrize("family", ["gpt2", "llama", "neox"])
+@pytest.mark.parametrize("family", ["gpt2", "llama", "qwen2", "mistral", "neox"])
 def test_kv_cache_holds_vanilla_values_and_a_filled_cache_is_refused(family, tiny_lm, tokens):
     model = tiny_lm if family == "gpt2" else tiny_family(family)
     vanilla = model(tokens, use_cache=True).past_key_values
