@@ -61,6 +61,7 @@ SMOLLM2_FINE_TUNE = (  # Wu et al.'s Pythia protocol (fine-tune from the pretrai
     "--model smollm2-135m --from-pretrained --tokenizer smollm2-135m --corpus embedded --layout packed --seq-len 64 "
     "--batch-size 16 --steps 300 --lr 1e-4 --warmup-frac 0.05 --precision bfloat16 --eval-every 30 --eval-batches 4 "
     "--checkpoint-every 150")
+SMOLLM2_SEEDS = (0, 1, 2)  # fine-tuning seeds (data order); ~28 min a twin on this CPU
 FIGURES = [
     *[f"{command} --seed {seed} --out runs/{name}-s{seed}" + (" --figures-dir figures" if seed == 0 else "")
       for command, name in (("demo", "demo"), ("pathstar", "pathstar-cpu")) for seed in CPU_SEEDS],
@@ -84,10 +85,13 @@ FIGURES = [
     "--figures-dir figures",
     "gap --vanilla smollm2-135m --corpus embedded --layout packed --seq-len 64 --max-sequences 256 --share-sequences 64 "
     "--batch-size 8 --out runs/gap-smollm2 --figures-dir figures/smollm2",
-    *[f"train {SMOLLM2_FINE_TUNE} --out runs/ft-smollm2-{twin}" + (" --myopic" if twin == "myopic" else "")
-      for twin in ("vanilla", "myopic")],
-    "gap --vanilla runs/ft-smollm2-vanilla --myopic runs/ft-smollm2-myopic --max-sequences 1000 --share-sequences 32 "
-    "--batch-size 8 --out runs/gap-ft-smollm2 --figures-dir figures/smollm2-finetune",
+    *[f"train {SMOLLM2_FINE_TUNE} --seed {seed} --out runs/ft-smollm2-s{seed}-{twin}"
+      + (" --myopic" if twin == "myopic" else "") for seed in SMOLLM2_SEEDS for twin in ("vanilla", "myopic")],
+    *[f"gap --vanilla runs/ft-smollm2-s{seed}-vanilla --myopic runs/ft-smollm2-s{seed}-myopic --max-sequences 1000 "
+      f"--share-sequences 32 --batch-size 8 --out runs/gap-ft-smollm2-s{seed}"
+      + (" --figures-dir figures/smollm2-finetune" if seed == 0 else "") for seed in SMOLLM2_SEEDS],
+    "seeds --runs " + ",".join(f"runs/gap-ft-smollm2-s{seed}" for seed in SMOLLM2_SEEDS)
+    + " --out runs/seeds-gap-ft-smollm2 --figures-dir figures/smollm2-finetune",
 ]
 README = Path(__file__).parents[1] / "README.md"
 REFERENCE_START, REFERENCE_END = "<!-- cli-reference: written by `forethought readme` -->", "<!-- /cli-reference -->"
