@@ -22,6 +22,7 @@ from analyses.results import read_results, write_results
 from models.checkpoint import changed_settings
 from models.errors import ForethoughtError
 from models.files import atomic_write_json, read_json, run_lock
+from models.settings import UNBOUND
 from models.train import TrainConfig
 
 
@@ -78,9 +79,6 @@ class ExperimentResults:
     def figures(self) -> dict[str, go.Figure]:
         """{file stem: figure} written by :func:`finish_run`."""
         return {}
-
-
-UNBOUND = ("out", "figures_dir", "device", "progress", "tokens_root")  # never part of a run's identity
 
 
 def writes_run(run: Callable[[Any], Any]) -> Callable[[Any], Any]:

@@ -3,18 +3,12 @@
 Myopia gap: held-out loss(myopic) − loss(vanilla) for twins trained on the same data, overall and per
 position, each with a paired 95 % bootstrap interval over held-out sequences (= documents in the paper's
 layout). It measures how much the model gains from computing for the future (Wu et al. 2024, §3: GPT-2 on
-MS MARCO, 3.28 vs 3.40 nats).
-
-Future-gradient share (any single checkpoint): at residual layer l, ‖g_total − g_own‖ / ‖g_total‖ over
-positions and sequences, where g_total is the gradient of the summed next-token loss reaching h[l, t] and
-g_own the part from position t's own loss — the gradient under :func:`models.myopic.myopic`. It says how much
-of the training signal at each layer asks for computation on behalf of later positions.
+MS MARCO, 3.28 vs 3.40 nats). The future-gradient share of each checkpoint: :mod:`probes.gradients`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from typing import Any, ClassVar
 
 import numpy as np
@@ -23,23 +17,21 @@ import plotly.express as px
 import plotly.graph_objects as go
 import torch
 from plotly.subplots import make_subplots
-from tqdm.auto import tqdm
 
-from analyses.experiment import UNBOUND, ExperimentResults, finish_run, prepare_out, writes_run
+from analyses.experiment import ExperimentResults, finish_run, prepare_out, writes_run
 from analyses.plots import loss_curves_figure
 from analyses.results import run_meta, tidy
-from models.checkpoint import changed_settings, checkpoint_step, training_history
+from models.checkpoint import training_history
 from models.errors import ForethoughtError
-from models.families import architecture_summary
-from models.lm import LMCheckpoint, check_same_tokenizer
-from models.myopic import myopic, myopic_layers
-from models.tasks.text import TextData, next_token_loss
-from models.train import resolve_device
+from models.heldout import heldout_data, token_losses
+from models.lm import LMCheckpoint
+from models.myopic import myopic_layers
 from models.settings import check_settings
-from probes.metrics import Estimate, bootstrap, mean_scores
-from probes.residuals import capture_residuals
+from models.train import resolve_device
+from models.twins import TWINS, check_twins
+from probes.gradients import future_gradient_share
+from probes.metrics import mean_scores
 
-TWINS = ("vanilla", "myopic")
 GAP = "myopia gap (myopic − vanilla)"
 COLORS = px.colors.qualitative.D3
 
@@ -162,110 +154,6 @@ def _band(figure: go.Figure, rows: pd.DataFrame, name: str, color: str, x: str =
     figure.add_scatter(x=x + x[::-1], y=rows["ci_high"].tolist() + rows["ci_low"].tolist()[::-1], fill="toself",
                        mode="lines", line=dict(width=0, color=color), opacity=0.2, showlegend=False,
                        hoverinfo="skip", name=f"{name} 95% CI", **where)
-
-
-def _batches(model: torch.nn.Module, sequences: torch.Tensor, batch_size: int, desc: str,
-             progress: bool) -> Iterator[torch.Tensor]:
-    """Chunks [≤ batch_size, T] of ``sequences`` on the model's device, with a progress bar."""
-    device = next(model.parameters()).device
-    for chunk in tqdm(sequences.split(batch_size), desc=desc, disable=not progress, leave=False):
-        yield chunk.to(device)
-
-
-@torch.no_grad()
-def token_losses(model: torch.nn.Module, sequences: torch.Tensor, batch_size: int = 32,
-                 progress: bool = False) -> np.ndarray:
-    """sequences [n, T] → per-token cross-entropy [n, T − 1] (position t predicts token t + 1), nats."""
-    losses = [next_token_loss(model(chunk, use_cache=False).logits, chunk, reduction="none").cpu()
-              for chunk in _batches(model, sequences, batch_size, "losses", progress)]
-    return torch.cat(losses).double().numpy()
-
-
-def residual_gradients(model: torch.nn.Module, tokens: torch.Tensor) -> torch.Tensor:
-    """tokens [batch, T] → gradient of the summed next-token loss at every residual layer [L+1, batch, T, d].
-
-    Under :func:`models.myopic.myopic`, h[l, t] receives only position t's own loss. The token embeddings enter
-    as a leaf that requires grad, so every h[l] does even where the embedding weights are frozen (a Llama's
-    h[0] is its token embeddings alone).
-    """
-    embeddings = model.get_input_embeddings()(tokens).detach().requires_grad_()
-    with capture_residuals(model, retain_grad=True) as captured:
-        logits = model(inputs_embeds=embeddings, use_cache=False).logits
-        next_token_loss(logits, tokens, reduction="sum").backward()
-    model.zero_grad(set_to_none=True)
-    return torch.stack([captured[layer].grad for layer in sorted(captured)])
-
-
-def future_gradient_stats(model: torch.nn.Module, sequences: torch.Tensor, batch_size: int = 16,
-                          progress: bool = False) -> np.ndarray:
-    """Per-sequence sufficient statistics [n, 2·(L+1)]: ‖g_total − g_own‖² and ‖g_total‖² per layer."""
-    stats = []
-    for chunk in _batches(model, sequences, batch_size, "gradient share", progress):
-        total = residual_gradients(model, chunk).double()  # [L+1, b, T, d]
-        with myopic(model):
-            own = residual_gradients(model, chunk).double()
-        future = (total - own).pow(2).sum((2, 3))  # [L+1, b]
-        stats.append(torch.cat([future, total.pow(2).sum((2, 3))]).T.cpu())  # [b, 2·(L+1)]
-    return torch.cat(stats).numpy()
-
-
-def future_gradient_share(model: torch.nn.Module, sequences: torch.Tensor, batch_size: int = 16,
-                          seed: int = 0, progress: bool = False) -> list[Estimate]:
-    """The future-gradient share of each residual layer 0 … L, with 95 % bootstrap CIs over sequences."""
-    stats = future_gradient_stats(model, sequences, batch_size, progress)
-    n_layers = stats.shape[1] // 2
-    with np.errstate(divide="ignore", invalid="ignore"):
-        return bootstrap(stats, lambda s: np.sqrt(s[..., :n_layers] / s[..., n_layers:]),
-                         n_examples=len(stats) * sequences.shape[1], seed=seed)
-
-
-def check_twins(vanilla: LMCheckpoint, myopic_twin: LMCheckpoint) -> None:
-    """Refuse twins that differ in architecture, tokenizer or training data, or that are not what they say."""
-    ours, theirs = architecture_summary(vanilla.model.config), architecture_summary(myopic_twin.model.config)
-    differing = [k for k in dict.fromkeys([*ours, *theirs]) if ours.get(k) != theirs.get(k)]
-    if differing:
-        detail = ", ".join(f"{k} {ours.get(k)} vs {theirs.get(k)}" for k in differing)
-        raise ForethoughtError(f"the twins differ in architecture: {detail}")
-    check_same_tokenizer({"vanilla": vanilla, "myopic": myopic_twin})
-    if vanilla.data() != myopic_twin.data():
-        raise ForethoughtError(f"the twins were trained on different data: {vanilla.data()} vs {myopic_twin.data()}")
-    for name, checkpoint in zip(TWINS, (vanilla, myopic_twin)):
-        trained_myopic = (checkpoint.description or {}).get("myopic")
-        if trained_myopic is not None and trained_myopic != (name == "myopic"):
-            raise ForethoughtError(
-                f"--{name} {checkpoint.source} was trained {'myopically' if trained_myopic else 'the vanilla way'}"
-            )
-    settings = [_twin_settings(checkpoint) for checkpoint in (vanilla, myopic_twin)]
-    if None not in settings and (changed := changed_settings(*settings)):
-        raise ForethoughtError(f"the twins were trained with other settings (vanilla → myopic: {changed})")
-    steps = [checkpoint_step(checkpoint.source) for checkpoint in (vanilla, myopic_twin)]
-    if steps[0] != steps[1]:
-        planned = [(c.description or {}).get("steps") for c in (vanilla, myopic_twin)]
-        detail = ", ".join(f"{name} at step {step}" + (f" of {total}" if total else "")
-                           for name, step, total in zip(TWINS, steps, planned))
-        raise ForethoughtError(f"the twins are not at the same training step ({detail}): finish the shorter run, or "
-                               "pass checkpoint folders of the same step")
-
-
-def _twin_settings(checkpoint: LMCheckpoint) -> dict[str, Any] | None:
-    """The training settings a twin recorded (None if it records none), less what twins differ in or what never
-    changes the weights (the myopic flag and cut; where the run and its token files are kept)."""
-    recorded = (checkpoint.description or {}).get("train_config")
-    ignored = {"myopic", "myopic_cut", "eval_batches", *UNBOUND}
-    return None if recorded is None else {k: v for k, v in recorded.items() if k not in ignored}
-
-
-def heldout_data(checkpoints: dict[str, LMCheckpoint], corpus: str | None, layout: str, seq_len: int,
-                 prepend_bos: bool | None = None) -> TextData:
-    """The checkpoints' own data (their test documents are held out), or ``corpus`` cut by layout and length;
-    ``prepend_bos`` (None: as the data was recorded, or no BOS for ``corpus``) sets the BOS policy."""
-    if corpus is not None:
-        return TextData(corpus=corpus, layout=layout, seq_len=seq_len, prepend_bos=bool(prepend_bos))
-    recorded = next((c.data() for c in checkpoints.values() if c.data() is not None), None)
-    if recorded is None:
-        raise ForethoughtError("the checkpoints record no training data (trained elsewhere?): pass --corpus, "
-                               "e.g. --corpus embedded")
-    return recorded if prepend_bos is None else replace(recorded, prepend_bos=prepend_bos)
 
 
 @writes_run

@@ -4,7 +4,7 @@ Per (layer, τ): the pre-caching estimate P = acc_vanilla − acc_myopic with a 
 twins' probes are scored on the same held-out positions; the bootstrap resamples the same sequences for
 both), and the breadcrumb estimate B = acc_myopic — information a model trained only for the present still
 carries about x[t+τ]. Beside them: the random-init control, the count baselines, and each twin's
-future-gradient share per layer (:mod:`analyses.gap`).
+future-gradient share per layer (:mod:`probes.gradients`).
 """
 
 from __future__ import annotations
@@ -18,12 +18,13 @@ import plotly.graph_objects as go
 import torch
 
 from analyses.experiment import finish_run, writes_run
-from analyses.gap import check_twins, future_gradient_share
 from analyses.plots import FDR_NOTE, difference_heatmap
 from analyses.probe import ProbeConfig, ProbeResults, load_checkpoints, probe_checkpoints, probe_meta
 from analyses.results import tidy
 from models.errors import ForethoughtError
 from models.train import resolve_device
+from models.twins import check_twins
+from probes.gradients import future_gradient_share
 
 PRECACHE = "pre-caching (vanilla − myopic)"
 

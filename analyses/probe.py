@@ -21,12 +21,12 @@ import plotly.express as px
 import plotly.graph_objects as go
 
 from analyses.experiment import ExperimentResults, finish_run, prepare_out, writes_run
-from analyses.gap import heldout_data
 from analyses.results import CONTROL, run_meta, tidy
 from models.errors import ForethoughtError
 from models.files import check_free_space, staged_folder
 from models.families import n_layers, unembedding
 from models.gpt2 import build_lm
+from models.heldout import heldout_data
 from models.lm import LMCheckpoint, check_same_tokenizer
 from models.precision import check_precision
 from models.tasks.text import TextData, tokenization

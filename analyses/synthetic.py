@@ -23,13 +23,12 @@ from analyses.results import CONTROL, run_meta, tidy
 from models.errors import ForethoughtError
 from models.gpt2 import GPT2RegressionModel, build_regression, load_model, regression_config
 from models.tasks.synthetic import SyntheticTask
-from models.train import train
 from models.settings import check_settings
+from models.train import train
+from models.twins import TWINS
 from probes.fit import fit_ridge_by_layer, split_sequences
 from probes.metrics import mean_scores
 from probes.residuals import model_residuals
-
-TWINS = ("vanilla", "myopic")
 
 
 @dataclass

@@ -28,7 +28,7 @@ from models.families import architecture
 from models.files import atomic_write_json, read_json, run_lock
 from models.gpt2 import CAUSAL_LM_CLASSES, build_lm, gpt2_config, load_model
 from models.hub import hub_reachable
-from models.myopic import CUTS, check_myopic_support
+from models.myopic import check_cut, check_myopic_support
 from models.precision import TRAINING_PRECISIONS, check_precision
 from models.sources import model_folder, source_card
 from models.tasks.bpe import bpe_size, corpus_bpe
@@ -111,8 +111,7 @@ class LMTrainConfig:
         check_settings(self)
         if self.preset is not None and self.preset not in LM_TRAIN_PRESETS:
             raise ForethoughtError(f"unknown preset {self.preset!r}; choose one of {', '.join(LM_TRAIN_PRESETS)}")
-        if self.myopic_cut not in CUTS:
-            raise ForethoughtError(f"unknown myopic cut {self.myopic_cut!r}; choose one of {', '.join(CUTS)}")
+        check_cut(self.myopic_cut)
         check_precision(self.precision, TRAINING_PRECISIONS)
         if self.from_pretrained and self.model in LM_PRESETS:
             raise ForethoughtError(f"--from-pretrained needs a folder or hub id; {self.model!r} is a preset")

@@ -59,8 +59,7 @@ def myopic(model: nn.Module, cut: Cut = "residual", impl: Impl = "auto") -> Iter
             ``"auto"``: fast unless an attention mask, active attention dropout, or a device / dtype / head size
             no fused kernel supports requires the reference.
     """
-    if cut not in CUTS:
-        raise ForethoughtError(f"unknown myopic cut {cut!r}; choose one of {', '.join(CUTS)}")
+    check_cut(cut)
     if impl not in IMPLS:
         raise ForethoughtError(f"unknown myopic impl {impl!r}; choose one of {', '.join(IMPLS)}")
     layers = check_myopic_support(model)
@@ -80,6 +79,13 @@ def myopic(model: nn.Module, cut: Cut = "residual", impl: Impl = "auto") -> Iter
             del layer.forward  # back to the class's forward
         for config, implementation in zip(configs, implementations):
             config._attn_implementation = implementation
+
+
+def check_cut(cut: str) -> str:
+    """``cut`` if it names a myopic cut, else a one-line error naming the choices."""
+    if cut not in CUTS:
+        raise ForethoughtError(f"unknown myopic cut {cut!r}; choose one of {', '.join(CUTS)}")
+    return cut
 
 
 FILLED_CACHE = "myopic(): incremental decoding with a filled KV cache is not supported (the gradient is for training)"

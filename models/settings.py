@@ -17,6 +17,9 @@ import torch
 
 from models.errors import ForethoughtError
 
+UNBOUND = ("out", "figures_dir", "device", "progress", "tokens_root")  # where a run is kept and how it reports:
+# never part of a run's identity
+
 Rule = tuple[str, Callable[[Any], bool]]  # (the range in words, the test)
 
 AT_LEAST_1: Rule = ("≥ 1", lambda v: v >= 1)

@@ -25,7 +25,7 @@ from models.checkpoint import checkpoints_dir, latest_checkpoint, load_training_
 from models.distributed import Distributed
 from models.errors import ForethoughtError
 from models.files import run_lock
-from models.myopic import CUTS, myopic
+from models.myopic import check_cut, myopic
 from models.precision import TRAINING_PRECISIONS, autocast as precision_autocast, check_precision, training_precision
 from models.settings import check_settings
 
@@ -72,8 +72,7 @@ class TrainConfig:
         check_settings(self)
         if self.steps < 1 or self.batch_size < 1:
             raise ForethoughtError(f"steps and batch_size must be ≥ 1, got {self.steps}, {self.batch_size}")
-        if self.myopic_cut not in CUTS:
-            raise ForethoughtError(f"unknown myopic cut {self.myopic_cut!r}; choose one of {', '.join(CUTS)}")
+        check_cut(self.myopic_cut)
         if not 0 <= self.warmup_frac < 1:
             raise ForethoughtError(f"warmup_frac must lie in [0, 1), got {self.warmup_frac}")
         check_precision(self.precision, TRAINING_PRECISIONS)
