@@ -9,12 +9,15 @@ from __future__ import annotations
 import argparse
 import functools
 import inspect
+import logging
 import os
 import re
 import sys
 import time
 from dataclasses import MISSING, Field, fields
 from pathlib import Path
+
+from tqdm.auto import tqdm
 
 from analyses.bench import (
     CacheBenchConfig, PathStarBenchConfig, ProbeBenchConfig, TrainBenchConfig, bench_cache, bench_pathstar, bench_probe,
@@ -201,8 +204,26 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class _ProgressSafeHandler(logging.Handler):
+    """Log records as plain lines on the current stderr, written around any progress bar."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        tqdm.write(self.format(record), file=sys.stderr)
+
+
+def show_library_logs() -> None:
+    """The workbench's own log records (``models``, ``probes``, ``analyses``; INFO and up) on stderr."""
+    handler = _ProgressSafeHandler()
+    for name in ("models", "probes", "analyses"):
+        logger = logging.getLogger(name)
+        if not logger.handlers:
+            logger.addHandler(handler)
+            logger.setLevel(logging.INFO)
+
+
 @quiet_loading()
 def main(argv: list[str] | None = None) -> int:
+    show_library_logs()
     args = vars(build_parser().parse_args(argv))
     command = args.pop("command")
     try:

@@ -27,14 +27,12 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from analyses.plots import FDR_NOTE, difference_heatmap, save_figure
-from analyses.precache import PrecacheConfig
-from analyses.probe import (
-    BASELINE, LENS_TAUS, LOGIT_LENS, ProbeConfig, ProbeSettings, baseline_rows, check_name, control_checkpoint,
-    counted_sequences, heldout_tokens, load_checkpoint, parse_checkpoints, probe_scores, residual_cache, score_rows,
+from analyses.probing import (
+    BASELINE, LENS_TAUS, LOGIT_LENS, ProbeSettings, baseline_rows, check_name, control_checkpoint, counted_sequences,
+    heldout_tokens, load_checkpoint, parse_checkpoints, residual_cache, saved_probing_run, score_rows, span_text,
 )
 from analyses.results import CONTROL, tidy
 from models.errors import ForethoughtError
-from models.files import read_json
 from models.gpt2 import quiet_loading
 from models.families import n_layers
 from models.lm import LMCheckpoint, check_same_tokenizer
@@ -42,6 +40,7 @@ from models.tasks.text import TextData, check_vocabulary, gpt2_tokenizer
 from models.train import resolve_device
 from models.settings import check_settings
 from probes.future import KINDS, METRICS, ProbeScores
+from probes.store import probe_scores
 
 CheckpointSource = str | Path | LMCheckpoint | PreTrainedModel  # folder, run folder, hub id, or in memory
 _DASHES = ("solid", "dash", "dot", "dashdot", "longdash", "longdashdot")
@@ -104,7 +103,7 @@ class Comparison:
         """Named checkpoints — ``{name: source}``, or a list of sources (named after their folders) or
         ``(name, source)`` pairs — where a source is a checkpoint or run folder, a hub id, an
         :class:`~models.lm.LMCheckpoint` or a model in memory (saved under ``folder/models`` with ``tokenizer``,
-        default: the GPT-2 tokenizer). ``settings``: fields of :class:`~analyses.probe.ProbeSettings`."""
+        default: the GPT-2 tokenizer). ``settings``: fields of :class:`~analyses.probing.ProbeSettings`."""
         pairs = list(checkpoints.items()) if isinstance(checkpoints, Mapping) else [_pair(item) for item in checkpoints]
         folder = Path(folder)
         names: list[str] = []
@@ -121,17 +120,8 @@ class Comparison:
     @quiet_loading()
     def from_folder(cls, out: str | Path, **overrides: Any) -> Comparison:
         """The checkpoints, settings, caches and stored scores of a ``forethought probe`` or ``precache`` run."""
-        settings_file = Path(out) / "config.json"
-        if not settings_file.is_file():
-            raise ForethoughtError(f"{out} holds no probe or precache run (no config.json)")
-        saved = read_json(settings_file, f"run the probe or precache command into {out} again")
-        config_class = PrecacheConfig if "vanilla" in saved else ProbeConfig
-        known = {f.name for f in fields(config_class)}
-        if not ({"vanilla", "checkpoints"} & set(saved)) or set(saved) - known:
-            raise ForethoughtError(f"{out} holds no probe or precache run (its config.json has other settings)")
-        config = config_class(**saved)
-        settings = ProbeSettings(**{f.name: getattr(config, f.name) for f in fields(ProbeSettings)})
-        checkpoints = {name: load_checkpoint(name, source) for name, source in config.named_checkpoints().items()}
+        settings, named = saved_probing_run(out)
+        checkpoints = {name: load_checkpoint(name, source) for name, source in named.items()}
         return cls(checkpoints, replace(settings, **overrides), out)
 
     def add(self, name: str, source: CheckpointSource, tokenizer: PreTrainedTokenizerBase | None = None) -> Comparison:
@@ -203,7 +193,7 @@ class Comparison:
                       else self.settings.probe_config(self._device, kind))
             store = self.folder / "scores" / name.replace("/", "_")
             taus = LENS_TAUS if kind == LOGIT_LENS else self.taus
-            self._scores[name, kind] = probe_scores(cache, checkpoint, taus, config, store, self.settings.progress)
+            self._scores[name, kind] = probe_scores(cache, checkpoint.model, taus, config, store, self.settings.progress)
         return self._scores[name, kind]
 
     def compute(self, kinds: str | Sequence[str] | None = None) -> Comparison:
@@ -395,7 +385,7 @@ class Comparison:
         body = []
         for name in self.names:
             source = "made on first use" if name == CONTROL and name not in self._checkpoints else self._checkpoint(name).source
-            layers = self.settings.layers if name == CONTROL and name not in self._checkpoints else _span(self.layers(name))
+            layers = self.settings.layers if name == CONTROL and name not in self._checkpoints else span_text(self.layers(name))
             marks = "".join(f"<td>{'✓' if (name, kind) in self._scores else '·'}</td>" for kind in kinds)
             body.append(f"<tr><td>{html.escape(name)}</td><td><code>{html.escape(str(source))}</code></td>"
                         f"<td>{layers}</td>{marks}</tr>")
@@ -460,7 +450,3 @@ def _metric_menu(lines: list[dict[str, dict[str, list[float]]] | None], metric: 
     }, {"yaxis.title.text": m}]) for m in METRICS]
     return dict(x=0.25, y=1.12, xanchor="left", yanchor="bottom", active=METRICS.index(metric), buttons=buttons)
 
-
-def _span(layers: list[int]) -> str:
-    contiguous = layers == list(range(layers[0], layers[-1] + 1))
-    return f"{layers[0]}–{layers[-1]}" if contiguous and len(layers) > 2 else ", ".join(map(str, layers))

@@ -19,7 +19,7 @@ import torch
 
 from analyses.experiment import finish_run, writes_run
 from analyses.plots import FDR_NOTE, difference_heatmap
-from analyses.probe import ProbeConfig, ProbeResults, load_checkpoints, probe_checkpoints, probe_meta
+from analyses.probing import ProbeSettings, ProbingResults, load_checkpoints, probe_checkpoints, probe_meta
 from analyses.results import tidy
 from models.errors import ForethoughtError
 from models.train import resolve_device
@@ -30,12 +30,18 @@ PRECACHE = "pre-caching (vanilla − myopic)"
 
 
 @dataclass
-class PrecacheConfig(ProbeConfig):
+class PrecacheConfig(ProbeSettings):
     """Settings of ``forethought precache``: the probe settings plus the twins; every field is a flag."""
 
     vanilla: str | None = None  # the vanilla twin: checkpoint or run folder
     myopic: str | None = None  # the myopic twin: same architecture, tokenizer and training data
     share_sequences: int = 64  # held-out sequences for each twin's future-gradient share
+    out: str = "runs/precache"
+    figures_dir: str | None = None  # also copy the figures here
+
+    def __post_init__(self):
+        super().__post_init__()
+        self.named_checkpoints()
 
     def named_checkpoints(self) -> dict[str, str]:
         if self.vanilla is None or self.myopic is None:
@@ -44,7 +50,7 @@ class PrecacheConfig(ProbeConfig):
 
 
 @dataclass
-class PrecacheResults(ProbeResults):
+class PrecacheResults(ProbingResults):
     """Probe metrics of the twins, the control and the baselines; P per (layer, τ); gradient shares."""
 
     CONFIG: ClassVar[type] = PrecacheConfig

@@ -17,6 +17,7 @@ changed after it was written (NaN bytes, overwritten rows, shifted tokens) is re
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import shutil
 from collections.abc import Sequence
@@ -36,6 +37,7 @@ from models.precision import autocast, check_precision
 from models.sources import model_folder
 from probes.residuals import TransformerBridge, bridge_residuals, hook_name, load_bridge
 
+log = logging.getLogger(__name__)
 PROCESSING_MODE = "raw Hugging Face weights (TransformerBridge, no weight processing)"
 _PROGRESS = "progress.json"
 _VERSIONED = ("torch", "transformers", "transformer-lens", "numpy")
@@ -181,7 +183,7 @@ def build_cache(
     done = _resume_point(partial, meta)
     if done == 0:
         needed = cache_bytes(len(tokens), tokens.shape[1], d_model, len(layers))
-        print(f"caching needs about {size_text(needed)} in {folder.parent}")
+        log.info("caching needs about %s in %s", size_text(needed), folder.parent)
         check_free_space(folder.parent, needed, "caching")
         shutil.rmtree(partial, ignore_errors=True)
         partial.mkdir(parents=True)

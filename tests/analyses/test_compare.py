@@ -10,11 +10,12 @@ import pytest
 import torch
 
 import analyses.compare
-import analyses.probe
+import probes.store
 import probes.cache
 from analyses.cli import main
 from analyses.compare import Comparison
-from analyses.probe import LOGIT_LENS, ProbeConfig, run_probe
+from analyses.probe import ProbeConfig, run_probe
+from analyses.probing import LOGIT_LENS
 from analyses.results import CONTROL
 from models.errors import ForethoughtError
 from models.lm import LMCheckpoint
@@ -40,7 +41,7 @@ def comparison(probed):
 def no_work(monkeypatch) -> None:
     """Make any residual caching or probe fitting fail the test."""
     monkeypatch.setattr(probes.cache, "bridge_residuals", lambda *a: pytest.fail("residuals were cached again"))
-    monkeypatch.setattr(analyses.probe, "fit_future_probes", lambda *a, **k: pytest.fail("probes were fitted again"))
+    monkeypatch.setattr(probes.store, "fit_future_probes", lambda *a, **k: pytest.fail("probes were fitted again"))
 
 
 def rows(table: pd.DataFrame) -> pd.DataFrame:

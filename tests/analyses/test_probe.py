@@ -9,11 +9,14 @@ import numpy as np
 import pytest
 from transformers import AutoTokenizer
 
-import analyses.probe
 import probes.cache
+import probes.store
 from analyses.cli import main
+from analyses.compare import Comparison
 from analyses.precache import PRECACHE, PrecacheConfig, run_precache
-from analyses.probe import CONTROL, ProbeConfig, ProbeResults, run_probe
+from analyses.probe import ProbeConfig, ProbeResults, run_probe
+from analyses.results import CONTROL
+from models.errors import ForethoughtError
 from models.lm import LMCheckpoint
 from probes.cache import ResidualCache
 
@@ -47,7 +50,7 @@ def test_probe_table_figure_and_reuse(twins, tmp_path, monkeypatch):
         assert row["ci_low"] <= row["value"] <= row["ci_high"]
     assert "myopic" not in results.reading() and "vanilla: top1 of the probe minus the skip-bigram" in results.reading()
     monkeypatch.setattr(probes.cache, "bridge_residuals", lambda *a: pytest.fail("a finished cache was rebuilt"))
-    monkeypatch.setattr(analyses.probe, "fit_future_probes", lambda *a, **k: pytest.fail("probes were refitted"))
+    monkeypatch.setattr(probes.store, "fit_future_probes", lambda *a, **k: pytest.fail("probes were refitted"))
     again = run_probe(settings(twins, tmp_path / "probe"))
     assert again.table.equals(table)  # read back from the stored scores
     monkeypatch.undo()
@@ -94,6 +97,9 @@ def test_precache_estimates_are_paired_differences(twins, tmp_path):
     assert {p.name for p in (tmp_path / "pre" / "figures").glob("*.html")} == {
         "precache_topk_top1.html", "precache_topk_heatmap.html"}
     assert PRECACHE not in results.accuracy().index.get_level_values("checkpoint")
+    assert Comparison.from_folder(tmp_path / "pre", progress=False).names == ["vanilla", "myopic"]  # as the run named them
+    with pytest.raises(ForethoughtError, match="settings this ProbeResults does not know .*myopic.*; run its command again"):
+        ProbeResults.from_folder(tmp_path / "pre")  # a precache run is not a probe run
 
 
 def test_precache_refuses_swapped_twins(twins, tmp_path, capsys):
