@@ -43,10 +43,10 @@ from models.tasks.pathstar import PathStarData, PathStarSpec, format_line, gener
 from models.tasks.text import TextData, gpt2_tokenizer, next_token_loss
 from models.train import resolve_device
 from models.lm import LMCheckpoint
+from models.offsets import at_offset
 from models.precision import autocast, check_precision
 from models.settings import check_settings
 from probes.cache import build_cache
-from probes.fit import split_sequences
 from probes.future import FutureProbeConfig, fit_future_probes
 from probes.residuals import bridge_residuals, load_bridge
 
@@ -230,14 +230,15 @@ def _bench_probe(config: ProbeBenchConfig, folder: Path) -> pd.DataFrame:
 
     probe_config = FutureProbeConfig(kind="topk", top_k=config.classes, lr=1e-2, max_epochs=config.epochs,
                                      device=config.device)
+    split = probe_config.split(tokens)  # both ways learn from the same sequences and predict the same classes
     start = time.perf_counter()
-    fitted, scores = fit_future_probes(cache, layers, taus, probe_config, vocab_size=len(tokenizer))
+    fitted, scores = fit_future_probes(cache, layers, taus, probe_config, vocab_size=len(tokenizer), split=split)
     torch_seconds = time.perf_counter() - start
     torch_accuracy = scores.table().query("metric == 'top1'")["value"].mean()
 
-    train, test = split_sequences(len(tokens), probe_config.test_fraction, seed=probe_config.seed)
+    train, test = split.train, split.test
     lookup = np.full(len(tokenizer), config.classes)
-    lookup[fitted.classes] = np.arange(config.classes)
+    lookup[split.classes] = np.arange(config.classes)
     positions = tokens.shape[1] - max(taus)
     start, accuracies = time.perf_counter(), []
     with warnings.catch_warnings(record=True) as caught:
@@ -245,7 +246,7 @@ def _bench_probe(config: ProbeBenchConfig, folder: Path) -> pd.DataFrame:
         for layer in layers:
             features = cache.layer(layer)[:, :positions].astype(np.float32)
             for tau in taus:
-                labels = lookup[tokens[:, tau : tau + positions]]
+                labels = lookup[at_offset(tokens, tau, positions)]
                 scaler = StandardScaler().fit(features[train].reshape(-1, config.d_model))
                 probe = LogisticRegression(max_iter=config.sklearn_max_iter).fit(
                     scaler.transform(features[train].reshape(-1, config.d_model)), labels[train].ravel())

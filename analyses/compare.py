@@ -21,12 +21,11 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-import plotly.express as px
 import plotly.graph_objects as go
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from analyses.plots import FDR_NOTE, difference_heatmap, save_figure
+from analyses.plots import FDR_NOTE, PALETTE, difference_heatmap, save_figure
 from analyses.probing import (
     BASELINE, LENS_TAUS, LOGIT_LENS, ProbeSettings, baseline_rows, check_name, control_checkpoint, counted_sequences,
     heldout_tokens, load_checkpoint, parse_checkpoints, residual_cache, saved_probing_run, score_rows, span_text,
@@ -39,7 +38,8 @@ from models.lm import LMCheckpoint, check_same_tokenizer
 from models.tasks.text import TextData, check_vocabulary, gpt2_tokenizer
 from models.train import resolve_device
 from models.settings import check_settings
-from probes.future import KINDS, METRICS, ProbeScores
+from probes.future import KINDS, METRICS, FutureProbeConfig, ProbeScores
+from probes.split import ProbeSplit
 from probes.store import probe_scores
 
 CheckpointSource = str | Path | LMCheckpoint | PreTrainedModel  # folder, run folder, hub id, or in memory
@@ -90,6 +90,7 @@ class Comparison:
         self._scores: dict[tuple[str, str], ProbeScores] = {}  # (checkpoint, probe kind or LOGIT_LENS)
         self._rows: dict[tuple[str, str], pd.DataFrame] = {}  # tidy rows of self._scores (bootstrapped once)
         self._baselines: dict[str, pd.DataFrame] = {}  # per target
+        self._splits: dict[int | None, ProbeSplit] = {}  # per class set (top-K or every token)
         self._heldout: tuple[TextData, np.ndarray] | None = None  # (data, tokens [n, seq])
 
     @classmethod
@@ -193,8 +194,17 @@ class Comparison:
                       else self.settings.probe_config(self._device, kind))
             store = self.folder / "scores" / name.replace("/", "_")
             taus = LENS_TAUS if kind == LOGIT_LENS else self.taus
-            self._scores[name, kind] = probe_scores(cache, checkpoint.model, taus, config, store, self.settings.progress)
+            self._scores[name, kind] = probe_scores(cache, checkpoint.model, taus, config, store, self.settings.progress,
+                                                    self._split(config))
         return self._scores[name, kind]
+
+    def _split(self, config: FutureProbeConfig) -> ProbeSplit:
+        """The held-out split of probes fitted as ``config``, and their classes: one per class set, shared by every
+        checkpoint's probes and the count baselines they are drawn beside."""
+        key = config.top_k if config.in_topk else None
+        if key not in self._splits:
+            self._splits[key] = config.split(self.tokens)
+        return self._splits[key]
 
     def compute(self, kinds: str | Sequence[str] | None = None) -> Comparison:
         """Probe every checkpoint with each of ``kinds`` (default: the settings' kind), and the logit lens."""
@@ -234,7 +244,8 @@ class Comparison:
         missing = {target: kind for target, kind in targets.items() if target not in self._baselines}
         counted = counted_sequences(self._checkpoints, self.settings) if missing else None  # loads the training data
         for target, kind in missing.items():
-            self._baselines[target] = baseline_rows(self.tokens, self.settings, kind, vocab_size, counted)
+            split = self._split(self.settings.probe_config(self._device, kind))
+            self._baselines[target] = baseline_rows(self.tokens, split, self.settings, kind, vocab_size, counted)
         frames += [self._baselines[target] for target in targets]
         task = f"text: {self._heldout[0].corpus}" if self._heldout else None
         return tidy(pd.concat(frames, ignore_index=True), task=task, seed=self.settings.seed)
@@ -302,7 +313,7 @@ class Comparison:
         metric = _metric(metric)
         # The menus act on different trace attributes — kind on `visible`, metric on the data (y and error bars),
         # τ on `opacity` (and hover) — so any combination of choices shows exactly the lines it names.
-        colors = dict(zip(self._checkpoints, cycle(c for c in px.colors.qualitative.D3 if c != "#7F7F7F")))
+        colors = dict(zip(self._checkpoints, cycle(c for c in PALETTE if c != "#7F7F7F")))
         colors |= {CONTROL: "#7F7F7F", **_BASELINE_COLORS}
         figure = go.Figure()
         keys: list[tuple[str, int | None]] = []  # of trace i: (view, τ), τ None for a legend entry

@@ -13,13 +13,12 @@ from typing import Any, ClassVar
 
 import numpy as np
 import pandas as pd
-import plotly.express as px
 import plotly.graph_objects as go
 import torch
 from plotly.subplots import make_subplots
 
 from analyses.experiment import ExperimentResults, finish_run, prepare_out, writes_run
-from analyses.plots import loss_curves_figure
+from analyses.plots import PALETTE, loss_curves_figure
 from analyses.results import run_meta, tidy
 from models.checkpoint import training_history
 from models.errors import ForethoughtError
@@ -33,7 +32,6 @@ from probes.gradients import future_gradient_share
 from probes.metrics import mean_scores
 
 GAP = "myopia gap (myopic − vanilla)"
-COLORS = px.colors.qualitative.D3
 
 
 @dataclass
@@ -95,7 +93,7 @@ class GapResults(ExperimentResults):
         has_gap = GAP in set(rows["checkpoint"])
         figure = make_subplots(rows=2 if has_gap else 1, cols=1, shared_xaxes=True, vertical_spacing=0.08,
                                subplot_titles=["held-out loss", GAP] if has_gap else None)
-        colors = iter(COLORS)
+        colors = iter(PALETTE)
         for row, names in enumerate([twins, [GAP]] if has_gap else [twins], start=1):
             for name in names:
                 _band(figure, rows[rows["checkpoint"] == name], name, next(colors), row=row)
@@ -109,7 +107,7 @@ class GapResults(ExperimentResults):
     def share_figure(self) -> go.Figure:
         rows = self.table[self.table["metric"] == "future_gradient_share"]
         figure = go.Figure()
-        for name, color in zip(rows["checkpoint"].unique(), COLORS):
+        for name, color in zip(rows["checkpoint"].unique(), PALETTE):
             _band(figure, rows[rows["checkpoint"] == name], name, color, x="layer")
         figure.update_xaxes(dtick=1)
         figure.update_layout(

@@ -20,13 +20,16 @@ import plotly.graph_objects as go
 import torch
 
 from analyses.experiment import ExperimentConfig, ExperimentResults, finish_run, prepare_out, writes_run
+from analyses.plots import facet_labels_as_values
 from analyses.results import CONTROL, run_meta, tidy
 from models.errors import ForethoughtError
+from models.offsets import at_offset
 from models.gpt2 import build_lm, gpt2_config
 from models.tasks.pathstar import PathStarData, PathStarSpec, PathStarTask, check_regime, generate_split
 from models.train import train
 from models.settings import check_settings
-from probes.fit import fit_softmax_by_layer, split_sequences
+from probes.fit import fit_logistic_by_layer
+from probes.split import split_sequences
 from probes.metrics import mean_scores
 from probes.residuals import model_residuals
 
@@ -156,7 +159,7 @@ class PathStarResults(ExperimentResults):
                          labels={"path_position": "path position (1 = start, 2 = the decision)", "value": "accuracy"},
                          title=f"Path-star {self.config.spec()}: held-out accuracy by path position")
         figure.add_hline(y=self.chance, line_dash="dot", line_color="gray")
-        figure.for_each_annotation(lambda a: a.update(text=a.text.split("=", 1)[-1]))
+        facet_labels_as_values(figure)
         return figure
 
     def probe_figure(self, position: int = 0) -> go.Figure:
@@ -174,7 +177,7 @@ class PathStarResults(ExperimentResults):
                          title=f"Path-star {self.config.spec()}: planning probes at target position {position} "
                                f"(0 = '='), held-out graphs; goal-arm chance {self.chance:.2f}")
         figure.update_xaxes(dtick=1)
-        figure.for_each_annotation(lambda a: a.update(text=a.text.split("=", 1)[-1]))
+        facet_labels_as_values(figure)
         return figure
 
     def figures(self) -> dict[str, go.Figure]:
@@ -312,15 +315,15 @@ def probe_model(model, data: PathStarData, regime: str, config: PathStarConfig) 
     rows = []
     for position in range(spec.length):
         here = np.array([position])
-        for row in fit_softmax_by_layer(residuals, np.repeat(arm[:, None], spec.length, 1), "goal arm",
+        for row in fit_logistic_by_layer(residuals, np.repeat(arm[:, None], spec.length, 1), "goal arm",
                                         spec.degree, layers, here, split).to_dict("records"):
-            rows.append({**row, "position": position, "probe": "softmax"})
-        for tau in range(1, spec.length - position + 1):
+            rows.append({**row, "position": position, "probe": "logistic"})
+        for tau in range(1, spec.length - position + 1):  # x[t+τ] is emitted at t + τ − 1
             labels = np.zeros((len(data), spec.length), dtype=np.int64)
-            labels[:, position] = emitted[:, position + tau - 1]
-            for row in fit_softmax_by_layer(residuals, labels, "next node", spec.n_nodes, layers,
+            labels[:, position] = at_offset(emitted, tau - 1, spec.length - tau + 1)[:, position]
+            for row in fit_logistic_by_layer(residuals, labels, "next node", spec.n_nodes, layers,
                                             here, split).to_dict("records"):
-                rows.append({**row, "position": position, "tau": tau, "probe": "softmax"})
+                rows.append({**row, "position": position, "tau": tau, "probe": "logistic"})
     return rows
 
 

@@ -13,6 +13,12 @@ import plotly.graph_objects as go
 from probes.metrics import fdr_significant
 
 _CHROMIUM = ("chromium", "chromium-browser", "google-chrome", "chrome")
+PALETTE = px.colors.qualitative.D3  # every figure's line colours, in order (the control takes D3's gray)
+
+
+def facet_labels_as_values(figure: go.Figure) -> go.Figure:
+    """Panel titles "checkpoint=vanilla" → "vanilla" (plotly express names the column too)."""
+    return figure.for_each_annotation(lambda a: a.update(text=a.text.split("=", 1)[-1]))
 
 
 def probe_r2_figure(table: pd.DataFrame, title: str = "Probe R² on held-out sequences") -> go.Figure:
@@ -34,8 +40,7 @@ def probe_r2_figure(table: pd.DataFrame, title: str = "Probe R² on held-out seq
         title=title,
     )
     figure.update_yaxes(range=[-0.05, 1.05])
-    figure.for_each_annotation(lambda a: a.update(text=a.text.split("=", 1)[-1]))
-    return figure
+    return facet_labels_as_values(figure)
 
 
 def loss_curves_figure(
@@ -46,8 +51,7 @@ def loss_curves_figure(
 ) -> go.Figure:
     """Training loss (faint) and held-out loss (bold) by step for each run; ``baseline`` dashed."""
     figure = go.Figure()
-    colors = px.colors.qualitative.D3
-    for color, (name, history) in zip(colors, histories.items()):
+    for color, (name, history) in zip(PALETTE, histories.items()):
         frame = pd.DataFrame(history)
         figure.add_scatter(x=frame["step"], y=frame["train_loss"], name=f"{name} (train)",
                            line=dict(color=color, width=1), opacity=0.35)

@@ -19,6 +19,7 @@ import plotly.express as px
 import plotly.graph_objects as go
 
 from analyses.experiment import ExperimentResults, prepare_out
+from analyses.plots import PALETTE, facet_labels_as_values
 from analyses.results import CONTROL, read_results, run_meta
 from models.errors import ForethoughtError
 from models.families import n_layers
@@ -30,10 +31,10 @@ from models.precision import check_precision
 from models.settings import UNBOUND, check_settings
 from models.tasks.text import TextData, tokenization
 from models.train import resolve_device
-from probes.baselines import BaselineScores, count_baselines
+from probes.baselines import count_baselines
 from probes.cache import PROCESSING_MODE, ResidualCache, build_cache
-from probes.fit import split_sequences
-from probes.future import FutureProbeConfig, ProbeScores, top_classes
+from probes.future import FutureProbeConfig, ProbeScores
+from probes.split import ProbeSplit
 from probes.store import probe_scores
 
 LOGIT_LENS = "logit lens"
@@ -187,7 +188,7 @@ class ProbingResults(ExperimentResults):
             tau=lambda t: "τ = " + t["tau"].astype(str),
             plus=lambda t: t["ci_high"] - t["value"], minus=lambda t: t["value"] - t["ci_low"])
         figure = px.line(rows, x="layer", y="value", color="tau", facet_col="checkpoint", markers=True,
-                         error_y="plus", error_y_minus="minus", color_discrete_sequence=px.colors.qualitative.D3,
+                         error_y="plus", error_y_minus="minus", color_discrete_sequence=PALETTE,
                          labels={"layer": "residual layer l", "value": metric},
                          title=f"Future-token probes ({self.config.kind}): held-out {metric} of x[t+τ] from h[l, t], "
                                "95% CI; dashed: skip-bigram, dotted: logit lens (τ = 1)")
@@ -202,7 +203,7 @@ class ProbingResults(ExperimentResults):
         for _, row in baselines.iterrows():
             figure.add_hline(y=row["value"], line_dash="dash", line_color=colors.get(f"τ = {row['tau']}", "gray"),
                              row="all", col="all")
-        figure.for_each_annotation(lambda a: a.update(text=a.text.split("=", 1)[-1]))
+        facet_labels_as_values(figure)
         figure.update_xaxes(dtick=1)
         return figure
 
@@ -289,20 +290,12 @@ def counted_sequences(checkpoints: dict[str, LMCheckpoint], settings: ProbeSetti
     return data.load(next(iter(checkpoints.values())).tokenizer, settings.tokens_root)["train"]
 
 
-def baseline_scores(tokens: np.ndarray, settings: ProbeSettings, kind: str, vocab_size: int,
-                    counted: np.ndarray | None = None) -> BaselineScores:
-    """Unigram and skip-bigram scores on the probes' held-out examples, over the classes probes of ``kind`` predict,
-    counted on ``counted`` (:func:`counted_sequences`) or else the probes' training split."""
-    train, test = split_sequences(len(tokens), settings.probe_config("cpu").test_fraction, seed=settings.seed)
-    classes = top_classes(tokens[train], settings.top_k) if kind == "topk" else None
-    return count_baselines(tokens, train, test, settings.tau_list(), vocab_size, classes=classes, counted=counted)
-
-
-def baseline_rows(tokens: np.ndarray, settings: ProbeSettings, kind: str, vocab_size: int,
+def baseline_rows(tokens: np.ndarray, split: ProbeSplit, settings: ProbeSettings, kind: str, vocab_size: int,
                   counted: np.ndarray | None = None) -> pd.DataFrame:
-    """Tidy rows of :func:`baseline_scores`."""
-    return baseline_scores(tokens, settings, kind, vocab_size, counted).table().assign(
-        checkpoint=BASELINE, target=settings.target(kind))
+    """Tidy rows of the unigram and skip-bigram baselines on the held-out examples of ``split`` (the probes' of
+    ``kind``), over its classes, counted on ``counted`` (:func:`counted_sequences`) or else its training part."""
+    return count_baselines(tokens, split.train, split.test, settings.tau_list(), vocab_size, classes=split.classes,
+                           counted=counted).table().assign(checkpoint=BASELINE, target=settings.target(kind))
 
 
 @dataclass
@@ -319,12 +312,11 @@ class ProbeRun:
     origins: dict[str, dict[str, Any]]  # converted models' cards (where a model came from, licence)
 
 
-def counted_on(counted: np.ndarray | None, tokens: np.ndarray, settings: ProbeSettings) -> str:
+def counted_on(counted: np.ndarray | None, split: ProbeSplit) -> str:
     """What the count baselines counted, in words (``meta.json``)."""
     if counted is not None:
         return f"the models' {counted.size:,} training tokens ({len(counted):,} sequences)"
-    n_train = len(split_sequences(len(tokens), settings.probe_config("cpu").test_fraction, seed=settings.seed)[0])
-    return f"the probes' training split of the held-out text ({n_train:,} sequences)"
+    return f"the probes' training split of the held-out text ({len(split.train):,} sequences)"
 
 
 def probe_checkpoints(config: ProbeSettings, checkpoints: dict[str, LMCheckpoint], out: str | Path) -> ProbeRun:
@@ -340,18 +332,21 @@ def probe_checkpoints(config: ProbeSettings, checkpoints: dict[str, LMCheckpoint
     device = str(resolve_device(config.device))
     if config.random_init:
         checkpoints = {**checkpoints, CONTROL: control_checkpoint(first, config.seed, out)}
+    split = config.probe_config(device).split(tokens)  # the probes', the lens' and the baselines' examples
     frames, scores, lenses = [], {}, {}
     for name, checkpoint in checkpoints.items():
         cache = residual_cache(name, checkpoint, tokens, layers, config, out, device)
         store = out / "scores" / name.replace("/", "_")
         scores[name] = probe_scores(cache, checkpoint.model, config.tau_list(), config.probe_config(device), store,
-                                    config.progress)
-        lens = probe_scores(cache, checkpoint.model, LENS_TAUS, config.lens_config(device), store, config.progress)
+                                    config.progress, split)
+        lens = probe_scores(cache, checkpoint.model, LENS_TAUS, config.lens_config(device), store, config.progress,
+                            split)
         frames += [score_rows(scores[name], name, config.target()),
                    score_rows(lens, name, config.target("lens"), probe=LOGIT_LENS)]
         lenses[name] = lens
     counted = counted_sequences(checkpoints, config)
-    baselines = baseline_scores(tokens, config, config.kind, first.model.config.vocab_size, counted)
+    baselines = count_baselines(tokens, split.train, split.test, config.tau_list(), first.model.config.vocab_size,
+                                classes=split.classes, counted=counted)
     frames.append(baselines.table().assign(checkpoint=BASELINE, target=config.target()))
     frames += [scores[name].minus_baseline(baselines, SKIP_BIGRAM).assign(checkpoint=name, target=config.target())
                for name in checkpoints]  # beyond the counts: paired probe − skip-bigram per (layer, τ)
@@ -359,7 +354,7 @@ def probe_checkpoints(config: ProbeSettings, checkpoints: dict[str, LMCheckpoint
         checkpoint=name, target=config.target("lens"), probe=f"{LOGIT_LENS} − {SKIP_BIGRAM}") for name in checkpoints]
     rows = pd.concat(frames, ignore_index=True).to_dict("records")
     return ProbeRun(data, tokens, rows, scores, {name: c.source for name, c in checkpoints.items()},
-                    tokenization(first.tokenizer, data), counted_on(counted, tokens, config),
+                    tokenization(first.tokenizer, data), counted_on(counted, split),
                     {name: c.origin for name, c in checkpoints.items() if c.origin})
 
 

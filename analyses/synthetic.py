@@ -26,7 +26,8 @@ from models.tasks.synthetic import SyntheticTask
 from models.settings import check_settings
 from models.train import train
 from models.twins import TWINS
-from probes.fit import fit_ridge_by_layer, split_sequences
+from probes.fit import fit_ridge_by_layer
+from probes.split import split_sequences
 from probes.metrics import mean_scores
 from probes.residuals import model_residuals
 

@@ -20,6 +20,7 @@ import numpy as np
 import pandas as pd
 from scipy.sparse import coo_matrix
 
+from models.offsets import at_offset
 from probes.metrics import mean_scores
 
 
@@ -57,12 +58,13 @@ def count_baselines(tokens: np.ndarray, train: np.ndarray, test: np.ndarray, tau
         lookup[classes] = np.arange(len(classes))
         tokens, counted, vocab_size = lookup[tokens], lookup[counted], len(classes) + 1
     positions, counted_positions = tokens.shape[1] - max(taus), counted.shape[1] - max(taus)
-    current_train, current_test = counted[:, :counted_positions].ravel(), tokens[test, :positions].ravel()
+    current_train = at_offset(counted, 0, counted_positions).ravel()  # x[t], the skip-bigram's context
+    current_test = at_offset(tokens[test], 0, positions).ravel()
     unigram = np.bincount(counted.ravel(), minlength=vocab_size).astype(np.float64)
     values: dict[str, dict[int, np.ndarray]] = {"unigram": {}, "skip-bigram": {}}
     for tau in taus:
-        ahead_train = counted[:, tau : tau + counted_positions].ravel()
-        ahead_test = tokens[test, tau : tau + positions].ravel()
+        ahead_train = at_offset(counted, tau, counted_positions).ravel()
+        ahead_test = at_offset(tokens[test], tau, positions).ravel()
         table = coo_matrix((np.ones(len(current_train)), (current_train, ahead_train)),
                            shape=(vocab_size, vocab_size)).tocsr()
         values["unigram"][tau] = _score_rows(np.zeros(len(ahead_test), dtype=int), ahead_test, lambda _: unigram, alpha)

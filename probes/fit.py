@@ -12,19 +12,8 @@ import numpy as np
 import pandas as pd
 
 from models.errors import ForethoughtError
-from probes.linear import RidgeProbe, SoftmaxProbe
+from probes.linear import RidgeProbe, LogisticProbe
 from probes.metrics import Estimate
-
-
-def split_sequences(n_sequences: int, test_fraction: float = 0.25, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """Random disjoint (train, test) index arrays over whole sequences."""
-    if not 0 < test_fraction < 1:
-        raise ForethoughtError(f"test_fraction must lie in (0, 1), got {test_fraction}")
-    n_test = max(1, round(n_sequences * test_fraction))
-    if n_test >= n_sequences:
-        raise ForethoughtError(f"{n_sequences} sequences are too few to hold out {test_fraction:.0%}")
-    order = np.random.default_rng(seed).permutation(n_sequences)
-    return np.sort(order[n_test:]), np.sort(order[:n_test])
 
 
 def _rows(array: np.ndarray, sequences: np.ndarray, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -86,7 +75,7 @@ def fit_ridge_by_layer(
     return pd.DataFrame(rows)
 
 
-def fit_softmax_by_layer(
+def fit_logistic_by_layer(
     residuals: np.ndarray,
     labels: np.ndarray,
     target_name: str,
@@ -96,7 +85,7 @@ def fit_softmax_by_layer(
     split: tuple[np.ndarray, np.ndarray],
     l2: float = 1e-3,
 ) -> pd.DataFrame:
-    """Accuracy and cross-entropy of a softmax probe per layer on held-out sequences, with bootstrap CIs.
+    """Accuracy and cross-entropy of a logistic-regression probe per layer on held-out sequences, bootstrap CIs.
 
     Args:
         residuals: [len(layers), n_sequences, seq, d_model].
@@ -108,7 +97,7 @@ def fit_softmax_by_layer(
     for layer, x_train, y_train, x_test, y_test, test_ids in _layer_examples(
         residuals, labels, layers, positions, split
     ):
-        probe = SoftmaxProbe(n_classes=n_classes, l2=l2).fit(x_train, y_train)
+        probe = LogisticProbe(n_classes=n_classes, l2=l2).fit(x_train, y_train)
         for metric, estimate in probe.score(x_test, y_test, test_ids).items():
             rows.append(_row(layer, target_name, metric, estimate))
     return pd.DataFrame(rows)

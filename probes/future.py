@@ -39,11 +39,12 @@ from tqdm.auto import tqdm
 
 from models.errors import ForethoughtError
 from models.files import atomic_write_bytes
+from models.offsets import at_offset
 from models.precision import autocast, check_precision
 from models.settings import NON_NEGATIVE, check_settings
 from probes.baselines import BaselineScores
-from probes.fit import split_sequences
 from probes.metrics import mean_scores
+from probes.split import ProbeSplit
 
 KINDS = ("softmax", "topk", "lens")
 METRICS = ("top1", "top5", "cross_entropy")
@@ -100,6 +101,16 @@ class FutureProbeConfig:
         if self.kind not in KINDS:
             raise ForethoughtError(f"unknown probe kind {self.kind!r}; choose one of {', '.join(KINDS)}")
         check_precision(self.precision)
+
+    @property
+    def in_topk(self) -> bool:
+        """Whether the probes predict the top-K classes (K most frequent training tokens + "other")."""
+        return self.kind == "topk" or (self.kind == "lens" and self.in_topk_classes)
+
+    def split(self, tokens: np.ndarray) -> ProbeSplit:
+        """The split of ``tokens`` [n, T] these probes are fitted and scored on, with their classes."""
+        return ProbeSplit.of(tokens, self.test_fraction, self.validation_fraction, self.seed,
+                             self.top_k if self.in_topk else None)
 
 
 class FutureTokenProbes(nn.Module):
@@ -167,9 +178,12 @@ def fit_future_probes(
     vocab_size: int,
     unembed: tuple[nn.Module, nn.Module] | None = None,
     progress: bool = False,
+    split: ProbeSplit | None = None,
 ) -> tuple[FittedProbes, ProbeScores]:
     """Fit every (layer, τ) probe on training sequences; return it and its held-out scores (``.table()``:
-    tidy rows layer, tau, probe, metric ∈ top1, top5, cross_entropy, split "test", value, CI, n)."""
+    tidy rows layer, tau, probe, metric ∈ top1, top5, cross_entropy, split "test", value, CI, n).
+    ``split``: the sequences and classes (default: ``config.split(tokens)``), e.g. the one the count baselines
+    are scored on."""
     layers, taus = list(layers), sorted(set(taus))
     tokens = np.asarray(residuals.tokens)
     n_sequences, seq_len = tokens.shape
@@ -178,13 +192,14 @@ def fit_future_probes(
     horizon = max(taus) if config.horizon is None else config.horizon
     if not max(taus) <= horizon < seq_len:
         raise ForethoughtError(f"the horizon must lie in {max(taus)} … {seq_len - 1}, got {horizon}")
-    train, test = split_sequences(n_sequences, config.test_fraction, seed=config.seed)
-    n_validation = max(1, round(len(train) * config.validation_fraction))
-    shuffled = np.random.default_rng(config.seed).permutation(train)
-    validation, fit_part = np.sort(shuffled[:n_validation]), np.sort(shuffled[n_validation:])
-    in_topk = config.kind == "topk" or (config.kind == "lens" and config.in_topk_classes)
-    classes = top_classes(tokens[train], config.top_k) if in_topk else None
-    n_classes = config.top_k + 1 if classes is not None else vocab_size
+    split = config.split(tokens) if split is None else split
+    if max(split.train.max(), split.test.max()) >= n_sequences:
+        raise ForethoughtError(f"the split names sequences beyond the {n_sequences} probed")
+    if (split.classes is not None) != config.in_topk:
+        raise ForethoughtError(f"the split's classes do not fit {config.kind} probes "
+                               f"({'top-K classes' if config.in_topk else 'every token'} expected)")
+    validation, fit_part, classes = split.validation, split.fit, split.classes
+    n_classes = len(classes) + 1 if classes is not None else vocab_size
     d_model = residuals.d_model
     device = torch.device(config.device)
     probes = FutureTokenProbes(len(layers), len(taus), d_model, n_classes, config.kind, unembed,
@@ -232,7 +247,7 @@ def fit_future_probes(
             probes.biases[i].copy_(best_biases[i])
     fitted = FittedProbes(probes, layers, taus, classes, history, horizon)
     with autocast(device, config.precision):
-        return fitted, score_future_probes(fitted, residuals, test, config.batch_sequences)
+        return fitted, score_future_probes(fitted, residuals, split.test, config.batch_sequences)
 
 
 _STATISTICS_SEQUENCES = 256  # training sequences the feature means and standard deviations are estimated from
@@ -258,12 +273,6 @@ def _log_frequencies(targets: np.ndarray, n_classes: int) -> torch.Tensor:
     return torch.from_numpy(np.log(counts / counts.sum(1, keepdims=True))).float()
 
 
-def top_classes(tokens: np.ndarray, k: int) -> np.ndarray:
-    """The ``k`` most frequent token ids of ``tokens`` (the topk probes' classes; ties: smaller id)."""
-    counts = np.bincount(tokens.ravel())
-    return np.argsort(-counts, kind="stable")[:k]
-
-
 class _Batches:
     """Reads the residuals of a block of sequences: features [I, n_examples, d], targets [J, n_examples]."""
 
@@ -283,7 +292,7 @@ class _Batches:
 
     def targets(self, sequences: np.ndarray) -> np.ndarray:
         """The class of x[t+τ] at every example of ``sequences``: [J, n]."""
-        targets = np.stack([self.tokens[sequences, tau : tau + self.positions] for tau in self.taus])
+        targets = np.stack([at_offset(self.tokens[sequences], tau, self.positions) for tau in self.taus])
         if self.lookup is not None:
             targets = self.lookup[targets]
         return targets.reshape(len(self.taus), -1)

@@ -1,4 +1,5 @@
-"""Linear probes: ridge regression for continuous targets, softmax regression for (few) classes.
+"""Linear probes (scikit-learn): ridge regression for continuous targets, multinomial logistic regression for
+(few) classes. The vocabulary-scale torch probes (kinds softmax, topk, lens) are in :mod:`probes.future`.
 
 Both take plain arrays (features [n, d]); which examples go into ``fit`` and which into ``score`` is the
 caller's business — :mod:`probes.fit` splits by whole sequences, never by positions of one sequence.
@@ -51,7 +52,7 @@ class RidgeProbe:
 
 
 @dataclass
-class SoftmaxProbe:
+class LogisticProbe:
     """Affine map features → class logits: multinomial logistic regression (sklearn, L-BFGS) on
     standardised features, for small class counts (a vocabulary-sized probe needs minibatches on a GPU).
 
@@ -63,7 +64,7 @@ class SoftmaxProbe:
     max_iter: int = 500
     _model: Pipeline = field(init=False, repr=False)
 
-    def fit(self, features: np.ndarray, labels: np.ndarray) -> SoftmaxProbe:
+    def fit(self, features: np.ndarray, labels: np.ndarray) -> LogisticProbe:
         """features [n, d], integer labels [n] in 0 … n_classes − 1."""
         _check_features(features, labels)
         if labels.min() < 0 or labels.max() >= self.n_classes:

@@ -17,12 +17,13 @@ from transformers import PreTrainedModel
 from models.families import unembedding
 from probes.cache import ResidualCache
 from probes.future import FutureProbeConfig, ProbeScores, fit_future_probes
+from probes.split import ProbeSplit
 
 
 def probe_scores(cache: ResidualCache, model: PreTrainedModel, taus: list[int], config: FutureProbeConfig,
-                 store: Path, progress: bool = False) -> ProbeScores:
+                 store: Path, progress: bool = False, split: ProbeSplit | None = None) -> ProbeScores:
     """Held-out scores of every (layer, τ) probe of ``config`` on ``cache`` (the residuals of ``model``): fitted
-    once into ``store``, then read back."""
+    once into ``store`` (on ``split``, default ``config.split`` of the cached tokens), then read back."""
     key = {"weights_hash": cache.meta["weights_hash"], "tokens_hash": cache.meta["tokens_hash"],
            "layers": cache.layers, "taus": taus, **{k: v for k, v in asdict(config).items() if k != "device"}}
     digest = hashlib.blake2b(json.dumps(key, sort_keys=True).encode(), digest_size=8).hexdigest()
@@ -34,6 +35,6 @@ def probe_scores(cache: ResidualCache, model: PreTrainedModel, taus: list[int], 
     model = model.to(config.device)
     unembed = unembedding(model) if config.kind == "lens" else None
     _, scores = fit_future_probes(cache, cache.layers, taus, config, vocab_size=model.config.vocab_size,
-                                  unembed=unembed, progress=progress and config.max_epochs > 0)
+                                  unembed=unembed, progress=progress and config.max_epochs > 0, split=split)
     scores.save(path, made_from)
     return scores

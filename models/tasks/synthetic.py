@@ -17,6 +17,7 @@ from torch import nn
 from torch.nn.functional import huber_loss, pad
 
 from models.errors import ForethoughtError
+from models.offsets import at_offset
 
 
 @dataclass(frozen=True)
@@ -72,9 +73,7 @@ class SyntheticTask:
 
         Returns {name: [batch, seq]}; positions t < j (no such input) are NaN.
         """
-        x = inputs[..., 0]
-        shifted = torch.full_like(x, float("nan"))
-        shifted[:, lookback:] = x[:, : x.shape[1] - lookback]
+        shifted = at_offset(inputs[..., 0], -lookback, fill=float("nan"))  # x_{t−j}: τ = −j
         return {"sin": torch.sin(self.freq * shifted), "x": shifted}
 
     def describe(self) -> str:

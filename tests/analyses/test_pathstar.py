@@ -92,7 +92,7 @@ def test_tiny_run_tables_and_figures(tiny_run):
     table = results.accuracy_table()
     assert len(table) == 6 and set(table["training"]) == {"vanilla", "myopic"}
     assert table[["exact_path", "decision_token", "forced_positions_3+"]].apply(lambda c: c.between(0, 1)).all().all()
-    probes = results.table[results.table["probe"] == "softmax"]
+    probes = results.table[results.table["probe"] == "logistic"]
     assert set(probes["checkpoint"]) == {"vanilla", "myopic", CONTROL}
     assert set(probes["position"]) == {0, 1, 2} and set(probes["layer"]) == {0, 1}
     assert set(probes.dropna(subset=["tau"])["tau"]) == {1, 2, 3}

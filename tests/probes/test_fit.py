@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 
 from models.errors import ForethoughtError
-from probes.fit import fit_ridge_by_layer, fit_softmax_by_layer, split_sequences
+from probes.fit import fit_ridge_by_layer, fit_logistic_by_layer
+from probes.split import split_sequences
 
 
 def test_split_is_disjoint_and_complete():
@@ -47,7 +48,7 @@ def test_softmax_grid_finds_planted_classes_at_their_layer():
     labels = rng.integers(0, 3, size=(n_sequences, seq))
     residuals = rng.normal(size=(2, n_sequences, seq, d))
     residuals[1, ..., :3] += 4 * np.eye(3)[labels]  # layer 1 encodes the class one-hot
-    results = fit_softmax_by_layer(residuals, labels, "planted", 3, [0, 1], np.arange(seq),
+    results = fit_logistic_by_layer(residuals, labels, "planted", 3, [0, 1], np.arange(seq),
                                    split_sequences(n_sequences, 0.3, seed=0))
     accuracy = results[results["metric"] == "accuracy"].set_index("layer")["value"]
     assert accuracy[1] > 0.97

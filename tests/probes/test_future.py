@@ -12,8 +12,9 @@ import torch
 from torch.nn.functional import cross_entropy
 
 from models.errors import ForethoughtError
-from probes.fit import split_sequences
-from probes.future import FutureProbeConfig, InMemoryResiduals, fit_future_probes, top_classes
+from probes.split import split_sequences
+from probes.future import FutureProbeConfig, InMemoryResiduals, fit_future_probes
+from probes.split import top_classes
 from probes.residuals import StreamingResiduals, bridge_residuals, load_bridge, model_residuals
 
 VOCAB, SEQ, D = 12, 10, 16

@@ -7,7 +7,7 @@ import pytest
 from sklearn.metrics import log_loss
 
 from models.errors import ForethoughtError
-from probes.linear import RidgeProbe, SoftmaxProbe
+from probes.linear import RidgeProbe, LogisticProbe
 
 
 def test_ridge_recovers_planted_linear_signal():
@@ -35,7 +35,7 @@ def test_softmax_recovers_planted_classes():
     x = rng.normal(size=(3000, 8))
     w = rng.normal(size=(8, 4)) * 3
     labels = (x @ w + rng.gumbel(size=(3000, 4))).argmax(1)  # a true softmax model
-    probe = SoftmaxProbe(n_classes=4, l2=1e-4).fit(x[:2000], labels[:2000])
+    probe = LogisticProbe(n_classes=4, l2=1e-4).fit(x[:2000], labels[:2000])
     accuracy = (probe.predict(x[2000:]) == labels[2000:]).mean()
     bayes = ((x[2000:] @ w).argmax(1) == labels[2000:]).mean()  # the true weights' accuracy
     assert accuracy > bayes - 0.03
@@ -50,7 +50,7 @@ def test_softmax_recovers_planted_classes():
 def test_softmax_on_random_labels_is_at_chance():
     rng = np.random.default_rng(2)
     x, labels = rng.normal(size=(4000, 5)), rng.integers(0, 4, size=4000)
-    probe = SoftmaxProbe(n_classes=4).fit(x[:3000], labels[:3000])
+    probe = LogisticProbe(n_classes=4).fit(x[:3000], labels[:3000])
     assert (probe.predict(x[3000:]) == labels[3000:]).mean() == pytest.approx(0.25, abs=0.05)
 
 
@@ -63,4 +63,4 @@ def test_bad_probe_input_is_named():
     with pytest.raises(ForethoughtError, match="NaN"):
         RidgeProbe().fit(np.full((10, 3), np.nan), np.zeros(10))
     with pytest.raises(ForethoughtError, match=r"labels must lie in 0 … 2"):
-        SoftmaxProbe(n_classes=3).fit(x, np.full(10, 3))
+        LogisticProbe(n_classes=3).fit(x, np.full(10, 3))
