@@ -29,23 +29,23 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
-from transformers import GPTNeoXConfig, LlamaConfig, PreTrainedModel
 from sklearn.exceptions import ConvergenceWarning
 from sklearn.linear_model import LogisticRegression
 from sklearn.preprocessing import StandardScaler
+from transformers import GPTNeoXConfig, LlamaConfig, PreTrainedModel
 
 from models.errors import ForethoughtError
 from models.files import file_digest
 from models.gpt2 import build_lm, gpt2_config, load_model
+from models.lm import LMCheckpoint
 from models.myopic import myopic
+from models.offsets import at_offset
+from models.precision import autocast, check_precision
+from models.settings import check_settings
 from models.sources import model_folder
 from models.tasks.pathstar import PathStarData, PathStarSpec, format_line, generate, parse_line
 from models.tasks.text import TextData, gpt2_tokenizer, next_token_loss
 from models.train import resolve_device
-from models.lm import LMCheckpoint
-from models.offsets import at_offset
-from models.precision import autocast, check_precision
-from models.settings import check_settings
 from probes.cache import build_cache
 from probes.future import FutureProbeConfig, fit_future_probes
 from probes.residuals import bridge_residuals, load_bridge

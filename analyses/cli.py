@@ -19,23 +19,28 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
+from analyses.across import AcrossConfig, run_seeds, run_trend
 from analyses.bench import (
-    CacheBenchConfig, PathStarBenchConfig, ProbeBenchConfig, TrainBenchConfig, bench_cache, bench_pathstar, bench_probe,
+    CacheBenchConfig,
+    PathStarBenchConfig,
+    ProbeBenchConfig,
+    TrainBenchConfig,
+    bench_cache,
+    bench_pathstar,
+    bench_probe,
     bench_train,
 )
-from analyses.across import AcrossConfig, run_seeds, run_trend
 from analyses.compare import CompareConfig, run_compare
 from analyses.gap import GapConfig, run_gap
+from analyses.pathstar import PathStarConfig, run_pathstar
 from analyses.precache import PrecacheConfig, run_precache
 from analyses.probe import ProbeConfig, run_probe
-from analyses.pathstar import PathStarConfig, run_pathstar
 from analyses.synthetic import SyntheticConfig, run_synthetic
 from models.errors import ForethoughtError
 from models.files import check_free_space
 from models.gpt2 import quiet_loading
 from models.lm import LM_TRAIN_PRESETS, LMTrainConfig, train_lm
 from models.tasks.pathstar import PathStarSpec, generate_split
-
 
 EXPERIMENTS = {  # command: (config dataclass, run function, help)
     "synthetic": (SyntheticConfig, run_synthetic,
@@ -66,17 +71,31 @@ SMOLLM2_FINE_TUNE = (  # Wu et al.'s Pythia protocol (fine-tune from the pretrai
     "--checkpoint-every 150")
 SMOLLM2_SEEDS = (0, 1, 2)  # fine-tuning seeds (data order); ~28 min a twin on this CPU
 FIGURES = [
-    *[f"{command} --seed {seed} --out runs/{name}-s{seed}" + (" --figures-dir figures" if seed == 0 else "")
-      for command, name in (("demo", "demo"), ("pathstar", "pathstar-cpu")) for seed in CPU_SEEDS],
-    *[f"seeds --runs {','.join(f'runs/{name}-s{seed}' for seed in CPU_SEEDS)} --out runs/seeds-{name}"
-      for name in ("demo", "pathstar-cpu")],
-    *[f"train --preset cpu {flags} --out runs/lm-{pair}-{twin}" + (" --myopic" if twin == "myopic" else "")
-      for pair, flags in _PAIRS.items() for twin in ("vanilla", "myopic")],
-    *[f"gap --vanilla runs/lm-{pair}-vanilla --myopic runs/lm-{pair}-myopic --out runs/gap-{pair}"
-      + (" --figures-dir figures" if pair == "cpu-s0" else "") for pair in _PAIRS],
-    *[f"precache --vanilla runs/lm-cpu-s{seed}-vanilla --myopic runs/lm-cpu-s{seed}-myopic --precision bfloat16 "
-      f"--max-sequences 1000 --max-epochs 10 --out runs/precache-cpu-s{seed}"
-      + (" --figures-dir figures" if seed == 0 else " --no-random-init") for seed in CPU_SEEDS],  # one control
+    *[
+        f"{command} --seed {seed} --out runs/{name}-s{seed}" + (" --figures-dir figures" if seed == 0 else "")
+        for command, name in (("demo", "demo"), ("pathstar", "pathstar-cpu"))
+        for seed in CPU_SEEDS
+    ],
+    *[
+        f"seeds --runs {','.join(f'runs/{name}-s{seed}' for seed in CPU_SEEDS)} --out runs/seeds-{name}"
+        for name in ("demo", "pathstar-cpu")
+    ],
+    *[
+        f"train --preset cpu {flags} --out runs/lm-{pair}-{twin}" + (" --myopic" if twin == "myopic" else "")
+        for pair, flags in _PAIRS.items()
+        for twin in ("vanilla", "myopic")
+    ],
+    *[
+        f"gap --vanilla runs/lm-{pair}-vanilla --myopic runs/lm-{pair}-myopic --out runs/gap-{pair}"
+        + (" --figures-dir figures" if pair == "cpu-s0" else "")
+        for pair in _PAIRS
+    ],
+    *[
+        f"precache --vanilla runs/lm-cpu-s{seed}-vanilla --myopic runs/lm-cpu-s{seed}-myopic --precision bfloat16 "
+        f"--max-sequences 1000 --max-epochs 10 --out runs/precache-cpu-s{seed}"
+        + (" --figures-dir figures" if seed == 0 else " --no-random-init")
+        for seed in CPU_SEEDS
+    ],  # one control
     "seeds --runs " + ",".join(f"runs/gap-cpu-s{seed}" for seed in CPU_SEEDS) + " --out runs/seeds-gap-cpu "
     "--figures-dir figures",
     "seeds --runs " + ",".join(f"runs/precache-cpu-s{seed}" for seed in CPU_SEEDS) + " --out runs/seeds-precache-cpu "
@@ -86,14 +105,22 @@ FIGURES = [
     "probe --checkpoints smollm2-135m --corpus embedded:gutenberg --layout packed --seq-len 64 --max-sequences 2000 "
     "--kind topk --top-k 1000 --precision bfloat16 --batch-sequences 32 --max-epochs 4 --out runs/probe-smollm2 "
     "--figures-dir figures",
-    "gap --vanilla smollm2-135m --corpus embedded --layout packed --seq-len 64 --max-sequences 256 --share-sequences 64 "
-    "--batch-size 8 --out runs/gap-smollm2 --figures-dir figures/smollm2",
-    *[f"train {SMOLLM2_FINE_TUNE} --seed {seed} --out runs/ft-smollm2-s{seed}-{twin}"
-      + (" --myopic" if twin == "myopic" else "") for seed in SMOLLM2_SEEDS for twin in ("vanilla", "myopic")],
-    *[f"gap --vanilla runs/ft-smollm2-s{seed}-vanilla --myopic runs/ft-smollm2-s{seed}-myopic --max-sequences 1000 "
-      f"--share-sequences 32 --batch-size 8 --out runs/gap-ft-smollm2-s{seed}"
-      + (" --figures-dir figures/smollm2-finetune" if seed == 0 else "") for seed in SMOLLM2_SEEDS],
-    "seeds --runs " + ",".join(f"runs/gap-ft-smollm2-s{seed}" for seed in SMOLLM2_SEEDS)
+    "gap --vanilla smollm2-135m --corpus embedded --layout packed --seq-len 64 --max-sequences 256 "
+    "--share-sequences 64 --batch-size 8 --out runs/gap-smollm2 --figures-dir figures/smollm2",
+    *[
+        f"train {SMOLLM2_FINE_TUNE} --seed {seed} --out runs/ft-smollm2-s{seed}-{twin}"
+        + (" --myopic" if twin == "myopic" else "")
+        for seed in SMOLLM2_SEEDS
+        for twin in ("vanilla", "myopic")
+    ],
+    *[
+        f"gap --vanilla runs/ft-smollm2-s{seed}-vanilla --myopic runs/ft-smollm2-s{seed}-myopic --max-sequences 1000 "
+        f"--share-sequences 32 --batch-size 8 --out runs/gap-ft-smollm2-s{seed}"
+        + (" --figures-dir figures/smollm2-finetune" if seed == 0 else "")
+        for seed in SMOLLM2_SEEDS
+    ],
+    "seeds --runs "
+    + ",".join(f"runs/gap-ft-smollm2-s{seed}" for seed in SMOLLM2_SEEDS)
     + " --out runs/seeds-gap-ft-smollm2 --figures-dir figures/smollm2-finetune",
 ]
 README = Path(__file__).parents[1] / "README.md"
@@ -319,7 +346,10 @@ def write_reference(check: bool = False) -> int:
     current, tail = rest.split(REFERENCE_END, 1)
     wanted = f"\n{cli_reference()}\n"
     if check:
-        print("the README's command-line reference is " + ("current" if current == wanted else "stale: run forethought readme"))
+        print(
+            "the README's command-line reference is "
+            + ("current" if current == wanted else "stale: run forethought readme")
+        )
     else:
         README.write_text(head + REFERENCE_START + wanted + REFERENCE_END + tail)
     return int(current != wanted and check)

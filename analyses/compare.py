@@ -27,17 +27,30 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from analyses.plots import FDR_NOTE, PALETTE, difference_heatmap, save_figure
 from analyses.probing import (
-    BASELINE, LENS_TAUS, LOGIT_LENS, ProbeSettings, baseline_rows, check_name, control_checkpoint, counted_sequences,
-    heldout_tokens, load_checkpoint, parse_checkpoints, residual_cache, saved_probing_run, score_rows, span_text,
+    BASELINE,
+    LENS_TAUS,
+    LOGIT_LENS,
+    ProbeSettings,
+    baseline_rows,
+    check_name,
+    control_checkpoint,
+    counted_sequences,
+    heldout_tokens,
+    load_checkpoint,
+    parse_checkpoints,
+    residual_cache,
+    saved_probing_run,
+    score_rows,
+    span_text,
 )
 from analyses.results import CONTROL, tidy
 from models.errors import ForethoughtError
-from models.gpt2 import quiet_loading
 from models.families import n_layers
+from models.gpt2 import quiet_loading
 from models.lm import LMCheckpoint, check_same_tokenizer
+from models.settings import check_settings
 from models.tasks.text import TextData, check_vocabulary, gpt2_tokenizer
 from models.train import resolve_device
-from models.settings import check_settings
 from probes.future import KINDS, METRICS, FutureProbeConfig, ProbeScores
 from probes.split import ProbeSplit
 from probes.store import probe_scores
@@ -143,7 +156,10 @@ class Comparison:
     @property
     def names(self) -> list[str]:
         """The checkpoints, then the random-init control (if ``random_init``)."""
-        return [*(name for name in self._checkpoints if name != CONTROL), *([CONTROL] if self.settings.random_init else [])]
+        return [
+            *(name for name in self._checkpoints if name != CONTROL),
+            *([CONTROL] if self.settings.random_init else []),
+        ]
 
     @property
     def computed(self) -> dict[str, list[str]]:
@@ -194,8 +210,9 @@ class Comparison:
                       else self.settings.probe_config(self._device, kind))
             store = self.folder / "scores" / name.replace("/", "_")
             taus = LENS_TAUS if kind == LOGIT_LENS else self.taus
-            self._scores[name, kind] = probe_scores(cache, checkpoint.model, taus, config, store, self.settings.progress,
-                                                    self._split(config))
+            self._scores[name, kind] = probe_scores(
+                cache, checkpoint.model, taus, config, store, self.settings.progress, self._split(config)
+            )
         return self._scores[name, kind]
 
     def _split(self, config: FutureProbeConfig) -> ProbeSplit:
@@ -303,7 +320,9 @@ class Comparison:
                 raise ForethoughtError(f"layer {missing} not computed for {name!r}: it is probed at layers "
                                        f"{', '.join(map(str, self.layers(name)))}")
 
-    def figure(self, kinds: str | Sequence[str] | None = None, metric: str = "top1", tau: int | None = None) -> go.Figure:
+    def figure(
+        self, kinds: str | Sequence[str] | None = None, metric: str = "top1", tau: int | None = None
+    ) -> go.Figure:
         """Probe ``metric`` by layer, a line per checkpoint (toggled in the legend), the count baselines flat;
         menus choose the probe kind (``kinds`` and the logit lens), the metric, and τ (one, or all by dash)."""
         table = self.to_dataframe(kinds)
@@ -395,8 +414,16 @@ class Comparison:
         head = "".join(f"<th>{html.escape(kind)}</th>" for kind in kinds)
         body = []
         for name in self.names:
-            source = "made on first use" if name == CONTROL and name not in self._checkpoints else self._checkpoint(name).source
-            layers = self.settings.layers if name == CONTROL and name not in self._checkpoints else span_text(self.layers(name))
+            source = (
+                "made on first use"
+                if name == CONTROL and name not in self._checkpoints
+                else self._checkpoint(name).source
+            )
+            layers = (
+                self.settings.layers
+                if name == CONTROL and name not in self._checkpoints
+                else span_text(self.layers(name))
+            )
             marks = "".join(f"<td>{'✓' if (name, kind) in self._scores else '·'}</td>" for kind in kinds)
             body.append(f"<tr><td>{html.escape(name)}</td><td><code>{html.escape(str(source))}</code></td>"
                         f"<td>{layers}</td>{marks}</tr>")

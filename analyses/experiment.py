@@ -76,8 +76,10 @@ class ExperimentResults:
         histories = read_json(Path(out) / "histories.json", "run the command again to rewrite it")
         unknown = sorted(set(meta.get("config", {})) - {f.name for f in fields(cls.CONFIG)})
         if unknown:
-            raise ForethoughtError(f"{out} was written with settings this {cls.__name__} does not know ({', '.join(unknown)}): "
-                                   "a run of another command or of an older workbench; run its command again")
+            raise ForethoughtError(
+                f"{out} was written with settings this {cls.__name__} does not know ({', '.join(unknown)}): "
+                "a run of another command or of an older workbench; run its command again"
+            )
         return cls(config=cls.CONFIG(**meta["config"]), table=table, histories=histories)
 
     def figures(self) -> dict[str, go.Figure]:

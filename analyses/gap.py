@@ -8,6 +8,7 @@ MS MARCO, 3.28 vs 3.40 nats). The future-gradient share of each checkpoint: :mod
 
 from __future__ import annotations
 
+import logging
 from dataclasses import asdict, dataclass
 from typing import Any, ClassVar
 
@@ -31,6 +32,7 @@ from models.twins import TWINS, check_twins
 from probes.gradients import future_gradient_share
 from probes.metrics import mean_scores
 
+log = logging.getLogger(__name__)
 GAP = "myopia gap (myopic − vanilla)"
 
 
@@ -80,7 +82,9 @@ class GapResults(ExperimentResults):
     def by_position(self) -> pd.DataFrame:
         """Loss per position (rows) × checkpoint (columns), the gap included."""
         rows = self.table[(self.table["metric"] == "loss") & self.table["position"].notna()]
-        return rows.pivot(index="position", columns="checkpoint", values="value")[list(dict.fromkeys(rows["checkpoint"]))]
+        return rows.pivot(index="position", columns="checkpoint", values="value")[
+            list(dict.fromkeys(rows["checkpoint"]))
+        ]
 
     def shares(self) -> pd.DataFrame:
         """Future-gradient share per layer (rows) × checkpoint (columns)."""
@@ -173,8 +177,8 @@ def run_gap(config: GapConfig) -> GapResults:
         model = checkpoint.model.to(device).float()
         losses[name] = token_losses(model, test, config.batch_size, config.progress)
         if not myopic_layers(model):  # the share needs the myopic gradient
-            print(f"{name}: no future-gradient share — the myopic gradient is implemented for GPT-2, Llama, Mistral, "
-                  "Qwen2 and GPT-NeoX attention")
+            log.warning("%s: no future-gradient share — the myopic gradient is implemented for GPT-2, Llama, "
+                        "Mistral, Qwen2 and GPT-NeoX attention", name)
             continue
         shares = future_gradient_share(model, test[: config.share_sequences], config.batch_size,
                                        config.seed, config.progress)

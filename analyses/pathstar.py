@@ -23,15 +23,15 @@ from analyses.experiment import ExperimentConfig, ExperimentResults, finish_run,
 from analyses.plots import facet_labels_as_values
 from analyses.results import CONTROL, run_meta, tidy
 from models.errors import ForethoughtError
-from models.offsets import at_offset
 from models.gpt2 import build_lm, gpt2_config
+from models.offsets import at_offset
+from models.settings import check_settings
 from models.tasks.pathstar import PathStarData, PathStarSpec, PathStarTask, check_regime, generate_split
 from models.train import train
-from models.settings import check_settings
 from probes.fit import fit_logistic_by_layer
-from probes.split import split_sequences
 from probes.metrics import mean_scores
 from probes.residuals import model_residuals
+from probes.split import split_sequences
 
 TRAININGS = {"vanilla": False, "myopic": True}
 
@@ -144,7 +144,9 @@ class PathStarResults(ExperimentResults):
         figure = go.Figure(go.Heatmap(z=exact.values, x=list(exact.columns), y=list(exact.index), text=text,
                                       texttemplate="%{text}", zmin=0, zmax=1, colorscale="Viridis",
                                       colorbar=dict(title="exact path")))
-        figure.update_layout(title=f"Path-star {self.config.spec()}: held-out greedy accuracy (chance {self.chance:.2f})")
+        figure.update_layout(
+            title=f"Path-star {self.config.spec()}: held-out greedy accuracy (chance {self.chance:.2f})"
+        )
         return figure
 
     def position_figure(self) -> go.Figure:
@@ -204,7 +206,9 @@ def run_pathstar(config: PathStarConfig) -> PathStarResults:
         if test_data.spec.degree != train_data.spec.degree or test_data.spec.length != train_data.spec.length:
             raise ForethoughtError(f"train file is {train_data.spec} but test file is {test_data.spec}")
         n_nodes = max(config.n_nodes, train_data.spec.n_nodes, test_data.spec.n_nodes)
-        train_data, test_data = (replace(data, spec=replace(data.spec, n_nodes=n_nodes)) for data in (train_data, test_data))
+        train_data, test_data = (
+            replace(data, spec=replace(data.spec, n_nodes=n_nodes)) for data in (train_data, test_data)
+        )
         config = replace(config, degree=train_data.spec.degree, length=train_data.spec.length, n_nodes=n_nodes)
     else:
         train_data, test_data = generate_split(config.spec(), config.n_train, config.n_test, seed=config.seed)

@@ -74,7 +74,10 @@ class PrecacheResults(ProbingResults):
                                         "paired 95% CI; " + FDR_NOTE, colorbar="P")
 
     def figures(self) -> dict[str, go.Figure]:
-        return {f"precache_{self.config.kind}_top1": self.figure(), f"precache_{self.config.kind}_heatmap": self.heatmap()}
+        return {
+            f"precache_{self.config.kind}_top1": self.figure(),
+            f"precache_{self.config.kind}_heatmap": self.heatmap(),
+        }
 
     def summary(self) -> str:
         lines = [super().summary(), "pre-caching estimate P (top-1, vanilla − myopic), layers × τ:",

@@ -13,7 +13,14 @@ from pathlib import Path
 from typing import ClassVar
 
 from analyses.experiment import finish_run, writes_run
-from analyses.probing import ProbeSettings, ProbingResults, load_checkpoints, parse_checkpoints, probe_checkpoints, probe_meta
+from analyses.probing import (
+    ProbeSettings,
+    ProbingResults,
+    load_checkpoints,
+    parse_checkpoints,
+    probe_checkpoints,
+    probe_meta,
+)
 from analyses.results import tidy
 from models.errors import ForethoughtError
 
@@ -22,7 +29,7 @@ from models.errors import ForethoughtError
 class ProbeConfig(ProbeSettings):
     """Settings of ``forethought probe``; every field is also a command-line flag."""
 
-    checkpoints: str = ""  # comma-separated NAME=SOURCE (checkpoint or run folder, hub id, smollm2-135m, gguf:PATH); SOURCE alone: its name
+    checkpoints: str = ""  # NAME=SOURCE,… (checkpoint or run folder, hub id, smollm2-135m, gguf:PATH); SOURCE: its name
     out: str = "runs/probe"
     figures_dir: str | None = None  # also copy the figures here
 

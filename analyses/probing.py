@@ -66,7 +66,7 @@ class ProbeSettings:
     random_init: bool = True  # also probe a random-init model of the same architecture (the control)
     seed: int = 0  # probe split, probe training, random-init weights
     device: str = "auto"  # 'auto': CUDA when available
-    precision: str = "float32"  # or bfloat16: forward passes and probes under bfloat16 autocast (~3× / ~10× faster on AMX CPUs)
+    precision: str = "float32"  # or bfloat16: forwards and probes under autocast (~3× / ~10× faster on AMX CPUs)
     progress: bool = True
 
     def __post_init__(self):
@@ -119,8 +119,10 @@ def check_name(name: str, taken: Iterable[str]) -> str:
     if not name.strip() or name.strip(".") == "":
         raise ForethoughtError(f"checkpoint name {name!r} cannot name a folder; name it NAME=PATH")
     if name in (CONTROL, BASELINE):
-        raise ForethoughtError(f"the name {name!r} is kept for the {'control' if name == CONTROL else 'count baselines'}"
-                               "; name the checkpoint otherwise")
+        raise ForethoughtError(
+            f"the name {name!r} is kept for the {'control' if name == CONTROL else 'count baselines'}"
+            "; name the checkpoint otherwise"
+        )
     if name in taken:
         raise ForethoughtError(f"two checkpoints are named {name!r}; name them NAME=PATH")
     return name
@@ -155,7 +157,9 @@ class ProbingResults(ExperimentResults):
         """Probe − skip-bigram baseline for ``metric`` (paired, same examples) of ``checkpoint`` (default: the
         first): (layer, τ) rows with value, ci_low, ci_high — where the residual stream holds more about x[t+τ]
         than the token x[t] does through the counts."""
-        rows = self.table[(self.table["probe"] == f"{self.config.kind} − {SKIP_BIGRAM}") & (self.table["metric"] == metric)]
+        rows = self.table[
+            (self.table["probe"] == f"{self.config.kind} − {SKIP_BIGRAM}") & (self.table["metric"] == metric)
+        ]
         rows = rows[rows["checkpoint"] == (checkpoint or rows["checkpoint"].iloc[0])]
         return rows.set_index(["layer", "tau"])[["value", "ci_low", "ci_high", "n"]]
 
@@ -179,7 +183,9 @@ class ProbingResults(ExperimentResults):
 
     def accuracy(self, metric: str = "top1") -> pd.DataFrame:
         """``metric`` by (checkpoint, τ) rows × layer columns."""
-        return self._probed(metric).pivot_table(index=["checkpoint", "tau"], columns="layer", values="value", sort=False)
+        return self._probed(metric).pivot_table(
+            index=["checkpoint", "tau"], columns="layer", values="value", sort=False
+        )
 
     def figure(self, metric: str = "top1") -> go.Figure:
         """``metric`` by layer, one line per τ, one panel per checkpoint; skip-bigram baselines dashed, the
@@ -377,7 +383,9 @@ def saved_probing_run(out: str | Path) -> tuple[ProbeSettings, dict[str, str]]:
     if not isinstance(saved, dict) or set(needed) - set(saved):
         raise ForethoughtError(f"{out} holds no probe or precache run (its config.json has other settings)")
     if not (out / "meta.json").is_file():
-        raise ForethoughtError(f"{out} holds no finished probe or precache run (no meta.json); finish it with its command")
+        raise ForethoughtError(
+            f"{out} holds no finished probe or precache run (no meta.json); finish it with its command"
+        )
     _, meta = read_results(out)
     checkpoints = {name: source for name, source in meta.get("checkpoints", {}).items() if name != CONTROL}
     if not checkpoints:

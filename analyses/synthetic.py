@@ -22,14 +22,14 @@ from analyses.plots import loss_curves_figure, probe_r2_figure
 from analyses.results import CONTROL, run_meta, tidy
 from models.errors import ForethoughtError
 from models.gpt2 import GPT2RegressionModel, build_regression, load_model, regression_config
-from models.tasks.synthetic import SyntheticTask
 from models.settings import check_settings
+from models.tasks.synthetic import SyntheticTask
 from models.train import train
 from models.twins import TWINS
 from probes.fit import fit_ridge_by_layer
-from probes.split import split_sequences
 from probes.metrics import mean_scores
 from probes.residuals import model_residuals
+from probes.split import split_sequences
 
 
 @dataclass

@@ -47,8 +47,19 @@ def architecture(config: PretrainedConfig) -> str:
 
 def architecture_summary(config: PretrainedConfig) -> dict[str, object]:
     """The settings that make two models the same architecture (twins must agree on all of them)."""
-    keys = ("model_type", "num_hidden_layers", "hidden_size", "num_attention_heads", "num_key_value_heads",
-            "intermediate_size", "n_inner", "vocab_size", "max_position_embeddings", "activation_function", "hidden_act")
+    keys = (
+        "model_type",
+        "num_hidden_layers",
+        "hidden_size",
+        "num_attention_heads",
+        "num_key_value_heads",
+        "intermediate_size",
+        "n_inner",
+        "vocab_size",
+        "max_position_embeddings",
+        "activation_function",
+        "hidden_act",
+    )
     return {key: value for key in keys if (value := getattr(config, key, None)) is not None}
 
 

@@ -110,7 +110,9 @@ def check_digest(path: str | Path, expected: str, rebuild: str) -> None:
     except OSError as error:
         raise ForethoughtError(f"{path} cannot be read ({error.strerror}); {rebuild}") from None
     if found != expected:
-        raise ForethoughtError(f"{path} was changed or damaged after it was written (content digest differs); {rebuild}")
+        raise ForethoughtError(
+            f"{path} was changed or damaged after it was written (content digest differs); {rebuild}"
+        )
 
 
 def size_text(n_bytes: float) -> str:
@@ -160,7 +162,9 @@ def run_lock(folder: str | Path) -> Iterator[None]:
             fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             holder = os.pread(descriptor, 4096, 0).decode(errors="replace").strip() or "another process"
-            raise ForethoughtError(f"{folder} is being written by {holder}; wait for it or choose another folder") from None
+            raise ForethoughtError(
+                f"{folder} is being written by {holder}; wait for it or choose another folder"
+            ) from None
         started = datetime.now(timezone.utc).isoformat(timespec="seconds")
         os.ftruncate(descriptor, 0)
         os.pwrite(descriptor, f"pid {os.getpid()} on {socket.gethostname()} since {started} "

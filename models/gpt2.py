@@ -14,8 +14,8 @@ from pathlib import Path
 from typing import Literal
 
 import torch
-from safetensors import SafetensorError
 from huggingface_hub.dataclasses import strict
+from safetensors import SafetensorError
 from torch import nn
 from transformers import AutoModelForCausalLM, GPT2Config, PretrainedConfig, PreTrainedModel
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
@@ -161,7 +161,9 @@ def load_model(source: str | Path, kind: ModelKind) -> PreTrainedModel:
             raise ForethoughtError(f"checkpoint folder {folder} has no config.json")
         architectures = read_json(config_file, "the checkpoint is damaged").get("architectures") or ["?"]
         if expected := _expected(kind, architectures[0]):
-            raise ForethoughtError(f"checkpoint {folder} holds a {architectures[0]}, expected a {expected} ({kind} model)")
+            raise ForethoughtError(
+                f"checkpoint {folder} holds a {architectures[0]}, expected a {expected} ({kind} model)"
+            )
     elif kind == "regression":
         raise ForethoughtError(f"checkpoint folder {folder} does not exist")
     elif not hub_reachable():

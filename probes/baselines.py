@@ -68,8 +68,9 @@ def count_baselines(tokens: np.ndarray, train: np.ndarray, test: np.ndarray, tau
         table = coo_matrix((np.ones(len(current_train)), (current_train, ahead_train)),
                            shape=(vocab_size, vocab_size)).tocsr()
         values["unigram"][tau] = _score_rows(np.zeros(len(ahead_test), dtype=int), ahead_test, lambda _: unigram, alpha)
-        values["skip-bigram"][tau] = _score_rows(current_test, ahead_test,
-                                                 lambda x: table[x].toarray()[0] if table[x].nnz else unigram, alpha)
+        values["skip-bigram"][tau] = _score_rows(
+            current_test, ahead_test, lambda x, table=table: table[x].toarray()[0] if table[x].nnz else unigram, alpha
+        )
     return BaselineScores(values, np.repeat(test, positions))
 
 

@@ -116,7 +116,9 @@ def _checked(path: Path, shape: tuple[int, ...], dtype) -> np.ndarray:
     except (OSError, ValueError) as error:  # missing, truncated, or not an .npy file
         raise ForethoughtError(f"{path} is missing, truncated or corrupt ({error})") from None
     if array.shape != shape or array.dtype != dtype:
-        raise ForethoughtError(f"{path} holds {array.dtype}{list(array.shape)}, meta.json says {np.dtype(dtype)}{list(shape)}")
+        raise ForethoughtError(
+            f"{path} holds {array.dtype}{list(array.shape)}, meta.json says {np.dtype(dtype)}{list(shape)}"
+        )
     return array
 
 

@@ -12,7 +12,7 @@ import numpy as np
 import pandas as pd
 
 from models.errors import ForethoughtError
-from probes.linear import RidgeProbe, LogisticProbe
+from probes.linear import LogisticProbe, RidgeProbe
 from probes.metrics import Estimate
 
 

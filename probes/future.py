@@ -13,16 +13,15 @@ targets, i.e. at the unigram baseline. Both matter for real models: a Llama's re
 "massive" dimensions (SmolLM2: standard deviations up to ~3,000 against a median of ~10), which make an
 unstandardised probe ill-conditioned, and Adam moves a zero bias by only ~lr a step.
 
-Examples are positions t < T − max(τ) (or a given horizon) of whole sequences (so every τ has a target); sequences are split into
-train / validation / test, never positions of one sequence. Training minimises the summed cross-entropy of
-all probes, reading the residuals chunk by chunk (all layers of a block of sequences at once); early stopping
-keeps, for each (layer, τ), the parameters of its best validation epoch.
+Examples are positions t < T − max(τ) (or a given horizon) of whole sequences (so every τ has a target); sequences
+are split into train / validation / test, never positions of one sequence (:mod:`probes.split`). Training
+minimises the summed cross-entropy of all probes, reading the residuals chunk by chunk (all layers of a block of
+sequences at once); early stopping keeps, for each (layer, τ), the parameters of its best validation epoch.
 """
 
 from __future__ import annotations
 
 import copy
-
 import io
 import zipfile
 from collections.abc import Sequence
@@ -254,7 +253,9 @@ _STATISTICS_SEQUENCES = 256  # training sequences the feature means and standard
 
 
 @torch.no_grad()
-def _feature_statistics(batches: _Batches, sequences: np.ndarray, batch_sequences: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _feature_statistics(
+    batches: _Batches, sequences: np.ndarray, batch_sequences: int
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Per layer, the mean and 1 / standard deviation of every feature over ``sequences``' examples: [I, d] each."""
     total, squares, count = 0.0, 0.0, 0
     for start in range(0, len(sequences), batch_sequences):
@@ -360,13 +361,18 @@ class ProbeScores:
         try:
             with np.load(path) as stored:
                 keys, values = stored["keys"], stored["values"]
-                scores = cls(str(stored["kind"]), {(int(layer), int(tau)): value for (layer, tau), value in zip(keys, values)},
-                             stored["sequence_ids"])
+                scores = cls(
+                    str(stored["kind"]),
+                    {(int(layer), int(tau)): value for (layer, tau), value in zip(keys, values)},
+                    stored["sequence_ids"],
+                )
                 stored_from = str(stored["made_from"]) if "made_from" in stored else ""
         except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as error:
             raise ForethoughtError(f"stored probe scores {path} are unreadable ({error}); remove the file") from None
         if made_from is not None and stored_from != made_from:
-            raise ForethoughtError(f"stored probe scores {path} were made from other residuals or settings; remove the file")
+            raise ForethoughtError(
+                f"stored probe scores {path} were made from other residuals or settings; remove the file"
+            )
         return scores
 
     def minus(self, other: ProbeScores) -> pd.DataFrame:

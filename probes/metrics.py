@@ -76,7 +76,12 @@ def r2_scores(targets: np.ndarray, predictions: np.ndarray, sequence_ids: np.nda
     stats = _per_sequence_sums(np.concatenate([np.ones((len(y), 1)), y, y**2, residual**2], axis=1), sequence_ids)
 
     def r2(sums: np.ndarray) -> np.ndarray:
-        count, total, squares, errors = sums[..., :1], sums[..., 1 : 1 + m], sums[..., 1 + m : 1 + 2 * m], sums[..., 1 + 2 * m :]
+        count, total, squares, errors = (
+            sums[..., :1],
+            sums[..., 1 : 1 + m],
+            sums[..., 1 + m : 1 + 2 * m],
+            sums[..., 1 + 2 * m :],
+        )
         with np.errstate(divide="ignore", invalid="ignore"):
             return 1 - errors / (squares - total**2 / count)
 

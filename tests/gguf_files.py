@@ -35,12 +35,16 @@ def write_llama_gguf(folder: Path, path: Path, quantisation: str = "F32", archit
     writer.add_tokenizer_pre("default")
     writer.add_token_list(vocabulary)
     writer.add_token_types([3 if i in tokenizer.all_special_ids else 1 for i in range(len(vocabulary))])
-    writer.add_token_merges([" ".join(pair) for pair in json.loads(tokenizer.backend_tokenizer.to_str())["model"]["merges"]])
+    writer.add_token_merges(
+        [" ".join(pair) for pair in json.loads(tokenizer.backend_tokenizer.to_str())["model"]["merges"]]
+    )
     writer.add_bos_token_id(tokenizer.bos_token_id)
     writer.add_eos_token_id(tokenizer.eos_token_id)
     names = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight"}
     for layer in range(config.num_hidden_layers):
-        names |= {f"model.layers.{layer}.{hf}.weight": f"blk.{layer}.{ours}.weight" for hf, ours in _LAYER_NAMES.items()}
+        names |= {
+            f"model.layers.{layer}.{hf}.weight": f"blk.{layer}.{ours}.weight" for hf, ours in _LAYER_NAMES.items()
+        }
     weights = model.state_dict()
     for hf, ours in names.items():
         tensor = weights[hf].numpy()

@@ -15,12 +15,13 @@ import hashlib
 import json
 import os
 import shutil
+from collections.abc import Iterator
 from dataclasses import asdict
 from itertools import islice
 from pathlib import Path
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-from transformers import AutoTokenizer, PreTrainedTokenizerFast, PreTrainedTokenizerBase
+from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
 from models.errors import ForethoughtError
 from models.tasks.text import TextData, iter_documents, source_fingerprint, split_documents
@@ -67,7 +68,9 @@ def corpus_bpe(data: TextData, vocab_size: int, tokens_root: str | Path = "runs/
     embedded corpus) and saved atomically."""
     folder = bpe_folder(data, vocab_size, tokens_root)
     if not (folder / "tokenizer.json").is_file():
-        documents = lambda: islice(iter_documents(data.corpus, data.corpus_split, data.text_field), data.max_documents)
+        def documents() -> Iterator[str]:
+            return islice(iter_documents(data.corpus, data.corpus_split, data.text_field), data.max_documents)
+
         n_documents = sum(1 for _ in documents())
         train = set(split_documents(n_documents, data.split_fractions, data.split_seed)[0].tolist())
         tokenizer = fit_bpe((text for i, text in enumerate(documents()) if i in train), vocab_size)

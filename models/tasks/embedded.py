@@ -30,7 +30,6 @@ from pathlib import Path
 from models.errors import ForethoughtError
 
 
-
 @dataclass(frozen=True)
 class EmbeddedText:
     """One public-domain text shipped inside a PyPI distribution."""
@@ -152,7 +151,9 @@ def embedded_versions(source: str) -> str:
         try:
             versions.append(f"{text.distribution}=={metadata.version(text.distribution)}")
         except metadata.PackageNotFoundError:
-            raise ForethoughtError(f"the embedded text {name!r} needs PyPI's {text.distribution}: {text.install}") from None
+            raise ForethoughtError(
+                f"the embedded text {name!r} needs PyPI's {text.distribution}: {text.install}"
+            ) from None
     return ",".join(versions)
 
 

@@ -148,9 +148,9 @@ class PathStarData:
         shape = parsed[0][0].shape
         for number, (edges, path) in enumerate(parsed, 1):
             if edges.shape != shape or len(path) != len(parsed[0][1]):
-                d, l = _degree_length(edges, path)
+                degree, length = _degree_length(edges, path)
                 raise ForethoughtError(
-                    f"{source} line {number}: G({d}, {l}) differs from line 1's "
+                    f"{source} line {number}: G({degree}, {length}) differs from line 1's "
                     f"G({_degree_length(*parsed[0])[0]}, {len(parsed[0][1])}); a file holds one graph size"
                 )
         edges = np.stack([e for e, _ in parsed])

@@ -41,11 +41,23 @@ from transformers import AutoTokenizer, GPT2Tokenizer, PreTrainedTokenizerBase
 
 from models.errors import ForethoughtError
 from models.files import (
-    atomic_write_bytes, atomic_write_json, check_digest, check_free_space, file_digest, read_json, run_lock,
+    atomic_write_bytes,
+    atomic_write_json,
+    check_digest,
+    check_free_space,
+    file_digest,
+    read_json,
+    run_lock,
 )
 from models.hub import hub_reachable
 from models.tasks.embedded import (
-    EMBEDDED, embedded_bytes, embedded_documents, embedded_names, embedded_versions, is_embedded, paragraphs,
+    EMBEDDED,
+    embedded_bytes,
+    embedded_documents,
+    embedded_names,
+    embedded_versions,
+    is_embedded,
+    paragraphs,
 )
 
 GPT2_HUB_ID = "openai-community/gpt2"
@@ -137,7 +149,9 @@ def iter_documents(source: str, split: str = "train", text_field: str = "text") 
             try:
                 table = pq.read_table(file)
             except (OSError, ValueError) as error:  # pyarrow's ArrowInvalid is a ValueError
-                raise ForethoughtError(f"{file} is not a readable parquet file ({' '.join(str(error).split())[:120]})") from None
+                raise ForethoughtError(
+                    f"{file} is not a readable parquet file ({' '.join(str(error).split())[:120]})"
+                ) from None
             if text_field not in table.column_names:
                 raise ForethoughtError(f"{file} has no column {text_field!r}")
             yield from table.column(text_field).to_pylist()
@@ -221,7 +235,11 @@ class TokenFile:
     def _build(cls, documents: Iterable[str], folder: Path, tokenizer: PreTrainedTokenizerBase,
                meta: dict[str, Any], chunk_documents: int) -> TokenFile:
         progress_file, partial = folder / _PROGRESS, folder / "tokens.bin.partial"
-        progress = read_json(progress_file, f"remove {folder} to tokenise afresh") if progress_file.exists() else {"offsets": [0]}
+        progress = (
+            read_json(progress_file, f"remove {folder} to tokenise afresh")
+            if progress_file.exists()
+            else {"offsets": [0]}
+        )
         if progress.get("meta", meta) != meta:
             raise ForethoughtError(f"{folder} holds an interrupted tokenisation of other data; remove it")
         offsets = progress["offsets"]
@@ -246,7 +264,13 @@ class TokenFile:
         atomic_write_bytes(folder / "offsets.npy", _npy_bytes(np.asarray(offsets, dtype=np.int64)))
         os.replace(partial, folder / "tokens.bin")
         digests = {name: file_digest(folder / name) for name in ("tokens.bin", "offsets.npy")}
-        final = {**meta, "n_documents": len(offsets) - 1, "n_tokens": offsets[-1], "dtype": "uint16", "digests": digests}
+        final = {
+            **meta,
+            "n_documents": len(offsets) - 1,
+            "n_tokens": offsets[-1],
+            "dtype": "uint16",
+            "digests": digests,
+        }
         atomic_write_json(folder / "meta.json", final)  # the folder is complete from here on
         progress_file.unlink()
         return cls.open(folder)
@@ -256,7 +280,11 @@ class TokenFile:
         """Open a finished token folder, checking that its files agree with ``meta.json``."""
         folder = Path(folder)
         if not (folder / "meta.json").exists():
-            state = "an unfinished tokenisation (run it again to resume)" if (folder / _PROGRESS).exists() else "no token file"
+            state = (
+                "an unfinished tokenisation (run it again to resume)"
+                if (folder / _PROGRESS).exists()
+                else "no token file"
+            )
             raise ForethoughtError(f"{folder} holds {state}")
         rebuild = f"remove {folder} and run again to tokenise afresh"
         meta = read_json(folder / "meta.json", rebuild)
@@ -309,8 +337,15 @@ class TokenFile:
         raise ForethoughtError(f"unknown layout {layout!r}; choose first or packed")
 
 
-def tokenize_source(source: str, folder: str | Path, tokenizer: PreTrainedTokenizerBase, split: str = "train",
-                    text_field: str = "text", max_documents: int | None = None, content: str | None = None) -> TokenFile:
+def tokenize_source(
+    source: str,
+    folder: str | Path,
+    tokenizer: PreTrainedTokenizerBase,
+    split: str = "train",
+    text_field: str = "text",
+    max_documents: int | None = None,
+    content: str | None = None,
+) -> TokenFile:
     """Tokenise a corpus source once into ``folder`` (reused, or resumed, on later calls). ``content``: the
     source's :func:`source_fingerprint` if the caller has it (it reads a local corpus once more otherwise)."""
     needed = _token_bytes_estimate(source, split, max_documents)
@@ -379,7 +414,7 @@ class TextData:
     sequences, so an analysis evaluates a checkpoint on exactly the documents it never trained on.
     """
 
-    corpus: str = EMBEDDED  # 'embedded' (all texts) or 'embedded:TEXT,…', a local file or folder (txt, jsonl, parquet), or hf:NAME[:CONFIG]
+    corpus: str = EMBEDDED  # 'embedded[:TEXT,…]', a file or folder (txt, jsonl, parquet), or hf:NAME[:CONFIG]
     corpus_split: str = "train"  # the split of a hub dataset to read
     text_field: str = "text"  # the field of a jsonl / parquet / hub row that holds the text
     max_documents: int | None = None  # read only the first documents of the corpus
@@ -411,7 +446,9 @@ class TextData:
         name = re.sub(r"[^A-Za-z0-9]+", "-", Path(self.corpus).name or self.corpus).strip("-")
         return Path(root) / f"{name}-{digest}"
 
-    def load(self, tokenizer: PreTrainedTokenizerBase, tokens_root: str | Path = "runs/tokens") -> dict[str, np.ndarray]:
+    def load(
+        self, tokenizer: PreTrainedTokenizerBase, tokens_root: str | Path = "runs/tokens"
+    ) -> dict[str, np.ndarray]:
         """{"train", "validation", "test": sequences [n, seq_len] int64}, tokenising the corpus on first use.
 
         The text is tokenised without special tokens; with ``prepend_bos`` each sequence is the tokenizer's BOS

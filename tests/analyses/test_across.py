@@ -14,10 +14,28 @@ PRECACHE = "pre-caching (vanilla − myopic)"
 
 
 def _gap_run(folder, gap: tuple[float, float, float], vanilla_loss: float, model_folder=None):
-    rows = [{"checkpoint": "vanilla", "metric": "loss", "tau": 1, "value": vanilla_loss, "ci_low": vanilla_loss - 0.01,
-             "ci_high": vanilla_loss + 0.01, "n": 100},
-            {"checkpoint": GAP, "metric": "loss", "tau": 1, "value": gap[0], "ci_low": gap[1], "ci_high": gap[2], "n": 100},
-            {"checkpoint": GAP, "metric": "loss", "tau": 1, "position": 0, "value": 0.0, "ci_low": -1, "ci_high": 1, "n": 5}]
+    rows = [
+        {
+            "checkpoint": "vanilla",
+            "metric": "loss",
+            "tau": 1,
+            "value": vanilla_loss,
+            "ci_low": vanilla_loss - 0.01,
+            "ci_high": vanilla_loss + 0.01,
+            "n": 100,
+        },
+        {"checkpoint": GAP, "metric": "loss", "tau": 1, "value": gap[0], "ci_low": gap[1], "ci_high": gap[2], "n": 100},
+        {
+            "checkpoint": GAP,
+            "metric": "loss",
+            "tau": 1,
+            "position": 0,
+            "value": 0.0,
+            "ci_low": -1,
+            "ci_high": 1,
+            "n": 5,
+        },
+    ]
     for layer in range(2):
         for tau in (1, 2):
             value = gap[0] * (layer + tau)
@@ -56,7 +74,9 @@ def test_one_sign_in_every_run_is_reported_as_holding(tmp_path):
 def test_the_trend_reads_each_runs_model_size(tmp_path):
     sizes = {}
     for name, (layers, width) in {"small": (2, 64), "large": (4, 128)}.items():
-        gpt2_config(n_layer=layers, d_model=width, n_head=2, vocab_size=300, n_positions=64).save_pretrained(tmp_path / name)
+        gpt2_config(n_layer=layers, d_model=width, n_head=2, vocab_size=300, n_positions=64).save_pretrained(
+            tmp_path / name
+        )
         sizes[name] = _gap_run(tmp_path / f"gap-{name}", (0.01 * layers, 0.0, 0.1), 4.0, tmp_path / name)
     results = run_trend(AcrossConfig(runs=",".join(sizes.values()), labels="small,large", out=str(tmp_path / "trend")))
     table = results.table.set_index("run")

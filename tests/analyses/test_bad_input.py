@@ -159,7 +159,9 @@ def workdir(tmp_path_factory, monkeypatch, tiny_lm, lm_folder):
     (tmp_path / "star.txt").write_text("0,1|1,2|0,3|3,4/0,4=0,3,4\n")
     (tmp_path / "notstar.txt").write_text("0,1|1,2/0,9=0,9\n")
     lm_folder.rename(tmp_path / "good")  # a tiny LM with its tokenizer (words w0 … w22)
-    (tmp_path / "words.txt").write_text("\n\n".join(" ".join(f"w{(i + j) % 23}" for j in range(12)) for i in range(200)))
+    (tmp_path / "words.txt").write_text(
+        "\n\n".join(" ".join(f"w{(i + j) % 23}" for j in range(12)) for i in range(200))
+    )
     tiny_lm.float().save_pretrained(tmp_path / "truncated")
     weights = tmp_path / "truncated" / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])

@@ -10,8 +10,8 @@ import pytest
 import torch
 
 import analyses.compare
-import probes.store
 import probes.cache
+import probes.store
 from analyses.cli import main
 from analyses.compare import Comparison
 from analyses.probe import ProbeConfig, run_probe
@@ -126,7 +126,9 @@ def test_heatmap_is_the_paired_difference_with_confidence_marks(comparison):
     difference = (accuracy.loc["vanilla"] - accuracy.loc["myopic"]).T  # layers × τ
     np.testing.assert_allclose(heatmap.data[0].z, difference.to_numpy(), atol=1e-12)
     same = comparison.heatmap("vanilla", "vanilla", layers=[1, 2], taus=[2])
-    assert same.data[0].z.tolist() == [[0.0], [0.0]] and all("n.s." in cell for row in same.data[0].text for cell in row)
+    assert same.data[0].z.tolist() == [[0.0], [0.0]] and all(
+        "n.s." in cell for row in same.data[0].text for cell in row
+    )
     rows = comparison.difference("vanilla", "myopic")
     assert ((rows["ci_low"] <= rows["value"]) & (rows["value"] <= rows["ci_high"])).all()
 
@@ -138,7 +140,9 @@ def test_a_model_in_memory_gives_the_numbers_of_its_folder(twins, tmp_path):
                                              tokens_root=str(twins / "tokens"), **SETTINGS)
     table = comparison.to_dataframe().set_index(KEY[1:])
     folder, memory = table[table["checkpoint"] == "folder"], table[table["checkpoint"] == "memory"]
-    assert len(folder) == 3 * 2 * 3 + 3 * 3 and folder.drop(columns="checkpoint").equals(memory.drop(columns="checkpoint"))
+    assert len(folder) == 3 * 2 * 3 + 3 * 3 and folder.drop(columns="checkpoint").equals(
+        memory.drop(columns="checkpoint")
+    )
 
 
 def test_bad_input_is_named_and_computed_results_stay_usable(comparison, twins, tmp_path, lm_folder, monkeypatch):
@@ -181,7 +185,10 @@ def test_compare_command_writes_the_figure_of_a_run(probed, tmp_path, capsys, mo
     assert main(["compare", "--run", str(probed[0]), "--figures-dir", str(tmp_path), "--no-progress"]) == 0
     assert "computed: topk (3/3)" in capsys.readouterr().out and (tmp_path / "compare_topk.html").is_file()
     assert main(["compare", "--figures-dir", str(tmp_path)]) == 2
-    assert capsys.readouterr().err == "forethought: error: give --run: the --out folder of a forethought probe or precache run\n"
+    assert (
+        capsys.readouterr().err
+        == "forethought: error: give --run: the --out folder of a forethought probe or precache run\n"
+    )
     assert main(["compare", "--run", str(tmp_path)]) == 2
     assert f"{tmp_path} holds no probe or precache run (no config.json)" in capsys.readouterr().err
 

@@ -65,7 +65,9 @@ def test_twins_that_do_not_match_are_refused(twins, tmp_path, capsys):
     assert "not at the same training step (vanilla at step 40 of 40, myopic at step 20 of 40)" in gap(
         "--vanilla", str(twins / "vanilla"), "--myopic", str(early))
     assert "give --vanilla and/or --myopic checkpoints" in gap()
-    assert "nowhere is not a folder, and the Hugging Face hub cannot be reached" in gap("--vanilla", str(tmp_path / "nowhere"))
+    assert "nowhere is not a folder, and the Hugging Face hub cannot be reached" in gap(
+        "--vanilla", str(tmp_path / "nowhere")
+    )
     assert not (tmp_path / "g").exists()
 
 

@@ -19,12 +19,18 @@ def test_notebook_is_stored_without_outputs():
 
 def test_notebook_runs_headless(tmp_path):
     notebook = nbformat.read(NOTEBOOK, as_version=4)
-    NotebookClient(notebook, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}).execute()
+    NotebookClient(
+        notebook, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}
+    ).execute()
     outputs = [output for cell in notebook.cells if cell.cell_type == "code" for output in cell.outputs]
     assert not [output for output in outputs if output.output_type == "error"]
     figures = [output for output in outputs if "application/vnd.plotly.v1+json" in output.get("data", {})]
     assert len(figures) == 3  # accuracy by layer, the heatmap, accuracy after adding a checkpoint
-    summaries = [output["data"]["text/html"] for output in outputs if "<b>Comparison</b>" in output.get("data", {}).get("text/html", "")]
+    summaries = [
+        output["data"]["text/html"]
+        for output in outputs
+        if "<b>Comparison</b>" in output.get("data", {}).get("text/html", "")
+    ]
     assert len(summaries) == 2 and summaries[-1].count("<td>✓</td>") == 2 * 4  # 3 + the added checkpoint, 2 kinds
     printed = "".join(output.get("text", "") for output in outputs if output.output_type == "stream")
     assert "error: τ [5] not computed: this comparison probes τ 1, 2, 3" in printed

@@ -97,8 +97,13 @@ def test_precache_estimates_are_paired_differences(twins, tmp_path):
     assert {p.name for p in (tmp_path / "pre" / "figures").glob("*.html")} == {
         "precache_topk_top1.html", "precache_topk_heatmap.html"}
     assert PRECACHE not in results.accuracy().index.get_level_values("checkpoint")
-    assert Comparison.from_folder(tmp_path / "pre", progress=False).names == ["vanilla", "myopic"]  # as the run named them
-    with pytest.raises(ForethoughtError, match="settings this ProbeResults does not know .*myopic.*; run its command again"):
+    assert Comparison.from_folder(tmp_path / "pre", progress=False).names == [
+        "vanilla",
+        "myopic",
+    ]  # as the run named them
+    with pytest.raises(
+        ForethoughtError, match="settings this ProbeResults does not know .*myopic.*; run its command again"
+    ):
         ProbeResults.from_folder(tmp_path / "pre")  # a precache run is not a probe run
 
 

@@ -89,7 +89,9 @@ def test_presets_and_settings_are_checked(tmp_path):
     paper = SyntheticConfig.from_preset("paper")
     assert (paper.n_layer, paper.d_model, paper.n_head, paper.batch_size, paper.lr) == (2, 128, 2, 512, 1e-3)
     assert (paper.p, paper.n_terms, paper.freq, paper.seq_len) == (1.0, 10, 10.0, 64)
-    cpu_changes = {k for k, v in json.loads(json.dumps(SyntheticConfig.PRESETS["cpu"])).items() if getattr(paper, k) != v}
+    cpu_changes = {
+        k for k, v in json.loads(json.dumps(SyntheticConfig.PRESETS["cpu"])).items() if getattr(paper, k) != v
+    }
     allowed = {"d_model", "n_layer", "n_head", "seq_len", "steps", "batch_size", "p", "n_terms", "freq",
                "heldout_sequences", "eval_every", "checkpoint_every", "out"}  # seq_len = context size
     assert cpu_changes <= allowed

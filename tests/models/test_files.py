@@ -11,7 +11,13 @@ import pytest
 
 from models.errors import ForethoughtError
 from models.files import (
-    LOCK_FILE, atomic_write_json, check_digest, file_digest, read_json, run_lock, staged_folder,
+    LOCK_FILE,
+    atomic_write_json,
+    check_digest,
+    file_digest,
+    read_json,
+    run_lock,
+    staged_folder,
 )
 
 HOLD = """

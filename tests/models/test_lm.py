@@ -38,7 +38,9 @@ def test_presets_and_architectures_from_folders(tmp_path):
     small = lm_to_train(LMTrainConfig(model="gpt2-small"), vocab_size=50257)
     assert (small.config.n_layer, small.config.n_embd, small.config.n_head) == (12, 768, 12)
     assert 124e6 < small.num_parameters() < 125e6  # GPT-2 small (tied embeddings)
-    source = build_lm(gpt2_config(n_layer=2, d_model=32, n_head=2, vocab_size=50257, n_positions=64, dropout=0.1), seed=7)
+    source = build_lm(
+        gpt2_config(n_layer=2, d_model=32, n_head=2, vocab_size=50257, n_positions=64, dropout=0.1), seed=7
+    )
     source.save_pretrained(tmp_path / "src")
     fresh = lm_to_train(LMTrainConfig(model=str(tmp_path / "src"), seed=0), vocab_size=50257)
     tuned = lm_to_train(LMTrainConfig(model=str(tmp_path / "src"), from_pretrained=True), vocab_size=50257)
@@ -106,12 +108,15 @@ def test_checkpoint_loads_offline_in_transformers_and_transformer_lens(corpus, t
     saved = json.loads((tmp_path / "run" / "train_config.json").read_text())
     del saved["dropout"]  # a run made before the workbench had this setting: it counts as the default
     (tmp_path / "run" / "train_config.json").write_text(json.dumps(saved))
-    assert torch.equal(train_lm(settings(corpus, tmp_path)).model.transformer.wte.weight, result.model.transformer.wte.weight)
+    assert torch.equal(
+        train_lm(settings(corpus, tmp_path)).model.transformer.wte.weight, result.model.transformer.wte.weight
+    )
     with pytest.raises(ForethoughtError, match=r"other settings \(dropout: None → 0.0\)"):
         train_lm(settings(corpus, tmp_path, dropout=0.0))
     weights = result.model.transformer.wte.weight
-    assert torch.equal(train_lm(settings(corpus, tmp_path, out=str(tmp_path / "run") + "/")).model.transformer.wte.weight,
-                       weights)  # --out with a trailing slash: the same run
+    assert torch.equal(
+        train_lm(settings(corpus, tmp_path, out=str(tmp_path / "run") + "/")).model.transformer.wte.weight, weights
+    )  # --out with a trailing slash: the same run
     (tmp_path / "run").rename(tmp_path / "moved")
     moved = train_lm(settings(corpus, tmp_path, out=str(tmp_path / "moved"), tokens_root=str(tmp_path / "elsewhere")))
     assert torch.equal(moved.model.transformer.wte.weight, weights)  # a moved run folder, token files kept elsewhere

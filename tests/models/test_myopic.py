@@ -59,7 +59,9 @@ def gpt2_frozen_inputs(model, cut: str, rewrite):
     return rewrite_attention_inputs(model, cut, keys_and_values)
 
 
-def brute_force_myopic_grads(model, losses_fn, inputs, cut: str, frozen_inputs=gpt2_frozen_inputs) -> list[torch.Tensor]:
+def brute_force_myopic_grads(
+    model, losses_fn, inputs, cut: str, frozen_inputs=gpt2_frozen_inputs
+) -> list[torch.Tensor]:
     """Σ_i ∂ℓ_i/∂θ with every position j ≠ i frozen: its attention input (cut="residual") or its keys and values
     (cut="kv") replaced by constants recorded from a plain forward pass. ``frozen_inputs(model, cut, rewrite)``
     applies ``rewrite(index, tensor [batch, seq, …])`` to what is frozen."""
@@ -238,8 +240,16 @@ def tiny_family(family: str):
     """A 2-layer float64 model with a vocabulary of 23, in eval mode: Llama (rotary, 4 heads over 2 key/value
     heads), Qwen2 (the same with biased q/k/v projections), Mistral (a sliding window of 4 positions) or GPT-NeoX
     (partial rotary, parallel residual)."""
-    from transformers import (GPTNeoXConfig, GPTNeoXForCausalLM, LlamaConfig, LlamaForCausalLM, MistralConfig,
-                              MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM)
+    from transformers import (
+        GPTNeoXConfig,
+        GPTNeoXForCausalLM,
+        LlamaConfig,
+        LlamaForCausalLM,
+        MistralConfig,
+        MistralForCausalLM,
+        Qwen2Config,
+        Qwen2ForCausalLM,
+    )
 
     torch.manual_seed(0)
     common = dict(vocab_size=23, hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=4,

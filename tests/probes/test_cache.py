@@ -80,7 +80,9 @@ def test_damaged_caches_are_named(lm_folder, tmp_path):
     with pytest.raises(ForethoughtError, match="layer_02.npy is missing, truncated or corrupt"):
         ResidualCache.open(tmp_path / "cache")
     shutil.copy(tmp_path / "cache" / "tokens.npy", tmp_path / "cache" / "layer_02.npy")
-    with pytest.raises(ForethoughtError, match=r"layer_02.npy holds int64\[10, 7\], meta.json says float16\[10, 7, 16\]"):
+    with pytest.raises(
+        ForethoughtError, match=r"layer_02.npy holds int64\[10, 7\], meta.json says float16\[10, 7, 16\]"
+    ):
         ResidualCache.open(tmp_path / "cache")
     with pytest.raises(ForethoughtError, match="holds no cache"):
         ResidualCache.open(tmp_path / "nothing")

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from models.errors import ForethoughtError
-from probes.fit import fit_ridge_by_layer, fit_logistic_by_layer
+from probes.fit import fit_logistic_by_layer, fit_ridge_by_layer
 from probes.split import split_sequences
 
 

@@ -12,10 +12,9 @@ import torch
 from torch.nn.functional import cross_entropy
 
 from models.errors import ForethoughtError
-from probes.split import split_sequences
 from probes.future import FutureProbeConfig, InMemoryResiduals, fit_future_probes
-from probes.split import top_classes
 from probes.residuals import StreamingResiduals, bridge_residuals, load_bridge, model_residuals
+from probes.split import ProbeSplit, split_sequences, top_classes
 
 VOCAB, SEQ, D = 12, 10, 16
 
@@ -48,6 +47,23 @@ def test_planted_future_tokens_are_found_where_planted_and_nowhere_else(kind):
     assert set(table["metric"]) == {"top1", "top5", "cross_entropy"} and (table["probe"] == kind).all()
     assert (table["ci_low"] <= table["value"]).all() and (table["value"] <= table["ci_high"]).all()
     assert len(fitted.history) >= 2
+
+
+def test_a_given_split_is_the_one_fitted_and_scored():
+    """The split handed in decides the held-out examples and the classes; one that does not fit is refused."""
+    residuals = planted(60)
+    config = FutureProbeConfig(kind="topk", top_k=4, max_epochs=1)
+    own = config.split(residuals.tokens)
+    assert (own.classes == top_classes(residuals.tokens[own.train], 4)).all()
+    assert np.intersect1d(own.train, own.test).size == 0 and set(own.validation) <= set(own.train)
+    assert len(own.fit) + len(own.validation) == len(own.train)
+    given = ProbeSplit(train=np.arange(40), validation=np.arange(5), test=np.arange(40, 60), classes=np.array([3, 1]))
+    fitted, scores = fit_future_probes(residuals, [1], [1], replace(config, top_k=2), vocab_size=VOCAB, split=given)
+    assert (np.unique(scores.sequence_ids) == np.arange(40, 60)).all() and (fitted.classes == [3, 1]).all()
+    with pytest.raises(ForethoughtError, match="the split's classes do not fit softmax probes"):
+        fit_future_probes(residuals, [1], [1], replace(config, kind="softmax"), vocab_size=VOCAB, split=given)
+    with pytest.raises(ForethoughtError, match="the split names sequences beyond the 30 probed"):
+        fit_future_probes(planted(30), [1], [1], config, vocab_size=VOCAB, split=given)
 
 
 def test_untrained_lens_is_the_logit_lens(tiny_lm):

@@ -23,7 +23,9 @@ def test_future_gradient_share_matches_per_position_brute_force(tiny_lm):
     total = grads.sum(0)
     stats = future_gradient_stats(tiny_lm, tokens, batch_size=1)  # [sequences, 2·(L+1)]
     n_layers = total.shape[0]
-    torch.testing.assert_close(torch.from_numpy(stats[:, :n_layers]).T, future.pow(2).sum((2, 3)), atol=1e-12, rtol=1e-9)
+    torch.testing.assert_close(
+        torch.from_numpy(stats[:, :n_layers]).T, future.pow(2).sum((2, 3)), atol=1e-12, rtol=1e-9
+    )
     torch.testing.assert_close(torch.from_numpy(stats[:, n_layers:]).T, total.pow(2).sum((2, 3)), atol=1e-12, rtol=1e-9)
     assert (stats[:, : n_layers - 1] > 0).all()  # a random model already sends gradient back in time ...
     assert (stats[:, n_layers - 1] < 1e-20).all()  # ... but never into the last residual layer

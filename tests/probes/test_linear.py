@@ -7,7 +7,7 @@ import pytest
 from sklearn.metrics import log_loss
 
 from models.errors import ForethoughtError
-from probes.linear import RidgeProbe, LogisticProbe
+from probes.linear import LogisticProbe, RidgeProbe
 
 
 def test_ridge_recovers_planted_linear_signal():

@@ -8,7 +8,15 @@ import torch
 
 from models.errors import ForethoughtError
 from models.tasks.pathstar import (
-    IGNORE, PathStarData, PathStarSpec, PathStarTask, format_line, generate, generate_split, parse_line, parse_text,
+    IGNORE,
+    PathStarData,
+    PathStarSpec,
+    PathStarTask,
+    format_line,
+    generate,
+    generate_split,
+    parse_line,
+    parse_text,
 )
 
 PAPER_LINE = "32,3|16,12|3,19|32,34|34,6|6,16|19,47|47,28/32,12=32,34,6,16,12"  # the G(2, 5) test file
@@ -108,7 +116,9 @@ def test_vectorised_text_is_the_line_by_line_text(spec):
     looped = PathStarData.from_lines(text.splitlines(), n_nodes=spec.n_nodes)
     assert np.array_equal(edges, looped.edges) and np.array_equal(path, looped.path)
     bulk = PathStarData.from_text(text, n_nodes=spec.n_nodes)
-    assert bulk.spec == looped.spec and np.array_equal(bulk.edges, looped.edges) and np.array_equal(bulk.path, looped.path)
+    assert (
+        bulk.spec == looped.spec and np.array_equal(bulk.edges, looped.edges) and np.array_equal(bulk.path, looped.path)
+    )
     assert parse_text(text.rstrip("\n")) is not None  # a last line without its newline
 
 
