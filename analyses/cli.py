@@ -1,7 +1,7 @@
 """forethought: do language models plan ahead? Each subcommand is a dataclass config: every field is a --flag.
 
-``forethought --help`` lists the commands; the README's command-line reference is this parser's own help text,
-written there by ``forethought readme`` (a test fails when it is stale).
+``forethought --help`` lists the commands; docs/cli.md's reference is this parser's own help text
+(:func:`cli_reference`, written there by ``python scripts/cli_reference.py``; a test fails when it is stale).
 """
 
 from __future__ import annotations
@@ -123,8 +123,6 @@ FIGURES = [
     + ",".join(f"runs/gap-ft-smollm2-s{seed}" for seed in SMOLLM2_SEEDS)
     + " --out runs/seeds-gap-ft-smollm2 --figures-dir figures/smollm2-finetune",
 ]
-README = Path(__file__).parents[1] / "README.md"
-REFERENCE_START, REFERENCE_END = "<!-- cli-reference: written by `forethought readme` -->", "<!-- /cli-reference -->"
 
 
 def _field_help(cls: type) -> dict[str, str]:
@@ -198,7 +196,7 @@ def build_parser() -> argparse.ArgumentParser:
     for name, config_class, help_text, skip in (
         ("train", LMTrainConfig, "train a GPT-2 language model on text, vanilla or --myopic", ()),
         ("probe", ProbeConfig, "future-token probes for every (layer, τ) of checkpoints", ()),
-        ("precache", PrecacheConfig, "pre-caching vs breadcrumbs for a vanilla/myopic twin pair", ("checkpoints",)),
+        ("precache", PrecacheConfig, "pre-caching vs breadcrumbs for a vanilla/myopic twin pair", ()),
         ("compare", CompareConfig, "the interactive comparison figure of a probe or precache run", ()),
         ("gap", GapConfig, "myopia gap of twins and future-gradient share per layer", ()),
         ("seeds", AcrossConfig, "spread between runs (training seeds) of gap / precache / probe results", ()),
@@ -211,8 +209,6 @@ def build_parser() -> argparse.ArgumentParser:
     figures = commands.add_parser("figures", help="regenerate every figure in figures/ from the embedded default",
                                   description="Runs, in order: " + "; ".join(f"forethought {c}" for c in FIGURES))
     figures.add_argument("--dry-run", action="store_true", help="print the commands without running them")
-    readme = commands.add_parser("readme", help="write this parser's help into the README's command-line reference")
-    readme.add_argument("--check", action="store_true", help="only say whether the reference is current")
 
     bench = commands.add_parser("bench", help="speed and memory, as ratios measured in one run")
     benches = bench.add_subparsers(dest="bench", required=True, metavar="BENCH")
@@ -281,8 +277,6 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"forethought {line}", flush=True)
                 if not args["dry_run"] and (status := main(line.split())) != 0:
                     return status
-        elif command == "readme":
-            return write_reference(check=args["check"])
         elif command == "bench":
             name = args.pop("bench").replace("myopic", "train")  # `bench myopic` is the old name of `bench train`
             config_class, run = BENCHES[name]
@@ -333,26 +327,6 @@ def _help_text(parser: argparse.ArgumentParser) -> str:
         return parser.format_help()
     finally:
         parser.formatter_class = formatter_class
-
-
-def write_reference(check: bool = False) -> int:
-    """Put :func:`cli_reference` between the README's markers (``check``: only compare); 1 if it was stale."""
-    if not README.is_file():
-        raise ForethoughtError(f"no README at {README}: run this from a checkout of forethought")
-    text = README.read_text()
-    if REFERENCE_START not in text or REFERENCE_END not in text:
-        raise ForethoughtError(f"{README} lacks the markers {REFERENCE_START} … {REFERENCE_END}")
-    head, rest = text.split(REFERENCE_START, 1)
-    current, tail = rest.split(REFERENCE_END, 1)
-    wanted = f"\n{cli_reference()}\n"
-    if check:
-        print(
-            "the README's command-line reference is "
-            + ("current" if current == wanted else "stale: run forethought readme")
-        )
-    else:
-        README.write_text(head + REFERENCE_START + wanted + REFERENCE_END + tail)
-    return int(current != wanted and check)
 
 
 def _losses(history: list[dict[str, float]]) -> str:

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import importlib.util
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
 from analyses.cli import FIGURES, build_parser, cli_reference, main
+
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def run_cli(capsys, *argv: str) -> tuple[int, str, str]:
@@ -140,10 +144,15 @@ def test_bench_probe_prints_throughput_and_the_sklearn_ratio(capsys, tmp_path):
     assert list((tmp_path / "bench").iterdir()) == []  # the model and cache were temporary
 
 
-def test_readme_reference_is_the_parsers_help(capsys):
-    assert main(["readme", "--check"]) == 0, "the README's command-line reference is stale: run forethought readme"
+def test_the_cli_reference_in_docs_is_the_parsers_help():
+    spec = importlib.util.spec_from_file_location("cli_reference", ROOT / "scripts" / "cli_reference.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    _, current, _ = script.split_page((ROOT / "docs" / "cli.md").read_text())
     reference = cli_reference()
+    assert current == f"\n{reference}\n", "docs/cli.md is stale: run python scripts/cli_reference.py"
     assert "<code>forethought bench probe</code>" in reference and "--checkpoints STR" in reference
+    assert "readme" not in build_parser().format_help()  # a maintainer's tool, not a user command
 
 
 def test_figures_lists_commands_that_parse(capsys):
