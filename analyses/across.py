@@ -10,7 +10,7 @@ myopia gap of twin pairs against their non-embedding parameter count (Wu et al.:
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -37,8 +37,8 @@ PRECACHE_SUFFIX = "(vanilla − myopic)"  # and the pre-caching estimate's
 class AcrossConfig:
     """Settings of ``forethought seeds`` and ``forethought trend``; every field is a flag."""
 
-    runs: str = ""  # comma-separated finished run folders (gap, precache or probe) of one command
-    labels: str | None = None  # comma-separated names for the runs (default: their folder names)
+    runs: tuple[str, ...] = ()  # finished run folders (gap, precache or probe) of one command
+    labels: tuple[str, ...] | None = None  # names for the runs (default: their folder names)
     out: str = "runs/seeds"
     figures_dir: str | None = None  # also copy the figures here
 
@@ -50,12 +50,10 @@ class AcrossConfig:
             raise ForethoughtError("--labels must name every run once, in the order of --runs")
 
     def run_folders(self) -> list[str]:
-        return [part.strip().rstrip("/") for part in self.runs.split(",") if part.strip()]
+        return [run.rstrip("/") for run in self.runs]
 
     def run_labels(self) -> list[str]:
-        if self.labels is None:
-            return [Path(folder).name for folder in self.run_folders()]
-        return [part.strip() for part in self.labels.split(",")]
+        return [Path(folder).name for folder in self.run_folders()] if self.labels is None else list(self.labels)
 
 
 def read_runs(config: AcrossConfig) -> tuple[dict[str, pd.DataFrame], dict[str, dict[str, Any]]]:
@@ -186,7 +184,7 @@ class SeedsResults(ExperimentResults):
 def run_seeds(config: AcrossConfig) -> SeedsResults:
     """The spread between runs (e.g. training seeds) of every quantity they share; table, meta and figures."""
     tables, metas = read_runs(config)
-    out = prepare_out(config.out, asdict(config))
+    out = prepare_out(config.out, config)
     results = SeedsResults(config=config, table=spread(tables))
     finish_run(results, out, run_meta(runs=dict(zip(config.run_labels(), config.run_folders()))))
     return results
@@ -236,7 +234,7 @@ def run_trend(config: AcrossConfig) -> TrendResults:
             raise ForethoughtError(f"run {label} holds no myopia gap: give finished `forethought gap` runs of twins")
         source = metas[label].get("checkpoints", {}).get("vanilla")
         rows.append({"run": label, "parameters": model_size(source), **gap.iloc[0][["value", "ci_low", "ci_high"]]})
-    out = prepare_out(config.out, asdict(config))
+    out = prepare_out(config.out, config)
     results = TrendResults(config=config, table=pd.DataFrame(rows))
     finish_run(results, out, run_meta(runs=dict(zip(config.run_labels(), config.run_folders()))))
     return results

@@ -183,7 +183,7 @@ class ProbeBenchConfig:
     n_layer: int | None = None  # GPU: 12, CPU: 4
     d_model: int | None = None  # GPU: 768, CPU: 256
     n_sequences: int | None = None  # GPU: 4096, CPU: 256 (64 tokens each)
-    taus: str = "1,2,3,4"
+    taus: tuple[int, ...] = (1, 2, 3, 4)
     classes: int = 20  # K: the vocabulary subset both fitters predict (+ "other")
     epochs: int = 10  # torch probe epochs (early stopping may end sooner)
     sklearn_max_iter: int = 200  # L-BFGS iterations per sklearn probe
@@ -217,7 +217,7 @@ def _bench_probe(config: ProbeBenchConfig, folder: Path) -> pd.DataFrame:
     model = build_lm(gpt2_config(config.n_layer, config.d_model, config.d_model // 64 or 1), seed=0)
     model.save_pretrained(folder / "model")
     tokenizer.save_pretrained(folder / "model")
-    layers, taus = list(range(config.n_layer + 1)), [int(t) for t in config.taus.split(",")]
+    layers, taus = list(range(config.n_layer + 1)), sorted(set(config.taus))
 
     start = time.perf_counter()
     cache = build_cache(folder / "model", tokens, folder / "cache", layers, device=config.device, progress=False)

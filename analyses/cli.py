@@ -13,9 +13,9 @@ import logging
 import os
 import re
 import sys
-import time
-from dataclasses import MISSING, Field, fields
-from pathlib import Path
+from collections.abc import Callable
+from dataclasses import MISSING, Field, dataclass, fields
+from typing import Any, NoReturn
 
 from tqdm.auto import tqdm
 
@@ -32,33 +32,14 @@ from analyses.bench import (
 )
 from analyses.compare import CompareConfig, run_compare
 from analyses.gap import GapConfig, run_gap
-from analyses.pathstar import PathStarConfig, run_pathstar
+from analyses.pathstar import PathStarConfig, PathStarDataConfig, run_pathstar, run_pathstar_data
 from analyses.precache import PrecacheConfig, run_precache
 from analyses.probe import ProbeConfig, run_probe
 from analyses.synthetic import SyntheticConfig, run_synthetic
 from models.errors import ForethoughtError
-from models.files import check_free_space
 from models.gpt2 import quiet_loading
 from models.lm import LM_TRAIN_PRESETS, LMTrainConfig, train_lm
-from models.tasks.pathstar import PathStarSpec, generate_split
-
-EXPERIMENTS = {  # command: (config dataclass, run function, help)
-    "synthetic": (SyntheticConfig, run_synthetic,
-                  "vanilla vs myopic twins on the synthetic pre-caching task, probed layer by layer"),
-    "pathstar": (PathStarConfig, run_pathstar,
-                 "path-star graphs: each regime × (vanilla, myopic), accuracy and planning probes"),
-}
-
-
-ANALYSES = {  # command: (config dataclass, run function) for analyses of trained checkpoints
-    "probe": (ProbeConfig, run_probe),
-    "precache": (PrecacheConfig, run_precache),
-    "gap": (GapConfig, run_gap),
-    "seeds": (AcrossConfig, run_seeds),
-    "trend": (AcrossConfig, run_trend),
-}
-BENCHES = {"train": (TrainBenchConfig, bench_train), "probe": (ProbeBenchConfig, bench_probe),
-           "cache": (CacheBenchConfig, bench_cache), "pathstar": (PathStarBenchConfig, bench_pathstar)}
+from models.settings import as_text, from_text, list_kind
 
 # Every figure in figures/, from the embedded default (a few hours on 2 CPU cores; each step resumes or reuses
 # what an earlier run left in runs/, so a rerun redoes only what changed).
@@ -125,6 +106,105 @@ FIGURES = [
 ]
 
 
+@dataclass
+class FiguresConfig:
+    """Settings of ``forethought figures``: run, in order, every command that writes figures/."""
+
+    dry_run: bool = False  # print the commands without running them
+
+
+def run_figures(config: FiguresConfig) -> None:
+    """Run each line of :data:`FIGURES` (or only print it); stop at the first that fails."""
+    for line in FIGURES:
+        print(f"forethought {line}", flush=True)
+        if not config.dry_run and (status := main(line.split())) != 0:
+            raise ForethoughtError(f"stopped: `forethought {line}` failed (exit {status})")
+
+
+Report = Callable[[str, Any, Any], str]  # (command, config, what its run returned) → what is printed
+
+
+def _experiment(name: str, config: Any, results: Any) -> str:
+    return f"{results.summary()}\nresults, figures and checkpoints in {config.out}"
+
+
+def _analysis(name: str, config: Any, results: Any) -> str:
+    return f"{results.summary()}\nresults and figures in {config.out}"
+
+
+def _trained(name: str, config: LMTrainConfig, result: Any) -> str:
+    """The last losses and the checkpoint (one report under torchrun)."""
+    if not result.history or int(os.environ.get("RANK", "0")) != 0:
+        return ""
+    return f"step {result.history[-1]['step']}: {_losses(result.history)}\ncheckpoint: {result.checkpoint}"
+
+
+def _compared(name: str, config: CompareConfig, comparison: Any) -> str:
+    return f"{comparison!r}\nfigure in {config.figures_dir}"
+
+
+def _benched(name: str, config: Any, table: Any) -> str:
+    measured = table.dropna(axis=1, how="all")  # memory columns are CUDA-only
+    return (f"forethought {name} — {table.attrs['setting']}\n"
+            + measured.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
+
+
+def _as_returned(name: str, config: Any, text: str | None) -> str:
+    return text or ""
+
+
+@dataclass(frozen=True)
+class Command:
+    """One subcommand: its settings dataclass (every field a --flag), what runs it and what it prints."""
+
+    config: type
+    run: Callable[[Any], Any]
+    help: str
+    report: Report
+    presets: dict[str, dict[str, Any]] | None = None  # starting values --preset chooses from (the help lists each)
+    preset: str | None = None  # the one used when --preset is not given (None: the dataclass's own defaults)
+    choose_preset: bool = True  # False: --preset is not a flag (demo is always cpu)
+    aliases: tuple[str, ...] = ()
+    description: str | None = None  # default: the config's docstring
+
+
+GROUPS = {"bench": "speed and memory, as ratios measured in one run"}  # commands of two words: `bench train`
+COMMANDS: dict[str, Command] = {  # the command line, one row per command
+    "demo": Command(SyntheticConfig, run_synthetic, "run the embedded default: the synthetic experiment, cpu preset",
+                    _experiment, {"cpu": SyntheticConfig.PRESETS["cpu"]}, "cpu", choose_preset=False),
+    "synthetic": Command(SyntheticConfig, run_synthetic,
+                         "vanilla vs myopic twins on the synthetic pre-caching task, probed layer by layer",
+                         _experiment, SyntheticConfig.PRESETS, "cpu"),
+    "pathstar": Command(PathStarConfig, run_pathstar,
+                        "path-star graphs: each regime × (vanilla, myopic), accuracy and planning probes",
+                        _experiment, PathStarConfig.PRESETS, "cpu"),
+    "pathstar-data": Command(PathStarDataConfig, run_pathstar_data, "write disjoint train/test files of G(d, l, N)",
+                             _as_returned),
+    "train": Command(LMTrainConfig, train_lm, "train a language model on text, vanilla or --myopic", _trained,
+                     {"no preset": {}, **LM_TRAIN_PRESETS}),
+    "probe": Command(ProbeConfig, run_probe, "future-token probes for every (layer, τ) of checkpoints", _analysis),
+    "precache": Command(PrecacheConfig, run_precache, "pre-caching vs breadcrumbs for a vanilla/myopic twin pair",
+                        _analysis),
+    "compare": Command(CompareConfig, run_compare, "the interactive comparison figure of a probe or precache run",
+                       _compared),
+    "gap": Command(GapConfig, run_gap, "myopia gap of twins and future-gradient share per layer", _analysis),
+    "seeds": Command(AcrossConfig, run_seeds,
+                     "spread between runs (training seeds) of gap / precache / probe results", _analysis),
+    "trend": Command(AcrossConfig, run_trend, "myopia gap of gap runs against model size", _analysis),
+    "figures": Command(FiguresConfig, run_figures, "regenerate every figure in figures/ from the embedded default",
+                       _as_returned, description="Runs, in order: " + "; ".join(f"forethought {c}" for c in FIGURES)),
+    "bench train": Command(TrainBenchConfig, bench_train,
+                           "training step: tokens/s and memory, myopic (fast, naive) ÷ vanilla", _benched,
+                           aliases=("myopic",)),  # `bench myopic`: its old name
+    "bench probe": Command(ProbeBenchConfig, bench_probe,
+                           "caching and probe fitting: throughput, and torch ÷ sklearn time", _benched),
+    "bench cache": Command(CacheBenchConfig, bench_cache,
+                           "residual caching through the bridge ÷ a bare Hugging Face forward pass", _benched),
+    "bench pathstar": Command(PathStarBenchConfig, bench_pathstar,
+                              "path-star text files: generate, write, parse, vectorised ÷ line by line", _benched),
+}
+
+
 def _field_help(cls: type) -> dict[str, str]:
     """Help for each field, from the comment after it in the source of the class (or a base class)."""
     helps: dict[str, str] = {}
@@ -139,6 +219,25 @@ def _own_fields_first(cls: type) -> list[Field]:
     the shared probe settings)."""
     order = [name for klass in cls.__mro__ for name in vars(klass).get("__annotations__", {})]
     return sorted(fields(cls), key=lambda f: order.index(f.name))
+
+
+_LIST_METAVARS = {"tuple[int, ...]": "INT,…", "tuple[int, ...] | None": "INT,…|all", "tuple[str, ...]": "STR,…",
+                  "tuple[str, ...] | None": "STR,…", "dict[str, str]": "NAME=SOURCE,…"}
+
+
+def _list_from_text(kind: str, name: str, text: str) -> object:
+    """A list flag's value (:func:`models.settings.from_text`); a bad one is the parser's one-line error."""
+    try:
+        return from_text(kind, text, name)
+    except ForethoughtError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+
+
+def _default_text(value: object, listed: str | None) -> str:
+    """A default as the command line writes it ('all' for an int list's None)."""
+    if listed is None or (value is None and not listed.startswith("tuple[int")):
+        return str(value)
+    return "all" if value is None else as_text(value)
 
 
 def add_config_arguments(
@@ -159,71 +258,49 @@ def add_config_arguments(
         options: dict = {"default": argparse.SUPPRESS, "dest": f.name}
         if kind == "bool":
             options["action"] = argparse.BooleanOptionalAction
+        elif listed := list_kind(cls, f.name):
+            options["type"] = functools.partial(_list_from_text, listed, f.name)
+            options["metavar"] = _LIST_METAVARS[listed]
         else:
             options["type"] = int if kind.startswith("int") else float if kind.startswith("float") else str
             options["metavar"] = options["type"].__name__.upper()
-        default = f.default if f.default is not MISSING else None
+        default = f.default if f.default is not MISSING else f.default_factory() if f.default_factory is not MISSING \
+            else None
         values = {name: preset.get(f.name, default) for name, preset in (presets or {"": {}}).items()}
-        if len({str(value) for value in values.values()}) == 1:
-            shown = f"default: {next(iter(values.values()))}"
+        texts = {name: _default_text(value, list_kind(cls, f.name)) for name, value in values.items()}
+        if len(set(texts.values())) == 1:
+            shown = f"default: {next(iter(texts.values()))}"
         else:
-            shown = ", ".join(f"{name}: {value}" for name, value in values.items())
+            shown = ", ".join(f"{name}: {text}" for name, text in texts.items())
         options["help"] = f"{helps.get(f.name, '')} ({shown})".strip().replace("%", "%%")  # argparse formats help
         parser.add_argument("--" + f.name.replace("_", "-"), **options)
 
 
+class _OneLineErrors(argparse.ArgumentParser):
+    """A parser whose errors (an unknown flag, a value that is not a number) are :class:`ForethoughtError`: one
+    line naming the problem and exit code 2, like every other bad input. Subcommands inherit it."""
+
+    def error(self, message: str) -> NoReturn:
+        command = self.prog.removeprefix("forethought").strip()  # "probe", "bench train"; "" for the top level
+        raise ForethoughtError(f"{command}: {message}" if command else message)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="forethought", description=__doc__.split("\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    """One subparser per row of :data:`COMMANDS` (``bench train``: ``train`` under ``bench``)."""
+    parser = _OneLineErrors(prog="forethought", description=__doc__.split("\n")[0],
+                            formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-
-    demo = commands.add_parser("demo", help="run the embedded default: the synthetic experiment, cpu preset")
-    add_config_arguments(demo, SyntheticConfig, skip=("preset",), presets={"cpu": SyntheticConfig.PRESETS["cpu"]})
-    for name, (config_class, _, help_text) in EXPERIMENTS.items():
-        experiment = commands.add_parser(name, help=help_text, description=config_class.__doc__)
-        experiment.add_argument("--preset", default="cpu",
-                                help=f"starting values: {' or '.join(config_class.PRESETS)} (default: cpu)")
-        add_config_arguments(experiment, config_class, skip=("preset",), presets=config_class.PRESETS)
-    data = commands.add_parser("pathstar-data", help="write disjoint train/test files of G(d, l, N)")
-    data.add_argument("--degree", type=int, default=5, help="d (default: 5)")
-    data.add_argument("--length", type=int, default=5, help="l (default: 5)")
-    data.add_argument("--n-nodes", type=int, default=50, help="N (default: 50)")
-    data.add_argument("--n-train", type=int, default=200000, help="(default: 200000)")
-    data.add_argument("--n-test", type=int, default=20000, help="(default: 20000)")
-    data.add_argument("--seed", type=int, default=0, help="(default: 0)")
-    data.add_argument("--out", default="data", help="folder for the two files (default: data)")
-
-    for name, config_class, help_text, skip in (
-        ("train", LMTrainConfig, "train a GPT-2 language model on text, vanilla or --myopic", ()),
-        ("probe", ProbeConfig, "future-token probes for every (layer, τ) of checkpoints", ()),
-        ("precache", PrecacheConfig, "pre-caching vs breadcrumbs for a vanilla/myopic twin pair", ()),
-        ("compare", CompareConfig, "the interactive comparison figure of a probe or precache run", ()),
-        ("gap", GapConfig, "myopia gap of twins and future-gradient share per layer", ()),
-        ("seeds", AcrossConfig, "spread between runs (training seeds) of gap / precache / probe results", ()),
-        ("trend", AcrossConfig, "myopia gap of gap runs against model size", ()),
-    ):
-        command = commands.add_parser(name, help=help_text, description=config_class.__doc__)
-        presets = {"no preset": {}, **LM_TRAIN_PRESETS} if config_class is LMTrainConfig else None
-        add_config_arguments(command, config_class, skip=skip, presets=presets)
-
-    figures = commands.add_parser("figures", help="regenerate every figure in figures/ from the embedded default",
-                                  description="Runs, in order: " + "; ".join(f"forethought {c}" for c in FIGURES))
-    figures.add_argument("--dry-run", action="store_true", help="print the commands without running them")
-
-    bench = commands.add_parser("bench", help="speed and memory, as ratios measured in one run")
-    benches = bench.add_subparsers(dest="bench", required=True, metavar="BENCH")
-    train_bench = benches.add_parser("train", aliases=["myopic"], description=TrainBenchConfig.__doc__,
-                                     help="training step: tokens/s and memory, myopic (fast, naive) ÷ vanilla")
-    add_config_arguments(train_bench, TrainBenchConfig)
-    probe_bench = benches.add_parser("probe", description=ProbeBenchConfig.__doc__,
-                                     help="caching and probe fitting: throughput, and torch ÷ sklearn time")
-    add_config_arguments(probe_bench, ProbeBenchConfig)
-    cache_bench = benches.add_parser("cache", description=CacheBenchConfig.__doc__,
-                                     help="residual caching through the bridge ÷ a bare Hugging Face forward pass")
-    add_config_arguments(cache_bench, CacheBenchConfig)
-    pathstar_bench = benches.add_parser("pathstar", description=PathStarBenchConfig.__doc__,
-                                        help="path-star text files: generate, write, parse, vectorised ÷ line by line")
-    add_config_arguments(pathstar_bench, PathStarBenchConfig)
+    groups: dict[str, argparse._SubParsersAction] = {}
+    for name, command in COMMANDS.items():
+        group, _, member = name.partition(" ")
+        if member and group not in groups:
+            groups[group] = commands.add_parser(group, help=GROUPS[group]).add_subparsers(
+                dest=group, required=True, metavar=group.upper())
+        subparser = (groups[group] if member else commands).add_parser(
+            member or name, aliases=command.aliases, help=command.help,
+            description=command.description or command.config.__doc__)
+        add_config_arguments(subparser, command.config, skip=() if command.choose_preset else ("preset",),
+                             presets=command.presets)
     return parser
 
 
@@ -247,43 +324,17 @@ def show_library_logs() -> None:
 @quiet_loading()
 def main(argv: list[str] | None = None) -> int:
     show_library_logs()
-    args = vars(build_parser().parse_args(argv))
-    command = args.pop("command")
     try:
-        if command in ("demo", *EXPERIMENTS):
-            config_class, run, _ = EXPERIMENTS.get(command, EXPERIMENTS["synthetic"])
-            config = config_class.from_preset(args.pop("preset", "cpu"), **args)
-            print(run(config).summary())
-            print(f"results, figures and checkpoints in {config.out}")
-        elif command == "pathstar-data":
-            write_pathstar_data(**args)
-        elif command == "train":
-            preset = args.pop("preset", None)
-            result = train_lm(LMTrainConfig.from_preset(preset, **args) if preset else LMTrainConfig(**args))
-            if result.history and int(os.environ.get("RANK", "0")) == 0:  # torchrun: one report
-                print(f"step {result.history[-1]['step']}: {_losses(result.history)}")
-                print(f"checkpoint: {result.checkpoint}")
-        elif command in ANALYSES:
-            config_class, run = ANALYSES[command]
-            config = config_class(**args)
-            print(run(config).summary())
-            print(f"results and figures in {config.out}")
-        elif command == "compare":
-            config = CompareConfig(**args)
-            print(repr(run_compare(config)))
-            print(f"figure in {config.figures_dir}")
-        elif command == "figures":
-            for line in FIGURES:
-                print(f"forethought {line}", flush=True)
-                if not args["dry_run"] and (status := main(line.split())) != 0:
-                    return status
-        elif command == "bench":
-            name = args.pop("bench").replace("myopic", "train")  # `bench myopic` is the old name of `bench train`
-            config_class, run = BENCHES[name]
-            table = run(config_class(**args))
-            print(f"forethought bench {name} — {table.attrs['setting']}")
-            measured = table.dropna(axis=1, how="all")  # memory columns are CUDA-only
-            print(measured.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
+        args = vars(build_parser().parse_args(argv))
+        name = args.pop("command")
+        if name in GROUPS:
+            member = args.pop(name)
+            name = next(key for key, row in COMMANDS.items() if key == f"{name} {member}" or member in row.aliases)
+        command = COMMANDS[name]
+        preset = args.pop("preset", command.preset)
+        config = command.config.from_preset(preset, **args) if preset else command.config(**args)
+        if report := command.report(name, config, command.run(config)):
+            print(report)
     except ForethoughtError as error:
         print(f"forethought: error: {' '.join(str(error).split())}", file=sys.stderr)  # one line
         return 2
@@ -334,29 +385,3 @@ def _losses(history: list[dict[str, float]]) -> str:
     held_out = [record["eval_loss"] for record in history if "eval_loss" in record]
     text = f"train loss {history[-1]['train_loss']:.4f}"
     return text + (f", validation loss {held_out[-1]:.4f}" if held_out else "")
-
-
-def write_pathstar_data(degree: int, length: int, n_nodes: int, n_train: int, n_test: int, seed: int, out: str) -> None:
-    """Generate G(d, l, N) train/test sets (disjoint) and write them in the paper's format and file names; files
-    already there (another seed's, say) are never overwritten."""
-    spec = PathStarSpec(degree, length, n_nodes)
-    if min(n_train, n_test) < 1 or seed < 0:
-        raise ForethoughtError(f"n_train and n_test must be ≥ 1 and seed ≥ 0, got {n_train}, {n_test}, {seed}")
-    folder = Path(out)
-    if folder.exists() and not folder.is_dir():
-        raise ForethoughtError(f"--out {folder} is a file, not a folder")
-    paths = {split: folder / f"deg_{degree}_path_{length}_nodes_{n_nodes}_{split}_{n}.txt"
-             for split, n in (("train", n_train), ("test", n_test))}
-    if taken := [str(path) for path in paths.values() if path.exists()]:
-        raise ForethoughtError(f"{' and '.join(taken)} already exist; remove them or choose another --out")
-    line_bytes = 4 * (2 * spec.n_edges + 2 + length)  # ≤ 3 digits and a separator per label
-    check_free_space(folder, (n_train + n_test) * line_bytes, "pathstar-data")
-    started = time.perf_counter()
-    train, test = generate_split(spec, n_train, n_test, seed=seed)
-    generated = time.perf_counter() - started
-    folder.mkdir(parents=True, exist_ok=True)
-    for data, split in ((train, "train"), (test, "test")):
-        data.save(paths[split])
-        print(f"wrote {paths[split]}")
-    print(f"generated {n_train + n_test:,} samples of {spec} in {generated:.2f} s "
-          f"(writing text: {time.perf_counter() - started - generated:.2f} s)")

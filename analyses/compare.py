@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import html
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, field, fields, replace
 from itertools import cycle
 from pathlib import Path
 from typing import Any
@@ -37,7 +37,6 @@ from analyses.probing import (
     counted_sequences,
     heldout_tokens,
     load_checkpoint,
-    parse_checkpoints,
     residual_cache,
     saved_probing_run,
     score_rows,
@@ -66,7 +65,7 @@ class CompareConfig:
     (menus and legend work in a browser) and PNG."""
 
     run: str = ""  # the --out folder of a `forethought probe` or `forethought precache` run
-    add: str = ""  # more checkpoints to probe beside the run's: comma-separated NAME=PATH
+    add: dict[str, str] = field(default_factory=dict)  # more checkpoints to probe beside the run's: {name: source}
     figures_dir: str = "figures"  # writes compare_<kind>.html (and .png with Chromium) here
     progress: bool = True
 
@@ -79,7 +78,7 @@ class CompareConfig:
 def run_compare(config: CompareConfig) -> Comparison:
     """Open the run, add the extra checkpoints, write the figure; return the comparison."""
     comparison = Comparison.from_folder(config.run, progress=config.progress)
-    for name, source in parse_checkpoints(config.add).items():
+    for name, source in config.add.items():
         comparison.add(name, source)
     save_figure(comparison.figure(), Path(config.figures_dir) / f"compare_{comparison.settings.kind}")
     return comparison
@@ -420,7 +419,7 @@ class Comparison:
                 else self._checkpoint(name).source
             )
             layers = (
-                self.settings.layers
+                ("all" if self.settings.layers is None else span_text(sorted(set(self.settings.layers))))
                 if name == CONTROL and name not in self._checkpoints
                 else span_text(self.layers(name))
             )

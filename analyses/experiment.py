@@ -8,6 +8,7 @@ a ``run_*`` function, and a results dataclass (subclass of :class:`ExperimentRes
 from __future__ import annotations
 
 import functools
+import json
 import shutil
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields
@@ -22,7 +23,7 @@ from analyses.results import read_results, write_results
 from models.checkpoint import changed_settings
 from models.errors import ForethoughtError
 from models.files import atomic_write_json, read_json, run_lock
-from models.settings import UNBOUND
+from models.settings import UNBOUND, typed_settings
 from models.train import TrainConfig
 
 
@@ -80,7 +81,7 @@ class ExperimentResults:
                 f"{out} was written with settings this {cls.__name__} does not know ({', '.join(unknown)}): "
                 "a run of another command or of an older workbench; run its command again"
             )
-        return cls(config=cls.CONFIG(**meta["config"]), table=table, histories=histories)
+        return cls(config=cls.CONFIG(**typed_settings(cls.CONFIG, meta["config"])), table=table, histories=histories)
 
     def figures(self) -> dict[str, go.Figure]:
         """{file stem: figure} written by :func:`finish_run`."""
@@ -100,25 +101,33 @@ def writes_run(run: Callable[[Any], Any]) -> Callable[[Any], Any]:
     return locked
 
 
-def prepare_out(out: str | Path, settings: dict[str, Any]) -> Path:
-    """Create the run folder ``out``, or check that it holds a run with the same ``settings``; record them
-    (atomically). Where the folder is and how the run reports (:data:`UNBOUND`) never bind it: a run folder
-    may be moved, or named with a trailing slash.
+def prepare_out(out: str | Path, config: Any) -> Path:
+    """Create the run folder ``out``, or check that it holds a run with the same settings as ``config`` (a
+    config dataclass; :meth:`ExperimentConfig.results_settings` where it has them); record them (atomically).
+    Where the folder is and how the run reports (:data:`UNBOUND`) never bind it: a run folder may be moved, or
+    named with a trailing slash.
 
-    Refuses (changing nothing) when ``out`` is a file or its ``config.json`` differs from ``settings``.
+    Refuses (changing nothing) when ``out`` is a file or its ``config.json`` differs from the settings.
     """
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise ForethoughtError(f"--out {out} is a file, not a folder")
-    settings = {k: v for k, v in settings.items() if k not in UNBOUND}
+    settings = config.results_settings() if isinstance(config, ExperimentConfig) else asdict(config)
+    settings = _as_saved({k: v for k, v in settings.items() if k not in UNBOUND})
     settings_file = out / "config.json"
     if settings_file.exists():
         saved = read_json(settings_file, f"remove {out} to start afresh")
-        if changed := changed_settings({k: v for k, v in saved.items() if k not in UNBOUND}, settings):
+        saved = _as_saved(typed_settings(type(config), {k: v for k, v in saved.items() if k not in UNBOUND}))
+        if changed := changed_settings(saved, settings):
             raise ForethoughtError(f"--out {out} holds a run with other settings ({changed}); choose another --out")
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_json(settings_file, settings)
     return out
+
+
+def _as_saved(settings: dict[str, Any]) -> dict[str, Any]:
+    """Settings as ``config.json`` holds them (tuples become lists), so saved and wanted compare equal."""
+    return json.loads(json.dumps(settings))
 
 
 def finish_run(results: ExperimentResults, out: Path, meta: dict[str, Any]) -> None:

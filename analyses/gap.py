@@ -168,7 +168,7 @@ def run_gap(config: GapConfig) -> GapResults:
     data = heldout_data(checkpoints, config.corpus, config.layout, config.seq_len)
     tokenizer = next(iter(checkpoints.values())).tokenizer
     test = torch.from_numpy(data.load(tokenizer, config.tokens_root)["test"][: config.max_sequences])
-    out = prepare_out(config.out, asdict(config))
+    out = prepare_out(config.out, config)
     device = resolve_device(config.device)
 
     rows: list[dict[str, Any]] = []

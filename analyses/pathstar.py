@@ -10,7 +10,9 @@ the goal (d classes) and the node τ steps ahead in the emitted sequence — wit
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Any, ClassVar
 
 import numpy as np
@@ -23,6 +25,7 @@ from analyses.experiment import ExperimentConfig, ExperimentResults, finish_run,
 from analyses.plots import facet_labels_as_values
 from analyses.results import CONTROL, run_meta, tidy
 from models.errors import ForethoughtError
+from models.files import check_free_space
 from models.gpt2 import build_lm, gpt2_config
 from models.offsets import at_offset
 from models.settings import check_settings
@@ -40,7 +43,7 @@ TRAININGS = {"vanilla": False, "myopic": True}
 class PathStarConfig(ExperimentConfig):
     """Settings of ``forethought pathstar``; every field is also a command-line flag."""
 
-    preset: str = "cpu"  # the preset these values started from (recorded; set by from_preset)
+    preset: str = "cpu"  # starting values: paper or cpu (recorded in the run); flags given override them
     # graphs G(degree, length, n_nodes), generated unless files are given (then d and l are the files', N at least
     # their largest label + 1)
     degree: int = 2  # d: arms leaving the start node
@@ -51,8 +54,8 @@ class PathStarConfig(ExperimentConfig):
     train_file: str | None = None  # a data file in the paper's format (e.g. its released ones)
     test_file: str | None = None
     # what to train
-    regimes: str = "teacher-forcing,teacherless,reverse"  # comma-separated
-    trainings: str = "vanilla,myopic"  # comma-separated: vanilla and/or myopic
+    regimes: tuple[str, ...] = ("teacher-forcing", "teacherless", "reverse")
+    trainings: tuple[str, ...] = ("vanilla", "myopic")  # vanilla and/or myopic
     n_layer: int = 6
     d_model: int = 384
     n_head: int = 6
@@ -88,22 +91,16 @@ class PathStarConfig(ExperimentConfig):
         check_settings(self)
         if self.train_file is None:
             self.spec()  # validates d, l, N
-        for regime in self.regime_list():
+        for regime in self.regimes:
             check_regime(regime)
-        unknown = set(self.training_list()) - set(TRAININGS)
-        if unknown or not self.training_list():
+        unknown = set(self.trainings) - set(TRAININGS)
+        if unknown or not self.trainings:
             raise ForethoughtError(f"unknown training {sorted(unknown)}; choose from vanilla, myopic")
         if (self.train_file is None) != (self.test_file is None):
             raise ForethoughtError("give both --train-file and --test-file, or neither")
 
     def spec(self) -> PathStarSpec:
         return PathStarSpec(self.degree, self.length, self.n_nodes)
-
-    def regime_list(self) -> list[str]:
-        return [r.strip() for r in self.regimes.split(",") if r.strip()]
-
-    def training_list(self) -> list[str]:
-        return [t.strip() for t in self.trainings.split(",") if t.strip()]
 
     def steps(self, n_train: int) -> int:
         return max(1, math.ceil(self.epochs * n_train / self.batch_size))
@@ -216,15 +213,15 @@ def run_pathstar(config: PathStarConfig) -> PathStarResults:
     overlap = len(set(test_data.keys().tolist()) & set(train_data.keys().tolist()))
     evaluated = {split: data.subset(np.arange(min(config.eval_samples, len(data))))
                  for split, data in (("train", train_data), ("test", test_data))}
-    out = prepare_out(config.out, config.results_settings())
+    out = prepare_out(config.out, config)
     model_config = gpt2_config(config.n_layer, config.d_model, config.n_head, vocab_size=spec.vocab_size,
                                n_positions=spec.prefix_len + spec.length)
     rows: list[dict[str, Any]] = []
     histories: dict[str, list[dict[str, float]]] = {}
-    for regime in config.regime_list():
+    for regime in config.regimes:
         task = PathStarTask(train_data, regime)
         models = {}
-        for training in config.training_list():
+        for training in config.trainings:
             run = train(build_lm(model_config, seed=config.seed), task,
                         config.train_config(TRAININGS[training], config.steps(len(train_data))),
                         out / regime / training)
@@ -333,3 +330,52 @@ def probe_model(model, data: PathStarData, regime: str, config: PathStarConfig) 
 
 def _values(rows: pd.DataFrame, metric: str, targets: list[str]) -> pd.Series:
     return rows[(rows["metric"] == metric) & rows["target"].isin(targets)]["value"]
+
+
+@dataclass
+class PathStarDataConfig:
+    """Settings of ``forethought pathstar-data``: disjoint train/test files of G(d, l, N) in the paper's format
+    and file names (``deg_D_path_L_nodes_N_{train,test}_COUNT.txt``)."""
+
+    degree: int = 5  # d: arms leaving the start node
+    length: int = 5  # l: nodes on the path, start included
+    n_nodes: int = 50  # N: labels 0 … N − 1
+    n_train: int = 200000
+    n_test: int = 20000
+    seed: int = 0
+    out: str = "data"  # folder for the two files
+
+    def __post_init__(self):
+        check_settings(self)
+        self.spec()  # validates d, l, N
+
+    def spec(self) -> PathStarSpec:
+        return PathStarSpec(self.degree, self.length, self.n_nodes)
+
+    def paths(self) -> dict[str, Path]:
+        """{split: file} of the two files."""
+        stem = f"deg_{self.degree}_path_{self.length}_nodes_{self.n_nodes}"
+        return {split: Path(self.out) / f"{stem}_{split}_{n}.txt" for split, n in (("train", self.n_train),
+                                                                                 ("test", self.n_test))}
+
+
+def run_pathstar_data(config: PathStarDataConfig) -> str:
+    """Generate the two sets (disjoint) and write them; files already there (another seed's, say) are never
+    overwritten. Returns what was written, in words."""
+    folder, paths = Path(config.out), config.paths()
+    if folder.exists() and not folder.is_dir():
+        raise ForethoughtError(f"--out {folder} is a file, not a folder")
+    if taken := [str(path) for path in paths.values() if path.exists()]:
+        raise ForethoughtError(f"{' and '.join(taken)} already exist; remove them or choose another --out")
+    spec = config.spec()
+    line_bytes = 4 * (2 * spec.n_edges + 2 + config.length)  # ≤ 3 digits and a separator per label
+    check_free_space(folder, (config.n_train + config.n_test) * line_bytes, "pathstar-data")
+    started = time.perf_counter()
+    train_data, test_data = generate_split(spec, config.n_train, config.n_test, seed=config.seed)
+    generated = time.perf_counter() - started
+    folder.mkdir(parents=True, exist_ok=True)
+    for data, split in ((train_data, "train"), (test_data, "test")):
+        data.save(paths[split])
+    return "\n".join([*(f"wrote {path}" for path in paths.values()),
+                      f"generated {config.n_train + config.n_test:,} samples of {spec} in {generated:.2f} s "
+                      f"(writing text: {time.perf_counter() - started - generated:.2f} s)"])

@@ -8,7 +8,7 @@ checkpoint's architecture (the control), and the unigram / skip-bigram count bas
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar
 
@@ -16,8 +16,8 @@ from analyses.experiment import finish_run, writes_run
 from analyses.probing import (
     ProbeSettings,
     ProbingResults,
+    check_names,
     load_checkpoints,
-    parse_checkpoints,
     probe_checkpoints,
     probe_meta,
 )
@@ -29,7 +29,7 @@ from models.errors import ForethoughtError
 class ProbeConfig(ProbeSettings):
     """Settings of ``forethought probe``; every field is also a command-line flag."""
 
-    checkpoints: str = ""  # NAME=SOURCE,… (checkpoint or run folder, hub id, smollm2-135m, gguf:PATH); SOURCE: its name
+    checkpoints: dict[str, str] = field(default_factory=dict)  # {name: folder, hub id, smollm2-135m or gguf:PATH}
     out: str = "runs/probe"
     figures_dir: str | None = None  # also copy the figures here
 
@@ -39,7 +39,7 @@ class ProbeConfig(ProbeSettings):
             raise ForethoughtError("give --checkpoints NAME=PATH,...")
 
     def named_checkpoints(self) -> dict[str, str]:
-        return parse_checkpoints(self.checkpoints)
+        return check_names(dict(self.checkpoints))
 
 
 @dataclass

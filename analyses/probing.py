@@ -28,7 +28,7 @@ from models.gpt2 import build_lm
 from models.heldout import heldout_data
 from models.lm import LMCheckpoint, check_same_tokenizer
 from models.precision import check_precision
-from models.settings import UNBOUND, check_settings
+from models.settings import UNBOUND, as_text, check_settings, typed_settings
 from models.tasks.text import TextData, tokenization
 from models.train import resolve_device
 from probes.baselines import count_baselines
@@ -55,8 +55,8 @@ class ProbeSettings:
     prepend_bos: bool = False  # start every held-out sequence with the tokenizer's BOS token (counted in seq_len)
     tokens_root: str = "runs/tokens"
     max_sequences: int = 2000  # held-out sequences cached and probed (split again for the probes)
-    layers: str = "all"  # comma-separated residual layers 0 … L, or 'all'
-    taus: str = "1,2,3,4"  # comma-separated offsets τ ≥ 1 (τ = 1: the next token)
+    layers: tuple[int, ...] | None = None  # residual layers 0 … L (None, on the command line 'all': every one)
+    taus: tuple[int, ...] = (1, 2, 3, 4)  # offsets τ ≥ 1 (τ = 1: the next token)
     kind: str = "softmax"  # softmax, topk or lens
     top_k: int = 1000  # topk: the K most frequent tokens + "other"
     lr: float = 3e-3  # Adam (on standardised features, the bias starting at the unigram log-frequencies)
@@ -73,14 +73,18 @@ class ProbeSettings:
         check_settings(self)
         FutureProbeConfig(kind=self.kind)  # validates the kind
         check_precision(self.precision)
-        if not self.tau_list() or min(self.tau_list()) < 1:
-            raise ForethoughtError(f"taus must be offsets ≥ 1, got {self.taus!r}")
+        if not self.taus or min(self.taus) < 1:
+            raise ForethoughtError(f"taus must be offsets ≥ 1, got {as_text(self.taus) or 'none'}")
+        if self.layers is not None and not self.layers:
+            raise ForethoughtError("layers must name at least one residual layer (or be None: all)")
 
     def tau_list(self) -> list[int]:
-        return _integers(self.taus, "taus")
+        """The offsets probed, ascending."""
+        return sorted(set(self.taus))
 
     def layer_list(self, n_layers: int) -> list[int]:
-        layers = list(range(n_layers + 1)) if self.layers == "all" else _integers(self.layers, "layers")
+        """The residual layers probed in a model of ``n_layers`` blocks (0 … n_layers), ascending."""
+        layers = list(range(n_layers + 1)) if self.layers is None else sorted(set(self.layers))
         bad = [layer for layer in layers if not 0 <= layer <= n_layers]
         if bad:
             raise ForethoughtError(f"layers {bad} out of range: the checkpoints have residual layers 0 … {n_layers}")
@@ -105,12 +109,11 @@ class ProbeSettings:
         return "token x[t+τ]"
 
 
-def parse_checkpoints(text: str) -> dict[str, str]:
-    """``"NAME=PATH,PATH,..."`` → {name: source} (a PATH alone is named after its folder); a name may appear once."""
-    named: dict[str, str] = {}
-    for item in filter(None, (part.strip() for part in text.split(","))):
-        name, _, source = item.rpartition("=") if "=" in item else (Path(item).name, "", item)
-        named[check_name(name, named)] = source
+def check_names(named: dict[str, Any]) -> dict[str, Any]:
+    """``named`` if every checkpoint name can name a folder and none is reserved."""
+    taken: list[str] = []
+    for name in named:
+        taken.append(check_name(name, taken))
     return named
 
 
@@ -126,13 +129,6 @@ def check_name(name: str, taken: Iterable[str]) -> str:
     if name in taken:
         raise ForethoughtError(f"two checkpoints are named {name!r}; name them NAME=PATH")
     return name
-
-
-def _integers(text: str, what: str) -> list[int]:
-    try:
-        return sorted({int(part) for part in text.split(",") if part.strip()})
-    except ValueError:
-        raise ForethoughtError(f"{what} must be comma-separated integers, got {text!r}") from None
 
 
 @dataclass
@@ -334,7 +330,7 @@ def probe_checkpoints(config: ProbeSettings, checkpoints: dict[str, LMCheckpoint
     if max(config.tau_list()) >= tokens.shape[1]:
         raise ForethoughtError(f"taus reach {max(config.tau_list())}, but the held-out sequences have "
                                f"{tokens.shape[1]} tokens: τ must stay below that")
-    out = prepare_out(out, asdict(config))
+    out = prepare_out(out, config)
     device = str(resolve_device(config.device))
     if config.random_init:
         checkpoints = {**checkpoints, CONTROL: control_checkpoint(first, config.seed, out)}
@@ -390,4 +386,4 @@ def saved_probing_run(out: str | Path) -> tuple[ProbeSettings, dict[str, str]]:
     checkpoints = {name: source for name, source in meta.get("checkpoints", {}).items() if name != CONTROL}
     if not checkpoints:
         raise ForethoughtError(f"{out}/meta.json names no checkpoints; run the probe or precache command again")
-    return ProbeSettings(**{name: saved[name] for name in needed}), checkpoints
+    return ProbeSettings(**typed_settings(ProbeSettings, {name: saved[name] for name in needed})), checkpoints

@@ -41,7 +41,7 @@ class SyntheticConfig(ExperimentConfig):
     about five minutes on 2 CPU cores.
     """
 
-    preset: str = "cpu"  # the preset these values started from (recorded; set by from_preset)
+    preset: str = "cpu"  # starting values: paper or cpu (recorded in the run); flags given override them
     # task
     p: float = 1.0  # probability that y_t is the sine sum (otherwise y_t = x_t)
     n_terms: int = 10  # y_t sums sin(freq · x_{t−i}) over i = 1 … n_terms
@@ -169,7 +169,7 @@ def run_synthetic(config: SyntheticConfig) -> SyntheticResults:
                     f"{name} checkpoint {getattr(config, f'{name}_checkpoint')} has {key}="
                     f"{getattr(model.config, key)}, but the settings say {getattr(expected, key)}"
                 )
-    out = prepare_out(config.out, config.results_settings())
+    out = prepare_out(config.out, config)
     histories: dict[str, list[dict[str, float]]] = {}
     for name in TWINS:
         if name in models:

@@ -1,4 +1,6 @@
-"""The range of every numeric setting, in one table, checked in full before a run writes anything.
+"""The range of every numeric setting, in one table, checked in full before a run writes anything; and the one
+place list settings meet text (comma-separated on the command line and in run folders written before they were
+typed).
 
 A setting means the same thing in every config that has it (``steps``, ``lr``, ``seq_len`` …), so one table
 keyed by field name serves every config dataclass: its ``__post_init__`` calls :func:`check_settings`. Every
@@ -9,8 +11,10 @@ table complete: every int or float field of every command's config has a rule he
 from __future__ import annotations
 
 import math
+import typing
 from collections.abc import Callable
 from dataclasses import fields
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -71,6 +75,7 @@ def check_settings(config: Any, overrides: dict[str, Rule] | None = None) -> Non
         raise ForethoughtError(f"n_head {n_head} does not divide d_model {d_model}")
     if isinstance(getattr(config, "device", None), str):
         check_device(config.device)
+    check_lists(config)
 
 
 def check_device(name: str) -> None:
@@ -89,3 +94,76 @@ def check_device(name: str) -> None:
         raise ForethoughtError(f"device {name!r} is not there (no Apple GPU)")
     elif device.type not in ("cpu", "cuda", "mps"):
         raise ForethoughtError(f"device {name!r} is not supported; use auto, cpu, cuda or cuda:N")
+
+
+# ---- list settings: typed in Python (tuples, {name: source}), comma-separated on the command line
+
+LIST_KINDS = ("tuple[int, ...]", "tuple[int, ...] | None", "tuple[str, ...]", "tuple[str, ...] | None",
+              "dict[str, str]")  # the field annotations read from text; `None` in an int list: 'all'
+
+
+def list_kind(config_class: type, name: str) -> str | None:
+    """The annotation of field ``name`` if it is a list setting (one of :data:`LIST_KINDS`), else None."""
+    annotation = {f.name: f.type for f in fields(config_class)}[name]
+    annotation = annotation if isinstance(annotation, str) else typing.get_type_hints(config_class)[name]
+    return str(annotation) if str(annotation) in LIST_KINDS else None
+
+
+def from_text(kind: str, text: str, name: str) -> Any:
+    """Command-line text → a list setting of ``kind``: ``"1,2"`` → (1, 2); ``"all"`` → None (int lists that
+    allow it); ``"a,b"`` → ("a", "b"); ``"NAME=SOURCE,SOURCE"`` → {NAME: SOURCE, folder name: SOURCE}."""
+    parts = [part.strip() for part in text.split(",") if part.strip()]
+    if kind.startswith("tuple[int"):
+        if kind.endswith("None") and text.strip() == "all":
+            return None
+        try:
+            return tuple(int(part) for part in parts)
+        except ValueError:
+            raise ForethoughtError(f"{name} must be comma-separated integers, got {text!r}") from None
+    if kind.startswith("tuple[str"):
+        return tuple(parts)
+    named: dict[str, str] = {}
+    for part in parts:
+        key, _, source = part.rpartition("=") if "=" in part else (Path(part).name, "", part)
+        if key in named:
+            raise ForethoughtError(f"two checkpoints are named {key!r}; name them NAME=PATH")
+        named[key] = source
+    return named
+
+
+def as_text(value: Any) -> str:
+    """A list setting as the command line writes it (the inverse of :func:`from_text`)."""
+    if isinstance(value, dict):
+        return ",".join(f"{name}={source}" for name, source in value.items())
+    if isinstance(value, (tuple, list)):
+        return ",".join(map(str, value))
+    return str(value)
+
+
+def typed_settings(config_class: type, saved: dict[str, Any]) -> dict[str, Any]:
+    """Settings as a run folder saved them (JSON) → the config's types: lists become tuples, and a comma string
+    (run folders written before list settings were typed) is read as the command line would."""
+    typed = dict(saved)
+    for name, value in saved.items():
+        kind = list_kind(config_class, name) if name in {f.name for f in fields(config_class)} else None
+        if kind is None or value is None:
+            continue
+        typed[name] = from_text(kind, value, name) if isinstance(value, str) else (
+            dict(value) if kind.startswith("dict") else tuple(value))
+    return typed
+
+
+def check_lists(config: Any) -> None:
+    """Refuse, in one line, a list setting given as text in Python (commas are for the command line); make
+    lists tuples."""
+    for f in fields(config):
+        kind = list_kind(type(config), f.name)
+        value = getattr(config, f.name)
+        if kind is None or value is None:
+            continue
+        if isinstance(value, str):
+            example = "{'name': 'path'}" if kind.startswith("dict") else "(1, 2)" if "int" in kind else "('a', 'b')"
+            raise ForethoughtError(f"{f.name} takes a {'dict' if kind.startswith('dict') else 'tuple'} in Python, "
+                                   f"e.g. {example}; commas are for the command line (--{f.name.replace('_', '-')} "
+                                   f"{as_text(from_text(kind, value, f.name))})")
+        object.__setattr__(config, f.name, dict(value) if kind.startswith("dict") else tuple(value))

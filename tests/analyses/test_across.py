@@ -50,7 +50,7 @@ def _gap_run(folder, gap: tuple[float, float, float], vanilla_loss: float, model
 def test_seed_spread_is_exact_and_names_sign_flips(tmp_path):
     runs = [_gap_run(tmp_path / f"s{i}", gap, 4.0 + i) for i, gap in
             enumerate([(0.02, 0.01, 0.03), (0.04, 0.03, 0.05), (-0.01, -0.02, 0.001)])]
-    results = run_seeds(AcrossConfig(runs=",".join(runs), labels="a,b,c", out=str(tmp_path / "seeds")))
+    results = run_seeds(AcrossConfig(runs=tuple(runs), labels=("a", "b", "c"), out=str(tmp_path / "seeds")))
     gap = results.gap().iloc[0]
     assert gap["mean"] == pytest.approx(0.05 / 3) and gap["sd"] == pytest.approx(np.std([0.02, 0.04, -0.01], ddof=1))
     assert (gap["min"], gap["max"], gap["runs_above_0"], gap["runs_below_0"]) == (-0.01, 0.04, 2, 0)
@@ -65,7 +65,7 @@ def test_seed_spread_is_exact_and_names_sign_flips(tmp_path):
 
 def test_one_sign_in_every_run_is_reported_as_holding(tmp_path):
     runs = [_gap_run(tmp_path / f"s{i}", (0.02 + i / 100, 0.01, 0.05), 4.0) for i in range(2)]
-    results = run_seeds(AcrossConfig(runs=",".join(runs), out=str(tmp_path / "seeds")))
+    results = run_seeds(AcrossConfig(runs=tuple(runs), out=str(tmp_path / "seeds")))
     assert results.gap().iloc[0]["sign"] == "+"
     precache = results.table[results.table["checkpoint"] == PRECACHE]
     assert len(precache) == 4 and (precache["sign"] == "+").all() and (precache["runs_above_0"] == 2).all()
@@ -78,7 +78,8 @@ def test_the_trend_reads_each_runs_model_size(tmp_path):
             tmp_path / name
         )
         sizes[name] = _gap_run(tmp_path / f"gap-{name}", (0.01 * layers, 0.0, 0.1), 4.0, tmp_path / name)
-    results = run_trend(AcrossConfig(runs=",".join(sizes.values()), labels="small,large", out=str(tmp_path / "trend")))
+    config = AcrossConfig(runs=tuple(sizes.values()), labels=("small", "large"), out=str(tmp_path / "trend"))
+    results = run_trend(config)
     table = results.table.set_index("run")
     assert table.loc["small", "parameters"] == 2 * (12 * 64 * 64 + 13 * 64) + 2 * 64  # blocks + final norm
     assert table.loc["large", "value"] == pytest.approx(0.04)
@@ -87,21 +88,21 @@ def test_the_trend_reads_each_runs_model_size(tmp_path):
 
 def test_bad_run_lists_are_one_line_errors(tmp_path):
     with pytest.raises(ForethoughtError, match="at least two run folders"):
-        AcrossConfig(runs="only-one")
+        AcrossConfig(runs=("only-one",))
     with pytest.raises(ForethoughtError, match="--labels must name every run once"):
-        AcrossConfig(runs="a,b", labels="x,x")
+        AcrossConfig(runs=("a", "b"), labels=("x", "x"))
     with pytest.raises(ForethoughtError, match="cannot read results in"):
-        run_seeds(AcrossConfig(runs=f"{tmp_path}/nope,{tmp_path}/nope2", out=str(tmp_path / "seeds")))
+        run_seeds(AcrossConfig(runs=(f"{tmp_path}/nope", f"{tmp_path}/nope2"), out=str(tmp_path / "seeds")))
 
 
 def test_a_run_folder_may_be_moved_or_named_with_a_trailing_slash(tmp_path):
-    runs = ",".join(_gap_run(tmp_path / f"s{i}", (0.02, 0.01, 0.03), 4.0) for i in range(2))
+    runs = tuple(_gap_run(tmp_path / f"s{i}", (0.02, 0.01, 0.03), 4.0) for i in range(2))
     run_seeds(AcrossConfig(runs=runs, out=str(tmp_path / "seeds")))
     run_seeds(AcrossConfig(runs=runs, out=str(tmp_path / "seeds") + "/"))  # the same run folder
     (tmp_path / "seeds").rename(tmp_path / "moved")
     run_seeds(AcrossConfig(runs=runs, out=str(tmp_path / "moved")))
-    with pytest.raises(ForethoughtError, match=r"holds a run with other settings \(labels: None → 'x,y'\)"):
-        run_seeds(AcrossConfig(runs=runs, labels="x,y", out=str(tmp_path / "moved")))
+    with pytest.raises(ForethoughtError, match=r"holds a run with other settings \(labels: None → \['x', 'y'\]\)"):
+        run_seeds(AcrossConfig(runs=runs, labels=("x", "y"), out=str(tmp_path / "moved")))
     (tmp_path / "moved" / "config.json").write_text('{"runs": ')  # torn by a crash of another program
     with pytest.raises(ForethoughtError, match=r"config.json is damaged \(.*\); remove .*moved to start afresh"):
         run_seeds(AcrossConfig(runs=runs, out=str(tmp_path / "moved")))

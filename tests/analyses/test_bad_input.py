@@ -56,8 +56,8 @@ BAD_INPUT = {
         (["--train-file", "star.txt", "--test-file", "notstar.txt"], r"notstar.txt line 1"),
     ],
     "pathstar-data": [
-        (["--n-train", "0"], r"n_train and n_test must be ≥ 1"),
-        (["--seed", "-3"], r"seed ≥ 0"),
+        (["--n-train", "0"], r"n_train must be ≥ 1, got 0"),
+        (["--seed", "-3"], r"seed must be ≥ 0, got -3"),
         (["--degree", "1"], r"degree"),
         (["--out", "corpus.txt"], r"--out corpus.txt is a file, not a folder"),
     ],
@@ -88,7 +88,9 @@ BAD_INPUT = {
         (["--checkpoints", "truncated"], r"weights in truncated cannot be loaded"),
         (["--checkpoints", "x", "--top-k", "0"], r"top_k must be ≥ 1, got 0"),
         (["--checkpoints", "x", "--taus", "0"], r"taus must be offsets ≥ 1"),
-        (["--checkpoints", "x", "--taus", "a"], r"taus"),
+        (["--checkpoints", "x", "--taus", "a"], r"probe: argument --taus: taus must be comma-separated integers"),
+        (["--checkpoints", "x", "--top-k", "abc"], r"probe: argument --top-k: invalid int value: 'abc'"),
+        (["--checkpoints", "x", "--layers", "0", "--taus", "1", "--kind"], r"argument --kind: expected one argument"),
         (["--checkpoints", "x", "--max-epochs", "0"], r"max_epochs must be ≥ 1"),
         (["--checkpoints", "x", "--patience", "-1"], r"patience must be ≥ 0"),
         (["--checkpoints", "x", "--max-sequences", "0"], r"max_sequences must be ≥ 1"),
@@ -191,12 +193,13 @@ def test_every_numeric_setting_has_a_range():
     """A new int or float setting of any command needs a rule in models.settings.RULES."""
     from dataclasses import fields
 
-    from analyses.cli import ANALYSES, BENCHES, EXPERIMENTS
+    from analyses.cli import COMMANDS
     from analyses.compare import CompareConfig
     from models.lm import LMTrainConfig
     from models.settings import RULES
 
-    configs = [c for c, *_ in EXPERIMENTS.values()] + [c for c, _ in [*ANALYSES.values(), *BENCHES.values()]]
-    numeric = {f.name for config in [*configs, CompareConfig, LMTrainConfig] for f in fields(config)
+    configs = [command.config for command in COMMANDS.values()]
+    assert CompareConfig in configs and LMTrainConfig in configs
+    numeric = {f.name for config in configs for f in fields(config)
                if re.match(r"(int|float)\b", str(f.type))}
     assert numeric - set(RULES) == set()

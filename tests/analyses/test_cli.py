@@ -151,7 +151,7 @@ def test_the_cli_reference_in_docs_is_the_parsers_help():
     _, current, _ = script.split_page((ROOT / "docs" / "cli.md").read_text())
     reference = cli_reference()
     assert current == f"\n{reference}\n", "docs/cli.md is stale: run python scripts/cli_reference.py"
-    assert "<code>forethought bench probe</code>" in reference and "--checkpoints STR" in reference
+    assert "<code>forethought bench probe</code>" in reference and "--checkpoints NAME=SOURCE,…" in reference
     assert "readme" not in build_parser().format_help()  # a maintainer's tool, not a user command
 
 
@@ -162,7 +162,7 @@ def test_figures_lists_commands_that_parse(capsys):
     for line in FIGURES:
         args = vars(build_parser().parse_args(line.split()))
         read = [] if args["command"] == "train" else [args.get(key) for key in ("vanilla", "myopic", "run")]
-        for folder in filter(None, read + args.get("runs", "").split(",")):  # a named model (smollm2-135m) is given
+        for folder in filter(None, read + list(args.get("runs", ()))):  # a named model (smollm2-135m) is given
             assert folder in made or not folder.startswith("runs/"), f"{line}: {folder} is made by no earlier command"
         figures_dir = args.get("figures_dir") or "figures"
         assert figures_dir.split("/")[0] == "figures"  # every figure lands in figures/ (or a folder of it)

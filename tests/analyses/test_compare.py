@@ -20,7 +20,7 @@ from analyses.results import CONTROL
 from models.errors import ForethoughtError
 from models.lm import LMCheckpoint
 
-SETTINGS = dict(taus="1,2", kind="topk", top_k=40, max_sequences=60, max_epochs=3, progress=False)
+SETTINGS = dict(taus=(1, 2), kind="topk", top_k=40, max_sequences=60, max_epochs=3, progress=False)
 KEY = ["checkpoint", "probe", "target", "layer", "tau", "metric"]
 
 
@@ -28,7 +28,7 @@ KEY = ["checkpoint", "probe", "target", "layer", "tau", "metric"]
 def probed(twins, tmp_path_factory):
     """A ``forethought probe`` run over the twins: the folder a Comparison picks up."""
     out = tmp_path_factory.mktemp("compare") / "probe"
-    results = run_probe(ProbeConfig(checkpoints=f"vanilla={twins / 'vanilla'},myopic={twins / 'myopic'}",
+    results = run_probe(ProbeConfig(checkpoints={"vanilla": str(twins / "vanilla"), "myopic": str(twins / "myopic")},
                                     tokens_root=str(twins / "tokens"), out=str(out), **SETTINGS))
     return out, results.to_dataframe()
 

@@ -114,10 +114,10 @@ def test_fine_tuned_llama_twins_go_through_gap_precache_and_comparison(llama_fol
     gap = run_gap(GapConfig(**twins, out=str(tmp_path / "gap"), **common))
     assert set(gap.losses().index) == {*TWINS, GAP} and set(gap.histories) == set(TWINS)
     assert len(gap.shares()) == 3 and gap.shares().loc[0].gt(0).all()
-    precache = run_precache(PrecacheConfig(**twins, taus="1,2", kind="topk", top_k=20, max_epochs=2,
+    precache = run_precache(PrecacheConfig(**twins, taus=(1, 2), kind="topk", top_k=20, max_epochs=2,
                                            random_init=False, out=str(tmp_path / "pre"), **common))
     assert precache.precaching().shape == (3, 2)
-    comparison = Comparison.from_checkpoints(twins, folder=tmp_path / "compare", taus="1", kind="topk", top_k=20,
+    comparison = Comparison.from_checkpoints(twins, folder=tmp_path / "compare", taus=(1,), kind="topk", top_k=20,
                                              max_sequences=16, max_epochs=2, tokens_root=str(tmp_path / "tokens"),
                                              progress=False)
     assert {"vanilla", "myopic"} <= set(comparison.to_dataframe()["checkpoint"])

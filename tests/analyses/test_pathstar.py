@@ -113,7 +113,8 @@ def test_files_train_and_bad_settings(tmp_path):
     train, test = generate_split(PathStarSpec(3, 4, 12), 100, 20, seed=3)  # not the config's G(2, 3, 8)
     train.save(tmp_path / "train.txt")
     test.save(tmp_path / "test.txt")
-    config = PathStarConfig.from_preset("cpu", **{**TINY, "epochs": 0.3, "regimes": "reverse", "trainings": "myopic"},
+    chosen = {"regimes": ("reverse",), "trainings": ("myopic",)}
+    config = PathStarConfig.from_preset("cpu", **{**TINY, "epochs": 0.3, **chosen},
                                         train_file=str(tmp_path / "train.txt"), test_file=str(tmp_path / "test.txt"),
                                         out=str(tmp_path / "run"))
     results = run_pathstar(config)
@@ -122,8 +123,8 @@ def test_files_train_and_bad_settings(tmp_path):
     assert results.chance == pytest.approx(1 / 3) and "G(3, 4, 12)" in results.summary()
     assert "forced_positions_3+" in results.accuracy_table()  # positions 3 … l of the files' l = 4
     with pytest.raises(ForethoughtError, match="unknown regime 'teacherles'"):
-        PathStarConfig.from_preset("cpu", regimes="teacherles")
+        PathStarConfig.from_preset("cpu", regimes=("teacherles",))
     with pytest.raises(ForethoughtError, match="unknown training"):
-        PathStarConfig.from_preset("cpu", trainings="lazy")
+        PathStarConfig.from_preset("cpu", trainings=("lazy",))
     with pytest.raises(ForethoughtError, match="both --train-file and --test-file"):
         PathStarConfig.from_preset("cpu", train_file="x")

@@ -22,9 +22,9 @@ from probes.cache import ResidualCache
 
 
 def settings(twins, out, **overrides) -> ProbeConfig:
-    values = dict(checkpoints=f"vanilla={twins / 'vanilla'},{twins / 'myopic'}", taus="1,2", kind="topk", top_k=40,
-                  max_sequences=60, max_epochs=3, lr=1e-2, tokens_root=str(twins / "tokens"), out=str(out),
-                  progress=False)
+    values = dict(checkpoints={"vanilla": str(twins / "vanilla"), "myopic": str(twins / "myopic")}, taus=(1, 2),
+                  kind="topk", top_k=40, max_sequences=60, max_epochs=3, lr=1e-2, tokens_root=str(twins / "tokens"),
+                  out=str(out), progress=False)
     return ProbeConfig(**{**values, **overrides})
 
 
@@ -53,6 +53,14 @@ def test_probe_table_figure_and_reuse(twins, tmp_path, monkeypatch):
     monkeypatch.setattr(probes.store, "fit_future_probes", lambda *a, **k: pytest.fail("probes were refitted"))
     again = run_probe(settings(twins, tmp_path / "probe"))
     assert again.table.equals(table)  # read back from the stored scores
+    for name in ("config.json", "meta.json"):  # as run folders were written before list settings were typed
+        path = tmp_path / "probe" / name
+        saved = json.loads(path.read_text())
+        config = saved.get("config", saved)
+        config.update(taus="1,2", layers="all", checkpoints=f"vanilla={twins / 'vanilla'},myopic={twins / 'myopic'}")
+        path.write_text(json.dumps(saved))
+    assert ProbeResults.from_folder(tmp_path / "probe").config == results.config
+    assert run_probe(settings(twins, tmp_path / "probe")).table.equals(table)  # the same run, still
     monkeypatch.undo()
     fresh = run_probe(settings(twins, tmp_path / "fresh"))  # the same caches, seeds and fits, from scratch
     assert fresh.table.equals(table)
@@ -61,9 +69,11 @@ def test_probe_table_figure_and_reuse(twins, tmp_path, monkeypatch):
 @pytest.mark.parametrize(
     "argv, message",
     [
-        (["--checkpoints", "a=x,a=y"], "two checkpoints are named 'a'; name them NAME=PATH"),
-        (["--checkpoints", "x", "--taus", "0,1"], "taus must be offsets ≥ 1, got '0,1'"),
-        (["--checkpoints", "x", "--taus", "one"], "taus must be comma-separated integers, got 'one'"),
+        (["--checkpoints", "a=x,a=y"],
+         "probe: argument --checkpoints: two checkpoints are named 'a'; name them NAME=PATH"),
+        (["--checkpoints", "x", "--taus", "0,1"], "taus must be offsets ≥ 1, got 0,1"),
+        (["--checkpoints", "x", "--taus", "one"],
+         "probe: argument --taus: taus must be comma-separated integers, got 'one'"),
         (["--checkpoints", "x", "--kind", "mlp"], "unknown probe kind 'mlp'; choose one of softmax, topk, lens"),
         ([], "give --checkpoints NAME=PATH,..."),
     ],
@@ -81,7 +91,7 @@ def test_layers_that_do_not_exist_are_named(twins, tmp_path, capsys):
 
 
 def test_precache_estimates_are_paired_differences(twins, tmp_path):
-    config = PrecacheConfig(vanilla=str(twins / "vanilla"), myopic=str(twins / "myopic"), taus="1,2", kind="topk",
+    config = PrecacheConfig(vanilla=str(twins / "vanilla"), myopic=str(twins / "myopic"), taus=(1, 2), kind="topk",
                             top_k=40, max_sequences=60, max_epochs=3, lr=1e-2, share_sequences=4, random_init=False,
                             tokens_root=str(twins / "tokens"), out=str(tmp_path / "pre"), progress=False)
     results = run_precache(config)
@@ -116,13 +126,14 @@ def test_precache_refuses_swapped_twins(twins, tmp_path, capsys):
 
 
 def test_the_bos_policy_is_recorded_and_the_probes_see_exactly_those_tokens(llama_folder, llama_text, tmp_path):
-    common = dict(corpus=str(llama_text), layout="packed", seq_len=12, taus="1,2", kind="topk", top_k=20,
+    common = dict(corpus=str(llama_text), layout="packed", seq_len=12, taus=(1, 2), kind="topk", top_k=20,
                   max_sequences=40, max_epochs=1, random_init=False, tokens_root=str(tmp_path / "tokens"),
                   progress=False)
     bos = LMCheckpoint.load(llama_folder).tokenizer.bos_token_id
     for prepend_bos in (False, True):
         out = tmp_path / f"bos-{prepend_bos}"
-        run_probe(ProbeConfig(checkpoints=f"llama={llama_folder}", prepend_bos=prepend_bos, out=str(out), **common))
+        checkpoints = {"llama": str(llama_folder)}
+        run_probe(ProbeConfig(checkpoints=checkpoints, prepend_bos=prepend_bos, out=str(out), **common))
         tokenization = json.loads((out / "meta.json").read_text())["tokenization"]
         assert tokenization["prepend_bos"] is prepend_bos and tokenization["bos_token_id"] == bos
         assert tokenization["seq_len"] == 12 and tokenization["special_tokens_added_by_tokenizer"] is False
