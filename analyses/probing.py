@@ -312,6 +312,7 @@ class ProbeRun:
     tokenization: dict[str, Any]  # tokenizer, BOS policy and how the text was cut (checked equal for all)
     baselines_counted_on: str  # which tokens the count baselines count
     origins: dict[str, dict[str, Any]]  # converted models' cards (where a model came from, licence)
+    split: ProbeSplit  # the probes', the lens' and the baselines' sequences, and the classes they predict
 
 
 def counted_on(counted: np.ndarray | None, split: ProbeSplit) -> str:
@@ -357,15 +358,22 @@ def probe_checkpoints(config: ProbeSettings, checkpoints: dict[str, LMCheckpoint
     rows = pd.concat(frames, ignore_index=True).to_dict("records")
     return ProbeRun(data, tokens, rows, scores, {name: c.source for name, c in checkpoints.items()},
                     tokenization(first.tokenizer, data), counted_on(counted, split),
-                    {name: c.origin for name, c in checkpoints.items() if c.origin})
+                    {name: c.origin for name, c in checkpoints.items() if c.origin}, split)
 
 
 def probe_meta(run: ProbeRun) -> dict[str, Any]:
     """Provenance of a probing run for ``meta.json``."""
     return run_meta(data=asdict(run.data), heldout=f"first {len(run.tokens)} sequences of the test documents",
                     checkpoints=run.sources, models=run.origins, tokenization=run.tokenization,
-                    baselines_counted_on=run.baselines_counted_on,
+                    baselines_counted_on=run.baselines_counted_on, probe_split=split_record(run.split),
                     processing_mode=PROCESSING_MODE)
+
+
+def split_record(split: ProbeSplit) -> dict[str, Any]:
+    """The probe split in ``meta.json``: each part's sequence ids (into the held-out sequences probed) and the
+    top-K classes' token ids (None: every token is a class)."""
+    return {"train": split.train.tolist(), "validation": split.validation.tolist(), "test": split.test.tolist(),
+            "classes": None if split.classes is None else split.classes.tolist()}
 
 
 def saved_probing_run(out: str | Path) -> tuple[ProbeSettings, dict[str, str]]:
