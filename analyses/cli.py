@@ -39,7 +39,7 @@ from analyses.synthetic import SyntheticConfig, run_synthetic
 from models.errors import ForethoughtError
 from models.gpt2 import quiet_loading
 from models.lm import LM_TRAIN_PRESETS, LMTrainConfig, train_lm
-from models.settings import as_text, from_text, list_kind
+from models.settings import LIST_KINDS, as_text, from_text, list_kinds
 
 # Every figure in figures/, from the embedded default (a few hours on 2 CPU cores; each step resumes or reuses
 # what an earlier run left in runs/, so a rerun redoes only what changed).
@@ -221,10 +221,6 @@ def _own_fields_first(cls: type) -> list[Field]:
     return sorted(fields(cls), key=lambda f: order.index(f.name))
 
 
-_LIST_METAVARS = {"tuple[int, ...]": "INT,…", "tuple[int, ...] | None": "INT,…|all", "tuple[str, ...]": "STR,…",
-                  "tuple[str, ...] | None": "STR,…", "dict[str, str]": "NAME=SOURCE,…"}
-
-
 def _list_from_text(kind: str, name: str, text: str) -> object:
     """A list flag's value (:func:`models.settings.from_text`); a bad one is the parser's one-line error."""
     try:
@@ -250,24 +246,24 @@ def add_config_arguments(
 
     With ``presets``, the help shows each preset's value where one differs from the class default.
     """
-    helps = _field_help(cls)
+    helps, lists = _field_help(cls), list_kinds(cls)
     for f in _own_fields_first(cls):
         if f.name in skip:
             continue
-        kind = str(f.type)
+        kind, listed = str(f.type), lists.get(f.name)
         options: dict = {"default": argparse.SUPPRESS, "dest": f.name}
         if kind == "bool":
             options["action"] = argparse.BooleanOptionalAction
-        elif listed := list_kind(cls, f.name):
+        elif listed:
             options["type"] = functools.partial(_list_from_text, listed, f.name)
-            options["metavar"] = _LIST_METAVARS[listed]
+            options["metavar"] = LIST_KINDS[listed]
         else:
             options["type"] = int if kind.startswith("int") else float if kind.startswith("float") else str
             options["metavar"] = options["type"].__name__.upper()
         default = f.default if f.default is not MISSING else f.default_factory() if f.default_factory is not MISSING \
             else None
         values = {name: preset.get(f.name, default) for name, preset in (presets or {"": {}}).items()}
-        texts = {name: _default_text(value, list_kind(cls, f.name)) for name, value in values.items()}
+        texts = {name: _default_text(value, listed) for name, value in values.items()}
         if len(set(texts.values())) == 1:
             shown = f"default: {next(iter(texts.values()))}"
         else:

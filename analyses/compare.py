@@ -33,6 +33,7 @@ from analyses.probing import (
     ProbeSettings,
     baseline_rows,
     check_name,
+    check_names,
     control_checkpoint,
     counted_sequences,
     heldout_tokens,
@@ -119,9 +120,7 @@ class Comparison:
         default: the GPT-2 tokenizer). ``settings``: fields of :class:`~analyses.probing.ProbeSettings`."""
         pairs = list(checkpoints.items()) if isinstance(checkpoints, Mapping) else [_pair(item) for item in checkpoints]
         folder = Path(folder)
-        names: list[str] = []
-        for name, _ in pairs:
-            names.append(check_name(name, names))
+        check_names(name for name, _ in pairs)
         known = [f.name for f in fields(ProbeSettings)]
         unknown = sorted(set(settings) - set(known))
         if unknown:

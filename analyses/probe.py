@@ -39,7 +39,8 @@ class ProbeConfig(ProbeSettings):
             raise ForethoughtError("give --checkpoints NAME=PATH,...")
 
     def named_checkpoints(self) -> dict[str, str]:
-        return check_names(dict(self.checkpoints))
+        check_names(self.checkpoints)
+        return dict(self.checkpoints)
 
 
 @dataclass

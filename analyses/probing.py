@@ -109,12 +109,11 @@ class ProbeSettings:
         return "token x[t+τ]"
 
 
-def check_names(named: dict[str, Any]) -> dict[str, Any]:
-    """``named`` if every checkpoint name can name a folder and none is reserved."""
+def check_names(names: Iterable[str]) -> None:
+    """Refuse a checkpoint name that cannot name a folder, is reserved, or comes twice."""
     taken: list[str] = []
-    for name in named:
+    for name in names:
         taken.append(check_name(name, taken))
-    return named
 
 
 def check_name(name: str, taken: Iterable[str]) -> str:

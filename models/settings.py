@@ -98,15 +98,20 @@ def check_device(name: str) -> None:
 
 # ---- list settings: typed in Python (tuples, {name: source}), comma-separated on the command line
 
-LIST_KINDS = ("tuple[int, ...]", "tuple[int, ...] | None", "tuple[str, ...]", "tuple[str, ...] | None",
-              "dict[str, str]")  # the field annotations read from text; `None` in an int list: 'all'
+LIST_KINDS = {  # the annotations of list settings → how the command line writes them (an int list's None: 'all')
+    "tuple[int, ...]": "INT,…", "tuple[int, ...] | None": "INT,…|all", "tuple[str, ...]": "STR,…",
+    "tuple[str, ...] | None": "STR,…", "dict[str, str]": "NAME=SOURCE,…",
+}
 
 
-def list_kind(config_class: type, name: str) -> str | None:
-    """The annotation of field ``name`` if it is a list setting (one of :data:`LIST_KINDS`), else None."""
-    annotation = {f.name: f.type for f in fields(config_class)}[name]
-    annotation = annotation if isinstance(annotation, str) else typing.get_type_hints(config_class)[name]
-    return str(annotation) if str(annotation) in LIST_KINDS else None
+def list_kinds(config_class: type) -> dict[str, str]:
+    """{field name: annotation} of the list settings (:data:`LIST_KINDS`) of the dataclass ``config_class``."""
+    kinds = {}
+    for f in fields(config_class):
+        annotation = f.type if isinstance(f.type, str) else str(typing.get_type_hints(config_class)[f.name])
+        if annotation in LIST_KINDS:
+            kinds[f.name] = annotation
+    return kinds
 
 
 def from_text(kind: str, text: str, name: str) -> Any:
@@ -143,27 +148,27 @@ def as_text(value: Any) -> str:
 def typed_settings(config_class: type, saved: dict[str, Any]) -> dict[str, Any]:
     """Settings as a run folder saved them (JSON) → the config's types: lists become tuples, and a comma string
     (run folders written before list settings were typed) is read as the command line would."""
-    typed = dict(saved)
-    for name, value in saved.items():
-        kind = list_kind(config_class, name) if name in {f.name for f in fields(config_class)} else None
-        if kind is None or value is None:
-            continue
-        typed[name] = from_text(kind, value, name) if isinstance(value, str) else (
-            dict(value) if kind.startswith("dict") else tuple(value))
-    return typed
+    kinds = list_kinds(config_class)
+    return {name: value if name not in kinds or value is None
+            else from_text(kinds[name], value, name) if isinstance(value, str) else _typed(kinds[name], value)
+            for name, value in saved.items()}
 
 
 def check_lists(config: Any) -> None:
     """Refuse, in one line, a list setting given as text in Python (commas are for the command line); make
     lists tuples."""
-    for f in fields(config):
-        kind = list_kind(type(config), f.name)
-        value = getattr(config, f.name)
-        if kind is None or value is None:
+    for name, kind in list_kinds(type(config)).items():
+        value = getattr(config, name)
+        if value is None:
             continue
         if isinstance(value, str):
             example = "{'name': 'path'}" if kind.startswith("dict") else "(1, 2)" if "int" in kind else "('a', 'b')"
-            raise ForethoughtError(f"{f.name} takes a {'dict' if kind.startswith('dict') else 'tuple'} in Python, "
-                                   f"e.g. {example}; commas are for the command line (--{f.name.replace('_', '-')} "
-                                   f"{as_text(from_text(kind, value, f.name))})")
-        object.__setattr__(config, f.name, dict(value) if kind.startswith("dict") else tuple(value))
+            raise ForethoughtError(f"{name} takes a {'dict' if kind.startswith('dict') else 'tuple'} in Python, "
+                                   f"e.g. {example}; commas are for the command line (--{name.replace('_', '-')} "
+                                   f"{as_text(from_text(kind, value, name))})")
+        object.__setattr__(config, name, _typed(kind, value))
+
+
+def _typed(kind: str, value: Any) -> Any:
+    """A list setting's value (a list, tuple or dict) as its ``kind`` holds it."""
+    return dict(value) if kind.startswith("dict") else tuple(value)

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 import pytest
 
 from models.errors import ForethoughtError
-from models.settings import as_text, check_settings, from_text, list_kind, typed_settings
+from models.settings import as_text, check_settings, from_text, list_kinds, typed_settings
 
 
 @dataclass
@@ -23,9 +23,11 @@ class Lists:
 
 
 def test_text_round_trips_and_names_sources():
-    assert list_kind(Lists, "taus") == "tuple[int, ...]" and list_kind(Lists, "seq_len") is None
+    kinds = list_kinds(Lists)
+    assert kinds == {"taus": "tuple[int, ...]", "layers": "tuple[int, ...] | None", "names": "tuple[str, ...]",
+                     "checkpoints": "dict[str, str]"}  # seq_len is not a list
     for name, text in [("taus", "1,3,4"), ("names", "a,b"), ("checkpoints", "vanilla=runs/a,myopic=b/c")]:
-        assert as_text(from_text(list_kind(Lists, name), text, name)) == text
+        assert as_text(from_text(kinds[name], text, name)) == text
     assert from_text("tuple[int, ...] | None", "all", "layers") is None
     assert from_text("dict[str, str]", "runs/x, y=hub/id", "checkpoints") == {"x": "runs/x", "y": "hub/id"}
     with pytest.raises(ForethoughtError, match="taus must be comma-separated integers, got '1,x'"):
