@@ -12,7 +12,6 @@ from __future__ import annotations
 import platform
 import subprocess
 from datetime import datetime, timezone
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
@@ -20,15 +19,13 @@ import pandas as pd
 
 from models.errors import ForethoughtError
 from models.files import atomic_write_bytes, atomic_write_json, atomic_write_text, read_json
+from models.versions import package_versions
 
 COLUMNS = [
     "checkpoint", "task", "layer", "position", "tau", "target", "probe", "metric", "split", "seed",
     "value", "ci_low", "ci_high", "n",
 ]
 CONTROL = "random init"  # the checkpoint name of the random-init control, in every experiment
-_PACKAGES = ("forethought", "torch", "transformers", "transformer-lens", "scikit-learn", "numpy", "pandas")
-
-
 def tidy(rows: pd.DataFrame | list[dict[str, Any]], **constants: Any) -> pd.DataFrame:
     """Rows (+ columns shared by all of them) → a table with exactly :data:`COLUMNS`, typed."""
     table = pd.DataFrame(rows).assign(**constants)
@@ -51,17 +48,11 @@ def git_revision() -> str | None:
 
 def run_meta(**details: Any) -> dict[str, Any]:
     """Provenance for a results folder: versions, git revision, time, plus the caller's details."""
-    versions = {}
-    for package in _PACKAGES:
-        try:
-            versions[package] = metadata.version(package)
-        except metadata.PackageNotFoundError:
-            versions[package] = None
     return {
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "git_revision": git_revision(),
         "python": platform.python_version(),
-        "versions": versions,
+        "versions": package_versions(),
         **details,
     }
 

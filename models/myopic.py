@@ -89,6 +89,10 @@ def check_cut(cut: str) -> str:
 
 
 FILLED_CACHE = "myopic(): incremental decoding with a filled KV cache is not supported (the gradient is for training)"
+# What transformers calls the KV cache an attention layer is handed: ``cache`` from 5.25, ``past_key_values``
+# before (still accepted, deprecated), ``past_key_value`` / ``layer_past`` in older or NeoX layers. A replaced
+# forward is not wrapped by transformers' renaming decorator, so it must know every name.
+CACHE_ARGUMENTS = ("cache", "past_key_values", "past_key_value", "layer_past")
 # Llama-family and GPT-NeoX attention: q, k, v (rotary applied, grouped-query) reach a pluggable attention
 # function; the myopic one replaces it for the duration of the context. Their key/value projections by class:
 KEY_VALUE_PROJECTIONS = {"LlamaAttention": ("k_proj", "v_proj"), "MistralAttention": ("k_proj", "v_proj"),
@@ -116,9 +120,13 @@ def is_myopic(model: nn.Module) -> bool:
     return any(isinstance(m.__dict__.get("forward"), (_MyopicForward, _InterfaceForward)) for m in model.modules())
 
 
-def _refuse_filled_cache(cache, layer_index: int) -> None:
+def _layer_cache(kwargs: dict, layer_index: int):
+    """The KV cache among an attention layer's keyword arguments, under whichever name it came (or None),
+    refusing a filled one: myopic decoding from a cache is not supported."""
+    cache = next((kwargs[name] for name in CACHE_ARGUMENTS if kwargs.get(name) is not None), None)
     if cache is not None and cache.get_seq_length(layer_index) > 0:
         raise ForethoughtError(FILLED_CACHE)
+    return cache
 
 
 class _InterfaceForward:
@@ -126,18 +134,15 @@ class _InterfaceForward:
     "residual"``) the key/value projections return [live | detached-input copy] (twice the heads, rotary applied
     to both by the layer) and the cache is handed only the live half; :func:`_interface_attention` splits them."""
 
-    _CACHES = ("past_key_values", "past_key_value", "layer_past")
-
     def __init__(self, layer: nn.Module, cut: Cut, impl: Impl):
         self.layer, self.cut, self.impl = layer, cut, impl
 
     def __call__(self, *args, **kwargs):
         layer = self.layer
-        for name in self._CACHES:
-            _refuse_filled_cache(kwargs.get(name), layer.layer_idx)
+        _layer_cache(kwargs, layer.layer_idx)
         if self.cut == "kv":
             return type(layer).forward(layer, *args, **kwargs)
-        kwargs = {k: (_LiveHalfCache(v) if k in self._CACHES and v is not None else v) for k, v in kwargs.items()}
+        kwargs = {k: (_LiveHalfCache(v) if k in CACHE_ARGUMENTS and v is not None else v) for k, v in kwargs.items()}
         projections = [getattr(layer, name) for name in KEY_VALUE_PROJECTIONS[type(layer).__name__]]
         for projection in projections:
             projection.forward = _LinearWithDetachedCopy(projection)
@@ -203,13 +208,12 @@ class _MyopicForward:
     def __call__(
         self,
         hidden_states: torch.Tensor,
-        past_key_values=None,
         attention_mask: torch.Tensor | None = None,
         **kwargs,
     ) -> tuple[torch.Tensor, None]:
         layer = self.layer
         batch, seq, d_model = hidden_states.shape
-        _refuse_filled_cache(past_key_values, layer.layer_idx)
+        cache = _layer_cache(kwargs, layer.layer_idx)
         if self.cut == "residual":  # [q | k | v] and a copy of [k | v] (k̃, ṽ)
             projected, copy = _DetachedInputCopy.apply(hidden_states, layer.c_attn.weight, layer.c_attn.bias, d_model,
                                                        False)
@@ -218,8 +222,8 @@ class _MyopicForward:
             q, k, v = layer.c_attn(hidden_states).split(d_model, dim=2)
             k_past, v_past = k.detach(), v.detach()
         q, k, v, k_past, v_past = (_heads(x, layer.num_heads) for x in (q, k, v, k_past, v_past))
-        if past_key_values is not None:  # keep the cache's forward values, as a vanilla pass would
-            past_key_values.update(k.detach(), v.detach(), layer.layer_idx)
+        if cache is not None:  # keep the cache's forward values, as a vanilla pass would
+            cache.update(k.detach(), v.detach(), layer.layer_idx)
         dropout = layer.attn_dropout.p if layer.training else 0.0
         out = myopic_attention(q, k, v, k_past, v_past, layer.scaling, self.impl, attention_mask, dropout)
         out = out.transpose(1, 2).reshape(batch, seq, d_model)

@@ -201,7 +201,8 @@ def _dequantise(path: Path, staging: Path) -> None:
     except (ValueError, KeyError, OSError, RuntimeError, NotImplementedError) as error:
         raise ForethoughtError(f"transformers cannot load {path.name}: {_one_line(error)}") from None
     config = loaded.config
-    del config.quantization_config  # saving refuses a model flagged as GGUF-quantised
+    if hasattr(config, "quantization_config"):  # saving refuses a model flagged as GGUF-quantised (5.9 does not
+        del config.quantization_config  # flag a float GGUF file; later versions do)
     plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     plain.load_state_dict(loaded.state_dict(), strict=True)
     plain.save_pretrained(staging)

@@ -29,6 +29,7 @@ from models.myopic import check_cut, myopic
 from models.precision import TRAINING_PRECISIONS, check_precision, training_precision
 from models.precision import autocast as precision_autocast
 from models.settings import check_settings
+from models.versions import package_versions
 
 
 class Task(Protocol):
@@ -158,6 +159,7 @@ def _train(model: PreTrainedModel, task: Task, config: TrainConfig, run_dir: Pat
             "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
             "task": task.state_dict() if hasattr(task, "state_dict") else None,
             "history": history,
+            "versions": package_versions(),
         }
         folder = checkpoints_dir(run_dir) / f"step-{step:07d}"
         if dist.is_main:

@@ -22,7 +22,6 @@ import os
 import shutil
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
@@ -35,12 +34,12 @@ from models.errors import ForethoughtError
 from models.files import atomic_write_json, check_digest, check_free_space, file_digest, read_json, size_text
 from models.precision import autocast, check_precision
 from models.sources import model_folder
+from models.versions import package_versions
 from probes.residuals import TransformerBridge, bridge_residuals, hook_name, load_bridge
 
 log = logging.getLogger(__name__)
 PROCESSING_MODE = "raw Hugging Face weights (TransformerBridge, no weight processing)"
 _PROGRESS = "progress.json"
-_VERSIONED = ("torch", "transformers", "transformer-lens", "numpy")
 
 
 def weights_hash(model: PreTrainedModel) -> str:
@@ -177,7 +176,7 @@ def build_cache(
         "d_model": d_model,
         "dtype": "float16",
         "tokens_hash": _tokens_hash(tokens),
-        "versions": {package: metadata.version(package) for package in _VERSIONED},
+        "versions": package_versions(),
     }
     if (folder / "meta.json").is_file():
         return _reuse(folder, meta)

@@ -41,3 +41,18 @@ def test_the_readme_is_a_front_door():
     assert len((ROOT / "README.md").read_text().splitlines()) <= 300
     linked = set(re.findall(r"\]\(docs/([\w-]+\.md)", (ROOT / "README.md").read_text()))
     assert linked == {page.name for page in PAGES[1:]}, "every docs/ page is linked from the README"
+
+
+def test_ci_runs_the_readmes_test_command_with_the_lock():
+    """CI installs and tests exactly as the README tells a user to, from the lock of tested versions."""
+    blocks = re.findall(r"^```bash\n(.+?)\n```", (ROOT / "README.md").read_text(), flags=re.MULTILINE | re.DOTALL)
+    test_command = next(block for block in blocks if "pytest" in block)
+    ci_lines = (ROOT / ".ci/run").read_text().splitlines()
+    ci = [" ".join(line.split("#")[0].replace(" -q", "").split()) for line in ci_lines]  # no comments, no -q
+    steps = [" ".join(step.split()) for step in test_command.split("&&")]
+    missing = [step for step in steps if step not in ci]
+    assert not missing, f".ci/run lacks the README's steps {missing}"
+    installs = [step for step in steps if step.startswith("pip install") and "--no-deps" not in step]
+    assert installs and all("-c constraints.txt" in step for step in installs), "the README installs without the lock"
+    for line in (ROOT / "constraints.txt").read_text().splitlines():
+        assert line.startswith("#") or re.fullmatch(r"[a-z0-9\-]+==[\w.]+", line), f"constraints.txt: {line!r}"

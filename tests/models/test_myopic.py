@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 from contextlib import contextmanager
 
 import pytest
@@ -345,14 +346,26 @@ def test_padded_and_sliding_window_batches_give_the_exact_myopic_gradient(family
 @pytest.mark.parametrize("family", ["gpt2", "llama", "qwen2", "mistral", "neox"])
 def test_kv_cache_holds_vanilla_values_and_a_filled_cache_is_refused(family, tiny_lm, tokens):
     model = tiny_lm if family == "gpt2" else tiny_family(family)
-    vanilla = model(tokens, use_cache=True).past_key_values
+    vanilla = _returned_cache(model(tokens, use_cache=True))
     with myopic(model):
         out = model(tokens, use_cache=True)
         for layer in range(model.config.num_hidden_layers):
-            for mine, theirs in zip(_layer_cache(out.past_key_values, layer), _layer_cache(vanilla, layer)):
+            for mine, theirs in zip(_layer_cache(_returned_cache(out), layer), _layer_cache(vanilla, layer)):
+                assert mine.shape == theirs.shape  # the live heads only, not [live | copy]
                 torch.testing.assert_close(mine, theirs, atol=1e-12, rtol=0)
         with pytest.raises(ForethoughtError, match="filled KV cache is not supported"):
-            model(tokens[:, -1:], past_key_values=out.past_key_values, use_cache=True)
+            model(tokens[:, -1:], use_cache=True, **{_cache_argument(model): _returned_cache(out)})
+
+
+def _cache_argument(model) -> str:
+    """The name the installed transformers gives the KV cache argument: ``cache`` from 5.25, ``past_key_values``
+    before."""
+    return "cache" if "cache" in inspect.signature(type(model).forward).parameters else "past_key_values"
+
+
+def _returned_cache(out):
+    """The KV cache a forward returned, under the installed transformers' name for it."""
+    return out.cache if "cache" in out else out.past_key_values
 
 
 def _layer_cache(cache, layer: int) -> tuple[torch.Tensor, torch.Tensor]:

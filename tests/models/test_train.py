@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from importlib import metadata
+
 import pytest
 import torch
 
-from models.checkpoint import latest_checkpoint, list_checkpoints
+from models.checkpoint import latest_checkpoint, list_checkpoints, load_training_state
 from models.errors import ForethoughtError
 from models.gpt2 import build_regression, regression_config
 from models.tasks.synthetic import SyntheticTask
@@ -57,6 +59,9 @@ def test_interrupted_run_resumes_to_identical_weights(tmp_path, myopic):
         assert torch.equal(a, b), name
     assert resumed.history == straight.history
     assert [p.name for p in list_checkpoints(tmp_path / "resumed")] == ["step-0000010", "step-0000012"]
+    versions = load_training_state(resumed.checkpoint)["versions"]  # a checkpoint traces to the versions that made it
+    assert {package: versions[package] for package in ("torch", "transformers", "transformer-lens")} == {
+        package: metadata.version(package) for package in ("torch", "transformers", "transformer-lens")}
 
 
 def test_myopic_and_vanilla_runs_differ(tmp_path):
