@@ -20,13 +20,13 @@ import plotly.express as px
 import plotly.graph_objects as go
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from analyses.experiment import ExperimentResults, finish_run, prepare_out, writes_run
-from analyses.plots import difference_heatmap
-from analyses.results import CONTROL, read_results, run_meta
-from models.errors import ForethoughtError
-from models.families import non_embedding_parameters
-from models.gpt2 import quiet_loading
-from models.settings import check_settings
+from forethought.analyses.experiment import ExperimentResults, finish_run, prepare_out, writes_run
+from forethought.analyses.plots import difference_heatmap
+from forethought.analyses.results import CONTROL, read_results, run_meta
+from forethought.core.errors import ForethoughtError
+from forethought.core.settings import check_settings
+from forethought.models.families import non_embedding_parameters
+from forethought.models.gpt2 import quiet_loading
 
 KEYS = ["checkpoint", "task", "layer", "position", "tau", "target", "probe", "metric", "split"]
 GAP_SUFFIX = "(myopic − vanilla)"  # the checkpoint name of the myopia gap rows ends so

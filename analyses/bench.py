@@ -34,21 +34,21 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.preprocessing import StandardScaler
 from transformers import GPTNeoXConfig, LlamaConfig, PreTrainedModel
 
-from models.errors import ForethoughtError
-from models.files import file_digest
-from models.gpt2 import build_lm, gpt2_config, load_model
-from models.lm import LMCheckpoint
-from models.myopic import myopic
-from models.offsets import at_offset
-from models.precision import autocast, check_precision
-from models.settings import check_settings
-from models.sources import model_folder
-from models.tasks.pathstar import PathStarData, PathStarSpec, format_line, generate, parse_line
-from models.tasks.text import TextData, gpt2_tokenizer, next_token_loss
-from models.train import resolve_device
-from probes.cache import build_cache
-from probes.future import FutureProbeConfig, fit_future_probes
-from probes.residuals import bridge_residuals, load_bridge
+from forethought.core.errors import ForethoughtError
+from forethought.core.files import file_digest
+from forethought.core.offsets import at_offset
+from forethought.core.precision import autocast, check_precision
+from forethought.core.settings import check_settings
+from forethought.models.gpt2 import build_lm, gpt2_config, load_model
+from forethought.models.lm import LMCheckpoint
+from forethought.models.myopic import myopic
+from forethought.models.sources import model_folder
+from forethought.models.tasks.pathstar import PathStarData, PathStarSpec, format_line, generate, parse_line
+from forethought.models.tasks.text import TextData, gpt2_tokenizer, next_token_loss
+from forethought.models.train import resolve_device
+from forethought.probes.cache import build_cache
+from forethought.probes.future import FutureProbeConfig, fit_future_probes
+from forethought.probes.residuals import bridge_residuals, load_bridge
 
 
 @dataclass
@@ -330,7 +330,7 @@ def bench_cache(config: CacheBenchConfig) -> pd.DataFrame:
                 _synchronize(device)
                 seconds[name].append(time.perf_counter() - start)
             start = time.perf_counter()
-            build_cache(checkpoint.source, tokens, Path(work) / f"cache-{round_}", batch_size=config.batch_size,
+            build_cache(checkpoint, tokens, Path(work) / f"cache-{round_}", batch_size=config.batch_size,
                         device=device, progress=False, precision=config.precision, bridge=bridge)
             seconds["caching via the bridge"].append(time.perf_counter() - start)
     rates = {name: tokens.size / statistics.median(times) for name, times in seconds.items()}

@@ -19,8 +19,8 @@ from typing import Any, NoReturn
 
 from tqdm.auto import tqdm
 
-from analyses.across import AcrossConfig, run_seeds, run_trend
-from analyses.bench import (
+from forethought.analyses.across import AcrossConfig, run_seeds, run_trend
+from forethought.analyses.bench import (
     CacheBenchConfig,
     PathStarBenchConfig,
     ProbeBenchConfig,
@@ -30,16 +30,16 @@ from analyses.bench import (
     bench_probe,
     bench_train,
 )
-from analyses.compare import CompareConfig, run_compare
-from analyses.gap import GapConfig, run_gap
-from analyses.pathstar import PathStarConfig, PathStarDataConfig, run_pathstar, run_pathstar_data
-from analyses.precache import PrecacheConfig, run_precache
-from analyses.probe import ProbeConfig, run_probe
-from analyses.synthetic import SyntheticConfig, run_synthetic
-from models.errors import ForethoughtError
-from models.gpt2 import quiet_loading
-from models.lm import LM_TRAIN_PRESETS, LMTrainConfig, train_lm
-from models.settings import LIST_KINDS, as_text, from_text, list_kinds
+from forethought.analyses.compare import CompareConfig, run_compare
+from forethought.analyses.gap import GapConfig, run_gap
+from forethought.analyses.pathstar import PathStarConfig, PathStarDataConfig, run_pathstar, run_pathstar_data
+from forethought.analyses.precache import PrecacheConfig, run_precache
+from forethought.analyses.probe import ProbeConfig, run_probe
+from forethought.analyses.synthetic import SyntheticConfig, run_synthetic
+from forethought.core.errors import ForethoughtError
+from forethought.core.settings import LIST_KINDS, as_text, from_text, list_kinds
+from forethought.models.gpt2 import quiet_loading
+from forethought.models.lm import LM_TRAIN_PRESETS, LMTrainConfig, train_lm
 
 # Every figure in figures/, from the embedded default (a few hours on 2 CPU cores; each step resumes or reuses
 # what an earlier run left in runs/, so a rerun redoes only what changed).
@@ -222,7 +222,7 @@ def _own_fields_first(cls: type) -> list[Field]:
 
 
 def _list_from_text(kind: str, name: str, text: str) -> object:
-    """A list flag's value (:func:`models.settings.from_text`); a bad one is the parser's one-line error."""
+    """A list flag's value (:func:`core.settings.from_text`); a bad one is the parser's one-line error."""
     try:
         return from_text(kind, text, name)
     except ForethoughtError as error:
@@ -308,13 +308,11 @@ class _ProgressSafeHandler(logging.Handler):
 
 
 def show_library_logs() -> None:
-    """The workbench's own log records (``models``, ``probes``, ``analyses``; INFO and up) on stderr."""
-    handler = _ProgressSafeHandler()
-    for name in ("models", "probes", "analyses"):
-        logger = logging.getLogger(name)
-        if not logger.handlers:
-            logger.addHandler(handler)
-            logger.setLevel(logging.INFO)
+    """The workbench's own log records (the ``forethought`` loggers; INFO and up) on stderr."""
+    logger = logging.getLogger("forethought")
+    if not logger.handlers:
+        logger.addHandler(_ProgressSafeHandler())
+        logger.setLevel(logging.INFO)
 
 
 @quiet_loading()

@@ -4,6 +4,8 @@
     comparison.figure()                      # probe accuracy by layer; menus for probe kind, metric and τ
     comparison.heatmap("vanilla", "myopic")  # layer × τ paired differences with confidence marks
     comparison.to_dataframe()                # the tidy table (DESIGN.md's columns)
+    comparison.probe("vanilla", 3, 2)        # a fitted probe to hold: weight, bias, classes, predict, directions
+    comparison.predictions("vanilla", 3, 2)  # its top-5 tokens as text beside the truth and the model's own
 
 Nothing is computed until a result is asked for. Each checkpoint's residual streams are cached on disk and each
 probe grid's per-example scores are stored beside them (the layout of ``forethought probe --out``, so a probe
@@ -19,41 +21,28 @@ from itertools import cycle
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pandas as pd
 import plotly.graph_objects as go
-from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from analyses.plots import FDR_NOTE, PALETTE, difference_heatmap, save_figure
-from analyses.probing import (
+from forethought.analyses.engine import Probing, load_checkpoint
+from forethought.analyses.plots import FDR_NOTE, PALETTE, difference_heatmap, save_figure
+from forethought.analyses.probing import (
     BASELINE,
-    LENS_TAUS,
     LOGIT_LENS,
     ProbeSettings,
-    baseline_rows,
     check_name,
     check_names,
-    control_checkpoint,
-    counted_sequences,
-    heldout_tokens,
-    load_checkpoint,
-    residual_cache,
     saved_probing_run,
-    score_rows,
     span_text,
 )
-from analyses.results import CONTROL, tidy
-from models.errors import ForethoughtError
-from models.families import n_layers
-from models.gpt2 import quiet_loading
-from models.lm import LMCheckpoint, check_same_tokenizer
-from models.settings import check_settings
-from models.tasks.text import TextData, check_vocabulary, gpt2_tokenizer
-from models.train import resolve_device
-from probes.future import KINDS, METRICS, FutureProbeConfig, ProbeScores
-from probes.split import ProbeSplit
-from probes.store import probe_scores
+from forethought.analyses.results import CONTROL, tidy
+from forethought.core.errors import ForethoughtError
+from forethought.core.settings import check_settings
+from forethought.models.gpt2 import quiet_loading
+from forethought.models.lm import LMCheckpoint
+from forethought.models.tasks.text import check_vocabulary, gpt2_tokenizer
+from forethought.probes.future import METRICS
 
 CheckpointSource = str | Path | LMCheckpoint | PreTrainedModel  # folder, run folder, hub id, or in memory
 _DASHES = ("solid", "dash", "dot", "dashdot", "longdash", "longdashdot")
@@ -85,26 +74,14 @@ def run_compare(config: CompareConfig) -> Comparison:
     return comparison
 
 
-class Comparison:
-    """Future-token probe results of named checkpoints on the same held-out sequences, computed when asked for.
+class Comparison(Probing):
+    """Future-token probe results of named checkpoints on the same held-out sequences, computed when asked for,
+    and drawn: the probing engine (:class:`analyses.engine.Probing`: scores, held probes, predictions, the tidy
+    table) with figures on top.
 
     Build it with :meth:`from_checkpoints` (or :meth:`from_folder` for a ``forethought probe`` / ``precache``
     run). ``settings`` fix the held-out data and the (layer, τ) grid; the probe kind of each request may vary.
     """
-
-    def __init__(self, checkpoints: Mapping[str, LMCheckpoint], settings: ProbeSettings, folder: str | Path):
-        if not checkpoints:
-            raise ForethoughtError("a comparison needs at least one checkpoint")
-        self.settings, self.folder = settings, Path(folder)
-        self._checkpoints: dict[str, LMCheckpoint] = {}
-        for name, checkpoint in checkpoints.items():
-            self._admit(name, checkpoint)
-        self._device = str(resolve_device(settings.device))
-        self._scores: dict[tuple[str, str], ProbeScores] = {}  # (checkpoint, probe kind or LOGIT_LENS)
-        self._rows: dict[tuple[str, str], pd.DataFrame] = {}  # tidy rows of self._scores (bootstrapped once)
-        self._baselines: dict[str, pd.DataFrame] = {}  # per target
-        self._splits: dict[int | None, ProbeSplit] = {}  # per class set (top-K or every token)
-        self._heldout: tuple[TextData, np.ndarray] | None = None  # (data, tokens [n, seq])
 
     @classmethod
     def from_checkpoints(
@@ -141,137 +118,13 @@ class Comparison:
         self._admit(check_name(name, self._checkpoints), _load(name, source, self.folder, tokenizer))
         return self
 
-    def _admit(self, name: str, checkpoint: LMCheckpoint) -> None:
-        """Check that ``checkpoint`` can be fed the same tokens and has the requested layers; then keep it."""
-        if self._checkpoints:
-            first_name, first = next(iter(self._checkpoints.items()))
-            check_same_tokenizer({first_name: first, name: checkpoint})
-        self.settings.layer_list(n_layers(checkpoint.model.config))
-        self._checkpoints[name] = checkpoint
-
-    # ---- what is compared, and what has been computed
-
-    @property
-    def names(self) -> list[str]:
-        """The checkpoints, then the random-init control (if ``random_init``)."""
-        return [
-            *(name for name in self._checkpoints if name != CONTROL),
-            *([CONTROL] if self.settings.random_init else []),
-        ]
-
-    @property
-    def computed(self) -> dict[str, list[str]]:
-        """{probe kind: checkpoints whose probes of that kind are computed}."""
-        done: dict[str, list[str]] = {}
-        for name, kind in self._scores:
-            done.setdefault(kind, []).append(name)
-        return done
-
-    def layers(self, name: str) -> list[int]:
-        """The residual layers probed in checkpoint ``name``."""
-        return self.settings.layer_list(n_layers(self._checkpoint(name).model.config))
-
-    @property
-    def taus(self) -> list[int]:
-        return self.settings.tau_list()
-
-    @property
-    def tokens(self) -> np.ndarray:
-        """The held-out sequences every checkpoint is probed on [n, seq]."""
-        if self._heldout is None:
-            self._heldout = heldout_tokens(self._checkpoints, self.settings)
-        return self._heldout[1]
-
-    @quiet_loading()
-    def _checkpoint(self, name: str) -> LMCheckpoint:
-        if name == CONTROL and self.settings.random_init:
-            if CONTROL not in self._checkpoints:  # made on first use, then kept with the others (listed last)
-                first = next(iter(self._checkpoints.values()))
-                self._checkpoints[CONTROL] = control_checkpoint(first, self.settings.seed, self.folder)
-            return self._checkpoints[CONTROL]
-        if name not in self._checkpoints or name == CONTROL:
-            raise ForethoughtError(f"no checkpoint named {name!r}; this comparison holds {', '.join(self.names)}")
-        return self._checkpoints[name]
-
-    # ---- computing (lazily, once)
-
-    @quiet_loading()
-    def scores(self, name: str, kind: str | None = None) -> ProbeScores:
-        """Per-example held-out scores of checkpoint ``name``'s (layer, τ) probes of ``kind`` (or the logit
-        lens: ``kind="logit lens"``); fitted on first request, then read from memory or ``folder/scores``."""
-        kind = self._kind(kind)
-        if (name, kind) not in self._scores:
-            checkpoint = self._checkpoint(name)
-            cache = residual_cache(name, checkpoint, self.tokens, self.layers(name), self.settings, self.folder,
-                                   self._device)
-            config = (self.settings.lens_config(self._device) if kind == LOGIT_LENS
-                      else self.settings.probe_config(self._device, kind))
-            store = self.folder / "scores" / name.replace("/", "_")
-            taus = LENS_TAUS if kind == LOGIT_LENS else self.taus
-            self._scores[name, kind] = probe_scores(
-                cache, checkpoint.model, taus, config, store, self.settings.progress, self._split(config)
-            )
-        return self._scores[name, kind]
-
-    def _split(self, config: FutureProbeConfig) -> ProbeSplit:
-        """The held-out split of probes fitted as ``config``, and their classes: one per class set, shared by every
-        checkpoint's probes and the count baselines they are drawn beside."""
-        key = config.top_k if config.in_topk else None
-        if key not in self._splits:
-            self._splits[key] = config.split(self.tokens)
-        return self._splits[key]
-
-    def compute(self, kinds: str | Sequence[str] | None = None) -> Comparison:
-        """Probe every checkpoint with each of ``kinds`` (default: the settings' kind), and the logit lens."""
-        for kind in self._kinds(kinds):
-            missing = [name for name in self.names if {(name, kind), (name, LOGIT_LENS)} - self._scores.keys()]
-            for name in tqdm(missing, desc=f"probing ({kind})", disable=not self.settings.progress or not missing):
-                self.scores(name, kind)
-                self.scores(name, LOGIT_LENS)
-        return self
-
-    def _kind(self, kind: str | None) -> str:
-        kind = kind or self.settings.kind
-        if kind not in (*KINDS, LOGIT_LENS):
-            raise ForethoughtError(f"unknown probe kind {kind!r}; choose one of {', '.join((*KINDS, LOGIT_LENS))}")
-        return kind
-
-    def _kinds(self, kinds: str | Sequence[str] | None) -> list[str]:
-        """``kinds`` as a list; None: the kinds computed so far, or the settings' kind."""
-        if kinds is None:
-            return [kind for kind in self.computed if kind != LOGIT_LENS] or [self.settings.kind]
-        return [self._kind(kind) for kind in ([kinds] if isinstance(kinds, str) else kinds) if kind != LOGIT_LENS]
-
     # ---- results
 
     def to_dataframe(self, kinds: str | Sequence[str] | None = None) -> pd.DataFrame:
         """The tidy table (DESIGN.md's columns) of ``kinds`` (default: those computed, or the settings' kind):
-        every checkpoint's probes, their logit lens (τ = 1) and the count baselines for those probes' classes."""
-        kinds = self._kinds(kinds)
-        self.compute(kinds)
-        frames = []
-        for kind in kinds:
-            frames += [self._score_rows(name, kind) for name in self.names]
-        frames += [self._score_rows(name, LOGIT_LENS) for name in self.names]
-        vocab_size = self._checkpoint(self.names[0]).model.config.vocab_size
-        lens_classes = "topk" if self.settings.kind == "topk" else "lens"  # the logit lens predicts the run's classes
-        targets = {self.settings.target(kind): kind for kind in [lens_classes, *kinds]}  # one baseline per class set
-        missing = {target: kind for target, kind in targets.items() if target not in self._baselines}
-        counted = counted_sequences(self._checkpoints, self.settings) if missing else None  # loads the training data
-        for target, kind in missing.items():
-            split = self._split(self.settings.probe_config(self._device, kind))
-            self._baselines[target] = baseline_rows(self.tokens, split, self.settings, kind, vocab_size, counted)
-        frames += [self._baselines[target] for target in targets]
-        task = f"text: {self._heldout[0].corpus}" if self._heldout else None
-        return tidy(pd.concat(frames, ignore_index=True), task=task, seed=self.settings.seed)
-
-    def _score_rows(self, name: str, kind: str) -> pd.DataFrame:
-        """Tidy rows of :meth:`scores` (their bootstrap intervals are computed once)."""
-        if (name, kind) not in self._rows:
-            scores = self.scores(name, kind)
-            self._rows[name, kind] = (score_rows(scores, name, self.settings.target("lens"), probe=LOGIT_LENS)
-                                      if kind == LOGIT_LENS else score_rows(scores, name, self.settings.target(kind)))
-        return self._rows[name, kind]
+        every checkpoint's probes, their logit lens (τ = 1), the count baselines for those probes' classes, and
+        each probe − skip-bigram (:meth:`analyses.engine.Probing.table`)."""
+        return tidy(self.table(kinds), task=f"text: {self.heldout.corpus}", seed=self.settings.seed)
 
     def accuracy(self, kind: str | None = None, metric: str = "top1", layers: Sequence[int] | None = None,
                  taus: Sequence[int] | None = None) -> pd.DataFrame:
@@ -283,18 +136,6 @@ class Comparison:
         rows = rows[rows["layer"].isin(layers or rows["layer"]) & rows["tau"].isin(taus or rows["tau"])]
         return rows.pivot_table(index=["checkpoint", "tau"], columns="layer", values="value", sort=False)
 
-    def difference(self, a: str, b: str, kind: str | None = None) -> pd.DataFrame:
-        """Paired differences a − b per (layer, τ, metric) on the same held-out examples, with 95 % bootstrap
-        intervals resampling the same sequences for both (a = vanilla, b = myopic: the pre-caching estimate)."""
-        kind = self._kind(kind)
-        scores_a, scores_b = self.scores(a, kind), self.scores(b, kind)
-        shared = scores_a.values.keys() & scores_b.values.keys()  # the layers both have (depths may differ)
-        if not shared:
-            raise ForethoughtError(f"{a!r} and {b!r} have no probed layer in common")
-        restricted = [ProbeScores(s.kind, {key: s.values[key] for key in sorted(shared)}, s.sequence_ids)
-                      for s in (scores_a, scores_b)]
-        return restricted[0].minus(restricted[1]).assign(checkpoint=f"{a} − {b}")
-
     def heatmap(self, a: str, b: str, kind: str | None = None, metric: str = "top1",
                 layers: Sequence[int] | None = None, taus: Sequence[int] | None = None) -> go.Figure:
         """Layer × τ heatmap of ``metric``(a) − ``metric``(b); cells not significant over the grid (Benjamini–
@@ -305,18 +146,6 @@ class Comparison:
                     & rows["tau"].isin(taus or rows["tau"])]
         return difference_heatmap(rows, f"{metric}({a}) − {metric}({b}), {self._kind(kind)} probes, paired 95% CI; "
                                         + FDR_NOTE, colorbar="difference")
-
-    def _check_grid(self, names: Sequence[str], layers: Sequence[int] | None, taus: Sequence[int] | None) -> None:
-        """Refuse layers or τ outside what these checkpoints are probed at, saying what they are probed at."""
-        missing_taus = sorted(set(taus or ()) - set(self.taus))
-        if missing_taus:
-            raise ForethoughtError(f"τ {missing_taus} not computed: this comparison probes τ "
-                                   f"{', '.join(map(str, self.taus))} (set taus= when building it)")
-        for name in names:
-            missing = sorted(set(layers or ()) - set(self.layers(name)))
-            if missing:
-                raise ForethoughtError(f"layer {missing} not computed for {name!r}: it is probed at layers "
-                                       f"{', '.join(map(str, self.layers(name)))}")
 
     def figure(
         self, kinds: str | Sequence[str] | None = None, metric: str = "top1", tau: int | None = None
@@ -415,7 +244,7 @@ class Comparison:
             source = (
                 "made on first use"
                 if name == CONTROL and name not in self._checkpoints
-                else self._checkpoint(name).source
+                else self.checkpoint(name).source
             )
             layers = (
                 ("all" if self.settings.layers is None else span_text(sorted(set(self.settings.layers))))

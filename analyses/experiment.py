@@ -18,13 +18,13 @@ from typing import Any, ClassVar
 import pandas as pd
 import plotly.graph_objects as go
 
-from analyses.plots import save_figure
-from analyses.results import read_results, write_results
-from models.checkpoint import changed_settings
-from models.errors import ForethoughtError
-from models.files import atomic_write_json, read_json, run_lock
-from models.settings import UNBOUND, typed_settings
-from models.train import TrainConfig
+from forethought.analyses.plots import save_figure
+from forethought.analyses.results import read_results, write_results
+from forethought.core.errors import ForethoughtError
+from forethought.core.files import atomic_write_json, read_json, run_lock
+from forethought.core.settings import UNBOUND, typed_settings
+from forethought.models.checkpoint import changed_settings
+from forethought.models.train import TrainConfig
 
 
 class ExperimentConfig:

@@ -18,19 +18,19 @@ import plotly.graph_objects as go
 import torch
 from plotly.subplots import make_subplots
 
-from analyses.experiment import ExperimentResults, finish_run, prepare_out, writes_run
-from analyses.plots import PALETTE, loss_curves_figure
-from analyses.results import run_meta, tidy
-from models.checkpoint import training_history
-from models.errors import ForethoughtError
-from models.heldout import heldout_data, token_losses
-from models.lm import LMCheckpoint
-from models.myopic import myopic_layers
-from models.settings import check_settings
-from models.train import resolve_device
-from models.twins import TWINS, check_twins
-from probes.gradients import future_gradient_share
-from probes.metrics import mean_scores
+from forethought.analyses.experiment import ExperimentResults, finish_run, prepare_out, writes_run
+from forethought.analyses.plots import PALETTE, loss_curves_figure
+from forethought.analyses.results import run_meta, tidy
+from forethought.core.errors import ForethoughtError
+from forethought.core.settings import check_settings
+from forethought.models.checkpoint import training_history
+from forethought.models.heldout import heldout_data, token_losses
+from forethought.models.lm import LMCheckpoint
+from forethought.models.myopic import myopic_layers
+from forethought.models.train import resolve_device
+from forethought.models.twins import TWINS, check_twins
+from forethought.probes.gradients import future_gradient_share
+from forethought.probes.metrics import mean_scores
 
 log = logging.getLogger(__name__)
 GAP = "myopia gap (myopic − vanilla)"

@@ -21,20 +21,20 @@ import plotly.express as px
 import plotly.graph_objects as go
 import torch
 
-from analyses.experiment import ExperimentConfig, ExperimentResults, finish_run, prepare_out, writes_run
-from analyses.plots import facet_labels_as_values
-from analyses.results import CONTROL, run_meta, tidy
-from models.errors import ForethoughtError
-from models.files import check_free_space
-from models.gpt2 import build_lm, gpt2_config
-from models.offsets import at_offset
-from models.settings import check_settings
-from models.tasks.pathstar import PathStarData, PathStarSpec, PathStarTask, check_regime, generate_split
-from models.train import train
-from probes.fit import fit_logistic_by_layer
-from probes.metrics import mean_scores
-from probes.residuals import model_residuals
-from probes.split import split_sequences
+from forethought.analyses.experiment import ExperimentConfig, ExperimentResults, finish_run, prepare_out, writes_run
+from forethought.analyses.plots import facet_labels_as_values
+from forethought.analyses.results import CONTROL, run_meta, tidy
+from forethought.core.errors import ForethoughtError
+from forethought.core.files import check_free_space
+from forethought.core.offsets import at_offset
+from forethought.core.settings import check_settings
+from forethought.models.gpt2 import build_lm, gpt2_config
+from forethought.models.tasks.pathstar import PathStarData, PathStarSpec, PathStarTask, check_regime, generate_split
+from forethought.models.train import train
+from forethought.probes.fit import fit_logistic_by_layer
+from forethought.probes.metrics import mean_scores
+from forethought.probes.residuals import model_residuals
+from forethought.probes.split import split_sequences
 
 TRAININGS = {"vanilla": False, "myopic": True}
 

@@ -10,7 +10,7 @@ import pandas as pd
 import plotly.express as px
 import plotly.graph_objects as go
 
-from probes.metrics import fdr_significant
+from forethought.probes.metrics import fdr_significant
 
 _CHROMIUM = ("chromium", "chromium-browser", "google-chrome", "chrome")
 PALETTE = px.colors.qualitative.D3  # every figure's line colours, in order (the control takes D3's gray)

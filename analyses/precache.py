@@ -17,14 +17,15 @@ import pandas as pd
 import plotly.graph_objects as go
 import torch
 
-from analyses.experiment import finish_run, writes_run
-from analyses.plots import FDR_NOTE, difference_heatmap
-from analyses.probing import ProbeSettings, ProbingResults, load_checkpoints, probe_checkpoints, probe_meta
-from analyses.results import tidy
-from models.errors import ForethoughtError
-from models.train import resolve_device
-from models.twins import check_twins
-from probes.gradients import future_gradient_share
+from forethought.analyses.engine import load_checkpoints, probe_checkpoints, probe_meta
+from forethought.analyses.experiment import finish_run, writes_run
+from forethought.analyses.plots import FDR_NOTE, difference_heatmap
+from forethought.analyses.probing import ProbeSettings, ProbingResults
+from forethought.analyses.results import tidy
+from forethought.core.errors import ForethoughtError
+from forethought.models.train import resolve_device
+from forethought.models.twins import check_twins
+from forethought.probes.gradients import future_gradient_share
 
 PRECACHE = "pre-caching (vanilla − myopic)"
 

@@ -12,17 +12,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar
 
-from analyses.experiment import finish_run, writes_run
-from analyses.probing import (
-    ProbeSettings,
-    ProbingResults,
-    check_names,
-    load_checkpoints,
-    probe_checkpoints,
-    probe_meta,
-)
-from analyses.results import tidy
-from models.errors import ForethoughtError
+import pandas as pd
+
+from forethought.analyses.engine import load_checkpoints, probe_checkpoints, probe_meta
+from forethought.analyses.experiment import finish_run, writes_run
+from forethought.analyses.probing import ProbeSettings, ProbingResults, check_names
+from forethought.analyses.results import tidy
+from forethought.core.errors import ForethoughtError
 
 
 @dataclass
@@ -32,6 +28,7 @@ class ProbeConfig(ProbeSettings):
     checkpoints: dict[str, str] = field(default_factory=dict)  # {name: folder, hub id, smollm2-135m or gguf:PATH}
     out: str = "runs/probe"
     figures_dir: str | None = None  # also copy the figures here
+    show: int = 0  # also print N held-out positions as text: per τ, the best layer's top-5 tokens beside the truth
 
     def __post_init__(self):
         super().__post_init__()
@@ -45,9 +42,17 @@ class ProbeConfig(ProbeSettings):
 
 @dataclass
 class ProbeResults(ProbingResults):
-    """Held-out metrics of every (checkpoint, layer, τ) probe, the control and the count baselines."""
+    """Held-out metrics of every (checkpoint, layer, τ) probe, the control and the count baselines; with
+    ``--show N``, the first checkpoint's probes at N held-out positions as text (:attr:`predictions`, per τ)."""
 
     CONFIG: ClassVar[type] = ProbeConfig
+    predictions: dict[int, pd.DataFrame] = field(default_factory=dict)
+
+    def summary(self) -> str:
+        shown = [f"{self.config.kind} probes of {table.attrs['checkpoint']} at layer {table.attrs['layer']}, τ = {tau} "
+                 f"(its best top-1), {len(table)} held-out positions:\n" + table.to_string(index=False)
+                 for tau, table in self.predictions.items()]
+        return "\n".join([super().summary(), *shown])
 
 
 @writes_run
@@ -58,4 +63,10 @@ def run_probe(config: ProbeConfig) -> ProbeResults:
     table = tidy(run.rows, task=f"text: {run.data.corpus}", seed=config.seed)
     results = ProbeResults(config=config, table=table)
     finish_run(results, Path(config.out), probe_meta(run))
+    if config.show:
+        name = next(iter(checkpoints))
+        for tau, layer in results.best_layers(name).items():
+            shown = run.engine.predictions(name, layer, tau, config.show)
+            shown.attrs.update(checkpoint=name, layer=layer)
+            results.predictions[tau] = shown
     return results

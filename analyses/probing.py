@@ -1,41 +1,27 @@
-"""Probing named checkpoints on held-out text: the plumbing that ``forethought probe``, ``precache`` and
-:class:`analyses.compare.Comparison` share.
-
-The settings (:class:`ProbeSettings`), naming and loading the checkpoints, the random-init control, caching each
-checkpoint's residual streams (:mod:`probes.cache`), the probe grid's stored scores (:mod:`probes.store`), the logit
-lens and the count baselines (:mod:`probes.baselines`) as tidy rows, and the results object a probing run returns.
-"""
+"""Probing named checkpoints on held-out text: what ``forethought probe``, ``precache`` and
+:class:`analyses.compare.Comparison` share besides the engine (:mod:`analyses.engine`) — the settings
+(:class:`ProbeSettings`), checkpoint names, the results object a probing run returns, and reading a finished
+run's settings back."""
 
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import ClassVar
 
-import numpy as np
 import pandas as pd
 import plotly.express as px
 import plotly.graph_objects as go
 
-from analyses.experiment import ExperimentResults, prepare_out
-from analyses.plots import PALETTE, facet_labels_as_values
-from analyses.results import CONTROL, read_results, run_meta
-from models.errors import ForethoughtError
-from models.families import n_layers
-from models.files import check_free_space, read_json, staged_folder
-from models.gpt2 import build_lm
-from models.heldout import heldout_data
-from models.lm import LMCheckpoint, check_same_tokenizer
-from models.precision import check_precision
-from models.settings import UNBOUND, as_text, check_settings, typed_settings
-from models.tasks.text import TextData, tokenization
-from models.train import resolve_device
-from probes.baselines import count_baselines
-from probes.cache import PROCESSING_MODE, ResidualCache, build_cache
-from probes.future import FutureProbeConfig, ProbeScores
-from probes.split import ProbeSplit
-from probes.store import probe_scores
+from forethought.analyses.experiment import ExperimentResults
+from forethought.analyses.plots import PALETTE, facet_labels_as_values
+from forethought.analyses.results import CONTROL, read_results
+from forethought.core.errors import ForethoughtError
+from forethought.core.files import read_json
+from forethought.core.precision import check_precision
+from forethought.core.settings import UNBOUND, as_text, check_settings, typed_settings
+from forethought.probes.future import FutureProbeConfig
 
 LOGIT_LENS = "logit lens"
 LENS_TAUS = [1]  # the logit lens reads the model's own next-token prediction
@@ -158,6 +144,14 @@ class ProbingResults(ExperimentResults):
         rows = rows[rows["checkpoint"] == (checkpoint or rows["checkpoint"].iloc[0])]
         return rows.set_index(["layer", "tau"])[["value", "ci_low", "ci_high", "n"]]
 
+    def best_layers(self, checkpoint: str, metric: str = "top1") -> dict[int, int]:
+        """{τ: the layer whose probe scores best on ``metric``} for ``checkpoint`` (on the held-out test
+        examples: a description of this run, not a choice made on validation data)."""
+        rows = self._probed(metric)
+        rows = rows[rows["checkpoint"] == checkpoint]
+        best = rows.loc[(rows["value"] if metric != "cross_entropy" else -rows["value"]).groupby(rows["tau"]).idxmax()]
+        return {int(tau): int(layer) for tau, layer in zip(best["tau"], best["layer"])}
+
     def reading(self, checkpoint: str | None = None, metric: str = "top1") -> str:
         """The plain reading: per τ, the best layer's probe minus the skip-bigram with its paired 95 % interval,
         and the layers whose interval lies wholly on the better side of 0 (higher top-1 / top-5, lower
@@ -233,146 +227,6 @@ def span_text(layers: list[int]) -> str:
             start = layer
     return ", ".join(runs)
 
-
-
-def load_checkpoints(named: dict[str, str]) -> dict[str, LMCheckpoint]:
-    """Load every named checkpoint (one that cannot be loaded is named with the reason); they must share a
-    tokenizer, to be probed on the same tokens."""
-    checkpoints = {name: load_checkpoint(name, source) for name, source in named.items()}
-    check_same_tokenizer(checkpoints)
-    return checkpoints
-
-
-def load_checkpoint(name: str, source: str | Path) -> LMCheckpoint:
-    try:
-        return LMCheckpoint.load(source)
-    except (ForethoughtError, OSError, ValueError) as error:
-        raise ForethoughtError(f"checkpoint {name!r} ({source}) cannot be loaded: {error}") from None
-
-
-def heldout_tokens(checkpoints: dict[str, LMCheckpoint], settings: ProbeSettings) -> tuple[TextData, np.ndarray]:
-    """The held-out data and its first ``max_sequences`` test sequences [n, seq] (the tokens probed)."""
-    data = heldout_data(checkpoints, settings.corpus, settings.layout, settings.seq_len, settings.prepend_bos)
-    first = next(iter(checkpoints.values()))
-    return data, data.load(first.tokenizer, settings.tokens_root)["test"][: settings.max_sequences]
-
-
-def control_checkpoint(like: LMCheckpoint, seed: int, folder: Path) -> LMCheckpoint:
-    """A random-init model of ``like``'s architecture, any family (saved in ``folder/random-init``, so it can be
-    cached)."""
-    model = build_lm(like.model.config, seed=seed)
-    check_free_space(folder, sum(t.numel() * t.element_size() for t in model.state_dict().values()) + 2**24,
-                     "the random-init control")
-    with staged_folder(folder / "random-init") as staging:
-        model.save_pretrained(staging)
-        like.tokenizer.save_pretrained(staging)
-    return LMCheckpoint.load(folder / "random-init")
-
-
-def residual_cache(name: str, checkpoint: LMCheckpoint, tokens: np.ndarray, layers: list[int],
-                   settings: ProbeSettings, folder: Path, device: str) -> ResidualCache:
-    """``checkpoint``'s residuals over ``tokens``, cached in ``folder/caches/<name>`` (reused when there)."""
-    return build_cache(checkpoint.source, tokens, folder / "caches" / name.replace("/", "_"), layers,
-                       settings.batch_sequences, device, settings.progress, settings.precision)
-
-
-def score_rows(scores: ProbeScores, checkpoint: str, target: str, probe: str | None = None) -> pd.DataFrame:
-    """Tidy rows of ``scores`` (named ``probe``, e.g. :data:`LOGIT_LENS`, instead of the scores' kind)."""
-    table = scores.table().assign(checkpoint=checkpoint, target=target)
-    return table if probe is None else table.assign(probe=probe)
-
-
-def counted_sequences(checkpoints: dict[str, LMCheckpoint], settings: ProbeSettings) -> np.ndarray | None:
-    """The checkpoints' own training sequences [m, T] where the held-out text is their data (the count baselines
-    then know what the models saw); None for another corpus (the baselines count the probes' training split)."""
-    if settings.corpus is not None:
-        return None
-    data = heldout_data(checkpoints, None, settings.layout, settings.seq_len, settings.prepend_bos)
-    return data.load(next(iter(checkpoints.values())).tokenizer, settings.tokens_root)["train"]
-
-
-def baseline_rows(tokens: np.ndarray, split: ProbeSplit, settings: ProbeSettings, kind: str, vocab_size: int,
-                  counted: np.ndarray | None = None) -> pd.DataFrame:
-    """Tidy rows of the unigram and skip-bigram baselines on the held-out examples of ``split`` (the probes' of
-    ``kind``), over its classes, counted on ``counted`` (:func:`counted_sequences`) or else its training part."""
-    return count_baselines(tokens, split.train, split.test, settings.tau_list(), vocab_size, classes=split.classes,
-                           counted=counted).table().assign(checkpoint=BASELINE, target=settings.target(kind))
-
-
-@dataclass
-class ProbeRun:
-    """What probing a set of checkpoints produced, before it is written: rows, and per-example scores."""
-
-    data: TextData
-    tokens: np.ndarray  # [n, seq] the held-out sequences probed
-    rows: list[dict[str, Any]]
-    scores: dict[str, ProbeScores]  # per checkpoint (and the control)
-    sources: dict[str, str]
-    tokenization: dict[str, Any]  # tokenizer, BOS policy and how the text was cut (checked equal for all)
-    baselines_counted_on: str  # which tokens the count baselines count
-    origins: dict[str, dict[str, Any]]  # converted models' cards (where a model came from, licence)
-    split: ProbeSplit  # the probes', the lens' and the baselines' sequences, and the classes they predict
-
-
-def counted_on(counted: np.ndarray | None, split: ProbeSplit) -> str:
-    """What the count baselines counted, in words (``meta.json``)."""
-    if counted is not None:
-        return f"the models' {counted.size:,} training tokens ({len(counted):,} sequences)"
-    return f"the probes' training split of the held-out text ({len(split.train):,} sequences)"
-
-
-def probe_checkpoints(config: ProbeSettings, checkpoints: dict[str, LMCheckpoint], out: str | Path) -> ProbeRun:
-    """Cache and probe ``checkpoints`` (and the control) on held-out text into the run folder ``out``; add the
-    logit lens and the baselines. The held-out data, layers and τ are checked before the folder is written."""
-    first = next(iter(checkpoints.values()))
-    data, tokens = heldout_tokens(checkpoints, config)
-    layers = config.layer_list(n_layers(first.model.config))
-    if max(config.tau_list()) >= tokens.shape[1]:
-        raise ForethoughtError(f"taus reach {max(config.tau_list())}, but the held-out sequences have "
-                               f"{tokens.shape[1]} tokens: τ must stay below that")
-    out = prepare_out(out, config)
-    device = str(resolve_device(config.device))
-    if config.random_init:
-        checkpoints = {**checkpoints, CONTROL: control_checkpoint(first, config.seed, out)}
-    split = config.probe_config(device).split(tokens)  # the probes', the lens' and the baselines' examples
-    frames, scores, lenses = [], {}, {}
-    for name, checkpoint in checkpoints.items():
-        cache = residual_cache(name, checkpoint, tokens, layers, config, out, device)
-        store = out / "scores" / name.replace("/", "_")
-        scores[name] = probe_scores(cache, checkpoint.model, config.tau_list(), config.probe_config(device), store,
-                                    config.progress, split)
-        lens = probe_scores(cache, checkpoint.model, LENS_TAUS, config.lens_config(device), store, config.progress,
-                            split)
-        frames += [score_rows(scores[name], name, config.target()),
-                   score_rows(lens, name, config.target("lens"), probe=LOGIT_LENS)]
-        lenses[name] = lens
-    counted = counted_sequences(checkpoints, config)
-    baselines = count_baselines(tokens, split.train, split.test, config.tau_list(), first.model.config.vocab_size,
-                                classes=split.classes, counted=counted)
-    frames.append(baselines.table().assign(checkpoint=BASELINE, target=config.target()))
-    frames += [scores[name].minus_baseline(baselines, SKIP_BIGRAM).assign(checkpoint=name, target=config.target())
-               for name in checkpoints]  # beyond the counts: paired probe − skip-bigram per (layer, τ)
-    frames += [lenses[name].minus_baseline(baselines, SKIP_BIGRAM).assign(  # the lens predicts the probes' classes
-        checkpoint=name, target=config.target("lens"), probe=f"{LOGIT_LENS} − {SKIP_BIGRAM}") for name in checkpoints]
-    rows = pd.concat(frames, ignore_index=True).to_dict("records")
-    return ProbeRun(data, tokens, rows, scores, {name: c.source for name, c in checkpoints.items()},
-                    tokenization(first.tokenizer, data), counted_on(counted, split),
-                    {name: c.origin for name, c in checkpoints.items() if c.origin}, split)
-
-
-def probe_meta(run: ProbeRun) -> dict[str, Any]:
-    """Provenance of a probing run for ``meta.json``."""
-    return run_meta(data=asdict(run.data), heldout=f"first {len(run.tokens)} sequences of the test documents",
-                    checkpoints=run.sources, models=run.origins, tokenization=run.tokenization,
-                    baselines_counted_on=run.baselines_counted_on, probe_split=split_record(run.split),
-                    processing_mode=PROCESSING_MODE)
-
-
-def split_record(split: ProbeSplit) -> dict[str, Any]:
-    """The probe split in ``meta.json``: each part's sequence ids (into the held-out sequences probed) and the
-    top-K classes' token ids (None: every token is a class)."""
-    return {"train": split.train.tolist(), "validation": split.validation.tolist(), "test": split.test.tolist(),
-            "classes": None if split.classes is None else split.classes.tolist()}
 
 
 def saved_probing_run(out: str | Path) -> tuple[ProbeSettings, dict[str, str]]:

@@ -17,9 +17,9 @@ from typing import Any
 
 import pandas as pd
 
-from models.errors import ForethoughtError
-from models.files import atomic_write_bytes, atomic_write_json, atomic_write_text, read_json
-from models.versions import package_versions
+from forethought.core.errors import ForethoughtError
+from forethought.core.files import atomic_write_bytes, atomic_write_json, atomic_write_text, read_json
+from forethought.core.versions import package_versions
 
 COLUMNS = [
     "checkpoint", "task", "layer", "position", "tau", "target", "probe", "metric", "split", "seed",

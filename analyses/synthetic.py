@@ -17,19 +17,19 @@ import plotly.graph_objects as go
 import torch
 from torch.nn.functional import huber_loss
 
-from analyses.experiment import ExperimentConfig, ExperimentResults, finish_run, prepare_out, writes_run
-from analyses.plots import loss_curves_figure, probe_r2_figure
-from analyses.results import CONTROL, run_meta, tidy
-from models.errors import ForethoughtError
-from models.gpt2 import GPT2RegressionModel, build_regression, load_model, regression_config
-from models.settings import check_settings
-from models.tasks.synthetic import SyntheticTask
-from models.train import train
-from models.twins import TWINS
-from probes.fit import fit_ridge_by_layer
-from probes.metrics import mean_scores
-from probes.residuals import model_residuals
-from probes.split import split_sequences
+from forethought.analyses.experiment import ExperimentConfig, ExperimentResults, finish_run, prepare_out, writes_run
+from forethought.analyses.plots import loss_curves_figure, probe_r2_figure
+from forethought.analyses.results import CONTROL, run_meta, tidy
+from forethought.core.errors import ForethoughtError
+from forethought.core.settings import check_settings
+from forethought.models.gpt2 import GPT2RegressionModel, build_regression, load_model, regression_config
+from forethought.models.tasks.synthetic import SyntheticTask
+from forethought.models.train import train
+from forethought.models.twins import TWINS
+from forethought.probes.fit import fit_ridge_by_layer
+from forethought.probes.metrics import mean_scores
+from forethought.probes.residuals import model_residuals
+from forethought.probes.split import split_sequences
 
 
 @dataclass

@@ -22,9 +22,9 @@ from typing import Any
 import torch
 from transformers import PreTrainedModel
 
-from models.errors import ForethoughtError
-from models.files import check_free_space, staged_folder
-from models.gpt2 import quiet_loading
+from forethought.core.errors import ForethoughtError
+from forethought.core.files import check_free_space, staged_folder
+from forethought.models.gpt2 import quiet_loading
 
 STATE_FILE = "training_state.pt"
 _STEP_FOLDER = re.compile(r"^step-(\d+)$")

@@ -18,7 +18,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from models.errors import ForethoughtError
+from forethought.core.errors import ForethoughtError
 
 
 @dataclass(frozen=True)

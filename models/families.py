@@ -11,7 +11,7 @@ from __future__ import annotations
 from torch import nn
 from transformers import PretrainedConfig, PreTrainedModel
 
-from models.errors import ForethoughtError
+from forethought.core.errors import ForethoughtError
 
 _BLOCKS = ("h", "layers")  # GPT-2 / GPT-J: .h; Llama, Mistral, Qwen2, GPT-NeoX: .layers
 _FINAL_NORMS = ("ln_f", "norm", "final_layer_norm")  # GPT-2; Llama-family; GPT-NeoX

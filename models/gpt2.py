@@ -22,9 +22,9 @@ from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_N
 from transformers.models.gpt2.modeling_gpt2 import GPT2Model, GPT2PreTrainedModel
 from transformers.utils import logging as transformers_logging
 
-from models.errors import ForethoughtError
-from models.files import read_json
-from models.hub import hub_reachable
+from forethought.core.errors import ForethoughtError
+from forethought.core.files import read_json
+from forethought.models.hub import hub_reachable
 
 ModelKind = Literal["lm", "regression"]
 

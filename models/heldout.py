@@ -9,9 +9,9 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from models.errors import ForethoughtError
-from models.lm import LMCheckpoint
-from models.tasks.text import TextData, next_token_loss
+from forethought.core.errors import ForethoughtError
+from forethought.models.lm import LMCheckpoint
+from forethought.models.tasks.text import TextData, next_token_loss
 
 
 def heldout_data(checkpoints: dict[str, LMCheckpoint], corpus: str | None, layout: str, seq_len: int,

@@ -21,20 +21,20 @@ from typing import Any, ClassVar
 from torch import nn
 from transformers import AutoConfig, AutoTokenizer, PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
 
-from models.checkpoint import changed_settings
-from models.distributed import Distributed
-from models.errors import ForethoughtError
-from models.families import architecture
-from models.files import atomic_write_json, read_json, run_lock
-from models.gpt2 import CAUSAL_LM_CLASSES, build_lm, gpt2_config, load_model
-from models.hub import hub_reachable
-from models.myopic import check_cut, check_myopic_support
-from models.precision import TRAINING_PRECISIONS, check_precision
-from models.settings import check_settings
-from models.sources import model_folder, source_card
-from models.tasks.bpe import bpe_size, corpus_bpe
-from models.tasks.text import TextData, TextTask, check_vocabulary, gpt2_tokenizer, tokenizer_fingerprint
-from models.train import TrainConfig, TrainResult, resolve_device, train
+from forethought.core.errors import ForethoughtError
+from forethought.core.files import atomic_write_json, read_json, run_lock
+from forethought.core.precision import TRAINING_PRECISIONS, check_precision
+from forethought.core.settings import check_settings
+from forethought.models.checkpoint import changed_settings
+from forethought.models.distributed import Distributed
+from forethought.models.families import architecture
+from forethought.models.gpt2 import CAUSAL_LM_CLASSES, build_lm, gpt2_config, load_model
+from forethought.models.hub import hub_reachable
+from forethought.models.myopic import check_cut, check_myopic_support
+from forethought.models.sources import model_folder, source_card
+from forethought.models.tasks.bpe import bpe_size, corpus_bpe
+from forethought.models.tasks.text import TextData, TextTask, check_vocabulary, gpt2_tokenizer, tokenizer_fingerprint
+from forethought.models.train import TrainConfig, TrainResult, resolve_device, train
 
 DESCRIPTION_FILE = "forethought.json"
 LM_PRESETS: dict[str, dict[str, int]] = {  # from-scratch architectures (GPT-2 small is the paper's)

@@ -40,7 +40,7 @@ from transformers import AttentionInterface, AttentionMaskInterface
 from transformers.masking_utils import sdpa_mask
 from transformers.models.gpt2.modeling_gpt2 import GPT2Attention
 
-from models.errors import ForethoughtError
+from forethought.core.errors import ForethoughtError
 
 Cut = Literal["residual", "kv"]
 Impl = Literal["auto", "fast", "reference"]

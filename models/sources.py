@@ -34,10 +34,10 @@ from typing import Any
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from models.checkpoint import latest_checkpoint
-from models.errors import ForethoughtError
-from models.files import check_free_space
-from models.gpt2 import quiet_loading
+from forethought.core.errors import ForethoughtError
+from forethought.core.files import check_free_space
+from forethought.models.checkpoint import latest_checkpoint
+from forethought.models.gpt2 import quiet_loading
 
 SOURCE_FILE = "forethought-source.json"  # what a converted folder was made from
 GGUF_PREFIX = "gguf:"

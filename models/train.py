@@ -21,15 +21,15 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel, get_cosine_schedule_with_warmup
 
-from models.checkpoint import checkpoints_dir, latest_checkpoint, load_training_state, save_checkpoint
-from models.distributed import Distributed
-from models.errors import ForethoughtError
-from models.files import run_lock
-from models.myopic import check_cut, myopic
-from models.precision import TRAINING_PRECISIONS, check_precision, training_precision
-from models.precision import autocast as precision_autocast
-from models.settings import check_settings
-from models.versions import package_versions
+from forethought.core.errors import ForethoughtError
+from forethought.core.files import run_lock
+from forethought.core.precision import TRAINING_PRECISIONS, check_precision, training_precision
+from forethought.core.precision import autocast as precision_autocast
+from forethought.core.settings import check_settings
+from forethought.core.versions import package_versions
+from forethought.models.checkpoint import checkpoints_dir, latest_checkpoint, load_training_state, save_checkpoint
+from forethought.models.distributed import Distributed
+from forethought.models.myopic import check_cut, myopic
 
 
 class Task(Protocol):

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from typing import Any
 
-from models.checkpoint import changed_settings, checkpoint_step
-from models.errors import ForethoughtError
-from models.families import architecture_summary
-from models.lm import LMCheckpoint, check_same_tokenizer
-from models.settings import UNBOUND
+from forethought.core.errors import ForethoughtError
+from forethought.core.settings import UNBOUND
+from forethought.models.checkpoint import changed_settings, checkpoint_step
+from forethought.models.families import architecture_summary
+from forethought.models.lm import LMCheckpoint, check_same_tokenizer
 
 TWINS = ("vanilla", "myopic")
 

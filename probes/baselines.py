@@ -20,8 +20,8 @@ import numpy as np
 import pandas as pd
 from scipy.sparse import coo_matrix
 
-from models.offsets import at_offset
-from probes.metrics import mean_scores
+from forethought.core.offsets import at_offset
+from forethought.probes.metrics import mean_scores
 
 
 @dataclass

@@ -30,16 +30,20 @@ import torch
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel
 
-from models.errors import ForethoughtError
-from models.files import atomic_write_json, check_digest, check_free_space, file_digest, read_json, size_text
-from models.precision import autocast, check_precision
-from models.sources import model_folder
-from models.versions import package_versions
-from probes.residuals import TransformerBridge, bridge_residuals, hook_name, load_bridge
+from forethought.core.errors import ForethoughtError
+from forethought.core.files import atomic_write_json, check_digest, check_free_space, file_digest, read_json, size_text
+from forethought.core.precision import autocast, check_precision
+from forethought.core.versions import package_versions
+from forethought.models.families import decoder_blocks
+from forethought.models.lm import LMCheckpoint
+from forethought.probes.residuals import TransformerBridge, bridge_over_copy, bridge_residuals, hook_name
 
 log = logging.getLogger(__name__)
 PROCESSING_MODE = "raw Hugging Face weights (TransformerBridge, no weight processing)"
 _PROGRESS = "progress.json"
+
+
+WEIGHTS_HASHED = "model"  # what weights_hash digests: the model's own state dict (older caches: the bridge's)
 
 
 def weights_hash(model: PreTrainedModel) -> str:
@@ -139,7 +143,7 @@ def cache_bytes(n_sequences: int, seq_len: int, d_model: int, n_layers: int, dty
 
 
 def build_cache(
-    source: str | Path,
+    checkpoint: LMCheckpoint | str | Path,
     tokens: np.ndarray,
     folder: str | Path,
     layers: Sequence[int] | None = None,
@@ -149,24 +153,29 @@ def build_cache(
     precision: str = "float32",
     bridge: TransformerBridge | None = None,
 ) -> ResidualCache:
-    """Cache h[l] of the model at ``source`` (any :func:`models.sources.model_folder` source) over ``tokens``
-    [n, seq] — exactly those tokens: nothing (no BOS) is added. ``precision``: the forward pass's (recorded).
+    """Cache h[l] of ``checkpoint`` (a loaded :class:`~models.lm.LMCheckpoint`, or any
+    :func:`models.sources.model_folder` source, loaded here) over ``tokens`` [n, seq] — exactly those tokens: nothing
+    (no BOS) is added. ``precision``: the forward pass's (recorded).
 
-    A finished cache of the same checkpoint, data, layers and precision is reused; an interrupted one resumes;
-    one of anything else is refused with what differs. Needs and checks the disk space before writing.
-    ``bridge``: the model already booted from ``source`` (else it is booted here).
+    A finished cache of the same weights, data, layers and precision is reused without running the model; an
+    interrupted one resumes; one of anything else is refused with what differs. Needs and checks the disk space
+    before writing. The residuals come through TransformerLens, booted over a copy of the model (the bridge rewraps
+    the modules it is given) and only when there is something to compute; ``bridge``: one booted already (a
+    benchmark that does not time the boot).
     """
     folder, tokens = Path(folder), np.ascontiguousarray(tokens, dtype=np.int64)
     if tokens.ndim != 2 or tokens.size == 0:
         raise ForethoughtError(f"tokens must be a non-empty [n_sequences, seq] array, got shape {tokens.shape}")
     check_precision(precision)
-    source = model_folder(source)
-    bridge = bridge or load_bridge(source, device=device)
-    n_layers, d_model = bridge.cfg.n_layers, bridge.cfg.d_model
+    if not isinstance(checkpoint, LMCheckpoint):
+        checkpoint = LMCheckpoint.load(checkpoint)
+    model = checkpoint.model
+    n_layers, d_model = len(decoder_blocks(model)), model.config.hidden_size
     layers = list(range(n_layers + 1)) if layers is None else sorted(set(layers))
     meta = {
-        "checkpoint": str(source),
-        "weights_hash": weights_hash(bridge.original_model),
+        "checkpoint": checkpoint.source,
+        "weights_hash": weights_hash(model),
+        "weights_hashed": WEIGHTS_HASHED,
         "processing_mode": PROCESSING_MODE,
         "precision": precision,
         "layers": layers,
@@ -179,9 +188,10 @@ def build_cache(
         "versions": package_versions(),
     }
     if (folder / "meta.json").is_file():
-        return _reuse(folder, meta)
+        return _reuse(folder, meta, checkpoint)
     partial = _partial(folder)
     done = _resume_point(partial, meta)
+    bridge = bridge or bridge_over_copy(checkpoint, device)
     if done == 0:
         needed = cache_bytes(len(tokens), tokens.shape[1], d_model, len(layers))
         log.info("caching needs about %s in %s", size_text(needed), folder.parent)
@@ -211,10 +221,12 @@ def build_cache(
     return ResidualCache.open(folder)
 
 
-def _reuse(folder: Path, meta: dict[str, Any]) -> ResidualCache:
+def _reuse(folder: Path, meta: dict[str, Any], checkpoint: LMCheckpoint) -> ResidualCache:
     cache = ResidualCache.open(folder)
     keys = ("weights_hash", "tokens_hash", "layers", "processing_mode", "precision", "dtype")
     saved = {"precision": "float32", **cache.meta}  # caches made before the setting existed ran in float32
+    if saved.get("weights_hashed") != WEIGHTS_HASHED:  # made before 2026-12: hashed as the bridge wraps the model
+        meta = {**meta, "weights_hash": weights_hash(bridge_over_copy(checkpoint, "cpu").original_model)}
     differing = [key for key in keys if saved.get(key) != meta[key]]
     if differing:
         raise ForethoughtError(

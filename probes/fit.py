@@ -11,9 +11,9 @@ from collections.abc import Iterator, Sequence
 import numpy as np
 import pandas as pd
 
-from models.errors import ForethoughtError
-from probes.linear import LogisticProbe, RidgeProbe
-from probes.metrics import Estimate
+from forethought.core.errors import ForethoughtError
+from forethought.probes.linear import LogisticProbe, RidgeProbe
+from forethought.probes.metrics import Estimate
 
 
 def _rows(array: np.ndarray, sequences: np.ndarray, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

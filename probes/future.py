@@ -22,7 +22,9 @@ sequences at once); early stopping keeps, for each (layer, τ), the parameters o
 from __future__ import annotations
 
 import copy
+import hashlib
 import io
+import json
 import zipfile
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -31,19 +33,21 @@ from typing import Protocol
 
 import numpy as np
 import pandas as pd
+import safetensors
+import safetensors.torch
 import torch
 from torch import nn
 from torch.nn.functional import cross_entropy
 from tqdm.auto import tqdm
 
-from models.errors import ForethoughtError
-from models.files import atomic_write_bytes
-from models.offsets import at_offset
-from models.precision import autocast, check_precision
-from models.settings import NON_NEGATIVE, check_settings
-from probes.baselines import BaselineScores
-from probes.metrics import mean_scores
-from probes.split import ProbeSplit
+from forethought.core.errors import ForethoughtError
+from forethought.core.files import atomic_write_bytes
+from forethought.core.offsets import at_offset
+from forethought.core.precision import autocast, check_precision
+from forethought.core.settings import NON_NEGATIVE, check_settings
+from forethought.probes.baselines import BaselineScores
+from forethought.probes.metrics import mean_scores
+from forethought.probes.split import ProbeSplit
 
 KINDS = ("softmax", "topk", "lens")
 METRICS = ("top1", "top5", "cross_entropy")
@@ -159,7 +163,8 @@ class FutureTokenProbes(nn.Module):
 
 @dataclass
 class FittedProbes:
-    """The fitted grid and what it needs to score new data."""
+    """The fitted grid and what it needs to score new data; :meth:`probe` holds one of its probes, :meth:`save`
+    and :meth:`load` keep it on disk (safetensors)."""
 
     probes: FutureTokenProbes
     layers: list[int]
@@ -167,6 +172,128 @@ class FittedProbes:
     classes: np.ndarray | None  # topk: the K token ids; None: classes are token ids
     history: list[dict[str, float]]  # per epoch: mean validation loss over probes
     horizon: int  # examples are positions t < T − horizon
+
+    def probe(self, layer: int, tau: int) -> Probe:
+        """The fitted probe of x[t+τ] from h[layer, t]."""
+        if layer not in self.layers or tau not in self.taus:
+            raise ForethoughtError(f"no probe at layer {layer}, τ {tau}: fitted at layers "
+                                   f"{', '.join(map(str, self.layers))} and τ {', '.join(map(str, self.taus))}")
+        return Probe(self, layer, tau)
+
+    def save(self, path: str | Path, made_from: str = "") -> None:
+        """Write the grid to ``path`` (.safetensors) atomically: every weight and bias, the standardisation
+        statistics, the classes, and (metadata) kind, layers, τ, horizon, history, ``made_from`` and a digest of
+        the tensors (checked by :meth:`load`). A lens's frozen readout is the model's own and is not stored."""
+        tensors = {"feature_mean": self.probes.feature_mean, "feature_scale": self.probes.feature_scale}
+        for i, (weight, bias) in enumerate(zip(self.probes.weights, self.probes.biases)):
+            tensors[f"weights.{i}"], tensors[f"biases.{i}"] = weight.detach(), bias.detach()
+        if self.classes is not None:
+            tensors["classes"] = torch.as_tensor(self.classes, dtype=torch.int64)
+        tensors = {name: tensor.detach().cpu().contiguous() for name, tensor in tensors.items()}
+        metadata = {"kind": self.probes.kind, "layers": json.dumps(self.layers), "taus": json.dumps(self.taus),
+                    "horizon": str(self.horizon), "history": json.dumps(self.history), "made_from": made_from,
+                    "n_classes": str(self.probes.weights[0].shape[-1]), "tensors_digest": _tensors_digest(tensors)}
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_bytes(Path(path), safetensors.torch.save(tensors, metadata))
+
+    @classmethod
+    def load(cls, path: str | Path, made_from: str | None = None,
+             unembed: tuple[nn.Module, nn.Module] | None = None) -> FittedProbes:
+        """Read what :meth:`save` wrote (a lens needs its model's ``unembed``). A damaged file, or one made from
+        anything else than ``made_from`` (when given), is refused, naming the file."""
+        try:
+            with safetensors.safe_open(str(path), framework="pt") as stored:
+                metadata = stored.metadata() or {}
+                tensors = {name: stored.get_tensor(name) for name in stored.keys()}
+            layers, taus = json.loads(metadata["layers"]), json.loads(metadata["taus"])
+            kind, horizon, history = metadata["kind"], int(metadata["horizon"]), json.loads(metadata["history"])
+            damaged = metadata["tensors_digest"] != _tensors_digest(tensors)
+        except (OSError, ValueError, KeyError, RuntimeError, safetensors.SafetensorError) as error:
+            raise ForethoughtError(f"stored probes {path} are unreadable ({error}); remove the file") from None
+        if damaged:
+            raise ForethoughtError(f"stored probes {path} are damaged (their digest differs); remove the file")
+        if made_from is not None and metadata.get("made_from") != made_from:
+            raise ForethoughtError(f"stored probes {path} were made from other residuals or settings; remove the file")
+        classes = tensors["classes"].numpy() if "classes" in tensors else None
+        d_model = tensors["feature_mean"].shape[1]
+        probes = FutureTokenProbes(len(layers), len(taus), d_model, int(metadata["n_classes"]), kind, unembed,
+                                   classes if kind == "lens" else None)
+        probes.load_state_dict({**probes.state_dict(), **{name: tensor for name, tensor in tensors.items()
+                                                          if name != "classes"}})
+        return cls(probes.eval(), layers, taus, classes, history, horizon)
+
+
+def _tensors_digest(tensors: dict[str, torch.Tensor]) -> str:
+    """BLAKE2b of the tensors' names, dtypes, shapes and bytes (safetensors itself has no checksum)."""
+    digest = hashlib.blake2b(digest_size=16)
+    for name in sorted(tensors):
+        tensor = tensors[name].contiguous()
+        digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)};".encode())
+        digest.update(tensor.view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
+    return digest.hexdigest()
+
+
+@dataclass
+class Probe:
+    """One fitted probe of x[t+τ] from h[layer, t], held: its affine map in residual space (un-standardised:
+    ``logits = h · weight + bias``), its classes, its predictions and its main directions."""
+
+    grid: FittedProbes
+    layer: int
+    tau: int
+
+    @property
+    def kind(self) -> str:
+        return self.grid.probes.kind
+
+    @property
+    def _index(self) -> tuple[int, int]:
+        return self.grid.layers.index(self.layer), self.grid.taus.index(self.tau)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """[d_model, n_classes] (a lens: [d_model, d_model], the map into its model's final norm), on raw h."""
+        i, j = self._index
+        weight = self.grid.probes.weights[i][j].detach()
+        return weight if self.kind == "lens" else self.grid.probes.feature_scale[i][:, None] * weight
+
+    @property
+    def bias(self) -> torch.Tensor:
+        """[n_classes] (a lens: [d_model]), on raw h: the standardisation folded in."""
+        i, j = self._index
+        probes = self.grid.probes
+        bias = probes.biases[i][j].detach()
+        if self.kind == "lens":
+            return bias
+        return bias - (probes.feature_mean[i] * probes.feature_scale[i]) @ probes.weights[i][j].detach()
+
+    @property
+    def classes(self) -> np.ndarray:
+        """The token id of each class, in order; −1 for topk's last class, "other" (any other token)."""
+        if self.grid.classes is None:
+            return np.arange(self.grid.probes.weights[0].shape[-1] if self.kind != "lens"
+                             else self.grid.probes.unembed.weight.shape[0])
+        other = [-1] if self.kind == "topk" or self.grid.probes.lens_classes is not None else []
+        return np.concatenate([np.asarray(self.grid.classes), other]).astype(np.int64)
+
+    @torch.no_grad()
+    def predict(self, h: torch.Tensor | np.ndarray) -> torch.Tensor:
+        """h [..., d_model] (raw residuals of this layer) → logits [..., n_classes] over :attr:`classes`."""
+        h = torch.as_tensor(h, dtype=torch.float32, device=self.grid.probes.feature_mean.device)
+        i, j = self._index
+        return self.grid.probes.logits(i, j, h.reshape(-1, h.shape[-1])).reshape(*h.shape[:-1], -1)
+
+    def directions(self, k: int) -> torch.Tensor:
+        """The top-``k`` directions in residual space [k, d_model], orthonormal: the left singular vectors of the
+        weight on raw h with each class's weight taken relative to the classes' mean (adding one vector to every
+        class's weight changes no prediction), strongest first."""
+        if self.kind == "lens":
+            raise ForethoughtError("a lens probe's directions pass through its model's final norm: read weight")
+        weight = self.weight.double()
+        u, _, _ = torch.linalg.svd(weight - weight.mean(1, keepdim=True), full_matrices=False)
+        if not 1 <= k <= u.shape[1]:
+            raise ForethoughtError(f"k must lie in 1 … {u.shape[1]}, got {k}")
+        return u[:, :k].T.float()
 
 
 def fit_future_probes(

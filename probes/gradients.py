@@ -11,11 +11,11 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from models.heldout import device_batches
-from models.myopic import myopic
-from models.tasks.text import next_token_loss
-from probes.metrics import Estimate, bootstrap
-from probes.residuals import capture_residuals
+from forethought.models.heldout import device_batches
+from forethought.models.myopic import myopic
+from forethought.models.tasks.text import next_token_loss
+from forethought.probes.metrics import Estimate, bootstrap
+from forethought.probes.residuals import capture_residuals
 
 
 def residual_gradients(model: torch.nn.Module, tokens: torch.Tensor) -> torch.Tensor:

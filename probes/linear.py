@@ -14,8 +14,8 @@ from sklearn.linear_model import LogisticRegression, Ridge
 from sklearn.pipeline import Pipeline, make_pipeline
 from sklearn.preprocessing import StandardScaler
 
-from models.errors import ForethoughtError
-from probes.metrics import Estimate, mean_scores, r2_scores
+from forethought.core.errors import ForethoughtError
+from forethought.probes.metrics import Estimate, mean_scores, r2_scores
 
 
 def _check_features(features: np.ndarray, targets: np.ndarray) -> None:

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import stats
 
-from models.errors import ForethoughtError
+from forethought.core.errors import ForethoughtError
 
 N_BOOTSTRAP = 1000
 

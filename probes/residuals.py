@@ -12,6 +12,7 @@ regression model included).
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -21,8 +22,9 @@ import torch
 from transformer_lens.model_bridge import TransformerBridge
 from transformers import PreTrainedModel
 
-from models.errors import ForethoughtError
-from models.families import decoder_blocks
+from forethought.core.errors import ForethoughtError
+from forethought.models.families import decoder_blocks
+from forethought.models.lm import LMCheckpoint
 
 
 def hook_name(layer: int) -> str:
@@ -39,6 +41,14 @@ def load_bridge(source: str | Path, device: str = "cpu", dtype: torch.dtype = to
         return TransformerBridge.boot_transformers(str(source), device=device, dtype=dtype)
     except (OSError, ValueError, KeyError) as error:
         raise ForethoughtError(f"cannot boot a TransformerBridge from {source}: {error}") from error
+
+
+def bridge_over_copy(checkpoint: LMCheckpoint, device: str = "cpu",
+                     dtype: torch.dtype = torch.float32) -> TransformerBridge:
+    """A TransformerBridge over a copy of ``checkpoint``'s model, read from nowhere: the bridge rewraps the modules it
+    is handed, so the caller's model stays as it was (raw weights, no weight processing)."""
+    return TransformerBridge.boot_transformers(checkpoint.source, hf_model=copy.deepcopy(checkpoint.model),
+                                               tokenizer=checkpoint.tokenizer, device=device, dtype=dtype)
 
 
 def _check_layers(layers: Sequence[int] | None, n_layers: int) -> list[int]:

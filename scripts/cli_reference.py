@@ -12,7 +12,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from analyses.cli import cli_reference
+from forethought.analyses.cli import cli_reference
 
 PAGE = Path(__file__).resolve().parents[1] / "docs" / "cli.md"
 START, END = "<!-- cli-reference: written by scripts/cli_reference.py -->", "<!-- /cli-reference -->"

@@ -14,7 +14,7 @@ import torch  # noqa: E402
 from tokenizers import Tokenizer, models, pre_tokenizers  # noqa: E402
 from transformers import PreTrainedTokenizerFast  # noqa: E402
 
-from models.gpt2 import build_lm, build_regression, gpt2_config, regression_config
+from forethought.models.gpt2 import build_lm, build_regression, gpt2_config, regression_config
 
 VOCAB = 23
 
@@ -95,3 +95,30 @@ def llama_text(tmp_path_factory):
     path = tmp_path_factory.mktemp("text") / "words.txt"
     path.write_text("\n\n".join(" ".join(rng.choice(words, size=30)) for _ in range(400)))
     return path
+
+
+def tiny_family(family: str):
+    """A 2-layer float64 model with a vocabulary of 23, in eval mode: Llama (rotary, 4 heads over 2 key/value
+    heads), Qwen2 (the same with biased q/k/v projections), Mistral (a sliding window of 4 positions) or GPT-NeoX
+    (partial rotary, parallel residual)."""
+    from transformers import (
+        GPTNeoXConfig,
+        GPTNeoXForCausalLM,
+        LlamaConfig,
+        LlamaForCausalLM,
+        MistralConfig,
+        MistralForCausalLM,
+        Qwen2Config,
+        Qwen2ForCausalLM,
+    )
+
+    torch.manual_seed(0)
+    common = dict(vocab_size=23, hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=4,
+                  max_position_embeddings=32)
+    config, model_class = {
+        "llama": (lambda: LlamaConfig(**common, num_key_value_heads=2), LlamaForCausalLM),
+        "qwen2": (lambda: Qwen2Config(**common, num_key_value_heads=2), Qwen2ForCausalLM),
+        "mistral": (lambda: MistralConfig(**common, num_key_value_heads=2, sliding_window=4), MistralForCausalLM),
+        "neox": (lambda: GPTNeoXConfig(**common, rotary_pct=0.5), GPTNeoXForCausalLM),
+    }[family]
+    return model_class(config()).double().eval()

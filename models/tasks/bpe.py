@@ -23,8 +23,8 @@ from pathlib import Path
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
-from models.errors import ForethoughtError
-from models.tasks.text import TextData, iter_documents, source_fingerprint, split_documents
+from forethought.core.errors import ForethoughtError
+from forethought.models.tasks.text import TextData, iter_documents, source_fingerprint, split_documents
 
 BPE_PREFIX = "bpe"
 DEFAULT_BPE_SIZE = 4096

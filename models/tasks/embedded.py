@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 
-from models.errors import ForethoughtError
+from forethought.core.errors import ForethoughtError
 
 
 @dataclass(frozen=True)

@@ -26,8 +26,8 @@ from torch import nn
 from torch.nn.functional import cross_entropy
 from transformers import PreTrainedTokenizerBase
 
-from models.errors import ForethoughtError
-from models.files import atomic_write_text
+from forethought.core.errors import ForethoughtError
+from forethought.core.files import atomic_write_text
 
 REGIMES = ("teacher-forcing", "teacherless", "reverse")
 IGNORE = -1  # label of positions without loss

@@ -16,8 +16,8 @@ import torch
 from torch import nn
 from torch.nn.functional import huber_loss, pad
 
-from models.errors import ForethoughtError
-from models.offsets import at_offset
+from forethought.core.errors import ForethoughtError
+from forethought.core.offsets import at_offset
 
 
 @dataclass(frozen=True)

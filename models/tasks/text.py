@@ -39,8 +39,8 @@ from torch import nn
 from torch.nn.functional import cross_entropy
 from transformers import AutoTokenizer, GPT2Tokenizer, PreTrainedTokenizerBase
 
-from models.errors import ForethoughtError
-from models.files import (
+from forethought.core.errors import ForethoughtError
+from forethought.core.files import (
     atomic_write_bytes,
     atomic_write_json,
     check_digest,
@@ -49,8 +49,8 @@ from models.files import (
     read_json,
     run_lock,
 )
-from models.hub import hub_reachable
-from models.tasks.embedded import (
+from forethought.models.hub import hub_reachable
+from forethought.models.tasks.embedded import (
     EMBEDDED,
     embedded_bytes,
     embedded_documents,

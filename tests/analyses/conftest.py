@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from models.lm import LMTrainConfig, train_lm
+from forethought.models.lm import LMTrainConfig, train_lm
 
 
 @pytest.fixture(scope="session")

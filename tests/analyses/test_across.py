@@ -4,10 +4,10 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from analyses.across import AcrossConfig, SeedsResults, run_seeds, run_trend
-from analyses.results import tidy, write_results
-from models.errors import ForethoughtError
-from models.gpt2 import gpt2_config
+from forethought.analyses.across import AcrossConfig, SeedsResults, run_seeds, run_trend
+from forethought.analyses.results import tidy, write_results
+from forethought.core.errors import ForethoughtError
+from forethought.models.gpt2 import gpt2_config
 
 GAP = "myopia gap (myopic − vanilla)"
 PRECACHE = "pre-caching (vanilla − myopic)"

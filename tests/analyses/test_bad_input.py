@@ -12,7 +12,7 @@ import re
 
 import pytest
 
-from analyses.cli import main
+from forethought.analyses.cli import main
 
 # a loadable tiny LM on a corpus of its words, token files kept outside the working folder: settings that only
 # the checkpoint and the data can refute
@@ -190,13 +190,13 @@ def test_bad_input_is_one_line_and_writes_nothing(workdir, capsys, command, argv
 
 
 def test_every_numeric_setting_has_a_range():
-    """A new int or float setting of any command needs a rule in models.settings.RULES."""
+    """A new int or float setting of any command needs a rule in core.settings.RULES."""
     from dataclasses import fields
 
-    from analyses.cli import COMMANDS
-    from analyses.compare import CompareConfig
-    from models.lm import LMTrainConfig
-    from models.settings import RULES
+    from forethought.analyses.cli import COMMANDS
+    from forethought.analyses.compare import CompareConfig
+    from forethought.core.settings import RULES
+    from forethought.models.lm import LMTrainConfig
 
     configs = [command.config for command in COMMANDS.values()]
     assert CompareConfig in configs and LMTrainConfig in configs

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from analyses.cli import FIGURES, build_parser, cli_reference, main
+from forethought.analyses.cli import FIGURES, build_parser, cli_reference, main
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -81,7 +81,7 @@ def test_bench_train_prints_ratios(capsys, model, name):
 
 
 def test_module_entry_point():
-    result = subprocess.run([sys.executable, "-m", "analyses", "--help"], capture_output=True, text=True)
+    result = subprocess.run([sys.executable, "-m", "forethought", "--help"], capture_output=True, text=True)
     assert result.returncode == 0 and "synthetic" in result.stdout and "bench" in result.stdout
 
 
@@ -119,7 +119,7 @@ def test_pathstar_data_writes_the_paper_files(capsys, tmp_path):
 
 
 def test_checkpoint_of_another_architecture_is_named(capsys, tmp_path):
-    from models.gpt2 import build_regression, regression_config
+    from forethought.models.gpt2 import build_regression, regression_config
     config = regression_config(in_dim=2, out_dim=1, n_layer=3, d_model=16, n_head=2, n_positions=32)
     build_regression(config).save_pretrained(tmp_path / "deep")
     code, _, err = run_cli(capsys, "synthetic", "--vanilla-checkpoint", str(tmp_path / "deep"),

@@ -7,14 +7,14 @@ import shutil
 import numpy as np
 import pytest
 
-from analyses.cli import main
-from analyses.compare import Comparison
-from analyses.gap import GAP, GapConfig, GapResults, run_gap
-from analyses.precache import PrecacheConfig, run_precache
-from models.checkpoint import latest_checkpoint, load_training_state
-from models.gpt2 import build_lm, gpt2_config
-from models.lm import LMTrainConfig, train_lm
-from models.twins import TWINS
+from forethought.analyses.cli import main
+from forethought.analyses.compare import Comparison
+from forethought.analyses.gap import GAP, GapConfig, GapResults, run_gap
+from forethought.analyses.precache import PrecacheConfig, run_precache
+from forethought.models.checkpoint import latest_checkpoint, load_training_state
+from forethought.models.gpt2 import build_lm, gpt2_config
+from forethought.models.lm import LMTrainConfig, train_lm
+from forethought.models.twins import TWINS
 
 
 def test_gap_end_to_end_on_a_tiny_pair(twins, tmp_path):

@@ -10,9 +10,9 @@ import pytest
 import torch
 from torch import nn
 
-from analyses.pathstar import CONTROL, PathStarConfig, PathStarResults, evaluate_model, run_pathstar
-from models.errors import ForethoughtError
-from models.tasks.pathstar import PathStarSpec, generate_split
+from forethought.analyses.pathstar import CONTROL, PathStarConfig, PathStarResults, evaluate_model, run_pathstar
+from forethought.core.errors import ForethoughtError
+from forethought.models.tasks.pathstar import PathStarSpec, generate_split
 
 
 class Oracle(nn.Module):

@@ -9,16 +9,14 @@ import numpy as np
 import pytest
 from transformers import AutoTokenizer
 
-import probes.cache
-import probes.store
-from analyses.cli import main
-from analyses.compare import Comparison
-from analyses.precache import PRECACHE, PrecacheConfig, run_precache
-from analyses.probe import ProbeConfig, ProbeResults, run_probe
-from analyses.results import CONTROL
-from models.errors import ForethoughtError
-from models.lm import LMCheckpoint
-from probes.cache import ResidualCache
+from forethought.analyses.cli import main
+from forethought.analyses.compare import Comparison
+from forethought.analyses.precache import PRECACHE, PrecacheConfig, run_precache
+from forethought.analyses.probe import ProbeConfig, ProbeResults, run_probe
+from forethought.analyses.results import CONTROL
+from forethought.core.errors import ForethoughtError
+from forethought.models.lm import LMCheckpoint
+from forethought.probes.cache import ResidualCache
 
 
 def settings(twins, out, **overrides) -> ProbeConfig:
@@ -54,8 +52,8 @@ def test_probe_table_figure_and_reuse(twins, tmp_path, monkeypatch):
         assert row["value"] == pytest.approx(top1.loc[("myopic", tau), layer] - skip_bigram[tau], abs=1e-12)
         assert row["ci_low"] <= row["value"] <= row["ci_high"]
     assert "myopic" not in results.reading() and "vanilla: top1 of the probe minus the skip-bigram" in results.reading()
-    monkeypatch.setattr(probes.cache, "bridge_residuals", lambda *a: pytest.fail("a finished cache was rebuilt"))
-    monkeypatch.setattr(probes.store, "fit_future_probes", lambda *a, **k: pytest.fail("probes were refitted"))
+    monkeypatch.setattr("forethought.probes.cache.bridge_residuals", lambda *a: pytest.fail("cache rebuilt"))
+    monkeypatch.setattr("forethought.probes.store.fit_future_probes", lambda *a, **k: pytest.fail("refitted"))
     again = run_probe(settings(twins, tmp_path / "probe"))
     assert again.table.equals(table)  # read back from the stored scores
     for name in ("config.json", "meta.json"):  # as run folders were written before list settings were typed

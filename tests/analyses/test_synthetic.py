@@ -8,9 +8,9 @@ from importlib import metadata
 import pandas as pd
 import pytest
 
-from analyses.results import COLUMNS, read_results
-from analyses.synthetic import CONTROL, SyntheticConfig, SyntheticResults, run_synthetic
-from models.errors import ForethoughtError
+from forethought.analyses.results import COLUMNS, read_results
+from forethought.analyses.synthetic import CONTROL, SyntheticConfig, SyntheticResults, run_synthetic
+from forethought.core.errors import ForethoughtError
 
 TINY = dict(n_terms=3, freq=2.0, seq_len=10, n_layer=2, d_model=16, n_head=2, steps=40, batch_size=16,
             heldout_sequences=48, eval_every=20, checkpoint_every=20, progress=False)

@@ -14,11 +14,11 @@ import torch
 import torch.multiprocessing as mp
 from safetensors.torch import load_file
 
-from models.distributed import Distributed
-from models.errors import ForethoughtError
-from models.gpt2 import build_lm, gpt2_config
-from models.tasks.text import TextTask
-from models.train import TrainConfig, train
+from forethought.core.errors import ForethoughtError
+from forethought.models.distributed import Distributed
+from forethought.models.gpt2 import build_lm, gpt2_config
+from forethought.models.tasks.text import TextTask
+from forethought.models.train import TrainConfig, train
 
 SEQUENCES = np.random.default_rng(0).integers(0, 23, size=(64, 12))
 CONFIG = dict(steps=3, batch_size=8, lr=1e-2, warmup_frac=0.0, eval_every=3, eval_batches=1, checkpoint_every=3,
@@ -65,7 +65,7 @@ def test_torchrun_command_line(tmp_path):
     """The real entry point: ``torchrun --nproc_per_node 2 -m analyses train`` beside a single process."""
     corpus = tmp_path / "docs.jsonl"
     corpus.write_text("\n".join(json.dumps({"text": f"line {i}: " + "word " * (10 + i % 4)}) for i in range(300)))
-    common = ["-m", "analyses", "train", "--corpus", str(corpus), "--model", "gpt2-micro", "--seq-len", "8",
+    common = ["-m", "forethought", "train", "--corpus", str(corpus), "--model", "gpt2-micro", "--seq-len", "8",
               "--steps", "2", "--batch-size", "4", "--tokens-root", str(tmp_path / "tokens"), "--no-progress"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",

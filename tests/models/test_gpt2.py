@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from models.errors import ForethoughtError
-from models.gpt2 import GPT2RegressionModel, build_regression, load_model, regression_config
+from forethought.core.errors import ForethoughtError
+from forethought.models.gpt2 import GPT2RegressionModel, build_regression, load_model, regression_config
 
 
 def test_regression_model_round_trips_through_save_pretrained(tiny_regression, tmp_path):

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from models.heldout import token_losses
-from models.tasks.text import TextTask
+from forethought.models.heldout import token_losses
+from forethought.models.tasks.text import TextTask
 
 
 def test_token_losses_are_the_training_loss(tiny_lm):

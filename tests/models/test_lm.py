@@ -9,13 +9,13 @@ import pytest
 import torch
 from transformers import BertConfig, GPT2LMHeadModel
 
-from models.checkpoint import list_checkpoints
-from models.errors import ForethoughtError
-from models.gpt2 import build_lm, gpt2_config
-from models.lm import LMCheckpoint, LMTrainConfig, lm_to_train, train_lm
-from models.sources import model_folder
-from models.tasks.text import TextTask
-from probes.residuals import bridge_residuals, load_bridge, model_residuals
+from forethought.core.errors import ForethoughtError
+from forethought.models.checkpoint import list_checkpoints
+from forethought.models.gpt2 import build_lm, gpt2_config
+from forethought.models.lm import LMCheckpoint, LMTrainConfig, lm_to_train, train_lm
+from forethought.models.sources import model_folder
+from forethought.models.tasks.text import TextTask
+from forethought.probes.residuals import bridge_residuals, load_bridge, model_residuals
 
 DOCS = [f"Chapter {i}. " + " ".join(f"the {w} of {i}" for w in ("river", "hill", "town", "road")) for i in range(300)]
 

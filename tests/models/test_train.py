@@ -7,11 +7,11 @@ from importlib import metadata
 import pytest
 import torch
 
-from models.checkpoint import latest_checkpoint, list_checkpoints, load_training_state
-from models.errors import ForethoughtError
-from models.gpt2 import build_regression, regression_config
-from models.tasks.synthetic import SyntheticTask
-from models.train import TrainConfig, TrainingDiverged, train
+from forethought.core.errors import ForethoughtError
+from forethought.models.checkpoint import latest_checkpoint, list_checkpoints, load_training_state
+from forethought.models.gpt2 import build_regression, regression_config
+from forethought.models.tasks.synthetic import SyntheticTask
+from forethought.models.train import TrainConfig, TrainingDiverged, train
 
 TASK = SyntheticTask(p=1.0, n_terms=3, freq=3.0, seq_len=8)
 
@@ -132,11 +132,11 @@ def test_non_finite_weights_are_never_checkpointed(tmp_path):
 
 
 def test_a_second_process_cannot_write_a_run_folder_being_trained(tmp_path, monkeypatch):
-    import models.files
+    import forethought.core.files
 
     train(tiny_model(), TASK, config(steps=5), tmp_path)
-    monkeypatch.setattr(models.files.fcntl, "flock", lambda *args: (_ for _ in ()).throw(BlockingIOError()))
-    (tmp_path / models.files.LOCK_FILE).write_text("pid 4242 on host since now (forethought train)")
+    monkeypatch.setattr(forethought.core.files.fcntl, "flock", lambda *args: (_ for _ in ()).throw(BlockingIOError()))
+    (tmp_path / forethought.core.files.LOCK_FILE).write_text("pid 4242 on host since now (forethought train)")
     with pytest.raises(ForethoughtError, match=r"is being written by pid 4242 on host .*; wait for it"):
         train(tiny_model(), TASK, config(steps=8), tmp_path)
     assert [p.name for p in list_checkpoints(tmp_path)] == ["step-0000005"]

@@ -6,7 +6,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from probes.baselines import count_baselines
+from forethought.probes.baselines import count_baselines
 
 
 def test_skip_bigram_finds_a_deterministic_successor():

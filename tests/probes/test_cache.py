@@ -11,10 +11,11 @@ import numpy as np
 import pytest
 import torch
 
-import probes.cache
-from models.errors import ForethoughtError
-from probes.cache import ResidualCache, build_cache, weights_hash
-from probes.residuals import bridge_residuals, load_bridge
+import forethought.probes.cache
+from forethought.core.errors import ForethoughtError
+from forethought.models.lm import LMCheckpoint
+from forethought.probes.cache import ResidualCache, build_cache, weights_hash
+from forethought.probes.residuals import bridge_residuals, load_bridge
 
 TOKENS = np.random.default_rng(0).integers(0, 23, size=(10, 7))
 
@@ -34,14 +35,14 @@ def test_cache_holds_the_bridge_residuals_in_float16(lm_folder, tmp_path):
     meta = json.loads((tmp_path / "cache" / "meta.json").read_text())
     assert meta["hooks"] == ["blocks.0.hook_resid_pre", "blocks.1.hook_resid_post", "blocks.2.hook_resid_post"]
     assert meta["processing_mode"].startswith("raw") and meta["versions"]["transformer-lens"]
-    assert meta["weights_hash"] == weights_hash(load_bridge(lm_folder).original_model)
+    assert meta["weights_hash"] == weights_hash(LMCheckpoint.load(lm_folder).model)  # the model's own state dict
     with pytest.raises(ForethoughtError, match=r"layer 1 is not in the cache .* \(it holds layers \[0, 2, 3\]\)"):
         cache.layer(1)
 
 
 def test_finished_cache_is_reused_and_other_data_refused(lm_folder, tmp_path, monkeypatch):
     first = build_cache(lm_folder, TOKENS, tmp_path / "cache", batch_size=4, progress=False)
-    monkeypatch.setattr(probes.cache, "bridge_residuals", lambda *a: pytest.fail("recomputed a finished cache"))
+    monkeypatch.setattr("forethought.probes.cache.bridge_residuals", lambda *a: pytest.fail("recomputed"))
     again = build_cache(lm_folder, TOKENS, tmp_path / "cache", batch_size=4, progress=False)
     assert again.meta == first.meta
     with pytest.raises(ForethoughtError, match="holds a cache of other tokens_hash"):
@@ -52,7 +53,7 @@ def test_finished_cache_is_reused_and_other_data_refused(lm_folder, tmp_path, mo
 
 def test_interrupted_cache_resumes_to_the_same_files(lm_folder, tmp_path, monkeypatch):
     straight = build_cache(lm_folder, TOKENS, tmp_path / "straight", batch_size=3, progress=False)
-    real, calls = probes.cache.bridge_residuals, {"n": 0}
+    real, calls = forethought.probes.cache.bridge_residuals, {"n": 0}
 
     def crashes_on_third_chunk(*args):
         calls["n"] += 1
@@ -60,7 +61,7 @@ def test_interrupted_cache_resumes_to_the_same_files(lm_folder, tmp_path, monkey
             raise Crash
         return real(*args)
 
-    monkeypatch.setattr(probes.cache, "bridge_residuals", crashes_on_third_chunk)
+    monkeypatch.setattr("forethought.probes.cache.bridge_residuals", crashes_on_third_chunk)
     with pytest.raises(Crash):
         build_cache(lm_folder, TOKENS, tmp_path / "resumed", batch_size=3, progress=False)
     with pytest.raises(ForethoughtError, match="holds an unfinished cache"):
@@ -89,7 +90,7 @@ def test_damaged_caches_are_named(lm_folder, tmp_path):
 
 
 def test_too_little_disk_is_refused_before_writing(lm_folder, tmp_path, monkeypatch, caplog):
-    caplog.set_level(logging.INFO, logger="probes")
+    caplog.set_level(logging.INFO, logger="forethought.probes")
     usage = namedtuple("usage", "total used free")
     monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(10**6, 10**6, 1000))
     with pytest.raises(ForethoughtError, match=r"caching needs about \d+ KiB in .*; only 1 KiB free"):
@@ -125,7 +126,7 @@ def test_a_cache_changed_after_it_was_written_is_refused(lm_folder, tmp_path, da
 def test_reading_a_layer_checks_its_digest_once(lm_folder, tmp_path, monkeypatch):
     cache = build_cache(lm_folder, TOKENS, tmp_path / "cache", progress=False)
     checked = []
-    monkeypatch.setattr(probes.cache, "check_digest", lambda path, *args: checked.append(path.name))
+    monkeypatch.setattr("forethought.probes.cache.check_digest", lambda path, *args: checked.append(path.name))
     cache.read(np.arange(3), [0, 1])
     cache.read(np.arange(3, 6), [0, 1])
     assert checked == ["layer_00.npy", "layer_01.npy"]

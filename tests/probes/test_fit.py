@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from models.errors import ForethoughtError
-from probes.fit import fit_logistic_by_layer, fit_ridge_by_layer
-from probes.split import split_sequences
+from forethought.core.errors import ForethoughtError
+from forethought.probes.fit import fit_logistic_by_layer, fit_ridge_by_layer
+from forethought.probes.split import split_sequences
 
 
 def test_split_is_disjoint_and_complete():

@@ -11,10 +11,10 @@ import pytest
 import torch
 from torch.nn.functional import cross_entropy
 
-from models.errors import ForethoughtError
-from probes.future import FutureProbeConfig, InMemoryResiduals, fit_future_probes
-from probes.residuals import StreamingResiduals, bridge_residuals, load_bridge, model_residuals
-from probes.split import ProbeSplit, split_sequences, top_classes
+from forethought.core.errors import ForethoughtError
+from forethought.probes.future import FittedProbes, FutureProbeConfig, InMemoryResiduals, fit_future_probes
+from forethought.probes.residuals import StreamingResiduals, bridge_residuals, load_bridge, model_residuals
+from forethought.probes.split import ProbeSplit, split_sequences, top_classes
 
 VOCAB, SEQ, D = 12, 10, 16
 
@@ -47,6 +47,45 @@ def test_planted_future_tokens_are_found_where_planted_and_nowhere_else(kind):
     assert set(table["metric"]) == {"top1", "top5", "cross_entropy"} and (table["probe"] == kind).all()
     assert (table["ci_low"] <= table["value"]).all() and (table["value"] <= table["ci_high"]).all()
     assert len(fitted.history) >= 2
+
+
+@pytest.mark.parametrize("kind", ["softmax", "topk"])
+def test_a_fitted_probe_is_held_saved_and_read_back(kind, tmp_path):
+    """A probe's weight and bias act on raw h; it predicts the planted tokens; its top directions span the planted
+    subspace; the safetensors file round-trips, and damage or another origin is refused."""
+    rng = np.random.default_rng(0)
+    tokens = rng.integers(0, VOCAB, size=(300, SEQ))
+    subspace = np.linalg.qr(rng.normal(size=(D, 4)))[0].T  # [4, D]: x[t+1] is written into these 4 directions only
+    ahead = np.zeros_like(tokens)
+    ahead[:, :-1] = tokens[:, 1:]
+    h_all = 3 * rng.normal(size=(VOCAB, 4))[ahead] @ subspace + 0.3 * rng.normal(size=(300, SEQ, D)) + 5.0
+    residuals = InMemoryResiduals(tokens, {1: h_all})
+    config = FutureProbeConfig(kind=kind, top_k=VOCAB - 2, lr=3e-2, max_epochs=30, patience=3)
+    fitted, _ = fit_future_probes(residuals, layers=[1], taus=[1, 2], config=config, vocab_size=VOCAB)
+    probe = fitted.probe(1, 1)
+    h = torch.from_numpy(h_all[:40]).float()  # [40, SEQ, D], raw (not standardised)
+    logits = probe.predict(h)
+    torch.testing.assert_close(h @ probe.weight + probe.bias, logits, atol=1e-3, rtol=1e-4)
+    truth = np.where(np.isin(ahead[:40], probe.classes), ahead[:40], -1)  # topk: a token outside the K is "other"
+    assert (probe.classes[logits.argmax(-1).numpy()] == truth)[:, :-1].mean() > 0.8
+    assert len(probe.classes) == logits.shape[-1] == (VOCAB - 1 if kind == "topk" else VOCAB)
+    top = probe.directions(4)  # [4, D], orthonormal, mostly within the planted subspace (Adam leaves some noise)
+    torch.testing.assert_close(top @ top.T, torch.eye(4), atol=1e-5, rtol=0)
+    cosines = torch.linalg.svdvals(top.double() @ torch.from_numpy(subspace).T)  # principal angles' cosines
+    assert cosines.max() > 0.9 and cosines.pow(2).mean() > 0.5  # a random 4-dim subspace of 16: ≈ 0.25
+    fitted.save(tmp_path / "probes.safetensors", made_from="these residuals")
+    back = FittedProbes.load(tmp_path / "probes.safetensors", made_from="these residuals")
+    assert torch.equal(back.probe(1, 1).predict(h), logits) and (back.probe(1, 1).classes == probe.classes).all()
+    assert back.history == fitted.history and back.layers == [1] and back.taus == [1, 2]
+    with pytest.raises(ForethoughtError, match="made from other residuals"):
+        FittedProbes.load(tmp_path / "probes.safetensors", made_from="others")
+    data = bytearray((tmp_path / "probes.safetensors").read_bytes())
+    data[-5] ^= 0xFF  # a flipped bit in the last tensor
+    (tmp_path / "probes.safetensors").write_bytes(bytes(data))
+    with pytest.raises(ForethoughtError, match="damaged"):
+        FittedProbes.load(tmp_path / "probes.safetensors")
+    with pytest.raises(ForethoughtError, match="no probe at layer 0, τ 1"):
+        fitted.probe(0, 1)
 
 
 def test_a_given_split_is_the_one_fitted_and_scored():

@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 from torch.nn.functional import cross_entropy
 
-from probes.gradients import future_gradient_stats
-from probes.residuals import capture_residuals
+from forethought.probes.gradients import future_gradient_stats
+from forethought.probes.residuals import capture_residuals
 
 
 def test_future_gradient_share_matches_per_position_brute_force(tiny_lm):

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 from sklearn.metrics import log_loss
 
-from models.errors import ForethoughtError
-from probes.linear import LogisticProbe, RidgeProbe
+from forethought.core.errors import ForethoughtError
+from forethought.probes.linear import LogisticProbe, RidgeProbe
 
 
 def test_ridge_recovers_planted_linear_signal():

@@ -7,7 +7,7 @@ import pytest
 from scipy.stats import norm
 from sklearn.metrics import r2_score
 
-from probes.metrics import fdr_significant, mean_scores, r2_scores
+from forethought.probes.metrics import fdr_significant, mean_scores, r2_scores
 
 
 def test_r2_point_estimates_match_sklearn():

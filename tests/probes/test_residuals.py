@@ -6,8 +6,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from models.errors import ForethoughtError
-from probes.residuals import bridge_residuals, load_bridge, model_residuals
+from forethought.core.errors import ForethoughtError
+from forethought.probes.residuals import bridge_residuals, load_bridge, model_residuals
 
 
 def test_bridge_and_model_routes_agree(tiny_lm, tokens, lm_folder):

@@ -7,11 +7,11 @@ import pytest
 import torch
 from transformers import AutoTokenizer
 
-from models.errors import ForethoughtError
-from models.lm import LMCheckpoint, LMTrainConfig, train_lm
-from models.tasks.bpe import bpe_folder, bpe_size, corpus_bpe
-from models.tasks.text import TextData, split_documents, tokenizer_fingerprint
-from probes.cache import build_cache
+from forethought.core.errors import ForethoughtError
+from forethought.models.lm import LMCheckpoint, LMTrainConfig, train_lm
+from forethought.models.tasks.bpe import bpe_folder, bpe_size, corpus_bpe
+from forethought.models.tasks.text import TextData, split_documents, tokenizer_fingerprint
+from forethought.probes.cache import build_cache
 
 PLANTED = "qzxvjqzxvj"
 

@@ -3,10 +3,10 @@ from importlib import metadata
 
 import pytest
 
-from models.errors import ForethoughtError
-from models.tasks import embedded
-from models.tasks.embedded import EMBEDDED_TEXTS, embedded_documents, embedded_names, text_files
-from models.tasks.text import TextData
+from forethought.core.errors import ForethoughtError
+from forethought.models.tasks import embedded
+from forethought.models.tasks.embedded import EMBEDDED_TEXTS, embedded_documents, embedded_names, text_files
+from forethought.models.tasks.text import TextData
 
 
 def test_gutenberg_books_are_paragraphs_without_licence_text():

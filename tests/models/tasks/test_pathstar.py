@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from models.errors import ForethoughtError
-from models.tasks.pathstar import (
+from forethought.core.errors import ForethoughtError
+from forethought.models.tasks.pathstar import (
     IGNORE,
     PathStarData,
     PathStarSpec,

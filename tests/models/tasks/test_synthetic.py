@@ -7,8 +7,8 @@ import math
 import pytest
 import torch
 
-from models.errors import ForethoughtError
-from models.tasks.synthetic import SyntheticTask
+from forethought.core.errors import ForethoughtError
+from forethought.models.tasks.synthetic import SyntheticTask
 
 
 def test_targets_follow_the_formula():

@@ -9,9 +9,9 @@ import pandas as pd
 import pytest
 import torch
 
-from models.errors import ForethoughtError
-from models.tasks.pathstar import IGNORE, PathStarData
-from models.tasks.text import (
+from forethought.core.errors import ForethoughtError
+from forethought.models.tasks.pathstar import IGNORE, PathStarData
+from forethought.models.tasks.text import (
     TextData,
     TextTask,
     TokenFile,

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from models.errors import ForethoughtError
+from forethought.core.errors import ForethoughtError
 
 PRECISIONS = ("float32", "bfloat16")
 TRAINING_PRECISIONS = ("auto", *PRECISIONS)  # training's "auto": bfloat16 on CUDA, float32 elsewhere

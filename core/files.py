@@ -21,7 +21,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from models.errors import ForethoughtError
+from forethought.core.errors import ForethoughtError
 
 _BLOCK = 16 * 2**20
 LOCK_FILE = ".forethought.lock"

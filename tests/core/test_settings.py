@@ -6,8 +6,8 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from models.errors import ForethoughtError
-from models.settings import as_text, check_settings, from_text, list_kinds, typed_settings
+from forethought.core.errors import ForethoughtError
+from forethought.core.settings import as_text, check_settings, from_text, list_kinds, typed_settings
 
 
 @dataclass

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from models.offsets import at_offset
+from forethought.core.offsets import at_offset
 
 
 @pytest.mark.parametrize("as_tensor", [False, True])

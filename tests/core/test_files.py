@@ -9,8 +9,8 @@ import time
 
 import pytest
 
-from models.errors import ForethoughtError
-from models.files import (
+from forethought.core.errors import ForethoughtError
+from forethought.core.files import (
     LOCK_FILE,
     atomic_write_json,
     check_digest,
@@ -22,7 +22,7 @@ from models.files import (
 
 HOLD = """
 import sys, time
-from models.files import run_lock
+from forethought.core.files import run_lock
 with run_lock(sys.argv[1]):
     open(sys.argv[2], "w").close()
     time.sleep(60)

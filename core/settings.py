@@ -19,9 +19,9 @@ from typing import Any
 
 import torch
 
-from models.errors import ForethoughtError
+from forethought.core.errors import ForethoughtError
 
-UNBOUND = ("out", "figures_dir", "device", "progress", "tokens_root")  # where a run is kept and how it reports:
+UNBOUND = ("out", "figures_dir", "device", "progress", "tokens_root", "show")  # where a run is kept and how it reports:
 # never part of a run's identity
 
 Rule = tuple[str, Callable[[Any], bool]]  # (the range in words, the test)
@@ -52,6 +52,7 @@ RULES: dict[str, Rule] = {
     # probes
     "max_epochs": AT_LEAST_1, "patience": NON_NEGATIVE, "ridge_alpha": NON_NEGATIVE, "test_fraction": OPEN_UNIT,
     "probe_test_fraction": OPEN_UNIT, "validation_fraction": OPEN_UNIT, "sklearn_max_iter": AT_LEAST_1,
+    "show": NON_NEGATIVE,
     # benchmarks
     "rounds": AT_LEAST_1, "warmup": NON_NEGATIVE,
 }

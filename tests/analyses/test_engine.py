@@ -1,0 +1,91 @@
+"""The probing engine, checked against a run folder written by the code before it (tests/fixtures/probe-run, made
+by tests/fixtures/make_probe_run.py at commit f82ca72): that folder still opens and is reused as it is, a rerun
+gives its table bit for bit, models handed in are never reloaded, and fitted probes can be held."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+import forethought as ft
+from forethought.analyses.cli import main
+from forethought.analyses.engine import Probing
+from forethought.analyses.results import CONTROL, read_results
+from forethought.models.lm import LMCheckpoint
+
+FIXTURE = Path(__file__).parents[1] / "fixtures" / "probe-run"
+# the command the fixture was made with (tests/fixtures/make_probe_run.py), into another folder
+PROBE = ("probe --checkpoints tiny=model --corpus corpus.txt --seq-len 16 --max-sequences 60 --kind softmax --lr 3e-2 "
+         "--taus 1,2 --max-epochs 8 --batch-sequences 16 --tokens-root tokens --no-progress --out")
+
+
+@pytest.fixture
+def old_run(tmp_path, monkeypatch) -> Path:
+    """A copy of the fixture, as the working directory (its paths are relative)."""
+    shutil.copytree(FIXTURE, tmp_path / "probe-run")
+    monkeypatch.chdir(tmp_path / "probe-run")
+    return tmp_path / "probe-run"
+
+
+def no_work(monkeypatch) -> None:
+    monkeypatch.setattr("forethought.probes.cache.bridge_residuals", lambda *a: pytest.fail("residuals recomputed"))
+    monkeypatch.setattr("forethought.probes.store.fit_future_probes", lambda *a, **k: pytest.fail("probes refitted"))
+
+
+def test_a_run_folder_of_the_code_before_opens_and_is_reused(old_run, monkeypatch):
+    stored, _ = read_results("run")
+    no_work(monkeypatch)
+    comparison = ft.Comparison.from_folder("run", progress=False)
+    table = comparison.to_dataframe()
+    key = ["checkpoint", "layer", "tau", "probe", "metric", "target"]
+    mine = table.merge(stored[key], on=key).sort_values(key).reset_index(drop=True)
+    theirs = stored.sort_values(key).reset_index(drop=True)
+    assert len(stored) == len(table) and mine[theirs.columns].equals(theirs)
+
+
+def test_a_rerun_gives_the_old_codes_table_bit_for_bit(old_run):
+    assert main([*PROBE.split(), "run-again"]) == 0
+    stored, new = read_results("run")[0], read_results("run-again")[0]
+    pd.testing.assert_frame_equal(new, stored, check_exact=True)
+    assert not (old_run / "run-again" / "random-init").exists()  # the control stayed an object
+
+
+def test_models_handed_in_are_never_loaded_again(old_run, monkeypatch):
+    checkpoint = LMCheckpoint.load("model")
+    monkeypatch.setattr(LMCheckpoint, "load", lambda *a: pytest.fail("a checkpoint was loaded again"))
+    monkeypatch.setattr("transformers.PreTrainedModel.from_pretrained", lambda *a, **k: pytest.fail("reloaded"))
+    engine = Probing({"tiny": checkpoint}, ft.ProbeSettings(corpus="corpus.txt", seq_len=16, max_sequences=30,
+                                                            taus=(1,), max_epochs=1, tokens_root="tokens",
+                                                            progress=False), "fresh")
+    table = engine.table()
+    assert set(table["checkpoint"]) == {"tiny", CONTROL, "baseline"}
+    assert engine.checkpoint("tiny") is checkpoint and sum(p.numel() for p in checkpoint.model.parameters()) > 0
+    assert [n for n, _ in checkpoint.model.named_parameters()][0] == "transformer.wte.weight"  # not rewrapped
+
+
+def test_a_held_probe_reproduces_its_held_out_scores(old_run):
+    comparison = ft.Comparison.from_folder("run", progress=False)
+    probe = comparison.probe("tiny", 2, 1)  # the old folder kept scores only: refitted, alike
+    scores = comparison.scores("tiny").values[(2, 1)]  # [examples, (top-1, top-5, cross-entropy)]
+    split, cache = comparison.split(comparison.settings.probe_config("cpu")), comparison.cache("tiny")
+    positions = comparison.tokens.shape[1] - max(comparison.taus)
+    h = torch.from_numpy(cache.read(split.test, [2])[0][:, :positions].astype(np.float32))  # [n, positions, d]
+    predicted = probe.classes[probe.predict(h).argmax(-1).numpy()]
+    truth = comparison.tokens[split.test, 1 : positions + 1]
+    np.testing.assert_array_equal((predicted == truth).reshape(-1), scores[:, 0])
+    assert list((old_run / "run" / "scores" / "tiny").glob("softmax-*.safetensors"))  # now kept beside the scores
+    shown = comparison.predictions("tiny", 2, 1, n=4)
+    assert len(shown) == 4 and list(shown.columns) == ["sequence", "t", "context", "x[t+1]", "probe top-5",
+                                                      "model's x̂[t+1]"]
+    assert all(len(row.split(", ")) == 5 for row in shown["probe top-5"])
+
+
+def test_probe_show_prints_tokens_as_text(old_run, capsys):
+    assert main([*PROBE.split(), "run", "--show", "3"]) == 0  # the same run: reused, then shown
+    printed = capsys.readouterr().out
+    assert "softmax probes of tiny at layer" in printed and "probe top-5" in printed and "'w" in printed
