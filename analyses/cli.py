@@ -15,6 +15,7 @@ import re
 import sys
 from collections.abc import Callable
 from dataclasses import MISSING, Field, dataclass, fields
+from pathlib import Path
 from typing import Any, NoReturn
 
 from tqdm.auto import tqdm
@@ -36,74 +37,21 @@ from forethought.analyses.pathstar import PathStarConfig, PathStarDataConfig, ru
 from forethought.analyses.precache import PrecacheConfig, run_precache
 from forethought.analyses.probe import ProbeConfig, run_probe
 from forethought.analyses.synthetic import SyntheticConfig, run_synthetic
-from forethought.core.errors import ForethoughtError
+from forethought.core.errors import ForethoughtError, one_line
 from forethought.core.settings import LIST_KINDS, as_text, from_text, list_kinds
 from forethought.models.gpt2 import quiet_loading
 from forethought.models.lm import LM_TRAIN_PRESETS, LMTrainConfig, train_lm
 
-# Every figure in figures/, from the embedded default (a few hours on 2 CPU cores; each step resumes or reuses
-# what an earlier run left in runs/, so a rerun redoes only what changed).
-CPU_SEEDS, CPU_SIZES = (0, 1, 2), ("gpt2-nano",)  # the cpu preset's pair over seeds; a smaller size
-_PAIRS = {**{f"cpu-s{seed}": f"--seed {seed}" for seed in CPU_SEEDS},
-          **{f"cpu-{size}": f"--model {size}" for size in CPU_SIZES}}
-SMOLLM2_FINE_TUNE = (  # Wu et al.'s Pythia protocol (fine-tune from the pretrained weights), at CPU scale
-    "--model smollm2-135m --from-pretrained --tokenizer smollm2-135m --corpus embedded --layout packed --seq-len 64 "
-    "--batch-size 16 --steps 300 --lr 1e-4 --warmup-frac 0.05 --precision bfloat16 --eval-every 30 --eval-batches 4 "
-    "--checkpoint-every 150")
-SMOLLM2_SEEDS = (0, 1, 2)  # fine-tuning seeds (data order); ~28 min a twin on this CPU
-FIGURES = [
-    *[
-        f"{command} --seed {seed} --out runs/{name}-s{seed}" + (" --figures-dir figures" if seed == 0 else "")
-        for command, name in (("demo", "demo"), ("pathstar", "pathstar-cpu"))
-        for seed in CPU_SEEDS
-    ],
-    *[
-        f"seeds --runs {','.join(f'runs/{name}-s{seed}' for seed in CPU_SEEDS)} --out runs/seeds-{name}"
-        for name in ("demo", "pathstar-cpu")
-    ],
-    *[
-        f"train --preset cpu {flags} --out runs/lm-{pair}-{twin}" + (" --myopic" if twin == "myopic" else "")
-        for pair, flags in _PAIRS.items()
-        for twin in ("vanilla", "myopic")
-    ],
-    *[
-        f"gap --vanilla runs/lm-{pair}-vanilla --myopic runs/lm-{pair}-myopic --out runs/gap-{pair}"
-        + (" --figures-dir figures" if pair == "cpu-s0" else "")
-        for pair in _PAIRS
-    ],
-    *[
-        f"precache --vanilla runs/lm-cpu-s{seed}-vanilla --myopic runs/lm-cpu-s{seed}-myopic --precision bfloat16 "
-        f"--max-sequences 1000 --max-epochs 10 --out runs/precache-cpu-s{seed}"
-        + (" --figures-dir figures" if seed == 0 else " --no-random-init")
-        for seed in CPU_SEEDS
-    ],  # one control
-    "seeds --runs " + ",".join(f"runs/gap-cpu-s{seed}" for seed in CPU_SEEDS) + " --out runs/seeds-gap-cpu "
-    "--figures-dir figures",
-    "seeds --runs " + ",".join(f"runs/precache-cpu-s{seed}" for seed in CPU_SEEDS) + " --out runs/seeds-precache-cpu "
-    "--figures-dir figures",
-    "trend --runs " + ",".join(f"runs/gap-{pair}" for pair in _PAIRS) + " --out runs/trend-cpu --figures-dir figures",
-    "compare --run runs/precache-cpu-s0 --figures-dir figures",
-    "probe --checkpoints smollm2-135m --corpus embedded:gutenberg --layout packed --seq-len 64 --max-sequences 2000 "
-    "--kind topk --top-k 1000 --precision bfloat16 --batch-sequences 32 --max-epochs 4 --out runs/probe-smollm2 "
-    "--figures-dir figures",
-    "gap --vanilla smollm2-135m --corpus embedded --layout packed --seq-len 64 --max-sequences 256 "
-    "--share-sequences 64 --batch-size 8 --out runs/gap-smollm2 --figures-dir figures/smollm2",
-    *[
-        f"train {SMOLLM2_FINE_TUNE} --seed {seed} --out runs/ft-smollm2-s{seed}-{twin}"
-        + (" --myopic" if twin == "myopic" else "")
-        for seed in SMOLLM2_SEEDS
-        for twin in ("vanilla", "myopic")
-    ],
-    *[
-        f"gap --vanilla runs/ft-smollm2-s{seed}-vanilla --myopic runs/ft-smollm2-s{seed}-myopic --max-sequences 1000 "
-        f"--share-sequences 32 --batch-size 8 --out runs/gap-ft-smollm2-s{seed}"
-        + (" --figures-dir figures/smollm2-finetune" if seed == 0 else "")
-        for seed in SMOLLM2_SEEDS
-    ],
-    "seeds --runs "
-    + ",".join(f"runs/gap-ft-smollm2-s{seed}" for seed in SMOLLM2_SEEDS)
-    + " --out runs/seeds-gap-ft-smollm2 --figures-dir figures/smollm2-finetune",
-]
+FIGURES_FILE = Path(__file__).with_name("figures.txt")  # every command that writes figures/, as data
+
+
+def figure_commands() -> list[str]:
+    """The commands of :data:`FIGURES_FILE`, in order (comments and blank lines left out)."""
+    lines = (line.split("#", 1)[0].strip() for line in FIGURES_FILE.read_text().splitlines())
+    return [line for line in lines if line]
+
+
+FIGURES = figure_commands()
 
 
 @dataclass
@@ -114,7 +62,7 @@ class FiguresConfig:
 
 
 def run_figures(config: FiguresConfig) -> None:
-    """Run each line of :data:`FIGURES` (or only print it); stop at the first that fails."""
+    """Run each line of :data:`FIGURES` (analyses/figures.txt), or only print it; stop at the first that fails."""
     for line in FIGURES:
         print(f"forethought {line}", flush=True)
         if not config.dry_run and (status := main(line.split())) != 0:
@@ -330,7 +278,7 @@ def main(argv: list[str] | None = None) -> int:
         if report := command.report(name, config, command.run(config)):
             print(report)
     except ForethoughtError as error:
-        print(f"forethought: error: {' '.join(str(error).split())}", file=sys.stderr)  # one line
+        print(f"forethought: error: {one_line(error, limit=10_000)}", file=sys.stderr)
         return 2
     except OSError as error:  # the disk or the file system refused (full, read-only, permissions)
         where = f": {error.filename}" if error.filename else ""

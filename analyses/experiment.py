@@ -21,7 +21,7 @@ import plotly.graph_objects as go
 from forethought.analyses.plots import save_figure
 from forethought.analyses.results import read_results, write_results
 from forethought.core.errors import ForethoughtError
-from forethought.core.files import atomic_write_json, read_json, run_lock
+from forethought.core.files import atomic_write_json, check_out_folder, read_json, run_lock
 from forethought.core.settings import UNBOUND, typed_settings
 from forethought.models.checkpoint import changed_settings
 from forethought.models.train import TrainConfig
@@ -93,10 +93,7 @@ def writes_run(run: Callable[[Any], Any]) -> Callable[[Any], Any]:
     second process writing the same folder is refused (with who holds it) instead of mixing files."""
     @functools.wraps(run)
     def locked(config: Any) -> Any:
-        out = Path(config.out)
-        if out.exists() and not out.is_dir():
-            raise ForethoughtError(f"--out {out} is a file, not a folder")
-        with run_lock(out):
+        with run_lock(check_out_folder(config.out)):
             return run(config)
     return locked
 
@@ -109,9 +106,7 @@ def prepare_out(out: str | Path, config: Any) -> Path:
 
     Refuses (changing nothing) when ``out`` is a file or its ``config.json`` differs from the settings.
     """
-    out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise ForethoughtError(f"--out {out} is a file, not a folder")
+    out = check_out_folder(out)
     settings = config.results_settings() if isinstance(config, ExperimentConfig) else asdict(config)
     settings = _as_saved({k: v for k, v in settings.items() if k not in UNBOUND})
     settings_file = out / "config.json"

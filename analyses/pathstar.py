@@ -25,7 +25,7 @@ from forethought.analyses.experiment import ExperimentConfig, ExperimentResults,
 from forethought.analyses.plots import facet_labels_as_values
 from forethought.analyses.results import CONTROL, run_meta, tidy
 from forethought.core.errors import ForethoughtError
-from forethought.core.files import check_free_space
+from forethought.core.files import check_free_space, check_out_folder
 from forethought.core.offsets import at_offset
 from forethought.core.settings import check_settings
 from forethought.models.gpt2 import build_lm, gpt2_config
@@ -362,9 +362,7 @@ class PathStarDataConfig:
 def run_pathstar_data(config: PathStarDataConfig) -> str:
     """Generate the two sets (disjoint) and write them; files already there (another seed's, say) are never
     overwritten. Returns what was written, in words."""
-    folder, paths = Path(config.out), config.paths()
-    if folder.exists() and not folder.is_dir():
-        raise ForethoughtError(f"--out {folder} is a file, not a folder")
+    folder, paths = check_out_folder(config.out), config.paths()
     if taken := [str(path) for path in paths.values() if path.exists()]:
         raise ForethoughtError(f"{' and '.join(taken)} already exist; remove them or choose another --out")
     spec = config.spec()

@@ -17,7 +17,7 @@ from typing import Any
 
 import pandas as pd
 
-from forethought.core.errors import ForethoughtError
+from forethought.core.errors import ForethoughtError, one_line
 from forethought.core.files import atomic_write_bytes, atomic_write_json, atomic_write_text, read_json
 from forethought.core.versions import package_versions
 
@@ -77,5 +77,5 @@ def read_results(out_dir: str | Path) -> tuple[pd.DataFrame, dict[str, Any]]:
     try:
         return pd.read_parquet(out_dir / "results.parquet"), meta
     except (OSError, ValueError) as error:
-        reason = " ".join(str(error).split())[:160]
+        reason = one_line(error, 160)
         raise ForethoughtError(f"cannot read results in {out_dir} ({reason}); run its command again") from None

@@ -28,6 +28,14 @@ LOCK_FILE = ".forethought.lock"
 _HELD: dict[Path, int] = {}  # folders this process holds the lock of → nesting depth
 
 
+def check_out_folder(out: str | Path) -> Path:
+    """``out`` as a path, refusing one that names a file: every ``--out`` is a folder."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise ForethoughtError(f"--out {out} is a file, not a folder")
+    return out
+
+
 def fsync_folder(folder: str | Path) -> None:
     """Make a rename inside ``folder`` durable."""
     descriptor = os.open(folder, os.O_RDONLY)

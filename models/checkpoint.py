@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from transformers import PreTrainedModel
 
-from forethought.core.errors import ForethoughtError
+from forethought.core.errors import ForethoughtError, one_line
 from forethought.core.files import check_free_space, staged_folder
 from forethought.models.gpt2 import quiet_loading
 
@@ -96,7 +96,7 @@ def load_training_state(folder: str | Path) -> dict[str, Any]:
     try:
         return torch.load(path, weights_only=True, map_location="cpu")
     except Exception as error:  # truncated, not a torch file, or holding objects weights_only refuses
-        reason = " ".join(str(error).split())[:200]
+        reason = one_line(error, 200)
         raise ForethoughtError(f"cannot read {path} (damaged, or not a training state this workbench wrote: "
                                f"{reason})") from None
 

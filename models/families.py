@@ -1,20 +1,42 @@
 """What differs between causal-LM families (GPT-2, Llama, GPT-NeoX, …), in one place: where the decoder blocks,
-the final norm and the unembedding live, and the sizes an analysis needs.
+the final norm and the unembedding live, which self-attention class the myopic gradient patches and its key/value
+projections, and the sizes an analysis needs.
 
-Everything else reads models through these functions, so supporting a family is a change here.
-Tested on GPT-2 and Llama (tiny random configs); other families whose Hugging Face module names match
-(``*.h`` / ``*.layers`` blocks, ``ln_f`` / ``norm`` / ``final_layer_norm``) work the same way.
+Everything else reads models through this table and these functions, so supporting a family is a change here.
+Tested on GPT-2, Llama, Mistral, Qwen2 and GPT-NeoX (tiny random configs); other families whose Hugging Face module
+names match (``*.h`` / ``*.layers`` blocks, ``ln_f`` / ``norm`` / ``final_layer_norm``) are read the same way, but
+are not made myopic.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 from torch import nn
 from transformers import PretrainedConfig, PreTrainedModel
 
 from forethought.core.errors import ForethoughtError
 
-_BLOCKS = ("h", "layers")  # GPT-2 / GPT-J: .h; Llama, Mistral, Qwen2, GPT-NeoX: .layers
-_FINAL_NORMS = ("ln_f", "norm", "final_layer_norm")  # GPT-2; Llama-family; GPT-NeoX
+
+@dataclass(frozen=True)
+class Family:
+    """Where a family keeps what the workbench reads or patches (attribute names on the base model)."""
+
+    blocks: str  # the decoder blocks
+    final_norm: str  # the norm before the unembedding
+    attention: str  # the self-attention class the myopic gradient patches
+    key_value: tuple[str, ...]  # that class's key/value projections (GPT-NeoX: the fused q|k|v; GPT-2: c_attn)
+
+
+FAMILIES: dict[str, Family] = {  # by config.model_type
+    "gpt2": Family("h", "ln_f", "GPT2Attention", ("c_attn",)),
+    "llama": Family("layers", "norm", "LlamaAttention", ("k_proj", "v_proj")),
+    "mistral": Family("layers", "norm", "MistralAttention", ("k_proj", "v_proj")),
+    "qwen2": Family("layers", "norm", "Qwen2Attention", ("k_proj", "v_proj")),
+    "gpt_neox": Family("layers", "final_layer_norm", "GPTNeoXAttention", ("query_key_value",)),
+}
+_BLOCKS = tuple(dict.fromkeys(f.blocks for f in FAMILIES.values()))  # for families not in the table
+_FINAL_NORMS = tuple(dict.fromkeys(f.final_norm for f in FAMILIES.values()))
 
 
 def decoder_blocks(model: PreTrainedModel) -> nn.ModuleList:

@@ -22,7 +22,7 @@ from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_N
 from transformers.models.gpt2.modeling_gpt2 import GPT2Model, GPT2PreTrainedModel
 from transformers.utils import logging as transformers_logging
 
-from forethought.core.errors import ForethoughtError
+from forethought.core.errors import ForethoughtError, one_line
 from forethought.core.files import read_json
 from forethought.models.hub import hub_reachable
 
@@ -175,5 +175,5 @@ def load_model(source: str | Path, kind: ModelKind) -> PreTrainedModel:
             f"{source} is neither a checkpoint folder nor a loadable hub id: {error}"
         ) from error
     except (SafetensorError, ValueError, RuntimeError) as error:  # truncated or mismatched weight files
-        reason = " ".join(str(error).split())[:200]
+        reason = one_line(error, 200)
         raise ForethoughtError(f"the weights in {source} cannot be loaded (damaged or incomplete: {reason})") from None

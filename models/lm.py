@@ -22,7 +22,7 @@ from torch import nn
 from transformers import AutoConfig, AutoTokenizer, PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
 
 from forethought.core.errors import ForethoughtError
-from forethought.core.files import atomic_write_json, read_json, run_lock
+from forethought.core.files import atomic_write_json, check_out_folder, read_json, run_lock
 from forethought.core.precision import TRAINING_PRECISIONS, check_precision
 from forethought.core.settings import check_settings
 from forethought.models.checkpoint import changed_settings
@@ -203,9 +203,7 @@ def train_lm(config: LMTrainConfig) -> TrainResult:
 
     Under torchrun, rank 0 tokenises and writes the run's files first; the other ranks then reuse them.
     """
-    out = Path(config.out)
-    if out.exists() and not out.is_dir():
-        raise ForethoughtError(f"--out {out} is a file, not a folder")
+    out = check_out_folder(config.out)
     dist = Distributed.from_env(resolve_device(config.device))
     with run_lock(out) if dist.is_main else contextlib.nullcontext():
         return _train_lm(config, out, dist)

@@ -41,6 +41,7 @@ from transformers.masking_utils import sdpa_mask
 from transformers.models.gpt2.modeling_gpt2 import GPT2Attention
 
 from forethought.core.errors import ForethoughtError
+from forethought.models.families import FAMILIES
 
 Cut = Literal["residual", "kv"]
 Impl = Literal["auto", "fast", "reference"]
@@ -94,9 +95,9 @@ FILLED_CACHE = "myopic(): incremental decoding with a filled KV cache is not sup
 # forward is not wrapped by transformers' renaming decorator, so it must know every name.
 CACHE_ARGUMENTS = ("cache", "past_key_values", "past_key_value", "layer_past")
 # Llama-family and GPT-NeoX attention: q, k, v (rotary applied, grouped-query) reach a pluggable attention
-# function; the myopic one replaces it for the duration of the context. Their key/value projections by class:
-KEY_VALUE_PROJECTIONS = {"LlamaAttention": ("k_proj", "v_proj"), "MistralAttention": ("k_proj", "v_proj"),
-                         "Qwen2Attention": ("k_proj", "v_proj"), "GPTNeoXAttention": ("query_key_value",)}
+# function; the myopic one replaces it for the duration of the context. Their key/value projections by class
+# (models.families, the one table; GPT-2's attention is rewritten here instead):
+KEY_VALUE_PROJECTIONS = {f.attention: f.key_value for f in FAMILIES.values() if f.attention != "GPT2Attention"}
 _INTERFACE_NAME = "forethought_myopic"
 
 

@@ -34,7 +34,7 @@ from typing import Any
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from forethought.core.errors import ForethoughtError
+from forethought.core.errors import ForethoughtError, one_line
 from forethought.core.files import check_free_space
 from forethought.models.checkpoint import latest_checkpoint
 from forethought.models.gpt2 import quiet_loading
@@ -184,7 +184,7 @@ def _describe_gguf(path: Path) -> dict[str, Any]:
         tensor_types = Counter(tensor.tensor_type.name for tensor in reader.tensors)
         n_parameters = sum(int(tensor.n_elements) for tensor in reader.tensors)
     except (ValueError, IndexError, KeyError, OSError) as error:
-        raise ForethoughtError(f"{path} is truncated or damaged: {_one_line(error)}") from None
+        raise ForethoughtError(f"{path} is truncated or damaged: {one_line(error)}") from None
     file_type = fields.get("general.file_type")
     quantisation = (gguf.LlamaFileType(file_type).name.removeprefix("MOSTLY_") if file_type is not None
                     else tensor_types.most_common(1)[0][0])
@@ -199,7 +199,7 @@ def _dequantise(path: Path, staging: Path) -> None:
         tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
         loaded = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32)
     except (ValueError, KeyError, OSError, RuntimeError, NotImplementedError) as error:
-        raise ForethoughtError(f"transformers cannot load {path.name}: {_one_line(error)}") from None
+        raise ForethoughtError(f"transformers cannot load {path.name}: {one_line(error)}") from None
     config = loaded.config
     if hasattr(config, "quantization_config"):  # saving refuses a model flagged as GGUF-quantised (5.9 does not
         del config.quantization_config  # flag a float GGUF file; later versions do)
@@ -207,10 +207,6 @@ def _dequantise(path: Path, staging: Path) -> None:
     plain.load_state_dict(loaded.state_dict(), strict=True)
     plain.save_pretrained(staging)
     tokenizer.save_pretrained(staging)
-
-
-def _one_line(error: BaseException) -> str:
-    return " ".join(str(error).split())[:300]
 
 
 def _model_card(card: dict[str, Any]) -> str:

@@ -39,7 +39,7 @@ from torch import nn
 from torch.nn.functional import cross_entropy
 from transformers import AutoTokenizer, GPT2Tokenizer, PreTrainedTokenizerBase
 
-from forethought.core.errors import ForethoughtError
+from forethought.core.errors import ForethoughtError, one_line
 from forethought.core.files import (
     atomic_write_bytes,
     atomic_write_json,
@@ -150,7 +150,7 @@ def iter_documents(source: str, split: str = "train", text_field: str = "text") 
                 table = pq.read_table(file)
             except (OSError, ValueError) as error:  # pyarrow's ArrowInvalid is a ValueError
                 raise ForethoughtError(
-                    f"{file} is not a readable parquet file ({' '.join(str(error).split())[:120]})"
+                    f"{file} is not a readable parquet file ({one_line(error, 120)})"
                 ) from None
             if text_field not in table.column_names:
                 raise ForethoughtError(f"{file} has no column {text_field!r}")
