@@ -93,8 +93,8 @@ class Comparison(Probing):
     ) -> Comparison:
         """Named checkpoints — ``{name: source}``, or a list of sources (named after their folders) or
         ``(name, source)`` pairs — where a source is a checkpoint or run folder, a hub id, an
-        :class:`~models.lm.LMCheckpoint` or a model in memory (saved under ``folder/models`` with ``tokenizer``,
-        default: the GPT-2 tokenizer). ``settings``: fields of :class:`~analyses.probing.ProbeSettings`."""
+        :class:`~models.lm.LMCheckpoint` or a model in memory (held as it is, with ``tokenizer``, default: the GPT-2
+        tokenizer). ``settings``: fields of :class:`~analyses.probing.ProbeSettings`."""
         pairs = list(checkpoints.items()) if isinstance(checkpoints, Mapping) else [_pair(item) for item in checkpoints]
         folder = Path(folder)
         check_names(name for name, _ in pairs)
@@ -275,16 +275,14 @@ def _pair(item: CheckpointSource | tuple[str, CheckpointSource]) -> tuple[str, C
 
 @quiet_loading()
 def _load(name: str, source: CheckpointSource, folder: Path, tokenizer: PreTrainedTokenizerBase | None) -> LMCheckpoint:
-    """An :class:`LMCheckpoint` from any source; a model in memory is saved under ``folder/models/<name>``."""
+    """An :class:`LMCheckpoint` from any source; a model in memory is held as it is (with ``tokenizer``, default
+    the GPT-2 one), never saved or loaded again."""
     if isinstance(source, LMCheckpoint):
         return source
     if isinstance(source, PreTrainedModel):
         tokenizer = tokenizer or gpt2_tokenizer()
         check_vocabulary(tokenizer, source.config.vocab_size, f"checkpoint {name!r}")
-        saved = folder / "models" / name.replace("/", "_")
-        source.save_pretrained(saved)
-        tokenizer.save_pretrained(saved)
-        source = saved
+        return LMCheckpoint(f"{name} (in memory)", source, tokenizer, None)
     return load_checkpoint(name, source)
 
 

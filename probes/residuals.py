@@ -46,8 +46,8 @@ def load_bridge(source: str | Path, device: str = "cpu", dtype: torch.dtype = to
 def bridge_over_copy(checkpoint: LMCheckpoint, device: str = "cpu",
                      dtype: torch.dtype = torch.float32) -> TransformerBridge:
     """A TransformerBridge over a copy of ``checkpoint``'s model, read from nowhere: the bridge rewraps the modules it
-    is handed, so the caller's model stays as it was (raw weights, no weight processing)."""
-    return TransformerBridge.boot_transformers(checkpoint.source, hf_model=copy.deepcopy(checkpoint.model),
+    is handed, so the caller's model stays as it was (raw weights, no weight processing; the copy in eval mode)."""
+    return TransformerBridge.boot_transformers(checkpoint.source, hf_model=copy.deepcopy(checkpoint.model).eval(),
                                                tokenizer=checkpoint.tokenizer, device=device, dtype=dtype)
 
 

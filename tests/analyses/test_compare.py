@@ -142,6 +142,7 @@ def test_a_model_in_memory_gives_the_numbers_of_its_folder(twins, tmp_path):
     folder, memory = table[table["checkpoint"] == "folder"], table[table["checkpoint"] == "memory"]
     assert len(folder) == 2 * (3 * 2 * 3 + 3 * 3)  # probes and lens, each also minus the skip-bigram
     assert folder.drop(columns="checkpoint").equals(memory.drop(columns="checkpoint"))
+    assert not (tmp_path / "models").exists()  # held as it is: never saved, never loaded again
 
 
 def test_bad_input_is_named_and_computed_results_stay_usable(comparison, twins, tmp_path, lm_folder, monkeypatch):
