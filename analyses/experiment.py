@@ -11,7 +11,7 @@ import functools
 import json
 import shutil
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -29,8 +29,8 @@ from forethought.models.train import TrainConfig
 
 class ExperimentConfig:
     """Mixin for experiment configs. Subclasses are dataclasses with the fields ``preset``, ``batch_size``,
-    ``lr``, ``weight_decay``, ``warmup_frac``, ``grad_clip``, ``seed``, ``eval_every``, ``checkpoint_every``,
-    ``out``, ``figures_dir``, ``device``, ``progress``, and a ``PRESETS`` table of overrides."""
+    ``lr``, ``weight_decay``, ``warmup_frac``, ``grad_clip``, ``seed``, ``myopic_cut``, ``eval_every``,
+    ``checkpoint_every``, ``out``, ``figures_dir``, ``device``, ``progress``, and a ``PRESETS`` table of overrides."""
 
     PRESETS: ClassVar[dict[str, dict[str, Any]]] = {}
     # fields that do not change results: a rerun into the same --out may differ in them
@@ -55,8 +55,8 @@ class ExperimentConfig:
         return TrainConfig(
             steps=steps, batch_size=self.batch_size, lr=self.lr, weight_decay=self.weight_decay,
             warmup_frac=self.warmup_frac, grad_clip=self.grad_clip, seed=self.seed, myopic=myopic,
-            eval_every=self.eval_every, checkpoint_every=self.checkpoint_every, device=self.device,
-            progress=self.progress,
+            myopic_cut=self.myopic_cut, eval_every=self.eval_every, checkpoint_every=self.checkpoint_every,
+            device=self.device, progress=self.progress,
         )
 
 
@@ -113,11 +113,18 @@ def prepare_out(out: str | Path, config: Any) -> Path:
     if settings_file.exists():
         saved = read_json(settings_file, f"remove {out} to start afresh")
         saved = _as_saved(typed_settings(type(config), {k: v for k, v in saved.items() if k not in UNBOUND}))
-        if changed := changed_settings(saved, settings):
+        if changed := changed_settings(saved, settings, _defaults(type(config))):
             raise ForethoughtError(f"--out {out} holds a run with other settings ({changed}); choose another --out")
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_json(settings_file, settings)
     return out
+
+
+def _defaults(cls: type) -> dict[str, Any]:
+    """Each field's default, as ``config.json`` holds it: what a run made before the field existed had."""
+    defaults = {f.name: f.default if f.default is not MISSING else f.default_factory() for f in fields(cls)
+                if f.default is not MISSING or f.default_factory is not MISSING}
+    return _as_saved(defaults)
 
 
 def _as_saved(settings: dict[str, Any]) -> dict[str, Any]:

@@ -29,6 +29,7 @@ from forethought.core.files import check_free_space, check_out_folder
 from forethought.core.offsets import at_offset
 from forethought.core.settings import check_settings
 from forethought.models.gpt2 import build_lm, gpt2_config
+from forethought.models.myopic import check_cut
 from forethought.models.tasks.pathstar import PathStarData, PathStarSpec, PathStarTask, check_regime, generate_split
 from forethought.models.train import train
 from forethought.probes.fit import fit_logistic_by_layer
@@ -66,6 +67,7 @@ class PathStarConfig(ExperimentConfig):
     warmup_frac: float = 0.01
     grad_clip: float = 1.0
     seed: int = 0
+    myopic_cut: str = "residual"  # the myopic twins' cut: 'residual' (the paper's) or 'kv'
     eval_every: int = 1000
     checkpoint_every: int = 5000
     # evaluation and probes
@@ -89,6 +91,7 @@ class PathStarConfig(ExperimentConfig):
 
     def __post_init__(self):
         check_settings(self)
+        check_cut(self.myopic_cut)
         if self.train_file is None:
             self.spec()  # validates d, l, N
         for regime in self.regimes:

@@ -23,6 +23,7 @@ from forethought.analyses.results import CONTROL, run_meta, tidy
 from forethought.core.errors import ForethoughtError
 from forethought.core.settings import check_settings
 from forethought.models.gpt2 import GPT2RegressionModel, build_regression, load_model, regression_config
+from forethought.models.myopic import check_cut
 from forethought.models.tasks.synthetic import SyntheticTask
 from forethought.models.train import train
 from forethought.models.twins import TWINS
@@ -59,6 +60,7 @@ class SyntheticConfig(ExperimentConfig):
     warmup_frac: float = 0.01
     grad_clip: float = 0.0  # the paper did not clip
     seed: int = 0
+    myopic_cut: str = "residual"  # the myopic twin's cut: 'residual' (the paper's) or 'kv'
     eval_every: int = 500
     checkpoint_every: int = 2000
     # held-out evaluation and probes
@@ -84,6 +86,7 @@ class SyntheticConfig(ExperimentConfig):
 
     def __post_init__(self):
         check_settings(self)
+        check_cut(self.myopic_cut)
         self.task()  # validates p, n_terms, seq_len
         if self.heldout_sequences < 8:
             raise ForethoughtError(f"heldout_sequences must be at least 8, got {self.heldout_sequences}")

@@ -11,6 +11,7 @@ import pytest
 from forethought.analyses.results import COLUMNS, read_results
 from forethought.analyses.synthetic import CONTROL, SyntheticConfig, SyntheticResults, run_synthetic
 from forethought.core.errors import ForethoughtError
+from forethought.models.checkpoint import latest_checkpoint, load_training_state
 
 TINY = dict(n_terms=3, freq=2.0, seq_len=10, n_layer=2, d_model=16, n_head=2, steps=40, batch_size=16,
             heldout_sequences=48, eval_every=20, checkpoint_every=20, progress=False)
@@ -66,6 +67,27 @@ def test_rerun_resumes_and_reproduces(tiny_run):
     results, out = tiny_run
     again = run_synthetic(SyntheticConfig.from_preset("cpu", **TINY, out=str(out)))
     pd.testing.assert_frame_equal(again.table, results.table)
+
+
+def test_a_run_made_before_a_setting_existed_reruns_as_the_same_run(tiny_run):
+    """config.json written before myopic_cut existed: the default it had then (residual) binds the folder."""
+    results, out = tiny_run
+    saved = json.loads((out / "config.json").read_text())
+    (out / "config.json").write_text(json.dumps({k: v for k, v in saved.items() if k != "myopic_cut"}))
+    again = run_synthetic(SyntheticConfig.from_preset("cpu", **TINY, out=str(out)))
+    pd.testing.assert_frame_equal(again.table, results.table)
+    with pytest.raises(ForethoughtError, match=r"other settings \(myopic_cut: 'residual' → 'kv'\)"):
+        run_synthetic(SyntheticConfig.from_preset("cpu", **TINY, myopic_cut="kv", out=str(out)))
+
+
+def test_the_myopic_cut_reaches_the_myopic_twins_training(tmp_path):
+    out = tmp_path / "kv"
+    run_synthetic(SyntheticConfig.from_preset("cpu", **{**TINY, "steps": 2}, myopic_cut="kv", out=str(out)))
+    cuts = {twin: load_training_state(latest_checkpoint(out / twin))["config"]["myopic_cut"]
+            for twin in ("vanilla", "myopic")}
+    assert cuts == {"vanilla": "kv", "myopic": "kv"}  # the setting is the run's; only the myopic twin uses it
+    with pytest.raises(ForethoughtError, match="unknown myopic cut 'diagonal'"):
+        SyntheticConfig.from_preset("cpu", myopic_cut="diagonal")
 
 
 def test_rerun_with_other_settings_is_refused_and_changes_nothing(tiny_run):
