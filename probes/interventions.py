@@ -38,6 +38,7 @@ from transformers import PreTrainedModel
 
 from forethought.core.errors import ForethoughtError
 from forethought.models.families import decoder_blocks
+from forethought.probes.residuals import hook_name
 
 Positions = int | Sequence[int] | slice | None  # None: every position
 _HOOK = re.compile(r"blocks\.(\d+)\.hook_resid_(pre|post)")
@@ -87,9 +88,7 @@ class Edit:
 
     def hook(self) -> tuple[str, Callable[..., torch.Tensor]]:
         """This edit as a TransformerLens forward hook on a bridge: ``(hook name, function(tensor, hook))``."""
-        layer = self.residual_layer
-        name = "blocks.0.hook_resid_pre" if layer == 0 else f"blocks.{layer - 1}.hook_resid_post"
-        return name, lambda h, hook: self(h)
+        return hook_name(self.residual_layer), lambda h, hook: self(h)
 
 
 @dataclass(frozen=True)

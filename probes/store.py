@@ -39,9 +39,8 @@ def fitted_probes(cache: ResidualCache, model: PreTrainedModel, taus: list[int],
     store written before probes were kept holds scores only: its probes are fitted again, alike for the same
     seed and thread count, and its scores kept as they are)."""
     paths, made_from = _stored(cache, taus, config, store)
-    unembed = unembedding(model) if config.kind == "lens" else None
     if paths["probes"].is_file():
-        return FittedProbes.load(paths["probes"], made_from, unembed)
+        return FittedProbes.load(paths["probes"], made_from, unembedding(model) if config.kind == "lens" else None)
     return _fit(cache, model, taus, config, paths, made_from, progress, split)[0]
 
 
