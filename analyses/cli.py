@@ -14,7 +14,7 @@ import os
 import re
 import sys
 from collections.abc import Callable
-from dataclasses import MISSING, Field, dataclass, fields
+from dataclasses import Field, dataclass, fields
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -38,7 +38,15 @@ from forethought.analyses.precache import PrecacheConfig, run_precache
 from forethought.analyses.probe import ProbeConfig, run_probe
 from forethought.analyses.synthetic import SyntheticConfig, run_synthetic
 from forethought.core.errors import ForethoughtError, one_line
-from forethought.core.settings import LIST_KINDS, as_text, from_text, list_kinds
+from forethought.core.settings import (
+    LIST_KINDS,
+    as_text,
+    build_config,
+    field_default,
+    from_text,
+    list_kinds,
+    nested_settings,
+)
 from forethought.models.gpt2 import quiet_loading
 from forethought.models.lm import LM_TRAIN_PRESETS, LMTrainConfig, train_lm
 
@@ -194,11 +202,10 @@ def add_config_arguments(
 
     With ``presets``, the help shows each preset's value where one differs from the class default.
     """
-    helps, lists = _field_help(cls), list_kinds(cls)
-    for f in _own_fields_first(cls):
+    for f, default, helps, listed in _flags(cls):
         if f.name in skip:
             continue
-        kind, listed = str(f.type), lists.get(f.name)
+        kind = str(f.type)
         options: dict = {"default": argparse.SUPPRESS, "dest": f.name}
         if kind == "bool":
             options["action"] = argparse.BooleanOptionalAction
@@ -208,8 +215,6 @@ def add_config_arguments(
         else:
             options["type"] = int if kind.startswith("int") else float if kind.startswith("float") else str
             options["metavar"] = options["type"].__name__.upper()
-        default = f.default if f.default is not MISSING else f.default_factory() if f.default_factory is not MISSING \
-            else None
         values = {name: preset.get(f.name, default) for name, preset in (presets or {"": {}}).items()}
         texts = {name: _default_text(value, listed) for name, value in values.items()}
         if len(set(texts.values())) == 1:
@@ -218,6 +223,21 @@ def add_config_arguments(
             shown = ", ".join(f"{name}: {text}" for name, text in texts.items())
         options["help"] = f"{helps.get(f.name, '')} ({shown})".strip().replace("%", "%%")  # argparse formats help
         parser.add_argument("--" + f.name.replace("_", "-"), **options)
+
+
+def _flags(cls: type) -> list[tuple[Field, Any, dict[str, str], str | None]]:
+    """(field, default, helps, list kind) of each flag of the config dataclass ``cls``, its own fields first; a
+    nested settings field (``training``) gives one flag per field of its class in its place, with the config's
+    default for it."""
+    nested, lists, flags = nested_settings(cls), list_kinds(cls), []
+    for f in _own_fields_first(cls):
+        default = field_default(f)
+        if f.name in nested:
+            helps = _field_help(nested[f.name])
+            flags += [(g, getattr(default, g.name), helps, None) for g in fields(nested[f.name])]
+        else:
+            flags.append((f, default, _field_help(cls), lists.get(f.name)))
+    return flags
 
 
 class _OneLineErrors(argparse.ArgumentParser):
@@ -274,7 +294,7 @@ def main(argv: list[str] | None = None) -> int:
             name = next(key for key, row in COMMANDS.items() if key == f"{name} {member}" or member in row.aliases)
         command = COMMANDS[name]
         preset = args.pop("preset", command.preset)
-        config = command.config.from_preset(preset, **args) if preset else command.config(**args)
+        config = command.config.from_preset(preset, **args) if preset else build_config(command.config, args)
         if report := command.report(name, config, command.run(config)):
             print(report)
     except ForethoughtError as error:

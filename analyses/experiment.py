@@ -8,10 +8,9 @@ a ``run_*`` function, and a results dataclass (subclass of :class:`ExperimentRes
 from __future__ import annotations
 
 import functools
-import json
 import shutil
 from collections.abc import Callable
-from dataclasses import MISSING, asdict, dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -22,42 +21,41 @@ from forethought.analyses.plots import save_figure
 from forethought.analyses.results import read_results, write_results
 from forethought.core.errors import ForethoughtError
 from forethought.core.files import atomic_write_json, check_out_folder, read_json, run_lock
-from forethought.core.settings import UNBOUND, typed_settings
-from forethought.models.checkpoint import changed_settings
-from forethought.models.train import TrainConfig
+from forethought.core.settings import (
+    Presets,
+    build_config,
+    check_preset,
+    check_settings,
+    flat_defaults,
+    flat_settings,
+    record_settings,
+    typed_settings,
+)
+from forethought.models.train import TrainConfig, TrainSettings
 
 
-class ExperimentConfig:
-    """Mixin for experiment configs. Subclasses are dataclasses with the fields ``preset``, ``batch_size``,
-    ``lr``, ``weight_decay``, ``warmup_frac``, ``grad_clip``, ``seed``, ``myopic_cut``, ``eval_every``,
-    ``checkpoint_every``, ``out``, ``figures_dir``, ``device``, ``progress``, and a ``PRESETS`` table of overrides."""
+@dataclass
+class ExperimentConfig(Presets):
+    """What every experiment's config declares: where it starts (a preset), its seed, the training settings of its
+    twins (:class:`~models.train.TrainSettings`, named flat on the command line), and where it writes. Subclasses
+    are dataclasses that add the experiment's own settings, redeclare ``training`` and ``out`` with their own
+    defaults, and fill ``PRESETS`` (flat settings)."""
 
-    PRESETS: ClassVar[dict[str, dict[str, Any]]] = {}
-    # fields that do not change results: a rerun into the same --out may differ in them
-    PRESENTATION: ClassVar[tuple[str, ...]] = ("figures_dir", "device", "progress", "checkpoint_every", "eval_every")
+    preset: str = "cpu"  # starting values: paper or cpu (recorded in the run); flags given override them
+    seed: int = 0
+    training: TrainSettings = field(default_factory=TrainSettings)
+    out: str = "runs/experiment"
+    figures_dir: str | None = None  # also copy the figures here (e.g. the repository's figures/)
+    device: str = "auto"
+    progress: bool = True
 
-    @classmethod
-    def from_preset(cls, name: str, **overrides: Any):
-        """The preset's values, then ``overrides`` (validated by the dataclass)."""
-        if name not in cls.PRESETS:
-            raise ForethoughtError(f"unknown preset {name!r}; choose one of {', '.join(cls.PRESETS)}")
-        unknown = set(overrides) - {f.name for f in fields(cls)}
-        if unknown:
-            raise ForethoughtError(f"unknown settings {sorted(unknown)}")
-        return cls(**{**cls.PRESETS[name], **overrides, "preset": name})
-
-    def results_settings(self) -> dict[str, Any]:
-        """The settings a run folder is bound to (:func:`prepare_out` also drops :data:`UNBOUND`; configs
-        without training pass ``asdict(config)`` to it)."""
-        return {k: v for k, v in asdict(self).items() if k not in self.PRESENTATION}
+    def __post_init__(self):
+        check_settings(self)
+        check_preset(type(self), self.preset)
 
     def train_config(self, myopic: bool, steps: int) -> TrainConfig:
-        return TrainConfig(
-            steps=steps, batch_size=self.batch_size, lr=self.lr, weight_decay=self.weight_decay,
-            warmup_frac=self.warmup_frac, grad_clip=self.grad_clip, seed=self.seed, myopic=myopic,
-            myopic_cut=self.myopic_cut, eval_every=self.eval_every, checkpoint_every=self.checkpoint_every,
-            device=self.device, progress=self.progress,
-        )
+        """The training of one twin."""
+        return self.training.for_run(steps, self.seed, myopic, self.device, self.progress)
 
 
 @dataclass
@@ -75,13 +73,14 @@ class ExperimentResults:
         """Reload a finished run from its ``--out`` folder."""
         table, meta = read_results(out)
         histories = read_json(Path(out) / "histories.json", "run the command again to rewrite it")
-        unknown = sorted(set(meta.get("config", {})) - {f.name for f in fields(cls.CONFIG)})
+        unknown = sorted(set(meta.get("config", {})) - set(flat_defaults(cls.CONFIG)))
         if unknown:
             raise ForethoughtError(
                 f"{out} was written with settings this {cls.__name__} does not know ({', '.join(unknown)}): "
                 "a run of another command or of an older workbench; run its command again"
             )
-        return cls(config=cls.CONFIG(**typed_settings(cls.CONFIG, meta["config"])), table=table, histories=histories)
+        config = build_config(cls.CONFIG, typed_settings(cls.CONFIG, meta["config"]))
+        return cls(config=config, table=table, histories=histories)
 
     def figures(self) -> dict[str, go.Figure]:
         """{file stem: figure} written by :func:`finish_run`."""
@@ -99,43 +98,22 @@ def writes_run(run: Callable[[Any], Any]) -> Callable[[Any], Any]:
 
 
 def prepare_out(out: str | Path, config: Any) -> Path:
-    """Create the run folder ``out``, or check that it holds a run with the same settings as ``config`` (a
-    config dataclass; :meth:`ExperimentConfig.results_settings` where it has them); record them (atomically).
-    Where the folder is and how the run reports (:data:`UNBOUND`) never bind it: a run folder may be moved, or
-    named with a trailing slash.
+    """Create the run folder ``out``, or check that it holds a run with the same settings as ``config`` (a config
+    dataclass); record them (atomically, :func:`core.settings.record_settings`). Where the folder is and how the run
+    reports (:data:`~core.settings.UNBOUND`, and how often training evaluates or checkpoints) never bind it: a
+    run folder may be moved, or named with a trailing slash.
 
     Refuses (changing nothing) when ``out`` is a file or its ``config.json`` differs from the settings.
     """
     out = check_out_folder(out)
-    settings = config.results_settings() if isinstance(config, ExperimentConfig) else asdict(config)
-    settings = _as_saved({k: v for k, v in settings.items() if k not in UNBOUND})
-    settings_file = out / "config.json"
-    if settings_file.exists():
-        saved = read_json(settings_file, f"remove {out} to start afresh")
-        saved = _as_saved(typed_settings(type(config), {k: v for k, v in saved.items() if k not in UNBOUND}))
-        if changed := changed_settings(saved, settings, _defaults(type(config))):
-            raise ForethoughtError(f"--out {out} holds a run with other settings ({changed}); choose another --out")
-    out.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(settings_file, settings)
+    record_settings(out / "config.json", config)
     return out
-
-
-def _defaults(cls: type) -> dict[str, Any]:
-    """Each field's default, as ``config.json`` holds it: what a run made before the field existed had."""
-    defaults = {f.name: f.default if f.default is not MISSING else f.default_factory() for f in fields(cls)
-                if f.default is not MISSING or f.default_factory is not MISSING}
-    return _as_saved(defaults)
-
-
-def _as_saved(settings: dict[str, Any]) -> dict[str, Any]:
-    """Settings as ``config.json`` holds them (tuples become lists), so saved and wanted compare equal."""
-    return json.loads(json.dumps(settings))
 
 
 def finish_run(results: ExperimentResults, out: Path, meta: dict[str, Any]) -> None:
     """Write the table, ``meta.json`` (with the config), the histories and the figures of a run; copy the
     figures to ``config.figures_dir`` too when it is set."""
-    write_results(results.table, out, {**meta, "config": asdict(results.config)})
+    write_results(results.table, out, {**meta, "config": flat_settings(results.config)})
     atomic_write_json(out / "histories.json", results.histories, indent=None)
     written = []
     for stem, figure in results.figures().items():

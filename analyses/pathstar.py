@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -29,9 +29,8 @@ from forethought.core.files import check_free_space, check_out_folder
 from forethought.core.offsets import at_offset
 from forethought.core.settings import check_settings
 from forethought.models.gpt2 import build_lm, gpt2_config
-from forethought.models.myopic import check_cut
 from forethought.models.tasks.pathstar import PathStarData, PathStarSpec, PathStarTask, check_regime, generate_split
-from forethought.models.train import train
+from forethought.models.train import TrainSettings, train
 from forethought.probes.fit import fit_logistic_by_layer
 from forethought.probes.metrics import mean_scores
 from forethought.probes.residuals import model_residuals
@@ -44,7 +43,6 @@ TRAININGS = {"vanilla": False, "myopic": True}
 class PathStarConfig(ExperimentConfig):
     """Settings of ``forethought pathstar``; every field is also a command-line flag."""
 
-    preset: str = "cpu"  # starting values: paper or cpu (recorded in the run); flags given override them
     # graphs G(degree, length, n_nodes), generated unless files are given (then d and l are the files', N at least
     # their largest label + 1)
     degree: int = 2  # d: arms leaving the start node
@@ -61,24 +59,14 @@ class PathStarConfig(ExperimentConfig):
     d_model: int = 384
     n_head: int = 6
     epochs: float = 50.0  # passes over the training set (steps = ceil(epochs · n_train / batch_size))
-    batch_size: int = 256
-    lr: float = 1e-4
-    weight_decay: float = 0.0  # the paper's code ignored its weight-decay flag
-    warmup_frac: float = 0.01
-    grad_clip: float = 1.0
-    seed: int = 0
-    myopic_cut: str = "residual"  # the myopic twins' cut: 'residual' (the paper's) or 'kv'
-    eval_every: int = 1000
-    checkpoint_every: int = 5000
+    # the paper's: batch 256, AdamW lr 1e-4, no weight decay (its code ignored its weight-decay flag)
+    training: TrainSettings = field(default_factory=lambda: TrainSettings(
+        batch_size=256, lr=1e-4, weight_decay=0.0, eval_every=1000, checkpoint_every=5000))
     # evaluation and probes
     eval_samples: int = 2000  # graphs decoded greedily, from each of train and test
     probe_samples: int = 2000  # test graphs whose residual streams are probed
     probe_test_fraction: float = 0.25
-    # where things go
     out: str = "runs/pathstar"
-    figures_dir: str | None = None  # also copy the figures here
-    device: str = "auto"
-    progress: bool = True
 
     PRESETS: ClassVar[dict[str, dict[str, Any]]] = {
         "paper": {},  # 6 layers × 384, 6 heads, batch 256, AdamW lr 1e-4, 200k / 20k graphs of G(2, 5, 50)
@@ -90,8 +78,7 @@ class PathStarConfig(ExperimentConfig):
     }
 
     def __post_init__(self):
-        check_settings(self)
-        check_cut(self.myopic_cut)
+        super().__post_init__()
         if self.train_file is None:
             self.spec()  # validates d, l, N
         for regime in self.regimes:
@@ -106,7 +93,7 @@ class PathStarConfig(ExperimentConfig):
         return PathStarSpec(self.degree, self.length, self.n_nodes)
 
     def steps(self, n_train: int) -> int:
-        return max(1, math.ceil(self.epochs * n_train / self.batch_size))
+        return max(1, math.ceil(self.epochs * n_train / self.training.batch_size))
 
 @dataclass
 class PathStarResults(ExperimentResults):

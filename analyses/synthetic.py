@@ -8,7 +8,7 @@ random initialisation (the control: a random nonlinear expansion of x_t already 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import numpy as np
@@ -21,11 +21,9 @@ from forethought.analyses.experiment import ExperimentConfig, ExperimentResults,
 from forethought.analyses.plots import loss_curves_figure, probe_r2_figure
 from forethought.analyses.results import CONTROL, run_meta, tidy
 from forethought.core.errors import ForethoughtError
-from forethought.core.settings import check_settings
 from forethought.models.gpt2 import GPT2RegressionModel, build_regression, load_model, regression_config
-from forethought.models.myopic import check_cut
 from forethought.models.tasks.synthetic import SyntheticTask
-from forethought.models.train import train
+from forethought.models.train import TrainSettings, train
 from forethought.models.twins import TWINS
 from forethought.probes.fit import fit_ridge_by_layer
 from forethought.probes.metrics import mean_scores
@@ -42,7 +40,6 @@ class SyntheticConfig(ExperimentConfig):
     in about three minutes on 2 CPU cores.
     """
 
-    preset: str = "cpu"  # starting values: paper or cpu (recorded in the run); flags given override them
     # task
     p: float = 1.0  # probability that y_t is the sine sum (otherwise y_t = x_t)
     n_terms: int = 10  # y_t sums sin(freq · x_{t−i}) over i = 1 … n_terms
@@ -52,17 +49,10 @@ class SyntheticConfig(ExperimentConfig):
     n_layer: int = 2
     d_model: int = 128
     n_head: int = 2
-    # training (identical for both twins)
+    # training (identical for both twins; the paper did not clip)
     steps: int = 20000
-    batch_size: int = 512
-    lr: float = 1e-3
-    weight_decay: float = 0.01
-    warmup_frac: float = 0.01
-    grad_clip: float = 0.0  # the paper did not clip
-    seed: int = 0
-    myopic_cut: str = "residual"  # the myopic twin's cut: 'residual' (the paper's) or 'kv'
-    eval_every: int = 500
-    checkpoint_every: int = 2000
+    training: TrainSettings = field(default_factory=lambda: TrainSettings(
+        batch_size=512, lr=1e-3, grad_clip=0.0, eval_every=500, checkpoint_every=2000))
     # held-out evaluation and probes
     heldout_sequences: int = 4000  # fresh sequences for the losses and the probes
     test_fraction: float = 0.25  # share of held-out sequences the probes are scored on
@@ -70,11 +60,7 @@ class SyntheticConfig(ExperimentConfig):
     # evaluate these checkpoints instead of training (folders of GPT2RegressionModel)
     vanilla_checkpoint: str | None = None
     myopic_checkpoint: str | None = None
-    # where things go
     out: str = "runs/synthetic"
-    figures_dir: str | None = None  # also copy the figures here (e.g. the repository's figures/)
-    device: str = "auto"
-    progress: bool = True
 
     PRESETS: ClassVar[dict[str, dict[str, Any]]] = {
         "paper": {},  # the dataclass defaults are the paper's setting
@@ -85,8 +71,7 @@ class SyntheticConfig(ExperimentConfig):
     }
 
     def __post_init__(self):
-        check_settings(self)
-        check_cut(self.myopic_cut)
+        super().__post_init__()
         self.task()  # validates p, n_terms, seq_len
         if self.heldout_sequences < 8:
             raise ForethoughtError(f"heldout_sequences must be at least 8, got {self.heldout_sequences}")

@@ -1,6 +1,7 @@
-"""The range of every numeric setting, in one table, checked in full before a run writes anything; and the one
+"""The range of every numeric setting, in one table, checked in full before a run writes anything; the one
 place list settings meet text (comma-separated on the command line and in run folders written before they were
-typed).
+typed); and nested settings (a config holding a settings dataclass, such as its training settings), which the
+command line, presets and run folders name flat.
 
 A setting means the same thing in every config that has it (``steps``, ``lr``, ``seq_len`` …), so one table
 keyed by field name serves every config dataclass: its ``__post_init__`` calls :func:`check_settings`. Every
@@ -10,16 +11,19 @@ table complete: every int or float field of every command's config has a rule he
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import math
 import typing
 from collections.abc import Callable
-from dataclasses import fields
+from dataclasses import MISSING, asdict, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
 from forethought.core.errors import ForethoughtError
+from forethought.core.files import atomic_write_json, read_json
 
 UNBOUND = ("out", "figures_dir", "device", "progress", "tokens_root", "show")  # where a run is kept and how it reports:
 # never part of a run's identity
@@ -173,3 +177,111 @@ def check_lists(config: Any) -> None:
 def _typed(kind: str, value: Any) -> Any:
     """A list setting's value (a list, tuple or dict) as its ``kind`` holds it."""
     return dict(value) if kind.startswith("dict") else tuple(value)
+
+
+# ---- nested settings: a config may hold settings dataclasses as fields (``training: TrainSettings``); presets, the
+# command line and run folders name their fields flat (``lr``, ``--lr``), as if the config declared them itself
+
+def nested_settings(config_class: type) -> dict[str, type]:
+    """{field name: settings dataclass} of the fields of ``config_class`` that hold settings dataclasses."""
+    hints = typing.get_type_hints(config_class)
+    return {f.name: hints[f.name] for f in fields(config_class) if dataclasses.is_dataclass(hints[f.name])}
+
+
+def field_default(f: dataclasses.Field) -> Any:
+    """A dataclass field's default (its factory called); None for a field without one."""
+    return f.default if f.default is not MISSING else f.default_factory() if f.default_factory is not MISSING else None
+
+
+def flat_settings(config: Any) -> dict[str, Any]:
+    """The settings of the dataclass ``config`` by flat name: a nested settings object's fields in its place."""
+    nested, flat = nested_settings(type(config)), {}
+    for name, value in asdict(config).items():
+        flat.update(value if name in nested else {name: value})
+    return flat
+
+
+def flat_defaults(config_class: type) -> dict[str, Any]:
+    """Every flat setting's default, as ``config.json`` holds it: what a run made before the setting existed had."""
+    nested, defaults = nested_settings(config_class), {}
+    for f in fields(config_class):
+        default = field_default(f)
+        defaults.update(asdict(default) if f.name in nested else {f.name: default})
+    return json.loads(json.dumps(defaults))
+
+
+def build_config(config_class: type, settings: dict[str, Any]) -> Any:
+    """The dataclass ``config_class`` from flat ``settings`` (a setting of a nested object changes that one
+    setting of the field's default object, which validates itself); refuses names it does not have."""
+    nested = nested_settings(config_class)
+    owners = {g.name: name for name, kind in nested.items() for g in fields(kind)}
+    own = {f.name for f in fields(config_class)} - set(nested)
+    unknown = sorted(set(settings) - own - set(owners))
+    if unknown:
+        raise ForethoughtError(f"unknown settings {unknown}")
+    values = {name: value for name, value in settings.items() if name in own}
+    for name in nested:
+        if changes := {key: value for key, value in settings.items() if owners.get(key) == name}:
+            default = field_default(next(f for f in fields(config_class) if f.name == name))
+            values[name] = dataclasses.replace(default, **changes)
+    return config_class(**values)
+
+
+class Presets:
+    """Mixin of configs with named starting values: ``PRESETS`` {name: flat settings}; the config's ``preset``
+    field records which one a run started from."""
+
+    PRESETS: ClassVar[dict[str, dict[str, Any]]] = {}
+
+    @classmethod
+    def from_settings(cls, **settings: Any):
+        """The config from flat settings (``lr=…`` reaches the training settings), as the command line gives them."""
+        return build_config(cls, settings)
+
+    @classmethod
+    def from_preset(cls, name: str, **settings: Any):
+        """The preset's values, then ``settings`` (flat names)."""
+        check_preset(cls, name)
+        return build_config(cls, {**cls.PRESETS[name], **settings, "preset": name})
+
+
+def check_preset(config_class: type, name: str | None) -> None:
+    """Refuse a preset name that ``config_class.PRESETS`` lacks (None: no preset)."""
+    if name is not None and name not in config_class.PRESETS:
+        raise ForethoughtError(f"unknown preset {name!r}; choose one of {', '.join(config_class.PRESETS)}")
+
+
+# ---- a run folder's settings: the ones that bind it, recorded once and checked on every later run
+
+def bound_settings(config: Any) -> dict[str, Any]:
+    """The flat settings that bind a run folder, as JSON holds them: all but :data:`UNBOUND` and the nested
+    settings' ``RESUMABLE`` ones (how often to evaluate or checkpoint, compile: a resume may change them)."""
+    free = {*UNBOUND, *(name for kind in nested_settings(type(config)).values()
+                       for name in getattr(kind, "RESUMABLE", ()))}
+    return json.loads(json.dumps({k: v for k, v in flat_settings(config).items() if k not in free}))
+
+
+def changed_settings(saved: dict[str, Any], wanted: dict[str, Any], defaults: dict[str, Any] | None = None) -> str:
+    """``"key: old → new"`` for each setting in which a run folder's ``saved`` settings differ from ``wanted``
+    ("" if none). A key the saved run lacks counts as ``defaults[key]``: a setting the workbench gained after
+    the run was made, whose default keeps the behaviour the run had."""
+    defaults = defaults or {}
+    keys = dict.fromkeys([*saved, *wanted])
+    return ", ".join(f"{key}: {saved.get(key, defaults.get(key))!r} → {wanted.get(key)!r}" for key in keys
+                     if saved.get(key, defaults.get(key)) != wanted.get(key))
+
+
+def record_settings(settings_file: Path, config: Any) -> None:
+    """Write ``config``'s :func:`bound_settings` to ``settings_file`` (atomically), or refuse, changing nothing
+    and naming the settings, if the file holds others (a setting it lacks counts as its default; settings it
+    holds that no longer bind are ignored)."""
+    settings, config_class = bound_settings(config), type(config)
+    if settings_file.exists():
+        saved = read_json(settings_file, f"remove {settings_file.parent} to start afresh")
+        free = set(flat_defaults(config_class)) - set(settings)
+        saved = json.loads(json.dumps(typed_settings(config_class, {k: v for k, v in saved.items() if k not in free})))
+        if changed := changed_settings(saved, settings, flat_defaults(config_class)):
+            raise ForethoughtError(f"--out {settings_file.parent} holds a run with other settings ({changed}); "
+                                   "choose another --out")
+    settings_file.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(settings_file, settings)

@@ -36,6 +36,7 @@ _API: dict[str, str] = {
     "Probing": "forethought.analyses.engine",
     # training and checkpoints
     "LMTrainConfig": "forethought.models.lm", "train_lm": "forethought.models.lm",
+    "TrainSettings": "forethought.models.train", "train": "forethought.models.train",
     "LMCheckpoint": "forethought.models.lm", "load_checkpoint": "forethought.models.lm:LMCheckpoint.load",
     "model_folder": "forethought.models.sources",
     "gpt2_config": "forethought.models.gpt2", "build_lm": "forethought.models.gpt2",

@@ -105,13 +105,3 @@ def training_history(folder: str | Path) -> list[dict[str, float]]:
     """The loss history saved with a checkpoint ({"step", "train_loss"[, "eval_loss"]} per step); empty for a
     model that was not trained by :func:`models.train.train` (a hub model, a bare folder)."""
     return load_training_state(folder).get("history", []) if (Path(folder) / STATE_FILE).is_file() else []
-
-
-def changed_settings(saved: dict[str, Any], wanted: dict[str, Any], defaults: dict[str, Any] | None = None) -> str:
-    """``"key: old → new"`` for each setting in which a run folder's ``saved`` settings differ from ``wanted``
-    ("" if none). A key the saved run lacks counts as ``defaults[key]``: a setting the workbench gained after
-    the run was made, whose default keeps the behaviour the run had."""
-    defaults = defaults or {}
-    keys = dict.fromkeys([*saved, *wanted])
-    return ", ".join(f"{key}: {saved.get(key, defaults.get(key))!r} → {wanted.get(key)!r}" for key in keys
-                     if saved.get(key, defaults.get(key)) != wanted.get(key))

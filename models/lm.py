@@ -14,7 +14,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-from dataclasses import MISSING, asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -22,19 +22,17 @@ from torch import nn
 from transformers import AutoConfig, AutoTokenizer, PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
 
 from forethought.core.errors import ForethoughtError
-from forethought.core.files import atomic_write_json, check_out_folder, read_json, run_lock
-from forethought.core.precision import TRAINING_PRECISIONS, check_precision
-from forethought.core.settings import check_settings
-from forethought.models.checkpoint import changed_settings
+from forethought.core.files import check_out_folder, run_lock
+from forethought.core.settings import Presets, bound_settings, check_preset, check_settings, record_settings
 from forethought.models.distributed import Distributed
 from forethought.models.families import architecture
 from forethought.models.gpt2 import CAUSAL_LM_CLASSES, build_lm, gpt2_config, load_model
 from forethought.models.hub import hub_reachable
-from forethought.models.myopic import check_cut, check_myopic_support
+from forethought.models.myopic import check_myopic_support
 from forethought.models.sources import model_folder, source_card
 from forethought.models.tasks.bpe import bpe_size, corpus_bpe
 from forethought.models.tasks.text import TextData, TextTask, check_vocabulary, gpt2_tokenizer, tokenizer_fingerprint
-from forethought.models.train import TrainConfig, TrainResult, resolve_device, train
+from forethought.models.train import TrainConfig, TrainResult, TrainSettings, resolve_device, train
 
 DESCRIPTION_FILE = "forethought.json"
 LM_PRESETS: dict[str, dict[str, int]] = {  # from-scratch architectures (GPT-2 small is the paper's)
@@ -55,11 +53,13 @@ LM_TRAIN_PRESETS: dict[str, dict[str, Any]] = {  # starting values of ``forethou
 
 
 @dataclass
-class LMTrainConfig:
+class LMTrainConfig(Presets):
     """Settings of ``forethought train``: a GPT-2 language model on a text corpus, vanilla or myopic.
 
     Defaults follow Wu et al.'s GPT-2 run on MS MARCO (first 64 tokens of each document, batch 512,
-    lr 6e-4, cosine schedule, one epoch); the embedded corpus is a small stand-in for it.
+    lr 6e-4, warm-up 10 % — theirs was 1,000 of 9,100 steps —, cosine schedule, one epoch); the embedded corpus
+    is a small stand-in for it. In Python, build it flat with ``LMTrainConfig.from_settings(lr=…)`` or
+    ``from_preset``, or pass ``training=TrainSettings(…)`` whole.
     """
 
     # data
@@ -76,43 +76,23 @@ class LMTrainConfig:
     from_pretrained: bool = False  # start from the folder's / hub model's weights (fine-tuning)
     tokenizer: str = "gpt2"  # 'gpt2', 'bpe:N' (fitted to the training documents), or a model source (its tokenizer)
     myopic: bool = False  # train with the myopic gradient
-    myopic_cut: str = "residual"  # 'residual' (the paper's) or 'kv'
     dropout: float | None = None  # None: presets 0, loaded models their own (attention dropout > 0 makes myopic slow)
     # training
     epochs: float = 1.0  # passes over the training sequences (ignored when steps is set)
     steps: int | None = None  # optimiser steps (default: from epochs)
-    batch_size: int = 512  # sequences per global batch (split over torchrun processes)
-    lr: float = 6e-4
-    weight_decay: float = 0.01
-    warmup_frac: float = 0.1  # the paper's vanilla run warmed up for 1,000 of 9,100 steps
-    grad_clip: float = 1.0
-    precision: str = "auto"  # float32, bfloat16 (autocast; ~2× faster on AMX / AVX512-BF16 CPUs); auto: bf16 on CUDA
-    gradient_checkpointing: bool = False  # recompute activations in the backward pass: less memory, ~10–20 % slower
     seed: int = 0  # model initialisation and data order
-    eval_every: int = 200
-    eval_batches: int = 4  # validation batches per evaluation
-    checkpoint_every: int = 1000
+    training: TrainSettings = field(default_factory=lambda: TrainSettings(
+        batch_size=512, lr=6e-4, warmup_frac=0.1, eval_every=200, checkpoint_every=1000))
     out: str = "runs/lm"
     device: str = "auto"  # 'auto': CUDA when available
-    compile: bool = False  # torch.compile the model (GPUs)
     progress: bool = True
     preset: str | None = None  # starting values from LM_TRAIN_PRESETS (cpu); flags given override them
 
-    PRESENTATION: ClassVar[tuple[str, ...]] = ("out", "tokens_root")
-
-    @classmethod
-    def from_preset(cls, name: str, **overrides: Any) -> LMTrainConfig:
-        """The preset's values, then ``overrides``."""
-        if name not in LM_TRAIN_PRESETS:
-            raise ForethoughtError(f"unknown preset {name!r}; choose one of {', '.join(LM_TRAIN_PRESETS)}")
-        return cls(**{**LM_TRAIN_PRESETS[name], **overrides, "preset": name})
+    PRESETS: ClassVar[dict[str, dict[str, Any]]] = LM_TRAIN_PRESETS
 
     def __post_init__(self):
         check_settings(self)
-        if self.preset is not None and self.preset not in LM_TRAIN_PRESETS:
-            raise ForethoughtError(f"unknown preset {self.preset!r}; choose one of {', '.join(LM_TRAIN_PRESETS)}")
-        check_cut(self.myopic_cut)
-        check_precision(self.precision, TRAINING_PRECISIONS)
+        check_preset(type(self), self.preset)
         if self.from_pretrained and self.model in LM_PRESETS:
             raise ForethoughtError(f"--from-pretrained needs a folder or hub id; {self.model!r} is a preset")
         if self.epochs <= 0 and self.steps is None:
@@ -121,26 +101,14 @@ class LMTrainConfig:
             raise ForethoughtError("--tokenizer bpe:N makes a new vocabulary: it cannot fine-tune a pretrained model")
         self.data()  # validates layout, seq_len and the corpus name
 
-    def settings(self) -> dict[str, Any]:
-        """What binds a run folder: every setting but the resumable and presentation ones (where it is, where
-        token files are cached, how it reports)."""
-        return {k: v for k, v in asdict(self).items() if k not in (*TrainConfig.RESUMABLE, *self.PRESENTATION)}
-
     def data(self) -> TextData:
         return TextData(corpus=self.corpus, corpus_split=self.corpus_split, text_field=self.text_field,
                         max_documents=self.max_documents, layout=self.layout, seq_len=self.seq_len,
                         split_seed=self.split_seed)
 
     def train_config(self, n_train: int) -> TrainConfig:
-        steps = self.steps if self.steps is not None else math.ceil(self.epochs * n_train / self.batch_size)
-        return TrainConfig(
-            steps=steps, batch_size=self.batch_size, lr=self.lr, weight_decay=self.weight_decay,
-            warmup_frac=self.warmup_frac, grad_clip=self.grad_clip, seed=self.seed, myopic=self.myopic,
-            myopic_cut=self.myopic_cut, eval_every=self.eval_every, eval_batches=self.eval_batches,
-            checkpoint_every=self.checkpoint_every, precision=self.precision,
-            gradient_checkpointing=self.gradient_checkpointing, device=self.device, compile=self.compile,
-            progress=self.progress,
-        )
+        steps = self.steps if self.steps is not None else math.ceil(self.epochs * n_train / self.training.batch_size)
+        return self.training.for_run(steps, self.seed, self.myopic, self.device, self.progress)
 
 
 def load_tokenizer(name: str) -> PreTrainedTokenizerBase:
@@ -212,7 +180,7 @@ def train_lm(config: LMTrainConfig) -> TrainResult:
 def _train_lm(config: LMTrainConfig, out: Path, dist: Distributed) -> TrainResult:
     data = config.data()
     size = bpe_size(config.tokenizer)
-    settings = config.settings()
+    settings = bound_settings(config)
     with dist.main_first():
         tokenizer = load_tokenizer(config.tokenizer) if size is None else corpus_bpe(data, size, config.tokens_root)
         model = lm_to_train(config, vocab_size=len(tokenizer))
@@ -220,9 +188,9 @@ def _train_lm(config: LMTrainConfig, out: Path, dist: Distributed) -> TrainResul
         if config.myopic:
             check_myopic_support(model)
         sequences = data.load(tokenizer, config.tokens_root)
-        _record_settings(out, settings)
+        record_settings(out / "train_config.json", config)
     description = {
-        "model_source": config.model, "myopic": config.myopic, "myopic_cut": config.myopic_cut,
+        "model_source": config.model, "myopic": config.myopic, "myopic_cut": config.training.myopic_cut,
         "data": asdict(data), "tokenizer": config.tokenizer,
         "n_sequences": {name: len(part) for name, part in sequences.items()}, "train_config": settings,
         "steps": config.train_config(len(sequences["train"])).steps,  # the run's planned last step
@@ -235,18 +203,6 @@ def _train_lm(config: LMTrainConfig, out: Path, dist: Distributed) -> TrainResul
     task = TextTask(sequences["train"], seed=config.seed)
     return train(model, task, config.train_config(len(sequences["train"])), out,
                  eval_task=TextTask(sequences["validation"], seed=config.seed), save_extra=save_extra)
-
-
-def _record_settings(out: Path, settings: dict[str, Any]) -> None:
-    """Write ``out/train_config.json``, refusing (changing nothing) if it holds other settings."""
-    settings_file = out / "train_config.json"
-    defaults = {f.name: f.default for f in fields(LMTrainConfig) if f.default is not MISSING}
-    saved = read_json(settings_file, "remove the run folder to start afresh") if settings_file.exists() else settings
-    saved = {k: v for k, v in saved.items() if k not in LMTrainConfig.PRESENTATION}  # runs made before out was dropped
-    if changed := changed_settings(saved, settings, defaults):
-        raise ForethoughtError(f"--out {out} holds a run with other settings ({changed}); choose another --out")
-    out.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(settings_file, settings)
 
 
 @dataclass

@@ -5,8 +5,8 @@ from __future__ import annotations
 from typing import Any
 
 from forethought.core.errors import ForethoughtError
-from forethought.core.settings import UNBOUND
-from forethought.models.checkpoint import changed_settings, checkpoint_step
+from forethought.core.settings import UNBOUND, changed_settings
+from forethought.models.checkpoint import checkpoint_step
 from forethought.models.families import architecture_summary
 from forethought.models.lm import LMCheckpoint, check_same_tokenizer
 

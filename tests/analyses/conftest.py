@@ -15,5 +15,5 @@ def twins(tmp_path_factory):
                   lr=5e-3, eval_every=20, eval_batches=1, checkpoint_every=40, tokens_root=str(root / "tokens"),
                   progress=False)
     for name in ("vanilla", "myopic"):
-        train_lm(LMTrainConfig(**common, myopic=name == "myopic", out=str(root / name)))
+        train_lm(LMTrainConfig.from_settings(**common, myopic=name == "myopic", out=str(root / name)))
     return root

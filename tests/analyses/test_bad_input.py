@@ -195,11 +195,13 @@ def test_every_numeric_setting_has_a_range():
 
     from forethought.analyses.cli import COMMANDS
     from forethought.analyses.compare import CompareConfig
-    from forethought.core.settings import RULES
+    from forethought.core.settings import RULES, nested_settings
     from forethought.models.lm import LMTrainConfig
+    from forethought.models.train import TrainSettings
 
     configs = [command.config for command in COMMANDS.values()]
-    assert CompareConfig in configs and LMTrainConfig in configs
+    configs += [kind for config in configs for kind in nested_settings(config).values()]
+    assert CompareConfig in configs and LMTrainConfig in configs and TrainSettings in configs
     numeric = {f.name for config in configs for f in fields(config)
                if re.match(r"(int|float)\b", str(f.type))}
     assert numeric - set(RULES) == set()

@@ -62,6 +62,25 @@ def test_flags_cover_every_setting():
     assert not hasattr(args, "steps")  # unset flags leave the preset's value
 
 
+@pytest.mark.parametrize("command", ["demo", "synthetic", "pathstar", "train"])
+def test_every_command_that_trains_takes_the_training_settings_by_their_flat_names(command, monkeypatch):
+    """One TrainSettings for all: --lr, --myopic-cut, --precision … reach the twins' TrainConfig of each."""
+    from dataclasses import replace
+
+    from forethought.analyses import cli
+    from forethought.core.settings import Presets
+    from forethought.models.train import TrainSettings
+
+    built = {}
+    monkeypatch.setitem(cli.COMMANDS, command, replace(
+        cli.COMMANDS[command], run=lambda config: built.setdefault("config", config), report=lambda *_: ""))
+    assert main([command, "--lr", "0.02", "--myopic-cut", "kv", "--precision", "float32", "--eval-every", "7"]) == 0
+    training = built["config"].training
+    assert type(training) is TrainSettings
+    assert (training.lr, training.myopic_cut, training.precision, training.eval_every) == (0.02, "kv", "float32", 7)
+    assert type(built["config"]).from_preset.__func__ is Presets.from_preset.__func__  # written once
+
+
 @pytest.mark.parametrize("model, name", [("gpt2", "GPT2"), ("llama", "Llama"), ("gpt-neox", "GPTNeoX")])
 def test_bench_train_prints_ratios(capsys, model, name):
     code, out, _ = run_cli(

@@ -48,15 +48,16 @@ def test_twins_that_do_not_match_are_refused(twins, tmp_path, capsys):
         return capsys.readouterr().err
 
     assert "was trained myopically" in gap("--vanilla", str(twins / "myopic"), "--myopic", str(twins / "vanilla"))
-    other = LMTrainConfig(corpus="embedded", max_documents=2000, model="gpt2-micro", seq_len=32, steps=1,
+    other = LMTrainConfig.from_settings(
+        corpus="embedded", max_documents=2000, model="gpt2-micro", seq_len=32, steps=1,
                           batch_size=4, tokens_root=str(twins / "tokens"), out=str(tmp_path / "other"),
                           progress=False)
     train_lm(other)
     assert "the twins were trained on different data" in gap("--vanilla", str(tmp_path / "other"),
                                                               "--myopic", str(twins / "myopic"))
-    other_lr = LMTrainConfig(corpus="embedded", max_documents=3000, model="gpt2-micro", seq_len=32, steps=2,
-                             batch_size=16, lr=1e-3, tokens_root=str(twins / "tokens"), out=str(tmp_path / "lr"),
-                             myopic=True, progress=False)
+    other_lr = LMTrainConfig.from_settings(
+        corpus="embedded", max_documents=3000, model="gpt2-micro", seq_len=32, steps=2, batch_size=16, lr=1e-3,
+        tokens_root=str(twins / "tokens"), out=str(tmp_path / "lr"), myopic=True, progress=False)
     train_lm(other_lr)
     assert "trained with other settings (vanilla → myopic: steps: 40 → 2, lr: 0.005 → 0.001" in gap(
         "--vanilla", str(twins / "vanilla"), "--myopic", str(tmp_path / "lr"))
@@ -104,11 +105,11 @@ def test_fine_tuned_llama_twins_go_through_gap_precache_and_comparison(llama_fol
     accepted downstream, as GPT-2 twins are."""
     twins = {}
     for name in TWINS:
-        config = LMTrainConfig(corpus=str(llama_text), layout="packed", seq_len=12, model=str(llama_folder),
-                               from_pretrained=True, tokenizer=str(llama_folder), myopic=name == "myopic", steps=3,
-                               batch_size=8, lr=1e-3, precision="bfloat16", gradient_checkpointing=True,
-                               eval_every=1, eval_batches=1, tokens_root=str(tmp_path / "tokens"),
-                               out=str(tmp_path / name), progress=False)
+        config = LMTrainConfig.from_settings(
+            corpus=str(llama_text), layout="packed", seq_len=12, model=str(llama_folder), from_pretrained=True,
+            tokenizer=str(llama_folder), myopic=name == "myopic", steps=3, batch_size=8, lr=1e-3, precision="bfloat16",
+            gradient_checkpointing=True, eval_every=1, eval_batches=1, tokens_root=str(tmp_path / "tokens"),
+            out=str(tmp_path / name), progress=False)
         twins[name] = str(train_lm(config).checkpoint.parent.parent)
     common = dict(max_sequences=16, share_sequences=4, tokens_root=str(tmp_path / "tokens"), progress=False)
     gap = run_gap(GapConfig(**twins, out=str(tmp_path / "gap"), **common))

@@ -11,6 +11,7 @@ import pytest
 from forethought.analyses.results import COLUMNS, read_results
 from forethought.analyses.synthetic import CONTROL, SyntheticConfig, SyntheticResults, run_synthetic
 from forethought.core.errors import ForethoughtError
+from forethought.core.settings import flat_settings
 from forethought.models.checkpoint import latest_checkpoint, load_training_state
 
 TINY = dict(n_terms=3, freq=2.0, seq_len=10, n_layer=2, d_model=16, n_head=2, steps=40, batch_size=16,
@@ -112,10 +113,11 @@ def test_given_checkpoints_are_evaluated_without_training(tiny_run, tmp_path):
 def test_presets_and_settings_are_checked(tmp_path):
     assert set(SyntheticConfig.PRESETS) == {"paper", "cpu"}
     paper = SyntheticConfig.from_preset("paper")
-    assert (paper.n_layer, paper.d_model, paper.n_head, paper.batch_size, paper.lr) == (2, 128, 2, 512, 1e-3)
+    training = paper.training
+    assert (paper.n_layer, paper.d_model, paper.n_head, training.batch_size, training.lr) == (2, 128, 2, 512, 1e-3)
     assert (paper.p, paper.n_terms, paper.freq, paper.seq_len) == (1.0, 10, 10.0, 64)
     cpu_changes = {
-        k for k, v in json.loads(json.dumps(SyntheticConfig.PRESETS["cpu"])).items() if getattr(paper, k) != v
+        k for k, v in json.loads(json.dumps(SyntheticConfig.PRESETS["cpu"])).items() if flat_settings(paper)[k] != v
     }
     allowed = {"d_model", "n_layer", "n_head", "seq_len", "steps", "batch_size", "p", "n_terms", "freq",
                "heldout_sequences", "eval_every", "checkpoint_every", "out"}  # seq_len = context size

@@ -31,7 +31,7 @@ def settings(corpus, tmp_path, **overrides) -> LMTrainConfig:
     values = dict(corpus=corpus, model="gpt2-micro", seq_len=16, steps=4, batch_size=4, lr=3e-3,
                   eval_every=2, eval_batches=1, checkpoint_every=2, tokens_root=str(tmp_path / "tokens"),
                   out=str(tmp_path / "run"), progress=False)
-    return LMTrainConfig(**{**values, **overrides})
+    return LMTrainConfig.from_settings(**{**values, **overrides})
 
 
 def test_presets_and_architectures_from_folders(tmp_path):

@@ -61,9 +61,10 @@ def test_bad_sizes_and_corpora_too_small_are_one_line_errors(tmp_path):
 
 def test_a_run_with_a_corpus_bpe_saves_it_in_every_checkpoint(tmp_path):
     data = _corpus(tmp_path, "train")
-    config = LMTrainConfig(corpus=data.corpus, layout="packed", seq_len=16, model="gpt2-micro", tokenizer="bpe:300",
-                           steps=2, batch_size=4, eval_every=1, checkpoint_every=1, progress=False,
-                           tokens_root=str(tmp_path / "tokens"), out=str(tmp_path / "run"))
+    config = LMTrainConfig.from_settings(
+        corpus=data.corpus, layout="packed", seq_len=16, model="gpt2-micro", tokenizer="bpe:300", steps=2,
+        batch_size=4, eval_every=1, checkpoint_every=1, progress=False, tokens_root=str(tmp_path / "tokens"),
+        out=str(tmp_path / "run"))
     result = train_lm(config)
     checkpoint = LMCheckpoint.load(tmp_path / "run")
     fitted = corpus_bpe(data, 300, tmp_path / "tokens")
