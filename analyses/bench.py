@@ -3,11 +3,15 @@
 ``bench probe``: caching residuals, and fitting the (layer, τ) future-token probe grid in one torch pass vs
 one sklearn ``LogisticRegression`` per probe on a small vocabulary subset, at their held-out accuracies.
 
-``bench cache``: residual caching through TransformerLens's bridge (forward + float16 writes of every residual
-layer) against a bare Hugging Face forward pass with ``output_hidden_states=True`` on the same tokens, at the
-same precision: tokens/s and their ratio (default model: SmolLM2-135M).
+``bench cache``: residual caching (forward hooks on the model's blocks, float16 writes of every residual layer,
+the weights digest) and reading residuals through the hooks and through TransformerLens's bridge, against a bare
+Hugging Face forward pass with ``output_hidden_states=True`` on the same tokens, at the same precision: tokens/s
+and their ratio (default model: SmolLM2-135M).
 
 ``bench pathstar``: generating, writing and parsing path-star text files, vectorised vs line by line.
+
+``bench side-by-side``: a forethought command run twice one after the other and twice started together, each in
+its own process with the threads the command line chooses: the wall times and their ratio.
 
 ``bench train``: one training step (forward, next-token loss, backward, clipping, AdamW — the step of
 ``forethought train``) of a language model (``--model``: GPT-2, Llama or GPT-NeoX at the bench sizes, or a
@@ -19,7 +23,10 @@ vanilla. Variants alternate round by round so drift hits all of them alike.
 from __future__ import annotations
 
 import contextlib
+import shlex
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
 import warnings
@@ -34,11 +41,13 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.preprocessing import StandardScaler
 from transformers import GPTNeoXConfig, LlamaConfig, PreTrainedModel
 
+from forethought.analyses.cli import build_parser
 from forethought.core.errors import ForethoughtError
 from forethought.core.files import file_digest
 from forethought.core.offsets import at_offset
 from forethought.core.precision import autocast, check_precision
 from forethought.core.settings import check_settings
+from forethought.core.threads import available_cores
 from forethought.models.gpt2 import build_lm, gpt2_config, load_model
 from forethought.models.lm import LMCheckpoint
 from forethought.models.myopic import myopic
@@ -48,7 +57,7 @@ from forethought.models.tasks.text import TextData, gpt2_tokenizer, next_token_l
 from forethought.models.train import resolve_device
 from forethought.probes.cache import build_cache
 from forethought.probes.future import FutureProbeConfig, fit_future_probes
-from forethought.probes.residuals import bridge_residuals, load_bridge
+from forethought.probes.residuals import bridge_residuals, load_bridge, read_layers
 
 
 @dataclass
@@ -278,6 +287,7 @@ def _bench_probe(config: ProbeBenchConfig, folder: Path) -> pd.DataFrame:
 
 
 HF_FORWARD = "Hugging Face forward (output_hidden_states)"
+CACHING = "caching (forward hooks, float16 writes, digest)"
 
 
 @dataclass
@@ -305,24 +315,30 @@ class CacheBenchConfig:
 
 
 def bench_cache(config: CacheBenchConfig) -> pd.DataFrame:
-    """Tokens/s of caching through the bridge and of the bare Hugging Face forward pass, and their ratio."""
+    """Tokens/s of caching (forward hooks on the model's blocks, float16 writes, the weights digest) and of reading
+    the residuals through the hooks and through a TransformerLens bridge, each ÷ the bare Hugging Face forward pass
+    with hidden states (the physical limit: every route runs that pass)."""
     device = str(resolve_device(config.device))
     checkpoint = LMCheckpoint.load(config.model)
-    model = checkpoint.model.to(device)
+    model = checkpoint.model.to(device).eval()
     data = TextData(corpus=config.corpus, layout="packed", seq_len=config.seq_len)
     tokens = data.load(checkpoint.tokenizer, config.tokens_root)["test"][: config.n_sequences]
     batches = torch.from_numpy(tokens).split(config.batch_size)
     bridge = load_bridge(checkpoint.source, device=device)  # warm: booting is not caching
+    layers = list(range(model.config.num_hidden_layers + 1))
+    forwards = {
+        HF_FORWARD: lambda batch: model(batch, output_hidden_states=True, use_cache=False),
+        "forward hooks (residuals, no writes)": lambda batch: read_layers(model, batch, layers),
+        "TransformerLens bridge (residuals, no writes)": lambda batch: bridge_residuals(bridge, batch),
+    }
     with torch.no_grad(), autocast(device, config.precision):  # warm-up, untimed
-        model(batches[0].to(device), output_hidden_states=True, use_cache=False)
-        bridge_residuals(bridge, batches[0].to(device))
+        for forward in forwards.values():
+            forward(batches[0].to(device))
     Path(config.folder).mkdir(parents=True, exist_ok=True)
-    names = [HF_FORWARD, "bridge forward (residuals, no writes)", "caching via the bridge"]
-    seconds: dict[str, list[float]] = {name: [] for name in names}
+    seconds: dict[str, list[float]] = {name: [] for name in [*forwards, CACHING]}
     with tempfile.TemporaryDirectory(dir=config.folder, prefix="bench-") as work:
         for round_ in range(config.rounds):
-            for name, forward in zip(names, (lambda batch: model(batch, output_hidden_states=True, use_cache=False),
-                                             lambda batch: bridge_residuals(bridge, batch))):
+            for name, forward in forwards.items():
                 start = time.perf_counter()
                 with torch.no_grad(), autocast(device, config.precision):
                     for batch in batches:
@@ -331,8 +347,8 @@ def bench_cache(config: CacheBenchConfig) -> pd.DataFrame:
                 seconds[name].append(time.perf_counter() - start)
             start = time.perf_counter()
             build_cache(checkpoint, tokens, Path(work) / f"cache-{round_}", batch_size=config.batch_size,
-                        device=device, progress=False, precision=config.precision, bridge=bridge)
-            seconds["caching via the bridge"].append(time.perf_counter() - start)
+                        device=device, progress=False, precision=config.precision)
+            seconds[CACHING].append(time.perf_counter() - start)
     rates = {name: tokens.size / statistics.median(times) for name, times in seconds.items()}
     baseline = rates[HF_FORWARD]
     table = pd.DataFrame({"step": list(rates), "tokens_per_s": list(rates.values()),
@@ -388,4 +404,52 @@ def bench_pathstar(config: PathStarBenchConfig) -> pd.DataFrame:
                            "speedup": None if loop is None else loop / fast} for step, (fast, loop) in seconds.items()])
     table.attrs["setting"] = (f"{config.n_train:,} samples of {data.spec}, {len(text) / 2**20:.0f} MiB of text, "
                               "one process")
+    return table
+
+
+@dataclass
+class SideBySideBenchConfig:
+    """Settings of ``forethought bench side-by-side``: one forethought command run twice one after the other, then
+    twice started together (each in its own process, its threads chosen by the rule of docs/performance.md unless
+    the command gives ``--threads``): the wall times and their ratio (target ≤ 1.3 on 2 cores)."""
+
+    command_line: str = "bench train --steps 3 --rounds 3 --warmup 1"  # a forethought command writing no run folder
+    rounds: int = 1  # pairs of (one after the other, together), alternating; the ratio is of the medians
+
+    def __post_init__(self):
+        check_settings(self)
+        words = shlex.split(self.command_line)
+        if words[:2] == ["bench", "side-by-side"]:
+            raise ForethoughtError("bench side-by-side cannot time itself")
+        try:
+            build_parser().parse_args(words)
+        except ForethoughtError as error:
+            raise ForethoughtError(f"--command-line {self.command_line!r} is not a forethought command: "
+                                   f"{error}") from None
+
+
+def bench_side_by_side(config: SideBySideBenchConfig) -> pd.DataFrame:
+    """Wall seconds of two runs of ``config.command_line``, one after the other and started together; their ratio."""
+    command = [sys.executable, "-m", "forethought", *shlex.split(config.command_line)]
+
+    def run_together(n: int) -> float:
+        started = time.perf_counter()
+        runs = [subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+                for _ in range(n)]
+        for run in runs:
+            _, error = run.communicate()
+            if run.returncode:
+                last = error.strip().splitlines()[-1] if error.strip() else f"exit {run.returncode}"
+                raise ForethoughtError(f"`forethought {config.command_line}` failed: {last}")
+        return time.perf_counter() - started
+
+    seconds: dict[str, list[float]] = {"one after the other": [], "started together": []}
+    for _ in range(config.rounds):
+        seconds["one after the other"].append(run_together(1) + run_together(1))
+        seconds["started together"].append(run_together(2))
+    walls = {name: statistics.median(times) for name, times in seconds.items()}
+    ratios = [wall / walls["one after the other"] for wall in walls.values()]
+    table = pd.DataFrame({"way": list(walls), "wall_s": list(walls.values()), "ratio_to_one_after_the_other": ratios})
+    table.attrs["setting"] = (f"two runs of `forethought {config.command_line}`, {available_cores()} cores, "
+                              f"median of {config.rounds} rounds")
     return table

@@ -2,53 +2,31 @@
 
 ``forethought --help`` lists the commands; docs/cli.md's reference is this parser's own help text
 (:func:`cli_reference`, written there by ``python scripts/cli_reference.py``; a test fails when it is stale).
+The parser is built from ``cli.json`` (the flags of every command, written by the same script from the config
+dataclasses; a test fails when it is stale), so ``--help`` and a bad flag are answered before torch, transformers
+or any experiment is imported; a command's modules load only once its flags have parsed.
 """
 
 from __future__ import annotations
 
 import argparse
 import functools
-import inspect
+import importlib
+import json
 import logging
 import os
-import re
 import sys
 from collections.abc import Callable
-from dataclasses import Field, dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NoReturn
 
 from tqdm.auto import tqdm
 
-from forethought.analyses.across import AcrossConfig, run_seeds, run_trend
-from forethought.analyses.bench import (
-    CacheBenchConfig,
-    PathStarBenchConfig,
-    ProbeBenchConfig,
-    TrainBenchConfig,
-    bench_cache,
-    bench_pathstar,
-    bench_probe,
-    bench_train,
-)
-from forethought.analyses.compare import CompareConfig, run_compare
-from forethought.analyses.gap import GapConfig, run_gap
-from forethought.analyses.pathstar import PathStarConfig, PathStarDataConfig, run_pathstar, run_pathstar_data
-from forethought.analyses.precache import PrecacheConfig, run_precache
-from forethought.analyses.probe import ProbeConfig, run_probe
-from forethought.analyses.synthetic import SyntheticConfig, run_synthetic
+from forethought.analyses.flags import FlagSpec, add_flags, flag_specs
 from forethought.core.errors import ForethoughtError, one_line
-from forethought.core.settings import (
-    LIST_KINDS,
-    as_text,
-    build_config,
-    field_default,
-    from_text,
-    list_kinds,
-    nested_settings,
-)
-from forethought.models.gpt2 import quiet_loading
-from forethought.models.lm import LM_TRAIN_PRESETS, LMTrainConfig, train_lm
+from forethought.core.settings import build_config
+from forethought.core.threads import claim_threads, passive_waiting, using_threads
 
 FIGURES_FILE = Path(__file__).with_name("figures.txt")  # every command that writes figures/, as data
 
@@ -88,14 +66,14 @@ def _analysis(name: str, config: Any, results: Any) -> str:
     return f"{results.summary()}\nresults and figures in {config.out}"
 
 
-def _trained(name: str, config: LMTrainConfig, result: Any) -> str:
+def _trained(name: str, config: Any, result: Any) -> str:
     """The last losses and the checkpoint (one report under torchrun)."""
     if not result.history or int(os.environ.get("RANK", "0")) != 0:
         return ""
     return f"step {result.history[-1]['step']}: {_losses(result.history)}\ncheckpoint: {result.checkpoint}"
 
 
-def _compared(name: str, config: CompareConfig, comparison: Any) -> str:
+def _compared(name: str, config: Any, comparison: Any) -> str:
     return f"{comparison!r}\nfigure in {config.figures_dir}"
 
 
@@ -111,133 +89,109 @@ def _as_returned(name: str, config: Any, text: str | None) -> str:
 
 @dataclass(frozen=True)
 class Command:
-    """One subcommand: its settings dataclass (every field a --flag), what runs it and what it prints."""
+    """One subcommand: where its settings dataclass (every field a --flag) and its run function live, as
+    ``module:name`` (imported only when it runs, or when ``cli.json`` is rewritten), and what it prints."""
 
-    config: type
-    run: Callable[[Any], Any]
+    config: str
+    run: str
     help: str
     report: Report
-    presets: dict[str, dict[str, Any]] | None = None  # starting values --preset chooses from (the help lists each)
+    presets: tuple[str, ...] = ()  # the config's PRESETS whose values the help lists
     preset: str | None = None  # the one used when --preset is not given (None: the dataclass's own defaults)
     choose_preset: bool = True  # False: --preset is not a flag (demo is always cpu)
     aliases: tuple[str, ...] = ()
     description: str | None = None  # default: the config's docstring
 
+    def config_class(self) -> type:
+        return _imported(self.config)
 
+    def run_function(self) -> Callable[[Any], Any]:
+        return _imported(self.run)
+
+    def preset_values(self) -> dict[str, dict[str, Any]] | None:
+        """{preset: its values} for the help ("no preset" first where none is the default); None without presets."""
+        if not self.presets:
+            return None
+        table = self.config_class().PRESETS
+        return {**({"no preset": {}} if self.preset is None else {}), **{name: table[name] for name in self.presets}}
+
+
+def _imported(where: str) -> Any:
+    """``module:name`` → that object (importing the module)."""
+    module, _, name = where.partition(":")
+    return getattr(importlib.import_module(module), name)
+
+
+SYNTHETIC, PATHSTAR = "forethought.analyses.synthetic", "forethought.analyses.pathstar"
+ACROSS, BENCH = "forethought.analyses.across", "forethought.analyses.bench"
 GROUPS = {"bench": "speed and memory, as ratios measured in one run"}  # commands of two words: `bench train`
 COMMANDS: dict[str, Command] = {  # the command line, one row per command
-    "demo": Command(SyntheticConfig, run_synthetic, "run the embedded default: the synthetic experiment, cpu preset",
-                    _experiment, {"cpu": SyntheticConfig.PRESETS["cpu"]}, "cpu", choose_preset=False),
-    "synthetic": Command(SyntheticConfig, run_synthetic,
+    "demo": Command(f"{SYNTHETIC}:SyntheticConfig", f"{SYNTHETIC}:run_synthetic",
+                    "run the embedded default: the synthetic experiment, cpu preset", _experiment, ("cpu",), "cpu",
+                    choose_preset=False),
+    "synthetic": Command(f"{SYNTHETIC}:SyntheticConfig", f"{SYNTHETIC}:run_synthetic",
                          "vanilla vs myopic twins on the synthetic pre-caching task, probed layer by layer",
-                         _experiment, SyntheticConfig.PRESETS, "cpu"),
-    "pathstar": Command(PathStarConfig, run_pathstar,
+                         _experiment, ("paper", "cpu"), "cpu"),
+    "pathstar": Command(f"{PATHSTAR}:PathStarConfig", f"{PATHSTAR}:run_pathstar",
                         "path-star graphs: each regime × (vanilla, myopic), accuracy and planning probes",
-                        _experiment, PathStarConfig.PRESETS, "cpu"),
-    "pathstar-data": Command(PathStarDataConfig, run_pathstar_data, "write disjoint train/test files of G(d, l, N)",
-                             _as_returned),
-    "train": Command(LMTrainConfig, train_lm, "train a language model on text, vanilla or --myopic", _trained,
-                     {"no preset": {}, **LM_TRAIN_PRESETS}),
-    "probe": Command(ProbeConfig, run_probe, "future-token probes for every (layer, τ) of checkpoints", _analysis),
-    "precache": Command(PrecacheConfig, run_precache, "pre-caching vs breadcrumbs for a vanilla/myopic twin pair",
-                        _analysis),
-    "compare": Command(CompareConfig, run_compare, "the interactive comparison figure of a probe or precache run",
-                       _compared),
-    "gap": Command(GapConfig, run_gap, "myopia gap of twins and future-gradient share per layer", _analysis),
-    "seeds": Command(AcrossConfig, run_seeds,
+                        _experiment, ("paper", "cpu"), "cpu"),
+    "pathstar-data": Command(f"{PATHSTAR}:PathStarDataConfig", f"{PATHSTAR}:run_pathstar_data",
+                             "write disjoint train/test files of G(d, l, N)", _as_returned),
+    "train": Command("forethought.models.lm:LMTrainConfig", "forethought.models.lm:train_lm",
+                     "train a language model on text, vanilla or --myopic", _trained, ("cpu",)),
+    "probe": Command("forethought.analyses.probe:ProbeConfig", "forethought.analyses.probe:run_probe",
+                     "future-token probes for every (layer, τ) of checkpoints", _analysis),
+    "precache": Command("forethought.analyses.precache:PrecacheConfig", "forethought.analyses.precache:run_precache",
+                        "pre-caching vs breadcrumbs for a vanilla/myopic twin pair", _analysis),
+    "compare": Command("forethought.analyses.compare:CompareConfig", "forethought.analyses.compare:run_compare",
+                       "the interactive comparison figure of a probe or precache run", _compared),
+    "gap": Command("forethought.analyses.gap:GapConfig", "forethought.analyses.gap:run_gap",
+                   "myopia gap of twins and future-gradient share per layer", _analysis),
+    "seeds": Command(f"{ACROSS}:AcrossConfig", f"{ACROSS}:run_seeds",
                      "spread between runs (training seeds) of gap / precache / probe results", _analysis),
-    "trend": Command(AcrossConfig, run_trend, "myopia gap of gap runs against model size", _analysis),
-    "figures": Command(FiguresConfig, run_figures, "regenerate every figure in figures/ from the embedded default",
-                       _as_returned, description="Runs, in order: " + "; ".join(f"forethought {c}" for c in FIGURES)),
-    "bench train": Command(TrainBenchConfig, bench_train,
+    "trend": Command(f"{ACROSS}:AcrossConfig", f"{ACROSS}:run_trend", "myopia gap of gap runs against model size",
+                     _analysis),
+    "figures": Command("forethought.analyses.cli:FiguresConfig", "forethought.analyses.cli:run_figures",
+                       "regenerate every figure in figures/ from the embedded default", _as_returned,
+                       description="Runs, in order: " + "; ".join(f"forethought {c}" for c in FIGURES)),
+    "bench train": Command(f"{BENCH}:TrainBenchConfig", f"{BENCH}:bench_train",
                            "training step: tokens/s and memory, myopic (fast, naive) ÷ vanilla", _benched,
                            aliases=("myopic",)),  # `bench myopic`: its old name
-    "bench probe": Command(ProbeBenchConfig, bench_probe,
+    "bench probe": Command(f"{BENCH}:ProbeBenchConfig", f"{BENCH}:bench_probe",
                            "caching and probe fitting: throughput, and torch ÷ sklearn time", _benched),
-    "bench cache": Command(CacheBenchConfig, bench_cache,
-                           "residual caching through the bridge ÷ a bare Hugging Face forward pass", _benched),
-    "bench pathstar": Command(PathStarBenchConfig, bench_pathstar,
+    "bench cache": Command(f"{BENCH}:CacheBenchConfig", f"{BENCH}:bench_cache",
+                           "residual caching (and the bridge) ÷ a bare Hugging Face forward pass", _benched),
+    "bench pathstar": Command(f"{BENCH}:PathStarBenchConfig", f"{BENCH}:bench_pathstar",
                               "path-star text files: generate, write, parse, vectorised ÷ line by line", _benched),
+    "bench side-by-side": Command(f"{BENCH}:SideBySideBenchConfig", f"{BENCH}:bench_side_by_side",
+                                  "two runs started together ÷ one after the other (the threads rule)", _benched),
 }
+THREADS_HELP = ("CPU threads (default: the cores no other forethought run holds, shared evenly with runs started "
+                "together; recorded with the results: docs/performance.md)")
+SPEC_FILE = Path(__file__).with_name("cli.json")  # {command: {"description", "flags"}}: what the parser is built from
 
 
-def _field_help(cls: type) -> dict[str, str]:
-    """Help for each field, from the comment after it in the source of the class (or a base class)."""
-    helps: dict[str, str] = {}
-    for klass in reversed([k for k in cls.__mro__ if k is not object and "__dataclass_fields__" in vars(k)]):
-        source = inspect.getsource(klass)
-        helps.update(re.findall(r"^\s+(\w+): [^=\n]+= [^#\n]+#\s*(.+)$", source, flags=re.MULTILINE))
-    return helps
+def command_specs() -> dict[str, dict[str, Any]]:
+    """{command: {"description": …, "flags": [FlagSpec, …]}} from the config dataclasses themselves (imports every
+    experiment): what ``cli.json`` holds."""
+    specs = {}
+    for name, command in COMMANDS.items():
+        config = command.config_class()
+        specs[name] = {"description": command.description or config.__doc__,
+                       "flags": flag_specs(config, skip=() if command.choose_preset else ("preset",),
+                                           presets=command.preset_values())}
+    return specs
 
 
-def _own_fields_first(cls: type) -> list[Field]:
-    """The dataclass's fields, those a class declares itself before those it inherits (``--checkpoints`` before
-    the shared probe settings)."""
-    order = [name for klass in cls.__mro__ for name in vars(klass).get("__annotations__", {})]
-    return sorted(fields(cls), key=lambda f: order.index(f.name))
-
-
-def _list_from_text(kind: str, name: str, text: str) -> object:
-    """A list flag's value (:func:`core.settings.from_text`); a bad one is the parser's one-line error."""
+def _saved_specs() -> dict[str, dict[str, Any]]:
+    """What ``cli.json`` holds; a missing or stale one is the maintainer's to rewrite."""
     try:
-        return from_text(kind, text, name)
-    except ForethoughtError as error:
-        raise argparse.ArgumentTypeError(str(error)) from None
-
-
-def _default_text(value: object, listed: str | None) -> str:
-    """A default as the command line writes it ('all' for an int list's None)."""
-    if listed is None or (value is None and not listed.startswith("tuple[int")):
-        return str(value)
-    return "all" if value is None else as_text(value)
-
-
-def add_config_arguments(
-    parser: argparse.ArgumentParser,
-    cls: type,
-    skip: tuple[str, ...] = (),
-    presets: dict[str, dict] | None = None,
-) -> None:
-    """One ``--flag`` per dataclass field; flags left out are absent from the parsed namespace.
-
-    With ``presets``, the help shows each preset's value where one differs from the class default.
-    """
-    for f, default, helps, listed in _flags(cls):
-        if f.name in skip:
-            continue
-        kind = str(f.type)
-        options: dict = {"default": argparse.SUPPRESS, "dest": f.name}
-        if kind == "bool":
-            options["action"] = argparse.BooleanOptionalAction
-        elif listed:
-            options["type"] = functools.partial(_list_from_text, listed, f.name)
-            options["metavar"] = LIST_KINDS[listed]
-        else:
-            options["type"] = int if kind.startswith("int") else float if kind.startswith("float") else str
-            options["metavar"] = options["type"].__name__.upper()
-        values = {name: preset.get(f.name, default) for name, preset in (presets or {"": {}}).items()}
-        texts = {name: _default_text(value, listed) for name, value in values.items()}
-        if len(set(texts.values())) == 1:
-            shown = f"default: {next(iter(texts.values()))}"
-        else:
-            shown = ", ".join(f"{name}: {text}" for name, text in texts.items())
-        options["help"] = f"{helps.get(f.name, '')} ({shown})".strip().replace("%", "%%")  # argparse formats help
-        parser.add_argument("--" + f.name.replace("_", "-"), **options)
-
-
-def _flags(cls: type) -> list[tuple[Field, Any, dict[str, str], str | None]]:
-    """(field, default, helps, list kind) of each flag of the config dataclass ``cls``, its own fields first; a
-    nested settings field (``training``) gives one flag per field of its class in its place, with the config's
-    default for it."""
-    nested, lists, flags = nested_settings(cls), list_kinds(cls), []
-    for f in _own_fields_first(cls):
-        default = field_default(f)
-        if f.name in nested:
-            helps = _field_help(nested[f.name])
-            flags += [(g, getattr(default, g.name), helps, None) for g in fields(nested[f.name])]
-        else:
-            flags.append((f, default, _field_help(cls), lists.get(f.name)))
-    return flags
+        specs = json.loads(SPEC_FILE.read_text())
+    except (OSError, ValueError) as error:
+        raise ForethoughtError(f"cannot read {SPEC_FILE} ({error}): run python scripts/cli_reference.py") from None
+    if set(specs) != set(COMMANDS):
+        raise ForethoughtError(f"{SPEC_FILE} is stale: run python scripts/cli_reference.py")
+    return specs
 
 
 class _OneLineErrors(argparse.ArgumentParser):
@@ -249,8 +203,10 @@ class _OneLineErrors(argparse.ArgumentParser):
         raise ForethoughtError(f"{command}: {message}" if command else message)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """One subparser per row of :data:`COMMANDS` (``bench train``: ``train`` under ``bench``)."""
+def build_parser(specs: dict[str, dict[str, Any]] | None = None) -> argparse.ArgumentParser:
+    """One subparser per row of :data:`COMMANDS` (``bench train``: ``train`` under ``bench``), its flags from
+    ``specs`` (default: ``cli.json``; :func:`command_specs` builds the same from the config classes)."""
+    specs = _saved_specs() if specs is None else specs
     parser = _OneLineErrors(prog="forethought", description=__doc__.split("\n")[0],
                             formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -261,10 +217,9 @@ def build_parser() -> argparse.ArgumentParser:
             groups[group] = commands.add_parser(group, help=GROUPS[group]).add_subparsers(
                 dest=group, required=True, metavar=group.upper())
         subparser = (groups[group] if member else commands).add_parser(
-            member or name, aliases=command.aliases, help=command.help,
-            description=command.description or command.config.__doc__)
-        add_config_arguments(subparser, command.config, skip=() if command.choose_preset else ("preset",),
-                             presets=command.presets)
+            member or name, aliases=command.aliases, help=command.help, description=specs[name]["description"])
+        add_flags(subparser, [FlagSpec(*flag) for flag in specs[name]["flags"]])
+        subparser.add_argument("--threads", type=int, default=argparse.SUPPRESS, metavar="INT", help=THREADS_HELP)
     return parser
 
 
@@ -283,7 +238,6 @@ def show_library_logs() -> None:
         logger.setLevel(logging.INFO)
 
 
-@quiet_loading()
 def main(argv: list[str] | None = None) -> int:
     show_library_logs()
     try:
@@ -292,10 +246,16 @@ def main(argv: list[str] | None = None) -> int:
         if name in GROUPS:
             member = args.pop(name)
             name = next(key for key, row in COMMANDS.items() if key == f"{name} {member}" or member in row.aliases)
-        command = COMMANDS[name]
+        command, threads = COMMANDS[name], args.pop("threads", None)
+        passive_waiting()  # before torch loads
+        config_class = command.config_class()  # the flags parsed: now the command's modules load
         preset = args.pop("preset", command.preset)
-        config = command.config.from_preset(preset, **args) if preset else build_config(command.config, args)
-        if report := command.report(name, config, command.run(config)):
+        config = config_class.from_preset(preset, **args) if preset else build_config(config_class, args)
+        from forethought.models.gpt2 import quiet_loading  # loads transformers: not before the flags parsed
+
+        with quiet_loading(), using_threads(claim_threads(threads)):
+            result = command.run_function()(config)
+        if report := command.report(name, config, result):
             print(report)
     except ForethoughtError as error:
         print(f"forethought: error: {one_line(error, limit=10_000)}", file=sys.stderr)
@@ -310,9 +270,10 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def cli_reference() -> str:
-    """The help of the command and of every subcommand, as Markdown (collapsed blocks), 100 columns wide."""
-    parser = build_parser()
+def cli_reference(specs: dict[str, dict[str, Any]] | None = None) -> str:
+    """The help of the command and of every subcommand, as Markdown (collapsed blocks), 100 columns wide (flags
+    from ``specs``, default ``cli.json``)."""
+    parser = build_parser(specs)
     blocks = [f"```\n{_help_text(parser)}```"]
     for name, subparser in _subcommands(parser):
         blocks.append(f"<details><summary><code>forethought {name}</code></summary>\n\n"

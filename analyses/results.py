@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
+import torch
 
 from forethought.core.errors import ForethoughtError, one_line
 from forethought.core.files import atomic_write_bytes, atomic_write_json, atomic_write_text, read_json
@@ -47,12 +48,13 @@ def git_revision() -> str | None:
 
 
 def run_meta(**details: Any) -> dict[str, Any]:
-    """Provenance for a results folder: versions, git revision, time, plus the caller's details."""
+    """Provenance for a results folder: versions, git revision, time, CPU threads, plus the caller's details."""
     return {
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "git_revision": git_revision(),
         "python": platform.python_version(),
         "versions": package_versions(),
+        "threads": torch.get_num_threads(),  # a run's numbers may depend on it: --threads N repeats it
         **details,
     }
 

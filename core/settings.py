@@ -20,8 +20,6 @@ from dataclasses import MISSING, asdict, fields
 from pathlib import Path
 from typing import Any, ClassVar
 
-import torch
-
 from forethought.core.errors import ForethoughtError
 from forethought.core.files import atomic_write_json, read_json
 
@@ -87,6 +85,8 @@ def check_device(name: str) -> None:
     """Refuse a device torch cannot name or this machine does not have (``auto`` always works)."""
     if name == "auto":
         return
+    import torch  # here, not above: the command line reads its settings before torch loads
+
     try:
         device = torch.device(name)
     except (RuntimeError, ValueError):

@@ -17,40 +17,37 @@ from typing import Any
 
 __version__ = "0.1.0"
 
-# name → the module that defines it (an attribute path after ':' where the name is a method)
-_API: dict[str, str] = {
+# module → the names it gives the API ("name=Attribute.path" where the name is an attribute of another name)
+_MODULES: dict[str, tuple[str, ...]] = {
     # experiments: a config dataclass in (its fields are the command's flags), a results object out
-    "SyntheticConfig": "forethought.analyses.synthetic", "run_synthetic": "forethought.analyses.synthetic",
-    "SyntheticResults": "forethought.analyses.synthetic",
-    "PathStarConfig": "forethought.analyses.pathstar", "run_pathstar": "forethought.analyses.pathstar",
-    "PathStarResults": "forethought.analyses.pathstar",
-    "GapConfig": "forethought.analyses.gap", "run_gap": "forethought.analyses.gap",
-    "GapResults": "forethought.analyses.gap",
-    "ProbeConfig": "forethought.analyses.probe", "run_probe": "forethought.analyses.probe",
-    "PrecacheConfig": "forethought.analyses.precache", "run_precache": "forethought.analyses.precache",
-    "AcrossConfig": "forethought.analyses.across", "run_seeds": "forethought.analyses.across",
-    "run_trend": "forethought.analyses.across",
-    "CompareConfig": "forethought.analyses.compare", "run_compare": "forethought.analyses.compare",
-    # the Jupyter object and its settings
-    "Comparison": "forethought.analyses.compare", "ProbeSettings": "forethought.analyses.probing",
-    "Probing": "forethought.analyses.engine",
+    "forethought.analyses.synthetic": ("SyntheticConfig", "run_synthetic", "SyntheticResults"),
+    "forethought.analyses.pathstar": ("PathStarConfig", "run_pathstar", "PathStarResults"),
+    "forethought.analyses.gap": ("GapConfig", "run_gap", "GapResults"),
+    "forethought.analyses.probe": ("ProbeConfig", "run_probe"),
+    "forethought.analyses.precache": ("PrecacheConfig", "run_precache"),
+    "forethought.analyses.across": ("AcrossConfig", "run_seeds", "run_trend"),
+    # the Jupyter object, the engine beneath it, their settings
+    "forethought.analyses.compare": ("CompareConfig", "run_compare", "Comparison"),
+    "forethought.analyses.engine": ("Probing",),
+    "forethought.analyses.probing": ("ProbeSettings",),
     # training and checkpoints
-    "LMTrainConfig": "forethought.models.lm", "train_lm": "forethought.models.lm",
-    "TrainSettings": "forethought.models.train", "train": "forethought.models.train",
-    "LMCheckpoint": "forethought.models.lm", "load_checkpoint": "forethought.models.lm:LMCheckpoint.load",
-    "model_folder": "forethought.models.sources",
-    "gpt2_config": "forethought.models.gpt2", "build_lm": "forethought.models.gpt2",
-    "myopic": "forethought.models.myopic",
+    "forethought.models.lm": ("LMTrainConfig", "train_lm", "LMCheckpoint", "load_checkpoint=LMCheckpoint.load"),
+    "forethought.models.train": ("TrainSettings", "train"),
+    "forethought.models.sources": ("model_folder",),
+    "forethought.models.gpt2": ("gpt2_config", "build_lm"),
+    "forethought.models.myopic": ("myopic",),
     # residual streams and the gradient reaching them
-    "model_residuals": "forethought.probes.residuals", "bridge_residuals": "forethought.probes.residuals",
-    "load_bridge": "forethought.probes.residuals", "hook_name": "forethought.probes.residuals",
-    "future_gradient_share": "forethought.probes.gradients", "capture_residuals": "forethought.probes.residuals",
+    "forethought.probes.residuals": ("model_residuals", "bridge_residuals", "capture_residuals", "load_bridge",
+                                     "hook_name"),
+    "forethought.probes.gradients": ("future_gradient_share",),
     # edits of the residual stream (a context manager over any supported family, or TransformerLens hooks)
-    "intervene": "forethought.probes.interventions", "ProjectOut": "forethought.probes.interventions",
-    "AddVector": "forethought.probes.interventions", "MeanAblate": "forethought.probes.interventions",
-    "Patch": "forethought.probes.interventions",
+    "forethought.probes.interventions": ("intervene", "ProjectOut", "AddVector", "MeanAblate", "Patch"),
     # one error type: every bad input is one line naming the problem
-    "ForethoughtError": "forethought.core.errors",
+    "forethought.core.errors": ("ForethoughtError",),
+}
+_API: dict[str, tuple[str, str]] = {  # name → (module, attribute path)
+    name: (module, path or name)
+    for module, entries in _MODULES.items() for name, _, path in (entry.partition("=") for entry in entries)
 }
 __all__ = sorted(_API)
 
@@ -59,9 +56,9 @@ def __getattr__(name: str) -> Any:
     """Import ``name`` from its module on first use (PEP 562), then keep it here."""
     if name not in _API:
         raise AttributeError(f"module 'forethought' has no attribute {name!r}")
-    module, _, path = _API[name].partition(":")
+    module, path = _API[name]
     value: Any = importlib.import_module(module)
-    for attribute in (path or name).split("."):
+    for attribute in path.split("."):
         value = getattr(value, attribute)
     globals()[name] = value
     return value

@@ -168,6 +168,7 @@ def _train(model: PreTrainedModel, task: Task, config: TrainConfig, run_dir: Pat
             "task": task.state_dict() if hasattr(task, "state_dict") else None,
             "history": history,
             "versions": package_versions(),
+            "threads": torch.get_num_threads(),
         }
         folder = checkpoints_dir(run_dir) / f"step-{step:07d}"
         if dist.is_main:

@@ -2,7 +2,7 @@
 
 Layout of a cache folder::
 
-    <cache>/meta.json          checkpoint, weights hash, processing mode, hooks, layers, shapes, dtype, versions
+    <cache>/meta.json          checkpoint, weights hash, processing mode, route, hooks, layers, shapes, dtype, versions
     <cache>/tokens.npy         [n_sequences, seq] int64: the inputs
     <cache>/layer_00.npy ...   [n_sequences, seq, d_model] float16: h[l] (DESIGN.md's layer convention)
 
@@ -16,11 +16,13 @@ changed after it was written (NaN bytes, overwritten rows, shifted tokens) is re
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import logging
 import os
 import shutil
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -36,10 +38,12 @@ from forethought.core.precision import autocast, check_precision
 from forethought.core.versions import package_versions
 from forethought.models.families import decoder_blocks
 from forethought.models.lm import LMCheckpoint
-from forethought.probes.residuals import TransformerBridge, bridge_over_copy, bridge_residuals, hook_name
+from forethought.probes.residuals import bridge_over_copy, hook_name, read_layers
 
 log = logging.getLogger(__name__)
-PROCESSING_MODE = "raw Hugging Face weights (TransformerBridge, no weight processing)"
+PROCESSING_MODE = "raw Hugging Face weights (no weight processing)"
+OLDER_PROCESSING_MODES = ("raw Hugging Face weights (TransformerBridge, no weight processing)",)  # the same weights
+ROUTE = "forward hooks on the model's decoder blocks"  # caches made before 2026-12: through a TransformerBridge
 _PROGRESS = "progress.json"
 
 
@@ -51,7 +55,7 @@ def weights_hash(model: PreTrainedModel) -> str:
     digest = hashlib.blake2b(digest_size=16)
     for name, tensor in sorted(model.state_dict().items()):
         digest.update(f"{name}:{tuple(tensor.shape)}:{tensor.dtype}".encode())
-        digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+        digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy())  # the buffer, not a copy
     return digest.hexdigest()
 
 
@@ -151,7 +155,6 @@ def build_cache(
     device: str = "cpu",
     progress: bool = True,
     precision: str = "float32",
-    bridge: TransformerBridge | None = None,
 ) -> ResidualCache:
     """Cache h[l] of ``checkpoint`` (a loaded :class:`~models.lm.LMCheckpoint`, or any
     :func:`models.sources.model_folder` source, loaded here) over ``tokens`` [n, seq] — exactly those tokens: nothing
@@ -159,9 +162,9 @@ def build_cache(
 
     A finished cache of the same weights, data, layers and precision is reused without running the model; an
     interrupted one resumes; one of anything else is refused with what differs. Needs and checks the disk space
-    before writing. The residuals come through TransformerLens, booted over a copy of the model (the bridge rewraps
-    the modules it is given) and only when there is something to compute; ``bridge``: one booted already (a
-    benchmark that does not time the boot).
+    before writing. The residuals are read by forward hooks on the model's own decoder blocks
+    (:func:`probes.residuals.read_layers`: the model's forward pass and nothing more, equal to what a TransformerLens
+    bridge reads at the same hook names); the model is used in eval mode and left as it was.
     """
     folder, tokens = Path(folder), np.ascontiguousarray(tokens, dtype=np.int64)
     if tokens.ndim != 2 or tokens.size == 0:
@@ -177,6 +180,7 @@ def build_cache(
         "weights_hash": weights_hash(model),
         "weights_hashed": WEIGHTS_HASHED,
         "processing_mode": PROCESSING_MODE,
+        "route": ROUTE,
         "precision": precision,
         "layers": layers,
         "hooks": [hook_name(layer) for layer in layers],
@@ -191,7 +195,6 @@ def build_cache(
         return _reuse(folder, meta, checkpoint)
     partial = _partial(folder)
     done = _resume_point(partial, meta)
-    bridge = bridge or bridge_over_copy(checkpoint, device)
     if done == 0:
         needed = cache_bytes(len(tokens), tokens.shape[1], d_model, len(layers))
         log.info("caching needs about %s in %s", size_text(needed), folder.parent)
@@ -205,26 +208,46 @@ def build_cache(
         _write_progress(partial, meta, 0)
     outputs = {layer: np.load(partial / _layer_file(layer), mmap_mode="r+") for layer in layers}
     starts = range(done, len(tokens), batch_size)
-    for start in tqdm(starts, desc=f"caching {folder.name}", disable=not progress, leave=False):
-        chunk = torch.from_numpy(tokens[start : start + batch_size]).to(device)
-        with autocast(device, precision):
-            residuals = bridge_residuals(bridge, chunk, layers).to(torch.float16).cpu().numpy()  # [layers, b, seq, d]
-        for layer, values in zip(layers, residuals):
-            outputs[layer][start : start + len(chunk)] = values
-            outputs[layer].flush()
-        _write_progress(partial, meta, start + len(chunk))
+    with _in_eval_mode(model, device) as runnable:
+        for start in tqdm(starts, desc=f"caching {folder.name}", disable=not progress, leave=False):
+            chunk = torch.from_numpy(tokens[start : start + batch_size]).to(device)
+            with autocast(device, precision):
+                captured = read_layers(runnable, chunk, layers)  # {layer: [b, seq, d_model]}
+            for layer in layers:
+                outputs[layer][start : start + len(chunk)] = captured[layer].to(torch.float16).cpu().numpy()
+                outputs[layer].flush()
+            _write_progress(partial, meta, start + len(chunk))
     del outputs
     (partial / _PROGRESS).unlink()
     files = ["tokens.npy", *(_layer_file(layer) for layer in layers)]
-    atomic_write_json(partial / "meta.json", {**meta, "digests": {name: file_digest(partial / name) for name in files}})
+    digests = {name: file_digest(partial / name) for name in files}
+    atomic_write_json(partial / "meta.json", {**meta, "threads": torch.get_num_threads(), "digests": digests})
     os.replace(partial, folder)  # complete from here on
     return ResidualCache.open(folder)
 
 
+@contextmanager
+def _in_eval_mode(model: PreTrainedModel, device: str) -> Iterator[PreTrainedModel]:
+    """``model`` in eval mode on ``device`` (a copy where it lives elsewhere), its mode restored afterwards."""
+    where, wanted = next(model.parameters()).device, torch.device(device)
+    there = where.type == wanted.type and wanted.index in (None, where.index)
+    runnable = model if there else copy.deepcopy(model).to(wanted)
+    training = runnable.training
+    runnable.eval()
+    try:
+        yield runnable
+    finally:
+        runnable.train(training)
+
+
 def _reuse(folder: Path, meta: dict[str, Any], checkpoint: LMCheckpoint) -> ResidualCache:
+    """The finished cache in ``folder``, if it holds these weights, tokens, layers, processing, precision and
+    dtype (a cache of the older route holds the same residuals, up to the attention kernel's rounding: reused)."""
     cache = ResidualCache.open(folder)
     keys = ("weights_hash", "tokens_hash", "layers", "processing_mode", "precision", "dtype")
     saved = {"precision": "float32", **cache.meta}  # caches made before the setting existed ran in float32
+    if saved.get("processing_mode") in OLDER_PROCESSING_MODES:
+        saved["processing_mode"] = PROCESSING_MODE
     if saved.get("weights_hashed") != WEIGHTS_HASHED:  # made before 2026-12: hashed as the bridge wraps the model
         meta = {**meta, "weights_hash": weights_hash(bridge_over_copy(checkpoint, "cpu").original_model)}
     differing = [key for key in keys if saved.get(key) != meta[key]]

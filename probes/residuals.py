@@ -4,15 +4,18 @@ Layer convention (DESIGN.md): l = 0 is the input to block 0 (``blocks.0.hook_res
 output of block l − 1 (``blocks.{l-1}.hook_resid_post``), so l = L is the last block's output *before* the
 final LayerNorm. (Hugging Face's last ``hidden_states`` entry has the final LayerNorm applied: not used.)
 
-Two routes give the same tensors: :func:`bridge_residuals` through TransformerLens's ``TransformerBridge``
-(token models of any family TransformerLens supports, with every hook it offers) and :func:`model_residuals`
-through forward hooks on a Hugging Face model's decoder blocks (any family :mod:`models.families` knows, the
-regression model included).
+Two routes give the same tensors (up to the attention kernel's rounding): :func:`read_layers` /
+:func:`model_residuals` through forward hooks on a Hugging Face model's decoder blocks (any family
+:mod:`models.families` knows, the regression model included) — the model's own forward pass, stopped at the
+deepest layer asked for: what caching, streaming and the experiments use — and :func:`bridge_residuals` through
+TransformerLens's ``TransformerBridge`` (token models of any family TransformerLens supports, with every hook it
+offers, for interactive use and for edits inside attention; ~0.5× the speed of the model's own forward pass).
 """
 
 from __future__ import annotations
 
 import copy
+import inspect
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -61,16 +64,17 @@ def _check_layers(layers: Sequence[int] | None, n_layers: int) -> list[int]:
 
 class StreamingResiduals:
     """Residuals computed on demand by the model's forward passes (no disk cache): the probes' data source
-    for corpora too large to cache; every read of a block of sequences runs the bridge on them."""
+    for corpora too large to cache; every read of a block of sequences runs the model on them (:func:`read_layers`)."""
 
-    def __init__(self, bridge: TransformerBridge, tokens: np.ndarray, device: str = "cpu"):
-        self.bridge, self.tokens, self.device = bridge, np.asarray(tokens), device
-        self.d_model = bridge.cfg.d_model
+    def __init__(self, model: PreTrainedModel, tokens: np.ndarray, device: str = "cpu"):
+        self.model, self.tokens, self.device = model.eval(), np.asarray(tokens), device
+        self.d_model = model.config.hidden_size
 
     def read(self, sequences: np.ndarray, layers: Sequence[int]) -> np.ndarray:
         """[len(layers), len(sequences), seq, d_model] float32."""
         chunk = torch.from_numpy(self.tokens[sequences]).to(self.device)
-        return bridge_residuals(self.bridge, chunk, layers).float().cpu().numpy()
+        captured = read_layers(self.model, chunk, _check_layers(layers, len(decoder_blocks(self.model))))
+        return torch.stack([captured[layer] for layer in layers]).float().cpu().numpy()
 
 
 @torch.no_grad()
@@ -114,15 +118,44 @@ def capture_residuals(model: PreTrainedModel, retain_grad: bool = False) -> Iter
             handle.remove()
 
 
+class _Enough(Exception):
+    """Raised by a forward hook once the deepest residual layer asked for is in hand: later blocks, the final norm
+    and the unembedding are never run."""
+
+
 @torch.no_grad()
+def read_layers(model: PreTrainedModel, inputs: torch.Tensor, layers: Sequence[int]) -> dict[int, torch.Tensor]:
+    """{layer: h[layer] [batch, seq, d_model]} of one forward pass of ``model`` (token ids [batch, seq] or features
+    [batch, seq, in_dim]), read by forward hooks on its decoder blocks; the pass stops at the deepest layer asked
+    for, and builds no KV cache. The caching route: as fast as the model's own forward pass (docs/probes.md)."""
+    blocks, wanted, deepest = decoder_blocks(model), set(layers), max(layers)
+    captured: dict[int, torch.Tensor] = {}
+
+    def keep(layer: int, hidden: torch.Tensor) -> None:
+        if layer in wanted:
+            captured[layer] = hidden
+        if layer == deepest:
+            raise _Enough
+
+    handles = [blocks[0].register_forward_pre_hook(lambda _, args: keep(0, args[0]))]
+    for index, block in enumerate(blocks[:deepest]):
+        handles.append(block.register_forward_hook(lambda _, __, out, layer=index + 1: keep(layer, out)))
+    options = {"use_cache": False} if "use_cache" in inspect.signature(model.forward).parameters else {}
+    try:
+        model(inputs, **options)
+    except _Enough:
+        pass
+    finally:
+        for handle in handles:
+            handle.remove()
+    return captured
+
+
 def model_residuals(
     model: PreTrainedModel, inputs: torch.Tensor, layers: Sequence[int] | None = None
 ) -> torch.Tensor:
-    """inputs (token ids [batch, seq] or features [batch, seq, in_dim]) → [len(layers), batch, seq, d_model].
-
-    Reads the Hugging Face model's decoder blocks with forward hooks.
-    """
+    """inputs (token ids [batch, seq] or features [batch, seq, in_dim]) → [len(layers), batch, seq, d_model],
+    through :func:`read_layers`."""
     layers = _check_layers(layers, len(decoder_blocks(model)))
-    with capture_residuals(model) as captured:
-        model(inputs)
+    captured = read_layers(model, inputs, layers)
     return torch.stack([captured[layer] for layer in layers])

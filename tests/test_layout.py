@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 FLOORS = ("core", "models", "probes", "analyses")  # installed as forethought.core, forethought.models, …
 
@@ -31,9 +33,11 @@ def modules(floor: str) -> dict[str, Path]:
 
 def experiments() -> set[str]:
     """The modules whose ``run_*`` the command line runs: one per experiment."""
-    tree = ast.parse((ROOT / "analyses" / "cli.py").read_text())
-    return {node.module.removeprefix("forethought.") for node in ast.walk(tree)
-            if isinstance(node, ast.ImportFrom) and node.module and any(a.name.startswith("run_") for a in node.names)}
+    from forethought.analyses.cli import COMMANDS
+
+    runs = (command.run.partition(":") for command in COMMANDS.values())
+    return {module.removeprefix("forethought.") for module, _, name in runs if name.startswith("run_")} - {
+        "analyses.cli"}  # `figures` runs the others
 
 
 def test_no_import_runs_back_up_a_floor():
@@ -76,6 +80,19 @@ def test_a_users_own_models_and_probes_do_not_shadow_ours(tmp_path):
     result = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     assert result.stdout.split() == ["True", "forethought.analyses.compare", "models", "probes"]
+
+
+def test_every_name_of_the_user_api_resolves_to_what_its_module_defines():
+    import forethought as ft
+    from forethought.models.lm import LMCheckpoint
+
+    assert set(ft.__all__) <= set(dir(ft))
+    for name in ft.__all__:
+        value = getattr(ft, name)
+        assert getattr(value, "__name__", name) in (name, "load"), name  # the object, not a module or a stand-in
+    assert ft.load_checkpoint == LMCheckpoint.load and ft.TrainSettings.__module__ == "forethought.models.train"
+    with pytest.raises(AttributeError, match="no attribute 'HookedTransformer'"):
+        ft.HookedTransformer  # noqa: B018
 
 
 def test_probing_experiments_are_writers_over_the_one_engine():

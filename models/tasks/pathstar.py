@@ -155,6 +155,12 @@ class PathStarData:
                 )
         edges = np.stack([e for e, _ in parsed])
         path = np.stack([p for _, p in parsed])
+        return cls.from_arrays(edges, path, n_nodes, source)
+
+    @classmethod
+    def from_arrays(cls, edges: np.ndarray, path: np.ndarray, n_nodes: int | None, source: str) -> PathStarData:
+        """Parsed samples (edges [n, E, 2], paths [n, length]) → the data, its spec read from them: N at least
+        their largest label + 1."""
         largest = int(max(edges.max(), path.max()))
         if n_nodes is not None and n_nodes <= largest:
             raise ForethoughtError(f"{source} uses label {largest}, not below N = {n_nodes}")
@@ -169,11 +175,7 @@ class PathStarData:
         if parsed is None:
             return cls.from_lines(text.splitlines(), n_nodes, source)
         edges, path = parsed
-        largest = int(max(edges.max(), path.max()))
-        if n_nodes is not None and n_nodes <= largest:
-            raise ForethoughtError(f"{source} uses label {largest}, not below N = {n_nodes}")
-        degree, length = _degree_length(edges[0], path[0])
-        return cls(PathStarSpec(degree, length, n_nodes or largest + 1), edges, path)
+        return cls.from_arrays(edges, path, n_nodes, source)
 
     @classmethod
     def load(cls, path: str | Path, n_nodes: int | None = None) -> PathStarData:

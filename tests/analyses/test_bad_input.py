@@ -199,7 +199,7 @@ def test_every_numeric_setting_has_a_range():
     from forethought.models.lm import LMTrainConfig
     from forethought.models.train import TrainSettings
 
-    configs = [command.config for command in COMMANDS.values()]
+    configs = [command.config_class() for command in COMMANDS.values()]
     configs += [kind for config in configs for kind in nested_settings(config).values()]
     assert CompareConfig in configs and LMTrainConfig in configs and TrainSettings in configs
     numeric = {f.name for config in configs for f in fields(config)

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from forethought.analyses.cli import FIGURES, build_parser, cli_reference, main
+from forethought.analyses.cli import FIGURES, SPEC_FILE, build_parser, cli_reference, command_specs, main
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -72,8 +72,12 @@ def test_every_command_that_trains_takes_the_training_settings_by_their_flat_nam
     from forethought.models.train import TrainSettings
 
     built = {}
-    monkeypatch.setitem(cli.COMMANDS, command, replace(
-        cli.COMMANDS[command], run=lambda config: built.setdefault("config", config), report=lambda *_: ""))
+
+    def keep(name, config, result) -> str:
+        built["config"] = config
+        return ""
+
+    monkeypatch.setitem(cli.COMMANDS, command, replace(cli.COMMANDS[command], run="builtins:repr", report=keep))
     assert main([command, "--lr", "0.02", "--myopic-cut", "kv", "--precision", "float32", "--eval-every", "7"]) == 0
     training = built["config"].training
     assert type(training) is TrainSettings
@@ -163,11 +167,26 @@ def test_bench_probe_prints_throughput_and_the_sklearn_ratio(capsys, tmp_path):
     assert list((tmp_path / "bench").iterdir()) == []  # the model and cache were temporary
 
 
+@pytest.mark.parametrize("argv, code", [(["--help"], 0), (["demo", "--help"], 0), (["bench", "cache", "--help"], 0),
+                                         (["probe", "--no-such-flag"], 2), (["demo", "--steps", "many"], 2)])
+def test_help_and_bad_flags_are_answered_before_torch_or_any_experiment_loads(argv, code):
+    script = ("import sys; from forethought.analyses.cli import main\n"
+              f"try:\n    code = main({argv!r})\nexcept SystemExit as exit:\n    code = exit.code\n"
+              "heavy = sorted(m for m in ('torch', 'transformers', 'plotly', 'pandas', 'transformer_lens', "
+              "'forethought.analyses.synthetic', 'forethought.models.lm') if m in sys.modules)\n"
+              "print('exit', code, 'loaded', heavy, file=sys.stderr)")
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=ROOT)
+    assert result.stderr.splitlines()[-1] == f"exit {code} loaded []", result.stderr
+    if code == 2:
+        assert result.stderr.splitlines()[0].startswith("forethought: error: ")
+
+
 def test_the_cli_reference_in_docs_is_the_parsers_help():
     spec = importlib.util.spec_from_file_location("cli_reference", ROOT / "scripts" / "cli_reference.py")
     script = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(script)
     _, current, _ = script.split_page((ROOT / "docs" / "cli.md").read_text())
+    assert script.spec_json(command_specs()) == SPEC_FILE.read_text(), "cli.json is stale: run that script"
     reference = cli_reference()
     assert current == f"\n{reference}\n", "docs/cli.md is stale: run python scripts/cli_reference.py"
     assert "<code>forethought bench probe</code>" in reference and "--checkpoints NAME=SOURCE,…" in reference
@@ -198,7 +217,21 @@ def test_bench_cache_prints_the_ratio_to_a_bare_forward_pass(capsys, llama_folde
     header = next(i for i, line in enumerate(lines) if line.startswith("forethought bench cache — cpu, "))
     assert "LlamaForCausalLM, 2 layers" in lines[header]
     rows = {line.rsplit(maxsplit=2)[0].strip(): [float(v) for v in line.split()[-2:]] for line in lines[header + 2:]}
-    assert set(rows) == {"Hugging Face forward (output_hidden_states)", "bridge forward (residuals, no writes)",
-                         "caching via the bridge"}
-    assert rows["Hugging Face forward (output_hidden_states)"][1] == 1.0 and rows["caching via the bridge"][0] > 0
+    caching = "caching (forward hooks, float16 writes, digest)"
+    assert set(rows) == {"Hugging Face forward (output_hidden_states)", "forward hooks (residuals, no writes)",
+                         "TransformerLens bridge (residuals, no writes)", caching}
+    assert rows["Hugging Face forward (output_hidden_states)"][1] == 1.0 and rows[caching][0] > 0
     assert list((tmp_path / "bench").iterdir()) == []  # the caches were temporary
+
+
+def test_bench_side_by_side_times_two_runs_both_ways(capsys):
+    code, out, err = run_cli(capsys, "bench", "side-by-side", "--command-line", "bench pathstar --n-train 200")
+    assert code == 0, err
+    lines = out.splitlines()
+    assert lines[0].startswith("forethought bench side-by-side — two runs of `forethought bench pathstar")
+    rows = {" ".join(line.split()[:-2]): [float(v) for v in line.split()[-2:]] for line in lines[2:]}
+    assert set(rows) == {"one after the other", "started together"} and rows["one after the other"][1] == 1.0
+    assert rows["started together"][0] > 0
+    for command, message in [("bench side-by-side", "cannot time itself"), ("probe --x", "not a forethought command")]:
+        code, _, err = run_cli(capsys, "bench", "side-by-side", "--command-line", command)
+        assert code == 2 and message in err and len(err.strip().splitlines()) == 1

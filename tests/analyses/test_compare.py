@@ -40,7 +40,7 @@ def comparison(probed):
 
 def no_work(monkeypatch) -> None:
     """Make any residual caching or probe fitting fail the test."""
-    monkeypatch.setattr("forethought.probes.cache.bridge_residuals", lambda *a: pytest.fail("cached again"))
+    monkeypatch.setattr("forethought.probes.cache.read_layers", lambda *a: pytest.fail("cached again"))
     monkeypatch.setattr("forethought.probes.store.fit_future_probes", lambda *a, **k: pytest.fail("fitted again"))
 
 

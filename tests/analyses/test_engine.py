@@ -1,6 +1,6 @@
 """The probing engine, checked against a run folder written by the code before it (tests/fixtures/probe-run, made
 by tests/fixtures/make_probe_run.py at commit f82ca72): that folder still opens and is reused as it is, a rerun
-gives its table bit for bit, models handed in are never reloaded, and fitted probes can be held."""
+gives its table, models handed in are never reloaded, and fitted probes can be held."""
 
 from __future__ import annotations
 
@@ -33,7 +33,7 @@ def old_run(tmp_path, monkeypatch) -> Path:
 
 
 def no_work(monkeypatch) -> None:
-    monkeypatch.setattr("forethought.probes.cache.bridge_residuals", lambda *a: pytest.fail("residuals recomputed"))
+    monkeypatch.setattr("forethought.probes.cache.read_layers", lambda *a: pytest.fail("residuals recomputed"))
     monkeypatch.setattr("forethought.probes.store.fit_future_probes", lambda *a, **k: pytest.fail("probes refitted"))
 
 
@@ -48,10 +48,18 @@ def test_a_run_folder_of_the_code_before_opens_and_is_reused(old_run, monkeypatc
     assert len(stored) == len(table) and mine[theirs.columns].equals(theirs)
 
 
-def test_a_rerun_gives_the_old_codes_table_bit_for_bit(old_run):
+def test_a_rerun_gives_the_old_codes_table(old_run):
+    """Caches are read through forward hooks on the model since issue 25, not through the bridge as when the fixture
+    was made: the same residuals up to the attention kernel's rounding. Every accuracy is the old code's, bit for
+    bit; every loss agrees to 1e-5 (measured: 1.0e-6 at most). The engine of issue 24 gave the whole table bit
+    for bit."""
     assert main([*PROBE.split(), "run-again"]) == 0
     stored, new = read_results("run")[0], read_results("run-again")[0]
-    pd.testing.assert_frame_equal(new, stored, check_exact=True)
+    numbers = ["value", "ci_low", "ci_high"]
+    pd.testing.assert_frame_equal(new.drop(columns=numbers), stored.drop(columns=numbers), check_exact=True)
+    accuracies = stored["metric"] != "cross_entropy"
+    pd.testing.assert_frame_equal(new[accuracies], stored[accuracies], check_exact=True)
+    np.testing.assert_allclose(new[numbers].to_numpy(), stored[numbers].to_numpy(), rtol=0, atol=1e-5)
     assert not (old_run / "run-again" / "random-init").exists()  # the control stayed an object
 
 

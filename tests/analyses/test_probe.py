@@ -52,7 +52,7 @@ def test_probe_table_figure_and_reuse(twins, tmp_path, monkeypatch):
         assert row["value"] == pytest.approx(top1.loc[("myopic", tau), layer] - skip_bigram[tau], abs=1e-12)
         assert row["ci_low"] <= row["value"] <= row["ci_high"]
     assert "myopic" not in results.reading() and "vanilla: top1 of the probe minus the skip-bigram" in results.reading()
-    monkeypatch.setattr("forethought.probes.cache.bridge_residuals", lambda *a: pytest.fail("cache rebuilt"))
+    monkeypatch.setattr("forethought.probes.cache.read_layers", lambda *a: pytest.fail("cache rebuilt"))
     monkeypatch.setattr("forethought.probes.store.fit_future_probes", lambda *a, **k: pytest.fail("refitted"))
     again = run_probe(settings(twins, tmp_path / "probe"))
     assert again.table.equals(table)  # read back from the stored scores

@@ -15,7 +15,7 @@ import forethought.probes.cache
 from forethought.core.errors import ForethoughtError
 from forethought.models.lm import LMCheckpoint
 from forethought.probes.cache import ResidualCache, build_cache, weights_hash
-from forethought.probes.residuals import bridge_residuals, load_bridge
+from forethought.probes.residuals import bridge_residuals, load_bridge, model_residuals
 
 TOKENS = np.random.default_rng(0).integers(0, 23, size=(10, 7))
 
@@ -24,14 +24,17 @@ class Crash(Exception):
     pass
 
 
-def test_cache_holds_the_bridge_residuals_in_float16(lm_folder, tmp_path):
+def test_cache_holds_the_models_residuals_in_float16_as_the_bridge_reads_them(lm_folder, tmp_path):
     cache = build_cache(lm_folder, TOKENS, tmp_path / "cache", layers=[0, 2, 3], batch_size=4, progress=False)
-    expected = bridge_residuals(load_bridge(lm_folder), torch.from_numpy(TOKENS), [0, 2, 3])
+    model = LMCheckpoint.load(lm_folder).model
+    expected = model_residuals(model, torch.from_numpy(TOKENS), [0, 2, 3])
+    via_bridge = bridge_residuals(load_bridge(lm_folder), torch.from_numpy(TOKENS), [0, 2, 3])
     assert cache.layers == [0, 2, 3] and np.array_equal(cache.tokens, TOKENS)
     for index, layer in enumerate(cache.layers):
         stored = cache.layer(layer)
         assert stored.dtype == np.float16 and stored.shape == (10, 7, 16)
         np.testing.assert_array_equal(stored, expected[index].to(torch.float16).numpy())
+        np.testing.assert_allclose(stored, via_bridge[index].numpy(), rtol=1e-3, atol=1e-3)  # float16's rounding
     meta = json.loads((tmp_path / "cache" / "meta.json").read_text())
     assert meta["hooks"] == ["blocks.0.hook_resid_pre", "blocks.1.hook_resid_post", "blocks.2.hook_resid_post"]
     assert meta["processing_mode"].startswith("raw") and meta["versions"]["transformer-lens"]
@@ -42,7 +45,7 @@ def test_cache_holds_the_bridge_residuals_in_float16(lm_folder, tmp_path):
 
 def test_finished_cache_is_reused_and_other_data_refused(lm_folder, tmp_path, monkeypatch):
     first = build_cache(lm_folder, TOKENS, tmp_path / "cache", batch_size=4, progress=False)
-    monkeypatch.setattr("forethought.probes.cache.bridge_residuals", lambda *a: pytest.fail("recomputed"))
+    monkeypatch.setattr("forethought.probes.cache.read_layers", lambda *a: pytest.fail("recomputed"))
     again = build_cache(lm_folder, TOKENS, tmp_path / "cache", batch_size=4, progress=False)
     assert again.meta == first.meta
     with pytest.raises(ForethoughtError, match="holds a cache of other tokens_hash"):
@@ -53,7 +56,7 @@ def test_finished_cache_is_reused_and_other_data_refused(lm_folder, tmp_path, mo
 
 def test_interrupted_cache_resumes_to_the_same_files(lm_folder, tmp_path, monkeypatch):
     straight = build_cache(lm_folder, TOKENS, tmp_path / "straight", batch_size=3, progress=False)
-    real, calls = forethought.probes.cache.bridge_residuals, {"n": 0}
+    real, calls = forethought.probes.cache.read_layers, {"n": 0}
 
     def crashes_on_third_chunk(*args):
         calls["n"] += 1
@@ -61,7 +64,7 @@ def test_interrupted_cache_resumes_to_the_same_files(lm_folder, tmp_path, monkey
             raise Crash
         return real(*args)
 
-    monkeypatch.setattr("forethought.probes.cache.bridge_residuals", crashes_on_third_chunk)
+    monkeypatch.setattr("forethought.probes.cache.read_layers", crashes_on_third_chunk)
     with pytest.raises(Crash):
         build_cache(lm_folder, TOKENS, tmp_path / "resumed", batch_size=3, progress=False)
     with pytest.raises(ForethoughtError, match="holds an unfinished cache"):

@@ -12,8 +12,9 @@ import torch
 from torch.nn.functional import cross_entropy
 
 from forethought.core.errors import ForethoughtError
+from forethought.models.lm import LMCheckpoint
 from forethought.probes.future import FittedProbes, FutureProbeConfig, InMemoryResiduals, fit_future_probes
-from forethought.probes.residuals import StreamingResiduals, bridge_residuals, load_bridge, model_residuals
+from forethought.probes.residuals import StreamingResiduals, model_residuals
 from forethought.probes.split import ProbeSplit, split_sequences, top_classes
 
 VOCAB, SEQ, D = 12, 10, 16
@@ -213,9 +214,9 @@ def test_paired_difference_finds_what_one_model_lacks():
 def test_streaming_from_the_model_fits_what_the_arrays_fit(lm_folder):
     """No disk cache: residuals recomputed by forward passes give the probes exactly the in-memory arrays'."""
     tokens = np.random.default_rng(2).integers(0, 23, size=(30, 8))
-    bridge = load_bridge(lm_folder)
-    streaming = StreamingResiduals(bridge, tokens)
-    arrays = bridge_residuals(bridge, torch.from_numpy(tokens), [1, 3]).numpy()
+    model = LMCheckpoint.load(lm_folder).model
+    streaming = StreamingResiduals(model, tokens)
+    arrays = model_residuals(model, torch.from_numpy(tokens), [1, 3]).numpy()
     in_memory = InMemoryResiduals(tokens, {1: arrays[0], 3: arrays[1]})
     np.testing.assert_array_equal(streaming.read(np.array([2, 5]), [1, 3]), in_memory.read(np.array([2, 5]), [1, 3]))
     config = FutureProbeConfig(max_epochs=3, batch_sequences=8)

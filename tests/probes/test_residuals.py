@@ -1,13 +1,15 @@
-"""Both residual routes (TransformerBridge hooks, HF forward hooks) give the same tensors."""
+"""Both residual routes (TransformerBridge hooks, HF forward hooks) give the same tensors, on every family."""
 
 from __future__ import annotations
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM
+from tokenizers import Tokenizer, models, pre_tokenizers
+from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 
 from forethought.core.errors import ForethoughtError
-from forethought.probes.residuals import bridge_residuals, load_bridge, model_residuals
+from forethought.probes.residuals import bridge_residuals, load_bridge, model_residuals, read_layers
+from tests.conftest import tiny_family
 
 
 def test_bridge_and_model_routes_agree(tiny_lm, tokens, lm_folder):
@@ -34,6 +36,40 @@ def test_both_routes_agree_on_a_llama(llama_folder):
     torch.testing.assert_close(via_model[0], model.model.embed_tokens(tokens))  # no BOS added, nothing shifted
     hidden = model(tokens, output_hidden_states=True).hidden_states
     torch.testing.assert_close(model.model.norm(via_model[2]), hidden[2])  # HF's last entry: after the norm
+
+
+def _saved_with_a_tokenizer(model, folder):
+    """``model`` saved in ``folder`` with a word-level tokenizer over its 23 ids (what the bridge boots from)."""
+    backend = Tokenizer(models.WordLevel({f"t{i}": i for i in range(23)}, unk_token="t0"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    model.save_pretrained(folder)
+    PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="t0", eos_token="t1").save_pretrained(folder)
+    return folder
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "mistral", "neox"])
+def test_the_caching_route_reads_what_the_bridge_reads_on_every_family(family, tmp_path):
+    """The forward hooks caching uses (read_layers) against TransformerLens's bridge at the same hook names."""
+    model = tiny_family(family)
+    tokens = torch.randint(0, 23, (2, 9), generator=torch.Generator().manual_seed(4))
+    via_bridge = bridge_residuals(load_bridge(_saved_with_a_tokenizer(model, tmp_path), dtype=torch.float64), tokens)
+    via_hooks = read_layers(model, tokens, [0, 1, 2])
+    torch.testing.assert_close(via_bridge, torch.stack([via_hooks[layer] for layer in range(3)]), atol=1e-8, rtol=0)
+
+
+def test_the_forward_pass_stops_at_the_deepest_layer_asked_for(tiny_lm, tokens):
+    """Blocks past it, the final norm and the unembedding never run; the layers read are those of a full pass."""
+    ran = []
+    handles = [module.register_forward_hook(lambda module, *_: ran.append(module))
+               for module in (*tiny_lm.transformer.h, tiny_lm.transformer.ln_f, tiny_lm.lm_head)]
+    try:
+        read = read_layers(tiny_lm, tokens, [0, 1])
+    finally:
+        for handle in handles:
+            handle.remove()
+    assert ran == [tiny_lm.transformer.h[0]] and set(read) == {0, 1}
+    full = tiny_lm(tokens, output_hidden_states=True).hidden_states
+    torch.testing.assert_close(read[1], full[1], atol=0, rtol=0)
 
 
 def test_layer_subsets_match_the_full_stack(tiny_lm, tokens, lm_folder):

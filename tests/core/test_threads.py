@@ -1,0 +1,46 @@
+"""Thread claims: runs started together share the cores, a run beside a running one takes what is left."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from forethought.core.errors import ForethoughtError
+from forethought.core.threads import claim_threads
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _claims_of_processes_started_together(folder: Path, cores: int, n: int) -> list[int]:
+    script = ("import sys, time; from pathlib import Path; from forethought.core.threads import claim_threads\n"
+              f"print(claim_threads(folder=Path({str(folder)!r}), cores={cores}, settle=2)); sys.stdout.flush(); "
+              "time.sleep(2)")  # settle=2: every process has registered before the first decides
+    runs = [subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True) for _ in range(n)]
+    return sorted(int(run.communicate()[0]) for run in runs)
+
+
+@pytest.mark.parametrize("cores, n, shares", [(2, 2, [1, 1]), (4, 2, [2, 2]), (2, 3, [1, 1, 1]), (6, 3, [2, 2, 2])])
+def test_runs_started_together_share_the_cores(tmp_path, cores, n, shares):
+    assert _claims_of_processes_started_together(tmp_path, cores, n) == shares
+    assert list(tmp_path.glob("[0-9]*")) == []  # claims leave with their processes
+
+
+def test_a_run_alone_takes_every_core_and_beside_others_what_is_left(tmp_path):
+    assert claim_threads(folder=tmp_path, cores=4, settle=0) == 4
+    assert claim_threads(folder=tmp_path, cores=4, settle=0) == 4  # decided once per process
+    others = tmp_path / "other"
+    others.mkdir()
+    (others / "1").write_text("3")  # pid 1 lives (init) and holds 3 of 4 cores
+    (others / "999999999").write_text("2")  # a claim whose process is gone: cleared
+    assert claim_threads(folder=others, cores=4, settle=0) == 1
+    assert not (others / "999999999").exists()
+    full = tmp_path / "full"
+    full.mkdir()
+    (full / "1").write_text("8")
+    assert claim_threads(folder=full, cores=4, settle=0) == 1  # at least one
+    assert claim_threads(3, folder=full, cores=4) == 3  # asked for: given, whatever the others hold
+    with pytest.raises(ForethoughtError, match="threads must be ≥ 1, got 0"):
+        claim_threads(0, folder=tmp_path)
