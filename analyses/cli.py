@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 from forethought.analyses.flags import FlagSpec, add_flags, flag_specs
 from forethought.core.errors import ForethoughtError, one_line
 from forethought.core.settings import build_config
-from forethought.core.threads import claim_threads, passive_waiting, using_threads
+from forethought.core.threads import claim_threads, using_threads
 
 FIGURES_FILE = Path(__file__).with_name("figures.txt")  # every command that writes figures/, as data
 
@@ -247,7 +247,6 @@ def main(argv: list[str] | None = None) -> int:
             member = args.pop(name)
             name = next(key for key, row in COMMANDS.items() if key == f"{name} {member}" or member in row.aliases)
         command, threads = COMMANDS[name], args.pop("threads", None)
-        passive_waiting()  # before torch loads
         config_class = command.config_class()  # the flags parsed: now the command's modules load
         preset = args.pop("preset", command.preset)
         config = config_class.from_preset(preset, **args) if preset else build_config(config_class, args)

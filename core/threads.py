@@ -5,8 +5,8 @@ count: results, caches and checkpoints record it, and ``--threads N`` repeats it
 The rule: each run registers its claim in a folder of the system's temporary directory and waits half a second
 for runs started with it; then it takes the cores no settled claim holds, shared with the runs still waiting (at
 least one thread). So two runs started together on 2 cores take one thread each, three on 6 cores two each, and
-a run started beside a running one takes what is left. OpenMP's waiting threads sleep instead of spinning
-(``OMP_WAIT_POLICY=PASSIVE``, unless set), so a machine that is oversubscribed anyway slows down gently.
+a run started beside a running one takes what is left (docs/performance.md: what each costs, and when
+``OMP_WAIT_POLICY=PASSIVE`` helps).
 """
 
 from __future__ import annotations
@@ -113,8 +113,3 @@ def using_threads(threads: int) -> Iterator[None]:
         yield
     finally:
         torch.set_num_threads(before)
-
-
-def passive_waiting() -> None:
-    """Let OpenMP's idle threads sleep rather than spin (before torch loads; a value the user set is kept)."""
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
