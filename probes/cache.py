@@ -21,8 +21,7 @@ import hashlib
 import logging
 import os
 import shutil
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -163,8 +162,8 @@ def build_cache(
     A finished cache of the same weights, data, layers and precision is reused without running the model; an
     interrupted one resumes; one of anything else is refused with what differs. Needs and checks the disk space
     before writing. The residuals are read by forward hooks on the model's own decoder blocks
-    (:func:`probes.residuals.read_layers`: the model's forward pass and nothing more, equal to what a TransformerLens
-    bridge reads at the same hook names); the model is used in eval mode and left as it was.
+    (:func:`probes.residuals.read_layers`: the model's forward pass and nothing more, in eval mode, equal to what a
+    TransformerLens bridge reads at the same hook names); the model is left as it was.
     """
     folder, tokens = Path(folder), np.ascontiguousarray(tokens, dtype=np.int64)
     if tokens.ndim != 2 or tokens.size == 0:
@@ -208,15 +207,15 @@ def build_cache(
         _write_progress(partial, meta, 0)
     outputs = {layer: np.load(partial / _layer_file(layer), mmap_mode="r+") for layer in layers}
     starts = range(done, len(tokens), batch_size)
-    with _in_eval_mode(model, device) as runnable:
-        for start in tqdm(starts, desc=f"caching {folder.name}", disable=not progress, leave=False):
-            chunk = torch.from_numpy(tokens[start : start + batch_size]).to(device)
-            with autocast(device, precision):
-                captured = read_layers(runnable, chunk, layers)  # {layer: [b, seq, d_model]}
-            for layer in layers:
-                outputs[layer][start : start + len(chunk)] = captured[layer].to(torch.float16).cpu().numpy()
-                outputs[layer].flush()
-            _write_progress(partial, meta, start + len(chunk))
+    runnable = _on_device(model, device)
+    for start in tqdm(starts, desc=f"caching {folder.name}", disable=not progress, leave=False):
+        chunk = torch.from_numpy(tokens[start : start + batch_size]).to(device)
+        with autocast(device, precision):
+            captured = read_layers(runnable, chunk, layers)  # {layer: [b, seq, d_model]}
+        for layer in layers:
+            outputs[layer][start : start + len(chunk)] = captured[layer].to(torch.float16).cpu().numpy()
+            outputs[layer].flush()
+        _write_progress(partial, meta, start + len(chunk))
     del outputs
     (partial / _PROGRESS).unlink()
     files = ["tokens.npy", *(_layer_file(layer) for layer in layers)]
@@ -226,18 +225,11 @@ def build_cache(
     return ResidualCache.open(folder)
 
 
-@contextmanager
-def _in_eval_mode(model: PreTrainedModel, device: str) -> Iterator[PreTrainedModel]:
-    """``model`` in eval mode on ``device`` (a copy where it lives elsewhere), its mode restored afterwards."""
+def _on_device(model: PreTrainedModel, device: str) -> PreTrainedModel:
+    """``model`` where it is on ``device``, else a copy moved there (the caller's model stays where it was)."""
     where, wanted = next(model.parameters()).device, torch.device(device)
     there = where.type == wanted.type and wanted.index in (None, where.index)
-    runnable = model if there else copy.deepcopy(model).to(wanted)
-    training = runnable.training
-    runnable.eval()
-    try:
-        yield runnable
-    finally:
-        runnable.train(training)
+    return model if there else copy.deepcopy(model).to(wanted)
 
 
 def _reuse(folder: Path, meta: dict[str, Any], checkpoint: LMCheckpoint) -> ResidualCache:

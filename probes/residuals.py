@@ -67,7 +67,7 @@ class StreamingResiduals:
     for corpora too large to cache; every read of a block of sequences runs the model on them (:func:`read_layers`)."""
 
     def __init__(self, model: PreTrainedModel, tokens: np.ndarray, device: str = "cpu"):
-        self.model, self.tokens, self.device = model.eval(), np.asarray(tokens), device
+        self.model, self.tokens, self.device = model, np.asarray(tokens), device
         self.d_model = model.config.hidden_size
 
     def read(self, sequences: np.ndarray, layers: Sequence[int]) -> np.ndarray:
@@ -126,8 +126,9 @@ class _Enough(Exception):
 @torch.no_grad()
 def read_layers(model: PreTrainedModel, inputs: torch.Tensor, layers: Sequence[int]) -> dict[int, torch.Tensor]:
     """{layer: h[layer] [batch, seq, d_model]} of one forward pass of ``model`` (token ids [batch, seq] or features
-    [batch, seq, in_dim]), read by forward hooks on its decoder blocks; the pass stops at the deepest layer asked
-    for, and builds no KV cache. The caching route: as fast as the model's own forward pass (docs/probes.md)."""
+    [batch, seq, in_dim]), read by forward hooks on its decoder blocks, in eval mode; the pass stops at the deepest
+    layer asked for, and builds no KV cache. The caching route: as fast as the model's own forward pass
+    (docs/probes.md)."""
     blocks, wanted, deepest = decoder_blocks(model), set(layers), max(layers)
     captured: dict[int, torch.Tensor] = {}
 
@@ -141,11 +142,14 @@ def read_layers(model: PreTrainedModel, inputs: torch.Tensor, layers: Sequence[i
     for index, block in enumerate(blocks[:deepest]):
         handles.append(block.register_forward_hook(lambda _, __, out, layer=index + 1: keep(layer, out)))
     options = {"use_cache": False} if "use_cache" in inspect.signature(model.forward).parameters else {}
+    training = model.training
+    model.eval()  # no dropout in what is read; the caller's mode is restored
     try:
         model(inputs, **options)
     except _Enough:
         pass
     finally:
+        model.train(training)
         for handle in handles:
             handle.remove()
     return captured

@@ -93,3 +93,14 @@ def test_bad_layers_and_sources_are_named(tiny_lm, tokens, tmp_path):
         model_residuals(tiny_lm, tokens, layers=[4])
     with pytest.raises(ForethoughtError, match="cannot boot a TransformerBridge"):
         load_bridge(tmp_path / "missing")
+
+
+def test_reading_is_in_eval_mode_and_leaves_the_models_mode_as_it_was(tokens):
+    from forethought.models.gpt2 import build_lm, gpt2_config
+
+    model = build_lm(gpt2_config(n_layer=2, d_model=16, n_head=2, vocab_size=23, n_positions=16, dropout=0.5), seed=0)
+    model.train()
+    first, again = read_layers(model, tokens, [2]), read_layers(model, tokens, [2])
+    assert model.training  # still training
+    torch.testing.assert_close(first[2], again[2], atol=0, rtol=0)  # no dropout in what was read
+    torch.testing.assert_close(first[2], model_residuals(model.eval(), tokens, [2])[0], atol=0, rtol=0)
