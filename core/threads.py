@@ -30,6 +30,10 @@ def registry() -> Path:
     """The folder of claims: one file per running forethought process, named by its pid, holding its threads."""
     folder = Path(tempfile.gettempdir()) / f"forethought-threads-{os.getuid()}"
     folder.mkdir(mode=0o700, exist_ok=True)
+    status = folder.lstat()  # a shared temporary directory: the folder must be this user's own, not a link
+    if folder.is_symlink() or status.st_uid != os.getuid() or status.st_mode & 0o077:
+        raise ForethoughtError(f"{folder} is not this user's private folder (a link, another owner, or open to "
+                               "others): remove it, or give --threads N")
     return folder
 
 
@@ -49,7 +53,13 @@ def claim_threads(requested: int | None = None, folder: Path | None = None, core
     is removed when the process exits."""
     if requested is not None and requested < 1:
         raise ForethoughtError(f"threads must be ≥ 1, got {requested}")
-    folder = folder or registry()
+    if folder is None:
+        try:
+            folder = registry()
+        except ForethoughtError:
+            if requested is None:
+                raise
+            return requested  # asked for: no claim to register where the registry cannot be trusted
     if requested is None and folder in _settled:
         return _settled[folder]
     mine = folder / str(os.getpid())

@@ -44,3 +44,15 @@ def test_a_run_alone_takes_every_core_and_beside_others_what_is_left(tmp_path):
     assert claim_threads(3, folder=full, cores=4) == 3  # asked for: given, whatever the others hold
     with pytest.raises(ForethoughtError, match="threads must be ≥ 1, got 0"):
         claim_threads(0, folder=tmp_path)
+
+
+def test_a_registry_that_is_not_the_users_own_folder_is_refused(tmp_path, monkeypatch):
+    import os
+
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.setattr("tempfile.gettempdir", lambda: str(tmp_path))
+    (tmp_path / f"forethought-threads-{os.getuid()}").symlink_to(elsewhere)
+    with pytest.raises(ForethoughtError, match="is not this user's private folder .* give --threads N"):
+        claim_threads()
+    assert claim_threads(2) == 2 and list(elsewhere.iterdir()) == []  # asked for: nothing written there
