@@ -48,6 +48,7 @@ from forethought.core.offsets import at_offset
 from forethought.core.precision import autocast, check_precision
 from forethought.core.settings import check_settings
 from forethought.core.threads import available_cores
+from forethought.models.families import decoder_blocks
 from forethought.models.gpt2 import build_lm, gpt2_config, load_model
 from forethought.models.lm import LMCheckpoint
 from forethought.models.myopic import myopic
@@ -325,7 +326,7 @@ def bench_cache(config: CacheBenchConfig) -> pd.DataFrame:
     tokens = data.load(checkpoint.tokenizer, config.tokens_root)["test"][: config.n_sequences]
     batches = torch.from_numpy(tokens).split(config.batch_size)
     bridge = load_bridge(checkpoint.source, device=device)  # warm: booting is not caching
-    layers = list(range(model.config.num_hidden_layers + 1))
+    layers = list(range(len(decoder_blocks(model)) + 1))
     forwards = {
         HF_FORWARD: lambda batch: model(batch, output_hidden_states=True, use_cache=False),
         "forward hooks (residuals, no writes)": lambda batch: read_layers(model, batch, layers),

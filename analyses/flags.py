@@ -65,14 +65,14 @@ def add_flags(parser: argparse.ArgumentParser, specs: list[FlagSpec]) -> None:
 def _fields(cls: type) -> list[tuple[Field, Any, dict[str, str], str | None]]:
     """(field, default, helps, list kind) of each flag of ``cls``, its own fields first; a nested settings field
     gives one entry per field of its class in its place, with ``cls``'s default for it."""
-    nested, lists, entries = nested_settings(cls), list_kinds(cls), []
+    nested, lists, helps, entries = nested_settings(cls), list_kinds(cls), _field_help(cls), []
     for f in _own_fields_first(cls):
         default = field_default(f)
         if f.name in nested:
-            helps = _field_help(nested[f.name])
-            entries += [(g, getattr(default, g.name), helps, None) for g in fields(nested[f.name])]
+            nested_helps = _field_help(nested[f.name])
+            entries += [(g, getattr(default, g.name), nested_helps, None) for g in fields(nested[f.name])]
         else:
-            entries.append((f, default, _field_help(cls), lists.get(f.name)))
+            entries.append((f, default, helps, lists.get(f.name)))
     return entries
 
 

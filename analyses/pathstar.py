@@ -9,7 +9,6 @@ the goal (d classes) and the node τ steps ahead in the emitted sequence — wit
 
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -93,7 +92,7 @@ class PathStarConfig(ExperimentConfig):
         return PathStarSpec(self.degree, self.length, self.n_nodes)
 
     def steps(self, n_train: int) -> int:
-        return max(1, math.ceil(self.epochs * n_train / self.training.batch_size))
+        return self.training.epoch_steps(self.epochs, n_train)
 
 @dataclass
 class PathStarResults(ExperimentResults):

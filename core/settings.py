@@ -207,7 +207,7 @@ def flat_defaults(config_class: type) -> dict[str, Any]:
     for f in fields(config_class):
         default = field_default(f)
         defaults.update(asdict(default) if f.name in nested else {f.name: default})
-    return json.loads(json.dumps(defaults))
+    return _as_json(defaults)
 
 
 def build_config(config_class: type, settings: dict[str, Any]) -> Any:
@@ -258,7 +258,7 @@ def bound_settings(config: Any) -> dict[str, Any]:
     settings' ``RESUMABLE`` ones (how often to evaluate or checkpoint, compile: a resume may change them)."""
     free = {*UNBOUND, *(name for kind in nested_settings(type(config)).values()
                        for name in getattr(kind, "RESUMABLE", ()))}
-    return json.loads(json.dumps({k: v for k, v in flat_settings(config).items() if k not in free}))
+    return _as_json({k: v for k, v in flat_settings(config).items() if k not in free})
 
 
 def changed_settings(saved: dict[str, Any], wanted: dict[str, Any], defaults: dict[str, Any] | None = None) -> str:
@@ -271,17 +271,24 @@ def changed_settings(saved: dict[str, Any], wanted: dict[str, Any], defaults: di
                      if saved.get(key, defaults.get(key)) != wanted.get(key))
 
 
-def record_settings(settings_file: Path, config: Any) -> None:
-    """Write ``config``'s :func:`bound_settings` to ``settings_file`` (atomically), or refuse, changing nothing
-    and naming the settings, if the file holds others (a setting it lacks counts as its default; settings it
-    holds that no longer bind are ignored)."""
+def record_settings(settings_file: Path, config: Any) -> dict[str, Any]:
+    """Write ``config``'s :func:`bound_settings` to ``settings_file`` (atomically) and return them, or refuse,
+    changing nothing and naming the settings, if the file holds others (a setting it lacks counts as its default;
+    settings it holds that no longer bind are ignored)."""
     settings, config_class = bound_settings(config), type(config)
     if settings_file.exists():
         saved = read_json(settings_file, f"remove {settings_file.parent} to start afresh")
-        free = set(flat_defaults(config_class)) - set(settings)
-        saved = json.loads(json.dumps(typed_settings(config_class, {k: v for k, v in saved.items() if k not in free})))
-        if changed := changed_settings(saved, settings, flat_defaults(config_class)):
+        defaults = flat_defaults(config_class)
+        free = set(defaults) - set(settings)
+        saved = _as_json(typed_settings(config_class, {k: v for k, v in saved.items() if k not in free}))
+        if changed := changed_settings(saved, settings, defaults):
             raise ForethoughtError(f"--out {settings_file.parent} holds a run with other settings ({changed}); "
                                    "choose another --out")
     settings_file.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_json(settings_file, settings)
+    return settings
+
+
+def _as_json(settings: dict[str, Any]) -> dict[str, Any]:
+    """Settings as a JSON file holds them (tuples become lists), so saved and wanted compare equal."""
+    return json.loads(json.dumps(settings))

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import math
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, ClassVar
@@ -23,7 +22,7 @@ from transformers import AutoConfig, AutoTokenizer, PretrainedConfig, PreTrained
 
 from forethought.core.errors import ForethoughtError
 from forethought.core.files import check_out_folder, run_lock
-from forethought.core.settings import Presets, bound_settings, check_preset, check_settings, record_settings
+from forethought.core.settings import Presets, check_preset, check_settings, record_settings
 from forethought.models.distributed import Distributed
 from forethought.models.families import architecture
 from forethought.models.gpt2 import CAUSAL_LM_CLASSES, build_lm, gpt2_config, load_model
@@ -107,7 +106,7 @@ class LMTrainConfig(Presets):
                         split_seed=self.split_seed)
 
     def train_config(self, n_train: int) -> TrainConfig:
-        steps = self.steps if self.steps is not None else math.ceil(self.epochs * n_train / self.training.batch_size)
+        steps = self.steps if self.steps is not None else self.training.epoch_steps(self.epochs, n_train)
         return self.training.for_run(steps, self.seed, self.myopic, self.device, self.progress)
 
 
@@ -180,7 +179,6 @@ def train_lm(config: LMTrainConfig) -> TrainResult:
 def _train_lm(config: LMTrainConfig, out: Path, dist: Distributed) -> TrainResult:
     data = config.data()
     size = bpe_size(config.tokenizer)
-    settings = bound_settings(config)
     with dist.main_first():
         tokenizer = load_tokenizer(config.tokenizer) if size is None else corpus_bpe(data, size, config.tokens_root)
         model = lm_to_train(config, vocab_size=len(tokenizer))
@@ -188,7 +186,7 @@ def _train_lm(config: LMTrainConfig, out: Path, dist: Distributed) -> TrainResul
         if config.myopic:
             check_myopic_support(model)
         sequences = data.load(tokenizer, config.tokens_root)
-        record_settings(out / "train_config.json", config)
+        settings = record_settings(out / "train_config.json", config)
     description = {
         "model_source": config.model, "myopic": config.myopic, "myopic_cut": config.training.myopic_cut,
         "data": asdict(data), "tokenizer": config.tokenizer,

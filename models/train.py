@@ -72,6 +72,10 @@ class TrainSettings:
         check_cut(self.myopic_cut)
         check_precision(self.precision, TRAINING_PRECISIONS)
 
+    def epoch_steps(self, epochs: float, n_examples: int) -> int:
+        """Optimiser steps for ``epochs`` passes over ``n_examples`` sequences (at least one)."""
+        return max(1, math.ceil(epochs * n_examples / self.batch_size))
+
     def for_run(self, steps: int, seed: int, myopic: bool, device: str = "auto", progress: bool = True) -> TrainConfig:
         """These settings for one run of ``steps`` steps."""
         return TrainConfig(**asdict(self), steps=steps, seed=seed, myopic=myopic, device=device, progress=progress)

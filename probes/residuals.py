@@ -16,12 +16,13 @@ from __future__ import annotations
 
 import copy
 import inspect
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
 import torch
+from torch.utils.hooks import RemovableHandle
 from transformer_lens.model_bridge import TransformerBridge
 from transformers import PreTrainedModel
 
@@ -93,6 +94,17 @@ def bridge_residuals(
     return torch.stack([cache[name] for name in names])
 
 
+def _layer_hooks(model: PreTrainedModel, keep: Callable[[int, torch.Tensor], None],
+                 deepest: int) -> list[RemovableHandle]:
+    """Forward hooks on the decoder blocks that hand ``keep(layer, h[layer])`` every residual layer 0 … ``deepest``
+    of a pass (layer 0: block 0's input; layer l: block l − 1's output)."""
+    blocks = decoder_blocks(model)
+    handles = [blocks[0].register_forward_pre_hook(lambda _, args: keep(0, args[0]))]
+    for index, block in enumerate(blocks[:deepest]):
+        handles.append(block.register_forward_hook(lambda _, __, out, layer=index + 1: keep(layer, out)))
+    return handles
+
+
 @contextmanager
 def capture_residuals(model: PreTrainedModel, retain_grad: bool = False) -> Iterator[dict[int, torch.Tensor]]:
     """Within the context, each forward pass of ``model`` fills the yielded {layer: h[layer]} with
@@ -100,7 +112,6 @@ def capture_residuals(model: PreTrainedModel, retain_grad: bool = False) -> Iter
 
     ``retain_grad``: keep each tensor's ``.grad`` after a backward pass (the gradient reaching h[l]).
     """
-    blocks = decoder_blocks(model)
     captured: dict[int, torch.Tensor] = {}
 
     def keep(layer: int, hidden: torch.Tensor) -> None:
@@ -108,9 +119,7 @@ def capture_residuals(model: PreTrainedModel, retain_grad: bool = False) -> Iter
             hidden.retain_grad()
         captured[layer] = hidden
 
-    handles = [blocks[0].register_forward_pre_hook(lambda _, args: keep(0, args[0]))]
-    for index, block in enumerate(blocks):
-        handles.append(block.register_forward_hook(lambda _, __, out, layer=index + 1: keep(layer, out)))
+    handles = _layer_hooks(model, keep, len(decoder_blocks(model)))
     try:
         yield captured
     finally:
@@ -129,7 +138,7 @@ def read_layers(model: PreTrainedModel, inputs: torch.Tensor, layers: Sequence[i
     [batch, seq, in_dim]), read by forward hooks on its decoder blocks, in eval mode; the pass stops at the deepest
     layer asked for, and builds no KV cache. The caching route: as fast as the model's own forward pass
     (docs/probes.md)."""
-    blocks, wanted, deepest = decoder_blocks(model), set(layers), max(layers)
+    wanted, deepest = set(layers), max(layers)
     captured: dict[int, torch.Tensor] = {}
 
     def keep(layer: int, hidden: torch.Tensor) -> None:
@@ -138,9 +147,7 @@ def read_layers(model: PreTrainedModel, inputs: torch.Tensor, layers: Sequence[i
         if layer == deepest:
             raise _Enough
 
-    handles = [blocks[0].register_forward_pre_hook(lambda _, args: keep(0, args[0]))]
-    for index, block in enumerate(blocks[:deepest]):
-        handles.append(block.register_forward_hook(lambda _, __, out, layer=index + 1: keep(layer, out)))
+    handles = _layer_hooks(model, keep, deepest)
     options = {"use_cache": False} if "use_cache" in inspect.signature(model.forward).parameters else {}
     training = model.training
     model.eval()  # no dropout in what is read; the caller's mode is restored

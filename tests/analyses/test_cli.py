@@ -64,7 +64,8 @@ def test_flags_cover_every_setting():
 
 @pytest.mark.parametrize("command", ["demo", "synthetic", "pathstar", "train"])
 def test_every_command_that_trains_takes_the_training_settings_by_their_flat_names(command, monkeypatch):
-    """One TrainSettings for all: --lr, --myopic-cut, --precision … reach the twins' TrainConfig of each."""
+    """One TrainSettings for all: --lr, --myopic-cut, --precision … reach each command's training settings (that
+    the cut then reaches the twins' training: tests/analyses/test_synthetic.py)."""
     from dataclasses import replace
 
     from forethought.analyses import cli
