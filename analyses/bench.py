@@ -8,6 +8,10 @@ the weights digest) and reading residuals through the hooks and through Transfor
 Hugging Face forward pass with ``output_hidden_states=True`` on the same tokens, at the same precision: tokens/s
 and their ratio (default model: SmolLM2-135M).
 
+``bench grid``: the probing grid of ``forethought probe`` end to end on one model (caching, the probes, the logit
+lens, and the same for the random-init control), each step's wall time ÷ one bare forward pass of the model over
+the same held-out tokens (the grid's floor: one such pass per model probed).
+
 ``bench pathstar``: generating, writing and parsing path-star text files, vectorised vs line by line.
 
 ``bench side-by-side``: a forethought command run twice one after the other and twice started together, each in
@@ -30,7 +34,7 @@ import sys
 import tempfile
 import time
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -42,11 +46,13 @@ from sklearn.preprocessing import StandardScaler
 from transformers import GPTNeoXConfig, LlamaConfig, PreTrainedModel
 
 from forethought.analyses.cli import build_parser
+from forethought.analyses.engine import probe_checkpoints
+from forethought.analyses.probing import ProbeSettings
 from forethought.core.errors import ForethoughtError
 from forethought.core.files import file_digest
 from forethought.core.offsets import at_offset
 from forethought.core.precision import autocast, check_precision
-from forethought.core.settings import check_settings
+from forethought.core.settings import as_text, check_settings
 from forethought.core.threads import available_cores
 from forethought.models.families import decoder_blocks
 from forethought.models.gpt2 import build_lm, gpt2_config, load_model
@@ -357,6 +363,55 @@ def bench_cache(config: CacheBenchConfig) -> pd.DataFrame:
     table.attrs["setting"] = (f"{device}, {config.model} ({type(model).__name__}, {model.config.num_hidden_layers} "
                               f"layers), {config.precision}, {len(tokens)} sequences × {config.seq_len} tokens, "
                               f"batch {config.batch_size}, median of {config.rounds} alternating rounds")
+    return table
+
+
+@dataclass
+class GridBenchConfig(ProbeSettings):
+    """Settings of ``forethought bench grid``: ``forethought probe``'s settings (defaults: the README's SmolLM2
+    grid — 31 layers × τ 1–4, top-K 1,000, the lens, the control, 2,000 Gutenberg sequences × 64 tokens, of which
+    400 test the probes) for one model; each step's wall time ÷ a bare forward pass over the same tokens."""
+
+    model: str = "smollm2-135m"  # any model source (folder, run folder, hub id, smollm2-135m, gguf:PATH)
+    corpus: str | None = "embedded:gutenberg"  # held-out text: the test documents of this corpus
+    layout: str = "packed"
+    kind: str = "topk"
+    precision: str = "bfloat16"
+    batch_sequences: int = 32
+    max_epochs: int = 4
+    progress: bool = False
+    folder: str = "runs/bench-grid"  # a temporary run folder is made (and removed) here
+    taus: tuple[int, ...] = field(default=(1, 2, 3, 4))
+
+
+def bench_grid(config: GridBenchConfig) -> pd.DataFrame:
+    """Seconds of each step of the probing grid (the run's own ``meta.json`` record) and of the whole, each ÷ one
+    bare Hugging Face forward pass with hidden states over the held-out tokens, at the same precision and batch."""
+    device = str(resolve_device(config.device))
+    checkpoint = LMCheckpoint.load(config.model)
+    Path(config.folder).mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=config.folder, prefix="bench-") as work:
+        started = time.perf_counter()
+        run = probe_checkpoints(config, {"model": checkpoint}, Path(work) / "run")
+        total = time.perf_counter() - started
+    model = checkpoint.model.to(device).eval()
+    batches = torch.from_numpy(run.tokens).split(config.batch_sequences)
+    with torch.no_grad(), autocast(device, config.precision):
+        model(batches[0].to(device), output_hidden_states=True, use_cache=False)  # warm-up, untimed
+        started = time.perf_counter()
+        for batch in batches:
+            model(batch.to(device), output_hidden_states=True, use_cache=False)
+        _synchronize(device)
+    forward = time.perf_counter() - started
+    seconds = {**run.engine.seconds, "the whole grid (the steps above, count baselines, tables)": total}
+    table = pd.DataFrame({"step": list(seconds), "seconds": list(seconds.values()),
+                          "ratio_to_forward": [value / forward for value in seconds.values()]})
+    table.attrs["setting"] = (f"{device}, {config.model}, {config.precision}, {run.tokens.shape[0]:,} sequences × "
+                              f"{run.tokens.shape[1]} tokens (test: {len(run.split.test):,}), "
+                              f"{len(run.engine.layers('model'))} layers × τ {as_text(config.tau_list())}, "
+                              f"{config.kind}{f' K = {config.top_k}' if config.kind == 'topk' else ''}, "
+                              f"{config.max_epochs} epochs at most; one bare forward pass: {forward:.1f} s "
+                              f"(the grid runs {len(run.engine.names)}: the model and the control)")
     return table
 
 

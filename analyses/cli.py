@@ -161,6 +161,8 @@ COMMANDS: dict[str, Command] = {  # the command line, one row per command
                            "caching and probe fitting: throughput, and torch ÷ sklearn time", _benched),
     "bench cache": Command(f"{BENCH}:CacheBenchConfig", f"{BENCH}:bench_cache",
                            "residual caching (and the bridge) ÷ a bare Hugging Face forward pass", _benched),
+    "bench grid": Command(f"{BENCH}:GridBenchConfig", f"{BENCH}:bench_grid",
+                          "the probing grid end to end, each step ÷ a bare forward pass", _benched),
     "bench pathstar": Command(f"{BENCH}:PathStarBenchConfig", f"{BENCH}:bench_pathstar",
                               "path-star text files: generate, write, parse, vectorised ÷ line by line", _benched),
     "bench side-by-side": Command(f"{BENCH}:SideBySideBenchConfig", f"{BENCH}:bench_side_by_side",

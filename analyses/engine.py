@@ -10,6 +10,7 @@ objects (TransformerLens boots over a copy) only where it is not on disk already
 
 from __future__ import annotations
 
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -60,6 +61,7 @@ class Probing:
         self._splits: dict[int | None, ProbeSplit] = {}  # per class set (top-K or every token)
         self._heldout: tuple[TextData, np.ndarray] | None = None  # (data, tokens [n, seq])
         self._counted: np.ndarray | None | object = _UNREAD  # the count baselines' training tokens, once read
+        self.seconds: dict[str, float] = {}  # wall time of each step computed here ("caching vanilla", …)
 
     def _admit(self, name: str, checkpoint: LMCheckpoint) -> None:
         """Check that ``checkpoint`` can be fed the same tokens and has the requested layers; then keep it."""
@@ -124,9 +126,11 @@ class Probing:
     def cache(self, name: str) -> ResidualCache:
         """Checkpoint ``name``'s residuals over :attr:`tokens`, cached in ``folder/caches/<name>``."""
         if name not in self._caches:
+            checkpoint, started = self.checkpoint(name), time.perf_counter()
             self._caches[name] = build_cache(
-                self.checkpoint(name), self.tokens, self.folder / "caches" / _folder_name(name), self.layers(name),
+                checkpoint, self.tokens, self.folder / "caches" / _folder_name(name), self.layers(name),
                 self.settings.batch_sequences, self._device, self.settings.progress, self.settings.precision)
+            self.seconds[f"caching {name}"] = round(time.perf_counter() - started, 1)
         return self._caches[name]
 
     def _config(self, kind: str) -> FutureProbeConfig:
@@ -139,10 +143,12 @@ class Probing:
         lens: ``kind="logit lens"``); fitted on first request, then read from memory or ``folder/scores``."""
         kind = self._kind(kind)
         if (name, kind) not in self._scores:
-            config = self._config(kind)
+            config, cache = self._config(kind), self.cache(name)
+            started = time.perf_counter()
             self._scores[name, kind] = probe_scores(
-                self.cache(name), self.checkpoint(name).model, LENS_TAUS if kind == LOGIT_LENS else self.taus,
+                cache, self.checkpoint(name).model, LENS_TAUS if kind == LOGIT_LENS else self.taus,
                 config, self.folder / "scores" / _folder_name(name), self.settings.progress, self.split(config))
+            self.seconds[f"{kind} {name}"] = round(time.perf_counter() - started, 1)
         return self._scores[name, kind]
 
     @quiet_loading()
@@ -401,7 +407,7 @@ def probe_meta(run: ProbeRun) -> dict[str, Any]:
     return run_meta(data=asdict(run.data), heldout=f"first {len(run.tokens)} sequences of the test documents",
                     checkpoints=run.sources, models=run.origins, tokenization=run.tokenization,
                     baselines_counted_on=run.baselines_counted_on, probe_split=split_record(run.split),
-                    processing_mode=PROCESSING_MODE)
+                    processing_mode=PROCESSING_MODE, seconds=run.engine.seconds)
 
 
 def split_record(split: ProbeSplit) -> dict[str, Any]:

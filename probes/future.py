@@ -26,7 +26,7 @@ import hashlib
 import io
 import json
 import zipfile
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -135,6 +135,7 @@ class FutureTokenProbes(nn.Module):
             self.final_norm, self.unembed = (copy.deepcopy(module) for module in unembed)
             for parameter in [*self.final_norm.parameters(), *self.unembed.parameters()]:
                 parameter.requires_grad_(False)
+            self._readouts: dict[tuple, tuple[torch.Tensor, torch.Tensor | None]] = {}  # see _readout
         else:
             self.weights = nn.ParameterList([torch.zeros(n_taus, d_model, n_classes) for _ in range(n_layers)])
             self.biases = nn.ParameterList([torch.zeros(n_taus, n_classes) for _ in range(n_layers)])
@@ -149,16 +150,62 @@ class FutureTokenProbes(nn.Module):
 
     def logits(self, i: int, j: int, features: torch.Tensor) -> torch.Tensor:
         """features [batch, d_model] of layer index i → logits [batch, classes] of the τ-index-j probe."""
-        if self.kind != "lens":
-            features = (features - self.feature_mean[i]) * self.feature_scale[i]
-        mapped = torch.addmm(self.biases[i][j], features, self.weights[i][j])
+        return self._read(torch.addmm(self.biases[i][j], self._standardised(i, features), self.weights[i][j]))
+
+    def layer_logits(self, i: int, features: torch.Tensor) -> Iterator[torch.Tensor]:
+        """features [batch, d_model] of layer index i → the logits [batch, classes] of each τ's probe, in order,
+        one at a time. The layer's stacked parameters are unbound once (a backward through ``weights[i][j]`` for
+        each j would build a zero tensor of all J probes' size per τ), and the features standardised once."""
+        features = self._standardised(i, features)
+        for weight, bias in zip(self.weights[i].unbind(0), self.biases[i].unbind(0)):
+            yield self._read(torch.addmm(bias, features, weight))
+
+    def _standardised(self, i: int, features: torch.Tensor) -> torch.Tensor:
+        """The features a probe of layer index i reads: standardised, except by a lens (it reads h as it is)."""
+        return features if self.kind == "lens" else (features - self.feature_mean[i]) * self.feature_scale[i]
+
+    def _read(self, mapped: torch.Tensor) -> torch.Tensor:
+        """A probe's affine map [batch, n_out] → its logits: the map itself, or (lens) through the final norm and
+        the unembedding — over the vocabulary, or in the top-K classes with "other" = the rest's log-sum-exp."""
         if self.kind != "lens":
             return mapped
-        vocabulary = self.unembed(self.final_norm(mapped))  # [batch, vocab]
+        normed = self.final_norm(mapped)  # [batch, d_model]
         if self.lens_classes is None:
-            return vocabulary
-        rest = vocabulary.index_fill(1, self.lens_classes, float("-inf")).logsumexp(1, keepdim=True)
-        return torch.cat([vocabulary[:, self.lens_classes], rest], dim=1)  # [batch, K + 1]
+            return _linear(normed, *self._readout("vocabulary"))  # [batch, vocab]
+        kept = _linear(normed, *self._readout("kept"))  # [batch, K]
+        rest = torch.cat([_linear(rows, *self._readout("rest")).logsumexp(1, keepdim=True)
+                          for rows in normed.split(_LENS_ROWS)])  # [batch, 1]
+        return torch.cat([kept, rest], dim=1)  # [batch, K + 1]
+
+    def _readout(self, part: str) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The unembedding's rows (and bias) of ``part`` — the whole vocabulary, the K kept classes or the rest —
+        in the dtype autocast computes in here, made once per (part, device, dtype): a frozen weight is not a
+        parameter, so autocast would otherwise cast all of it (SmolLM2: 28 M values) at every call."""
+        weight = self.unembed.weight  # [vocab, d_model]
+        dtype = (torch.get_autocast_dtype(weight.device.type) if torch.is_autocast_enabled(weight.device.type)
+                 else weight.dtype)
+        key = (part, weight.device, dtype)
+        if key not in self._readouts:
+            rows = {"vocabulary": slice(None), "kept": self.lens_classes,
+                    "rest": None if self.lens_classes is None else _complement(self.lens_classes, len(weight))}[part]
+            bias = self.unembed.bias
+            self._readouts[key] = (weight[rows].to(dtype), None if bias is None else bias[rows].to(dtype))
+        return self._readouts[key]
+
+
+_LENS_ROWS = 1024  # examples whose logits over the rest of the vocabulary are held at once (SmolLM2: ≤ 200 MB)
+
+
+def _linear(inputs: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """inputs [n, d] · weight [m, d]ᵀ (+ bias [m]) → [n, m], in the weight's dtype."""
+    return torch.nn.functional.linear(inputs.to(weight.dtype), weight, bias)
+
+
+def _complement(indices: torch.Tensor, size: int) -> torch.Tensor:
+    """The integers 0 … size − 1 not in ``indices``, ascending."""
+    keep = torch.ones(size, dtype=torch.bool, device=indices.device)
+    keep[indices] = False
+    return keep.nonzero()[:, 0]
 
 
 @dataclass
@@ -350,7 +397,7 @@ def fit_future_probes(
             features, targets = batches(np.sort(order[start : start + config.batch_sequences]))
             for i in range(len(layers)):  # a layer at a time: J [batch, classes] logit blocks
                 with autocast(device, config.precision):
-                    logits = [probes.logits(i, j, features[i]) for j in range(len(taus))]
+                    logits = list(probes.layer_logits(i, features[i]))  # computed here, under autocast
                 # outside autocast, so bfloat16 logits keep a bfloat16 softmax (float32: 1.6× the step's time)
                 sum(cross_entropy(block, target) for block, target in zip(logits, targets)).backward()
             optimizer.step()
@@ -438,9 +485,8 @@ def _validation_losses(probes: FutureTokenProbes, batches: _Batches, sequences: 
     for start in range(0, len(sequences), batch_sequences):
         features, targets = batches(sequences[start : start + batch_sequences])
         for i in range(n_layers):
-            for j in range(n_taus):
-                logits = probes.logits(i, j, features[i]).float()
-                total[i, j] += cross_entropy(logits, targets[j], reduction="sum").cpu()
+            for j, logits in enumerate(probes.layer_logits(i, features[i])):
+                total[i, j] += cross_entropy(logits.float(), targets[j], reduction="sum").cpu()
         count += targets.shape[1]
     return total / count
 
@@ -532,8 +578,7 @@ def score_future_probes(fitted: FittedProbes, residuals: Residuals, sequences: n
     for start in range(0, len(sequences), batch_sequences):
         features, targets = batches(sequences[start : start + batch_sequences])
         for i, layer in enumerate(fitted.layers):
-            for j, tau in enumerate(fitted.taus):
-                logits = probes.logits(i, j, features[i])  # [n, classes]
+            for j, (tau, logits) in enumerate(zip(fitted.taus, probes.layer_logits(i, features[i]))):  # [n, classes]
                 hits = logits.topk(min(5, logits.shape[-1]), dim=-1).indices == targets[j][:, None]
                 logits = logits.float()  # cross-entropy = logsumexp − the target's logit, in float32
                 losses = logits.logsumexp(-1) - logits.gather(-1, targets[j][:, None])[:, 0]

@@ -140,6 +140,10 @@ BAD_INPUT = {
         (["--n-nodes", "5"], r"N = 5 labels are too few"),
         (["--n-train", "0"], r"n_train must be ≥ 1"),
     ],
+    "bench grid": [
+        (["--kind", "x"], r"unknown probe kind 'x'"),
+        (["--taus", "0"], r"taus must be offsets ≥ 1"),
+    ],
     "bench cache": [
         (["--precision", "x"], r"precision"),
         (["--n-sequences", "0"], r"n_sequences must be ≥ 1"),

@@ -225,6 +225,25 @@ def test_bench_cache_prints_the_ratio_to_a_bare_forward_pass(capsys, llama_folde
     assert list((tmp_path / "bench").iterdir()) == []  # the caches were temporary
 
 
+def test_bench_grid_times_every_step_against_a_bare_forward_pass(capsys, llama_folder, llama_text, tmp_path):
+    code, out, err = run_cli(
+        capsys, "bench", "grid", "--model", str(llama_folder), "--corpus", str(llama_text), "--max-sequences", "20",
+        "--seq-len", "8", "--taus", "1,2", "--top-k", "10", "--max-epochs", "1", "--precision", "float32",
+        "--tokens-root", str(tmp_path / "tokens"), "--folder", str(tmp_path / "bench"))
+    assert code == 0, err
+    lines = out.splitlines()
+    header = next(i for i, line in enumerate(lines) if line.startswith("forethought bench grid — cpu, "))
+    assert "20 sequences × 8 tokens (test: 4), 3 layers × τ 1,2, topk K = 10" in lines[header]
+    rows = {line.rsplit(maxsplit=2)[0].strip(): [float(v) for v in line.split()[-2:]] for line in lines[header + 2:]}
+    steps = [f"{step} {name}" for name in ("model", "random init") for step in ("caching", "topk", "logit lens")]
+    assert set(rows) == {*steps, "the whole grid (the steps above, count baselines, tables)"}
+    whole = rows.pop("the whole grid (the steps above, count baselines, tables)")
+    assert whole[0] >= sum(seconds for seconds, _ in rows.values()) - 0.5  # rounded to 0.1 s each
+    for seconds, ratio in [whole, *rows.values()]:  # each step ÷ the same forward pass
+        assert ratio == pytest.approx(seconds / whole[0] * whole[1], rel=0.02, abs=0.05)
+    assert list((tmp_path / "bench").iterdir()) == []  # the run folder was temporary
+
+
 def test_bench_side_by_side_times_two_runs_both_ways(capsys):
     code, out, err = run_cli(capsys, "bench", "side-by-side", "--command-line", "bench pathstar --n-train 200")
     assert code == 0, err

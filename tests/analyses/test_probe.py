@@ -41,7 +41,10 @@ def test_probe_table_figure_and_reuse(twins, tmp_path, monkeypatch):
     assert {trace.name for trace in results.figure().data} == {"τ = 1", "τ = 2", "logit lens (τ = 1)"}
     assert (tmp_path / "probe" / "figures" / "probe_topk_top1.html").exists()
     assert ProbeResults.from_folder(tmp_path / "probe").table.equals(table)
-    split = json.loads((tmp_path / "probe" / "meta.json").read_text())["probe_split"]  # carried with the results
+    meta = json.loads((tmp_path / "probe" / "meta.json").read_text())
+    steps = [f"{step} {name}" for name in ("vanilla", "myopic", CONTROL) for step in ("caching", "topk", "logit lens")]
+    assert sorted(meta["seconds"]) == sorted(steps) and all(seconds >= 0 for seconds in meta["seconds"].values())
+    split = meta["probe_split"]  # carried with the results
     assert len(split["classes"]) == 40 and not set(split["train"]) & set(split["test"])
     assert set(split["validation"]) <= set(split["train"]) and len(split["train"]) + len(split["test"]) == 60
     n_examples = table.loc[table["probe"].isin(["topk", "skip-bigram"]), "n"].unique()
