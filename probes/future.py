@@ -462,7 +462,8 @@ class _Batches:
 
     def __call__(self, sequences: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
         features = self.residuals.read(sequences, self.layers)[:, :, : self.positions]  # [I, b, positions, d]
-        features = torch.from_numpy(features.astype(np.float32)).flatten(1, 2).to(self.device)  # [I, n, d]
+        # torch converts float16 → float32 vectorised (numpy's astype: ~10× slower, 10 % of a SmolLM2 grid's fit)
+        features = torch.from_numpy(features).to(self.device, torch.float32).flatten(1, 2)  # [I, n, d]
         return features, torch.from_numpy(self.targets(sequences)).to(self.device)
 
     def targets(self, sequences: np.ndarray) -> np.ndarray:
