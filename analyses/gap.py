@@ -1,9 +1,10 @@
-"""The myopia gap and the future-gradient share (``forethought gap``).
+"""The myopia gap and the split of the gradient into own and future parts (``forethought gap``).
 
 Myopia gap: held-out loss(myopic) − loss(vanilla) for twins trained on the same data, overall and per
 position, each with a paired 95 % bootstrap interval over held-out sequences (= documents in the paper's
 layout). It measures how much the model gains from computing for the future (Wu et al. 2024, §3: GPT-2 on
-MS MARCO, 3.28 vs 3.40 nats). The future-gradient share of each checkpoint: :mod:`probes.gradients`.
+MS MARCO, 3.28 vs 3.40 nats). Each checkpoint's future share of the squared gradient and cos(g_own, g_future)
+per layer: :mod:`probes.gradients`.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from forethought.models.lm import LMCheckpoint
 from forethought.models.myopic import myopic_layers
 from forethought.models.train import resolve_device
 from forethought.models.twins import TWINS, check_twins
-from forethought.probes.gradients import future_gradient_share
+from forethought.probes.gradients import COSINE, SHARE, future_gradient_split
 from forethought.probes.metrics import mean_scores
 
 log = logging.getLogger(__name__)
@@ -70,7 +71,7 @@ class GapConfig:
 
 @dataclass
 class GapResults(ExperimentResults):
-    """What :func:`run_gap` found: a tidy table of losses, gaps and future-gradient shares."""
+    """What :func:`run_gap` found: a tidy table of losses, gaps, future shares and own/future cosines."""
 
     CONFIG: ClassVar[type] = GapConfig
 
@@ -86,9 +87,10 @@ class GapResults(ExperimentResults):
             list(dict.fromkeys(rows["checkpoint"]))
         ]
 
-    def shares(self) -> pd.DataFrame:
-        """Future-gradient share per layer (rows) × checkpoint (columns)."""
-        rows = self.table[self.table["metric"] == "future_gradient_share"]
+    def shares(self, metric: str = SHARE) -> pd.DataFrame:
+        """The future share of the squared gradient (or ``metric=COSINE``: cos(g_own, g_future)) per layer (rows)
+        × checkpoint (columns)."""
+        rows = self.table[self.table["metric"] == metric]
         return rows.pivot(index="layer", columns="checkpoint", values="value")[list(dict.fromkeys(rows["checkpoint"]))]
 
     def position_figure(self) -> go.Figure:
@@ -109,16 +111,20 @@ class GapResults(ExperimentResults):
         return figure
 
     def share_figure(self) -> go.Figure:
-        rows = self.table[self.table["metric"] == "future_gradient_share"]
-        figure = go.Figure()
-        for name, color in zip(rows["checkpoint"].unique(), PALETTE):
-            _band(figure, rows[rows["checkpoint"] == name], name, color, x="layer")
+        """Per residual layer: the future share of the squared gradient (top) and cos(g_own, g_future) (bottom)."""
+        figure = make_subplots(rows=2, cols=1, shared_xaxes=True, vertical_spacing=0.1, subplot_titles=[
+            "‖g_future‖² / (‖g_own‖² + ‖g_future‖²)", "cos(g_own, g_future)"])
+        for row, metric in enumerate((SHARE, COSINE), start=1):
+            rows = self.table[(self.table["metric"] == metric) & self.table["value"].notna()]
+            for name, color in zip(rows["checkpoint"].unique(), PALETTE):
+                _band(figure, rows[rows["checkpoint"] == name], name, color, x="layer", row=row, legend=row == 1)
+        figure.add_hline(y=0, line=dict(color="gray", dash="dot"), row=2, col=1)
         figure.update_xaxes(dtick=1)
-        figure.update_layout(
-            title="Future-gradient share: ‖g_total − g_own‖ / ‖g_total‖ at each residual layer, 95% CI",
-            xaxis_title="residual layer l (0 = embeddings)", yaxis_title="share of the gradient from later positions",
-            yaxis_range=[0, 1.05],
-        )
+        figure.update_xaxes(title_text="residual layer l (0 = embeddings)", row=2, col=1)
+        figure.update_yaxes(range=[0, 1.05], row=1, col=1)
+        figure.update_yaxes(range=[-1.05, 1.05], row=2, col=1)
+        figure.update_layout(title="The gradient reaching each residual layer: later positions' part and its "
+                                   "direction, 95% CI over sequences")
         return figure
 
     def figures(self) -> dict[str, go.Figure]:
@@ -126,7 +132,7 @@ class GapResults(ExperimentResults):
         if self.histories:
             figures["gap_training_loss"] = loss_curves_figure(
                 self.histories, title="Training of the checkpoints: train loss and validation loss by step")
-        if (self.table["metric"] == "future_gradient_share").any():
+        if (self.table["metric"] == SHARE).any():
             figures["gap_future_gradient_share"] = self.share_figure()
         if (self.table["metric"] == "loss").any():
             figures["gap_loss_by_position"] = self.position_figure()
@@ -139,20 +145,23 @@ class GapResults(ExperimentResults):
         shares = self.shares()
         if shares.empty:
             return "\n".join(lines)
-        lines.append("future-gradient share by layer:")
-        lines.append("  layer  " + "  ".join(f"{name:>10}" for name in shares.columns))
+        cosines = self.shares(COSINE)
+        lines.append("future share of the squared gradient | cos(g_own, g_future), by layer:")
+        lines.append("  layer  " + "  ".join(f"{name:>21}" for name in shares.columns))
         for layer, row in shares.iterrows():
-            lines.append(f"  {layer:>5}  " + "  ".join(f"{v:>10.3f}" for v in row))
+            cells = (f"{share:>10.3f} | {cosine:>+8.3f}" for share, cosine in zip(row, cosines.loc[layer]))
+            lines.append(f"  {layer:>5}  " + "  ".join(cells))
         return "\n".join(lines)
 
 
 def _band(figure: go.Figure, rows: pd.DataFrame, name: str, color: str, x: str = "position",
-          row: int | None = None) -> None:
+          row: int | None = None, legend: bool = True) -> None:
     """A line of ``value`` over column ``x`` with a shaded band from ``ci_low`` to ``ci_high``."""
     rows = rows.sort_values(x)
     x = rows[x].astype(int).tolist()
     where = dict(row=row, col=1) if row is not None else {}
-    figure.add_scatter(x=x, y=rows["value"], name=name, mode="lines+markers", line=dict(color=color), **where)
+    figure.add_scatter(x=x, y=rows["value"], name=name, mode="lines+markers", line=dict(color=color),
+                       showlegend=legend, **where)
     figure.add_scatter(x=x + x[::-1], y=rows["ci_high"].tolist() + rows["ci_low"].tolist()[::-1], fill="toself",
                        mode="lines", line=dict(width=0, color=color), opacity=0.2, showlegend=False,
                        hoverinfo="skip", name=f"{name} 95% CI", **where)
@@ -177,13 +186,13 @@ def run_gap(config: GapConfig) -> GapResults:
         model = checkpoint.model.to(device).float()
         losses[name] = token_losses(model, test, config.batch_size, config.progress)
         if not myopic_layers(model):  # the share needs the myopic gradient
-            log.warning("%s: no future-gradient share — the myopic gradient is implemented for GPT-2, Llama, "
+            log.warning("%s: no future-gradient split — the myopic gradient is implemented for GPT-2, Llama, "
                         "Mistral, Qwen2 and GPT-NeoX attention", name)
             continue
-        shares = future_gradient_share(model, test[: config.share_sequences], config.batch_size,
-                                       config.seed, config.progress)
-        rows += [{"checkpoint": name, "layer": layer, "metric": "future_gradient_share", **estimate.columns()}
-                 for layer, estimate in enumerate(shares)]
+        split = future_gradient_split(model, test[: config.share_sequences], config.batch_size, config.seed,
+                                      config.progress)
+        rows += [{"checkpoint": name, "layer": layer, "metric": metric, **estimate.columns()}
+                 for metric, estimates in split.items() for layer, estimate in enumerate(estimates)]
     if len(losses) == 2:
         losses[GAP] = losses["myopic"] - losses["vanilla"]  # paired: the same sequences resampled together
     sequence_ids = np.arange(len(test))

@@ -25,7 +25,7 @@ from forethought.analyses.results import tidy
 from forethought.core.errors import ForethoughtError
 from forethought.models.train import resolve_device
 from forethought.models.twins import check_twins
-from forethought.probes.gradients import future_gradient_share
+from forethought.probes.gradients import SHARE, future_gradient_split
 
 PRECACHE = "pre-caching (vanilla − myopic)"
 
@@ -83,8 +83,8 @@ class PrecacheResults(ProbingResults):
     def summary(self) -> str:
         lines = [super().summary(), "pre-caching estimate P (top-1, vanilla − myopic), layers × τ:",
                  self.precaching().to_string(float_format=lambda v: f"{v:+.3f}")]
-        shares = self.table[self.table["metric"] == "future_gradient_share"]
-        lines.append("future-gradient share by layer: " + "; ".join(
+        shares = self.table[self.table["metric"] == SHARE]
+        lines.append("future share of the squared gradient by layer: " + "; ".join(
             f"{name} " + ", ".join(f"{v:.3f}" for v in group.sort_values("layer")["value"])
             for name, group in shares.groupby("checkpoint", sort=False)))
         return "\n".join(lines)
@@ -102,10 +102,10 @@ def run_precache(config: PrecacheConfig) -> PrecacheResults:
     device = resolve_device(config.device)
     for name in ("vanilla", "myopic"):
         model = checkpoints[name].model.to(device)
-        shares = future_gradient_share(model, torch.from_numpy(run.tokens[: config.share_sequences]),
-                                       config.batch_sequences, config.seed)
-        rows += [{"checkpoint": name, "layer": layer, "metric": "future_gradient_share", "split": "test",
-                  **estimate.columns()} for layer, estimate in enumerate(shares)]
+        split = future_gradient_split(model, torch.from_numpy(run.tokens[: config.share_sequences]),
+                                      config.batch_sequences, config.seed)
+        rows += [{"checkpoint": name, "layer": layer, "metric": metric, "split": "test", **estimate.columns()}
+                 for metric, estimates in split.items() for layer, estimate in enumerate(estimates)]
     table = tidy(rows, task=f"text: {run.data.corpus}", seed=config.seed)
     results = PrecacheResults(config=config, table=table)
     finish_run(results, Path(config.out), probe_meta(run))

@@ -55,6 +55,7 @@ def run_meta(**details: Any) -> dict[str, Any]:
         "python": platform.python_version(),
         "versions": package_versions(),
         "threads": torch.get_num_threads(),  # a run's numbers may depend on it: --threads N repeats it
+        "deterministic_algorithms": torch.are_deterministic_algorithms_enabled(),
         **details,
     }
 

@@ -39,7 +39,7 @@ _MODULES: dict[str, tuple[str, ...]] = {
     # residual streams and the gradient reaching them
     "forethought.probes.residuals": ("model_residuals", "bridge_residuals", "capture_residuals", "load_bridge",
                                      "hook_name"),
-    "forethought.probes.gradients": ("future_gradient_share",),
+    "forethought.probes.gradients": ("future_gradient_split",),
     # edits of the residual stream (a context manager over any supported family, or TransformerLens hooks)
     "forethought.probes.interventions": ("intervene", "ProjectOut", "AddVector", "MeanAblate", "Patch"),
     # one error type: every bad input is one line naming the problem

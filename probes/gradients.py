@@ -1,9 +1,16 @@
-"""Gradients that reach the residual stream, and the future-gradient share.
+"""Gradients that reach the residual stream, split into a position's own part and the later positions' part.
 
-Future-gradient share (any single checkpoint): at residual layer l, ‖g_total − g_own‖ / ‖g_total‖ over
-positions and sequences, where g_total is the gradient of the summed next-token loss reaching h[l, t] and
-g_own the part from position t's own loss — the gradient under :func:`models.myopic.myopic`. It says how much
-of the training signal at each layer asks for computation on behalf of later positions.
+At residual layer l the gradient of the summed next-token loss reaching h[l, t] is g_total = g_own + g_future:
+g_own from position t's own loss (the gradient under :func:`models.myopic.myopic`), g_future from every later
+position's. Per layer, pooled over positions and sequences (sums first, then the ratio):
+
+- the **future share** ‖g_future‖² / (‖g_own‖² + ‖g_future‖²): the later positions' part of the training signal's
+  squared norm, what a myopic gradient removes;
+- the **cosine** ⟨g_own, g_future⟩ / (‖g_own‖ ‖g_future‖): whether the two parts ask for the same change
+  (‖g_total‖² = ‖g_own‖² + ‖g_future‖² + 2⟨g_own, g_future⟩; undefined at the last layer, where g_future = 0).
+
+Until issue 26 the reported "share" was the norm ratio ‖g_future‖ / ‖g_total‖, which reads 0.18 for orthogonal
+parts whose future one holds 3 % of the squared norm; the metrics here have new names, so the two never mix.
 """
 
 from __future__ import annotations
@@ -16,6 +23,9 @@ from forethought.models.myopic import myopic
 from forethought.models.tasks.text import next_token_loss
 from forethought.probes.metrics import Estimate, bootstrap
 from forethought.probes.residuals import capture_residuals
+
+SHARE = "future_squared_share"  # the results tables' metric names
+COSINE = "own_future_cosine"
 
 
 def residual_gradients(model: torch.nn.Module, tokens: torch.Tensor) -> torch.Tensor:
@@ -35,22 +45,30 @@ def residual_gradients(model: torch.nn.Module, tokens: torch.Tensor) -> torch.Te
 
 def future_gradient_stats(model: torch.nn.Module, sequences: torch.Tensor, batch_size: int = 16,
                           progress: bool = False) -> np.ndarray:
-    """Per-sequence sufficient statistics [n, 2·(L+1)]: ‖g_total − g_own‖² and ‖g_total‖² per layer."""
+    """Per-sequence sums over positions [n, 3·(L+1)]: ‖g_own‖², ‖g_future‖², then ⟨g_own, g_future⟩, each per
+    layer."""
     stats = []
-    for chunk in device_batches(model, sequences, batch_size, "gradient share", progress):
+    for chunk in device_batches(model, sequences, batch_size, "gradient split", progress):
         total = residual_gradients(model, chunk).double()  # [L+1, b, T, d]
         with myopic(model):
             own = residual_gradients(model, chunk).double()
-        future = (total - own).pow(2).sum((2, 3))  # [L+1, b]
-        stats.append(torch.cat([future, total.pow(2).sum((2, 3))]).T.cpu())  # [b, 2·(L+1)]
+        future = total - own
+        sums = [own.pow(2).sum((2, 3)), future.pow(2).sum((2, 3)), (own * future).sum((2, 3))]  # [L+1, b] each
+        stats.append(torch.cat(sums).T.cpu())  # [b, 3·(L+1)]
     return torch.cat(stats).numpy()
 
 
-def future_gradient_share(model: torch.nn.Module, sequences: torch.Tensor, batch_size: int = 16,
-                          seed: int = 0, progress: bool = False) -> list[Estimate]:
-    """The future-gradient share of each residual layer 0 … L, with 95 % bootstrap CIs over sequences."""
+def future_gradient_split(model: torch.nn.Module, sequences: torch.Tensor, batch_size: int = 16, seed: int = 0,
+                          progress: bool = False) -> dict[str, list[Estimate]]:
+    """Per residual layer 0 … L: {:data:`SHARE`: the future share, :data:`COSINE`: cos(g_own, g_future)}, with
+    95 % bootstrap intervals over sequences."""
     stats = future_gradient_stats(model, sequences, batch_size, progress)
-    n_layers = stats.shape[1] // 2
-    with np.errstate(divide="ignore", invalid="ignore"):
-        return bootstrap(stats, lambda s: np.sqrt(s[..., :n_layers] / s[..., n_layers:]),
-                         n_examples=len(stats) * sequences.shape[1], seed=seed)
+    n_layers = stats.shape[1] // 3
+
+    def share_and_cosine(sums: np.ndarray) -> np.ndarray:  # [..., 3·(L+1)] → [..., 2·(L+1)]
+        own, future, cross = (sums[..., k * n_layers : (k + 1) * n_layers] for k in range(3))
+        with np.errstate(divide="ignore", invalid="ignore"):
+            return np.concatenate([future / (own + future), cross / np.sqrt(own * future)], axis=-1)
+
+    estimates = bootstrap(stats, share_and_cosine, n_examples=len(stats) * sequences.shape[1], seed=seed)
+    return {SHARE: estimates[:n_layers], COSINE: estimates[n_layers:]}

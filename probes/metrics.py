@@ -6,6 +6,7 @@ computed from per-sequence sufficient statistics, and the bootstrap reweights wh
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -61,7 +62,9 @@ def bootstrap(
     counts = np.random.default_rng(seed).multinomial(n_sequences, np.full(n_sequences, 1 / n_sequences), n_boot)
     replicates = statistic(counts @ stats)  # [n_boot, m]
     tail = (1 - level) / 2 * 100
-    low, high = np.nanpercentile(replicates, [tail, 100 - tail], axis=0)
+    with warnings.catch_warnings():  # a metric undefined in every replicate (e.g. 0 / 0) gets a NaN interval
+        warnings.simplefilter("ignore", RuntimeWarning)
+        low, high = np.nanpercentile(replicates, [tail, 100 - tail], axis=0)
     return [
         Estimate(float(v), float(lo), float(hi), n_examples, n_sequences)
         for v, lo, hi in zip(value, low, high)

@@ -94,9 +94,10 @@ def test_a_llama_gets_its_losses_and_its_future_gradient_share(llama_folder, lla
     results = run_gap(GapConfig(vanilla=str(llama_folder), corpus=str(llama_text), layout="packed", seq_len=16,
                                 max_sequences=8, tokens_root=str(tmp_path / "tokens"), out=str(tmp_path / "g"),
                                 progress=False))
-    shares = results.shares()["vanilla"]
+    shares, cosines = results.shares()["vanilla"], results.shares("own_future_cosine")["vanilla"]
     assert results.losses().loc["vanilla", "value"] > 0 and len(shares) == 3  # residual layers 0 … 2
-    assert shares.between(0, 2).all() and shares.iloc[0] > 0  # later positions' losses reach the embeddings
+    assert shares.between(0, 1).all() and shares.iloc[0] > 0  # later positions' losses reach the embeddings
+    assert shares.iloc[-1] == 0 and cosines.iloc[:-1].between(-1, 1).all()  # the last layer: no future part
     assert set(results.figures()) == {"gap_loss_by_position", "gap_future_gradient_share"}
 
 

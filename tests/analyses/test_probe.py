@@ -110,8 +110,8 @@ def test_precache_estimates_are_paired_differences(twins, tmp_path):
     assert results.breadcrumbs().equals(myopic)
     p = results.table[results.table["checkpoint"] == PRECACHE]
     assert (p["ci_low"] <= p["value"]).all() and (p["value"] <= p["ci_high"]).all()
-    shares = results.table[results.table["metric"] == "future_gradient_share"]
-    assert set(shares["checkpoint"]) == {"vanilla", "myopic"} and len(shares) == 6
+    shares = results.table[results.table["metric"].isin(["future_squared_share", "own_future_cosine"])]
+    assert set(shares["checkpoint"]) == {"vanilla", "myopic"} and len(shares) == 2 * 2 * 3  # twins × metrics × layers
     assert {p.name for p in (tmp_path / "pre" / "figures").glob("*.html")} == {
         "precache_topk_top1.html", "precache_topk_heatmap.html"}
     assert PRECACHE not in results.accuracy().index.get_level_values("checkpoint")

@@ -7,6 +7,7 @@ from importlib import metadata
 
 import pandas as pd
 import pytest
+import torch
 
 from forethought.analyses.results import COLUMNS, read_results
 from forethought.analyses.synthetic import CONTROL, SyntheticConfig, SyntheticResults, run_synthetic
@@ -68,6 +69,15 @@ def test_rerun_resumes_and_reproduces(tiny_run):
     results, out = tiny_run
     again = run_synthetic(SyntheticConfig.from_preset("cpu", **TINY, out=str(out)))
     pd.testing.assert_frame_equal(again.table, results.table)
+
+
+def test_two_fresh_runs_of_one_seed_and_thread_count_give_identical_tables(tiny_run, tmp_path):
+    """A seeded run repeats bit for bit with the threads it recorded (issue 26: numbers moved with the threads)."""
+    results, out = tiny_run
+    meta = json.loads((out / "meta.json").read_text())
+    assert meta["threads"] == torch.get_num_threads() and meta["deterministic_algorithms"] is False
+    again = run_synthetic(SyntheticConfig.from_preset("cpu", **TINY, out=str(tmp_path / "again")))
+    pd.testing.assert_frame_equal(again.table, results.table, check_exact=True)
 
 
 def test_a_run_made_before_a_setting_existed_reruns_as_the_same_run(tiny_run):
