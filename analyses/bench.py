@@ -34,7 +34,7 @@ import sys
 import tempfile
 import time
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -381,7 +381,6 @@ class GridBenchConfig(ProbeSettings):
     max_epochs: int = 4
     progress: bool = False
     folder: str = "runs/bench-grid"  # a temporary run folder is made (and removed) here
-    taus: tuple[int, ...] = field(default=(1, 2, 3, 4))
 
 
 def bench_grid(config: GridBenchConfig) -> pd.DataFrame:
@@ -411,7 +410,7 @@ def bench_grid(config: GridBenchConfig) -> pd.DataFrame:
                               f"{len(run.engine.layers('model'))} layers × τ {as_text(config.tau_list())}, "
                               f"{config.kind}{f' K = {config.top_k}' if config.kind == 'topk' else ''}, "
                               f"{config.max_epochs} epochs at most; one bare forward pass: {forward:.1f} s "
-                              f"(the grid runs {len(run.engine.names)}: the model and the control)")
+                              f"(the grid runs {' and '.join(run.engine.names)}: one pass each)")
     return table
 
 

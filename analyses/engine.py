@@ -61,7 +61,7 @@ class Probing:
         self._splits: dict[int | None, ProbeSplit] = {}  # per class set (top-K or every token)
         self._heldout: tuple[TextData, np.ndarray] | None = None  # (data, tokens [n, seq])
         self._counted: np.ndarray | None | object = _UNREAD  # the count baselines' training tokens, once read
-        self.seconds: dict[str, float] = {}  # wall time of each step computed here ("caching vanilla", …)
+        self.seconds: dict[str, float] = {}  # wall time of each step run here, computed or read back
 
     def _admit(self, name: str, checkpoint: LMCheckpoint) -> None:
         """Check that ``checkpoint`` can be fed the same tokens and has the requested layers; then keep it."""

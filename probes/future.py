@@ -186,8 +186,10 @@ class FutureTokenProbes(nn.Module):
                  else weight.dtype)
         key = (part, weight.device, dtype)
         if key not in self._readouts:
-            rows = {"vocabulary": slice(None), "kept": self.lens_classes,
-                    "rest": None if self.lens_classes is None else _complement(self.lens_classes, len(weight))}[part]
+            if part == "vocabulary":
+                rows = slice(None)
+            else:
+                rows = self.lens_classes if part == "kept" else _complement(self.lens_classes, len(weight))
             bias = self.unembed.bias
             self._readouts[key] = (weight[rows].to(dtype), None if bias is None else bias[rows].to(dtype))
         return self._readouts[key]

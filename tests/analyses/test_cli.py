@@ -234,6 +234,7 @@ def test_bench_grid_times_every_step_against_a_bare_forward_pass(capsys, llama_f
     lines = out.splitlines()
     header = next(i for i, line in enumerate(lines) if line.startswith("forethought bench grid — cpu, "))
     assert "20 sequences × 8 tokens (test: 4), 3 layers × τ 1,2, topk K = 10" in lines[header]
+    assert lines[header].endswith("(the grid runs model and random init: one pass each)")
     rows = {line.rsplit(maxsplit=2)[0].strip(): [float(v) for v in line.split()[-2:]] for line in lines[header + 2:]}
     steps = [f"{step} {name}" for name in ("model", "random init") for step in ("caching", "topk", "logit lens")]
     assert set(rows) == {*steps, "the whole grid (the steps above, count baselines, tables)"}
