@@ -406,7 +406,8 @@ def bench_grid(config: GridBenchConfig) -> pd.DataFrame:
     table = pd.DataFrame({"step": list(seconds), "seconds": list(seconds.values()),
                           "ratio_to_forward": [value / forward for value in seconds.values()]})
     table.attrs["setting"] = (f"{device}, {config.model}, {config.precision}, {run.tokens.shape[0]:,} sequences × "
-                              f"{run.tokens.shape[1]} tokens (test: {len(run.split.test):,}), "
+                              f"{run.tokens.shape[1]} tokens (test: {len(run.split.test):,} from "
+                              f"{len(set(run.engine.sample.clusters[run.split.test].tolist()))} documents), "
                               f"{len(run.engine.layers('model'))} layers × τ {as_text(config.tau_list())}, "
                               f"{config.kind}{f' K = {config.top_k}' if config.kind == 'topk' else ''}, "
                               f"{config.max_epochs} epochs at most; one bare forward pass: {forward:.1f} s "

@@ -43,6 +43,7 @@ from forethought.models.gpt2 import quiet_loading
 from forethought.models.lm import LMCheckpoint
 from forethought.models.tasks.text import check_vocabulary, gpt2_tokenizer
 from forethought.probes.future import METRICS
+from forethought.probes.metrics import POOLED
 
 CheckpointSource = str | Path | LMCheckpoint | PreTrainedModel  # folder, run folder, hub id, or in memory
 _DASHES = ("solid", "dash", "dot", "dashdot", "longdash", "longdashdot")
@@ -132,7 +133,7 @@ class Comparison(Probing):
         kind = self._kind(kind)
         self._check_grid(self.names, layers, taus)
         table = self.to_dataframe(None if kind == LOGIT_LENS else kind)
-        rows = table[(table["probe"] == kind) & (table["metric"] == _metric(metric))]
+        rows = table[(table["probe"] == kind) & (table["metric"] == _metric(metric)) & (table["split"] == POOLED)]
         rows = rows[rows["layer"].isin(layers or rows["layer"]) & rows["tau"].isin(taus or rows["tau"])]
         return rows.pivot_table(index=["checkpoint", "tau"], columns="layer", values="value", sort=False)
 
@@ -153,6 +154,7 @@ class Comparison(Probing):
         """Probe ``metric`` by layer, a line per checkpoint (toggled in the legend), the count baselines flat;
         menus choose the probe kind (``kinds`` and the logit lens), the metric, and τ (one, or all by dash)."""
         table = self.to_dataframe(kinds)
+        table = table[table["split"] == POOLED]  # the test examples (not the probes' validation scores)
         views = [*self._kinds(kinds), LOGIT_LENS]
         tau = self.taus[0] if tau is None else tau
         self._check_grid([], None, [tau])
@@ -254,7 +256,8 @@ class Comparison(Probing):
             marks = "".join(f"<td>{'✓' if (name, kind) in self._scores else '·'}</td>" for kind in kinds)
             body.append(f"<tr><td>{html.escape(name)}</td><td><code>{html.escape(str(source))}</code></td>"
                         f"<td>{layers}</td>{marks}</tr>")
-        heldout = (f"{len(self._heldout[1])} held-out sequences of {self._heldout[1].shape[1]} tokens"
+        heldout = (f"{len(self._heldout[1])} held-out sequences of {self._heldout[1].tokens.shape[1]} tokens "
+                   f"from {self._heldout[1].composition()['clusters']} document clusters"
                    if self._heldout else f"up to {self.settings.max_sequences} held-out sequences (not read yet)")
         return (f"<div><b>Comparison</b> of {len(self.names)} checkpoints · τ {', '.join(map(str, self.taus))} · "
                 f"{heldout}<table><tr><th>checkpoint</th><th>source</th><th>layers</th>{head}</tr>{''.join(body)}"

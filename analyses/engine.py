@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -22,12 +22,20 @@ import torch
 from tqdm.auto import tqdm
 
 from forethought.analyses.experiment import prepare_out
-from forethought.analyses.probing import BASELINE, LENS_TAUS, LOGIT_LENS, SKIP_BIGRAM, ProbeSettings
+from forethought.analyses.probing import (
+    BASELINE,
+    LENS_TAUS,
+    LOGIT_LENS,
+    SKIP_BIGRAM,
+    VALIDATION,
+    ProbeSettings,
+    best_by_tau,
+)
 from forethought.analyses.results import CONTROL, run_meta
 from forethought.core.errors import ForethoughtError
 from forethought.models.families import n_layers
 from forethought.models.gpt2 import build_lm, quiet_loading
-from forethought.models.heldout import heldout_data
+from forethought.models.heldout import HeldOutSample, heldout_data, heldout_sample
 from forethought.models.lm import LMCheckpoint, check_same_tokenizer
 from forethought.models.tasks.text import TextData, tokenization
 from forethought.models.train import resolve_device
@@ -35,7 +43,7 @@ from forethought.probes.baselines import BaselineScores, count_baselines
 from forethought.probes.cache import PROCESSING_MODE, ResidualCache, build_cache
 from forethought.probes.future import KINDS, FutureProbeConfig, Probe, ProbeScores
 from forethought.probes.split import ProbeSplit
-from forethought.probes.store import fitted_probes, probe_scores
+from forethought.probes.store import fitted_probes, probe_scores, validation_scores
 
 
 class Probing:
@@ -56,10 +64,10 @@ class Probing:
         self._device = str(resolve_device(settings.device))
         self._caches: dict[str, ResidualCache] = {}
         self._scores: dict[tuple[str, str], ProbeScores] = {}  # (checkpoint, probe kind or LOGIT_LENS)
-        self._rows: dict[tuple[str, str], pd.DataFrame] = {}  # tidy rows of self._scores (bootstrapped once)
+        self._rows: dict[tuple[str, str, bool | str], pd.DataFrame] = {}  # tidy rows (bootstrapped once)
         self._baselines: dict[str, BaselineScores] = {}  # per target
         self._splits: dict[int | None, ProbeSplit] = {}  # per class set (top-K or every token)
-        self._heldout: tuple[TextData, np.ndarray] | None = None  # (data, tokens [n, seq])
+        self._heldout: tuple[TextData, HeldOutSample] | None = None
         self._counted: np.ndarray | None | object = _UNREAD  # the count baselines' training tokens, once read
         self.seconds: dict[str, float] = {}  # wall time of each step run here, computed or read back
 
@@ -101,11 +109,16 @@ class Probing:
         return self._read_heldout()[0]
 
     @property
-    def tokens(self) -> np.ndarray:
-        """The held-out sequences every checkpoint is probed on [n, seq]."""
+    def sample(self) -> HeldOutSample:
+        """The held-out sample every checkpoint is probed on: its sequences, their clusters and texts."""
         return self._read_heldout()[1]
 
-    def _read_heldout(self) -> tuple[TextData, np.ndarray]:
+    @property
+    def tokens(self) -> np.ndarray:
+        """The held-out sequences every checkpoint is probed on [n, seq]."""
+        return self.sample.tokens
+
+    def _read_heldout(self) -> tuple[TextData, HeldOutSample]:
         if self._heldout is None:
             self._heldout = heldout_tokens(self._checkpoints, self.settings)
         return self._heldout
@@ -147,9 +160,35 @@ class Probing:
             started = time.perf_counter()
             self._scores[name, kind] = probe_scores(
                 cache, self.checkpoint(name).model, LENS_TAUS if kind == LOGIT_LENS else self.taus,
-                config, self.folder / "scores" / _folder_name(name), self.settings.progress, self.split(config))
+                config, self.folder / "scores" / _folder_name(name), self.settings.progress, self.split(config),
+            ).on(self.sample.clusters, self.sample.texts)
             self.seconds[f"{kind} {name}"] = round(time.perf_counter() - started, 1)
         return self._scores[name, kind]
+
+    @quiet_loading()
+    def validation_scores(self, name: str, kind: str | None = None) -> ProbeScores:
+        """Checkpoint ``name``'s probes of ``kind`` scored on their validation sequences (where best layers are
+        chosen), from the stored probes."""
+        kind = self._kind(kind)
+        if kind == LOGIT_LENS:
+            raise ForethoughtError("the logit lens is not fitted: it has no validation split")
+        config = self._config(kind)
+        return validation_scores(self.cache(name), self.checkpoint(name).model, self.taus, config,
+                                 self.folder / "scores" / _folder_name(name), self.settings.progress,
+                                 self.split(config)).on(self.sample.clusters, self.sample.texts)
+
+    def best_layers(self, name: str, kind: str | None = None, metric: str = "top1") -> dict[int, int]:
+        """{τ: the layer whose ``kind`` probe of checkpoint ``name`` scores best on ``metric`` on the validation
+        sequences}: a choice made without the test examples, so the test score of the chosen layer is unbiased."""
+        return best_by_tau(self.validation_rows(name, kind), metric)
+
+    def validation_rows(self, name: str, kind: str | None = None) -> pd.DataFrame:
+        """Tidy rows of :meth:`validation_scores` (split "validation")."""
+        kind = self._kind(kind)
+        if (name, kind, VALIDATION) not in self._rows:
+            self._rows[name, kind, VALIDATION] = score_rows(self.validation_scores(name, kind), name,
+                                                            self._target(kind)).assign(split=VALIDATION)
+        return self._rows[name, kind, VALIDATION]
 
     @quiet_loading()
     def probe(self, name: str, layer: int, tau: int, kind: str | None = None) -> Probe:
@@ -169,7 +208,7 @@ class Probing:
         checkpoint's probes and the count baselines they are drawn beside."""
         key = config.top_k if config.in_topk else None
         if key not in self._splits:
-            self._splits[key] = config.split(self.tokens)
+            self._splits[key] = config.split(self.tokens, self.sample.clusters)
         return self._splits[key]
 
     def compute(self, kinds: str | Sequence[str] | None = None) -> Probing:
@@ -216,8 +255,10 @@ class Probing:
         if target not in self._baselines:
             split = self.split(self._config(kind))
             vocab_size = self.checkpoint(self.names[0]).model.config.vocab_size
-            self._baselines[target] = count_baselines(self.tokens, split.train, split.test, self.taus, vocab_size,
-                                                      classes=split.classes, counted=self.counted())
+            baselines = count_baselines(self.tokens, split.train, split.test, self.taus, vocab_size,
+                                        classes=split.classes, counted=self.counted())
+            self._baselines[target] = replace(baselines, clusters=self.sample.clusters[baselines.sequence_ids],
+                                              texts=self.sample.texts[baselines.sequence_ids])
         return self._baselines[target]
 
     def counted(self) -> np.ndarray | None:
@@ -231,53 +272,56 @@ class Probing:
         """What the probes of ``kind`` predict (the logit lens: the run's classes)."""
         return self.settings.target("lens" if kind == LOGIT_LENS else kind)
 
-    def rows(self, name: str, kind: str | None = None) -> pd.DataFrame:
-        """Tidy rows of :meth:`scores` (their bootstrap intervals are computed once)."""
+    def rows(self, name: str, kind: str | None = None, by_text: bool = False) -> pd.DataFrame:
+        """Tidy rows of :meth:`scores` (their bootstrap intervals are computed once); ``by_text``: per text of a
+        mixed held-out sample (split "test: <text>") instead of over the whole sample."""
         kind = self._kind(kind)
-        if (name, kind) not in self._rows:
-            self._rows[name, kind] = score_rows(self.scores(name, kind), name, self._target(kind),
-                                                probe=LOGIT_LENS if kind == LOGIT_LENS else None)
-        return self._rows[name, kind]
+        if (name, kind, by_text) not in self._rows:
+            self._rows[name, kind, by_text] = score_rows(self.scores(name, kind), name, self._target(kind),
+                                                         LOGIT_LENS if kind == LOGIT_LENS else None, by_text)
+        return self._rows[name, kind, by_text]
 
-    def baseline_rows(self, kind: str | None = None) -> pd.DataFrame:
+    def baseline_rows(self, kind: str | None = None, by_text: bool = False) -> pd.DataFrame:
         """Tidy rows of :meth:`baselines` (checkpoint "baseline")."""
         kind = self._kind(kind)
-        return self.baselines(kind).table().assign(checkpoint=BASELINE, target=self._target(kind))
+        return self.baselines(kind).table(by_text).assign(checkpoint=BASELINE, target=self._target(kind))
 
-    def beyond_counts(self, name: str, kind: str | None = None) -> pd.DataFrame:
+    def beyond_counts(self, name: str, kind: str | None = None, by_text: bool = False) -> pd.DataFrame:
         """Paired differences probe − skip-bigram per (layer, τ, metric) of checkpoint ``name`` (on the same
-        examples, intervals resampling the same sequences): what the residual stream tells about x[t+τ] beyond the
+        examples, intervals resampling the same clusters): what the residual stream tells about x[t+τ] beyond the
         counts. The logit lens (``kind="logit lens"``) is read in the probes' classes."""
         kind = self._kind(kind)
-        rows = self.scores(name, kind).minus_baseline(self.baselines(kind), SKIP_BIGRAM)
+        rows = self.scores(name, kind).minus_baseline(self.baselines(kind), SKIP_BIGRAM, by_text)
         rows = rows.assign(checkpoint=name, target=self._target(kind))
         return rows.assign(probe=f"{LOGIT_LENS} − {SKIP_BIGRAM}") if kind == LOGIT_LENS else rows
 
-    def table(self, kinds: str | Sequence[str] | None = None) -> pd.DataFrame:
+    def table(self, kinds: str | Sequence[str] | None = None, by_text: bool = False) -> pd.DataFrame:
         """The tidy table (DESIGN.md's columns) of ``kinds`` (default: those computed, or the settings' kind),
-        row for row as ``forethought probe`` writes it: per checkpoint its probes and its logit lens (τ = 1); the
-        count baselines for those probes' classes; each checkpoint's probe − skip-bigram and lens − skip-bigram."""
+        row for row as ``forethought probe`` writes it (less the probes' validation rows, :meth:`validation_rows`): per
+        checkpoint its probes and its logit lens (τ = 1); the
+        count baselines for those probes' classes; each checkpoint's probe − skip-bigram and lens − skip-bigram.
+        ``by_text``: the same rows per text of a mixed held-out sample (split "test: <text>"; none for one text)."""
         kinds = self._kinds(kinds)
         self.compute(kinds)
-        frames = [self.rows(name, kind) for name in self.names for kind in [*kinds, LOGIT_LENS]]
-        frames += [self.baseline_rows(kind) for kind in kinds]
+        frames = [self.rows(name, kind, by_text) for name in self.names for kind in [*kinds, LOGIT_LENS]]
+        frames += [self.baseline_rows(kind, by_text) for kind in kinds]
         if self._target(LOGIT_LENS) not in {self._target(kind) for kind in kinds}:
-            frames.append(self.baseline_rows(LOGIT_LENS))  # the lens's classes differ from every probe kind's
-        frames += [self.beyond_counts(name, kind) for kind in kinds for name in self.names]
-        frames += [self.beyond_counts(name, LOGIT_LENS) for name in self.names]
+            frames.append(self.baseline_rows(LOGIT_LENS, by_text))  # the lens's classes differ from every probe's
+        frames += [self.beyond_counts(name, kind, by_text) for kind in kinds for name in self.names]
+        frames += [self.beyond_counts(name, LOGIT_LENS, by_text) for name in self.names]
         return pd.concat(frames, ignore_index=True)
 
-    def difference(self, a: str, b: str, kind: str | None = None) -> pd.DataFrame:
+    def difference(self, a: str, b: str, kind: str | None = None, by_text: bool = False) -> pd.DataFrame:
         """Paired differences a − b per (layer, τ, metric) on the same held-out examples, with 95 % bootstrap
-        intervals resampling the same sequences for both (a = vanilla, b = myopic: the pre-caching estimate)."""
+        intervals resampling the same clusters for both (a = vanilla, b = myopic: the pre-caching estimate);
+        ``by_text``: per text of a mixed held-out sample."""
         kind = self._kind(kind)
         scores_a, scores_b = self.scores(a, kind), self.scores(b, kind)
         shared = scores_a.values.keys() & scores_b.values.keys()  # the layers both have (depths may differ)
         if not shared:
             raise ForethoughtError(f"{a!r} and {b!r} have no probed layer in common")
-        restricted = [ProbeScores(s.kind, {key: s.values[key] for key in sorted(shared)}, s.sequence_ids)
-                      for s in (scores_a, scores_b)]
-        return restricted[0].minus(restricted[1]).assign(checkpoint=f"{a} − {b}")
+        restricted = [s.with_values({key: s.values[key] for key in sorted(shared)}) for s in (scores_a, scores_b)]
+        return restricted[0].minus(restricted[1], by_text).assign(checkpoint=f"{a} − {b}")
 
     def predictions(self, name: str, layer: int, tau: int, n: int = 10, kind: str | None = None,
                     top: int = 5) -> pd.DataFrame:
@@ -332,11 +376,11 @@ def load_checkpoint(name: str, source: str | Path) -> LMCheckpoint:
         raise ForethoughtError(f"checkpoint {name!r} ({source}) cannot be loaded: {error}") from None
 
 
-def heldout_tokens(checkpoints: dict[str, LMCheckpoint], settings: ProbeSettings) -> tuple[TextData, np.ndarray]:
-    """The held-out data and its first ``max_sequences`` test sequences [n, seq] (the tokens probed)."""
+def heldout_tokens(checkpoints: dict[str, LMCheckpoint], settings: ProbeSettings) -> tuple[TextData, HeldOutSample]:
+    """The held-out data and the seeded sample of its test documents probed (``max_sequences`` sequences)."""
     data = heldout_data(checkpoints, settings.corpus, settings.layout, settings.seq_len, settings.prepend_bos)
     first = next(iter(checkpoints.values()))
-    return data, data.load(first.tokenizer, settings.tokens_root)["test"][: settings.max_sequences]
+    return data, heldout_sample(data, first.tokenizer, settings.tokens_root, settings.max_sequences, settings.seed)
 
 
 def control_checkpoint(like: LMCheckpoint, seed: int) -> LMCheckpoint:
@@ -345,9 +389,10 @@ def control_checkpoint(like: LMCheckpoint, seed: int) -> LMCheckpoint:
                         like.tokenizer, None)
 
 
-def score_rows(scores: ProbeScores, checkpoint: str, target: str, probe: str | None = None) -> pd.DataFrame:
+def score_rows(scores: ProbeScores, checkpoint: str, target: str, probe: str | None = None,
+               by_text: bool = False) -> pd.DataFrame:
     """Tidy rows of ``scores`` (named ``probe``, e.g. :data:`LOGIT_LENS`, instead of the scores' kind)."""
-    table = scores.table().assign(checkpoint=checkpoint, target=target)
+    table = scores.table(by_text).assign(checkpoint=checkpoint, target=target)
     return table if probe is None else table.assign(probe=probe)
 
 
@@ -367,6 +412,7 @@ class ProbeRun:
     data: TextData
     tokens: np.ndarray  # [n, seq] the held-out sequences probed
     rows: list[dict[str, Any]]
+    text_rows: list[dict[str, Any]]  # the same per text of a mixed held-out sample (none for one text)
     scores: dict[str, ProbeScores]  # per checkpoint (and the control)
     sources: dict[str, str]
     tokenization: dict[str, Any]  # tokenizer, BOS policy and how the text was cut (checked equal for all)
@@ -392,11 +438,12 @@ def probe_checkpoints(config: ProbeSettings, checkpoints: dict[str, LMCheckpoint
         raise ForethoughtError(f"taus reach {max(config.tau_list())}, but the held-out sequences have "
                                f"{tokens.shape[1]} tokens: τ must stay below that")
     prepare_out(out, config)
-    rows = engine.table().to_dict("records")
+    rows, text_rows = (engine.table(by_text=by_text).to_dict("records") for by_text in (False, True))
+    rows += pd.concat([engine.validation_rows(name) for name in engine.names]).to_dict("records")
     first = next(iter(checkpoints.values()))
     names = engine.names
     split = engine.split(config.probe_config(engine._device))
-    return ProbeRun(engine.heldout, tokens, rows, {name: engine.scores(name) for name in names},
+    return ProbeRun(engine.heldout, tokens, rows, text_rows, {name: engine.scores(name) for name in names},
                     {name: engine.checkpoint(name).source for name in names}, tokenization(first.tokenizer,
                     engine.heldout), counted_on(engine.counted(), split),
                     {name: c.origin for name, c in checkpoints.items() if c.origin}, split, engine)
@@ -404,7 +451,7 @@ def probe_checkpoints(config: ProbeSettings, checkpoints: dict[str, LMCheckpoint
 
 def probe_meta(run: ProbeRun) -> dict[str, Any]:
     """Provenance of a probing run for ``meta.json``."""
-    return run_meta(data=asdict(run.data), heldout=f"first {len(run.tokens)} sequences of the test documents",
+    return run_meta(data=asdict(run.data), heldout=run.engine.sample.composition(),
                     checkpoints=run.sources, models=run.origins, tokenization=run.tokenization,
                     baselines_counted_on=run.baselines_counted_on, probe_split=split_record(run.split),
                     processing_mode=PROCESSING_MODE, seconds=run.engine.seconds)

@@ -18,7 +18,7 @@ import pandas as pd
 import plotly.graph_objects as go
 
 from forethought.analyses.plots import save_figure
-from forethought.analyses.results import read_results, write_results
+from forethought.analyses.results import read_by_text, read_results, write_results
 from forethought.core.errors import ForethoughtError
 from forethought.core.files import atomic_write_json, check_out_folder, read_json, run_lock
 from forethought.core.settings import (
@@ -60,13 +60,16 @@ class ExperimentConfig(Presets):
 
 @dataclass
 class ExperimentResults:
-    """A finished run: its config, the tidy table and the training histories ({run name: records})."""
+    """A finished run: its config, the tidy table (over the whole held-out sample: split "test"), the training
+    histories ({run name: records}) and, for a mixed held-out text, the same tidy rows per text (split
+    "test: <text>"; written beside as ``by_text.parquet`` / ``.csv``; empty otherwise)."""
 
     CONFIG: ClassVar[type] = ExperimentConfig
 
     config: Any
     table: pd.DataFrame
     histories: dict[str, list[dict[str, float]]] = field(default_factory=dict)
+    by_text: pd.DataFrame = field(default_factory=pd.DataFrame)
 
     @classmethod
     def from_folder(cls, out: str | Path):
@@ -80,7 +83,7 @@ class ExperimentResults:
                 "a run of another command or of an older workbench; run its command again"
             )
         config = build_config(cls.CONFIG, typed_settings(cls.CONFIG, meta["config"]))
-        return cls(config=config, table=table, histories=histories)
+        return cls(config=config, table=table, histories=histories, by_text=read_by_text(out))
 
     def figures(self) -> dict[str, go.Figure]:
         """{file stem: figure} written by :func:`finish_run`."""
@@ -113,7 +116,7 @@ def prepare_out(out: str | Path, config: Any) -> Path:
 def finish_run(results: ExperimentResults, out: Path, meta: dict[str, Any]) -> None:
     """Write the table, ``meta.json`` (with the config), the histories and the figures of a run; copy the
     figures to ``config.figures_dir`` too when it is set."""
-    write_results(results.table, out, {**meta, "config": flat_settings(results.config)})
+    write_results(results.table, out, {**meta, "config": flat_settings(results.config)}, results.by_text)
     atomic_write_json(out / "histories.json", results.histories, indent=None)
     written = []
     for stem, figure in results.figures().items():

@@ -1,10 +1,10 @@
 """The myopia gap and the split of the gradient into own and future parts (``forethought gap``).
 
 Myopia gap: held-out loss(myopic) − loss(vanilla) for twins trained on the same data, overall and per
-position, each with a paired 95 % bootstrap interval over held-out sequences (= documents in the paper's
-layout). It measures how much the model gains from computing for the future (Wu et al. 2024, §3: GPT-2 on
-MS MARCO, 3.28 vs 3.40 nats). Each checkpoint's future share of the squared gradient and cos(g_own, g_future)
-per layer: :mod:`probes.gradients`.
+position (and per text of a mixed corpus), each with a paired 95 % bootstrap interval over held-out documents
+(a seeded sample of the test documents, :func:`models.heldout.heldout_sample`). It measures how much the model
+gains from computing for the future (Wu et al. 2024, §3: GPT-2 on MS MARCO, 3.28 vs 3.40 nats). Each
+checkpoint's future share of the squared gradient and cos(g_own, g_future) per layer: :mod:`probes.gradients`.
 """
 
 from __future__ import annotations
@@ -25,13 +25,13 @@ from forethought.analyses.results import run_meta, tidy
 from forethought.core.errors import ForethoughtError
 from forethought.core.settings import check_settings
 from forethought.models.checkpoint import training_history
-from forethought.models.heldout import heldout_data, token_losses
+from forethought.models.heldout import heldout_data, heldout_sample, token_losses
 from forethought.models.lm import LMCheckpoint
 from forethought.models.myopic import myopic_layers
 from forethought.models.train import resolve_device
 from forethought.models.twins import TWINS, check_twins
 from forethought.probes.gradients import COSINE, SHARE, future_gradient_split
-from forethought.probes.metrics import mean_scores
+from forethought.probes.metrics import POOLED, mean_scores, text_groups
 
 log = logging.getLogger(__name__)
 GAP = "myopia gap (myopic − vanilla)"
@@ -76,9 +76,17 @@ class GapResults(ExperimentResults):
     CONFIG: ClassVar[type] = GapConfig
 
     def losses(self) -> pd.DataFrame:
-        """Overall held-out loss per checkpoint (and the gap) with 95 % CI."""
+        """Overall held-out loss per checkpoint (and the gap) with 95 % CI, over the whole sample."""
         rows = self.table[(self.table["metric"] == "loss") & self.table["position"].isna()]
         return rows.set_index("checkpoint")[["value", "ci_low", "ci_high", "n"]]
+
+    def losses_by_text(self) -> pd.DataFrame:
+        """Held-out loss per text of a mixed sample (rows: the whole sample, then "test: <text>") × checkpoint
+        (columns), the gap included."""
+        rows = pd.concat([self.table, self.by_text])
+        rows = rows[(rows["metric"] == "loss") & rows["position"].isna()]
+        return rows.pivot(index="split", columns="checkpoint", values="value").loc[
+            list(dict.fromkeys(rows["split"])), list(dict.fromkeys(rows["checkpoint"]))]
 
     def by_position(self) -> pd.DataFrame:
         """Loss per position (rows) × checkpoint (columns), the gap included."""
@@ -107,7 +115,7 @@ class GapResults(ExperimentResults):
             figure.add_hline(y=0, line=dict(color="gray", dash="dot"), row=2, col=1)
         figure.update_xaxes(title_text="position t (predicting token t + 1)", row=2 if has_gap else 1, col=1)
         figure.update_yaxes(title_text="nats per token")
-        figure.update_layout(title="Loss by position on held-out sequences, 95% CI over sequences")
+        figure.update_layout(title="Loss by position on held-out sequences, 95% CI over held-out documents")
         return figure
 
     def share_figure(self) -> go.Figure:
@@ -124,7 +132,7 @@ class GapResults(ExperimentResults):
         figure.update_yaxes(range=[0, 1.05], row=1, col=1)
         figure.update_yaxes(range=[-1.05, 1.05], row=2, col=1)
         figure.update_layout(title="The gradient reaching each residual layer: later positions' part and its "
-                                   "direction, 95% CI over sequences")
+                                   "direction, 95% CI over held-out documents")
         return figure
 
     def figures(self) -> dict[str, go.Figure]:
@@ -142,6 +150,10 @@ class GapResults(ExperimentResults):
         lines = ["held-out loss, nats per token (95% CI)"]
         for name, row in self.losses().iterrows():
             lines.append(f"  {name:<30} {row.value:.4f} ({row.ci_low:.4f}–{row.ci_high:.4f})  n={row.n}")
+        texts = self.losses_by_text()
+        if len(texts) > 1:
+            lines.append("per text: " + "; ".join(f"{split.removeprefix(POOLED + ': ')} " + ", ".join(
+                f"{name} {value:.3f}" for name, value in row.items()) for split, row in texts.iloc[1:].iterrows()))
         shares = self.shares()
         if shares.empty:
             return "\n".join(lines)
@@ -175,8 +187,10 @@ def run_gap(config: GapConfig) -> GapResults:
     if len(checkpoints) == 2:
         check_twins(checkpoints["vanilla"], checkpoints["myopic"])
     data = heldout_data(checkpoints, config.corpus, config.layout, config.seq_len)
-    tokenizer = next(iter(checkpoints.values())).tokenizer
-    test = torch.from_numpy(data.load(tokenizer, config.tokens_root)["test"][: config.max_sequences])
+    sample = heldout_sample(data, next(iter(checkpoints.values())).tokenizer, config.tokens_root,
+                            config.max_sequences, config.seed)
+    test = torch.from_numpy(sample.tokens)
+    shared = sample.spread(config.share_sequences)  # the gradient split's sequences
     out = prepare_out(config.out, config)
     device = resolve_device(config.device)
 
@@ -189,24 +203,30 @@ def run_gap(config: GapConfig) -> GapResults:
             log.warning("%s: no future-gradient split — the myopic gradient is implemented for GPT-2, Llama, "
                         "Mistral, Qwen2 and GPT-NeoX attention", name)
             continue
-        split = future_gradient_split(model, test[: config.share_sequences], config.batch_size, config.seed,
-                                      config.progress)
+        split = future_gradient_split(model, test[shared], config.batch_size, config.seed, config.progress,
+                                      clusters=sample.clusters[shared])
         rows += [{"checkpoint": name, "layer": layer, "metric": metric, **estimate.columns()}
                  for metric, estimates in split.items() for layer, estimate in enumerate(estimates)]
     if len(losses) == 2:
         losses[GAP] = losses["myopic"] - losses["vanilla"]  # paired: the same sequences resampled together
-    sequence_ids = np.arange(len(test))
     loss_row = {"metric": "loss", "tau": 1, "target": "next token"}
-    for name, values in losses.items():  # values [sequences, T − 1]
-        (overall,) = mean_scores(values.reshape(-1), np.repeat(sequence_ids, values.shape[1]), seed=config.seed)
+    text_rows = []
+    for name, values in losses.items():  # values [sequences, T − 1]; intervals resample the sample's clusters
+        clusters, texts = (np.repeat(labels, values.shape[1]) for labels in (sample.clusters, sample.texts))
+        (overall,) = mean_scores(values.reshape(-1), clusters, seed=config.seed)
         rows.append({"checkpoint": name, **loss_row, **overall.columns()})
-        for position, estimate in enumerate(mean_scores(values, sequence_ids, seed=config.seed)):
+        for position, estimate in enumerate(mean_scores(values, sample.clusters, seed=config.seed)):
             rows.append({"checkpoint": name, **loss_row, "position": position, **estimate.columns()})
-    table = tidy(rows, task=f"text: {data.corpus}", split="test", seed=config.seed)
+        for split, where in text_groups(texts, len(texts)):
+            (estimate,) = mean_scores(values.reshape(-1)[where], clusters[where], seed=config.seed)
+            text_rows.append({"checkpoint": name, **loss_row, "split": split, **estimate.columns()})
+    constants = dict(task=f"text: {data.corpus}", seed=config.seed)
+    table = tidy(rows, split=POOLED, **constants)
     histories = {name: history for name, c in checkpoints.items() if (history := training_history(c.source))}
-    results = GapResults(config=config, table=table, histories=histories)
+    results = GapResults(config=config, table=table, histories=histories,
+                         by_text=tidy(text_rows, **constants))
     finish_run(results, out, run_meta(
-        data=asdict(data), heldout=f"first {len(test)} sequences of the test documents",
+        data=asdict(data), heldout=sample.composition(), gradient_split_sequences=len(shared),
         checkpoints={name: c.source for name, c in checkpoints.items()},
         processing_mode="raw (Hugging Face forward hooks)",
     ))

@@ -97,16 +97,19 @@ def run_precache(config: PrecacheConfig) -> PrecacheResults:
     check_twins(checkpoints["vanilla"], checkpoints["myopic"])
     run = probe_checkpoints(config, checkpoints, config.out)  # checks the settings, then writes the folder
     rows: list[dict[str, Any]] = list(run.rows)
-    rows += run.scores["vanilla"].minus(run.scores["myopic"]).assign(checkpoint=PRECACHE, target=config.target()
-                                                                      ).to_dict("records")
+    text_rows: list[dict[str, Any]] = list(run.text_rows)
+    for by_text, into in ((False, rows), (True, text_rows)):
+        into += run.scores["vanilla"].minus(run.scores["myopic"], by_text).assign(
+            checkpoint=PRECACHE, target=config.target()).to_dict("records")
     device = resolve_device(config.device)
     for name in ("vanilla", "myopic"):
         model = checkpoints[name].model.to(device)
-        split = future_gradient_split(model, torch.from_numpy(run.tokens[: config.share_sequences]),
-                                      config.batch_sequences, config.seed)
+        shared = run.engine.sample.spread(config.share_sequences)
+        split = future_gradient_split(model, torch.from_numpy(run.tokens[shared]), config.batch_sequences,
+                                      config.seed, clusters=run.engine.sample.clusters[shared])
         rows += [{"checkpoint": name, "layer": layer, "metric": metric, "split": "test", **estimate.columns()}
                  for metric, estimates in split.items() for layer, estimate in enumerate(estimates)]
-    table = tidy(rows, task=f"text: {run.data.corpus}", seed=config.seed)
-    results = PrecacheResults(config=config, table=table)
+    constants = dict(task=f"text: {run.data.corpus}", seed=config.seed)
+    results = PrecacheResults(config=config, table=tidy(rows, **constants), by_text=tidy(text_rows, **constants))
     finish_run(results, Path(config.out), probe_meta(run))
     return results

@@ -60,8 +60,8 @@ def run_probe(config: ProbeConfig) -> ProbeResults:
     """Cache and probe every checkpoint (and the control) on held-out text; write table, meta and figures."""
     checkpoints = load_checkpoints(config.named_checkpoints())
     run = probe_checkpoints(config, checkpoints, config.out)
-    table = tidy(run.rows, task=f"text: {run.data.corpus}", seed=config.seed)
-    results = ProbeResults(config=config, table=table)
+    constants = dict(task=f"text: {run.data.corpus}", seed=config.seed)
+    results = ProbeResults(config=config, table=tidy(run.rows, **constants), by_text=tidy(run.text_rows, **constants))
     finish_run(results, Path(config.out), probe_meta(run))
     if config.show:
         name = next(iter(checkpoints))

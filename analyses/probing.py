@@ -22,11 +22,13 @@ from forethought.core.files import read_json
 from forethought.core.precision import check_precision
 from forethought.core.settings import UNBOUND, as_text, check_settings, typed_settings
 from forethought.probes.future import FutureProbeConfig
+from forethought.probes.metrics import POOLED
 
 LOGIT_LENS = "logit lens"
 LENS_TAUS = [1]  # the logit lens reads the model's own next-token prediction
 BASELINE = "baseline"  # the checkpoint column of the count baselines' rows
 SKIP_BIGRAM = "skip-bigram"
+VALIDATION = "validation"  # the split column of fitted probes' scores on their validation sequences
 
 
 @dataclass
@@ -95,6 +97,14 @@ class ProbeSettings:
         return "token x[t+τ]"
 
 
+def best_by_tau(rows: pd.DataFrame, metric: str) -> dict[int, int]:
+    """{τ: the layer of the best ``metric``} among one checkpoint's probe rows (higher top-1 / top-5, lower
+    cross-entropy)."""
+    rows = rows[rows["metric"] == metric]
+    best = rows.loc[(rows["value"] if metric != "cross_entropy" else -rows["value"]).groupby(rows["tau"]).idxmax()]
+    return {int(tau): int(layer) for tau, layer in zip(best["tau"], best["layer"])}
+
+
 def check_names(names: Iterable[str]) -> None:
     """Refuse a checkpoint name that cannot name a folder, is reserved, or comes twice."""
     taken: list[str] = []
@@ -124,11 +134,12 @@ class ProbingResults(ExperimentResults):
 
     DERIVED: ClassVar[tuple[str, ...]] = ()  # rows computed from other checkpoints' (left out of accuracy plots)
 
-    def _probed(self, metric: str, probe: str | None = None) -> pd.DataFrame:
-        """Rows of the fitted probes (or of ``probe``, e.g. the logit lens) for ``metric``, per checkpoint."""
+    def _probed(self, metric: str, probe: str | None = None, split: str = POOLED) -> pd.DataFrame:
+        """Rows of the fitted probes (or of ``probe``, e.g. the logit lens) for ``metric``, per checkpoint, on the
+        test examples (or ``split="validation"``)."""
         table = self.table
         return table[(table["metric"] == metric) & (table["probe"] == (probe or self.config.kind))
-                     & table["layer"].notna() & ~table["checkpoint"].isin(self.DERIVED)]
+                     & (table["split"] == split) & table["layer"].notna() & ~table["checkpoint"].isin(self.DERIVED)]
 
     def to_dataframe(self) -> pd.DataFrame:
         """The tidy table (DESIGN.md's columns)."""
@@ -145,27 +156,28 @@ class ProbingResults(ExperimentResults):
         return rows.set_index(["layer", "tau"])[["value", "ci_low", "ci_high", "n"]]
 
     def best_layers(self, checkpoint: str, metric: str = "top1") -> dict[int, int]:
-        """{τ: the layer whose probe scores best on ``metric``} for ``checkpoint`` (on the held-out test
-        examples: a description of this run, not a choice made on validation data)."""
-        rows = self._probed(metric)
-        rows = rows[rows["checkpoint"] == checkpoint]
-        best = rows.loc[(rows["value"] if metric != "cross_entropy" else -rows["value"]).groupby(rows["tau"]).idxmax()]
-        return {int(tau): int(layer) for tau, layer in zip(best["tau"], best["layer"])}
+        """{τ: the layer whose probe scores best on ``metric``} for ``checkpoint``, chosen on the probes' validation
+        sequences — never on the test examples, so the chosen layer's test score is an unbiased estimate."""
+        rows = self._probed(metric, split=VALIDATION)
+        if rows.empty:
+            raise ForethoughtError(f"{self.config.out} holds no validation scores to choose a best layer on (a run "
+                                   "of an older workbench); run its command again")
+        return best_by_tau(rows[rows["checkpoint"] == checkpoint], metric)
 
     def reading(self, checkpoint: str | None = None, metric: str = "top1") -> str:
-        """The plain reading: per τ, the best layer's probe minus the skip-bigram with its paired 95 % interval,
-        and the layers whose interval lies wholly on the better side of 0 (higher top-1 / top-5, lower
-        cross-entropy). The best layer is picked on these same held-out examples."""
+        """The plain reading: per τ, the best layer's probe (chosen on validation) minus the skip-bigram on the test
+        examples, with its paired 95 % interval, and the layers whose interval lies wholly on the better side of 0
+        (higher top-1 / top-5, lower cross-entropy)."""
         checkpoint = checkpoint or next(iter(self.config.named_checkpoints()))
         sign = -1 if metric == "cross_entropy" else 1  # +1: higher is better
-        beyond = self.beyond_counts(checkpoint, metric)
-        lines = [f"{checkpoint}: {metric} of the probe minus the skip-bigram (paired 95% CI):"]
+        beyond, best = self.beyond_counts(checkpoint, metric), self.best_layers(checkpoint, metric)
+        lines = [f"{checkpoint}: {metric} of the probe minus the skip-bigram on the test examples (paired 95% CI); "
+                 "best layer chosen on the validation sequences:"]
         for tau, rows in beyond.groupby(level="tau"):
-            best = (sign * rows["value"]).idxmax()
             better = [int(layer) for (layer, _), row in rows.iterrows()
                       if min(sign * row["ci_low"], sign * row["ci_high"]) > 0]
-            row = rows.loc[best]
-            lines.append(f"  τ = {tau}: best layer {int(best[0])}: {row['value']:+.3f} ({row['ci_low']:+.3f} – "
+            row = rows.loc[(best[int(tau)], tau)]
+            lines.append(f"  τ = {tau}: best layer {best[int(tau)]}: {row['value']:+.3f} ({row['ci_low']:+.3f} – "
                          f"{row['ci_high']:+.3f}); better than the counts at "
                          + (f"layer{'s' * (len(better) > 1)} {span_text(better)}" if better else "no layer"))
         return "\n".join(lines)

@@ -27,8 +27,11 @@ COLUMNS = [
     "value", "ci_low", "ci_high", "n",
 ]
 CONTROL = "random init"  # the checkpoint name of the random-init control, in every experiment
+BY_TEXT = "by_text"  # the file stem of a run's rows per text of a mixed held-out sample
 def tidy(rows: pd.DataFrame | list[dict[str, Any]], **constants: Any) -> pd.DataFrame:
-    """Rows (+ columns shared by all of them) → a table with exactly :data:`COLUMNS`, typed."""
+    """Rows (+ columns shared by all of them) → a table with exactly :data:`COLUMNS`, typed (no rows: empty)."""
+    if len(rows) == 0:
+        return pd.DataFrame(columns=COLUMNS)
     table = pd.DataFrame(rows).assign(**constants)
     missing = set(COLUMNS) - set(table.columns) - {"layer", "position", "tau", "target", "probe"}
     if missing:
@@ -60,15 +63,35 @@ def run_meta(**details: Any) -> dict[str, Any]:
     }
 
 
-def write_results(table: pd.DataFrame, out_dir: str | Path, meta: dict[str, Any]) -> list[Path]:
-    """Write ``results.parquet``, ``results.csv`` and ``meta.json`` into ``out_dir``."""
+def write_results(table: pd.DataFrame, out_dir: str | Path, meta: dict[str, Any],
+                  by_text: pd.DataFrame | None = None) -> list[Path]:
+    """Write ``results.parquet``, ``results.csv`` (and, where ``by_text`` has rows, ``by_text.parquet`` /
+    ``.csv``: the same columns per text of a mixed held-out sample), then ``meta.json`` into ``out_dir``."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    paths = [out_dir / "results.parquet", out_dir / "results.csv", out_dir / "meta.json"]
-    atomic_write_bytes(paths[0], table.to_parquet(index=False))
-    atomic_write_text(paths[1], table.to_csv(index=False))
-    atomic_write_json(paths[2], meta)
+    paths = []
+    for stem, frame in (("results", table), (BY_TEXT, by_text)):
+        if frame is not None and not frame.empty:
+            paths += [out_dir / f"{stem}.parquet", out_dir / f"{stem}.csv"]
+            atomic_write_bytes(paths[-2], frame.to_parquet(index=False))
+            atomic_write_text(paths[-1], frame.to_csv(index=False))
+        elif stem == BY_TEXT:  # a rerun into the folder leaves no other run's rows behind
+            for suffix in (".parquet", ".csv"):
+                (out_dir / f"{stem}{suffix}").unlink(missing_ok=True)
+    paths.append(out_dir / "meta.json")
+    atomic_write_json(paths[-1], meta)
     return paths
+
+
+def read_by_text(out_dir: str | Path) -> pd.DataFrame:
+    """The per-text rows :func:`write_results` wrote (empty where the held-out text was one text)."""
+    path = Path(out_dir) / f"{BY_TEXT}.parquet"
+    if not path.exists():
+        return pd.DataFrame(columns=COLUMNS)
+    try:
+        return pd.read_parquet(path)
+    except (OSError, ValueError) as error:
+        raise ForethoughtError(f"cannot read {path} ({one_line(error, 160)}); run its command again") from None
 
 
 def read_results(out_dir: str | Path) -> tuple[pd.DataFrame, dict[str, Any]]:

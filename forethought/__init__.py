@@ -36,6 +36,7 @@ _MODULES: dict[str, tuple[str, ...]] = {
     "forethought.models.sources": ("model_folder",),
     "forethought.models.gpt2": ("gpt2_config", "build_lm"),
     "forethought.models.myopic": ("myopic",),
+    "forethought.models.heldout": ("heldout_sample",),
     # residual streams and the gradient reaching them
     "forethought.probes.residuals": ("model_residuals", "bridge_residuals", "capture_residuals", "load_bridge",
                                      "hook_name"),

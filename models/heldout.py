@@ -1,17 +1,30 @@
-"""Held-out evaluation of language-model checkpoints: the data they hold out, and their per-token losses."""
+"""Held-out evaluation of language-model checkpoints: the data they hold out, a sample of it that represents the
+corpus, and their per-token losses.
+
+The sample is drawn by *document*, never as the first windows of the test split (which on a mixed corpus are all
+one text): a seeded random sample of test documents, stratified by text (each text gets its share of the test
+split's sequences), cut so that no document is in two clusters (:meth:`TokenFile.document_sequences`). Every
+held-out interval resamples these clusters, and the probes are split by them, so a document never sits on both
+sides of a probe split.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import replace
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
+from transformers import PreTrainedTokenizerBase
 
 from forethought.core.errors import ForethoughtError
 from forethought.models.lm import LMCheckpoint
-from forethought.models.tasks.text import TextData, next_token_loss
+from forethought.models.tasks.text import TextData, TokenFile, document_texts, next_token_loss
+
+BLOCK_SEQUENCES = 4  # packed layout: windows per cluster of whole documents (~1/8 of the tokens dropped)
 
 
 def heldout_data(checkpoints: dict[str, LMCheckpoint], corpus: str | None, layout: str, seq_len: int,
@@ -25,6 +38,110 @@ def heldout_data(checkpoints: dict[str, LMCheckpoint], corpus: str | None, layou
         raise ForethoughtError("the checkpoints record no training data (trained elsewhere?): pass --corpus, "
                                "e.g. --corpus embedded")
     return recorded if prepend_bos is None else replace(recorded, prepend_bos=prepend_bos)
+
+
+@dataclass(frozen=True)
+class HeldOutSample:
+    """Held-out sequences and where they come from: the tokens probed or evaluated, each sequence's cluster (the
+    document, or block of whole documents, it was cut from: the unit every interval resamples) and text."""
+
+    tokens: np.ndarray  # [n, seq_len] int64
+    clusters: np.ndarray  # [n] int64: no document is in two clusters
+    texts: np.ndarray  # [n] str: the embedded text (or the corpus) of each sequence
+    description: str  # how it was drawn, in words (meta.json)
+
+    def __post_init__(self):
+        if not len(self.tokens) == len(self.clusters) == len(self.texts):
+            raise ForethoughtError("a held-out sample needs one cluster and one text per sequence")
+
+    def __len__(self) -> int:
+        return len(self.tokens)
+
+    @property
+    def text_names(self) -> list[str]:
+        """The texts the sample holds, in first-seen order."""
+        return list(dict.fromkeys(self.texts.tolist()))
+
+    def spread(self, n: int) -> np.ndarray:
+        """Indices of ``n`` sequences spread evenly over the sample (which runs text by text): a smaller sample of
+        the same composition, for a costlier measurement."""
+        return np.unique(np.linspace(0, len(self) - 1, min(n, len(self))).round().astype(int))
+
+    def composition(self) -> dict[str, Any]:
+        """For ``meta.json``: how it was drawn, and per text its sequences and clusters."""
+        return {"sample": self.description, "sequences": len(self), "clusters": int(len(np.unique(self.clusters))),
+                "by_text": {text: {"sequences": int((self.texts == text).sum()),
+                                   "clusters": int(len(np.unique(self.clusters[self.texts == text])))}
+                            for text in self.text_names}}
+
+
+def heldout_sample(data: TextData, tokenizer: PreTrainedTokenizerBase, tokens_root: str | Path,
+                   max_sequences: int | None, seed: int) -> HeldOutSample:
+    """A seeded sample of ``data``'s test documents: ``max_sequences`` sequences (None, or more than the test split
+    holds: all of it), stratified by text (:func:`sample_documents`)."""
+    tokens, parts = data.documents(tokenizer, tokens_root)
+    test = parts["test"]
+    sequences, clusters, texts = sample_documents(
+        tokens, test, document_texts(data.corpus, tokens.n_documents)[test], data.seq_len - data.prepend_bos,
+        data.layout, tokenizer.eos_token_id, max_sequences, seed)
+    if len(sequences) == 0:
+        raise ForethoughtError(f"the test split of {data.corpus} ({len(test)} documents) gives no sequence of "
+                               f"{data.seq_len} tokens ({data.layout} layout)")
+    drawn = ("every test document" if max_sequences is None or len(sequences) < max_sequences else
+             f"a seeded sample (seed {seed}) of test documents, stratified by text")
+    return HeldOutSample(data.with_bos(sequences, tokenizer), clusters, texts,
+                         f"{drawn}; {data.layout} sequences of {data.seq_len} tokens, clusters of whole documents")
+
+
+def sample_documents(tokens: TokenFile, documents: np.ndarray, texts: np.ndarray, length: int, layout: str,
+                     separator: int | None, max_sequences: int | None,
+                     seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``max_sequences`` sequences [n, length] (None: every one) cut from a seeded sample of ``documents``, with
+    their clusters [n] and texts [n] (``texts`` [len(documents)]: each document's).
+
+    Stratified by text: each text's quota is its share of all the sequences the documents give (largest
+    remainders), filled from its documents in a seeded random order, then cut (sorted) with
+    :meth:`TokenFile.document_sequences`; a text's last block is thinned at random to its quota.
+    """
+    rng = np.random.default_rng(seed)
+
+    def cut(chosen: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        return tokens.document_sequences(length, layout, np.sort(chosen), separator, BLOCK_SEQUENCES)
+
+    strata = {text: rng.permutation(documents[texts == text]) for text in dict.fromkeys(texts.tolist())}
+    whole = {text: len(cut(chosen)[0]) for text, chosen in strata.items()}
+    total = sum(whole.values())
+    quotas = _quotas(whole, total if max_sequences is None else min(max_sequences, total))
+    pieces = [(np.zeros((0, length), np.int64), np.zeros(0, np.int64), np.zeros(0, dtype=object))]
+    for text, chosen in strata.items():
+        taken = len(chosen) if quotas[text] == whole[text] else _documents_for(chosen, quotas[text], cut)
+        sequences, clusters = cut(chosen[:taken])
+        keep = np.sort(rng.permutation(len(sequences))[: quotas[text]])
+        pieces.append((sequences[keep], clusters[keep], np.full(len(keep), text, dtype=object)))
+    sequences, clusters, names = (np.concatenate(part) for part in zip(*pieces))
+    return sequences, clusters.astype(np.int64), names
+
+
+def _quotas(available: dict[str, int], wanted: int) -> dict[str, int]:
+    """``wanted`` sequences shared among the texts in proportion to what each holds (largest remainders)."""
+    total = sum(available.values())
+    exact = {text: wanted * count / total for text, count in available.items()}
+    quotas = {text: int(share) for text, share in exact.items()}
+    for text in sorted(exact, key=lambda t: quotas[t] - exact[t])[: wanted - sum(quotas.values())]:
+        quotas[text] += 1
+    return quotas
+
+
+def _documents_for(documents: np.ndarray, quota: int, cut) -> int:
+    """How many of ``documents`` (in their order) give at least ``quota`` sequences when cut (binary search)."""
+    low, high = 1, len(documents)
+    while low < high:
+        middle = (low + high) // 2
+        if len(cut(documents[:middle])[0]) >= quota:
+            high = middle
+        else:
+            low = middle + 1
+    return low
 
 
 def device_batches(model: torch.nn.Module, sequences: torch.Tensor, batch_size: int, desc: str,

@@ -8,7 +8,7 @@ The counted tokens are the model's own training sequences where they are known (
 the same data achieve), else the probes' training split of the held-out sequences.
 
 Both are add-α smoothed over the vocabulary, scored on the same held-out positions as the probes
-(t < T − max τ) with top-1, top-5 and cross-entropy and 95 % bootstrap intervals over sequences.
+(t < T − max τ) with top-1, top-5 and cross-entropy and 95 % bootstrap intervals over held-out clusters.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ import pandas as pd
 from scipy.sparse import coo_matrix
 
 from forethought.core.offsets import at_offset
-from forethought.probes.metrics import mean_scores
+from forethought.probes.metrics import mean_scores, text_groups
 
 
 @dataclass
@@ -31,15 +31,23 @@ class BaselineScores:
 
     values: dict[str, dict[int, np.ndarray]]
     sequence_ids: np.ndarray
+    clusters: np.ndarray | None = None  # [n] each example's resampling unit (None: its sequence)
+    texts: np.ndarray | None = None  # [n] each example's text (tables by text)
 
-    def table(self) -> pd.DataFrame:
-        """Tidy rows (probe ∈ unigram, skip-bigram; tau; metric ∈ top1, top5, cross_entropy; split "test")."""
+    def table(self, by_text: bool = False) -> pd.DataFrame:
+        """Tidy rows (probe ∈ unigram, skip-bigram; tau; metric ∈ top1, top5, cross_entropy; split "test"), or with
+        ``by_text`` the same per text of a mixed sample (split "test: <text>"; none for one text)."""
+        clusters = self.sequence_ids if self.clusters is None else self.clusters
         rows = []
-        for probe, by_tau in self.values.items():
-            for tau, values in by_tau.items():
-                for metric, estimate in zip(("top1", "top5", "cross_entropy"), mean_scores(values, self.sequence_ids)):
-                    rows.append({"probe": probe, "tau": tau, "metric": metric, "split": "test", **estimate.columns()})
-        return pd.DataFrame(rows).sort_values("tau", kind="stable").reset_index(drop=True)
+        for split, where in text_groups(self.texts if by_text else None, len(clusters)):
+            for probe, by_tau in self.values.items():
+                for tau, values in by_tau.items():
+                    estimates = mean_scores(values[where], clusters[where])
+                    for metric, estimate in zip(("top1", "top5", "cross_entropy"), estimates):
+                        rows.append({"probe": probe, "tau": tau, "metric": metric, "split": split,
+                                     **estimate.columns()})
+        return pd.DataFrame(rows, columns=["probe", "tau", "metric", "split", "value", "ci_low", "ci_high", "n"]
+                            ).sort_values("tau", kind="stable").reset_index(drop=True)
 
 
 def count_baselines(tokens: np.ndarray, train: np.ndarray, test: np.ndarray, taus: Sequence[int],

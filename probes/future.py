@@ -27,7 +27,7 @@ import io
 import json
 import zipfile
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Protocol
 
@@ -46,7 +46,7 @@ from forethought.core.offsets import at_offset
 from forethought.core.precision import autocast, check_precision
 from forethought.core.settings import NON_NEGATIVE, check_settings
 from forethought.probes.baselines import BaselineScores
-from forethought.probes.metrics import mean_scores
+from forethought.probes.metrics import mean_scores, text_groups
 from forethought.probes.split import ProbeSplit
 
 KINDS = ("softmax", "topk", "lens")
@@ -110,10 +110,11 @@ class FutureProbeConfig:
         """Whether the probes predict the top-K classes (K most frequent training tokens + "other")."""
         return self.kind == "topk" or (self.kind == "lens" and self.in_topk_classes)
 
-    def split(self, tokens: np.ndarray) -> ProbeSplit:
-        """The split of ``tokens`` [n, T] these probes are fitted and scored on, with their classes."""
+    def split(self, tokens: np.ndarray, clusters: np.ndarray | None = None) -> ProbeSplit:
+        """The split of ``tokens`` [n, T] (by their ``clusters`` [n], if given) these probes are fitted and scored
+        on, with their classes."""
         return ProbeSplit.of(tokens, self.test_fraction, self.validation_fraction, self.seed,
-                             self.top_k if self.in_topk else None)
+                             self.top_k if self.in_topk else None, clusters)
 
 
 class FutureTokenProbes(nn.Module):
@@ -502,15 +503,30 @@ class ProbeScores:
     kind: str
     values: dict[tuple[int, int], np.ndarray]
     sequence_ids: np.ndarray
+    clusters: np.ndarray | None = None  # [n] each example's resampling unit (None: its sequence)
+    texts: np.ndarray | None = None  # [n] each example's text (tables by text)
 
-    def table(self) -> pd.DataFrame:
-        """Tidy rows: layer, tau, probe, metric ∈ top1, top5, cross_entropy, split "test", value, CI, n."""
+    def table(self, by_text: bool = False) -> pd.DataFrame:
+        """Tidy rows: layer, tau, probe, metric ∈ top1, top5, cross_entropy, split "test", value, CI (resampling
+        :attr:`clusters`), n; with ``by_text``, the same per text of a mixed sample (split "test: <text>")."""
+        clusters = self.sequence_ids if self.clusters is None else self.clusters
         rows = []
-        for (layer, tau), values in self.values.items():
-            for metric, estimate in zip(METRICS, mean_scores(values, self.sequence_ids)):
-                rows.append({"layer": layer, "tau": tau, "probe": self.kind, "metric": metric, "split": "test",
-                             **estimate.columns()})
-        return pd.DataFrame(rows)
+        for split, where in text_groups(self.texts if by_text else None, len(clusters)):
+            for (layer, tau), values in self.values.items():
+                for metric, estimate in zip(METRICS, mean_scores(values[where], clusters[where])):
+                    rows.append({"layer": layer, "tau": tau, "probe": self.kind, "metric": metric, "split": split,
+                                 **estimate.columns()})
+        return pd.DataFrame(rows, columns=["layer", "tau", "probe", "metric", "split", "value", "ci_low", "ci_high",
+                                           "n"])
+
+    def on(self, clusters: np.ndarray, texts: np.ndarray) -> ProbeScores:
+        """These scores with the held-out sample's ``clusters`` and ``texts`` (both [n_sequences], indexed by
+        sequence id) attached to each example: intervals then resample clusters, and tables can be had by text."""
+        return replace(self, clusters=clusters[self.sequence_ids], texts=texts[self.sequence_ids])
+
+    def with_values(self, values: dict[tuple[int, int], np.ndarray], kind: str | None = None) -> ProbeScores:
+        """Other values on the same examples (same clusters and texts)."""
+        return replace(self, kind=kind or self.kind, values=values)
 
     @property
     def layers(self) -> list[int]:
@@ -551,23 +567,23 @@ class ProbeScores:
             )
         return scores
 
-    def minus(self, other: ProbeScores) -> pd.DataFrame:
+    def minus(self, other: ProbeScores, by_text: bool = False) -> pd.DataFrame:
         """Paired differences self − other per (layer, τ, metric) on the same examples, 95 % bootstrap
-        intervals resampling the same sequences for both (e.g. the pre-caching estimate P = vanilla − myopic)."""
+        intervals resampling the same clusters for both (e.g. the pre-caching estimate P = vanilla − myopic)."""
         if not np.array_equal(self.sequence_ids, other.sequence_ids) or self.values.keys() != other.values.keys():
             raise ForethoughtError("paired differences need both probe grids scored on the same examples")
-        return ProbeScores(self.kind, {key: self.values[key] - other.values[key] for key in self.values},
-                           self.sequence_ids).table()
+        return self.with_values({key: self.values[key] - other.values[key] for key in self.values}).table(by_text)
 
-    def minus_baseline(self, baseline: BaselineScores, probe: str = "skip-bigram") -> pd.DataFrame:
+    def minus_baseline(self, baseline: BaselineScores, probe: str = "skip-bigram",
+                       by_text: bool = False) -> pd.DataFrame:
         """Paired differences self − a count baseline per (layer, τ, metric), on the same examples, with 95 %
-        bootstrap intervals resampling the same sequences for both: what the residual stream tells about x[t+τ]
+        bootstrap intervals resampling the same clusters for both: what the residual stream tells about x[t+τ]
         beyond the counts (the rows' probe is "<kind> − <baseline>")."""
         if not np.array_equal(self.sequence_ids, baseline.sequence_ids):
             raise ForethoughtError("paired differences need the probes and the baseline scored on the same examples")
         by_tau = baseline.values[probe]
         differences = {(layer, tau): values - by_tau[tau] for (layer, tau), values in self.values.items()}
-        return ProbeScores(f"{self.kind} − {probe}", differences, self.sequence_ids).table()
+        return self.with_values(differences, f"{self.kind} − {probe}").table(by_text)
 
 
 @torch.no_grad()

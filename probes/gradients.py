@@ -21,7 +21,7 @@ import torch
 from forethought.models.heldout import device_batches
 from forethought.models.myopic import myopic
 from forethought.models.tasks.text import next_token_loss
-from forethought.probes.metrics import Estimate, bootstrap
+from forethought.probes.metrics import Estimate, bootstrap, per_cluster_sums
 from forethought.probes.residuals import capture_residuals
 
 SHARE = "future_squared_share"  # the results tables' metric names
@@ -59,10 +59,12 @@ def future_gradient_stats(model: torch.nn.Module, sequences: torch.Tensor, batch
 
 
 def future_gradient_split(model: torch.nn.Module, sequences: torch.Tensor, batch_size: int = 16, seed: int = 0,
-                          progress: bool = False) -> dict[str, list[Estimate]]:
+                          progress: bool = False, clusters: np.ndarray | None = None) -> dict[str, list[Estimate]]:
     """Per residual layer 0 … L: {:data:`SHARE`: the future share, :data:`COSINE`: cos(g_own, g_future)}, with
-    95 % bootstrap intervals over sequences."""
+    95 % bootstrap intervals over ``clusters`` [n] of the sequences (None: over sequences)."""
     stats = future_gradient_stats(model, sequences, batch_size, progress)
+    if clusters is not None:
+        stats = per_cluster_sums(stats, clusters)
     n_layers = stats.shape[1] // 3
 
     def share_and_cosine(sums: np.ndarray) -> np.ndarray:  # [..., 3·(L+1)] → [..., 2·(L+1)]
@@ -70,5 +72,5 @@ def future_gradient_split(model: torch.nn.Module, sequences: torch.Tensor, batch
         with np.errstate(divide="ignore", invalid="ignore"):
             return np.concatenate([future / (own + future), cross / np.sqrt(own * future)], axis=-1)
 
-    estimates = bootstrap(stats, share_and_cosine, n_examples=len(stats) * sequences.shape[1], seed=seed)
+    estimates = bootstrap(stats, share_and_cosine, n_examples=len(sequences) * sequences.shape[1], seed=seed)
     return {SHARE: estimates[:n_layers], COSINE: estimates[n_layers:]}

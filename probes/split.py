@@ -1,7 +1,9 @@
 """The probe split, in one place: which whole sequences train, validate and test the probes, and the classes
 top-K probes predict.
 
-Sequences, never positions of one sequence, are split. A :class:`ProbeSplit` is decided once per probe grid
+Sequences, never positions of one sequence, are split — and whole clusters of them where the held-out sample
+names clusters (the documents the sequences were cut from), so that no document feeds both the probes' training
+and their test. A :class:`ProbeSplit` is decided once per probe grid
 from the tokens and the fitting settings, and handed to the probes and to the count baselines they are compared
 with, so both score exactly the same held-out examples.
 """
@@ -15,13 +17,14 @@ import numpy as np
 from forethought.core.errors import ForethoughtError
 
 
-def split_sequences(n_sequences: int, test_fraction: float = 0.25, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """Random disjoint (train, test) index arrays over whole sequences."""
+def split_sequences(n_sequences: int, test_fraction: float = 0.25, seed: int = 0,
+                    unit: str = "sequences") -> tuple[np.ndarray, np.ndarray]:
+    """Random disjoint (train, test) index arrays over whole sequences (or other ``unit``s)."""
     if not 0 < test_fraction < 1:
         raise ForethoughtError(f"test_fraction must lie in (0, 1), got {test_fraction}")
     n_test = max(1, round(n_sequences * test_fraction))
     if n_test >= n_sequences:
-        raise ForethoughtError(f"{n_sequences} sequences are too few to hold out {test_fraction:.0%}")
+        raise ForethoughtError(f"{n_sequences} {unit} are too few to hold out {test_fraction:.0%}")
     order = np.random.default_rng(seed).permutation(n_sequences)
     return np.sort(order[n_test:]), np.sort(order[:n_test])
 
@@ -48,11 +51,22 @@ class ProbeSplit:
 
     @classmethod
     def of(cls, tokens: np.ndarray, test_fraction: float, validation_fraction: float, seed: int,
-           top_k: int | None = None) -> ProbeSplit:
-        """Split the sequences of ``tokens`` [n, T]; with ``top_k``, the classes are its training split's
-        ``top_k`` most frequent tokens."""
-        train, test = split_sequences(len(tokens), test_fraction, seed=seed)
+           top_k: int | None = None, clusters: np.ndarray | None = None) -> ProbeSplit:
+        """Split the sequences of ``tokens`` [n, T] by their ``clusters`` [n] (None: each sequence its own), the
+        fractions counted in clusters; with ``top_k``, the classes are its training split's ``top_k`` most
+        frequent tokens."""
+        unit = "sequences" if clusters is None else "held-out documents (clusters of sequences)"
+        clusters = np.arange(len(tokens)) if clusters is None else np.asarray(clusters)
+        if len(clusters) != len(tokens):
+            raise ForethoughtError(f"{len(tokens)} sequences but {len(clusters)} cluster ids")
+        names = np.unique(clusters)
+        train, test = split_sequences(len(names), test_fraction, seed=seed, unit=unit)
         n_validation = max(1, round(len(train) * validation_fraction))
-        validation = np.sort(np.random.default_rng(seed).permutation(train)[:n_validation])
-        classes = None if top_k is None else top_classes(np.asarray(tokens)[train], top_k)
-        return cls(train, validation, test, classes)
+        validation = np.random.default_rng(seed).permutation(train)[:n_validation]
+
+        def members(parts: np.ndarray) -> np.ndarray:  # cluster indices → their sequences, sorted
+            return np.flatnonzero(np.isin(clusters, names[parts]))
+
+        train_sequences = members(train)
+        classes = None if top_k is None else top_classes(np.asarray(tokens)[train_sequences], top_k)
+        return cls(train_sequences, members(validation), members(test), classes)

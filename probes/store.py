@@ -4,8 +4,9 @@ Both files are keyed by everything that decides their numbers — the residuals'
 grid and every fitting setting — and checked against the residuals' content when read, so nothing stale or
 damaged is reused (:meth:`probes.future.ProbeScores.load`, :meth:`probes.future.FittedProbes.load`):
 
-    <store>/<kind>-<key>.npz            per-example held-out scores
-    <store>/<kind>-<key>.safetensors    the probes: weights, biases, standardisation, classes
+    <store>/<kind>-<key>.npz              per-example held-out scores
+    <store>/<kind>-<key>-validation.npz   per-example scores on the probes' validation sequences (best layers)
+    <store>/<kind>-<key>.safetensors      the probes: weights, biases, standardisation, classes
 """
 
 from __future__ import annotations
@@ -17,9 +18,16 @@ from pathlib import Path
 
 from transformers import PreTrainedModel
 
+from forethought.core.precision import autocast
 from forethought.models.families import unembedding
 from forethought.probes.cache import ResidualCache
-from forethought.probes.future import FittedProbes, FutureProbeConfig, ProbeScores, fit_future_probes
+from forethought.probes.future import (
+    FittedProbes,
+    FutureProbeConfig,
+    ProbeScores,
+    fit_future_probes,
+    score_future_probes,
+)
 from forethought.probes.split import ProbeSplit
 
 
@@ -42,6 +50,22 @@ def fitted_probes(cache: ResidualCache, model: PreTrainedModel, taus: list[int],
     if paths["probes"].is_file():
         return FittedProbes.load(paths["probes"], made_from, unembedding(model) if config.kind == "lens" else None)
     return _fit(cache, model, taus, config, paths, made_from, progress, split)[0]
+
+
+def validation_scores(cache: ResidualCache, model: PreTrainedModel, taus: list[int], config: FutureProbeConfig,
+                      store: Path, progress: bool = False, split: ProbeSplit | None = None) -> ProbeScores:
+    """The fitted probes' scores on their own validation sequences (same arguments as :func:`probe_scores`): where a
+    best layer is chosen, so that its test score stays an honest estimate. Scored once into ``store``."""
+    paths, made_from = _stored(cache, taus, config, store)
+    path = paths["scores"].with_name(f"{paths['scores'].stem}-validation.npz")
+    if path.is_file():
+        return ProbeScores.load(path, made_from)
+    fitted = fitted_probes(cache, model, taus, config, store, progress, split)
+    validation = (split or config.split(cache.tokens)).validation
+    with autocast(config.device, config.precision):
+        scores = score_future_probes(fitted, cache, validation, config.batch_sequences)
+    scores.save(path, made_from)
+    return scores
 
 
 def _stored(cache: ResidualCache, taus: list[int], config: FutureProbeConfig,

@@ -336,6 +336,45 @@ class TokenFile:
             return stream[: len(stream) // length * length].reshape(-1, length)
         raise ForethoughtError(f"unknown layout {layout!r}; choose first or packed")
 
+    def document_sequences(self, length: int, layout: str, documents: np.ndarray, separator: int | None = None,
+                           block_sequences: int = 8) -> tuple[np.ndarray, np.ndarray]:
+        """Sequences [n, length] of ``documents`` that never share a document across *clusters*, and each
+        sequence's cluster [n] (the resampling unit of held-out statistics).
+
+        ``first``: a long-enough document's first ``length`` tokens; its cluster is the document. ``packed``: the
+        documents, in the given order, are gathered into blocks of about ``block_sequences`` windows' tokens and
+        each block is packed on its own (its remainder dropped): windows of one block may share a document, two
+        blocks never do, so the block is the cluster (numbered by its first document).
+        """
+        if layout == "first":
+            lengths = self.offsets[documents + 1] - self.offsets[documents]
+            kept = np.asarray(documents)[lengths >= length]
+            return self.sequences(length, "first", kept) if len(kept) else np.zeros((0, length), np.int64), kept
+        if layout != "packed":
+            raise ForethoughtError(f"unknown layout {layout!r}; choose first or packed")
+        windows, clusters, block, filled = [], [], [], 0
+        for index, document in enumerate(documents):
+            block.append(document)
+            filled += int(self.offsets[document + 1] - self.offsets[document]) + (separator is not None)
+            if filled >= block_sequences * length or index == len(documents) - 1:
+                if filled >= length:
+                    packed = self.sequences(length, "packed", np.asarray(block), separator)
+                    windows.append(packed)
+                    clusters.append(np.full(len(packed), block[0]))
+                block, filled = [], 0
+        if not windows:
+            return np.zeros((0, length), np.int64), np.zeros(0, np.int64)
+        return np.concatenate(windows), np.concatenate(clusters)
+
+
+def document_texts(source: str, n_documents: int) -> np.ndarray:
+    """The text each document of ``source`` comes from [n_documents] (str): an embedded mix's text names, in
+    corpus order; the source itself for any other corpus (one stratum)."""
+    if not is_embedded(source):
+        return np.full(n_documents, source, dtype=object)
+    names = [name for name in embedded_names(source) for _ in embedded_documents(f"{EMBEDDED}:{name}")]
+    return np.asarray(names[:n_documents], dtype=object)
+
 
 def tokenize_source(
     source: str,
@@ -454,24 +493,34 @@ class TextData:
         The text is tokenised without special tokens; with ``prepend_bos`` each sequence is the tokenizer's BOS
         token followed by ``seq_len`` − 1 text tokens. Nothing else is added, here or downstream.
         """
-        if self.prepend_bos and tokenizer.bos_token_id is None:
-            raise ForethoughtError("prepend_bos is set but the tokenizer has no BOS token")
-        content = source_fingerprint(self.corpus)  # hashes a local corpus: once per load
-        tokens = tokenize_source(self.corpus, self.tokens_folder(tokenizer, tokens_root, content), tokenizer,
-                                 split=self.corpus_split, text_field=self.text_field, max_documents=self.max_documents,
-                                 content=content)
-        parts = tokens.split_documents(self.split_fractions, seed=self.split_seed)
+        tokens, parts = self.documents(tokenizer, tokens_root)
         sequences = {}
-        for name, documents in zip(SPLITS, parts):
+        for name, documents in zip(SPLITS, parts.values()):
             try:
                 text = tokens.sequences(self.seq_len - self.prepend_bos, self.layout, documents, tokenizer.eos_token_id)
             except ForethoughtError as error:
                 raise ForethoughtError(
                     f"the {name} split of {self.corpus} ({len(documents)} documents) gives no sequence: {error}"
                 ) from None
-            bos = np.full((len(text), int(self.prepend_bos)), tokenizer.bos_token_id or 0, dtype=np.int64)
-            sequences[name] = np.concatenate([bos, text], axis=1)
+            sequences[name] = self.with_bos(text, tokenizer)
         return sequences
+
+    def documents(self, tokenizer: PreTrainedTokenizerBase,
+                  tokens_root: str | Path = "runs/tokens") -> tuple[TokenFile, dict[str, np.ndarray]]:
+        """The token file (tokenised on first use) and the document indices of each split, {"train", "validation",
+        "test": [n_documents]}."""
+        if self.prepend_bos and tokenizer.bos_token_id is None:
+            raise ForethoughtError("prepend_bos is set but the tokenizer has no BOS token")
+        content = source_fingerprint(self.corpus)  # hashes a local corpus: once per load
+        tokens = tokenize_source(self.corpus, self.tokens_folder(tokenizer, tokens_root, content), tokenizer,
+                                 split=self.corpus_split, text_field=self.text_field, max_documents=self.max_documents,
+                                 content=content)
+        return tokens, dict(zip(SPLITS, tokens.split_documents(self.split_fractions, seed=self.split_seed)))
+
+    def with_bos(self, text: np.ndarray, tokenizer: PreTrainedTokenizerBase) -> np.ndarray:
+        """Text sequences [n, seq_len − prepend_bos] → model inputs [n, seq_len] (the BOS token first if set)."""
+        bos = np.full((len(text), int(self.prepend_bos)), tokenizer.bos_token_id or 0, dtype=np.int64)
+        return np.concatenate([bos, text], axis=1)
 
 
 def tokenization(tokenizer: PreTrainedTokenizerBase, data: TextData) -> dict[str, Any]:

@@ -21,7 +21,7 @@ from forethought.core.errors import ForethoughtError
 from forethought.models.lm import LMCheckpoint
 
 SETTINGS = dict(taus=(1, 2), kind="topk", top_k=40, max_sequences=60, max_epochs=3, progress=False)
-KEY = ["checkpoint", "probe", "target", "layer", "tau", "metric"]
+KEY = ["checkpoint", "probe", "target", "layer", "tau", "metric", "split"]
 
 
 @pytest.fixture(scope="module")
@@ -50,7 +50,8 @@ def rows(table: pd.DataFrame) -> pd.DataFrame:
 
 def test_a_probe_run_is_reused_and_nothing_is_computed_twice(probed, comparison, twins, monkeypatch):
     out, probe_table = probed
-    probe_table = probe_table[~probe_table["probe"].str.endswith(" − skip-bigram")]  # the probe run's own reading
+    probe_table = probe_table[~probe_table["probe"].str.endswith(" − skip-bigram")  # the probe run's own reading
+                              & (probe_table["split"] == "test")]  # and its probes' validation scores
     no_work(monkeypatch)
     assert "computed: nothing yet" in repr(comparison)
     table = comparison.to_dataframe()
@@ -99,7 +100,7 @@ def test_figure_menus_show_the_chosen_kind_metric_and_tau(comparison):
     assert legend == ["vanilla", "myopic", CONTROL, "unigram", "skip-bigram"]  # one entry per line, toggles all τ
 
     def expected(kind: str, metric: str, tau: int) -> dict[str, tuple]:
-        chosen = table[(table["metric"] == metric) & (table["tau"] == tau)]
+        chosen = table[(table["metric"] == metric) & (table["tau"] == tau) & (table["split"] == "test")]
         probes = chosen[chosen["probe"] == kind].sort_values("layer")
         lines = {name: tuple(part["value"]) for name, part in probes.groupby("checkpoint", sort=False)}
         target = probes["target"].iloc[0]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 
 import numpy as np
@@ -123,3 +124,26 @@ def test_fine_tuned_llama_twins_go_through_gap_precache_and_comparison(llama_fol
                                              max_sequences=16, max_epochs=2, tokens_root=str(tmp_path / "tokens"),
                                              progress=False)
     assert {"vanilla", "myopic"} <= set(comparison.to_dataframe()["checkpoint"])
+
+
+def test_a_mixed_heldout_text_is_sampled_by_text_and_reported_per_text(twins, tmp_path, monkeypatch):
+    """Documents labelled as two texts (even and odd ones): the sample holds both in proportion, the gap is
+    reported per text beside the whole sample (which is their token-weighted mean), and meta.json says so."""
+    monkeypatch.setattr("forethought.models.heldout.document_texts",
+                        lambda source, n: np.where(np.arange(n) % 2, "odd", "even").astype(object))
+    config = GapConfig(vanilla=str(twins / "vanilla"), myopic=str(twins / "myopic"), max_sequences=40,
+                       share_sequences=8, tokens_root=str(twins / "tokens"), out=str(tmp_path / "gap"), progress=False)
+    results = run_gap(config)
+    by_text = results.losses_by_text()
+    assert by_text.index[0] == "test" and set(by_text.index[1:]) == {"test: even", "test: odd"}
+    rows = results.by_text.set_index(["split", "checkpoint"])
+    for name in ("vanilla", "myopic", GAP):
+        weights = rows.loc[[("test: even", name), ("test: odd", name)], "n"].to_numpy(float)
+        texts = by_text.loc[["test: even", "test: odd"], name]
+        assert by_text.loc["test", name] == pytest.approx(np.average(texts, weights=weights))
+    assert (results.by_text["ci_low"] <= results.by_text["value"]).all()
+    heldout = json.loads((tmp_path / "gap" / "meta.json").read_text())["heldout"]
+    assert heldout["sequences"] == 40 and set(heldout["by_text"]) == {"even", "odd"}
+    assert abs(heldout["by_text"]["even"]["sequences"] - 20) <= 4  # about half each: the documents alternate
+    assert GapResults.from_folder(tmp_path / "gap").by_text.equals(results.by_text)
+    assert "per text: " in results.summary() and "even vanilla " in results.summary()

@@ -16,7 +16,9 @@ from forethought.analyses.precache import PRECACHE, PrecacheConfig, run_precache
 from forethought.analyses.probe import ProbeConfig, ProbeResults, run_probe
 from forethought.analyses.results import CONTROL
 from forethought.core.errors import ForethoughtError
+from forethought.models.heldout import heldout_sample
 from forethought.models.lm import LMCheckpoint
+from forethought.models.tasks.text import TextData
 from forethought.probes.cache import ResidualCache
 
 
@@ -31,8 +33,13 @@ def test_probe_table_figure_and_reuse(twins, tmp_path, monkeypatch):
     results = run_probe(settings(twins, tmp_path / "probe"))
     table = results.to_dataframe()
     assert set(table["checkpoint"]) == {"vanilla", "myopic", CONTROL, "baseline"}
-    probed = table[table["layer"].notna() & (table["probe"] == "topk")]
+    probed = table[table["layer"].notna() & (table["probe"] == "topk") & (table["split"] == "test")]
     assert len(probed) == 3 * 3 * 2 * 3  # checkpoints × layers 0–2 × τ ∈ {1, 2} × (top1, top5, cross_entropy)
+    validation = table[table["split"] == "validation"]  # the same probes on their validation sequences
+    assert len(validation) == len(probed) and set(validation["probe"]) == {"topk"}
+    chosen = validation[(validation["checkpoint"] == "myopic") & (validation["metric"] == "top1")]
+    assert results.best_layers("myopic") == {  # chosen on validation, never on the test examples
+        tau: int(rows.loc[rows["value"].idxmax(), "layer"]) for tau, rows in chosen.groupby("tau")}
     assert (table["probe"] == "topk − skip-bigram").sum() == len(probed)  # the same grid, paired with the counts
     lens = table[table["probe"] == "logit lens"]
     assert len(lens) == 3 * 3 * 3 and set(lens["tau"]) == {1}  # checkpoints × layers × metrics, τ = 1 only
@@ -49,7 +56,7 @@ def test_probe_table_figure_and_reuse(twins, tmp_path, monkeypatch):
     split = meta["probe_split"]  # carried with the results
     assert len(split["classes"]) == 40 and not set(split["train"]) & set(split["test"])
     assert set(split["validation"]) <= set(split["train"]) and len(split["train"]) + len(split["test"]) == 60
-    n_examples = table.loc[table["probe"].isin(["topk", "skip-bigram"]), "n"].unique()
+    n_examples = table.loc[table["probe"].isin(["topk", "skip-bigram"]) & (table["split"] == "test"), "n"].unique()
     assert len(n_examples) == 1 and n_examples[0] % len(split["test"]) == 0  # probes and baselines: the same examples
     skip_bigram = table[(table["probe"] == "skip-bigram") & (table["metric"] == "top1")].set_index("tau")["value"]
     beyond = results.beyond_counts("myopic")
@@ -57,6 +64,7 @@ def test_probe_table_figure_and_reuse(twins, tmp_path, monkeypatch):
         assert row["value"] == pytest.approx(top1.loc[("myopic", tau), layer] - skip_bigram[tau], abs=1e-12)
         assert row["ci_low"] <= row["value"] <= row["ci_high"]
     assert "myopic" not in results.reading() and "vanilla: top1 of the probe minus the skip-bigram" in results.reading()
+    assert "best layer chosen on the validation sequences" in results.reading()
     monkeypatch.setattr("forethought.probes.cache.read_layers", lambda *a: pytest.fail("cache rebuilt"))
     monkeypatch.setattr("forethought.probes.store.fit_future_probes", lambda *a, **k: pytest.fail("refitted"))
     again = run_probe(settings(twins, tmp_path / "probe"))
@@ -103,7 +111,8 @@ def test_precache_estimates_are_paired_differences(twins, tmp_path):
                             top_k=40, max_sequences=60, max_epochs=3, lr=1e-2, share_sequences=4, random_init=False,
                             tokens_root=str(twins / "tokens"), out=str(tmp_path / "pre"), progress=False)
     results = run_precache(config)
-    probed = results.table[(results.table["metric"] == "top1") & (results.table["probe"] == "topk")]
+    probed = results.table[(results.table["metric"] == "top1") & (results.table["probe"] == "topk")
+                           & (results.table["split"] == "test")]
     vanilla, myopic = (probed[probed["checkpoint"] == name].pivot(index="layer", columns="tau", values="value")
                        for name in ("vanilla", "myopic"))
     np.testing.assert_allclose(results.precaching(), vanilla - myopic, atol=1e-12)
@@ -149,8 +158,9 @@ def test_the_bos_policy_is_recorded_and_the_probes_see_exactly_those_tokens(llam
         assert tokens.shape[1] == 12 and (tokens[:, 0] == bos).all() == prepend_bos
         assert (tokens[:, 1:] != bos).all()  # the text itself never holds it
     with_bos = ResidualCache.open(tmp_path / "bos-True" / "caches" / "llama").tokens
-    without = ResidualCache.open(tmp_path / "bos-False" / "caches" / "llama").tokens
-    np.testing.assert_array_equal(with_bos[0, 1:], without[0, :11])  # BOS, then the same text
+    text = heldout_sample(TextData(corpus=str(llama_text), layout="packed", seq_len=11),
+                          LMCheckpoint.load(llama_folder).tokenizer, tmp_path / "tokens", 40, seed=0).tokens
+    np.testing.assert_array_equal(with_bos[:, 1:], text)  # BOS, then the sample of 11-token texts
 
 
 def test_checkpoints_with_other_special_tokens_are_refused(llama_folder, llama_text, tmp_path, capsys):

@@ -13,7 +13,13 @@ from torch.nn.functional import cross_entropy
 
 from forethought.core.errors import ForethoughtError
 from forethought.models.lm import LMCheckpoint
-from forethought.probes.future import FittedProbes, FutureProbeConfig, InMemoryResiduals, fit_future_probes
+from forethought.probes.future import (
+    FittedProbes,
+    FutureProbeConfig,
+    InMemoryResiduals,
+    ProbeScores,
+    fit_future_probes,
+)
 from forethought.probes.residuals import StreamingResiduals, model_residuals
 from forethought.probes.split import ProbeSplit, split_sequences, top_classes
 
@@ -223,3 +229,40 @@ def test_streaming_from_the_model_fits_what_the_arrays_fit(lm_folder):
     _, streamed = fit_future_probes(streaming, layers=[1, 3], taus=[1, 2], config=config, vocab_size=23)
     _, held = fit_future_probes(in_memory, layers=[1, 3], taus=[1, 2], config=config, vocab_size=23)
     pd.testing.assert_frame_equal(streamed.table(), held.table())
+
+
+def test_the_split_keeps_each_cluster_on_one_side_and_is_the_old_split_without_clusters():
+    tokens = np.random.default_rng(0).integers(0, VOCAB, size=(200, SEQ))
+    clusters = np.repeat(np.arange(40), 5)[np.random.default_rng(1).permutation(200)]  # 40 documents, 5 windows each
+    split = ProbeSplit.of(tokens, 0.25, 0.2, seed=3, clusters=clusters)
+    parts = [set(clusters[split.fit]), set(clusters[split.validation]), set(clusters[split.test])]
+    assert not (parts[0] & parts[1] or parts[0] & parts[2] or parts[1] & parts[2])
+    assert len(parts[2]) == 10 and len(split.train) + len(split.test) == 200
+    plain = ProbeSplit.of(tokens, 0.25, 0.2, seed=3)  # every sequence its own cluster: sequence-level, as before
+    train, test = split_sequences(200, 0.25, seed=3)
+    assert np.array_equal(plain.train, train) and np.array_equal(plain.test, test)
+    assert np.array_equal(plain.validation, np.sort(np.random.default_rng(3).permutation(train)[:30]))
+    with pytest.raises(ForethoughtError, match="3 held-out documents .* too few"):
+        ProbeSplit.of(tokens[:3], 0.9, 0.2, seed=0, clusters=np.arange(3))
+
+
+def test_scores_resample_clusters_and_report_each_text():
+    rng = np.random.default_rng(0)
+    sequence_ids = np.repeat(np.arange(60), 4)
+    hits = rng.random(240) < np.where(sequence_ids < 30, 0.9, 0.3)  # text "a" (sequences 0–29) is easy, "b" hard
+    values = np.stack([hits, hits, -np.log(np.where(hits, 0.9, 0.1))], axis=1).astype(float)
+    scores = ProbeScores("softmax", {(0, 1): values}, sequence_ids)
+    texts, clusters = np.array(["a"] * 30 + ["b"] * 30, dtype=object), np.arange(60) // 10  # 6 documents
+    clustered = scores.on(clusters, texts)
+    table = pd.concat([clustered.table(), clustered.table(by_text=True)]).set_index(["split", "metric"])
+    assert list(dict.fromkeys(table.index.get_level_values("split"))) == ["test", "test: a", "test: b"]
+    assert table.loc[("test: a", "top1"), "value"] == pytest.approx(hits[:120].mean())
+    assert table.loc[("test: b", "top1"), "value"] == pytest.approx(hits[120:].mean())
+    assert table.loc[("test", "top1"), "value"] == pytest.approx(hits.mean())
+    plain = scores.table().set_index("metric")  # resampling 60 sequences, not 6 documents: a narrower interval
+    pooled = table.loc["test"]
+    assert (plain.loc["top1", "ci_high"] - plain.loc["top1", "ci_low"]
+            < pooled.loc["top1", "ci_high"] - pooled.loc["top1", "ci_low"])
+    difference = clustered.minus(clustered, by_text=True)
+    assert (difference["value"] == 0).all() and set(difference["split"]) == {"test: a", "test: b"}
+    assert scores.on(clusters, np.full(60, "a", dtype=object)).table(by_text=True).empty  # one text: no rows

@@ -44,7 +44,7 @@ def test_softmax_recovers_planted_classes():
     probabilities = np.exp(probe.logits(x[2000:]))
     probabilities /= probabilities.sum(1, keepdims=True)
     assert scores["cross_entropy"].value == pytest.approx(log_loss(labels[2000:], probabilities))
-    assert scores["accuracy"].n_sequences == 100
+    assert scores["accuracy"].n_clusters == 100
 
 
 def test_softmax_on_random_labels_is_at_chance():
