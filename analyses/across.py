@@ -27,10 +27,12 @@ from forethought.core.errors import ForethoughtError
 from forethought.core.settings import check_settings
 from forethought.models.families import non_embedding_parameters
 from forethought.models.gpt2 import quiet_loading
+from forethought.probes.metrics import across_runs_p, bh_significant
 
 KEYS = ["checkpoint", "task", "layer", "position", "tau", "target", "probe", "metric", "split"]
 GAP_SUFFIX = "(myopic − vanilla)"  # the checkpoint name of the myopia gap rows ends so
 PRECACHE_SUFFIX = "(vanilla − myopic)"  # and the pre-caching estimate's
+MATCHED_SUFFIX = "(vanilla at the myopic loss − myopic)"  # and the loss-matched estimate's
 
 
 @dataclass
@@ -70,8 +72,9 @@ def read_runs(config: AcrossConfig) -> tuple[dict[str, pd.DataFrame], dict[str, 
 def spread(tables: dict[str, pd.DataFrame]) -> pd.DataFrame:
     """One row per quantity the runs share (the results table's key columns): ``value@RUN``, ``ci_low@RUN``,
     ``ci_high@RUN`` for each run, then ``mean``, ``sd`` (between runs, ddof 1), ``min``, ``max``,
-    ``runs_above_0`` / ``runs_below_0`` (intervals excluding 0 on that side) and ``sign`` ("+", "−" where every
-    run's value has that sign, else "flips")."""
+    ``runs_above_0`` / ``runs_below_0`` (intervals excluding 0 on that side), ``sign`` ("+", "−" where every
+    run's value has that sign, else "flips") and ``p_across_runs`` (a one-sample t-test of the run values against
+    0: what the spread between seeds says, :func:`probes.metrics.across_runs_p`)."""
     wide = None
     for label, table in tables.items():
         part = table.set_index(KEYS)[["value", "ci_low", "ci_high"]]
@@ -87,6 +90,7 @@ def spread(tables: dict[str, pd.DataFrame]) -> pd.DataFrame:
             mean=values.mean(1), sd=values.std(1, ddof=1), min=values.min(1), max=values.max(1),
             runs_above_0=(lows > 0).sum(1), runs_below_0=(highs < 0).sum(1),
             sign=np.where(values.min(1) > 0, "+", np.where(values.max(1) < 0, "−", "flips")),
+            p_across_runs=across_runs_p(values),
         )
     return wide.reset_index()
 
@@ -115,9 +119,12 @@ class SeedsResults(ExperimentResults):
         figures = {}
         if not self.gap().empty:
             figures["seeds_gap"] = self.gap_figure()
-        precache = self.table[self.table["checkpoint"].str.endswith(PRECACHE_SUFFIX) & (self.table["metric"] == "top1")]
-        if not precache.empty:
-            figures["seeds_precache_heatmap"] = self.heatmap(precache)
+        for suffix, stem in ((PRECACHE_SUFFIX, "seeds_precache_heatmap"),
+                             (MATCHED_SUFFIX, "seeds_precache_matched_heatmap")):
+            rows = self.table[self.table["checkpoint"].str.endswith(suffix) & (self.table["metric"] == "top1")
+                              & (self.table["split"] == "test")]
+            if not rows.empty:
+                figures[stem] = self.heatmap(rows, matched=suffix == MATCHED_SUFFIX)
         return figures
 
     def _labels(self) -> list[str]:
@@ -143,17 +150,23 @@ class SeedsResults(ExperimentResults):
                              xaxis_title="run", yaxis_title="nats per token")
         return figure
 
-    def heatmap(self, rows: pd.DataFrame) -> go.Figure:
-        """Mean P over runs per (layer, τ); cells say mean ± sd and how many runs' intervals exclude 0."""
+    def heatmap(self, rows: pd.DataFrame, matched: bool = False) -> go.Figure:
+        """Mean P (``matched``: P_matched) over runs per (layer, τ); cells say mean ± sd and how many runs'
+        intervals exclude 0, and "n.s." where the t-test across runs is not significant over the grid
+        (Benjamini–Hochberg, 5 % false-discovery rate)."""
         n = len(self._labels())
-        cells = rows.assign(value=rows["mean"], ci_low=rows["mean"], ci_high=rows["mean"])
+        cells = rows.assign(value=rows["mean"], p=rows["p_across_runs"])
         figure = difference_heatmap(cells, f"Pre-caching estimate P (top-1), mean over {n} training seeds", "mean P")
+        significant = bh_significant(rows["p_across_runs"].to_numpy())
         text = rows.assign(text=[f"{r['mean']:+.3f} ± {r['sd']:.3f}<br>{r['runs_above_0']}↑ {r['runs_below_0']}↓"
-                                 + (" flips" if r["sign"] == "flips" else "") for _, r in rows.iterrows()])
+                                 + (" flips" if r["sign"] == "flips" else "") + ("" if marked else "<br>n.s.")
+                                 for (_, r), marked in zip(rows.iterrows(), significant)])
         grid = text.pivot(index="layer", columns="tau", values="text")
         figure.update_traces(text=grid.to_numpy(), texttemplate="%{text}")
-        figure.update_layout(title=f"P = top-1(vanilla) − top-1(myopic): mean ± sd over {n} seeds; "
-                                   "k↑ / k↓: runs whose 95% CI lies above / below 0")
+        vanilla = "vanilla at the myopic twin's loss" if matched else "vanilla"
+        figure.update_layout(title=f"{'P_matched' if matched else 'P'} = top-1({vanilla}) − top-1(myopic): mean ± sd "
+                                   f"over {n} seeds; k↑ / k↓: runs whose 95% CI lies above / below 0; n.s.: t-test "
+                                   "across seeds not significant at a 5% false-discovery rate over the grid")
         return figure
 
     def headline(self) -> pd.DataFrame:

@@ -10,7 +10,7 @@ import pandas as pd
 import plotly.express as px
 import plotly.graph_objects as go
 
-from forethought.probes.metrics import fdr_significant
+from forethought.probes.metrics import bh_significant, fdr_significant
 
 _CHROMIUM = ("chromium", "chromium-browser", "google-chrome", "chrome")
 PALETTE = px.colors.qualitative.D3  # every figure's line colours, in order (the control takes D3's gray)
@@ -71,11 +71,14 @@ FDR_NOTE = "n.s.: not significant at a 5% false-discovery rate over the grid (Be
 
 
 def difference_heatmap(rows: pd.DataFrame, title: str, colorbar: str) -> go.Figure:
-    """Layer × τ heatmap of differences (tidy rows with layer, tau, value, ci_low, ci_high), centred at 0;
-    cells not significant over the whole grid (:data:`FDR_NOTE`) are marked "n.s."."""
-    value, low, high = (rows.pivot(index="layer", columns="tau", values=column)
-                        for column in ("value", "ci_low", "ci_high"))
-    significant = fdr_significant(value.to_numpy(), low.to_numpy(), high.to_numpy())
+    """Layer × τ heatmap of differences (tidy rows with layer, tau, value, and ci_low, ci_high — or a p-value
+    column ``p``), centred at 0; cells not significant over the whole grid (:data:`FDR_NOTE`) are marked "n.s."."""
+    value = rows.pivot(index="layer", columns="tau", values="value")
+    if "p" in rows:
+        significant = bh_significant(rows.pivot(index="layer", columns="tau", values="p").to_numpy())
+    else:
+        low, high = (rows.pivot(index="layer", columns="tau", values=column) for column in ("ci_low", "ci_high"))
+        significant = fdr_significant(value.to_numpy(), low.to_numpy(), high.to_numpy())
     text = np.where(significant, value.map(lambda v: f"{v:+.3f}"), value.map(lambda v: f"{v:+.3f}<br>n.s."))
     bound = float(np.nanmax(np.abs(value.to_numpy()))) or 1.0
     figure = go.Figure(go.Heatmap(

@@ -1,13 +1,20 @@
-"""Vanilla and myopic twins: checkpoints that may be compared only if they differ in the myopic gradient alone."""
+"""Vanilla and myopic twins: checkpoints that may be compared only if they differ in the myopic gradient alone —
+and the vanilla twin's checkpoint that matches the myopic twin's held-out loss, for comparisons at equal skill."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
+
+import numpy as np
+import torch
 
 from forethought.core.errors import ForethoughtError
 from forethought.core.settings import UNBOUND, changed_settings
-from forethought.models.checkpoint import checkpoint_step
+from forethought.models.checkpoint import checkpoint_step, list_checkpoints
 from forethought.models.families import architecture_summary
+from forethought.models.heldout import token_losses
 from forethought.models.lm import LMCheckpoint, check_same_tokenizer
 
 TWINS = ("vanilla", "myopic")
@@ -47,3 +54,44 @@ def _twin_settings(checkpoint: LMCheckpoint) -> dict[str, Any] | None:
     recorded = (checkpoint.description or {}).get("train_config")
     ignored = {"myopic", "myopic_cut", "eval_batches", *UNBOUND}
     return None if recorded is None else {k: v for k, v in recorded.items() if k not in ignored}
+
+
+@dataclass(frozen=True)
+class LossMatch:
+    """The vanilla twin's saved checkpoint whose held-out loss is nearest the myopic twin's (final) loss: a
+    vanilla model as good at the next token, so that a difference from the myopic twin is not merely one of skill
+    (Wu et al.'s P = acc(vanilla) − acc(myopic) mixes the two)."""
+
+    source: str  # the matched checkpoint folder
+    step: int
+    myopic_losses: np.ndarray  # [n, T − 1] the myopic twin's per-token held-out losses, nats
+    vanilla_losses: dict[int, np.ndarray]  # step → [n, T − 1]: every saved vanilla checkpoint's on the same tokens
+
+    @property
+    def losses(self) -> np.ndarray:
+        """The matched checkpoint's per-token losses [n, T − 1]."""
+        return self.vanilla_losses[self.step]
+
+    def record(self) -> dict[str, Any]:
+        """For ``meta.json``: the match, and each candidate's mean loss."""
+        return {"step": self.step, "source": self.source, "vanilla_loss": float(self.losses.mean()),
+                "myopic_loss": float(self.myopic_losses.mean()),
+                "vanilla_losses_by_step": {str(step): float(losses.mean())
+                                           for step, losses in self.vanilla_losses.items()}}
+
+
+def loss_matched(vanilla: LMCheckpoint, myopic_twin: LMCheckpoint, tokens: torch.Tensor, batch_size: int = 32,
+                 progress: bool = False) -> LossMatch:
+    """Among the checkpoints the vanilla twin's run saved (``vanilla.source``'s run folder; the one given where it
+    saved no other), the one whose mean held-out loss on ``tokens`` [n, T] is nearest the myopic twin's."""
+    device = next(myopic_twin.model.parameters()).device
+    myopic_losses = token_losses(myopic_twin.model.to(device), tokens, batch_size, progress)
+    folder = Path(vanilla.source)
+    saved = list_checkpoints(folder.parent.parent) if checkpoint_step(folder) is not None else []
+    candidates = {checkpoint_step(path): path for path in saved} or {checkpoint_step(folder) or 0: folder}
+    losses = {}
+    for step, path in candidates.items():
+        model = vanilla.model if path == folder else LMCheckpoint.load(path).model
+        losses[step] = token_losses(model.to(device), tokens, batch_size, progress)
+    step = min(losses, key=lambda s: abs(losses[s].mean() - myopic_losses.mean()))
+    return LossMatch(str(candidates[step]), step, myopic_losses, losses)

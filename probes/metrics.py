@@ -130,6 +130,28 @@ def fdr_significant(value: np.ndarray, ci_low: np.ndarray, ci_high: np.ndarray, 
         return significant
     with np.errstate(divide="ignore", invalid="ignore"):
         z = np.abs(value[finite]) / standard_error[finite]  # a zero-width interval: z = ∞ unless value is 0
-    p = np.where(np.isnan(z), 1.0, 2 * stats.norm.sf(z))
-    significant[finite] = stats.false_discovery_control(p, method="bh") <= rate
+    p = np.full(value.shape, np.nan)
+    p[finite] = np.where(np.isnan(z), 1.0, 2 * stats.norm.sf(z))
+    return bh_significant(p, rate)
+
+
+def bh_significant(p: np.ndarray, rate: float = 0.05) -> np.ndarray:
+    """Which of a grid's p-values stay significant at false-discovery rate ``rate`` (Benjamini–Hochberg over every
+    finite one; NaN: not significant). Same shape as ``p``."""
+    p = np.asarray(p, dtype=np.float64)
+    significant = np.zeros(p.shape, dtype=bool)
+    finite = np.isfinite(p)
+    if finite.any():
+        significant[finite] = stats.false_discovery_control(p[finite], method="bh") <= rate
     return significant
+
+
+def across_runs_p(values: np.ndarray) -> np.ndarray:
+    """Two-sided p-value of a one-sample t-test of each row's run values [k, n_runs] against 0 — what the spread
+    between training seeds (not the intervals within one run) says; NaN with fewer than two runs or no spread."""
+    values = np.asarray(values, dtype=np.float64)
+    if values.shape[1] < 2:
+        return np.full(len(values), np.nan)
+    with warnings.catch_warnings(), np.errstate(divide="ignore", invalid="ignore"):
+        warnings.simplefilter("ignore", RuntimeWarning)  # rows without spread: NaN
+        return stats.ttest_1samp(values, 0.0, axis=1).pvalue

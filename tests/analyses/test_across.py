@@ -3,6 +3,7 @@
 import numpy as np
 import pandas as pd
 import pytest
+from scipy import stats
 
 from forethought.analyses.across import AcrossConfig, SeedsResults, run_seeds, run_trend
 from forethought.analyses.results import tidy, write_results
@@ -106,3 +107,18 @@ def test_a_run_folder_may_be_moved_or_named_with_a_trailing_slash(tmp_path):
     (tmp_path / "moved" / "config.json").write_text('{"runs": ')  # torn by a crash of another program
     with pytest.raises(ForethoughtError, match=r"config.json is damaged \(.*\); remove .*moved to start afresh"):
         run_seeds(AcrossConfig(runs=runs, out=str(tmp_path / "moved")))
+
+
+def test_the_seeds_heatmap_marks_cells_by_a_test_across_seeds_controlled_over_the_grid(tmp_path):
+    """P with each run's interval above 0 but a spread between seeds as large as its mean: the t-test across seeds
+    (not the runs' own intervals) decides, and Benjamini–Hochberg over the grid marks it "n.s."."""
+    runs = [_gap_run(tmp_path / f"s{i}", gap, 4.0) for i, gap in
+            enumerate([(0.01, 0.005, 0.02), (0.05, 0.04, 0.06), (0.09, 0.08, 0.10)])]
+    results = run_seeds(AcrossConfig(runs=tuple(runs), out=str(tmp_path / "seeds")))
+    precache = results.table[results.table["checkpoint"] == PRECACHE].sort_values(["layer", "tau"])
+    values = precache[[f"value@s{i}" for i in range(3)]].to_numpy()
+    expected = [stats.ttest_1samp(row, 0.0).pvalue for row in values]
+    np.testing.assert_allclose(precache["p_across_runs"], expected)
+    assert (precache["runs_above_0"] >= 2).all() and (precache["p_across_runs"] > 0.05).all()
+    heatmap = results.figures()["seeds_precache_heatmap"]
+    assert all(text.endswith("<br>n.s.") for row in heatmap.data[0].text for text in row)

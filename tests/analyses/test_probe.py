@@ -12,13 +12,14 @@ from transformers import AutoTokenizer
 
 from forethought.analyses.cli import main
 from forethought.analyses.compare import Comparison
-from forethought.analyses.precache import PRECACHE, PrecacheConfig, run_precache
+from forethought.analyses.precache import MATCHED, PRECACHE, PrecacheConfig, run_precache
 from forethought.analyses.probe import ProbeConfig, ProbeResults, run_probe
 from forethought.analyses.results import CONTROL
 from forethought.core.errors import ForethoughtError
-from forethought.models.heldout import heldout_sample
+from forethought.models.heldout import heldout_sample, token_losses
 from forethought.models.lm import LMCheckpoint
 from forethought.models.tasks.text import TextData
+from forethought.models.twins import loss_matched
 from forethought.probes.cache import ResidualCache
 
 
@@ -121,17 +122,40 @@ def test_precache_estimates_are_paired_differences(twins, tmp_path):
     assert (p["ci_low"] <= p["value"]).all() and (p["value"] <= p["ci_high"]).all()
     shares = results.table[results.table["metric"].isin(["future_squared_share", "own_future_cosine"])]
     assert set(shares["checkpoint"]) == {"vanilla", "myopic"} and len(shares) == 2 * 2 * 3  # twins × metrics × layers
+    # the loss-matched estimate: the vanilla run's saved checkpoint nearest the myopic twin's held-out loss
+    match = json.loads((tmp_path / "pre" / "meta.json").read_text())["loss_match"]
+    by_step = {int(step): loss for step, loss in match["vanilla_losses_by_step"].items()}
+    assert sorted(by_step) == [10, 20, 30, 40] and by_step[10] > by_step[40]  # the run learned
+    assert match["step"] == min(by_step, key=lambda step: abs(by_step[step] - match["myopic_loss"]))
+    losses = results.losses()["value"]
+    assert losses[MATCHED] == pytest.approx(by_step[match["step"]]) and losses["vanilla"] == pytest.approx(by_step[40])
+    assert losses["myopic"] == pytest.approx(match["myopic_loss"])
+    # here the myopic twin's loss is nearest the vanilla twin's own last checkpoint: P_matched is P
+    assert match["step"] == 40 and results.precaching(matched=True).equals(results.precaching())
     assert {p.name for p in (tmp_path / "pre" / "figures").glob("*.html")} == {
-        "precache_topk_top1.html", "precache_topk_heatmap.html"}
+        "precache_topk_top1.html", "precache_topk_heatmap.html", "precache_topk_heatmap_matched.html"}
     assert PRECACHE not in results.accuracy().index.get_level_values("checkpoint")
+    assert "P_matched (top-1, that checkpoint − myopic)" in results.summary()
     assert Comparison.from_folder(tmp_path / "pre", progress=False).names == [
         "vanilla",
         "myopic",
-    ]  # as the run named them
+    ]  # as the run named them (the matched checkpoint is the vanilla twin itself here)
     with pytest.raises(
         ForethoughtError, match="settings this ProbeResults does not know .*myopic.*; run its command again"
     ):
         ProbeResults.from_folder(tmp_path / "pre")  # a precache run is not a probe run
+
+
+def test_the_loss_match_finds_a_checkpoint_of_equal_loss(twins):
+    """A 'myopic twin' that is the vanilla run's own step-20 checkpoint is matched to exactly that step."""
+    vanilla = LMCheckpoint.load(twins / "vanilla")
+    planted = LMCheckpoint.load(twins / "vanilla" / "checkpoints" / "step-0000020")
+    tokens = torch.from_numpy(heldout_sample(vanilla.data(), vanilla.tokenizer, twins / "tokens", 20, seed=0).tokens)
+    match = loss_matched(vanilla, planted, tokens, batch_size=8)
+    assert match.step == 20 and match.source.endswith("step-0000020")
+    np.testing.assert_array_equal(match.losses, match.myopic_losses)
+    assert sorted(match.vanilla_losses) == [10, 20, 30, 40]
+    assert match.record()["vanilla_losses_by_step"]["40"] == pytest.approx(token_losses(vanilla.model, tokens).mean())
 
 
 def test_precache_refuses_swapped_twins(twins, tmp_path, capsys):
