@@ -323,6 +323,16 @@ class Probing:
         restricted = [s.with_values({key: s.values[key] for key in sorted(shared)}) for s in (scores_a, scores_b)]
         return restricted[0].minus(restricted[1], by_text).assign(checkpoint=f"{a} − {b}")
 
+    def kinds_difference(self, name: str, a: str, b: str, by_text: bool = False) -> pd.DataFrame:
+        """Paired differences of checkpoint ``name``'s probes of kind ``a`` − kind ``b`` per (layer, τ, metric) on
+        the same examples (e.g. mlp − topk: what one hidden layer reads beyond a linear probe; rows' probe
+        "a − b")."""
+        configs = [self._config(self._kind(kind)) for kind in (a, b)]
+        if configs[0].in_topk != configs[1].in_topk or (configs[0].in_topk and configs[0].top_k != configs[1].top_k):
+            raise ForethoughtError(f"{a} and {b} probes predict different classes: compare kinds of one class set")
+        rows = self.scores(name, a).minus(self.scores(name, b), by_text)
+        return rows.assign(checkpoint=name, probe=f"{a} − {b}", target=self._target(a))
+
     def predictions(self, name: str, layer: int, tau: int, n: int = 10, kind: str | None = None,
                     top: int = 5) -> pd.DataFrame:
         """The probe at (``layer``, ``tau``) at ``n`` held-out test positions, as text: the context up to x[t],
@@ -438,8 +448,14 @@ def probe_checkpoints(config: ProbeSettings, checkpoints: dict[str, LMCheckpoint
         raise ForethoughtError(f"taus reach {max(config.tau_list())}, but the held-out sequences have "
                                f"{tokens.shape[1]} tokens: τ must stay below that")
     prepare_out(out, config)
-    rows, text_rows = (engine.table(by_text=by_text).to_dict("records") for by_text in (False, True))
-    rows += pd.concat([engine.validation_rows(name) for name in engine.names]).to_dict("records")
+    kinds = [config.kind, *(["mlp"] if config.nonlinear else [])]
+    rows, text_rows = (engine.table(kinds, by_text=by_text).to_dict("records") for by_text in (False, True))
+    rows += pd.concat([engine.validation_rows(name, kind) for name in engine.names for kind in kinds]
+                      ).to_dict("records")
+    if config.nonlinear:  # what one hidden layer reads beyond the linear probe, on the same examples
+        for by_text, into in ((False, rows), (True, text_rows)):
+            into += pd.concat([engine.kinds_difference(name, "mlp", config.kind, by_text) for name in engine.names]
+                              ).to_dict("records")
     first = next(iter(checkpoints.values()))
     names = engine.names
     split = engine.split(config.probe_config(engine._device))

@@ -58,6 +58,8 @@ class PathStarConfig(ExperimentConfig):
     d_model: int = 384
     n_head: int = 6
     epochs: float = 50.0  # passes over the training set (steps = ceil(epochs · n_train / batch_size))
+    prefix_loss: bool = False  # also train on predicting the edge list (both twins): the myopic twin's prefix
+    # positions then learn for themselves, instead of getting no gradient at all
     # the paper's: batch 256, AdamW lr 1e-4, no weight decay (its code ignored its weight-decay flag)
     training: TrainSettings = field(default_factory=lambda: TrainSettings(
         batch_size=256, lr=1e-4, weight_decay=0.0, eval_every=1000, checkpoint_every=5000))
@@ -208,7 +210,7 @@ def run_pathstar(config: PathStarConfig) -> PathStarResults:
     rows: list[dict[str, Any]] = []
     histories: dict[str, list[dict[str, float]]] = {}
     for regime in config.regimes:
-        task = PathStarTask(train_data, regime)
+        task = PathStarTask(train_data, regime, config.prefix_loss)
         models = {}
         for training in config.trainings:
             run = train(build_lm(model_config, seed=config.seed), task,

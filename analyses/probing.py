@@ -29,6 +29,7 @@ LENS_TAUS = [1]  # the logit lens reads the model's own next-token prediction
 BASELINE = "baseline"  # the checkpoint column of the count baselines' rows
 SKIP_BIGRAM = "skip-bigram"
 VALIDATION = "validation"  # the split column of fitted probes' scores on their validation sequences
+TOPK_KINDS = ("topk", "mlp")  # probe kinds predicting the K most frequent tokens + "other"
 
 
 @dataclass
@@ -45,8 +46,10 @@ class ProbeSettings:
     max_sequences: int = 2000  # held-out sequences cached and probed (split again for the probes)
     layers: tuple[int, ...] | None = None  # residual layers 0 … L (None, on the command line 'all': every one)
     taus: tuple[int, ...] = (1, 2, 3, 4)  # offsets τ ≥ 1 (τ = 1: the next token)
-    kind: str = "softmax"  # softmax, topk or lens
-    top_k: int = 1000  # topk: the K most frequent tokens + "other"
+    kind: str = "softmax"  # softmax, topk, lens, or mlp (topk's classes through one hidden layer: not linear)
+    top_k: int = 1000  # topk, mlp: the K most frequent tokens + "other"
+    hidden: int = 256  # mlp: the hidden layer's width
+    nonlinear: bool = False  # also fit mlp probes (--kind topk's classes, one hidden layer) and report mlp − topk
     lr: float = 3e-3  # Adam (on standardised features, the bias starting at the unigram log-frequencies)
     max_epochs: int = 20
     patience: int = 2
@@ -60,6 +63,8 @@ class ProbeSettings:
     def __post_init__(self):
         check_settings(self)
         FutureProbeConfig(kind=self.kind)  # validates the kind
+        if self.nonlinear and self.kind != "topk":
+            raise ForethoughtError("--nonlinear fits mlp probes beside topk probes of their classes: add --kind topk")
         check_precision(self.precision)
         if not self.taus or min(self.taus) < 1:
             raise ForethoughtError(f"taus must be offsets ≥ 1, got {as_text(self.taus) or 'none'}")
@@ -80,19 +85,20 @@ class ProbeSettings:
 
     def probe_config(self, device: str, kind: str | None = None) -> FutureProbeConfig:
         """How the probes of ``kind`` (default: :attr:`kind`) are fitted."""
-        return FutureProbeConfig(kind=kind or self.kind, top_k=self.top_k, lr=self.lr, max_epochs=self.max_epochs,
-                                 patience=self.patience, batch_sequences=self.batch_sequences, seed=self.seed,
-                                 device=device, precision=self.precision)
+        return FutureProbeConfig(kind=kind or self.kind, top_k=self.top_k, hidden=self.hidden, lr=self.lr,
+                                 max_epochs=self.max_epochs, patience=self.patience,
+                                 batch_sequences=self.batch_sequences, seed=self.seed, device=device,
+                                 precision=self.precision)
 
     def lens_config(self, device: str) -> FutureProbeConfig:
         """The logit lens: the untrained lens probe of τ = 1 (:data:`LENS_TAUS`), scored on the probes' held-out
         positions (their horizon, max τ) and, beside topk probes, in their classes (K tokens + "other")."""
         return replace(self.probe_config(device, "lens"), max_epochs=0, horizon=max(self.tau_list()),
-                       in_topk_classes=self.kind == "topk")
+                       in_topk_classes=self.kind in TOPK_KINDS)
 
     def target(self, kind: str | None = None) -> str:
         """What a probe of ``kind`` predicts (the results table's ``target``)."""
-        if (kind or self.kind) == "topk" or (kind == "lens" and self.kind == "topk"):
+        if (kind or self.kind) in TOPK_KINDS or (kind == "lens" and self.kind in TOPK_KINDS):
             return f"token x[t+τ] if among the {self.top_k} most frequent, else other"
         return "token x[t+τ]"
 

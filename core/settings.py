@@ -43,7 +43,8 @@ RULES: dict[str, Rule] = {
     "length": AT_LEAST_2, "n_nodes": AT_LEAST_2, "n_train": AT_LEAST_1, "n_test": AT_LEAST_1,
     "heldout_sequences": AT_LEAST_1, "max_sequences": AT_LEAST_1, "n_sequences": AT_LEAST_1,
     "share_sequences": AT_LEAST_1, "eval_samples": AT_LEAST_1, "probe_samples": AT_LEAST_1,
-    "batch_sequences": AT_LEAST_1, "classes": AT_LEAST_2, "top_k": AT_LEAST_1, "horizon": AT_LEAST_1,
+    "batch_sequences": AT_LEAST_1, "classes": AT_LEAST_2, "top_k": AT_LEAST_1, "hidden": AT_LEAST_1,
+    "horizon": AT_LEAST_1,
     # the synthetic task
     "p": PROBABILITY, "freq": POSITIVE,
     # optimisation

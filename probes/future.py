@@ -37,7 +37,7 @@ import safetensors
 import safetensors.torch
 import torch
 from torch import nn
-from torch.nn.functional import cross_entropy
+from torch.nn.functional import cross_entropy, gelu
 from tqdm.auto import tqdm
 
 from forethought.core.errors import ForethoughtError
@@ -49,7 +49,7 @@ from forethought.probes.baselines import BaselineScores
 from forethought.probes.metrics import mean_scores, text_groups
 from forethought.probes.split import ProbeSplit
 
-KINDS = ("softmax", "topk", "lens")
+KINDS = ("softmax", "topk", "lens", "mlp")
 METRICS = ("top1", "top5", "cross_entropy")
 
 
@@ -82,8 +82,9 @@ class InMemoryResiduals:
 class FutureProbeConfig:
     """How the probes are fitted."""
 
-    kind: str = "softmax"  # softmax, topk or lens
-    top_k: int = 1000  # topk: classes = the K most frequent training tokens + "other"
+    kind: str = "softmax"  # softmax, topk, lens or mlp (topk's classes through one hidden layer)
+    top_k: int = 1000  # topk, mlp: classes = the K most frequent training tokens + "other"
+    hidden: int = 256  # mlp: width of the hidden layer (GELU)
     lr: float = 3e-3
     weight_decay: float = 0.0
     batch_sequences: int = 64  # sequences per minibatch (all their probed positions)
@@ -108,7 +109,7 @@ class FutureProbeConfig:
     @property
     def in_topk(self) -> bool:
         """Whether the probes predict the top-K classes (K most frequent training tokens + "other")."""
-        return self.kind == "topk" or (self.kind == "lens" and self.in_topk_classes)
+        return self.kind in ("topk", "mlp") or (self.kind == "lens" and self.in_topk_classes)
 
     def split(self, tokens: np.ndarray, clusters: np.ndarray | None = None) -> ProbeSplit:
         """The split of ``tokens`` [n, T] (by their ``clusters`` [n], if given) these probes are fitted and scored
@@ -119,12 +120,22 @@ class FutureProbeConfig:
 
 class FutureTokenProbes(nn.Module):
     """One affine probe per (layer index i, τ index j); layer i's are stacked in ``weights[i]`` [J, d_in, n_out]
-    and ``biases[i]`` [J, n_out] (one tensor a layer, so a layer's backward touches only its own)."""
+    and ``biases[i]`` [J, n_out] (one tensor a layer, so a layer's backward touches only its own). An ``mlp`` probe
+    reads GELU(h · hidden_weights[i][j] + hidden_biases[i][j]) [batch, hidden] instead of h: one hidden layer, like
+    the "necks" of Wu et al.'s probes, so that what a linear probe misses is measured."""
 
     def __init__(self, n_layers: int, n_taus: int, d_model: int, n_classes: int, kind: str,
-                 unembed: tuple[nn.Module, nn.Module] | None = None, lens_classes: np.ndarray | None = None):
+                 unembed: tuple[nn.Module, nn.Module] | None = None, lens_classes: np.ndarray | None = None,
+                 hidden: int = 0, seed: int = 0):
         super().__init__()
         self.kind = kind
+        d_in = hidden if kind == "mlp" else d_model
+        generator = torch.Generator().manual_seed(seed)  # the hidden layers' starting weights (He-scaled)
+        self.hidden_weights = nn.ParameterList(
+            [torch.randn(n_taus, d_model, hidden, generator=generator) * (2 / d_model) ** 0.5
+             for _ in range(n_layers)] if kind == "mlp" else [])
+        self.hidden_biases = nn.ParameterList([torch.zeros(n_taus, hidden) for _ in range(n_layers)]
+                                              if kind == "mlp" else [])
         # lens in the topk classes: the K token ids whose logits are kept ("other": the log-sum-exp of the rest)
         self.register_buffer("lens_classes", None if lens_classes is None else torch.as_tensor(lens_classes))
         if kind == "lens":
@@ -138,7 +149,7 @@ class FutureTokenProbes(nn.Module):
                 parameter.requires_grad_(False)
             self._readouts: dict[tuple, tuple[torch.Tensor, torch.Tensor | None]] = {}  # see _readout
         else:
-            self.weights = nn.ParameterList([torch.zeros(n_taus, d_model, n_classes) for _ in range(n_layers)])
+            self.weights = nn.ParameterList([torch.zeros(n_taus, d_in, n_classes) for _ in range(n_layers)])
             self.biases = nn.ParameterList([torch.zeros(n_taus, n_classes) for _ in range(n_layers)])
         # features are standardised as (h − feature_mean[i]) · feature_scale[i]; the lens reads h as it is
         self.register_buffer("feature_mean", torch.zeros(n_layers, d_model))
@@ -149,17 +160,28 @@ class FutureTokenProbes(nn.Module):
         """(number of layers, number of τ)."""
         return len(self.weights), self.weights[0].shape[0]
 
+    def layer_parameters(self, i: int) -> list[nn.Parameter]:
+        """Layer index i's trained parameters, each [J, …] (indexed by τ first)."""
+        hidden = [self.hidden_weights[i], self.hidden_biases[i]] if self.kind == "mlp" else []
+        return [self.weights[i], self.biases[i], *hidden]
+
     def logits(self, i: int, j: int, features: torch.Tensor) -> torch.Tensor:
         """features [batch, d_model] of layer index i → logits [batch, classes] of the τ-index-j probe."""
-        return self._read(torch.addmm(self.biases[i][j], self._standardised(i, features), self.weights[i][j]))
+        features = self._standardised(i, features)
+        if self.kind == "mlp":
+            features = gelu(torch.addmm(self.hidden_biases[i][j], features, self.hidden_weights[i][j]))
+        return self._read(torch.addmm(self.biases[i][j], features, self.weights[i][j]))
 
     def layer_logits(self, i: int, features: torch.Tensor) -> Iterator[torch.Tensor]:
         """features [batch, d_model] of layer index i → the logits [batch, classes] of each τ's probe, in order,
         one at a time. The layer's stacked parameters are unbound once (a backward through ``weights[i][j]`` for
         each j would build a zero tensor of all J probes' size per τ), and the features standardised once."""
         features = self._standardised(i, features)
-        for weight, bias in zip(self.weights[i].unbind(0), self.biases[i].unbind(0)):
-            yield self._read(torch.addmm(bias, features, weight))
+        hidden = (zip(self.hidden_weights[i].unbind(0), self.hidden_biases[i].unbind(0)) if self.kind == "mlp"
+                  else [None] * len(self.weights[i]))
+        for (weight, bias), layer in zip(zip(self.weights[i].unbind(0), self.biases[i].unbind(0)), hidden):
+            read = features if layer is None else gelu(torch.addmm(layer[1], features, layer[0]))
+            yield self._read(torch.addmm(bias, read, weight))
 
     def _standardised(self, i: int, features: torch.Tensor) -> torch.Tensor:
         """The features a probe of layer index i reads: standardised, except by a lens (it reads h as it is)."""
@@ -237,12 +259,15 @@ class FittedProbes:
         tensors = {"feature_mean": self.probes.feature_mean, "feature_scale": self.probes.feature_scale}
         for i, (weight, bias) in enumerate(zip(self.probes.weights, self.probes.biases)):
             tensors[f"weights.{i}"], tensors[f"biases.{i}"] = weight.detach(), bias.detach()
+        for i, (weight, bias) in enumerate(zip(self.probes.hidden_weights, self.probes.hidden_biases)):
+            tensors[f"hidden_weights.{i}"], tensors[f"hidden_biases.{i}"] = weight.detach(), bias.detach()
         if self.classes is not None:
             tensors["classes"] = torch.as_tensor(self.classes, dtype=torch.int64)
         tensors = {name: tensor.detach().cpu().contiguous() for name, tensor in tensors.items()}
         metadata = {"kind": self.probes.kind, "layers": json.dumps(self.layers), "taus": json.dumps(self.taus),
                     "horizon": str(self.horizon), "history": json.dumps(self.history), "made_from": made_from,
-                    "n_classes": str(self.probes.weights[0].shape[-1]), "tensors_digest": _tensors_digest(tensors)}
+                    "n_classes": str(self.probes.weights[0].shape[-1]), "tensors_digest": _tensors_digest(tensors),
+                    "hidden": str(self.probes.hidden_weights[0].shape[-1] if self.probes.kind == "mlp" else 0)}
         Path(path).parent.mkdir(parents=True, exist_ok=True)
         atomic_write_bytes(Path(path), safetensors.torch.save(tensors, metadata))
 
@@ -267,7 +292,7 @@ class FittedProbes:
         classes = tensors["classes"].numpy() if "classes" in tensors else None
         d_model = tensors["feature_mean"].shape[1]
         probes = FutureTokenProbes(len(layers), len(taus), d_model, int(metadata["n_classes"]), kind, unembed,
-                                   classes if kind == "lens" else None)
+                                   classes if kind == "lens" else None, int(metadata.get("hidden", 0)))
         probes.load_state_dict({**probes.state_dict(), **{name: tensor for name, tensor in tensors.items()
                                                           if name != "classes"}})
         return cls(probes.eval(), layers, taus, classes, history, horizon)
@@ -303,6 +328,7 @@ class Probe:
     @property
     def weight(self) -> torch.Tensor:
         """[d_model, n_classes] (a lens: [d_model, d_model], the map into its model's final norm), on raw h."""
+        self._check_affine()
         i, j = self._index
         weight = self.grid.probes.weights[i][j].detach()
         return weight if self.kind == "lens" else self.grid.probes.feature_scale[i][:, None] * weight
@@ -310,6 +336,7 @@ class Probe:
     @property
     def bias(self) -> torch.Tensor:
         """[n_classes] (a lens: [d_model]), on raw h: the standardisation folded in."""
+        self._check_affine()
         i, j = self._index
         probes = self.grid.probes
         bias = probes.biases[i][j].detach()
@@ -317,13 +344,17 @@ class Probe:
             return bias
         return bias - (probes.feature_mean[i] * probes.feature_scale[i]) @ probes.weights[i][j].detach()
 
+    def _check_affine(self) -> None:
+        if self.kind == "mlp":
+            raise ForethoughtError("an mlp probe is not affine: it has no single weight or bias (use predict)")
+
     @property
     def classes(self) -> np.ndarray:
         """The token id of each class, in order; −1 for topk's last class, "other" (any other token)."""
         if self.grid.classes is None:
             return np.arange(self.grid.probes.weights[0].shape[-1] if self.kind != "lens"
                              else self.grid.probes.unembed.weight.shape[0])
-        other = [-1] if self.kind == "topk" or self.grid.probes.lens_classes is not None else []
+        other = [-1] if self.kind in ("topk", "mlp") or self.grid.probes.lens_classes is not None else []
         return np.concatenate([np.asarray(self.grid.classes), other]).astype(np.int64)
 
     @torch.no_grad()
@@ -379,7 +410,7 @@ def fit_future_probes(
     d_model = residuals.d_model
     device = torch.device(config.device)
     probes = FutureTokenProbes(len(layers), len(taus), d_model, n_classes, config.kind, unembed,
-                               classes if config.kind == "lens" else None).to(device)
+                               classes if config.kind == "lens" else None, config.hidden, config.seed).to(device)
     batches = _Batches(residuals, layers, taus, classes, device, horizon)
     generator = np.random.default_rng(config.seed)
     if config.kind != "lens":
@@ -391,8 +422,8 @@ def fit_future_probes(
                 bias.copy_(prior)
     optimizer = torch.optim.AdamW(probes.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     best = torch.full((len(layers), len(taus)), float("inf"))
-    best_weights = [weight.detach().clone() for weight in probes.weights]  # per layer: of each τ's best epoch
-    best_biases = [bias.detach().clone() for bias in probes.biases]
+    # per layer, its parameters [J, …] as they were at each τ's best epoch
+    best_parameters = [[p.detach().clone() for p in probes.layer_parameters(i)] for i in range(len(layers))]
     history, stale = [], 0
     for epoch in tqdm(range(config.max_epochs), desc="probes", disable=not progress, leave=False):
         order = generator.permutation(fit_part)
@@ -411,16 +442,16 @@ def fit_future_probes(
         best = torch.where(improved, losses, best)
         with torch.no_grad():
             for i in range(len(layers)):
-                best_weights[i][improved[i]] = probes.weights[i][improved[i]]
-                best_biases[i][improved[i]] = probes.biases[i][improved[i]]
+                for best_parameter, parameter in zip(best_parameters[i], probes.layer_parameters(i)):
+                    best_parameter[improved[i]] = parameter[improved[i]]
         history.append({"epoch": epoch + 1, "validation_loss": float(losses.mean())})
         stale = 0 if improved.any() else stale + 1
         if stale >= config.patience:
             break
     with torch.no_grad():
         for i in range(len(layers)):
-            probes.weights[i].copy_(best_weights[i])
-            probes.biases[i].copy_(best_biases[i])
+            for best_parameter, parameter in zip(best_parameters[i], probes.layer_parameters(i)):
+                parameter.copy_(best_parameter)
     fitted = FittedProbes(probes, layers, taus, classes, history, horizon)
     with autocast(device, config.precision):
         return fitted, score_future_probes(fitted, residuals, split.test, config.batch_sequences)

@@ -72,7 +72,8 @@ def _stored(cache: ResidualCache, taus: list[int], config: FutureProbeConfig,
             store: Path) -> tuple[dict[str, Path], str]:
     """The grid's files in ``store`` and the digest of what they are made from (the residuals' content)."""
     key = {"weights_hash": cache.meta["weights_hash"], "tokens_hash": cache.meta["tokens_hash"],
-           "layers": cache.layers, "taus": taus, **{k: v for k, v in asdict(config).items() if k != "device"}}
+           "layers": cache.layers, "taus": taus, **{k: v for k, v in asdict(config).items()
+                                                    if k != "device" and (k != "hidden" or config.kind == "mlp")}}
     digest = hashlib.blake2b(json.dumps(key, sort_keys=True).encode(), digest_size=8).hexdigest()
     stem = f"{config.kind}{'-untrained' if config.max_epochs == 0 else ''}-{digest}"
     made_from = cache.meta["digests"] | {"key": digest}  # the residuals' content, not only their names

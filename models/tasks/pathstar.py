@@ -206,11 +206,13 @@ class PathStarData:
         return self.path[:, ::-1].copy() if check_regime(regime) == "reverse" else self.path.copy()
 
     def sequences(
-        self, regime: str, tokenizer: PreTrainedTokenizerBase | None = None
+        self, regime: str, tokenizer: PreTrainedTokenizerBase | None = None, prefix_loss: bool = False
     ) -> tuple[np.ndarray, np.ndarray]:
         """Model inputs and labels, both [n, P + T − 1] for prefix length P and target length T: labels are
         IGNORE except at the target predictions, the first of which is made at ``=``; ``teacherless`` inputs
-        hold ``$`` instead of target tokens.
+        hold ``$`` instead of target tokens. ``prefix_loss``: the prefix's positions predict the next prefix token
+        too (the edge list itself is learned) — without it, a myopic twin's prefix positions get no gradient at
+        all, since every loss they feed is a later position's.
 
         Numeral tokens by default; with a ``tokenizer`` (GPT-2 BPE for pretrained models) the same text
         ``a,b|…/s,g=`` + ``s,…,g`` is tokenised instead, commas included.
@@ -230,6 +232,8 @@ class PathStarData:
             inputs[:, prefix.shape[1] :] = dollar
         labels = np.full_like(inputs, IGNORE)
         labels[:, prefix.shape[1] - 1 :] = target_tokens
+        if prefix_loss:
+            labels[:, : prefix.shape[1] - 1] = prefix[:, 1:]
         return inputs, labels
 
 
@@ -428,9 +432,9 @@ def generate_split(spec: PathStarSpec, n_train: int, n_test: int, seed: int = 0)
 class PathStarTask:
     """Training batches drawn (with replacement, from the generator) from a fixed training set."""
 
-    def __init__(self, data: PathStarData, regime: str):
-        self.data, self.regime = data, check_regime(regime)
-        inputs, labels = data.sequences(regime)
+    def __init__(self, data: PathStarData, regime: str, prefix_loss: bool = False):
+        self.data, self.regime, self.prefix_loss = data, check_regime(regime), prefix_loss
+        inputs, labels = data.sequences(regime, prefix_loss=prefix_loss)
         self.inputs, self.labels = torch.from_numpy(inputs), torch.from_numpy(labels)
 
     def sample(self, batch_size: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
@@ -439,9 +443,10 @@ class PathStarTask:
         return self.inputs[index].to(generator.device), self.labels[index].to(generator.device)
 
     def loss(self, model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        """Cross-entropy on the target tokens only."""
+        """Cross-entropy on the target tokens (and, with ``prefix_loss``, on the prefix's next tokens)."""
         logits = model(inputs, use_cache=False).logits.float()
         return cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=IGNORE)
 
     def describe(self) -> str:
-        return f"path-star {self.data.spec}, {len(self.data)} training graphs, regime {self.regime}"
+        loss = ", loss on the prefix too" if self.prefix_loss else ""
+        return f"path-star {self.data.spec}, {len(self.data)} training graphs, regime {self.regime}{loss}"

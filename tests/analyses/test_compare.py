@@ -170,7 +170,7 @@ def test_bad_input_is_named_and_computed_results_stay_usable(comparison, twins, 
         (lambda: comparison.heatmap("vanilla", "nope"),
          f"no checkpoint named 'nope'; this comparison holds vanilla, myopic, {CONTROL}"),
         (lambda: comparison.figure(metric="accuracy"), "unknown metric 'accuracy'; choose one of top1, top5"),
-        (lambda: comparison.scores("vanilla", kind="mlp"), "unknown probe kind 'mlp'"),
+        (lambda: comparison.scores("vanilla", kind="quadratic"), "unknown probe kind 'quadratic'"),
         (lambda: Comparison.from_checkpoints([twins / "vanilla"], tau="1"), "unknown settings ['tau']; the probe"),
     ]
     for attempt, message in failures:

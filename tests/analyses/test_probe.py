@@ -6,6 +6,7 @@ import json
 import shutil
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 from transformers import AutoTokenizer
@@ -91,7 +92,8 @@ def test_probe_table_figure_and_reuse(twins, tmp_path, monkeypatch):
         (["--checkpoints", "x", "--taus", "0,1"], "taus must be offsets ≥ 1, got 0,1"),
         (["--checkpoints", "x", "--taus", "one"],
          "probe: argument --taus: taus must be comma-separated integers, got 'one'"),
-        (["--checkpoints", "x", "--kind", "mlp"], "unknown probe kind 'mlp'; choose one of softmax, topk, lens"),
+        (["--checkpoints", "x", "--kind", "quadratic"],
+         "unknown probe kind 'quadratic'; choose one of softmax, topk, lens, mlp"),
         ([], "give --checkpoints NAME=PATH,..."),
     ],
 )
@@ -198,3 +200,17 @@ def test_checkpoints_with_other_special_tokens_are_refused(llama_folder, llama_t
     assert "checkpoint 'b' uses another tokenizer than 'a': they cannot be probed on the same tokens" in \
         capsys.readouterr().err
     assert not (tmp_path / "p").exists()
+
+
+def test_nonlinear_probes_sit_beside_the_linear_ones_with_their_paired_difference(twins, tmp_path, capsys):
+    results = run_probe(settings(twins, tmp_path / "probe", nonlinear=True, hidden=16, random_init=False))
+    table = results.table[results.table["split"] == "test"]
+    top1 = {kind: table[(table["probe"] == kind) & (table["metric"] == "top1")].set_index(["checkpoint", "layer",
+                                                                                           "tau"])["value"]
+            for kind in ("topk", "mlp", "mlp − topk")}
+    assert len(top1["mlp"]) == len(top1["topk"]) == 2 * 3 * 2  # checkpoints × layers × τ
+    pd.testing.assert_series_equal(top1["mlp − topk"], top1["mlp"] - top1["topk"], check_names=False, atol=1e-12)
+    validation = results.table[results.table["split"] == "validation"]
+    assert set(validation["probe"]) == {"topk", "mlp"}
+    assert main(["probe", "--checkpoints", str(twins / "vanilla"), "--nonlinear", "--out", str(tmp_path / "x")]) == 2
+    assert "add --kind topk" in capsys.readouterr().err and not (tmp_path / "x").exists()

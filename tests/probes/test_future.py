@@ -197,8 +197,8 @@ def test_bfloat16_probes_agree_with_float32():
 def test_bad_tau_is_named():
     with pytest.raises(ForethoughtError, match=r"τ must lie in 1 … 9 for sequences of 10 tokens, got \[0, 1\]"):
         fit_future_probes(planted(20), layers=[1], taus=[0, 1], config=FutureProbeConfig(), vocab_size=VOCAB)
-    with pytest.raises(ForethoughtError, match="unknown probe kind 'mlp'"):
-        FutureProbeConfig(kind="mlp")
+    with pytest.raises(ForethoughtError, match="unknown probe kind 'quadratic'"):
+        FutureProbeConfig(kind="quadratic")
 
 
 def test_paired_difference_finds_what_one_model_lacks():
@@ -266,3 +266,27 @@ def test_scores_resample_clusters_and_report_each_text():
     difference = clustered.minus(clustered, by_text=True)
     assert (difference["value"] == 0).all() and set(difference["split"]) == {"test: a", "test: b"}
     assert scores.on(clusters, np.full(60, "a", dtype=object)).table(by_text=True).empty  # one text: no rows
+
+
+def test_an_mlp_probe_reads_what_no_linear_probe_can(tmp_path):
+    """x[t+1]'s class is the sign of a product of two residual coordinates (an XOR of their signs): invisible to a
+    linear probe (at chance), read by one hidden layer. The mlp probe is held, saved and read back like the others."""
+    rng = np.random.default_rng(0)
+    n, seq = 400, SEQ
+    residual = rng.normal(size=(n, seq, D))
+    tokens = np.zeros((n, seq), dtype=np.int64)
+    tokens[:, 1:] = (residual[:, :-1, 0] * residual[:, :-1, 1] > 0).astype(np.int64)  # x[t+1] = [h0·h1 > 0]
+    residuals = InMemoryResiduals(tokens, {0: residual})
+    common = dict(top_k=2, lr=1e-2, max_epochs=40, patience=5, hidden=32)
+    scores = {kind: fit_future_probes(residuals, [0], [1], FutureProbeConfig(kind=kind, **common), vocab_size=2)
+              for kind in ("topk", "mlp")}
+    top1 = {kind: scored.table().set_index("metric").loc["top1", "value"] for kind, (_, scored) in scores.items()}
+    assert top1["topk"] < 0.6 and top1["mlp"] > 0.85, top1
+    fitted = scores["mlp"][0]
+    with pytest.raises(ForethoughtError, match="not affine"):
+        _ = fitted.probe(0, 1).weight
+    h = torch.from_numpy(residual[:5, 3]).float()
+    assert fitted.probe(0, 1).predict(h).shape == (5, 3)  # the two tokens + "other"
+    fitted.save(tmp_path / "mlp.safetensors", "here")
+    again = FittedProbes.load(tmp_path / "mlp.safetensors", "here")
+    assert torch.equal(again.probe(0, 1).predict(h), fitted.probe(0, 1).predict(h))

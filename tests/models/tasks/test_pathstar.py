@@ -77,6 +77,19 @@ def test_task_batches_and_loss_only_on_targets():
     assert inputs.shape == (8, 3 * 4 + 3 + 2) and (labels != IGNORE).sum(1).tolist() == [3] * 8
 
 
+def test_the_prefix_loss_variant_predicts_every_next_token_and_keeps_the_targets():
+    train, _ = generate_split(PathStarSpec(2, 3, 10), 20, 5)
+    inputs, plain = train.sequences("teacher-forcing")
+    _, labels = train.sequences("teacher-forcing", prefix_loss=True)
+    prefix = train.spec.prefix_len
+    assert (labels != IGNORE).all()  # every position predicts something
+    np.testing.assert_array_equal(labels[:, : prefix - 1], inputs[:, 1:prefix])  # the next prefix token
+    np.testing.assert_array_equal(labels[:, prefix - 1 :], plain[:, prefix - 1 :])  # the targets as before
+    task = PathStarTask(train, "teacherless", prefix_loss=True)
+    assert "loss on the prefix too" in task.describe()
+    assert (task.labels[:, : prefix - 1] == torch.from_numpy(inputs[:, 1:prefix])).all()  # teacherless inputs: $
+
+
 @pytest.mark.parametrize(
     "line, message",
     [
