@@ -246,6 +246,8 @@ def span_text(layers: list[int]) -> str:
     return ", ".join(runs)
 
 
+SINCE_ADDED = {"hidden": 256, "nonlinear": False}  # settings added after runs were made: what their absence meant
+
 
 def saved_probing_run(out: str | Path) -> tuple[ProbeSettings, dict[str, str]]:
     """The settings (``config.json``) and the named checkpoints (``meta.json``: as loaded, the control left out)
@@ -255,6 +257,8 @@ def saved_probing_run(out: str | Path) -> tuple[ProbeSettings, dict[str, str]]:
         raise ForethoughtError(f"{out} holds no probe or precache run (no config.json)")
     saved = read_json(out / "config.json", f"run the probe or precache command into {out} again")
     needed = [f.name for f in fields(ProbeSettings) if f.name not in UNBOUND]
+    if isinstance(saved, dict):
+        saved = {**SINCE_ADDED, **saved}
     if not isinstance(saved, dict) or set(needed) - set(saved):
         raise ForethoughtError(f"{out} holds no probe or precache run (its config.json has other settings)")
     if not (out / "meta.json").is_file():
