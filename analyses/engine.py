@@ -51,10 +51,12 @@ class Probing:
 
     ``settings`` fix the held-out data and the (layer, τ) grid; the probe kind of each request may vary. Residual
     caches and probe stores live under ``folder`` (``caches/<name>``, ``scores/<name>``), so a probe run's
-    folder is reused as it is.
+    folder is reused as it is. ``heldout`` is the held-out data and sample when the caller has drawn them already
+    (with the same settings); otherwise they are drawn on first use.
     """
 
-    def __init__(self, checkpoints: Mapping[str, LMCheckpoint], settings: ProbeSettings, folder: str | Path):
+    def __init__(self, checkpoints: Mapping[str, LMCheckpoint], settings: ProbeSettings, folder: str | Path,
+                 heldout: tuple[TextData, HeldOutSample] | None = None):
         if not checkpoints:
             raise ForethoughtError("probing needs at least one checkpoint")
         self.settings, self.folder = settings, Path(folder)
@@ -67,7 +69,7 @@ class Probing:
         self._rows: dict[tuple[str, str, bool | str], pd.DataFrame] = {}  # tidy rows (bootstrapped once)
         self._baselines: dict[str, BaselineScores] = {}  # per target
         self._splits: dict[int | None, ProbeSplit] = {}  # per class set (top-K or every token)
-        self._heldout: tuple[TextData, HeldOutSample] | None = None
+        self._heldout = heldout
         self._counted: np.ndarray | None | object = _UNREAD  # the count baselines' training tokens, once read
         self.seconds: dict[str, float] = {}  # wall time of each step run here, computed or read back
 
@@ -439,10 +441,12 @@ def counted_on(counted: np.ndarray | None, split: ProbeSplit) -> str:
     return f"the probes' training split of the held-out text ({len(split.train):,} sequences)"
 
 
-def probe_checkpoints(config: ProbeSettings, checkpoints: dict[str, LMCheckpoint], out: str | Path) -> ProbeRun:
+def probe_checkpoints(config: ProbeSettings, checkpoints: dict[str, LMCheckpoint], out: str | Path,
+                      heldout: tuple[TextData, HeldOutSample] | None = None) -> ProbeRun:
     """Cache and probe ``checkpoints`` (and the control) on held-out text into the run folder ``out``; add the
-    logit lens and the baselines. The held-out data, layers and τ are checked before the folder is written."""
-    engine = Probing(checkpoints, config, out)
+    logit lens and the baselines. The held-out data, layers and τ are checked before the folder is written;
+    ``heldout`` is the data and sample when drawn already (:func:`heldout_tokens`)."""
+    engine = Probing(checkpoints, config, out, heldout)
     tokens = engine.tokens
     if max(config.tau_list()) >= tokens.shape[1]:
         raise ForethoughtError(f"taus reach {max(config.tau_list())}, but the held-out sequences have "

@@ -126,17 +126,17 @@ def run_precache(config: PrecacheConfig) -> PrecacheResults:
     """Probe both twins and the control, estimate P and B per (layer, τ); write table, meta and figures."""
     checkpoints = load_checkpoints(config.named_checkpoints())
     check_twins(checkpoints["vanilla"], checkpoints["myopic"])
-    match = None
-    if config.loss_matched:  # the engine below draws the same sample
-        sample = heldout_tokens(checkpoints, config)[1]
-        match = loss_matched(checkpoints["vanilla"], checkpoints["myopic"], torch.from_numpy(sample.tokens),
+    match, heldout = None, None
+    if config.loss_matched:  # the checkpoint of matching loss is found on the sample the probes read
+        heldout = heldout_tokens(checkpoints, config)
+        match = loss_matched(checkpoints["vanilla"], checkpoints["myopic"], torch.from_numpy(heldout[1].tokens),
                              config.batch_sequences, config.progress)
         if match.source != checkpoints["vanilla"].source:
             checkpoints[MATCHED] = LMCheckpoint.load(match.source)
         if len(match.vanilla_losses) == 1:
             log.warning("the vanilla run saved one checkpoint: P_matched is P. Train it with --checkpoint-every N "
                         "--keep-checkpoints K to have checkpoints of lower skill to match")
-    run = probe_checkpoints(config, checkpoints, config.out)  # checks the settings, then writes the folder
+    run = probe_checkpoints(config, checkpoints, config.out, heldout)  # checks the settings, then writes the folder
     scores = {**run.scores, MATCHED: run.scores.get(MATCHED, run.scores["vanilla"])}
     differences = [("vanilla", "myopic", PRECACHE)] + [(MATCHED, "myopic", PRECACHE_MATCHED)] * config.loss_matched
     differences += [("myopic", CONTROL, B_NET_CONTROL)] * config.random_init

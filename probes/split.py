@@ -10,6 +10,7 @@ with, so both score exactly the same held-out examples.
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 
 import numpy as np
@@ -43,6 +44,12 @@ class ProbeSplit:
     validation: np.ndarray  # of train: early stopping
     test: np.ndarray  # held out: every score
     classes: np.ndarray | None  # top-K probes: the K most frequent training tokens (+ "other"); None: every token
+
+    def digest(self) -> str:
+        """A short hash of every part and the classes: what a stored probe grid was fitted and scored on."""
+        parts = [self.train, self.validation, self.test, *([] if self.classes is None else [self.classes])]
+        return hashlib.blake2b(b"|".join(np.asarray(p, dtype=np.int64).tobytes() for p in parts),
+                               digest_size=8).hexdigest()
 
     @property
     def fit(self) -> np.ndarray:

@@ -1,7 +1,8 @@
 """The probe store: a probe grid's held-out scores and its fitted probes, fitted once and read back afterwards.
 
 Both files are keyed by everything that decides their numbers — the residuals' weights and tokens, the (layer, τ)
-grid and every fitting setting — and checked against the residuals' content when read, so nothing stale or
+grid, every fitting setting and the probe split where it is not the settings' own split of the tokens (a split by
+documents) — and checked against the residuals' content when read, so nothing stale or
 damaged is reused (:meth:`probes.future.ProbeScores.load`, :meth:`probes.future.FittedProbes.load`):
 
     <store>/<kind>-<key>.npz              per-example held-out scores
@@ -35,7 +36,7 @@ def probe_scores(cache: ResidualCache, model: PreTrainedModel, taus: list[int], 
                  store: Path, progress: bool = False, split: ProbeSplit | None = None) -> ProbeScores:
     """Held-out scores of every (layer, τ) probe of ``config`` on ``cache`` (the residuals of ``model``): fitted
     once into ``store`` (on ``split``, default ``config.split`` of the cached tokens), then read back."""
-    paths, made_from = _stored(cache, taus, config, store)
+    paths, made_from = _stored(cache, taus, config, store, split)
     if paths["scores"].is_file():
         return ProbeScores.load(paths["scores"], made_from)
     return _fit(cache, model, taus, config, paths, made_from, progress, split)[1]
@@ -46,7 +47,7 @@ def fitted_probes(cache: ResidualCache, model: PreTrainedModel, taus: list[int],
     """The fitted probes behind :func:`probe_scores` (same arguments): read from ``store``, or fitted there (a
     store written before probes were kept holds scores only: its probes are fitted again, alike for the same
     seed and thread count, and its scores kept as they are)."""
-    paths, made_from = _stored(cache, taus, config, store)
+    paths, made_from = _stored(cache, taus, config, store, split)
     if paths["probes"].is_file():
         return FittedProbes.load(paths["probes"], made_from, unembedding(model) if config.kind == "lens" else None)
     return _fit(cache, model, taus, config, paths, made_from, progress, split)[0]
@@ -56,7 +57,7 @@ def validation_scores(cache: ResidualCache, model: PreTrainedModel, taus: list[i
                       store: Path, progress: bool = False, split: ProbeSplit | None = None) -> ProbeScores:
     """The fitted probes' scores on their own validation sequences (same arguments as :func:`probe_scores`): where a
     best layer is chosen, so that its test score stays an honest estimate. Scored once into ``store``."""
-    paths, made_from = _stored(cache, taus, config, store)
+    paths, made_from = _stored(cache, taus, config, store, split)
     path = paths["scores"].with_name(f"{paths['scores'].stem}-validation.npz")
     if path.is_file():
         return ProbeScores.load(path, made_from)
@@ -68,12 +69,14 @@ def validation_scores(cache: ResidualCache, model: PreTrainedModel, taus: list[i
     return scores
 
 
-def _stored(cache: ResidualCache, taus: list[int], config: FutureProbeConfig,
-            store: Path) -> tuple[dict[str, Path], str]:
+def _stored(cache: ResidualCache, taus: list[int], config: FutureProbeConfig, store: Path,
+            split: ProbeSplit | None) -> tuple[dict[str, Path], str]:
     """The grid's files in ``store`` and the digest of what they are made from (the residuals' content)."""
     key = {"weights_hash": cache.meta["weights_hash"], "tokens_hash": cache.meta["tokens_hash"],
            "layers": cache.layers, "taus": taus, **{k: v for k, v in asdict(config).items()
                                                     if k != "device" and (k != "hidden" or config.kind == "mlp")}}
+    if split is not None and split.digest() != config.split(cache.tokens).digest():
+        key["split"] = split.digest()  # the settings' own split keeps the key it always had
     digest = hashlib.blake2b(json.dumps(key, sort_keys=True).encode(), digest_size=8).hexdigest()
     stem = f"{config.kind}{'-untrained' if config.max_epochs == 0 else ''}-{digest}"
     made_from = cache.meta["digests"] | {"key": digest}  # the residuals' content, not only their names

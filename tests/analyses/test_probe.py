@@ -11,6 +11,7 @@ import pytest
 import torch
 from transformers import AutoTokenizer
 
+from forethought.analyses import engine
 from forethought.analyses.cli import main
 from forethought.analyses.compare import Comparison
 from forethought.analyses.precache import MATCHED, PRECACHE, PrecacheConfig, run_precache
@@ -109,11 +110,14 @@ def test_layers_that_do_not_exist_are_named(twins, tmp_path, capsys):
     assert "layers [7] out of range: the checkpoints have residual layers 0 … 2" in capsys.readouterr().err
 
 
-def test_precache_estimates_are_paired_differences(twins, tmp_path):
+def test_precache_estimates_are_paired_differences(twins, tmp_path, monkeypatch):
+    draws = []  # the loss match and the probes read one sample, drawn once
+    monkeypatch.setattr(engine, "heldout_sample", lambda *args: draws.append(args) or heldout_sample(*args))
     config = PrecacheConfig(vanilla=str(twins / "vanilla"), myopic=str(twins / "myopic"), taus=(1, 2), kind="topk",
                             top_k=40, max_sequences=60, max_epochs=3, lr=1e-2, share_sequences=4, random_init=False,
                             tokens_root=str(twins / "tokens"), out=str(tmp_path / "pre"), progress=False)
     results = run_precache(config)
+    assert len(draws) == 1
     probed = results.table[(results.table["metric"] == "top1") & (results.table["probe"] == "topk")
                            & (results.table["split"] == "test")]
     vanilla, myopic = (probed[probed["checkpoint"] == name].pivot(index="layer", columns="tau", values="value")
