@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import platform
 import subprocess
+from collections.abc import Sequence
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -28,16 +29,19 @@ COLUMNS = [
 ]
 CONTROL = "random init"  # the checkpoint name of the random-init control, in every experiment
 BY_TEXT = "by_text"  # the file stem of a run's rows per text of a mixed held-out sample
-def tidy(rows: pd.DataFrame | list[dict[str, Any]], **constants: Any) -> pd.DataFrame:
-    """Rows (+ columns shared by all of them) → a table with exactly :data:`COLUMNS`, typed (no rows: empty)."""
+def tidy(rows: pd.DataFrame | list[dict[str, Any]], extra: Sequence[str] = (), **constants: Any) -> pd.DataFrame:
+    """Rows (+ columns shared by all of them) → a table with exactly :data:`COLUMNS`, typed (no rows: empty);
+    an experiment's own ``extra`` columns (integers or text) stand before ``split``."""
+    columns = COLUMNS[: COLUMNS.index("split")] + list(extra) + COLUMNS[COLUMNS.index("split"):]
     if len(rows) == 0:
-        return pd.DataFrame(columns=COLUMNS)
+        return pd.DataFrame(columns=columns)
     table = pd.DataFrame(rows).assign(**constants)
     missing = set(COLUMNS) - set(table.columns) - {"layer", "position", "tau", "target", "probe"}
     if missing:
         raise ForethoughtError(f"results rows lack columns {sorted(missing)}")
-    table = table.reindex(columns=COLUMNS)
-    return table.astype({"layer": "Int64", "position": "Int64", "tau": "Int64", "seed": "Int64", "n": "Int64"})
+    table = table.reindex(columns=columns)
+    integers = ["layer", "position", "tau", "seed", "n"] + [c for c in extra if pd.api.types.is_numeric_dtype(table[c])]
+    return table.astype(dict.fromkeys(integers, "Int64"))
 
 
 def git_revision() -> str | None:

@@ -25,6 +25,7 @@ _MODULES: dict[str, tuple[str, ...]] = {
     "forethought.analyses.gap": ("GapConfig", "run_gap", "GapResults"),
     "forethought.analyses.probe": ("ProbeConfig", "run_probe"),
     "forethought.analyses.precache": ("PrecacheConfig", "run_precache"),
+    "forethought.analyses.intervene": ("InterveneConfig", "run_intervene", "InterveneResults"),
     "forethought.analyses.across": ("AcrossConfig", "run_seeds", "run_trend"),
     # the Jupyter object, the engine beneath it, their settings
     "forethought.analyses.compare": ("CompareConfig", "run_compare", "Comparison"),
@@ -42,7 +43,10 @@ _MODULES: dict[str, tuple[str, ...]] = {
                                      "hook_name"),
     "forethought.probes.gradients": ("future_gradient_split",),
     # edits of the residual stream (a context manager over any supported family, or TransformerLens hooks)
-    "forethought.probes.interventions": ("intervene", "ProjectOut", "AddVector", "MeanAblate", "Patch"),
+    "forethought.probes.interventions": ("intervene", "ProjectOut", "AddVector", "MeanAblate", "Erase", "Patch"),
+    # concept erasure (LEACE at a rank, its random control) and an edit's own and future paths
+    "forethought.probes.erasure": ("ErasureFit",),
+    "forethought.probes.paths": ("path_logits", "path_effects"),
     # one error type: every bad input is one line naming the problem
     "forethought.core.errors": ("ForethoughtError",),
 }

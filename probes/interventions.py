@@ -1,13 +1,14 @@
 """Edits of the residual stream h[l, t] at chosen (layer, positions): the workbench's one place that writes into
 a model while it runs.
 
-Four edits, each a small frozen dataclass acting on h [batch, seq, d_model] at ``positions`` (an int, a list of
+Five edits, each a small frozen dataclass acting on h [batch, seq, d_model] at ``positions`` (an int, a list of
 ints, a slice, or None for every position) of residual layer ``layer`` (0 … L, or its TransformerLens hook name,
 ``blocks.{l}.hook_resid_pre`` / ``blocks.{l-1}.hook_resid_post``):
 
 - :class:`ProjectOut` removes a subspace (h ← h − h·Q·Qᵀ, Q an orthonormal basis of the given directions);
 - :class:`AddVector` adds a vector (steering);
 - :class:`MeanAblate` replaces h by a mean (or only its component in a subspace: h ← h − P(h − mean));
+- :class:`Erase` applies an affine concept erasure (LEACE at a chosen rank, :mod:`probes.erasure`);
 - :class:`Patch` writes in the residuals of another run over the same positions (record them with
   :func:`probes.residuals.model_residuals`).
 
@@ -129,6 +130,21 @@ class MeanAblate(Edit):
             return mean.expand_as(h)
         basis = orthonormal_basis(self.directions, h)
         return h - ((h - mean) @ basis) @ basis.T
+
+
+@dataclass(frozen=True)
+class Erase(Edit):
+    """An affine erasure h ← h − ((h − mean) · rightᵀ) · leftᵀ (``left`` [d, r], ``right`` [r, d]): concept erasure
+    of rank r (:class:`probes.erasure.ConceptEraser` makes these), computed in float64."""
+
+    mean: torch.Tensor | None = None
+    left: torch.Tensor | None = None
+    right: torch.Tensor | None = None
+    REQUIRED: ClassVar[tuple[str, ...]] = ("mean", "left", "right")
+
+    def edited(self, h: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        wide = h.to(torch.float64)
+        return wide - (wide - self.mean.to(wide)) @ self.right.to(wide).T @ self.left.to(wide).T
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,96 @@
+"""Own path and future path: how an edit of h[l, t] reaches the model's predictions.
+
+An edit at one position t changes the model's outputs by exactly two routes:
+
+- the **own path** — the edited h[l, t] feeds position t's own later layers, and so the prediction made *at* t;
+- the **future path** — every later position s > t reads position t only through its keys and values at the
+  blocks l … L − 1, so the predictions at t + 1, t + 2, … change only through those.
+
+:func:`path_logits` runs either path alone, the model being causal: the prefix 0 … t once clean and once
+edited, then positions t + 1 … with a key/value cache in which position t's entries are the clean ones (own
+path) or the edited ones (future path). Because nothing else connects t to later positions, the own path
+changes the logits at t only and the future path those after t only, and together they are the plainly edited
+run (all tested to float precision): the change in loss *at* t is the own-path effect and the change *at*
+t + k the future-path effect, both read from one edited forward pass. The causal tests (:mod:`analyses.intervene`)
+do exactly that; this module is how the reading is checked, and how a user routes an edit by one path.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable, Sequence
+from typing import Literal
+
+import numpy as np
+import torch
+from transformers import PreTrainedModel
+
+from forethought.core.errors import ForethoughtError
+from forethought.models.heldout import token_losses
+from forethought.probes.interventions import Edit, intervene
+
+Path = Literal["own", "future", "both"]
+PATHS: tuple[str, ...] = ("own", "future", "both")
+
+
+@torch.no_grad()
+def path_logits(model: PreTrainedModel, tokens: torch.Tensor, edit: Edit, path: Path) -> torch.Tensor:
+    """Logits [batch, seq, vocab] of ``model`` on ``tokens`` [batch, seq] with ``edit`` (at one position t)
+    reaching the outputs by ``path`` only: "own" (t's own later layers), "future" (later positions through t's
+    keys and values) or "both" (the plain edited run)."""
+    if path not in PATHS:
+        raise ForethoughtError(f"unknown path {path!r}; choose one of {', '.join(PATHS)}")
+    if not isinstance(edit.positions, int):
+        raise ForethoughtError(f"a path run edits one position t; this edit is at positions {edit.positions!r}")
+    t = edit.positions % tokens.shape[1]
+    prefix, rest = tokens[:, : t + 1], tokens[:, t + 1:]
+    clean = _run(model, prefix)
+    with intervene(model, edit):
+        edited = _run(model, prefix)
+    head = edited if path in ("own", "both") else clean
+    if rest.shape[1] == 0:
+        return head.logits
+    cache = _cache(edited if path == "both" else clean)  # the continuation appends to it
+    if path == "future":  # position t's keys and values from the edited run, at every layer: the prefix ends at
+        for layer, edited_layer in zip(cache.layers, _cache(edited).layers):  # t, so t is every cache's last entry
+            layer.keys[:, :, -1] = edited_layer.keys[:, :, -1]  # (a sliding window's too)
+            layer.values[:, :, -1] = edited_layer.values[:, :, -1]
+    tail = _run(model, rest, cache)
+    return torch.cat([head.logits, tail.logits], dim=1)
+
+
+def _run(model: PreTrainedModel, tokens: torch.Tensor, cache=None):
+    """One forward pass that keeps its key/value cache (continuing ``cache`` if given)."""
+    name = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    return model(tokens, use_cache=True, **({name: cache} if cache is not None else {}))
+
+
+def _cache(output):
+    """The key/value cache of a forward pass (``cache`` since transformers 5.2x, ``past_key_values`` before)."""
+    return getattr(output, "cache", None) or output.past_key_values
+
+
+@torch.no_grad()
+def path_effects(model: PreTrainedModel, tokens: torch.Tensor, edit_at: Callable[[int], Edit],
+                 positions: Sequence[int], max_offset: int, batch_size: int = 32,
+                 clean: dict[int, np.ndarray] | None = None) -> np.ndarray:
+    """The change in next-token loss at t + k when h[l, t] is edited (``edit_at(t)``, an edit at position t), for
+    every sequence of ``tokens`` [n, T], t in ``positions`` and k = 0 … ``max_offset``: [n, len(positions),
+    max_offset + 1], nats. Offset 0 is the own path's effect, offsets ≥ 1 the future path's (module docstring).
+    Each edited run stops at the last loss it needs and is compared with the unedited run of the same length
+    (the same arithmetic: an edit that changes nothing gives exactly 0); ``clean`` keeps those unedited losses by
+    length — pass the same dict to later calls to reuse them."""
+    seq = tokens.shape[1]
+    if positions and (min(positions) < 0 or max(positions) + max_offset + 2 > seq):
+        raise ForethoughtError(f"positions {min(positions)} … {max(positions)} with offsets up to {max_offset} "
+                               f"need sequences of {max(positions) + max_offset + 2} tokens; these have {seq}")
+    clean = {} if clean is None else clean
+    effects = np.empty((len(tokens), len(positions), max_offset + 1))
+    for index, t in enumerate(positions):
+        length = t + max_offset + 2
+        if length not in clean:
+            clean[length] = token_losses(model, tokens[:, :length], batch_size)
+        with intervene(model, edit_at(t)):
+            edited = token_losses(model, tokens[:, :length], batch_size)
+        effects[:, index] = edited[:, t:] - clean[length][:, t:]
+    return effects

@@ -1,0 +1,49 @@
+"""forethought intervene: erasers fitted on training documents, edits on test documents, paths read exactly."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from forethought.analyses.cli import main
+from forethought.analyses.intervene import LEACE, NET, RANDOM, InterveneConfig, InterveneResults, run_intervene
+
+
+def test_the_causal_test_on_twins(twins, tmp_path):
+    config = InterveneConfig(checkpoints={"vanilla": str(twins / "vanilla"), "myopic": str(twins / "myopic")},
+                             max_sequences=60, taus=(1, 2), ranks=(1, 4), positions=3, top_k=20,
+                             tokens_root=str(twins / "tokens"), out=str(tmp_path / "iv"), progress=False)
+    results = run_intervene(config)
+    table = results.table
+    effects = table[table["metric"] == "delta_loss"]
+    n_layers = int(effects["layer"].max())
+    for (_, layer, tau, _), cell in effects.groupby(["checkpoint", "layer", "tau", "rank"]):
+        by_edit = {edit: rows.sort_values("offset", na_position="last")["value"].to_numpy()
+                   for edit, rows in cell.groupby("edit")}
+        np.testing.assert_allclose(by_edit[NET], by_edit[LEACE] - by_edit[RANDOM], atol=1e-12)  # paired
+        assert len(by_edit[LEACE]) == tau + 2  # offsets 0 … τ and the future path summed
+        if layer == n_layers:  # h[L, t] feeds no keys or values: nothing reaches later positions
+            assert (cell.loc[cell["path"] == "future", "value"] == 0).all()
+    full_rank = effects.groupby(["checkpoint", "layer", "tau"])["rank"].max()  # at most classes − 1 = 20
+    assert set(effects["rank"]) >= {1, 4} and full_rank.between(17, 20).all()
+    r2 = table[table["metric"] == "linear_r2_after"].set_index(["checkpoint", "layer", "tau", "edit", "rank"])["value"]
+    before = r2.xs(("none", 0), level=("edit", "rank"))
+    full = r2.xs(LEACE, level="edit")
+    full = full[full.index.isin([(*cell, rank) for cell, rank in full_rank.items()])].droplevel("rank")
+    assert (full < 0.002).all()  # after full-rank LEACE a fresh linear probe explains nothing on test documents …
+    decodable = before[before > 0.01]  # … where, in these briefly trained twins, some cells held a readable concept
+    assert len(decodable) >= 1 and (full[decodable.index] < decodable - 0.01).all()
+    assert (tmp_path / "iv" / "figures" / "intervene_vanilla_future_heatmap.html").is_file()
+    again = InterveneResults.from_folder(tmp_path / "iv")
+    assert again.table.equals(table) and "beyond random directions" in again.summary()
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--ranks", "0"], "ranks must be ≥ 1, got 0"),
+    (["--positions", "0"], "positions must be ≥ 1, got 0"),
+    (["--taus", "0"], "taus must be offsets ≥ 1, got 0"),
+])
+def test_bad_intervene_settings_are_one_line_errors(capsys, tmp_path, argv, message):
+    assert main(["intervene", "--checkpoints", "a=x", *argv, "--out", str(tmp_path / "iv")]) == 2
+    assert capsys.readouterr().err == f"forethought: error: {message}\n"
+    assert not (tmp_path / "iv").exists()

@@ -1,0 +1,84 @@
+"""Concept erasure: a planted concept is unreadable after full-rank erasure, ranks cut the most decodable
+directions first, and the random control matches the edit in rank and whitened variance without seeing the
+concept."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from sklearn.linear_model import LogisticRegression
+
+from forethought.core.errors import ForethoughtError
+from forethought.probes.erasure import ErasureFit
+from forethought.probes.interventions import intervene
+
+D, CLASSES = 16, 5
+
+
+def planted(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Rows whose class is written along 4 directions (strongly along one), in correlated noise."""
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, CLASSES, n)
+    means = np.random.default_rng(99).normal(size=(CLASSES, D)) * np.r_[3.0, 1.0, 1.0, 1.0, np.zeros(D - 4)]
+    mixing = np.random.default_rng(98).normal(size=(D, D)) / np.sqrt(D)
+    return means[labels] + rng.normal(size=(n, D)) @ mixing + 0.5, labels
+
+
+def probe_accuracy(train: tuple[np.ndarray, np.ndarray], test: tuple[np.ndarray, np.ndarray]) -> float:
+    return LogisticRegression(max_iter=2000).fit(*train).score(*test)
+
+
+def test_full_rank_erasure_leaves_a_fresh_linear_probe_at_chance():
+    (h, labels), (h_test, labels_test) = planted(4000, 0), planted(2000, 1)
+    fit = ErasureFit.from_samples(h, labels, CLASSES)
+    assert fit.max_rank == CLASSES - 1  # one-hot classes centred: k − 1 directions
+    chance = np.bincount(labels_test).max() / len(labels_test)
+    assert probe_accuracy((h, labels), (h_test, labels_test)) > 0.9
+    eraser = fit.eraser()
+    erase = lambda x: eraser(torch.from_numpy(x)).numpy()  # noqa: E731
+    assert probe_accuracy((erase(h), labels), (erase(h_test), labels_test)) < chance + 0.04
+    # a rank-1 erasure leaves the weaker directions readable; the control of that rank, most of the concept
+    partial, control = fit.eraser(1), fit.random_eraser(1, seed=0)
+    erased_1 = probe_accuracy((partial(torch.from_numpy(h)).numpy(), labels),
+                              (partial(torch.from_numpy(h_test)).numpy(), labels_test))
+    kept = probe_accuracy((control(torch.from_numpy(h)).numpy(), labels),
+                          (control(torch.from_numpy(h_test)).numpy(), labels_test))
+    assert chance + 0.04 < erased_1 < kept
+
+
+def test_the_control_matches_rank_and_whitened_variance_and_ignores_the_concept():
+    h, labels = planted(3000, 2)
+    fit = ErasureFit.from_samples(h, labels, CLASSES, shrinkage=False)
+    white = (torch.from_numpy(h) - fit.mean) @ fit.whiten  # whitened rows: identity covariance
+    for rank in (1, 3):
+        concept, control = fit.eraser(rank), fit.random_eraser(rank, seed=7)
+        assert concept.rank == control.rank == rank
+        for eraser in (concept, control):  # whitened variance removed = rank (the basis is orthonormal there)
+            removed = white @ (eraser.right @ fit.unwhiten).T
+            assert float((removed**2).sum(-1).mean()) * len(h) / (len(h) - 1) == pytest.approx(rank, rel=1e-6)
+    shuffled = ErasureFit.from_samples(h, np.random.default_rng(3).permutation(labels), CLASSES, shrinkage=False)
+    assert torch.equal(shuffled.random_eraser(2, seed=7).right, fit.random_eraser(2, seed=7).right)  # no concept
+    assert not torch.equal(fit.random_eraser(2, seed=8).right, fit.random_eraser(2, seed=7).right)  # the seed does
+
+
+def test_rank_zero_is_the_identity_and_ranks_beyond_the_concept_are_capped():
+    h, labels = planted(500, 4)
+    fit = ErasureFit.from_samples(h, labels, CLASSES)
+    assert torch.equal(fit.eraser(0)(torch.from_numpy(h)), torch.from_numpy(h))
+    assert fit.eraser(D).rank == fit.random_eraser(D, seed=0).rank == fit.max_rank
+    with pytest.raises(ForethoughtError, match=r"erasure rank 17 is outside 0 … 16"):
+        fit.eraser(D + 1)
+    with pytest.raises(ForethoughtError, match=r"labels in 0 … 4"):
+        ErasureFit.from_samples(h, labels + 1, CLASSES)
+
+
+def test_an_eraser_edits_a_model_at_one_layer_and_position(tiny_lm):
+    tokens = torch.randint(0, tiny_lm.config.vocab_size, (6, 9), generator=torch.Generator().manual_seed(0))
+    hidden = tiny_lm(tokens, output_hidden_states=True).hidden_states[1].detach()  # h[1] [6, 9, d]
+    fit = ErasureFit.from_samples(hidden.reshape(-1, hidden.shape[-1]), tokens.reshape(-1) % 3, 3)
+    with intervene(tiny_lm, fit.eraser().at(1, positions=4)) as edited:
+        tiny_lm(tokens)
+    expected = hidden.clone()
+    expected[:, 4] = fit.eraser()(hidden[:, 4])
+    torch.testing.assert_close(edited[1], expected, rtol=0, atol=1e-6)
