@@ -43,6 +43,7 @@ from forethought.probes.paths import path_effects
 
 LEACE, RANDOM, NET = "leace", "random", "leace − random"
 EXTRA = ["edit", "rank", "path", "offset"]  # the table's columns beyond the tidy ones
+CHECK_FIT_ROWS, CHECK_TEST_ROWS = 20_000, 10_000  # positions the erasure check fits and scores its probe on
 
 
 @dataclass
@@ -195,6 +196,8 @@ def run_intervene(config: InterveneConfig) -> InterveneResults:
                 fit_rows, test_rows = (_concept(residuals, tokens, classes, sequences, tau)
                                        for sequences in (split.train, split.test))
                 fit = ErasureFit.from_samples(*fit_rows, len(split.classes) + 1)
+                fit_rows = _subsample(fit_rows, CHECK_FIT_ROWS, config.seed)  # the erasure check's rows
+                test_rows = _subsample(test_rows, CHECK_TEST_ROWS, config.seed)
                 cell = {"checkpoint": name, "layer": layer, "tau": tau, "target": f"x[t+{tau}]"}
                 rows += _check_rows(cell, None, fit_rows, test_rows, rank=0, edit="none")
                 for rank in sorted({min(rank, fit.max_rank) for rank in config.ranks} | {fit.max_rank}):
@@ -222,6 +225,15 @@ def _concept(residuals: np.ndarray, tokens: np.ndarray, classes: np.ndarray, seq
     """(h[l, t] [m, d], class of x[t+τ] [m]) over every position t < T − τ of ``sequences``."""
     h = np.asarray(residuals[sequences][:, : tokens.shape[1] - tau], dtype=np.float64)
     return h.reshape(-1, h.shape[-1]), classes[tokens[sequences][:, tau:]].reshape(-1)
+
+
+def _subsample(part: tuple[np.ndarray, np.ndarray], n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """At most ``n`` rows of (h, labels), drawn without replacement (seeded); all of them if there are fewer."""
+    h, labels = part
+    if len(h) <= n:
+        return h, labels
+    kept = np.sort(np.random.default_rng(seed).choice(len(h), n, replace=False))
+    return h[kept], labels[kept]
 
 
 def _check_rows(cell: dict[str, Any], eraser: ConceptEraser | None, fit_rows: tuple[np.ndarray, np.ndarray],
