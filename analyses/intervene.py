@@ -28,6 +28,7 @@ import plotly.graph_objects as go
 import torch
 from plotly.subplots import make_subplots
 
+from forethought.analyses.causal import CAUSAL_COLUMNS, LEACE, NET, RANDOM, effect_rows, erasers
 from forethought.analyses.engine import Probing, load_checkpoints
 from forethought.analyses.experiment import ExperimentResults, finish_run, prepare_out, writes_run
 from forethought.analyses.plots import FDR_NOTE, PALETTE, difference_heatmap
@@ -41,8 +42,6 @@ from forethought.probes.erasure import ConceptEraser, ErasureFit
 from forethought.probes.metrics import POOLED, mean_scores
 from forethought.probes.paths import path_effects
 
-LEACE, RANDOM, NET = "leace", "random", "leace − random"
-EXTRA = ["edit", "rank", "path", "offset"]  # the table's columns beyond the tidy ones
 CHECK_FIT_ROWS, CHECK_TEST_ROWS = 20_000, 10_000  # positions the erasure check fits and scores its probe on
 
 
@@ -201,17 +200,14 @@ def run_intervene(config: InterveneConfig) -> InterveneResults:
                 cell = {"checkpoint": name, "layer": layer, "tau": tau, "target": f"x[t+{tau}]"}
                 rows += _check_rows(cell, None, fit_rows, test_rows, rank=0, edit="none")
                 for rank in sorted({min(rank, fit.max_rank) for rank in config.ranks} | {fit.max_rank}):
-                    erasers = {LEACE: fit.eraser(rank), RANDOM: fit.random_eraser(rank, config.seed)}
                     effects = {}
-                    for edit, eraser in erasers.items():
+                    for edit, eraser in erasers(fit, rank, config.seed).items():
+                        rows += _check_rows(cell, eraser, fit_rows, test_rows, rank=rank, edit=edit)
                         effects[edit] = path_effects(model, test, partial(eraser.at, layer), positions, tau,
                                                      config.batch_sequences, clean)
-                        rows += _check_rows(cell, eraser, fit_rows, test_rows, rank=rank, edit=edit)
-                    effects[NET] = effects[LEACE] - effects[RANDOM]  # paired: the same examples
-                    for edit, values in effects.items():
-                        rows += _effect_rows({**cell, "edit": edit, "rank": rank}, values, clusters, config.seed)
+                    rows += effect_rows({**cell, "rank": rank}, effects, clusters, config.seed)
     constants = dict(task=f"text: {engine.heldout.corpus}", seed=config.seed, split=POOLED)
-    results = InterveneResults(config=config, table=tidy(rows, extra=EXTRA, **constants))
+    results = InterveneResults(config=config, table=tidy(rows, extra=CAUSAL_COLUMNS, **constants))
     finish_run(results, out, run_meta(
         heldout=engine.sample.composition(), positions=positions, classes=len(split.classes) + 1,
         probe_split={part: getattr(split, part).tolist() for part in ("train", "validation", "test")},
@@ -265,14 +261,3 @@ def _linear_r2(h: np.ndarray, labels: np.ndarray, h_test: np.ndarray, labels_tes
     predicted = (h_test - mean) @ weights + frequencies  # [m, classes]
     truth = np.eye(n_classes)[labels_test]
     return float(1 - ((truth - predicted) ** 2).sum() / ((truth - truth.mean(0)) ** 2).sum())
-
-
-def _effect_rows(cell: dict[str, Any], effects: np.ndarray, clusters: np.ndarray, seed: int) -> list[dict[str, Any]]:
-    """Rows of Δloss [n, positions, offsets 0 … τ]: per offset (own: 0; future: ≥ 1) and the future path summed."""
-    unit = np.repeat(clusters, effects.shape[1])  # an example is (sequence, t); intervals resample documents
-    flat = effects.reshape(-1, effects.shape[2])
-    per_offset = mean_scores(flat, unit, seed=seed)
-    rows = [{**cell, "metric": "delta_loss", "path": "own" if offset == 0 else "future", "offset": offset,
-             **estimate.columns()} for offset, estimate in enumerate(per_offset)]
-    (future,) = mean_scores(flat[:, 1:].sum(1), unit, seed=seed)
-    return rows + [{**cell, "metric": "delta_loss", "path": "future", **future.columns()}]

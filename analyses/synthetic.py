@@ -9,24 +9,29 @@ random initialisation (the control: a random nonlinear expansion of x_t already 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any, ClassVar
 
 import numpy as np
 import pandas as pd
 import plotly.graph_objects as go
 import torch
+from plotly.subplots import make_subplots
 from torch.nn.functional import huber_loss
 
+from forethought.analyses.causal import CAUSAL_COLUMNS, NET, effect_rows, erasers
 from forethought.analyses.experiment import ExperimentConfig, ExperimentResults, finish_run, prepare_out, writes_run
-from forethought.analyses.plots import loss_curves_figure, probe_r2_figure
+from forethought.analyses.plots import PALETTE, loss_curves_figure, probe_r2_figure
 from forethought.analyses.results import CONTROL, run_meta, tidy
 from forethought.core.errors import ForethoughtError
 from forethought.models.gpt2 import GPT2RegressionModel, build_regression, load_model, regression_config
 from forethought.models.tasks.synthetic import SyntheticTask
 from forethought.models.train import TrainSettings, train
 from forethought.models.twins import TWINS
+from forethought.probes.erasure import ErasureFit
 from forethought.probes.fit import fit_ridge_by_layer
 from forethought.probes.metrics import mean_scores
+from forethought.probes.paths import path_effects
 from forethought.probes.residuals import model_residuals
 from forethought.probes.split import split_sequences
 
@@ -57,6 +62,7 @@ class SyntheticConfig(ExperimentConfig):
     heldout_sequences: int = 4000  # fresh sequences for the losses and the probes
     test_fraction: float = 0.25  # share of held-out sequences the probes are scored on
     ridge_alpha: float = 1e-4
+    causal: bool = True  # also erase sin(freq · x_t) from each layer and read where the loss moves (docs/causal.md)
     # evaluate these checkpoints instead of training (folders of GPT2RegressionModel)
     vanilla_checkpoint: str | None = None
     myopic_checkpoint: str | None = None
@@ -108,6 +114,36 @@ class SyntheticResults(ExperimentResults):
                           & (self.table["tau"] == -lookback)]
         return rows.pivot(index="layer", columns="checkpoint", values="value")[[*TWINS, CONTROL]]
 
+    def causal(self, edit: str = NET) -> pd.DataFrame:
+        """Δ Huber loss when sin(freq · x_t) is erased from h[l, t]: (checkpoint, layer) rows × offset k columns
+        (0: at t, the own path; 1 … n_terms: the positions whose target sums sin(freq · x_t)), ``edit`` "leace",
+        "random" or (default) their paired difference."""
+        rows = self.table[(self.table["metric"] == "delta_huber") & (self.table["edit"] == edit)
+                          & self.table["offset"].notna()]
+        return rows.pivot_table(index=["checkpoint", "layer"], columns="offset", values="value")
+
+    def causal_figure(self) -> go.Figure:
+        """Per layer, Δ Huber by offset k for each model: LEACE of sin(freq · x_t) minus random directions."""
+        rows = self.table[(self.table["metric"] == "delta_huber") & (self.table["edit"] == NET)
+                          & self.table["offset"].notna()]
+        layers = sorted(rows["layer"].unique())
+        figure = make_subplots(rows=1, cols=len(layers), shared_yaxes=True,
+                               subplot_titles=[f"erased at layer {layer}" for layer in layers])
+        for name, color in zip(rows["checkpoint"].unique(), PALETTE):
+            for column, layer in enumerate(layers, start=1):
+                line = rows[(rows["checkpoint"] == name) & (rows["layer"] == layer)].sort_values("offset")
+                figure.add_scatter(x=line["offset"].astype(int), y=line["value"], name=name, mode="lines+markers",
+                                   line=dict(color=color), showlegend=column == 1, row=1, col=column,
+                                   error_y=dict(type="data", symmetric=False, array=line["ci_high"] - line["value"],
+                                                arrayminus=line["value"] - line["ci_low"]))
+        figure.add_hline(y=0, line=dict(color="gray", dash="dot"))
+        figure.update_xaxes(title_text="offset k (loss at t + k)", dtick=1)
+        figure.update_yaxes(title_text="Δ Huber, LEACE − random", col=1)
+        figure.update_layout(title=f"Synthetic task: erasing sin({self.config.freq:g}·x[t]) from h[l, t] — the "
+                                   f"loss at t (own path) and at t + 1 … t + {self.config.n_terms} (future path), "
+                                   "beyond random directions of equal rank; 95% CI over sequences")
+        return figure
+
     def probe_figure(self) -> go.Figure:
         return probe_r2_figure(
             self.table.replace({"target": {"sin": f"sin({self.config.freq:g}·x)"}}),
@@ -124,6 +160,8 @@ class SyntheticResults(ExperimentResults):
         figures = {"synthetic_probe_r2": self.probe_figure()}
         if self.histories:  # none when both twins came from given checkpoints
             figures["synthetic_loss"] = self.loss_figure()
+        if (self.table["metric"] == "delta_huber").any():
+            figures["synthetic_causal"] = self.causal_figure()
         return figures
 
     def summary(self) -> str:
@@ -169,10 +207,10 @@ def run_synthetic(config: SyntheticConfig) -> SyntheticResults:
     models = {name: models[name] for name in (*TWINS, CONTROL)}
 
     inputs, targets = task.sample(config.heldout_sequences, torch.Generator().manual_seed(config.seed + 2_000_003))
-    table = tidy(
-        [*_loss_rows(models, task, inputs, targets), *_probe_rows(models, task, inputs, config)],
-        task="synthetic", split="heldout", seed=config.seed,
-    )
+    rows = [*_loss_rows(models, task, inputs, targets), *_probe_rows(models, task, inputs, config)]
+    if config.causal:
+        rows += _causal_rows(models, task, inputs, targets, config)
+    table = tidy(rows, extra=CAUSAL_COLUMNS, task="synthetic", split="heldout", seed=config.seed)
     results = SyntheticResults(config=config, table=table, histories=histories)
     finish_run(results, out, run_meta(
         data=task.describe(),
@@ -226,4 +264,35 @@ def _probe_rows(models, task: SyntheticTask, inputs, config: SyntheticConfig) ->
         for row in fitted.to_dict("records"):
             row["target"], row["tau"] = labels[row["target"]]
             rows.append({**row, "checkpoint": name, "probe": "ridge"})
+    return rows
+
+
+def _causal_rows(models, task: SyntheticTask, inputs, targets, config: SyntheticConfig) -> list[dict[str, Any]]:
+    """Erase sin(freq · x_t) from h[l, t] — LEACE fitted on the probes' training sequences, beside random whitened
+    directions of the same rank (1) — one position t at a time on the test sequences, and read the change in Huber
+    loss at t + k, k = 0 … n_terms + 1: y[t] does not contain sin(freq · x_t) (own path, k = 0), y[t + k] does for
+    k = 1 … n_terms (future path), y[t + n_terms + 1] again does not."""
+    train, test = split_sequences(len(inputs), config.test_fraction, seed=config.seed)
+    concept = torch.sin(task.freq * inputs[train][..., 0]).reshape(-1)  # [train sequences · seq]
+    max_offset = task.n_terms + 1
+    last = task.seq_len - max_offset - 1  # the last t whose offsets all have a loss
+    positions = sorted(set(np.linspace(0, last, min(8, last + 1)).round().astype(int).tolist()))
+
+    def huber(model: GPT2RegressionModel, cut: torch.Tensor, batch: int) -> np.ndarray:  # [n, length]
+        return huber_loss(_predict(model, cut, batch), targets[test][:, : cut.shape[1]], reduction="none").double(
+            ).numpy()
+
+    rows = []
+    for name, model in models.items():
+        model.eval()
+        with torch.no_grad():
+            residuals = model_residuals(model, inputs[train].to(next(model.parameters()).device)).cpu()
+        clean: dict[int, np.ndarray] = {}
+        for layer in range(config.n_layer + 1):
+            fit = ErasureFit.from_values(residuals[layer].reshape(-1, residuals.shape[-1]), concept)
+            effects = {edit: path_effects(model, inputs[test], partial(eraser.at, layer), positions, max_offset,
+                                          512, clean, huber, lag=0)
+                       for edit, eraser in erasers(fit, 1, config.seed).items()}
+            cell = {"checkpoint": name, "layer": layer, "tau": 0, "target": "sin", "probe": "leace", "rank": 1}
+            rows += effect_rows(cell, effects, test, config.seed, metric="delta_huber")
     return rows

@@ -20,6 +20,7 @@ direction, and projecting it out removes almost nothing the model uses (issue 27
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -74,17 +75,33 @@ class ErasureFit:
     def from_samples(cls, h: np.ndarray | torch.Tensor, labels: np.ndarray | torch.Tensor, n_classes: int,
                      batch_rows: int = 8192, shrinkage: bool = True) -> ErasureFit:
         """Fit on residuals ``h`` [n, d] and integer ``labels`` [n] in 0 … n_classes − 1 (the concept, one-hot)."""
-        h, labels = torch.as_tensor(h), torch.as_tensor(labels, dtype=torch.long)
-        if h.dim() != 2 or labels.shape != h.shape[:1]:
-            raise ForethoughtError(f"erasure needs residuals [n, d] and one label per row, got {tuple(h.shape)} "
-                                   f"and {tuple(labels.shape)}")
-        if len(h) < 2 or labels.min() < 0 or labels.max() >= n_classes:
-            raise ForethoughtError(f"erasure needs at least 2 rows and labels in 0 … {n_classes - 1}")
-        fitter = LeaceFitter(h.shape[1], n_classes, dtype=torch.float64, shrinkage=shrinkage)
+        labels = torch.as_tensor(labels, dtype=torch.long)
+        if len(labels) and (labels.min() < 0 or labels.max() >= n_classes):
+            raise ForethoughtError(f"erasure needs labels in 0 … {n_classes - 1}")
+        return cls._fit(h, labels, n_classes, lambda z: torch.nn.functional.one_hot(z, n_classes), batch_rows,
+                        shrinkage)
+
+    @classmethod
+    def from_values(cls, h: np.ndarray | torch.Tensor, values: np.ndarray | torch.Tensor, batch_rows: int = 8192,
+                    shrinkage: bool = True) -> ErasureFit:
+        """Fit on residuals ``h`` [n, d] and a continuous concept ``values`` [n] or [n, k] (e.g. sin(freq · x_t))."""
+        values = torch.as_tensor(values, dtype=torch.float64)
+        values = values.reshape(len(values), -1)
+        return cls._fit(h, values, values.shape[1], lambda z: z, batch_rows, shrinkage)
+
+    @classmethod
+    def _fit(cls, h: np.ndarray | torch.Tensor, concept: torch.Tensor, width: int,
+             encode: Callable[[torch.Tensor], torch.Tensor], batch_rows: int, shrinkage: bool) -> ErasureFit:
+        """LEACE's statistics over rows of ``h`` and ``encode(concept rows)`` [rows, width], then the whitened
+        directions of the concept, by decreasing singular value."""
+        h = torch.as_tensor(h)
+        if h.dim() != 2 or len(concept) != len(h) or len(h) < 2:
+            raise ForethoughtError(f"erasure needs residuals [n ≥ 2, d] and one concept value per row, got "
+                                   f"{tuple(h.shape)} and {len(concept)}")
+        fitter = LeaceFitter(h.shape[1], width, dtype=torch.float64, shrinkage=shrinkage)
         for start in range(0, len(h), batch_rows):
             rows = slice(start, start + batch_rows)
-            fitter.update(h[rows].to(torch.float64),
-                          torch.nn.functional.one_hot(labels[rows], n_classes).to(torch.float64))
+            fitter.update(h[rows].to(torch.float64), encode(concept[rows]).to(torch.float64))
         eigenvalues, vectors = torch.linalg.eigh(fitter.sigma_xx)
         kept = eigenvalues > eigenvalues[-1] * len(eigenvalues) * torch.finfo(eigenvalues.dtype).eps  # as pinv
         eigenvalues = eigenvalues.clamp_min(0)

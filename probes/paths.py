@@ -71,26 +71,31 @@ def _cache(output):
 
 
 @torch.no_grad()
-def path_effects(model: PreTrainedModel, tokens: torch.Tensor, edit_at: Callable[[int], Edit],
+def path_effects(model: PreTrainedModel, inputs: torch.Tensor, edit_at: Callable[[int], Edit],
                  positions: Sequence[int], max_offset: int, batch_size: int = 32,
-                 clean: dict[int, np.ndarray] | None = None) -> np.ndarray:
-    """The change in next-token loss at t + k when h[l, t] is edited (``edit_at(t)``, an edit at position t), for
-    every sequence of ``tokens`` [n, T], t in ``positions`` and k = 0 … ``max_offset``: [n, len(positions),
-    max_offset + 1], nats. Offset 0 is the own path's effect, offsets ≥ 1 the future path's (module docstring).
-    Each edited run stops at the last loss it needs and is compared with the unedited run of the same length
-    (the same arithmetic: an edit that changes nothing gives exactly 0); ``clean`` keeps those unedited losses by
+                 clean: dict[int, np.ndarray] | None = None,
+                 losses: Callable[[PreTrainedModel, torch.Tensor, int], np.ndarray] = token_losses,
+                 lag: int = 1) -> np.ndarray:
+    """The change in loss at t + k when h[l, t] is edited (``edit_at(t)``, an edit at position t), for every
+    sequence of ``inputs`` [n, T, ...], t in ``positions`` and k = 0 … ``max_offset``: [n, len(positions),
+    max_offset + 1]. Offset 0 is the own path's effect, offsets ≥ 1 the future path's (module docstring).
+
+    ``losses(model, inputs, batch_size)`` gives the per-position loss [n, T − lag] of inputs cut to any length
+    (default: next-token cross-entropy, lag 1: position s predicts token s + 1; a regression's loss at s: lag 0).
+    Each edited run stops at the last loss it needs and is compared with the unedited run of the same length (the
+    same arithmetic: an edit that changes nothing gives exactly 0); ``clean`` keeps those unedited losses by
     length — pass the same dict to later calls to reuse them."""
-    seq = tokens.shape[1]
-    if positions and (min(positions) < 0 or max(positions) + max_offset + 2 > seq):
+    seq = inputs.shape[1]
+    if positions and (min(positions) < 0 or max(positions) + max_offset + 1 + lag > seq):
         raise ForethoughtError(f"positions {min(positions)} … {max(positions)} with offsets up to {max_offset} "
-                               f"need sequences of {max(positions) + max_offset + 2} tokens; these have {seq}")
+                               f"need sequences of {max(positions) + max_offset + 1 + lag} positions; these have {seq}")
     clean = {} if clean is None else clean
-    effects = np.empty((len(tokens), len(positions), max_offset + 1))
+    effects = np.empty((len(inputs), len(positions), max_offset + 1))
     for index, t in enumerate(positions):
-        length = t + max_offset + 2
+        length = t + max_offset + 1 + lag
         if length not in clean:
-            clean[length] = token_losses(model, tokens[:, :length], batch_size)
+            clean[length] = losses(model, inputs[:, :length], batch_size)
         with intervene(model, edit_at(t)):
-            edited = token_losses(model, tokens[:, :length], batch_size)
+            edited = losses(model, inputs[:, :length], batch_size)
         effects[:, index] = edited[:, t:] - clean[length][:, t:]
     return effects

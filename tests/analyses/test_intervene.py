@@ -5,8 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from forethought.analyses.causal import LEACE, NET, RANDOM
 from forethought.analyses.cli import main
-from forethought.analyses.intervene import LEACE, NET, RANDOM, InterveneConfig, InterveneResults, run_intervene
+from forethought.analyses.intervene import InterveneConfig, InterveneResults, run_intervene
 
 
 def test_the_causal_test_on_twins(twins, tmp_path):

@@ -5,10 +5,12 @@ from __future__ import annotations
 import json
 from importlib import metadata
 
+import numpy as np
 import pandas as pd
 import pytest
 import torch
 
+from forethought.analyses.causal import CAUSAL_COLUMNS, LEACE, NET, RANDOM
 from forethought.analyses.results import COLUMNS, read_results
 from forethought.analyses.synthetic import CONTROL, SyntheticConfig, SyntheticResults, run_synthetic
 from forethought.core.errors import ForethoughtError
@@ -28,7 +30,8 @@ def tiny_run(tmp_path_factory):
 def test_table_is_tidy_and_complete(tiny_run):
     results, out = tiny_run
     table = results.table
-    assert list(table.columns) == COLUMNS
+    split = COLUMNS.index("split")
+    assert list(table.columns) == [*COLUMNS[:split], *CAUSAL_COLUMNS, *COLUMNS[split:]]
     probes = table[table["metric"] == "r2"]
     assert set(probes["checkpoint"]) == {"vanilla", "myopic", CONTROL}
     assert set(probes["layer"]) == {0, 1, 2}
@@ -40,6 +43,21 @@ def test_table_is_tidy_and_complete(tiny_run):
     assert losses.loc["trivial (predict 0)", "ratio_to_trivial"] == 1.0
 
 
+def test_the_causal_test_reads_each_offset_beside_its_control(tiny_run):
+    results, _ = tiny_run
+    rows = results.table[results.table["metric"] == "delta_huber"]
+    assert set(rows["checkpoint"]) == {"vanilla", "myopic", CONTROL} and set(rows["layer"]) == {0, 1, 2}
+    assert set(rows["edit"]) == {LEACE, RANDOM, NET}
+    assert set(rows["offset"].dropna()) == set(range(5))  # 0 … n_terms + 1
+    for _, cell in rows.groupby(["checkpoint", "layer"]):
+        by_edit = {edit: part.sort_values("offset", na_position="last")["value"].to_numpy()
+                   for edit, part in cell.groupby("edit")}
+        np.testing.assert_allclose(by_edit[NET], by_edit[LEACE] - by_edit[RANDOM], atol=1e-12)  # paired
+    last = rows[(rows["layer"] == 2) & (rows["path"] == "future")]
+    assert (last["value"] == 0).all()  # h[L, t] feeds no keys or values
+    assert results.causal().shape == (3 * 3, 5) and len(results.causal_figure().data) == 3 * 3
+
+
 def test_files_round_trip(tiny_run):
     results, out = tiny_run
     table, meta = read_results(out)
@@ -49,7 +67,7 @@ def test_files_round_trip(tiny_run):
     for package in ("torch", "transformers", "transformer-lens"):  # a number traces to the versions that made it
         assert meta["versions"][package] == metadata.version(package)
     assert "git_revision" in meta and "synthetic pre-caching task" in meta["data"]
-    for stem in ("synthetic_probe_r2", "synthetic_loss"):
+    for stem in ("synthetic_probe_r2", "synthetic_loss", "synthetic_causal"):
         assert (out / "figures" / f"{stem}.html").stat().st_size > 1000
     reloaded = SyntheticResults.from_folder(out)
     assert reloaded.histories == results.histories

@@ -71,6 +71,25 @@ def test_rank_zero_is_the_identity_and_ranks_beyond_the_concept_are_capped():
         fit.eraser(D + 1)
     with pytest.raises(ForethoughtError, match=r"labels in 0 … 4"):
         ErasureFit.from_samples(h, labels + 1, CLASSES)
+    with pytest.raises(ForethoughtError, match=r"one concept value per row, got \(500, 16\) and 499"):
+        ErasureFit.from_values(h, labels[:-1])
+
+
+def test_a_continuous_concept_is_erased_to_no_linear_correlation():
+    rng = np.random.default_rng(5)
+    x = rng.normal(size=4000)
+    h = np.c_[np.sin(3 * x), rng.normal(size=(4000, 7))] @ rng.normal(size=(8, 8))  # sin(3x) mixed into 8 dims
+    fit = ErasureFit.from_values(h, np.sin(3 * x), shrinkage=False)
+    assert fit.max_rank == 1
+    erased = fit.eraser()(torch.from_numpy(h)).numpy()
+    assert least_squares_r2(h, np.sin(3 * x)) > 0.99 and least_squares_r2(erased, np.sin(3 * x)) < 1e-20
+
+
+def least_squares_r2(features: np.ndarray, target: np.ndarray) -> float:
+    """In-sample R² of the least-squares fit of ``target`` on ``features`` with an intercept."""
+    design = np.c_[features, np.ones(len(features))]
+    residual = target - design @ np.linalg.lstsq(design, target, rcond=None)[0]
+    return 1 - residual.var() / target.var()
 
 
 def test_an_eraser_edits_a_model_at_one_layer_and_position(tiny_lm):
