@@ -15,8 +15,10 @@ CAUSAL_COLUMNS = ["edit", "rank", "path", "offset"]  # a causal table's columns 
 
 
 def erasers(fit: ErasureFit, rank: int, seed: int) -> dict[str, ConceptEraser]:
-    """The concept's erasure at ``rank`` and its control: random whitened directions of the same rank (``seed``)."""
-    return {LEACE: fit.eraser(rank), RANDOM: fit.random_eraser(rank, seed)}
+    """The concept's erasure at ``rank`` and its control: random whitened directions (``seed``) of the same rank,
+    whitened variance and raw variance removed (:meth:`~probes.erasure.ErasureFit.random_eraser`)."""
+    concept = fit.eraser(rank)
+    return {LEACE: concept, RANDOM: fit.random_eraser(rank, seed, like=concept)}
 
 
 def effect_rows(cell: dict[str, Any], effects: dict[str, np.ndarray], clusters: np.ndarray, seed: int,

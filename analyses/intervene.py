@@ -42,7 +42,7 @@ from forethought.probes.erasure import ConceptEraser, ErasureFit
 from forethought.probes.metrics import POOLED, mean_scores
 from forethought.probes.paths import path_effects
 
-CHECK_FIT_ROWS, CHECK_TEST_ROWS = 20_000, 10_000  # positions the erasure check fits and scores its probe on
+CHECK_FIT_ROWS, CHECK_TEST_ROWS = 100_000, 20_000  # positions the erasure check fits and scores its probe on
 
 
 @dataclass
@@ -57,7 +57,7 @@ class InterveneConfig:
     max_sequences: int = 400  # held-out sequences: erasers fitted on the probe-training documents, edits on test
     layers: tuple[int, ...] | None = None  # residual layers 0 … L (None, on the command line 'all': every one)
     taus: tuple[int, ...] = (1, 2, 3, 4)  # the concept: x[t+τ]
-    top_k: int = 1000  # the concept's classes: the K most frequent training tokens + "other"
+    top_k: int = 64  # the concept's classes: the K most frequent training tokens + "other" (K < d_model)
     ranks: tuple[int, ...] = (1, 4, 16, 64)  # erasure ranks (capped at the concept's); full rank is always added
     positions: int = 8  # positions t edited per sequence (evenly spaced; one edited run each)
     batch_sequences: int = 64
@@ -173,6 +173,12 @@ def run_intervene(config: InterveneConfig) -> InterveneResults:
                                f"the causal test needs at least {max(taus) + 2}")
     for name in engine.names:
         engine.layers(name)  # layers exist
+        width = engine.checkpoint(name).model.config.hidden_size
+        if config.top_k >= width:
+            raise ForethoughtError(
+                f"top_k {config.top_k}: the concept's {config.top_k} + 1 classes can span all {width} residual "
+                f"dimensions of {name}, and then full-rank erasure removes everything and its random control is the "
+                f"same edit; choose a top_k below {width}")
     out = prepare_out(config.out, config)
     device = resolve_device(config.device)
     split = engine.split(settings.probe_config(str(device)))
@@ -237,13 +243,12 @@ def _check_rows(cell: dict[str, Any], eraser: ConceptEraser | None, fit_rows: tu
     """What a least-squares linear probe fitted afresh on the edited training rows explains of the concept on the
     edited test rows (:func:`_linear_r2`; ≤ 0 after full-rank LEACE), and the raw variance the edit removed."""
     (h, labels), (h_test, labels_test) = fit_rows, test_rows
-    if eraser is not None:
-        h, h_test = (eraser(torch.from_numpy(x)).numpy() for x in (h, h_test))
     cell = {**cell, "edit": edit, "rank": rank, "n": len(labels_test)}
-    rows = [{**cell, "metric": "linear_r2_after", "value": _linear_r2(h, labels, h_test, labels_test)}]
+    rows = []
     if eraser is not None:
         rows.append({**cell, "metric": "removed_variance", "value": eraser.removed_variance(torch.from_numpy(h_test))})
-    return rows
+        h, h_test = (eraser(torch.from_numpy(x)).numpy() for x in (h, h_test))
+    return [{**cell, "metric": "linear_r2_after", "value": _linear_r2(h, labels, h_test, labels_test)}, *rows]
 
 
 def _linear_r2(h: np.ndarray, labels: np.ndarray, h_test: np.ndarray, labels_test: np.ndarray,
@@ -251,13 +256,15 @@ def _linear_r2(h: np.ndarray, labels: np.ndarray, h_test: np.ndarray, labels_tes
     """R² on the test rows of the ridge regression of the one-hot concept on h (with intercept), fitted on the
     training rows: the linear probe LEACE provably defeats at full rank (it then predicts the class frequencies,
     R² ≤ 0). Top-1 would not do: where one class ("other") is most rows, every probe's argmax is that class."""
-    mean = h.mean(0)
-    n_classes = int(max(labels.max(), labels_test.max())) + 1
-    cross = np.zeros((h.shape[1], n_classes))
-    np.add.at(cross.T, labels, h - mean)  # Xᵀ Y without the one-hot matrix
-    gram = (h - mean).T @ (h - mean)
-    weights = np.linalg.solve(gram + ridge * np.trace(gram) / len(gram) * np.eye(len(gram)), cross)
-    frequencies = np.bincount(labels, minlength=n_classes) / len(labels)
-    predicted = (h_test - mean) @ weights + frequencies  # [m, classes]
-    truth = np.eye(n_classes)[labels_test]
+    x, x_test = (torch.as_tensor(rows, dtype=torch.float64) for rows in (h, h_test))
+    y, y_test = (torch.as_tensor(rows, dtype=torch.long) for rows in (labels, labels_test))
+    n_classes = int(max(y.max(), y_test.max())) + 1
+    mean = x.mean(0)
+    x, x_test = x - mean, x_test - mean
+    cross = torch.zeros(n_classes, x.shape[1], dtype=torch.float64).index_add_(0, y, x).T  # Xᵀ Y [d, classes]
+    gram = x.T @ x
+    weights = torch.linalg.solve(gram + ridge * gram.trace() / len(gram) * torch.eye(len(gram), dtype=gram.dtype),
+                                 cross)
+    predicted = x_test @ weights + torch.bincount(y, minlength=n_classes) / len(y)  # [m, classes]
+    truth = torch.nn.functional.one_hot(y_test, n_classes).to(torch.float64)
     return float(1 - ((truth - predicted) ** 2).sum() / ((truth - truth.mean(0)) ** 2).sum())

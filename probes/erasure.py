@@ -121,15 +121,36 @@ class ErasureFit:
         rank = self.max_rank if rank is None else self._checked(rank)
         return self._erasing(self.directions[:, :rank])
 
-    def random_eraser(self, rank: int, seed: int) -> ConceptEraser:
+    def random_eraser(self, rank: int, seed: int, like: ConceptEraser | None = None) -> ConceptEraser:
         """The control: ``rank`` random orthonormal directions in the whitened space (on Σ's range), drawn from
-        ``seed`` alone — the same rank and whitened variance as :meth:`eraser`, and nothing of the concept."""
+        ``seed`` alone — the same rank and whitened variance (``rank``) as :meth:`eraser`, and nothing of the
+        concept. With ``like`` (the concept's eraser), the draw is tilted towards Σ's high- or low-variance
+        directions, U = orth(Σ^(a/2) G) with the same Gaussian G, a found by bisection, until the *raw* variance it
+        removes, tr(Uᵀ Σ U), equals ``like``'s: LEACE's directions carry the residual's large-variance token
+        identity, and an isotropic control would remove several times less of h."""
         rank = self._checked(rank)
-        on_range = self.unwhiten @ self.whiten  # the projection onto Σ's range
         gaussian = torch.randn(len(self.mean), rank, generator=torch.Generator().manual_seed(seed),
                                dtype=torch.float64)
-        basis, _ = torch.linalg.qr(on_range @ gaussian)
-        return self._erasing(basis)
+        eigenvalues, vectors = torch.linalg.eigh(self.unwhiten @ self.unwhiten)  # Σ, on its range
+        on_range = eigenvalues > eigenvalues.max() * len(eigenvalues) * torch.finfo(eigenvalues.dtype).eps
+        eigenvalues = torch.where(on_range, eigenvalues, 0.0)
+        drawn = vectors.T @ gaussian  # G in Σ's eigenbasis
+
+        def basis(tilt: float) -> torch.Tensor:  # [d, rank], orthonormal, on Σ's range
+            scale = torch.where(on_range, eigenvalues.clamp_min(1e-300) ** (tilt / 2), 0.0)
+            return torch.linalg.qr(vectors @ (scale[:, None] * drawn))[0]
+
+        def raw(u: torch.Tensor) -> float:  # the raw variance an erasure of whitened directions u removes
+            return float(((u.T @ vectors) ** 2 @ eigenvalues).sum())
+
+        if like is None or rank == 0:
+            return self._erasing(basis(0.0))
+        target = raw(self.whiten @ like.left)  # W W⁺ U = U on the range: the concept's whitened directions
+        low, high = -8.0, 8.0
+        for _ in range(60):  # raw(basis(a)) grows with a: from the low-variance directions to the high ones
+            middle = (low + high) / 2
+            low, high = (middle, high) if raw(basis(middle)) < target else (low, middle)
+        return self._erasing(basis((low + high) / 2))
 
     def _checked(self, rank: int) -> int:
         """``rank``, capped at :attr:`max_rank` (beyond it LEACE has nothing left to erase; the control follows)."""

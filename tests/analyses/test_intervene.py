@@ -8,6 +8,7 @@ import pytest
 from forethought.analyses.causal import LEACE, NET, RANDOM
 from forethought.analyses.cli import main
 from forethought.analyses.intervene import InterveneConfig, InterveneResults, run_intervene
+from forethought.core.errors import ForethoughtError
 
 
 def test_the_causal_test_on_twins(twins, tmp_path):
@@ -37,6 +38,15 @@ def test_the_causal_test_on_twins(twins, tmp_path):
     assert (tmp_path / "iv" / "figures" / "intervene_vanilla_future_heatmap.html").is_file()
     again = InterveneResults.from_folder(tmp_path / "iv")
     assert again.table.equals(table) and "beyond random directions" in again.summary()
+
+
+def test_a_concept_that_could_span_the_residual_stream_is_refused(twins, tmp_path):
+    config = InterveneConfig(checkpoints={"vanilla": str(twins / "vanilla")}, max_sequences=60, top_k=64,
+                             tokens_root=str(twins / "tokens"), out=str(tmp_path / "iv"), progress=False)
+    with pytest.raises(ForethoughtError, match=r"top_k 64: the concept's 64 \+ 1 classes can span all 64 residual "
+                                               r"dimensions of vanilla, .* choose a top_k below 64"):
+        run_intervene(config)
+    assert not (tmp_path / "iv").exists()
 
 
 @pytest.mark.parametrize("argv, message", [

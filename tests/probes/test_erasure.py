@@ -57,6 +57,15 @@ def test_the_control_matches_rank_and_whitened_variance_and_ignores_the_concept(
         for eraser in (concept, control):  # whitened variance removed = rank (the basis is orthonormal there)
             removed = white @ (eraser.right @ fit.unwhiten).T
             assert float((removed**2).sum(-1).mean()) * len(h) / (len(h) - 1) == pytest.approx(rank, rel=1e-6)
+    for rank in (1, 3):  # matched to the concept edit: the raw variance removed too, and still rank, whitened r
+        concept = fit.eraser(rank)
+        matched = fit.random_eraser(rank, seed=7, like=concept)
+        isotropic = fit.random_eraser(rank, seed=7)
+        assert matched.rank == rank and concept.removed_variance(h) > 1.5 * isotropic.removed_variance(h)
+        assert matched.removed_variance(h) == pytest.approx(concept.removed_variance(h), rel=1e-6)
+        removed = white @ (matched.right @ fit.unwhiten).T
+        assert float((removed**2).sum(-1).mean()) * len(h) / (len(h) - 1) == pytest.approx(rank, rel=1e-6)
+        assert not torch.allclose(matched.right, concept.right, atol=1e-3)  # other directions
     shuffled = ErasureFit.from_samples(h, np.random.default_rng(3).permutation(labels), CLASSES, shrinkage=False)
     assert torch.equal(shuffled.random_eraser(2, seed=7).right, fit.random_eraser(2, seed=7).right)  # no concept
     assert not torch.equal(fit.random_eraser(2, seed=8).right, fit.random_eraser(2, seed=7).right)  # the seed does
