@@ -17,6 +17,7 @@ do exactly that; this module is how the reading is checked, and how a user route
 
 from __future__ import annotations
 
+import copy
 import inspect
 from collections.abc import Callable, Sequence
 from typing import Literal
@@ -26,7 +27,7 @@ import torch
 from transformers import PreTrainedModel
 
 from forethought.core.errors import ForethoughtError
-from forethought.models.heldout import token_losses
+from forethought.models.tasks.text import next_token_loss
 from forethought.probes.interventions import Edit, intervene
 
 Path = Literal["own", "future", "both"]
@@ -72,24 +73,30 @@ def _cache(output):
 
 @torch.no_grad()
 def path_effects(model: PreTrainedModel, inputs: torch.Tensor, edit_at: Callable[[int], Edit],
-                 positions: Sequence[int], max_offset: int, batch_size: int = 32,
-                 clean: dict[int, np.ndarray] | None = None,
-                 losses: Callable[[PreTrainedModel, torch.Tensor, int], np.ndarray] = token_losses,
+                 positions: Sequence[int], max_offset: int, batch_size: int = 32, clean: dict | None = None,
+                 losses: Callable[[PreTrainedModel, torch.Tensor, int], np.ndarray] | None = None,
                  lag: int = 1) -> np.ndarray:
-    """The change in loss at t + k when h[l, t] is edited (``edit_at(t)``, an edit at position t), for every
-    sequence of ``inputs`` [n, T, ...], t in ``positions`` and k = 0 … ``max_offset``: [n, len(positions),
-    max_offset + 1]. Offset 0 is the own path's effect, offsets ≥ 1 the future path's (module docstring).
+    """The change in loss at t + k when h[l, t] is edited, for every sequence of ``inputs`` [n, T, ...], t in
+    ``positions`` and k = 0 … ``max_offset``: [n, len(positions), max_offset + 1]. Offset 0 is the own path's
+    effect, offsets ≥ 1 the future path's (module docstring). ``edit_at(i)`` makes the edit at index i of the
+    forward pass it is applied to (the pass holding position t at i).
 
-    ``losses(model, inputs, batch_size)`` gives the per-position loss [n, T − lag] of inputs cut to any length
-    (default: next-token cross-entropy, lag 1: position s predicts token s + 1; a regression's loss at s: lag 0).
-    Each edited run stops at the last loss it needs and is compared with the unedited run of the same length (the
-    same arithmetic: an edit that changes nothing gives exactly 0); ``clean`` keeps those unedited losses by
-    length — pass the same dict to later calls to reuse them."""
+    Default (``losses`` None): a causal LM's next-token cross-entropy (position s predicts token s + 1). Nothing
+    before t changes, so the prefix 0 … t − 1 runs once per (batch, t) into a key/value cache, and each edited
+    run — and its unedited twin, the same arithmetic, so that an edit that changes nothing gives exactly 0 — runs
+    only positions t … t + max_offset + 1 on it: ~T / (max_offset + 2) times less work than whole prefixes.
+    Otherwise ``losses(model, inputs, batch_size)`` gives the per-position loss [n, T − lag] of inputs cut to
+    any length (a regression's loss at s: lag 0), and each edited run is a whole prefix 0 … t + max_offset + lag.
+    ``clean`` keeps what is shared between calls (prefix caches, unedited losses): pass the same dict to later
+    calls on the same model and inputs."""
+    lag = 1 if losses is None else lag
     seq = inputs.shape[1]
     if positions and (min(positions) < 0 or max(positions) + max_offset + 1 + lag > seq):
         raise ForethoughtError(f"positions {min(positions)} … {max(positions)} with offsets up to {max_offset} "
                                f"need sequences of {max(positions) + max_offset + 1 + lag} positions; these have {seq}")
     clean = {} if clean is None else clean
+    if losses is None:
+        return _cached_lm_effects(model, inputs, edit_at, positions, max_offset, batch_size, clean)
     effects = np.empty((len(inputs), len(positions), max_offset + 1))
     for index, t in enumerate(positions):
         length = t + max_offset + 1 + lag
@@ -99,3 +106,30 @@ def path_effects(model: PreTrainedModel, inputs: torch.Tensor, edit_at: Callable
             edited = losses(model, inputs[:, :length], batch_size)
         effects[:, index] = edited[:, t:] - clean[length][:, t:]
     return effects
+
+
+def _cached_lm_effects(model: PreTrainedModel, tokens: torch.Tensor, edit_at: Callable[[int], Edit],
+                       positions: Sequence[int], max_offset: int, batch_size: int, clean: dict) -> np.ndarray:
+    """:func:`path_effects` for a causal LM: the unedited prefix of each (batch, t) cached in ``clean``."""
+    device = next(model.parameters()).device
+    effects = np.empty((len(tokens), len(positions), max_offset + 1))
+    for start in range(0, len(tokens), batch_size):
+        batch = tokens[start: start + batch_size].to(device)
+        for index, t in enumerate(positions):
+            chunk = batch[:, t: t + max_offset + 2]  # positions t … t + max_offset + 1
+            key = (start, t, max_offset)
+            if key not in clean:
+                prefix = _cache(_run(model, batch[:, :t])) if t > 0 else None
+                clean[(start, t)] = prefix
+                clean[key] = _chunk_losses(model, chunk, prefix)
+            with intervene(model, edit_at(0)):
+                edited = _chunk_losses(model, chunk, clean[(start, t)])
+            effects[start: start + len(batch), index] = (edited - clean[key]).numpy()
+    return effects
+
+
+def _chunk_losses(model: PreTrainedModel, chunk: torch.Tensor, prefix) -> torch.Tensor:
+    """Next-token cross-entropy [batch, len(chunk) − 1] (float64) of ``chunk`` run after the cached ``prefix``
+    (None: from position 0); the prefix is copied, the continuation appending to the copy."""
+    logits = _run(model, chunk, copy.deepcopy(prefix) if prefix is not None else None).logits
+    return next_token_loss(logits, chunk, reduction="none").double().cpu()

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from forethought.core.errors import ForethoughtError
+from forethought.models.heldout import token_losses
 from forethought.probes.interventions import AddVector, ProjectOut, intervene
 from forethought.probes.paths import path_effects, path_logits
 from tests.conftest import tiny_family
@@ -41,6 +42,23 @@ def test_the_two_paths_split_the_plain_edited_run_at_t(model, layer):
     zero = AddVector(layer, positions=5, vector=torch.zeros(model.config.hidden_size))
     for path in ("own", "future", "both"):
         torch.testing.assert_close(path_logits(model, tokens, zero, path), clean, **exact)
+
+
+def test_the_cached_prefix_gives_the_whole_prefix_runs_effects(model):
+    """A causal LM's effects from the cached prefix 0 … t − 1 (the default) equal those of whole-prefix runs, and
+    an edit that changes nothing gives exactly 0."""
+    tokens = torch.randint(0, 23, (5, 11), generator=torch.Generator().manual_seed(2))
+    vector = torch.linspace(-1, 1, model.config.hidden_size)
+    edit_at = lambda i: AddVector(1, positions=i, vector=vector)  # noqa: E731
+    cached = path_effects(model, tokens, edit_at, positions=[0, 3, 7], max_offset=2, batch_size=2)
+    whole = path_effects(model, tokens, edit_at, positions=[0, 3, 7], max_offset=2, batch_size=2,
+                         losses=token_losses, lag=1)
+    np.testing.assert_allclose(cached, whole, rtol=0, atol=1e-10)
+    assert np.abs(cached).max() > 1e-3
+    zero = path_effects(model, tokens, lambda i: AddVector(1, positions=i, vector=vector * 0), [0, 3, 7], 2)
+    assert (zero == 0).all()
+    with pytest.raises(ForethoughtError, match=r"positions 0 … 8 with offsets up to 2 need sequences of 12 positions"):
+        path_effects(model, tokens, edit_at, positions=[0, 8], max_offset=2)
 
 
 def test_a_path_run_edits_one_position(tiny_lm):
