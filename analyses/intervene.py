@@ -38,7 +38,7 @@ from forethought.core.errors import ForethoughtError
 from forethought.core.settings import check_settings
 from forethought.models.heldout import token_losses
 from forethought.models.train import resolve_device
-from forethought.probes.erasure import ConceptEraser, ErasureFit
+from forethought.probes.erasure import ConceptEraser, ErasureFit, linear_r2, mlp_gain
 from forethought.probes.metrics import POOLED, mean_scores
 from forethought.probes.paths import path_effects
 
@@ -101,7 +101,7 @@ class InterveneResults(ExperimentResults):
         """The erasure checks per (layer, τ, edit, rank): what a fresh linear probe explains of the concept after
         the edit (R²; edit "none": before) and the raw variance removed."""
         rows = self.table[(self.table["checkpoint"] == checkpoint)
-                          & self.table["metric"].isin(["linear_r2_after", "removed_variance"])]
+                          & self.table["metric"].isin(["linear_r2_after", "mlp_gain_after", "removed_variance"])]
         return rows.pivot_table(index=["layer", "tau", "edit", "rank"], columns="metric", values="value")
 
     def _cell_rows(self, checkpoint: str, edit: str, rank: int | None) -> pd.DataFrame:
@@ -204,11 +204,12 @@ def run_intervene(config: InterveneConfig) -> InterveneResults:
                 fit_rows = _subsample(fit_rows, CHECK_FIT_ROWS, config.seed)  # the erasure check's rows
                 test_rows = _subsample(test_rows, CHECK_TEST_ROWS, config.seed)
                 cell = {"checkpoint": name, "layer": layer, "tau": tau, "target": f"x[t+{tau}]"}
-                rows += _check_rows(cell, None, fit_rows, test_rows, rank=0, edit="none")
+                rows += _check_rows(cell, None, fit_rows, test_rows, rank=0, edit="none", seed=config.seed)
                 for rank in sorted({min(rank, fit.max_rank) for rank in config.ranks} | {fit.max_rank}):
                     effects = {}
                     for edit, eraser in erasers(fit, rank, config.seed).items():
-                        rows += _check_rows(cell, eraser, fit_rows, test_rows, rank=rank, edit=edit)
+                        rows += _check_rows(cell, eraser, fit_rows, test_rows, rank=rank, edit=edit, seed=config.seed,
+                                            nonlinear=edit == LEACE and rank == fit.max_rank)
                         effects[edit] = path_effects(model, test, partial(eraser.at, layer), positions, tau,
                                                      config.batch_sequences, clean)
                     rows += effect_rows({**cell, "rank": rank}, effects, clusters, config.seed)
@@ -239,32 +240,19 @@ def _subsample(part: tuple[np.ndarray, np.ndarray], n: int, seed: int) -> tuple[
 
 
 def _check_rows(cell: dict[str, Any], eraser: ConceptEraser | None, fit_rows: tuple[np.ndarray, np.ndarray],
-                test_rows: tuple[np.ndarray, np.ndarray], rank: int, edit: str) -> list[dict[str, Any]]:
+                test_rows: tuple[np.ndarray, np.ndarray], rank: int, edit: str, seed: int,
+                nonlinear: bool = False) -> list[dict[str, Any]]:
     """What a least-squares linear probe fitted afresh on the edited training rows explains of the concept on the
-    edited test rows (:func:`_linear_r2`; ≤ 0 after full-rank LEACE), and the raw variance the edit removed."""
+    edited test rows (:func:`~probes.erasure.linear_r2`; ≤ 0 after full-rank LEACE), the raw variance the edit
+    removed, and (unedited, and with ``nonlinear``) what a one-hidden-layer probe still recovers
+    (:func:`~probes.erasure.mlp_gain`: information can survive linear erasure)."""
     (h, labels), (h_test, labels_test) = fit_rows, test_rows
     cell = {**cell, "edit": edit, "rank": rank, "n": len(labels_test)}
     rows = []
     if eraser is not None:
         rows.append({**cell, "metric": "removed_variance", "value": eraser.removed_variance(torch.from_numpy(h_test))})
         h, h_test = (eraser(torch.from_numpy(x)).numpy() for x in (h, h_test))
-    return [{**cell, "metric": "linear_r2_after", "value": _linear_r2(h, labels, h_test, labels_test)}, *rows]
-
-
-def _linear_r2(h: np.ndarray, labels: np.ndarray, h_test: np.ndarray, labels_test: np.ndarray,
-               ridge: float = 1e-3) -> float:
-    """R² on the test rows of the ridge regression of the one-hot concept on h (with intercept), fitted on the
-    training rows: the linear probe LEACE provably defeats at full rank (it then predicts the class frequencies,
-    R² ≤ 0). Top-1 would not do: where one class ("other") is most rows, every probe's argmax is that class."""
-    x, x_test = (torch.as_tensor(rows, dtype=torch.float64) for rows in (h, h_test))
-    y, y_test = (torch.as_tensor(rows, dtype=torch.long) for rows in (labels, labels_test))
-    n_classes = int(max(y.max(), y_test.max())) + 1
-    mean = x.mean(0)
-    x, x_test = x - mean, x_test - mean
-    cross = torch.zeros(n_classes, x.shape[1], dtype=torch.float64).index_add_(0, y, x).T  # Xᵀ Y [d, classes]
-    gram = x.T @ x
-    weights = torch.linalg.solve(gram + ridge * gram.trace() / len(gram) * torch.eye(len(gram), dtype=gram.dtype),
-                                 cross)
-    predicted = x_test @ weights + torch.bincount(y, minlength=n_classes) / len(y)  # [m, classes]
-    truth = torch.nn.functional.one_hot(y_test, n_classes).to(torch.float64)
-    return float(1 - ((truth - predicted) ** 2).sum() / ((truth - truth.mean(0)) ** 2).sum())
+    rows.append({**cell, "metric": "linear_r2_after", "value": linear_r2(h, labels, h_test, labels_test)})
+    if eraser is None or nonlinear:
+        rows.append({**cell, "metric": "mlp_gain_after", "value": mlp_gain(h, labels, h_test, labels_test, seed)})
+    return rows

@@ -35,6 +35,8 @@ def test_the_causal_test_on_twins(twins, tmp_path):
     assert (full < 0.002).all()  # after full-rank LEACE a fresh linear probe explains nothing on test documents …
     decodable = before[before > 0.01]  # … where, in these briefly trained twins, some cells held a readable concept
     assert len(decodable) >= 1 and (full[decodable.index] < decodable - 0.01).all()
+    mlp = table[table["metric"] == "mlp_gain_after"]  # before the edit, and after full-rank LEACE only
+    assert set(mlp["edit"]) == {"none", LEACE} and len(mlp) == 2 * len(full_rank) and mlp["value"].notna().all()
     assert (tmp_path / "iv" / "figures" / "intervene_vanilla_future_heatmap.html").is_file()
     again = InterveneResults.from_folder(tmp_path / "iv")
     assert again.table.equals(table) and "beyond random directions" in again.summary()

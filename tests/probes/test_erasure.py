@@ -10,7 +10,7 @@ import torch
 from sklearn.linear_model import LogisticRegression
 
 from forethought.core.errors import ForethoughtError
-from forethought.probes.erasure import ErasureFit
+from forethought.probes.erasure import ErasureFit, linear_r2, mlp_gain
 from forethought.probes.interventions import intervene
 
 D, CLASSES = 16, 5
@@ -110,3 +110,21 @@ def test_an_eraser_edits_a_model_at_one_layer_and_position(tiny_lm):
     expected = hidden.clone()
     expected[:, 4] = fit.eraser()(hidden[:, 4])
     torch.testing.assert_close(edited[1], expected, rtol=0, atol=1e-6)
+
+
+def test_the_checks_see_what_survives_a_linear_erasure():
+    """A concept written twice — linearly along h2 and as the XOR of the signs of h0 and h1: full-rank LEACE
+    removes the linear copy (the linear check then reads nothing) and leaves the XOR, which the one-hidden-layer
+    probe recovers; labels unrelated to h give that probe nothing."""
+    rng = np.random.default_rng(6)
+    labels = rng.integers(0, 2, 6000)
+    h = rng.normal(size=(6000, 6))
+    h[:, 1] = np.abs(h[:, 1]) * np.where((h[:, 0] > 0) ^ (labels == 1), 1, -1)  # sign(h0) xor sign(h1) = label
+    h[:, 2] = labels + 0.5 * rng.normal(size=6000)
+    train, test = slice(0, 4000), slice(4000, None)
+    assert linear_r2(h[train], labels[train], h[test], labels[test]) > 0.4  # var(z) / (var(z) + 0.25) = 0.5
+    erased = ErasureFit.from_samples(h[train], labels[train], 2).eraser()(torch.from_numpy(h)).numpy()
+    assert linear_r2(erased[train], labels[train], erased[test], labels[test]) < 0.01
+    assert mlp_gain(erased[train], labels[train], erased[test], labels[test], seed=0) > 0.3  # of ln 2 = 0.69
+    unrelated = rng.integers(0, 2, 6000)
+    assert abs(mlp_gain(h[train], unrelated[train], h[test], unrelated[test], seed=0)) < 0.05
