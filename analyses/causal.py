@@ -1,17 +1,33 @@
-"""What the causal tests share (plumbing for ``intervene`` and the synthetic experiment): the edits compared, the
-table's extra columns, and Δloss rows by path and offset with document-level intervals."""
+"""What the causal tests share (plumbing for ``intervene``, :meth:`Comparison.intervene` and the synthetic
+experiment): the edits compared, the table's extra columns, Δloss rows by path and offset with document-level
+intervals, the test on a probing engine's held-out sample, and its tables and figures. The method:
+docs/causal.md."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+from functools import partial
 from typing import Any
 
 import numpy as np
+import pandas as pd
+import plotly.graph_objects as go
+import torch
+from plotly.subplots import make_subplots
 
-from forethought.probes.erasure import ConceptEraser, ErasureFit
+from forethought.analyses.engine import Probing
+from forethought.analyses.plots import FDR_NOTE, PALETTE, difference_heatmap, interval_line
+from forethought.core.errors import ForethoughtError
+from forethought.models.heldout import token_losses
+from forethought.models.train import resolve_device
+from forethought.probes.erasure import ConceptEraser, ErasureFit, linear_r2, mlp_gain
 from forethought.probes.metrics import mean_scores
+from forethought.probes.paths import path_effects
 
 LEACE, RANDOM, NET = "leace", "random", "leace − random"  # the concept erased; the control; their paired difference
 CAUSAL_COLUMNS = ["edit", "rank", "path", "offset"]  # a causal table's columns beyond the tidy ones
+CHECK_FIT_ROWS, CHECK_TEST_ROWS = 100_000, 20_000  # positions the erasure check fits and scores its probe on
 
 
 def erasers(fit: ErasureFit, rank: int, seed: int) -> dict[str, ConceptEraser]:
@@ -36,4 +52,184 @@ def effect_rows(cell: dict[str, Any], effects: dict[str, np.ndarray], clusters: 
                   **estimate.columns()} for offset, estimate in enumerate(mean_scores(flat, unit, seed=seed))]
         (future,) = mean_scores(flat[:, 1:].sum(1), unit, seed=seed)
         rows.append({**cell, "edit": edit, "metric": metric, "path": "future", **future.columns()})
+    return rows
+
+
+class CausalViews:
+    """Tables and figures of a causal table (``self.table``: tidy rows with :data:`CAUSAL_COLUMNS`), shared by
+    ``forethought intervene``'s results and :meth:`analyses.compare.Comparison.intervene`."""
+
+    table: pd.DataFrame
+
+    def effects(self, checkpoint: str, edit: str = NET, rank: int | None = None) -> pd.DataFrame:
+        """Own-path and summed future-path Δloss (columns) per (layer, τ) (rows) at ``rank`` (None: full)."""
+        rows = self._cell_rows(checkpoint, edit, rank)
+        rows = rows[rows["offset"].isna() | (rows["path"] == "own")]
+        return rows.pivot_table(index=["layer", "tau"], columns="path", values="value")
+
+    def checks(self, checkpoint: str) -> pd.DataFrame:
+        """The erasure checks per (layer, τ, edit, rank): what a fresh linear probe explains of the concept after
+        the edit (R²; edit "none": before) and the raw variance removed."""
+        rows = self.table[(self.table["checkpoint"] == checkpoint)
+                          & self.table["metric"].isin(["linear_r2_after", "mlp_gain_after", "removed_variance"])]
+        return rows.pivot_table(index=["layer", "tau", "edit", "rank"], columns="metric", values="value")
+
+    def _cell_rows(self, checkpoint: str, edit: str, rank: int | None) -> pd.DataFrame:
+        rows = self.table[(self.table["checkpoint"] == checkpoint) & (self.table["metric"] == "delta_loss")
+                          & (self.table["edit"] == edit)]
+        full = rows.groupby(["layer", "tau"])["rank"].transform("max")
+        return rows[rows["rank"] == full] if rank is None else rows[rows["rank"] == rank]
+
+    def paths_figure(self, checkpoint: str) -> go.Figure:
+        """Δloss by layer, own path and future path, the LEACE edit and its random control (full rank), one
+        panel per τ."""
+        taus = sorted(self.table["tau"].dropna().unique())
+        figure = make_subplots(rows=1, cols=len(taus), shared_yaxes=True,
+                               subplot_titles=[f"x[t+{tau}] erased" for tau in taus])
+        colors = iter(PALETTE)
+        for edit in (LEACE, RANDOM):
+            rows = self._cell_rows(checkpoint, edit, None)
+            for path, dash in (("own", "solid"), ("future", "dash")):
+                color = next(colors)
+                chosen = rows[(rows["path"] == path) & (rows["offset"].isna() if path == "future" else True)]
+                for column, tau in enumerate(taus, start=1):
+                    interval_line(figure, chosen[chosen["tau"] == tau], "layer", f"{edit}, {path}", column,
+                                  color=color, dash=dash)
+        figure.add_hline(y=0, line=dict(color="gray", dash="dot"))
+        figure.update_xaxes(title_text="residual layer l", dtick=1)
+        figure.update_yaxes(title_text="Δ loss, nats (own: at t; future: t+1 … t+τ summed)", col=1)
+        figure.update_layout(title=f"{checkpoint}: erasing x[t+τ] from h[l, t] — where the loss moves (full-rank "
+                                   "LEACE vs random directions of equal rank; 95% CI over documents)")
+        return figure
+
+    def future_heatmap(self, checkpoint: str) -> go.Figure:
+        """Layer × τ: the future path's Δloss beyond the control (full rank), "n.s." marks by FDR over the grid."""
+        rows = self._cell_rows(checkpoint, NET, None)
+        rows = rows[(rows["path"] == "future") & rows["offset"].isna()]
+        return difference_heatmap(rows, f"{checkpoint}: future-path Δloss, LEACE − random (full rank). {FDR_NOTE}",
+                                  "Δ loss (nats)")
+
+    def causal_figures(self) -> dict[str, go.Figure]:
+        """{file stem: figure}: each checkpoint's paths figure and future-path heatmap."""
+        figures = {}
+        for name in self.table["checkpoint"].dropna().unique():
+            stem = str(name).replace(" ", "_").replace("/", "_")
+            figures[f"intervene_{stem}_paths"] = self.paths_figure(name)
+            figures[f"intervene_{stem}_future_heatmap"] = self.future_heatmap(name)
+        return figures
+
+    def causal_summary(self) -> str:
+        lines = ["Δ loss when x[t+τ] is erased from h[l, t] at full rank, beyond random directions of the same rank "
+                 "(own: at t; future: t+1 … t+τ summed); layers × τ:"]
+        for name in self.table["checkpoint"].dropna().unique():
+            effects = self.effects(name).unstack("tau")
+            lines += [f"{name}:", effects.to_string(float_format=lambda v: f"{v:+.4f}")]
+        return "\n".join(lines)
+
+
+@dataclass
+class CausalResults(CausalViews):
+    """A causal table computed in memory (:meth:`analyses.compare.Comparison.intervene`)."""
+
+    table: pd.DataFrame
+
+
+def check_causal(engine: Probing, top_k: int) -> None:
+    """Refuse, before anything is written, held-out sequences too short for the offsets and a concept of
+    ``top_k`` + 1 classes that could span a checkpoint's residual stream."""
+    taus, seq = engine.taus, engine.tokens.shape[1]
+    if seq < max(taus) + 2:
+        raise ForethoughtError(f"taus reach {max(taus)}, but the held-out sequences have {seq} tokens: "
+                               f"the causal test needs at least {max(taus) + 2}")
+    for name in engine.names:
+        engine.layers(name)  # layers exist
+        width = engine.checkpoint(name).model.config.hidden_size
+        if top_k >= width:
+            raise ForethoughtError(
+                f"top_k {top_k}: the concept's {top_k} + 1 classes can span all {width} residual "
+                f"dimensions of {name}, and then full-rank erasure removes everything and its random control is the "
+                f"same edit; choose a top_k below {width}")
+
+
+def causal_rows(engine: Probing, top_k: int, ranks: Sequence[int], n_positions: int,
+                names: Sequence[str] | None = None) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """The causal test on ``engine``'s held-out sample (its document split, caches and settings: layers, τ, batch,
+    seed, device): for each checkpoint of ``names`` (default: all), layer and τ, LEACE of x[t+τ] in the ``top_k``
+    most frequent tokens + "other", fitted on the probe-training documents, at each of ``ranks`` and full rank,
+    beside its control, at ``n_positions`` positions t of each test sequence (evenly spaced). Returns (tidy rows,
+    meta)."""
+    settings = engine.settings
+    tokens, taus, seed = engine.tokens, engine.taus, settings.seed
+    device = resolve_device(settings.device)
+    last = tokens.shape[1] - max(taus) - 2  # the last position whose offsets all have a loss
+    split = engine.split(replace(settings.probe_config(str(device), "topk"), top_k=top_k))
+    classes = np.full(int(tokens.max()) + 1, len(split.classes))  # token → class; "other" last
+    classes[split.classes] = np.arange(len(split.classes))
+    positions = sorted(set(np.linspace(0, last, min(n_positions, last + 1)).round().astype(int).tolist()))
+    test = torch.from_numpy(tokens[split.test])
+    clusters = engine.sample.clusters[split.test]
+    rows: list[dict[str, Any]] = []
+    for name in names or engine.names:
+        model = engine.checkpoint(name).model.to(device).float().eval()
+        cache = engine.cache(name)
+        losses = token_losses(model, test, settings.batch_sequences)
+        (loss,) = mean_scores(losses.reshape(-1), np.repeat(clusters, losses.shape[1]), seed=seed)
+        clean: dict[int, np.ndarray] = {}  # unedited losses by input length, shared by every edit of this model
+        rows.append({"checkpoint": name, "metric": "loss", "tau": 1, "target": "next token", **loss.columns()})
+        for layer in engine.layers(name):
+            residuals = cache.layer(layer)  # [n, T, d]
+            for tau in taus:
+                fit_rows, test_rows = (_concept(residuals, tokens, classes, sequences, tau)
+                                       for sequences in (split.train, split.test))
+                fit = ErasureFit.from_samples(*fit_rows, len(split.classes) + 1)
+                fit_rows = _subsample(fit_rows, CHECK_FIT_ROWS, seed)  # the erasure check's rows
+                test_rows = _subsample(test_rows, CHECK_TEST_ROWS, seed)
+                cell = {"checkpoint": name, "layer": layer, "tau": tau, "target": f"x[t+{tau}]"}
+                rows += _check_rows(cell, None, fit_rows, test_rows, rank=0, edit="none", seed=seed)
+                for rank in sorted({min(rank, fit.max_rank) for rank in ranks} | {fit.max_rank}):
+                    effects = {}
+                    for edit, eraser in erasers(fit, rank, seed).items():
+                        rows += _check_rows(cell, eraser, fit_rows, test_rows, rank=rank, edit=edit, seed=seed,
+                                            nonlinear=edit == LEACE and rank == fit.max_rank)
+                        effects[edit] = path_effects(model, test, partial(eraser.at, layer), positions, tau,
+                                                     settings.batch_sequences, clean)
+                    rows += effect_rows({**cell, "rank": rank}, effects, clusters, seed)
+    meta = dict(heldout=engine.sample.composition(), positions=positions, classes=len(split.classes) + 1,
+                probe_split={part: getattr(split, part).tolist() for part in ("train", "validation", "test")},
+                checkpoints={name: engine.checkpoint(name).source for name in names or engine.names})
+    return rows, meta
+
+
+def _concept(residuals: np.ndarray, tokens: np.ndarray, classes: np.ndarray, sequences: np.ndarray,
+             tau: int) -> tuple[np.ndarray, np.ndarray]:
+    """(h[l, t] [m, d], class of x[t+τ] [m]) over every position t < T − τ of ``sequences``."""
+    h = np.asarray(residuals[sequences][:, : tokens.shape[1] - tau], dtype=np.float64)
+    return h.reshape(-1, h.shape[-1]), classes[tokens[sequences][:, tau:]].reshape(-1)
+
+
+def _subsample(part: tuple[np.ndarray, np.ndarray], n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """At most ``n`` rows of (h, labels), drawn without replacement (seeded); all of them if there are fewer."""
+    h, labels = part
+    if len(h) <= n:
+        return h, labels
+    kept = np.sort(np.random.default_rng(seed).choice(len(h), n, replace=False))
+    return h[kept], labels[kept]
+
+
+def _check_rows(cell: dict[str, Any], eraser: ConceptEraser | None, fit_rows: tuple[np.ndarray, np.ndarray],
+                test_rows: tuple[np.ndarray, np.ndarray], rank: int, edit: str, seed: int,
+                nonlinear: bool = False) -> list[dict[str, Any]]:
+    """What a least-squares linear probe fitted afresh on the edited training rows explains of the concept on the
+    edited test rows (:func:`~probes.erasure.linear_r2`; ≤ 0 after full-rank LEACE), the raw variance the edit
+    removed, and (unedited, and with ``nonlinear``) what a one-hidden-layer probe still recovers
+    (:func:`~probes.erasure.mlp_gain`: information can survive linear erasure)."""
+    (h, labels), (h_test, labels_test) = fit_rows, test_rows
+    cell = {**cell, "edit": edit, "rank": rank, "n": len(labels_test)}
+    rows = []
+    if eraser is not None:
+        rows.append({**cell, "metric": "removed_variance", "value": eraser.removed_variance(torch.from_numpy(h_test))})
+        h, h_test = (eraser(torch.from_numpy(x)).numpy() for x in (h, h_test))
+    rows.append({**cell, "metric": "linear_r2_after", "value": linear_r2(h, labels, h_test, labels_test)})
+    if eraser is None or nonlinear:
+        rows.append({**cell, "metric": "mlp_gain_after", "value": mlp_gain(h, labels, h_test, labels_test, seed)})
     return rows

@@ -25,6 +25,7 @@ import pandas as pd
 import plotly.graph_objects as go
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from forethought.analyses.causal import CAUSAL_COLUMNS, CausalResults, causal_rows, check_causal
 from forethought.analyses.engine import Probing, load_checkpoint
 from forethought.analyses.plots import FDR_NOTE, PALETTE, difference_heatmap, save_figure
 from forethought.analyses.probing import (
@@ -120,6 +121,17 @@ class Comparison(Probing):
         return self
 
     # ---- results
+
+    def intervene(self, names: Sequence[str] | None = None, top_k: int = 64, ranks: Sequence[int] = (1, 4, 16, 64),
+                  positions: int = 8) -> CausalResults:
+        """The causal test (docs/causal.md) on this comparison's held-out sample, layers and τ: erase x[t+τ] (the
+        ``top_k`` most frequent tokens + "other") from h[l, t] by LEACE at each rank and full rank, beside a random
+        control, at ``positions`` positions t of each test sequence; Δloss on the own and future paths.
+        ``.effects(name)``, ``.checks(name)``, ``.paths_figure(name)``, ``.future_heatmap(name)``."""
+        check_causal(self, top_k)
+        rows, _ = causal_rows(self, top_k, ranks, positions, names)
+        return CausalResults(tidy(rows, extra=CAUSAL_COLUMNS, task=f"text: {self.heldout.corpus}",
+                                  seed=self.settings.seed, split=POOLED))
 
     def to_dataframe(self, kinds: str | Sequence[str] | None = None) -> pd.DataFrame:
         """The tidy table (DESIGN.md's columns) of ``kinds`` (default: those computed, or the settings' kind):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import shutil
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -88,6 +89,16 @@ def difference_heatmap(rows: pd.DataFrame, title: str, colorbar: str) -> go.Figu
     ))
     figure.update_layout(title=title, xaxis_title="offset τ", yaxis_title="residual layer l")
     return figure
+
+
+def interval_line(figure: go.Figure, rows: pd.DataFrame, x: str, name: str, column: int, **line: Any) -> None:
+    """Rows' ``value`` over column ``x`` (sorted) with ``ci_low`` … ``ci_high`` error bars, into panel (1, column);
+    in the legend once (from the first panel)."""
+    rows = rows.sort_values(x)
+    figure.add_scatter(x=rows[x].astype(int), y=rows["value"], mode="lines+markers", name=name, line=line,
+                       showlegend=column == 1, row=1, col=column,
+                       error_y=dict(type="data", symmetric=False, array=rows["ci_high"] - rows["value"],
+                                    arrayminus=rows["value"] - rows["ci_low"]))
 
 
 def png_export_available() -> bool:

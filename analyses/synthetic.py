@@ -21,7 +21,7 @@ from torch.nn.functional import huber_loss
 
 from forethought.analyses.causal import CAUSAL_COLUMNS, NET, effect_rows, erasers
 from forethought.analyses.experiment import ExperimentConfig, ExperimentResults, finish_run, prepare_out, writes_run
-from forethought.analyses.plots import PALETTE, loss_curves_figure, probe_r2_figure
+from forethought.analyses.plots import PALETTE, interval_line, loss_curves_figure, probe_r2_figure
 from forethought.analyses.results import CONTROL, run_meta, tidy
 from forethought.core.errors import ForethoughtError
 from forethought.models.gpt2 import GPT2RegressionModel, build_regression, load_model, regression_config
@@ -131,11 +131,8 @@ class SyntheticResults(ExperimentResults):
                                subplot_titles=[f"erased at layer {layer}" for layer in layers])
         for name, color in zip(rows["checkpoint"].unique(), PALETTE):
             for column, layer in enumerate(layers, start=1):
-                line = rows[(rows["checkpoint"] == name) & (rows["layer"] == layer)].sort_values("offset")
-                figure.add_scatter(x=line["offset"].astype(int), y=line["value"], name=name, mode="lines+markers",
-                                   line=dict(color=color), showlegend=column == 1, row=1, col=column,
-                                   error_y=dict(type="data", symmetric=False, array=line["ci_high"] - line["value"],
-                                                arrayminus=line["value"] - line["ci_low"]))
+                interval_line(figure, rows[(rows["checkpoint"] == name) & (rows["layer"] == layer)], "offset", name,
+                              column, color=color)
         figure.add_hline(y=0, line=dict(color="gray", dash="dot"))
         figure.update_xaxes(title_text="offset k (loss at t + k)", dtick=1)
         figure.update_yaxes(title_text="Δ Huber, LEACE − random", col=1)

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import numpy as np
+import pandas as pd
 import pytest
 
 from forethought.analyses.causal import LEACE, NET, RANDOM
 from forethought.analyses.cli import main
+from forethought.analyses.compare import Comparison
 from forethought.analyses.intervene import InterveneConfig, InterveneResults, run_intervene
 from forethought.core.errors import ForethoughtError
 
@@ -40,6 +42,14 @@ def test_the_causal_test_on_twins(twins, tmp_path):
     assert (tmp_path / "iv" / "figures" / "intervene_vanilla_future_heatmap.html").is_file()
     again = InterveneResults.from_folder(tmp_path / "iv")
     assert again.table.equals(table) and "beyond random directions" in again.summary()
+    # the same test from a Comparison over the same checkpoints and settings: the same table
+    comparison = Comparison.from_checkpoints({"vanilla": twins / "vanilla", "myopic": twins / "myopic"},
+                                             folder=tmp_path / "cmp", max_sequences=60, taus=(1, 2),
+                                             tokens_root=str(twins / "tokens"), progress=False, random_init=False)
+    causal = comparison.intervene(["myopic"], top_k=20, ranks=(1, 4), positions=3)
+    mine = table[table["checkpoint"] == "myopic"].reset_index(drop=True)
+    pd.testing.assert_frame_equal(causal.table.reset_index(drop=True), mine)
+    assert causal.effects("myopic").equals(results.effects("myopic"))
 
 
 def test_a_concept_that_could_span_the_residual_stream_is_refused(twins, tmp_path):
