@@ -69,7 +69,8 @@ class CausalViews:
 
     def checks(self, checkpoint: str) -> pd.DataFrame:
         """The erasure checks per (layer, τ, edit, rank): what a fresh linear probe explains of the concept after
-        the edit (R²; edit "none": before) and the raw variance removed."""
+        the edit (R²; edit "none": before), what a one-hidden-layer probe still recovers (nats; before, and after
+        full-rank LEACE) and the raw variance removed."""
         rows = self.table[(self.table["checkpoint"] == checkpoint)
                           & self.table["metric"].isin(["linear_r2_after", "mlp_gain_after", "removed_variance"])]
         return rows.pivot_table(index=["layer", "tau", "edit", "rank"], columns="metric", values="value")
@@ -174,7 +175,7 @@ def causal_rows(engine: Probing, top_k: int, ranks: Sequence[int], n_positions: 
         cache = engine.cache(name)
         losses = token_losses(model, test, settings.batch_sequences)
         (loss,) = mean_scores(losses.reshape(-1), np.repeat(clusters, losses.shape[1]), seed=seed)
-        clean: dict[int, np.ndarray] = {}  # unedited losses by input length, shared by every edit of this model
+        clean: dict = {}  # prefix caches and unedited losses, shared by every edit of this model
         rows.append({"checkpoint": name, "metric": "loss", "tau": 1, "target": "next token", **loss.columns()})
         for layer in engine.layers(name):
             residuals = cache.layer(layer)  # [n, T, d]
