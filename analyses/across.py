@@ -22,6 +22,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 from forethought.analyses.experiment import ExperimentResults, finish_run, prepare_out, writes_run
 from forethought.analyses.plots import difference_heatmap
+from forethought.analyses.probing import SINCE_ADDED
 from forethought.analyses.results import CONTROL, read_results, run_meta
 from forethought.core.errors import ForethoughtError
 from forethought.core.settings import check_settings
@@ -59,11 +60,12 @@ class AcrossConfig:
 
 
 def read_runs(config: AcrossConfig) -> tuple[dict[str, pd.DataFrame], dict[str, dict[str, Any]]]:
-    """{label: table}, {label: meta} of the runs, refusing runs of different commands or settings."""
+    """{label: table}, {label: meta} of the runs, refusing runs of different commands (other setting names; a
+    setting added since a run was made, :data:`~analyses.probing.SINCE_ADDED`, does not count)."""
     tables, metas = {}, {}
     for label, folder in zip(config.run_labels(), config.run_folders()):
         tables[label], metas[label] = read_results(folder)
-    kinds = {label: tuple(sorted(meta.get("config", {}))) for label, meta in metas.items()}
+    kinds = {label: tuple(sorted(set(meta.get("config", {})) | set(SINCE_ADDED))) for label, meta in metas.items()}
     if len(set(kinds.values())) != 1:
         raise ForethoughtError(f"the runs come from different commands: {', '.join(kinds)} do not share settings")
     return tables, metas

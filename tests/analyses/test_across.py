@@ -1,5 +1,8 @@
 """Across runs: the spread between seeds is computed exactly, sign flips are named, the trend reads model sizes."""
 
+import json
+from pathlib import Path
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -94,6 +97,20 @@ def test_bad_run_lists_are_one_line_errors(tmp_path):
         AcrossConfig(runs=("a", "b"), labels=("x", "x"))
     with pytest.raises(ForethoughtError, match="cannot read results in"):
         run_seeds(AcrossConfig(runs=(f"{tmp_path}/nope", f"{tmp_path}/nope2"), out=str(tmp_path / "seeds")))
+
+
+def test_a_run_made_before_a_setting_existed_joins_the_later_ones_but_another_command_does_not(tmp_path):
+    runs = [_gap_run(tmp_path / f"s{i}", (0.02, 0.01, 0.03), 4.0) for i in range(3)]
+    for run in runs[1:]:  # the later runs record the settings added since (hidden, nonlinear)
+        meta = json.loads((Path(run) / "meta.json").read_text())
+        meta["config"].update(hidden=256, nonlinear=False)
+        (Path(run) / "meta.json").write_text(json.dumps(meta))
+    assert len(run_seeds(AcrossConfig(runs=tuple(runs), out=str(tmp_path / "seeds"))).table) > 0
+    meta = json.loads((Path(runs[0]) / "meta.json").read_text())
+    meta["config"]["kind"] = "softmax"  # a setting of another command
+    (Path(runs[0]) / "meta.json").write_text(json.dumps(meta))
+    with pytest.raises(ForethoughtError, match="the runs come from different commands"):
+        run_seeds(AcrossConfig(runs=tuple(runs), out=str(tmp_path / "seeds2")))
 
 
 def test_a_run_folder_may_be_moved_or_named_with_a_trailing_slash(tmp_path):
