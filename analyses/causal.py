@@ -25,25 +25,61 @@ from forethought.probes.erasure import ConceptEraser, ErasureFit, linear_r2, mlp
 from forethought.probes.metrics import mean_scores
 from forethought.probes.paths import path_effects
 
-LEACE, RANDOM, NET = "leace", "random", "leace − random"  # the concept erased; the control; their paired difference
+LEACE = "leace"  # the concept erased
+RANDOM, SHUFFLED = "random", "shuffled"  # the controls: random directions; LEACE of an unrelated (shuffled) concept
+CONTROLS = (RANDOM, SHUFFLED)
+
+
+def net(control: str) -> str:
+    """The edit name of the paired difference "LEACE − ``control``", example by example."""
+    return f"{LEACE} − {control}"
+
+
+NET = net(RANDOM)
 CAUSAL_COLUMNS = ["edit", "rank", "path", "offset"]  # a causal table's columns beyond the tidy ones
 CHECK_FIT_ROWS, CHECK_TEST_ROWS = 100_000, 20_000  # positions the erasure check fits and scores its probe on
 
 
-def erasers(fit: ErasureFit, rank: int, seed: int) -> dict[str, ConceptEraser]:
-    """The concept's erasure at ``rank`` and its control: random whitened directions (``seed``) of the same rank,
-    whitened variance and raw variance removed (:meth:`~probes.erasure.ErasureFit.random_eraser`)."""
+def erasers(fit: ErasureFit, rank: int, seed: int, controls: Sequence[str] = (RANDOM,),
+            unrelated: ErasureFit | None = None) -> dict[str, ConceptEraser]:
+    """The concept's erasure at ``rank`` and its ``controls``: :data:`RANDOM`, random whitened directions
+    (``seed``) of the same rank, whitened variance and raw variance removed
+    (:meth:`~probes.erasure.ErasureFit.random_eraser`); :data:`SHUFFLED`, LEACE at the same rank of the
+    ``unrelated`` fit (:func:`shuffled_fit`: a concept of the same classes and frequencies that h does not hold)."""
     concept = fit.eraser(rank)
-    return {LEACE: concept, RANDOM: fit.random_eraser(rank, seed, like=concept)}
+    made = {LEACE: concept}
+    if RANDOM in controls:
+        made[RANDOM] = fit.random_eraser(rank, seed, like=concept)
+    if SHUFFLED in controls:
+        if unrelated is None:
+            raise ForethoughtError("the shuffled control needs the unrelated concept's fit")
+        made[SHUFFLED] = unrelated.eraser(rank)
+    return made
+
+
+def shuffled_fit(h: np.ndarray, labels: np.ndarray, n_classes: int, seed: int) -> ErasureFit:
+    """LEACE's fit of the concept's labels permuted over the rows (seeded): the directions a probe for an unrelated
+    target of the same classes and frequencies would pick out of ``h`` [n, d] — the method's own control, where
+    :data:`RANDOM` matches the edit's size."""
+    return ErasureFit.from_samples(h, np.random.default_rng(seed).permutation(labels), n_classes)
+
+
+def check_controls(controls: Sequence[str]) -> None:
+    """Refuse, in one line, no control or one not in :data:`CONTROLS`."""
+    unknown = sorted(set(controls) - set(CONTROLS))
+    if unknown or not controls:
+        raise ForethoughtError(f"unknown control {', '.join(unknown) or '(none given)'}; choose from "
+                               f"{', '.join(CONTROLS)}")
 
 
 def effect_rows(cell: dict[str, Any], effects: dict[str, np.ndarray], clusters: np.ndarray, seed: int,
                 metric: str = "delta_loss") -> list[dict[str, Any]]:
-    """Rows of each edit's effects [n, positions, offsets 0 … K] (:data:`LEACE`, :data:`RANDOM`) and of
-    "leace − random" (the paired difference, example by example): the mean per offset (path "own" at 0, "future"
-    from 1) and the future path summed over offsets 1 … K (offset empty); an example is (sequence, t) and
-    intervals resample its ``clusters`` [n] (documents)."""
-    effects = {**effects, NET: effects[LEACE] - effects[RANDOM]}
+    """Rows of each edit's effects [n, positions, offsets 0 … K] (:data:`LEACE` and its controls) and of each
+    "leace − control" (:func:`net`: the paired difference, example by example): the mean per offset (path "own" at
+    0, "future" from 1) and the future path summed over offsets 1 … K (offset empty); an example is (sequence, t)
+    and intervals resample its ``clusters`` [n] (documents)."""
+    effects = {**effects, **{net(control): effects[LEACE] - effects[control] for control in CONTROLS
+                             if control in effects}}
     rows = []
     for edit, values in effects.items():
         unit = np.repeat(clusters, values.shape[1])
@@ -81,14 +117,18 @@ class CausalViews:
         full = rows.groupby(["layer", "tau"])["rank"].transform("max")
         return rows[rows["rank"] == full] if rank is None else rows[rows["rank"] == rank]
 
+    def controls(self) -> list[str]:
+        """The controls this table holds (:data:`CONTROLS`)."""
+        return [control for control in CONTROLS if control in set(self.table["edit"])]
+
     def paths_figure(self, checkpoint: str) -> go.Figure:
-        """Δloss by layer, own path and future path, the LEACE edit and its random control (full rank), one
-        panel per τ."""
+        """Δloss by layer, own path and future path, the LEACE edit and its controls (full rank), one panel per
+        τ."""
         taus = sorted(self.table["tau"].dropna().unique())
         figure = make_subplots(rows=1, cols=len(taus), shared_yaxes=True,
                                subplot_titles=[f"x[t+{tau}] erased" for tau in taus])
         colors = iter(PALETTE)
-        for edit in (LEACE, RANDOM):
+        for edit in (LEACE, *self.controls()):
             rows = self._cell_rows(checkpoint, edit, None)
             for path, dash in (("own", "solid"), ("future", "dash")):
                 color = next(colors)
@@ -100,14 +140,14 @@ class CausalViews:
         figure.update_xaxes(title_text="residual layer l", dtick=1)
         figure.update_yaxes(title_text="Δ loss, nats (own: at t; future: t+1 … t+τ summed)", col=1)
         figure.update_layout(title=f"{checkpoint}: erasing x[t+τ] from h[l, t] — where the loss moves (full-rank "
-                                   "LEACE vs random directions of equal rank; 95% CI over documents)")
+                                   "LEACE vs controls of equal rank; 95% CI over documents)")
         return figure
 
-    def future_heatmap(self, checkpoint: str) -> go.Figure:
-        """Layer × τ: the future path's Δloss beyond the control (full rank), "n.s." marks by FDR over the grid."""
-        rows = self._cell_rows(checkpoint, NET, None)
+    def future_heatmap(self, checkpoint: str, control: str = RANDOM) -> go.Figure:
+        """Layer × τ: the future path's Δloss beyond ``control`` (full rank), "n.s." marks by FDR over the grid."""
+        rows = self._cell_rows(checkpoint, net(control), None)
         rows = rows[(rows["path"] == "future") & rows["offset"].isna()]
-        return difference_heatmap(rows, f"{checkpoint}: future-path Δloss, LEACE − random (full rank). {FDR_NOTE}",
+        return difference_heatmap(rows, f"{checkpoint}: future-path Δloss, {net(control)} (full rank). {FDR_NOTE}",
                                   "Δ loss (nats)")
 
     def causal_figures(self) -> dict[str, go.Figure]:
@@ -116,15 +156,19 @@ class CausalViews:
         for name in self.table["checkpoint"].dropna().unique():
             stem = str(name).replace(" ", "_").replace("/", "_")
             figures[f"intervene_{stem}_paths"] = self.paths_figure(name)
-            figures[f"intervene_{stem}_future_heatmap"] = self.future_heatmap(name)
+            for control in self.controls():
+                suffix = "" if control == RANDOM else f"_{control}"
+                figures[f"intervene_{stem}_future_heatmap{suffix}"] = self.future_heatmap(name, control)
         return figures
 
     def causal_summary(self) -> str:
-        lines = ["Δ loss when x[t+τ] is erased from h[l, t] at full rank, beyond random directions of the same rank "
-                 "(own: at t; future: t+1 … t+τ summed); layers × τ:"]
-        for name in self.table["checkpoint"].dropna().unique():
-            effects = self.effects(name).unstack("tau")
-            lines += [f"{name}:", effects.to_string(float_format=lambda v: f"{v:+.4f}")]
+        lines = []
+        for control in self.controls():
+            lines.append(f"Δ loss when x[t+τ] is erased from h[l, t] at full rank, beyond the {control} control of "
+                         "the same rank (own: at t; future: t+1 … t+τ summed); layers × τ:")
+            for name in self.table["checkpoint"].dropna().unique():
+                effects = self.effects(name, net(control)).unstack("tau")
+                lines += [f"{name}:", effects.to_string(float_format=lambda v: f"{v:+.4f}")]
         return "\n".join(lines)
 
 
@@ -153,12 +197,13 @@ def check_causal(engine: Probing, top_k: int) -> None:
 
 
 def causal_rows(engine: Probing, top_k: int, ranks: Sequence[int], n_positions: int,
-                names: Sequence[str] | None = None) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+                names: Sequence[str] | None = None, controls: Sequence[str] = CONTROLS,
+                ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """The causal test on ``engine``'s held-out sample (its document split, caches and settings: layers, τ, batch,
     seed, device): for each checkpoint of ``names`` (default: all), layer and τ, LEACE of x[t+τ] in the ``top_k``
     most frequent tokens + "other", fitted on the probe-training documents, at each of ``ranks`` and full rank,
-    beside its control, at ``n_positions`` positions t of each test sequence (evenly spaced). Returns (tidy rows,
-    meta)."""
+    beside its ``controls``, at ``n_positions`` positions t of each test sequence (evenly spaced). Returns (tidy
+    rows, meta)."""
     settings = engine.settings
     tokens, taus, seed = engine.tokens, engine.taus, settings.seed
     device = resolve_device(settings.device)
@@ -183,13 +228,14 @@ def causal_rows(engine: Probing, top_k: int, ranks: Sequence[int], n_positions: 
                 fit_rows, test_rows = (_concept(residuals, tokens, classes, sequences, tau)
                                        for sequences in (split.train, split.test))
                 fit = ErasureFit.from_samples(*fit_rows, len(split.classes) + 1)
+                unrelated = shuffled_fit(*fit_rows, len(split.classes) + 1, seed) if SHUFFLED in controls else None
                 fit_rows = _subsample(fit_rows, CHECK_FIT_ROWS, seed)  # the erasure check's rows
                 test_rows = _subsample(test_rows, CHECK_TEST_ROWS, seed)
                 cell = {"checkpoint": name, "layer": layer, "tau": tau, "target": f"x[t+{tau}]"}
                 rows += _check_rows(cell, None, fit_rows, test_rows, rank=0, edit="none", seed=seed)
                 for rank in sorted({min(rank, fit.max_rank) for rank in ranks} | {fit.max_rank}):
                     effects = {}
-                    for edit, eraser in erasers(fit, rank, seed).items():
+                    for edit, eraser in erasers(fit, rank, seed, controls, unrelated).items():
                         rows += _check_rows(cell, eraser, fit_rows, test_rows, rank=rank, edit=edit, seed=seed,
                                             nonlinear=edit == LEACE and rank == fit.max_rank)
                         effects[edit] = path_effects(model, test, partial(eraser.at, layer), positions, tau,

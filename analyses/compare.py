@@ -25,7 +25,14 @@ import pandas as pd
 import plotly.graph_objects as go
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from forethought.analyses.causal import CAUSAL_COLUMNS, CausalResults, causal_rows, check_causal
+from forethought.analyses.causal import (
+    CAUSAL_COLUMNS,
+    CONTROLS,
+    CausalResults,
+    causal_rows,
+    check_causal,
+    check_controls,
+)
 from forethought.analyses.engine import Probing, load_checkpoint
 from forethought.analyses.plots import FDR_NOTE, PALETTE, difference_heatmap, save_figure
 from forethought.analyses.probing import (
@@ -123,13 +130,15 @@ class Comparison(Probing):
     # ---- results
 
     def intervene(self, names: Sequence[str] | None = None, top_k: int = 64, ranks: Sequence[int] = (1, 4, 16, 64),
-                  positions: int = 8) -> CausalResults:
+                  positions: int = 8, controls: Sequence[str] = CONTROLS) -> CausalResults:
         """The causal test (docs/causal.md) on this comparison's held-out sample, layers and τ: erase x[t+τ] (the
-        ``top_k`` most frequent tokens + "other") from h[l, t] by LEACE at each rank and full rank, beside a random
-        control, at ``positions`` positions t of each test sequence; Δloss on the own and future paths.
-        ``.effects(name)``, ``.checks(name)``, ``.paths_figure(name)``, ``.future_heatmap(name)``."""
+        ``top_k`` most frequent tokens + "other") from h[l, t] by LEACE at each rank and full rank, beside its
+        ``controls`` (random directions; LEACE of shuffled labels), at ``positions`` positions t of each test
+        sequence; Δloss on the own and future paths. ``.effects(name)``, ``.checks(name)``,
+        ``.paths_figure(name)``, ``.future_heatmap(name, control)``."""
+        check_controls(controls)
         check_causal(self, top_k)
-        rows, _ = causal_rows(self, top_k, ranks, positions, names)
+        rows, _ = causal_rows(self, top_k, ranks, positions, names, controls)
         return CausalResults(tidy(rows, extra=CAUSAL_COLUMNS, task=f"text: {self.heldout.corpus}",
                                   seed=self.settings.seed, split=POOLED))
 

@@ -2,12 +2,14 @@
 
 For each checkpoint, residual layer l and offset τ, the linear information about x[t+τ] in h[l, t] (the topk
 probes' classes: the K most frequent tokens + "other") is erased by LEACE fitted on the probe-training documents
-(:mod:`probes.erasure`), at each rank of a sweep and at full rank, beside a control of the same rank and whitened
-variance in random directions. Each edit is made at one position t of the held-out test documents at a time, and
-the change in next-token loss is read at t (the **own path**: t's own prediction) and at t + 1 … t + τ (the
-**future path**: later positions read t only through its keys and values; :mod:`probes.paths` shows the two
-routes split one edited run exactly). Every effect has a 95 % interval resampling documents; "leace − random" is
-the paired difference, the effect beyond an equally large edit.
+(:mod:`probes.erasure`), at each rank of a sweep and at full rank, beside two controls of the same rank: random
+directions removing the same whitened and raw variance, and LEACE of an unrelated concept (the labels shuffled
+over the rows: same classes and frequencies, nothing h holds). Each edit is made at one position t of the held-out
+test documents at a time, and the change in next-token loss is read at t (the **own path**: t's own prediction) and
+at t + 1 … t + τ (the **future path**: later positions read t only through its keys and values; :mod:`probes.paths`
+shows the two routes split one edited run exactly). Every effect has a 95 % interval resampling documents;
+"leace − random" and "leace − shuffled" are the paired differences: the effect beyond an equally large edit, and
+beyond the method's own pick of directions for a concept that is not there.
 
 Reading: information used by later positions but not by t itself — future path beyond control, own path not —
 is **pre-cached**; used by both, a **breadcrumb** (computed for t, read again later). For a myopic twin the
@@ -23,7 +25,7 @@ from typing import ClassVar
 
 import plotly.graph_objects as go
 
-from forethought.analyses.causal import CAUSAL_COLUMNS, CausalViews, causal_rows, check_causal
+from forethought.analyses.causal import CAUSAL_COLUMNS, CONTROLS, CausalViews, causal_rows, check_causal, check_controls
 from forethought.analyses.engine import Probing, load_checkpoints
 from forethought.analyses.experiment import ExperimentResults, finish_run, prepare_out, writes_run
 from forethought.analyses.probing import ProbeSettings, check_names
@@ -48,8 +50,9 @@ class InterveneConfig:
     top_k: int = 64  # the concept's classes: the K most frequent training tokens + "other" (K < d_model)
     ranks: tuple[int, ...] = (1, 4, 16, 64)  # erasure ranks (capped at the concept's); full rank is always added
     positions: int = 8  # positions t edited per sequence (evenly spaced; one edited run each)
+    controls: tuple[str, ...] = CONTROLS  # 'random' (equal rank and variance) and/or 'shuffled' (unrelated concept)
     batch_sequences: int = 64
-    seed: int = 0  # probe split, the control's directions, bootstrap
+    seed: int = 0  # probe split, the controls' directions and shuffle, bootstrap
     device: str = "auto"
     precision: str = "float32"  # the cached residuals' forward (bfloat16: faster on AMX CPUs); edits run in float32
     out: str = "runs/intervene"
@@ -63,6 +66,7 @@ class InterveneConfig:
             raise ForethoughtError("give --checkpoints NAME=PATH,...")
         if not self.ranks or min(self.ranks) < 1:
             raise ForethoughtError(f"ranks must be ≥ 1, got {', '.join(map(str, self.ranks)) or 'none'}")
+        check_controls(self.controls)
         self.probe_settings()  # held-out, layer and τ settings are checked as the probes' are
 
     def probe_settings(self) -> ProbeSettings:
@@ -93,7 +97,7 @@ def run_intervene(config: InterveneConfig) -> InterveneResults:
     engine = Probing(load_checkpoints(dict(config.checkpoints)), config.probe_settings(), config.out)
     check_causal(engine, config.top_k)
     out = prepare_out(config.out, config)
-    rows, meta = causal_rows(engine, config.top_k, config.ranks, config.positions)
+    rows, meta = causal_rows(engine, config.top_k, config.ranks, config.positions, controls=config.controls)
     constants = dict(task=f"text: {engine.heldout.corpus}", seed=config.seed, split=POOLED)
     results = InterveneResults(config=config, table=tidy(rows, extra=CAUSAL_COLUMNS, **constants))
     finish_run(results, out, run_meta(**meta, processing_mode="raw (Hugging Face forward hooks)"))

@@ -6,7 +6,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from forethought.analyses.causal import LEACE, NET, RANDOM
+from forethought.analyses.causal import LEACE, NET, RANDOM, SHUFFLED, net
 from forethought.analyses.cli import main
 from forethought.analyses.compare import Comparison
 from forethought.analyses.intervene import InterveneConfig, InterveneResults, run_intervene
@@ -25,6 +25,7 @@ def test_the_causal_test_on_twins(twins, tmp_path):
         by_edit = {edit: rows.sort_values("offset", na_position="last")["value"].to_numpy()
                    for edit, rows in cell.groupby("edit")}
         np.testing.assert_allclose(by_edit[NET], by_edit[LEACE] - by_edit[RANDOM], atol=1e-12)  # paired
+        np.testing.assert_allclose(by_edit[net(SHUFFLED)], by_edit[LEACE] - by_edit[SHUFFLED], atol=1e-12)
         assert len(by_edit[LEACE]) == tau + 2  # offsets 0 … τ and the future path summed
         if layer == n_layers:  # h[L, t] feeds no keys or values: nothing reaches later positions
             assert (cell.loc[cell["path"] == "future", "value"] == 0).all()
@@ -32,16 +33,24 @@ def test_the_causal_test_on_twins(twins, tmp_path):
     assert set(effects["rank"]) >= {1, 4} and full_rank.between(17, 20).all()
     r2 = table[table["metric"] == "linear_r2_after"].set_index(["checkpoint", "layer", "tau", "edit", "rank"])["value"]
     before = r2.xs(("none", 0), level=("edit", "rank"))
-    full = r2.xs(LEACE, level="edit")
-    full = full[full.index.isin([(*cell, rank) for cell, rank in full_rank.items()])].droplevel("rank")
+
+    def at_full_rank(edit: str) -> pd.Series:
+        rows = r2.xs(edit, level="edit")
+        return rows[rows.index.isin([(*cell, rank) for cell, rank in full_rank.items()])].droplevel("rank")
+
+    full = at_full_rank(LEACE)
     assert (full < 0.002).all()  # after full-rank LEACE a fresh linear probe explains nothing on test documents …
     decodable = before[before > 0.01]  # … where, in these briefly trained twins, some cells held a readable concept
     assert len(decodable) >= 1 and (full[decodable.index] < decodable - 0.01).all()
+    removed = table[table["metric"] == "removed_variance"].set_index(["checkpoint", "layer", "tau", "rank", "edit"])
+    removed = removed["value"].unstack("edit")  # every control beside every edit, its size recorded
+    assert set(removed.columns) == {LEACE, RANDOM, SHUFFLED} and (removed > 0).all().all()  # (NaN fails too)
     mlp = table[table["metric"] == "mlp_gain_after"]  # before the edit, and after full-rank LEACE only
     assert set(mlp["edit"]) == {"none", LEACE} and len(mlp) == 2 * len(full_rank) and mlp["value"].notna().all()
-    assert (tmp_path / "iv" / "figures" / "intervene_vanilla_future_heatmap.html").is_file()
+    for suffix in ("", "_shuffled"):
+        assert (tmp_path / "iv" / "figures" / f"intervene_vanilla_future_heatmap{suffix}.html").is_file()
     again = InterveneResults.from_folder(tmp_path / "iv")
-    assert again.table.equals(table) and "beyond random directions" in again.summary()
+    assert again.table.equals(table) and "beyond the shuffled control" in again.summary()
     # the same test from a Comparison over the same checkpoints and settings: the same table
     comparison = Comparison.from_checkpoints({"vanilla": twins / "vanilla", "myopic": twins / "myopic"},
                                              folder=tmp_path / "cmp", max_sequences=60, taus=(1, 2),
@@ -65,6 +74,7 @@ def test_a_concept_that_could_span_the_residual_stream_is_refused(twins, tmp_pat
     (["--ranks", "0"], "ranks must be ≥ 1, got 0"),
     (["--positions", "0"], "positions must be ≥ 1, got 0"),
     (["--taus", "0"], "taus must be offsets ≥ 1, got 0"),
+    (["--controls", "random,probe"], "unknown control probe; choose from random, shuffled"),
 ])
 def test_bad_intervene_settings_are_one_line_errors(capsys, tmp_path, argv, message):
     assert main(["intervene", "--checkpoints", "a=x", *argv, "--out", str(tmp_path / "iv")]) == 2
