@@ -25,6 +25,7 @@ from transformers import PreTrainedModel
 from forethought.core.errors import ForethoughtError, one_line
 from forethought.core.files import check_free_space, staged_folder
 from forethought.models.gpt2 import quiet_loading
+from forethought.models.mtp import save_heads, without_heads
 
 STATE_FILE = "training_state.pt"
 _STEP_FOLDER = re.compile(r"^step-(\d+)$")
@@ -45,14 +46,19 @@ def save_checkpoint(
 ) -> Path:
     """Write model + training state for ``step`` atomically; keep only the newest ``keep`` checkpoints.
 
-    ``extra(folder)`` writes further files (tokenizer, data description) into the folder before it is final.
+    ``extra(folder)`` writes further files (tokenizer, data description) into the folder before it is final. A
+    multi-token model's extra heads go beside the model (:mod:`models.mtp`): ``model.safetensors`` stays an
+    ordinary causal LM.
     """
     folder = checkpoints_dir(run_dir) / f"step-{step:07d}"
     check_finite_weights(model, f"step {step} of {run_dir}")
     n_bytes = sum(t.numel() * t.element_size() for t in model.state_dict().values())
     check_free_space(folder.parent, 3 * n_bytes + 2**24, f"checkpoint {folder.name}")  # weights + AdamW moments
     with staged_folder(folder) as staging:  # re-saving a step (the final one after a resume) replaces it whole
-        model.save_pretrained(staging)
+        with without_heads(model) as heads:
+            model.save_pretrained(staging)
+        if heads is not None:
+            save_heads(heads, staging)
         torch.save(state, staging / STATE_FILE)
         if extra is not None:
             extra(staging)

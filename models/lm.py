@@ -27,6 +27,7 @@ from forethought.models.distributed import Distributed
 from forethought.models.families import architecture
 from forethought.models.gpt2 import CAUSAL_LM_CLASSES, build_lm, gpt2_config, load_model
 from forethought.models.hub import hub_reachable
+from forethought.models.mtp import NEXT_TOKEN, MultiTokenTask, add_heads, objective_heads
 from forethought.models.myopic import check_myopic_support
 from forethought.models.sources import model_folder, source_card
 from forethought.models.tasks.bpe import bpe_size, corpus_bpe
@@ -75,6 +76,7 @@ class LMTrainConfig(Presets):
     from_pretrained: bool = False  # start from the folder's / hub model's weights (fine-tuning)
     tokenizer: str = "gpt2"  # 'gpt2', 'bpe:N' (fitted to the training documents), or a model source (its tokenizer)
     myopic: bool = False  # train with the myopic gradient
+    objective: str = NEXT_TOKEN  # 'next-token', or 'mtp:K': K heads predict x[t+1] … x[t+K] (mean loss; models/mtp.py)
     dropout: float | None = None  # None: presets 0, loaded models their own (attention dropout > 0 makes myopic slow)
     # training
     epochs: float = 1.0  # passes over the training sequences (ignored when steps is set)
@@ -96,6 +98,9 @@ class LMTrainConfig(Presets):
             raise ForethoughtError(f"--from-pretrained needs a folder or hub id; {self.model!r} is a preset")
         if self.epochs <= 0 and self.steps is None:
             raise ForethoughtError(f"epochs must be positive, got {self.epochs}")
+        if objective_heads(self.objective) > 1 and self.myopic:
+            raise ForethoughtError(f"objective {self.objective} trains positions for later tokens: it cannot be "
+                                   "--myopic too")
         if bpe_size(self.tokenizer) is not None and self.from_pretrained:
             raise ForethoughtError("--tokenizer bpe:N makes a new vocabulary: it cannot fine-tune a pretrained model")
         self.data()  # validates layout, seq_len and the corpus name
@@ -189,6 +194,7 @@ def _train_lm(config: LMTrainConfig, out: Path, dist: Distributed) -> TrainResul
         settings = record_settings(out / "train_config.json", config)
     description = {
         "model_source": config.model, "myopic": config.myopic, "myopic_cut": config.training.myopic_cut,
+        "objective": config.objective,
         "data": asdict(data), "tokenizer": config.tokenizer,
         "n_sequences": {name: len(part) for name, part in sequences.items()}, "train_config": settings,
         "steps": config.train_config(len(sequences["train"])).steps,  # the run's planned last step
@@ -198,7 +204,8 @@ def _train_lm(config: LMTrainConfig, out: Path, dist: Distributed) -> TrainResul
         tokenizer.save_pretrained(folder)
         (folder / DESCRIPTION_FILE).write_text(json.dumps(description, indent=2) + "\n")
 
-    task = TextTask(sequences["train"], seed=config.seed)
+    add_heads(model, objective_heads(config.objective))
+    task = MultiTokenTask(sequences["train"], model, seed=config.seed)
     return train(model, task, config.train_config(len(sequences["train"])), out,
                  eval_task=TextTask(sequences["validation"], seed=config.seed), save_extra=save_extra)
 

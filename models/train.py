@@ -29,6 +29,7 @@ from forethought.core.settings import changed_settings, check_settings
 from forethought.core.versions import package_versions
 from forethought.models.checkpoint import checkpoints_dir, latest_checkpoint, load_training_state, save_checkpoint
 from forethought.models.distributed import Distributed
+from forethought.models.mtp import load_heads, without_heads
 from forethought.models.myopic import check_cut, myopic
 
 
@@ -243,7 +244,10 @@ def _resume(folder: Path, model, optimizer, scheduler, data: torch.Generator, ta
         raise ForethoughtError(f"cannot resume {folder}: it was trained with other settings ({changed})")
     try:
         saved_model = type(model).from_pretrained(folder)
-        model.load_state_dict(saved_model.state_dict())
+        with without_heads(model) as heads:
+            model.load_state_dict(saved_model.state_dict())
+        if heads is not None:
+            load_heads(heads, folder)
     except (RuntimeError, ValueError, OSError) as error:
         raise ForethoughtError(f"checkpoint {folder} does not match the model being trained: {error}") from error
     optimizer.load_state_dict(state["optimizer"])

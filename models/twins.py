@@ -11,17 +11,19 @@ import numpy as np
 import torch
 
 from forethought.core.errors import ForethoughtError
-from forethought.core.settings import UNBOUND, changed_settings
+from forethought.core.settings import UNBOUND, changed_settings, flat_defaults
 from forethought.models.checkpoint import checkpoint_step, list_checkpoints
 from forethought.models.families import architecture_summary
 from forethought.models.heldout import token_losses
-from forethought.models.lm import LMCheckpoint, check_same_tokenizer
+from forethought.models.lm import LMCheckpoint, LMTrainConfig, check_same_tokenizer
 
 TWINS = ("vanilla", "myopic")
 
 
 def check_twins(vanilla: LMCheckpoint, myopic_twin: LMCheckpoint) -> None:
-    """Refuse twins that differ in architecture, tokenizer or training data, or that are not what they say."""
+    """Refuse twins that differ in architecture, tokenizer, training data or settings (the objective included: a
+    multi-token twin is not a vanilla one), or that are not what they say; a setting one twin's run predates counts
+    as its default."""
     ours, theirs = architecture_summary(vanilla.model.config), architecture_summary(myopic_twin.model.config)
     differing = [k for k in dict.fromkeys([*ours, *theirs]) if ours.get(k) != theirs.get(k)]
     if differing:
@@ -50,10 +52,14 @@ def check_twins(vanilla: LMCheckpoint, myopic_twin: LMCheckpoint) -> None:
 
 def _twin_settings(checkpoint: LMCheckpoint) -> dict[str, Any] | None:
     """The training settings a twin recorded (None if it records none), less what twins differ in or what never
-    changes the weights (the myopic flag and cut; where the run and its token files are kept)."""
+    changes the weights (the myopic flag and cut; where the run and its token files are kept). A setting the run
+    predates counts as its default (the behaviour it had)."""
     recorded = (checkpoint.description or {}).get("train_config")
+    if recorded is None:
+        return None
     ignored = {"myopic", "myopic_cut", "eval_batches", *UNBOUND}
-    return None if recorded is None else {k: v for k, v in recorded.items() if k not in ignored}
+    defaults = {k: v for k, v in flat_defaults(LMTrainConfig).items() if k not in recorded}
+    return {k: v for k, v in {**recorded, **defaults}.items() if k not in ignored}
 
 
 @dataclass(frozen=True)

@@ -571,13 +571,15 @@ class TextTask:
         self.drawn = state["drawn"]
 
 
-def next_token_loss(logits: torch.Tensor, tokens: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
-    """Cross-entropy of logits [batch, T, vocab] at t against tokens [batch, T] at t + 1, in at least float32.
+def next_token_loss(logits: torch.Tensor, tokens: torch.Tensor, reduction: str = "mean",
+                    offset: int = 1) -> torch.Tensor:
+    """Cross-entropy of logits [batch, T, vocab] at t against tokens [batch, T] at t + ``offset`` (a multi-token
+    head's target, :mod:`models.mtp`), in at least float32.
 
-    ``reduction="none"`` gives [batch, T − 1].
+    ``reduction="none"`` gives [batch, T − offset].
     """
-    logits = logits[:, :-1].to(torch.promote_types(logits.dtype, torch.float32))
-    return cross_entropy(logits.transpose(1, 2), tokens[:, 1:], reduction=reduction)
+    logits = logits[:, :-offset].to(torch.promote_types(logits.dtype, torch.float32))
+    return cross_entropy(logits.transpose(1, 2), tokens[:, offset:], reduction=reduction)
 
 
 def check_vocabulary(tokenizer: PreTrainedTokenizerBase, vocab_size: int, model_name: str) -> None:

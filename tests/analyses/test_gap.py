@@ -12,10 +12,11 @@ from forethought.analyses.cli import main
 from forethought.analyses.compare import Comparison
 from forethought.analyses.gap import GAP, GapConfig, GapResults, run_gap
 from forethought.analyses.precache import PrecacheConfig, run_precache
+from forethought.core.errors import ForethoughtError
 from forethought.models.checkpoint import latest_checkpoint, load_training_state
 from forethought.models.gpt2 import build_lm, gpt2_config
-from forethought.models.lm import LMTrainConfig, train_lm
-from forethought.models.twins import TWINS
+from forethought.models.lm import LMCheckpoint, LMTrainConfig, train_lm
+from forethought.models.twins import TWINS, check_twins
 
 
 def test_gap_end_to_end_on_a_tiny_pair(twins, tmp_path):
@@ -66,6 +67,16 @@ def test_twins_that_do_not_match_are_refused(twins, tmp_path, capsys):
     shutil.copytree(twins / "myopic" / "checkpoints" / "step-0000040", early)
     assert "not at the same training step (vanilla at step 40 of 40, myopic at step 20 of 40)" in gap(
         "--vanilla", str(twins / "vanilla"), "--myopic", str(early))
+    older = tmp_path / "older" / "checkpoints" / "step-0000040"  # a twin made before --objective existed: matches
+    shutil.copytree(twins / "myopic" / "checkpoints" / "step-0000040", older)
+    description = json.loads((older / "forethought.json").read_text())
+    del description["train_config"]["objective"]
+    (older / "forethought.json").write_text(json.dumps(description))
+    check_twins(LMCheckpoint.load(twins / "vanilla"), LMCheckpoint.load(older))
+    description["train_config"]["objective"] = "mtp:2"  # … and a multi-token one does not
+    (older / "forethought.json").write_text(json.dumps(description))
+    with pytest.raises(ForethoughtError, match="objective: 'next-token' → 'mtp:2'"):
+        check_twins(LMCheckpoint.load(twins / "vanilla"), LMCheckpoint.load(older))
     assert "give --vanilla and/or --myopic checkpoints" in gap()
     assert "nowhere is not a folder, and the Hugging Face hub cannot be reached" in gap(
         "--vanilla", str(tmp_path / "nowhere")

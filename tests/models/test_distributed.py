@@ -1,4 +1,5 @@
-"""Data parallelism: two CPU processes (gloo) take exactly the steps of one process on the same global batch."""
+"""Data parallelism: two CPU processes (gloo) take exactly the steps of one process on the same global batch —
+next-token, myopic, and multi-token prediction (whose extra heads live outside the model's forward)."""
 
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from safetensors.torch import load_file
 from forethought.core.errors import ForethoughtError
 from forethought.models.distributed import Distributed
 from forethought.models.gpt2 import build_lm, gpt2_config
+from forethought.models.mtp import HEADS_FILE, MultiTokenTask, add_heads
 from forethought.models.tasks.text import TextTask
 from forethought.models.train import TrainConfig, train
 
@@ -25,15 +27,23 @@ CONFIG = dict(steps=3, batch_size=8, lr=1e-2, warmup_frac=0.0, eval_every=3, eva
               device="cpu", progress=False)
 
 
-def _model():
-    return build_lm(gpt2_config(n_layer=2, d_model=16, n_head=2, vocab_size=23, n_positions=16), seed=0).double()
+def _model(heads: int):
+    model = build_lm(gpt2_config(n_layer=2, d_model=16, n_head=2, vocab_size=23, n_positions=16), seed=0).double()
+    add_heads(model, heads)
+    return model
 
 
-def _worker(rank: int, world_size: int, port: int, run_dir: str, myopic: bool) -> None:
+def _run(heads: int, myopic: bool, run_dir) -> object:
+    model = _model(heads)
+    task = MultiTokenTask(SEQUENCES, model) if heads > 1 else TextTask(SEQUENCES)
+    return train(model, task, TrainConfig(**CONFIG, myopic=myopic), run_dir)
+
+
+def _worker(rank: int, world_size: int, port: int, run_dir: str, myopic: bool, heads: int) -> None:
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
-    train(_model(), TextTask(SEQUENCES), TrainConfig(**CONFIG, myopic=myopic), run_dir)
+    _run(heads, myopic, run_dir)
     torch.distributed.destroy_process_group()
 
 
@@ -43,14 +53,17 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.mark.parametrize("myopic", [False, True])
-def test_two_processes_take_the_single_process_steps(tmp_path, myopic):
-    single = train(_model(), TextTask(SEQUENCES), TrainConfig(**CONFIG, myopic=myopic), tmp_path / "one")
-    mp.spawn(_worker, args=(2, _free_port(), str(tmp_path / "two"), myopic), nprocs=2, join=True)
-    weights = load_file(tmp_path / "two" / "checkpoints" / "step-0000003" / "model.safetensors")
-    initial = _model().state_dict()
+@pytest.mark.parametrize("myopic, heads", [(False, 1), (True, 1), (False, 3)])
+def test_two_processes_take_the_single_process_steps(tmp_path, myopic, heads):
+    single = _run(heads, myopic, tmp_path / "one")
+    mp.spawn(_worker, args=(2, _free_port(), str(tmp_path / "two"), myopic, heads), nprocs=2, join=True)
+    final = tmp_path / "two" / "checkpoints" / "step-0000003"
+    weights = load_file(final / "model.safetensors")
+    if heads > 1:
+        weights.update({f"mtp_heads.{name}": value for name, value in load_file(final / HEADS_FILE).items()})
+    initial = _model(heads).state_dict()
     for name, value in single.model.state_dict().items():
-        if name in weights:
+        if name in weights or name.startswith("mtp_heads."):
             torch.testing.assert_close(weights[name], value, atol=1e-12, rtol=1e-12, msg=name)
     assert not torch.equal(weights["transformer.h.0.attn.c_attn.weight"], initial["transformer.h.0.attn.c_attn.weight"])
 

@@ -17,15 +17,6 @@ from forethought.models.sources import model_folder
 from forethought.models.tasks.text import TextTask
 from forethought.probes.residuals import bridge_residuals, load_bridge, model_residuals
 
-DOCS = [f"Chapter {i}. " + " ".join(f"the {w} of {i}" for w in ("river", "hill", "town", "road")) for i in range(300)]
-
-
-@pytest.fixture
-def corpus(tmp_path):
-    path = tmp_path / "docs.jsonl"
-    path.write_text("\n".join(json.dumps({"text": d}) for d in DOCS) + "\n")
-    return str(path)
-
 
 def settings(corpus, tmp_path, **overrides) -> LMTrainConfig:
     values = dict(corpus=corpus, model="gpt2-micro", seq_len=16, steps=4, batch_size=4, lr=3e-3,
@@ -144,8 +135,8 @@ class Interrupted(Exception):
     pass
 
 
-def test_interrupted_text_run_resumes_to_identical_weights(corpus, tmp_path, monkeypatch):
-    straight = train_lm(settings(corpus, tmp_path, myopic=True, out=str(tmp_path / "straight")))
+def interrupted_at_step_four(config: LMTrainConfig, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Run ``config`` until its fourth training batch is drawn, and kill it there (checkpoints every 2 steps)."""
     sample, calls = TextTask.sample, {"n": 0}
 
     def dies_at_step_four(self, batch_size, generator):
@@ -155,11 +146,16 @@ def test_interrupted_text_run_resumes_to_identical_weights(corpus, tmp_path, mon
                 raise Interrupted
         return sample(self, batch_size, generator)
 
-    monkeypatch.setattr(TextTask, "sample", dies_at_step_four)
-    with pytest.raises(Interrupted):
-        train_lm(settings(corpus, tmp_path, myopic=True))
+    with monkeypatch.context() as patched:
+        patched.setattr(TextTask, "sample", dies_at_step_four)
+        with pytest.raises(Interrupted):
+            train_lm(config)
+
+
+def test_interrupted_text_run_resumes_to_identical_weights(corpus, tmp_path, monkeypatch):
+    straight = train_lm(settings(corpus, tmp_path, myopic=True, out=str(tmp_path / "straight")))
+    interrupted_at_step_four(settings(corpus, tmp_path, myopic=True), monkeypatch)
     assert [p.name for p in list_checkpoints(tmp_path / "run")] == ["step-0000002"]
-    monkeypatch.setattr(TextTask, "sample", sample)
     resumed = train_lm(settings(corpus, tmp_path, myopic=True))
     for (name, a), b in zip(straight.model.state_dict().items(), resumed.model.state_dict().values()):
         assert torch.equal(a, b), name
