@@ -23,6 +23,7 @@ from typing import Any
 
 import pandas as pd
 import plotly.graph_objects as go
+import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from forethought.analyses.causal import (
@@ -50,6 +51,7 @@ from forethought.core.settings import check_settings
 from forethought.models.gpt2 import quiet_loading
 from forethought.models.lm import LMCheckpoint
 from forethought.models.tasks.text import check_vocabulary, gpt2_tokenizer
+from forethought.models.twins import LossMatch, loss_matched
 from forethought.probes.future import METRICS
 from forethought.probes.metrics import POOLED
 
@@ -126,6 +128,20 @@ class Comparison(Probing):
         """Add a checkpoint; if it cannot be added the comparison is unchanged (and all it computed is kept)."""
         self._admit(check_name(name, self._checkpoints), _load(name, source, self.folder, tokenizer))
         return self
+
+    def add_loss_matched(self, name: str, to: str, as_name: str | None = None) -> LossMatch:
+        """Add the checkpoint of ``name``'s training run whose held-out loss on this comparison's sample is nearest
+        ``to``'s, as ``as_name`` (default "NAME at the TO loss"): a comparison at equal next-token skill (issue
+        26's P_matched) for any pair — match the better model's run to the worse model's loss (a vanilla twin to
+        its myopic twin; in the bracket, whichever of the vanilla and multi-token twins is better, to the other).
+        Returns the match: the step chosen and every saved checkpoint's loss."""
+        for known in (name, to):
+            if known not in self._checkpoints:
+                raise ForethoughtError(f"no checkpoint named {known!r}; this comparison has {', '.join(self.names)}")
+        match = loss_matched(self.checkpoint(name), self.checkpoint(to), torch.from_numpy(self.sample.tokens),
+                             self.settings.batch_sequences, self.settings.progress)
+        self.add(as_name or f"{name} at the {to} loss", match.source)
+        return match
 
     # ---- results
 

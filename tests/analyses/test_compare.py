@@ -134,6 +134,24 @@ def test_heatmap_is_the_paired_difference_with_confidence_marks(comparison):
     assert ((rows["ci_low"] <= rows["value"]) & (rows["value"] <= rows["ci_high"])).all()
 
 
+def test_a_loss_matched_checkpoint_is_the_saved_step_nearest_the_other_loss(comparison, twins):
+    """The bracket's P_matched for any pair: the vanilla run's checkpoint whose held-out loss on the comparison's
+    own sample is nearest the myopic twin's, added and probed like any checkpoint."""
+    match = comparison.add_loss_matched("vanilla", to="myopic")
+    target = match.myopic_losses.mean()
+    assert set(match.vanilla_losses) == {10, 20, 30, 40}  # every step the run kept was a candidate
+    gaps = {step: abs(losses.mean() - target) for step, losses in match.vanilla_losses.items()}
+    assert gaps[match.step] == min(gaps.values())
+    assert match.source.endswith(f"step-{match.step:07d}") and "vanilla at the myopic loss" in comparison.names
+    matched = LMCheckpoint.load(match.source).model.state_dict()
+    added = comparison.checkpoint("vanilla at the myopic loss").model.state_dict()
+    assert all(torch.equal(matched[k], v.to(matched[k].device)) for k, v in added.items())
+    heatmap = comparison.heatmap("vanilla at the myopic loss", "myopic")  # probed on the same sample, paired
+    assert np.isfinite(np.asarray(heatmap.data[0].z, dtype=float)).all()
+    with pytest.raises(ForethoughtError, match="no checkpoint named 'mtp2'; this comparison has vanilla, myopic"):
+        comparison.add_loss_matched("mtp2", to="vanilla")
+
+
 def test_a_model_in_memory_gives_the_numbers_of_its_folder(twins, tmp_path):
     checkpoint = LMCheckpoint.load(twins / "vanilla")
     comparison = Comparison.from_checkpoints([("folder", twins / "vanilla"), ("memory", checkpoint.model)],
