@@ -1,5 +1,6 @@
 """Results across runs: the spread between training seeds (``forethought seeds``) and the trend with model
-size (``forethought trend``), read from finished ``gap`` / ``precache`` / ``probe`` run folders.
+size (``forethought trend``: the spread per size and an OLS test of the slope), read from finished ``gap`` /
+``precache`` / ``probe`` run folders.
 
 A bootstrap interval over held-out sequences says how precisely one trained model was measured, not what the
 next training seed would give. ``seeds`` puts the two side by side for every quantity the runs share: each
@@ -18,6 +19,7 @@ import numpy as np
 import pandas as pd
 import plotly.express as px
 import plotly.graph_objects as go
+from scipy import stats
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from forethought.analyses.experiment import ExperimentResults, finish_run, prepare_out, writes_run
@@ -213,28 +215,63 @@ def model_size(source: str) -> int:
 
 @dataclass
 class TrendResults(ExperimentResults):
-    """The myopia gap of each run against its model size (``table``: run, parameters, value, ci_low, ci_high)."""
+    """The myopia gap of each run against its model size (``table``: run, parameters, value, ci_low, ci_high), the
+    spread of the runs (training seeds) of each size, and the test of the slope."""
 
     CONFIG: ClassVar[type] = AcrossConfig
 
+    def sizes(self) -> pd.DataFrame:
+        """Per model size (non-embedding parameters): the runs, their mean gap, sd (ddof 1), min and max."""
+        return self.table.groupby("parameters")["value"].agg(runs="count", mean="mean", sd="std", min="min",
+                                                            max="max")
+
+    def slope(self) -> dict[str, float]:
+        """The gap's trend with size: ordinary least squares of every run's gap on log10(parameters) — seeds are
+        replicates, so the slope's spread includes the seed spread —, nats per tenfold parameters with its 95 %
+        interval and the two-sided t-test of slope = 0 (``scipy.stats.linregress``; runs − 2 degrees of freedom).
+        NaN where that leaves no degree of freedom (fewer than 3 runs, or one size)."""
+        x, y = np.log10(self.table["parameters"].to_numpy(float)), self.table["value"].to_numpy(float)
+        runs, sizes = len(y), len(np.unique(x))
+        if runs < 3 or sizes < 2:
+            return dict(slope=np.nan, ci_low=np.nan, ci_high=np.nan, p=np.nan, runs=runs, sizes=sizes)
+        fit = stats.linregress(x, y)
+        half = stats.t.ppf(0.975, runs - 2) * fit.stderr
+        return dict(slope=fit.slope, ci_low=fit.slope - half, ci_high=fit.slope + half, p=fit.pvalue, runs=runs,
+                    sizes=sizes)
+
     def figure(self) -> go.Figure:
+        """Each run's gap (95 % CI over documents) at its size, each size's mean ± sd over runs, and the OLS line."""
         rows = self.table.sort_values("parameters")
-        figure = px.scatter(rows, x="parameters", y="value", text="run", log_x=True,
+        figure = px.scatter(rows, x="parameters", y="value", hover_name="run", log_x=True,
                             error_y=rows["ci_high"] - rows["value"], error_y_minus=rows["value"] - rows["ci_low"])
-        means = rows.groupby("parameters", as_index=False)["value"].mean()
-        figure.add_scatter(x=means["parameters"], y=means["value"], mode="lines", line=dict(color="gray"),
-                           name="mean of the runs of a size")
+        figure.update_traces(name="a run (95% CI over documents)", showlegend=True)
+        sizes = self.sizes().reset_index()
+        figure.add_scatter(x=sizes["parameters"], y=sizes["mean"], mode="markers", name="mean ± sd over runs",
+                           error_y=dict(array=sizes["sd"].fillna(0)), marker=dict(symbol="diamond", size=11))
+        trend = self.slope()
+        if np.isfinite(trend["slope"]):
+            x = np.log10(sizes["parameters"].to_numpy(float))
+            intercept = rows["value"].mean() - trend["slope"] * np.log10(rows["parameters"].to_numpy(float)).mean()
+            figure.add_scatter(x=sizes["parameters"], y=intercept + trend["slope"] * x, mode="lines",
+                               line=dict(color="gray", dash="dash"),
+                               name=f"OLS: {trend['slope']:+.3f} nats per 10× (p = {trend['p']:.2g})")
         figure.add_hline(y=0, line=dict(color="black", dash="dot"))
-        figure.update_traces(textposition="top center", selector=dict(mode="markers+text"))
-        figure.update_layout(title="Myopia gap (myopic − vanilla held-out loss) by model size; 95% CI over sequences",
-                             xaxis_title="non-embedding parameters", yaxis_title="nats per token")
+        figure.update_layout(title="Myopia gap (myopic − vanilla held-out loss) by model size",
+                             xaxis_title="non-embedding parameters", yaxis_title="nats per token",
+                             margin=dict(t=80))
         return figure
 
     def figures(self) -> dict[str, go.Figure]:
         return {"trend_gap": self.figure()}
 
     def summary(self) -> str:
-        return self.table.to_string(index=False, float_format=lambda v: f"{v:+.4f}")
+        trend = self.slope()
+        slope = ("slope: not testable (needs ≥ 3 runs at ≥ 2 sizes)" if not np.isfinite(trend["slope"]) else
+                 f"slope {trend['slope']:+.4f} nats per tenfold parameters (95% CI {trend['ci_low']:+.4f} … "
+                 f"{trend['ci_high']:+.4f}), p = {trend['p']:.3g}: OLS of {trend['runs']} runs' gaps on log10 "
+                 f"parameters at {trend['sizes']} sizes, two-sided t-test")
+        return "\n".join([self.table.to_string(index=False, float_format=lambda v: f"{v:+.4f}"), "per size:",
+                          self.sizes().to_string(float_format=lambda v: f"{v:+.4f}"), slope])
 
 
 @writes_run

@@ -88,6 +88,36 @@ def test_the_trend_reads_each_runs_model_size(tmp_path):
     assert table.loc["small", "parameters"] == 2 * (12 * 64 * 64 + 13 * 64) + 2 * 64  # blocks + final norm
     assert table.loc["large", "value"] == pytest.approx(0.04)
     assert set(results.figures()) == {"trend_gap"}
+    assert "slope: not testable (needs ≥ 3 runs at ≥ 2 sizes)" in results.summary()  # two runs: no degree left
+
+
+def test_the_trend_tests_its_slope_over_seeds_and_sizes(tmp_path):
+    """Three sizes × two seeds: the per-size spread is exact, and the slope, its interval and p are those of
+    ordinary least squares on log10(parameters), computed here by hand."""
+    runs, gaps = [], {}
+    for layers in (1, 2, 4):
+        config = tmp_path / f"config-{layers}"
+        gpt2_config(n_layer=layers, d_model=64, n_head=2, vocab_size=300, n_positions=64).save_pretrained(config)
+        for seed, noise in enumerate((-0.004, 0.006)):
+            gaps[f"l{layers}s{seed}"] = 0.02 * layers + noise
+            runs.append(_gap_run(tmp_path / f"gap-{layers}-{seed}", (gaps[f"l{layers}s{seed}"], 0.0, 0.2), 4.0,
+                                 config))
+    results = run_trend(AcrossConfig(runs=tuple(runs), labels=tuple(gaps), out=str(tmp_path / "trend")))
+    sizes = results.sizes()
+    assert sizes["runs"].tolist() == [2, 2, 2] and sizes["sd"].to_numpy() == pytest.approx([0.01 / np.sqrt(2)] * 3)
+    assert sizes["mean"].to_numpy() == pytest.approx([0.021, 0.041, 0.081])
+    x = np.log10(results.table["parameters"].to_numpy(float))
+    y = results.table["value"].to_numpy(float)
+    sxx = ((x - x.mean()) ** 2).sum()
+    slope = ((x - x.mean()) * (y - y.mean())).sum() / sxx
+    residual = y - y.mean() - slope * (x - x.mean())
+    stderr = np.sqrt((residual**2).sum() / (len(y) - 2) / sxx)
+    trend = results.slope()
+    assert trend["slope"] == pytest.approx(slope) and trend["p"] == pytest.approx(2 * stats.t.sf(slope / stderr, 4))
+    assert trend["ci_high"] - trend["slope"] == pytest.approx(stats.t.ppf(0.975, 4) * stderr)
+    assert (trend["runs"], trend["sizes"]) == (6, 3) and trend["p"] < 0.01
+    assert "OLS of 6 runs' gaps on log10 parameters at 3 sizes" in results.summary()
+    assert any(trace.name.startswith("OLS: +") for trace in results.figure().data)
 
 
 def test_bad_run_lists_are_one_line_errors(tmp_path):
