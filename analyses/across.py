@@ -24,7 +24,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 from forethought.analyses.experiment import ExperimentResults, finish_run, prepare_out, writes_run
 from forethought.analyses.plots import difference_heatmap
-from forethought.analyses.probing import SINCE_ADDED
+from forethought.analyses.probing import SINCE_ADDED, VALIDATION, best_by_tau
 from forethought.analyses.results import CONTROL, read_results, run_meta
 from forethought.core.errors import ForethoughtError
 from forethought.core.settings import check_settings
@@ -44,6 +44,7 @@ class AcrossConfig:
 
     runs: tuple[str, ...] = ()  # finished run folders (gap, precache or probe) of one command
     labels: tuple[str, ...] | None = None  # names for the runs (default: their folder names)
+    tau: int = 2  # trend of precache runs: P at this τ, at the vanilla twin's best layer on validation
     out: str = "runs/seeds"
     figures_dir: str | None = None  # also copy the figures here
 
@@ -215,8 +216,9 @@ def model_size(source: str) -> int:
 
 @dataclass
 class TrendResults(ExperimentResults):
-    """The myopia gap of each run against its model size (``table``: run, parameters, value, ci_low, ci_high), the
-    spread of the runs (training seeds) of each size, and the test of the slope."""
+    """The myopia gap (``gap`` runs) or the pre-caching estimate P (``precache`` runs) of each run against its model
+    size (``table``: run, parameters, quantity, layer, value, ci_low, ci_high), the spread of the runs (training
+    seeds) of each size, and the test of the slope."""
 
     CONFIG: ClassVar[type] = AcrossConfig
 
@@ -226,8 +228,8 @@ class TrendResults(ExperimentResults):
                                                             max="max")
 
     def slope(self) -> dict[str, float]:
-        """The gap's trend with size: ordinary least squares of every run's gap on log10(parameters) — seeds are
-        replicates, so the slope's spread includes the seed spread —, nats per tenfold parameters with its 95 %
+        """The trend with size: ordinary least squares of every run's value on log10(parameters) — seeds are
+        replicates, so the slope's spread includes the seed spread —, per tenfold parameters with its 95 %
         interval and the two-sided t-test of slope = 0 (``scipy.stats.linregress``; runs − 2 degrees of freedom).
         NaN where that leaves no degree of freedom (fewer than 3 runs, or one size)."""
         x, y = np.log10(self.table["parameters"].to_numpy(float)), self.table["value"].to_numpy(float)
@@ -240,7 +242,7 @@ class TrendResults(ExperimentResults):
                     sizes=sizes)
 
     def figure(self) -> go.Figure:
-        """Each run's gap (95 % CI over documents) at its size, each size's mean ± sd over runs, and the OLS line."""
+        """Each run's value (95 % CI over documents) at its size, each size's mean ± sd over runs, the OLS line."""
         rows = self.table.sort_values("parameters")
         figure = px.scatter(rows, x="parameters", y="value", hover_name="run", log_x=True,
                             error_y=rows["ci_high"] - rows["value"], error_y_minus=rows["value"] - rows["ci_low"])
@@ -254,10 +256,11 @@ class TrendResults(ExperimentResults):
             intercept = rows["value"].mean() - trend["slope"] * np.log10(rows["parameters"].to_numpy(float)).mean()
             figure.add_scatter(x=sizes["parameters"], y=intercept + trend["slope"] * x, mode="lines",
                                line=dict(color="gray", dash="dash"),
-                               name=f"OLS: {trend['slope']:+.3f} nats per 10× (p = {trend['p']:.2g})")
+                               name=f"OLS: {trend['slope']:+.3f} per 10× (p = {trend['p']:.2g})")
         figure.add_hline(y=0, line=dict(color="black", dash="dot"))
-        figure.update_layout(title="Myopia gap (myopic − vanilla held-out loss) by model size",
-                             xaxis_title="non-embedding parameters", yaxis_title="nats per token",
+        quantity = rows["quantity"].iloc[0]
+        figure.update_layout(title=f"{quantity} by model size", xaxis_title="non-embedding parameters",
+                             yaxis_title="nats per token" if quantity == GAP_QUANTITY else "top-1 difference",
                              margin=dict(t=80))
         return figure
 
@@ -267,26 +270,48 @@ class TrendResults(ExperimentResults):
     def summary(self) -> str:
         trend = self.slope()
         slope = ("slope: not testable (needs ≥ 3 runs at ≥ 2 sizes)" if not np.isfinite(trend["slope"]) else
-                 f"slope {trend['slope']:+.4f} nats per tenfold parameters (95% CI {trend['ci_low']:+.4f} … "
-                 f"{trend['ci_high']:+.4f}), p = {trend['p']:.3g}: OLS of {trend['runs']} runs' gaps on log10 "
+                 f"slope {trend['slope']:+.4f} per tenfold parameters (95% CI {trend['ci_low']:+.4f} … "
+                 f"{trend['ci_high']:+.4f}), p = {trend['p']:.3g}: OLS of {trend['runs']} runs' values on log10 "
                  f"parameters at {trend['sizes']} sizes, two-sided t-test")
         return "\n".join([self.table.to_string(index=False, float_format=lambda v: f"{v:+.4f}"), "per size:",
                           self.sizes().to_string(float_format=lambda v: f"{v:+.4f}"), slope])
 
 
+GAP_QUANTITY = "myopia gap (myopic − vanilla held-out loss)"
+
+
 @writes_run
 def run_trend(config: AcrossConfig) -> TrendResults:
-    """The overall myopia gap of ``gap`` runs against their models' non-embedding parameters; table, figure."""
+    """The overall myopia gap of ``gap`` runs, or P at τ = ``config.tau`` of ``precache`` runs (top-1, at the layer
+    where the vanilla twin's probe is best on the validation sequences: chosen without the test examples), against
+    their models' non-embedding parameters; table, figure."""
     tables, metas = read_runs(config)
     rows = []
     for label, table in tables.items():
-        overall = (table["metric"] == "loss") & table["position"].isna()
-        gap = table[table["checkpoint"].str.endswith(GAP_SUFFIX) & overall]
-        if gap.empty:
-            raise ForethoughtError(f"run {label} holds no myopia gap: give finished `forethought gap` runs of twins")
+        row = _trend_row(label, table, config.tau)
         source = metas[label].get("checkpoints", {}).get("vanilla")
-        rows.append({"run": label, "parameters": model_size(source), **gap.iloc[0][["value", "ci_low", "ci_high"]]})
+        rows.append({"run": label, "parameters": model_size(source), **row})
     out = prepare_out(config.out, config)
     results = TrendResults(config=config, table=pd.DataFrame(rows))
     finish_run(results, out, run_meta(runs=dict(zip(config.run_labels(), config.run_folders()))))
     return results
+
+
+def _trend_row(label: str, table: pd.DataFrame, tau: int) -> dict[str, Any]:
+    """A run's quantity, layer, value and interval: its overall myopia gap, or its P at ``tau`` (top-1, test
+    split) at the vanilla twin's best layer on validation."""
+    overall = (table["metric"] == "loss") & table["position"].isna()
+    gap = table[table["checkpoint"].str.endswith(GAP_SUFFIX) & overall]
+    if not gap.empty:
+        return {"quantity": GAP_QUANTITY, "layer": np.nan, **gap.iloc[0][["value", "ci_low", "ci_high"]]}
+    precache = table[table["checkpoint"].str.endswith(PRECACHE_SUFFIX) & (table["metric"] == "top1")
+                     & (table["split"] == "test") & (table["tau"] == tau)]
+    vanilla = table[(table["checkpoint"] == "vanilla") & (table["split"] == VALIDATION) & table["layer"].notna()
+                    & (table["tau"] == tau)]
+    if precache.empty or vanilla.empty:
+        raise ForethoughtError(f"run {label} holds neither a myopia gap nor a pre-caching estimate at τ = {tau} with "
+                               "validation scores: give finished `forethought gap` or `precache` runs")
+    layer = best_by_tau(vanilla, "top1")[tau]
+    row = precache[precache["layer"] == layer].iloc[0]
+    return {"quantity": f"pre-caching P (top-1, τ = {tau}, best vanilla layer)", "layer": layer,
+            **row[["value", "ci_low", "ci_high"]]}

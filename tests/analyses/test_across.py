@@ -116,8 +116,35 @@ def test_the_trend_tests_its_slope_over_seeds_and_sizes(tmp_path):
     assert trend["slope"] == pytest.approx(slope) and trend["p"] == pytest.approx(2 * stats.t.sf(slope / stderr, 4))
     assert trend["ci_high"] - trend["slope"] == pytest.approx(stats.t.ppf(0.975, 4) * stderr)
     assert (trend["runs"], trend["sizes"]) == (6, 3) and trend["p"] < 0.01
-    assert "OLS of 6 runs' gaps on log10 parameters at 3 sizes" in results.summary()
+    assert "OLS of 6 runs' values on log10 parameters at 3 sizes" in results.summary()
     assert any(trace.name.startswith("OLS: +") for trace in results.figure().data)
+
+
+def test_the_trend_of_precache_runs_reads_p_at_the_best_vanilla_layer_on_validation(tmp_path):
+    """P at τ = 2, at the layer where the vanilla twin's probe is best on *validation* (not where P or the test
+    score is largest)."""
+    runs = []
+    for layers in (1, 2):
+        config = tmp_path / f"config-{layers}"
+        gpt2_config(n_layer=layers, d_model=64, n_head=2, vocab_size=300, n_positions=64).save_pretrained(config)
+        rows = []
+        for layer in range(3):
+            p_value = 0.01 * layers + 0.1 * (layer == 2)  # P largest at layer 2 …
+            rows.append({"checkpoint": PRECACHE, "layer": layer, "tau": 2, "metric": "top1", "value": p_value,
+                         "ci_low": p_value - 0.01, "ci_high": p_value + 0.01, "n": 50, "split": "test"})
+            for split, best in (("validation", 1), ("test", 2)):  # … the vanilla probe best at 1 on validation
+                rows.append({"checkpoint": "vanilla", "probe": "softmax", "layer": layer, "tau": 2, "metric": "top1",
+                             "value": 0.5 if layer == best else 0.2, "ci_low": 0.1, "ci_high": 0.6, "n": 50,
+                             "split": split})
+        meta = {"config": {"vanilla": "v", "myopic": "m"}, "checkpoints": {"vanilla": str(config)}}
+        write_results(tidy(rows, task="text", seed=0), tmp_path / f"pre-{layers}", meta)
+        runs.append(str(tmp_path / f"pre-{layers}"))
+    results = run_trend(AcrossConfig(runs=tuple(runs), out=str(tmp_path / "trend")))
+    table = results.table.set_index("run")
+    assert table["layer"].tolist() == [1, 1] and table["value"].to_numpy() == pytest.approx([0.01, 0.02])
+    assert table["quantity"].iloc[0] == "pre-caching P (top-1, τ = 2, best vanilla layer)"
+    with pytest.raises(ForethoughtError, match="holds neither a myopia gap nor a pre-caching estimate at τ = 3"):
+        run_trend(AcrossConfig(runs=tuple(runs), tau=3, out=str(tmp_path / "trend3")))
 
 
 def test_bad_run_lists_are_one_line_errors(tmp_path):
