@@ -49,8 +49,9 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     """Write ``data`` to ``path`` via a temporary sibling, fsync and rename."""
     path = Path(path)
     staging = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    staging.unlink(missing_ok=True)  # a leftover (or a planted link): removed, never written through
     try:
-        with open(staging, "wb") as out:
+        with os.fdopen(os.open(staging, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644), "wb") as out:
             out.write(data)
             out.flush()
             os.fsync(out.fileno())
@@ -76,7 +77,7 @@ def staged_folder(final: str | Path) -> Iterator[Path]:
     and ``final`` is left as it was."""
     final = Path(final)
     staging = final.with_name(f"{final.name}.tmp-{os.getpid()}")
-    shutil.rmtree(staging, ignore_errors=True)
+    _remove(staging)
     staging.mkdir(parents=True)
     try:
         yield staging
@@ -84,12 +85,19 @@ def staged_folder(final: str | Path) -> Iterator[Path]:
             if path.is_file():
                 with open(path, "rb") as written:
                     os.fsync(written.fileno())
-        if final.exists():  # replaced whole, never merged
-            shutil.rmtree(final)
+        _remove(final)  # replaced whole, never merged
         os.replace(staging, final)
         fsync_folder(final.parent)
     finally:
-        shutil.rmtree(staging, ignore_errors=True)
+        _remove(staging)
+
+
+def _remove(path: Path) -> None:
+    """Remove a folder, file or symbolic link at ``path`` (a link itself, never what it points to)."""
+    if path.is_symlink() or path.is_file():
+        path.unlink()
+    elif path.exists():
+        shutil.rmtree(path)
 
 
 def read_json(path: str | Path, rebuild: str = "") -> Any:
@@ -152,7 +160,8 @@ def run_lock(folder: str | Path) -> Iterator[None]:
     A second process asking for the same folder is refused at once with who holds it; the holding process may
     nest the lock. The kernel releases the lock when the holder exits, however it exits, so a crash never
     leaves a folder locked. A folder the lock created is removed again if nothing else was written into it
-    (a run refused after the lock was taken leaves nothing behind).
+    (a run refused after the lock was taken leaves nothing behind); a lock file that was there keeps its content.
+    A lock file that is a symbolic link is refused, never written through.
     """
     folder = Path(folder).absolute()
     if folder in _HELD:
@@ -164,7 +173,14 @@ def run_lock(folder: str | Path) -> Iterator[None]:
         return
     created = not folder.exists()
     folder.mkdir(parents=True, exist_ok=True)
-    descriptor = os.open(folder / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        descriptor = os.open(folder / LOCK_FILE, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+    except OSError as error:
+        if created:
+            shutil.rmtree(folder, ignore_errors=True)
+        reason = "a symbolic link" if (folder / LOCK_FILE).is_symlink() else error.strerror
+        raise ForethoughtError(f"cannot take the lock {folder / LOCK_FILE}: it is {reason}; remove it") from None
+    before = os.pread(descriptor, 4096, 0)
     try:
         try:
             fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -182,6 +198,8 @@ def run_lock(folder: str | Path) -> Iterator[None]:
             yield
         finally:
             del _HELD[folder]
+            os.ftruncate(descriptor, 0)
+            os.pwrite(descriptor, before, 0)  # as it was: empty if this lock made it
             if created and [p.name for p in folder.iterdir()] == [LOCK_FILE]:
                 shutil.rmtree(folder)
     finally:

@@ -106,3 +106,34 @@ def test_a_staged_folder_replaces_the_old_one_whole_or_not_at_all(tmp_path):
     with staged_folder(final) as staging:
         (staging / "new").write_text("new")
     assert [p.name for p in final.iterdir()] == ["new"] and [p.name for p in tmp_path.iterdir()] == ["model"]
+
+
+def test_nothing_is_written_through_a_symbolic_link(tmp_path, capsys):
+    """The second attack's finding: a lock file linked to a user's file overwrote it, even on bad input. Lock,
+    atomic writes and staged folders never follow a link; a refused run leaves the folder as it was."""
+    from forethought.analyses.cli import main
+
+    victim, run = tmp_path / "victim.txt", tmp_path / "runx"
+    victim.write_text("precious")
+    run.mkdir()
+    (run / LOCK_FILE).symlink_to(victim)
+    with pytest.raises(ForethoughtError, match=rf"cannot take the lock {run / LOCK_FILE}: it is a symbolic link"):
+        with run_lock(run):
+            pass
+    assert main(["probe", "--checkpoints", "nothere", "--out", str(run)]) == 2
+    assert victim.read_text() == "precious" and (run / LOCK_FILE).is_symlink() and len(list(run.iterdir())) == 1
+    assert capsys.readouterr().err.count("\n") == 1  # one line
+    (tmp_path / "kept").mkdir()
+    (tmp_path / "kept" / LOCK_FILE).write_text("a note")
+    with run_lock(tmp_path / "kept"):
+        pass
+    assert (tmp_path / "kept" / LOCK_FILE).read_text() == "a note"  # a lock file that was there keeps its content
+    staging = tmp_path / f".a.json.tmp-{os.getpid()}"  # an atomic write's (predictable) temporary, planted
+    staging.symlink_to(victim)
+    atomic_write_json(tmp_path / "a.json", {"x": 1})
+    assert victim.read_text() == "precious" and read_json(tmp_path / "a.json") == {"x": 1} and not staging.exists()
+    (tmp_path / "model").symlink_to(tmp_path / "kept")  # a staged folder replaces a link, not what it points to
+    with staged_folder(tmp_path / "model") as folder:
+        (folder / "new").write_text("new")
+    assert (tmp_path / "model").is_dir() and not (tmp_path / "model").is_symlink()
+    assert [p.name for p in (tmp_path / "kept").iterdir()] == [LOCK_FILE]
