@@ -131,6 +131,26 @@ def check_digest(path: str | Path, expected: str, rebuild: str) -> None:
         )
 
 
+DIGESTS_FILE = "digests.json"  # a folder's content digests: {relative path: BLAKE2b-128}
+
+
+def write_folder_digests(folder: str | Path) -> None:
+    """Record the content digest of every file under ``folder`` (before it is final: inside a staged folder)."""
+    folder = Path(folder)
+    digests = {str(path.relative_to(folder)): file_digest(path) for path in sorted(folder.rglob("*"))
+               if path.is_file() and path.name != DIGESTS_FILE}
+    (folder / DIGESTS_FILE).write_text(json.dumps(digests, indent=1) + "\n")
+
+
+def check_folder_digests(folder: str | Path, rebuild: str) -> None:
+    """Refuse a folder any of whose recorded files is missing or changed (a folder written before digests were
+    recorded has none to check)."""
+    folder = Path(folder)
+    if (folder / DIGESTS_FILE).is_file():
+        for name, digest in read_json(folder / DIGESTS_FILE, rebuild).items():
+            check_digest(folder / name, digest, rebuild)
+
+
 def size_text(n_bytes: float) -> str:
     """``n_bytes`` readably: ``"12 KiB"``, ``"340 MiB"``, ``"3.40 GiB"``."""
     if n_bytes < 2**20:

@@ -7,8 +7,10 @@ Layout of a run folder::
 
 A checkpoint is written to ``step-N.tmp-PID``, fsynced and renamed into place, so a crash never leaves a folder
 that looks complete; leftover ``.tmp-PID`` folders are ignored (only ``step-N`` folders count). Weights that are not
-all finite are never saved, and the disk's free space is checked first. ``training_state.pt`` is read with
-``torch.load(weights_only=True)``: tensors and plain containers only, so a planted pickle never runs.
+all finite are never saved, and the disk's free space is checked first. Every file's content digest is recorded
+(``digests.json``) and checked before a resume or a load: a damaged checkpoint is named, never used.
+``training_state.pt`` is read with ``torch.load(weights_only=True)``: tensors and plain containers only, so a
+planted pickle never runs.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ import torch
 from transformers import PreTrainedModel
 
 from forethought.core.errors import ForethoughtError, one_line
-from forethought.core.files import check_free_space, staged_folder
+from forethought.core.files import check_folder_digests, check_free_space, staged_folder, write_folder_digests
 from forethought.models.gpt2 import quiet_loading
 from forethought.models.mtp import save_heads, without_heads
 
@@ -62,9 +64,18 @@ def save_checkpoint(
         torch.save(state, staging / STATE_FILE)
         if extra is not None:
             extra(staging)
+        write_folder_digests(staging)  # checked before any resume or load (check_checkpoint)
     for old in list_checkpoints(run_dir)[:-keep]:
         shutil.rmtree(old)
     return folder
+
+
+def check_checkpoint(folder: str | Path) -> None:
+    """Refuse a checkpoint whose files changed since it was written (content digests, ``digests.json``), naming
+    the file: a damaged checkpoint is never resumed from or loaded. Checkpoints written before digests were
+    recorded have none and are read as they are."""
+    folder = Path(folder)
+    check_folder_digests(folder, f"remove {folder} to resume from the checkpoint before it, or train again")
 
 
 def check_finite_weights(model: PreTrainedModel, what: str) -> None:

@@ -23,7 +23,7 @@ from transformers.models.gpt2.modeling_gpt2 import GPT2Model, GPT2PreTrainedMode
 from transformers.utils import logging as transformers_logging
 
 from forethought.core.errors import ForethoughtError, one_line
-from forethought.core.files import read_json
+from forethought.core.files import check_folder_digests, read_json
 from forethought.models.hub import hub_reachable
 
 ModelKind = Literal["lm", "regression"]
@@ -159,6 +159,7 @@ def load_model(source: str | Path, kind: ModelKind) -> PreTrainedModel:
         config_file = folder / "config.json"
         if not config_file.is_file():
             raise ForethoughtError(f"checkpoint folder {folder} has no config.json")
+        check_folder_digests(folder, "the checkpoint is damaged: train it again, or load another")
         architectures = read_json(config_file, "the checkpoint is damaged").get("architectures") or ["?"]
         if expected := _expected(kind, architectures[0]):
             raise ForethoughtError(

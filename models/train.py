@@ -27,7 +27,13 @@ from forethought.core.precision import TRAINING_PRECISIONS, check_precision, tra
 from forethought.core.precision import autocast as precision_autocast
 from forethought.core.settings import changed_settings, check_settings
 from forethought.core.versions import package_versions
-from forethought.models.checkpoint import checkpoints_dir, latest_checkpoint, load_training_state, save_checkpoint
+from forethought.models.checkpoint import (
+    check_checkpoint,
+    checkpoints_dir,
+    latest_checkpoint,
+    load_training_state,
+    save_checkpoint,
+)
 from forethought.models.distributed import Distributed
 from forethought.models.mtp import load_heads, without_heads
 from forethought.models.myopic import check_cut, myopic
@@ -237,6 +243,7 @@ def _eval_batches(task: Task, config: TrainConfig, device: torch.device):
 
 
 def _resume(folder: Path, model, optimizer, scheduler, data: torch.Generator, task: Task, config: TrainConfig):
+    check_checkpoint(folder)
     state = load_training_state(folder)
     defaults = TrainConfig().trajectory()  # a setting added since the run was saved had its default then
     saved = {k: v for k, v in state.get("config", {}).items() if k not in config.RESUMABLE}  # older runs bound more

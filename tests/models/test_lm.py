@@ -10,6 +10,7 @@ import torch
 from transformers import BertConfig, GPT2LMHeadModel
 
 from forethought.core.errors import ForethoughtError
+from forethought.core.files import DIGESTS_FILE
 from forethought.models.checkpoint import list_checkpoints
 from forethought.models.gpt2 import build_lm, gpt2_config
 from forethought.models.lm import LMCheckpoint, LMTrainConfig, lm_to_train, train_lm
@@ -122,6 +123,7 @@ def test_runs_saved_before_a_setting_existed_resume(corpus, tmp_path):
     state = torch.load(step_2 / "training_state.pt", weights_only=True)
     del state["config"]["precision"]
     torch.save(state, step_2 / "training_state.pt")
+    (step_2 / DIGESTS_FILE).unlink()  # a run from before content digests were recorded
     recorded = json.loads((tmp_path / "run" / "train_config.json").read_text())
     del recorded["precision"]
     (tmp_path / "run" / "train_config.json").write_text(json.dumps(recorded))
@@ -160,3 +162,29 @@ def test_interrupted_text_run_resumes_to_identical_weights(corpus, tmp_path, mon
     for (name, a), b in zip(straight.model.state_dict().items(), resumed.model.state_dict().values()):
         assert torch.equal(a, b), name
     assert resumed.history == straight.history
+
+
+def test_a_damaged_checkpoint_is_named_never_resumed_from_or_loaded(corpus, tmp_path):
+    """The second attack's finding: 8 flipped bytes near the end of model.safetensors resumed silently to other
+    weights, and an edited training_state.pt loaded. Every file's digest is checked before a resume or a load; the
+    resume falls back to an earlier checkpoint only when the damaged one is removed."""
+    straight = train_lm(settings(corpus, tmp_path, out=str(tmp_path / "straight")))
+    train_lm(settings(corpus, tmp_path))
+    step_2, step_4 = list_checkpoints(tmp_path / "run")
+    for name in ("model.safetensors", "training_state.pt"):
+        path = step_4 / name
+        good = path.read_bytes()
+        damaged = bytearray(good)
+        damaged[-100:-92] = bytes(b ^ 0xFF for b in damaged[-100:-92])
+        path.write_bytes(bytes(damaged))
+        message = rf"{path} was changed or damaged after it was written .*; remove {step_4} to resume from"
+        with pytest.raises(ForethoughtError, match=message):
+            train_lm(settings(corpus, tmp_path))  # the same run again: it would resume from step 4
+        with pytest.raises(ForethoughtError, match=rf"{path} was changed or damaged"):
+            LMCheckpoint.load(tmp_path / "run")
+        path.write_bytes(good)
+    shutil.rmtree(step_4)  # the user's choice: fall back to step 2, and train on to the same weights
+    assert list_checkpoints(tmp_path / "run") == [step_2]
+    resumed = train_lm(settings(corpus, tmp_path))
+    for (name, a), b in zip(straight.model.state_dict().items(), resumed.model.state_dict().values()):
+        assert torch.equal(a, b), name

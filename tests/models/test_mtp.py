@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from forethought.core.errors import ForethoughtError
+from forethought.core.files import DIGESTS_FILE
 from forethought.models.checkpoint import list_checkpoints
 from forethought.models.gpt2 import build_lm, gpt2_config
 from forethought.models.lm import LMCheckpoint, LMTrainConfig, train_lm
@@ -124,9 +125,14 @@ def test_extra_heads_are_saved_beside_an_ordinary_model_and_resume_exactly(corpu
     interrupted_at_step_four(settings(corpus, tmp_path, objective="mtp:3"), monkeypatch)
     (step_2,) = list_checkpoints(tmp_path / "run")
     good = (step_2 / HEADS_FILE).read_bytes()
-    (step_2 / HEADS_FILE).write_bytes(good[: len(good) // 2])  # a torn heads file is named, never used
-    with pytest.raises(ForethoughtError, match=f"cannot read .*{HEADS_FILE}"):
+    (step_2 / HEADS_FILE).write_bytes(good[: len(good) // 2])  # a torn heads file is named, never used:
+    with pytest.raises(ForethoughtError, match=f"{HEADS_FILE} was changed or damaged"):  # by its digest …
         train_lm(settings(corpus, tmp_path, objective="mtp:3"))
+    digests = (step_2 / DIGESTS_FILE).read_bytes()
+    (step_2 / DIGESTS_FILE).unlink()
+    with pytest.raises(ForethoughtError, match=f"cannot read .*{HEADS_FILE}"):  # … and, without one, on reading
+        train_lm(settings(corpus, tmp_path, objective="mtp:3"))
+    (step_2 / DIGESTS_FILE).write_bytes(digests)
     (step_2 / HEADS_FILE).write_bytes(good)
     resumed = train_lm(settings(corpus, tmp_path, objective="mtp:3"))
     for (name, a), b in zip(straight.model.state_dict().items(), resumed.model.state_dict().values()):

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from forethought.core.errors import ForethoughtError
+from forethought.core.files import DIGESTS_FILE
 from forethought.models.checkpoint import latest_checkpoint, list_checkpoints, load_training_state
 from forethought.models.gpt2 import build_regression, regression_config
 from forethought.models.tasks.synthetic import SyntheticTask
@@ -108,6 +109,9 @@ def test_a_planted_pickle_in_a_run_folder_never_runs(tmp_path):
     state_file = latest_checkpoint(tmp_path / "run") / "training_state.pt"
     marker = tmp_path / "payload-ran"
     torch.save({"step": 5, "config": {}, "payload": Payload(marker)}, state_file)
+    with pytest.raises(ForethoughtError, match="training_state.pt was changed or damaged after it was written"):
+        train(tiny_model(), TASK, config(steps=8), tmp_path / "run")  # its digest, first
+    (state_file.parent / DIGESTS_FILE).unlink()  # a planter who also removes the digests meets weights_only
     with pytest.raises(ForethoughtError, match="cannot read .*training_state.pt .*not a training state"):
         train(tiny_model(), TASK, config(steps=8), tmp_path / "run")
     assert not marker.exists()
