@@ -20,7 +20,14 @@ import pandas as pd
 import torch
 
 from forethought.core.errors import ForethoughtError, one_line
-from forethought.core.files import atomic_write_bytes, atomic_write_json, atomic_write_text, read_json
+from forethought.core.files import (
+    atomic_write_bytes,
+    atomic_write_json,
+    atomic_write_text,
+    check_digest,
+    file_digest,
+    read_json,
+)
 from forethought.core.versions import package_versions
 
 COLUMNS = [
@@ -70,20 +77,22 @@ def run_meta(**details: Any) -> dict[str, Any]:
 def write_results(table: pd.DataFrame, out_dir: str | Path, meta: dict[str, Any],
                   by_text: pd.DataFrame | None = None) -> list[Path]:
     """Write ``results.parquet``, ``results.csv`` (and, where ``by_text`` has rows, ``by_text.parquet`` /
-    ``.csv``: the same columns per text of a mixed held-out sample), then ``meta.json`` into ``out_dir``."""
+    ``.csv``: the same columns per text of a mixed held-out sample), then ``meta.json`` into ``out_dir``, with the
+    parquet files' content digests (``meta["digests"]``: every read checks them)."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    paths = []
+    paths, digests = [], {}
     for stem, frame in (("results", table), (BY_TEXT, by_text)):
         if frame is not None and not frame.empty:
             paths += [out_dir / f"{stem}.parquet", out_dir / f"{stem}.csv"]
             atomic_write_bytes(paths[-2], frame.to_parquet(index=False))
             atomic_write_text(paths[-1], frame.to_csv(index=False))
+            digests[paths[-2].name] = file_digest(paths[-2])
         elif stem == BY_TEXT:  # a rerun into the folder leaves no other run's rows behind
             for suffix in (".parquet", ".csv"):
                 (out_dir / f"{stem}{suffix}").unlink(missing_ok=True)
     paths.append(out_dir / "meta.json")
-    atomic_write_json(paths[-1], meta)
+    atomic_write_json(paths[-1], {**meta, "digests": digests})
     return paths
 
 
@@ -92,20 +101,34 @@ def read_by_text(out_dir: str | Path) -> pd.DataFrame:
     path = Path(out_dir) / f"{BY_TEXT}.parquet"
     if not path.exists():
         return pd.DataFrame(columns=COLUMNS)
-    try:
-        return pd.read_parquet(path)
-    except (OSError, ValueError) as error:
-        raise ForethoughtError(f"cannot read {path} ({one_line(error, 160)}); run its command again") from None
+    return _read_table(path, read_json(Path(out_dir) / "meta.json", RERUN).get("digests", {}))
 
 
 def read_results(out_dir: str | Path) -> tuple[pd.DataFrame, dict[str, Any]]:
-    """The table and meta written by :func:`write_results`."""
+    """The table and meta written by :func:`write_results`: refused if the table changed since (its digest, where
+    the run recorded one) or holds a rate outside [−1, 1] (top-1, top-5 and their differences)."""
     out_dir = Path(out_dir)
     if not (out_dir / "meta.json").is_file():
         raise ForethoughtError(f"cannot read results in {out_dir}: it holds no finished run (no meta.json)")
-    meta = read_json(out_dir / "meta.json", "run its command again")
+    meta = read_json(out_dir / "meta.json", RERUN)
+    return _read_table(out_dir / "results.parquet", meta.get("digests", {})), meta
+
+
+RERUN = "run its command again"
+RATES = ("top1", "top5")  # metrics that are fractions of examples (their differences too): within [−1, 1]
+
+
+def _read_table(path: Path, digests: dict[str, str]) -> pd.DataFrame:
+    """A results parquet, its digest checked (runs from before digests were recorded have none) and its rates in
+    range: a damaged table is named, never used."""
+    if path.name in digests:
+        check_digest(path, digests[path.name], RERUN)
     try:
-        return pd.read_parquet(out_dir / "results.parquet"), meta
+        table = pd.read_parquet(path)
     except (OSError, ValueError) as error:
-        reason = one_line(error, 160)
-        raise ForethoughtError(f"cannot read results in {out_dir} ({reason}); run its command again") from None
+        raise ForethoughtError(f"cannot read {path} ({one_line(error, 160)}); {RERUN}") from None
+    if {"metric", "value"} <= set(table.columns):
+        rates = table.loc[table["metric"].isin(RATES), ["value", "ci_low", "ci_high"]].abs()
+        if (rates > 1 + 1e-9).any().any():
+            raise ForethoughtError(f"{path} holds a top-1 / top-5 value outside [−1, 1]: damaged; {RERUN}")
+    return table
