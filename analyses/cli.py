@@ -255,7 +255,7 @@ def main(argv: list[str] | None = None) -> int:
         command, threads = COMMANDS[name], args.pop("threads", None)
         config_class = command.config_class()  # the flags parsed: now the command's modules load
         preset = args.pop("preset", command.preset)
-        config = config_class.from_preset(preset, **args) if preset else build_config(config_class, args)
+        config = config_class.from_preset(preset, **args) if preset is not None else build_config(config_class, args)
         from forethought.models.gpt2 import quiet_loading  # loads transformers: not before the flags parsed
 
         with quiet_loading(), using_threads(claim_threads(threads)):

@@ -35,6 +35,7 @@ NON_NEGATIVE: Rule = ("≥ 0", lambda v: v >= 0)
 OPEN_UNIT: Rule = ("in (0, 1)", lambda v: 0 < v < 1)
 HALF_OPEN_UNIT: Rule = ("in [0, 1)", lambda v: 0 <= v < 1)
 PROBABILITY: Rule = ("in [0, 1]", lambda v: 0 <= v <= 1)
+SEED: Rule = ("≥ 0 and < 2³²", lambda v: 0 <= v < 2**32)  # seeds are combined and offset (torch takes < 2⁶⁴)
 
 RULES: dict[str, Rule] = {
     # sizes of data and models
@@ -49,8 +50,8 @@ RULES: dict[str, Rule] = {
     "p": PROBABILITY, "freq": POSITIVE,
     # optimisation
     "steps": AT_LEAST_1, "epochs": POSITIVE, "batch_size": AT_LEAST_1, "lr": POSITIVE, "weight_decay": NON_NEGATIVE,
-    "warmup_frac": HALF_OPEN_UNIT, "grad_clip": NON_NEGATIVE, "dropout": HALF_OPEN_UNIT, "seed": NON_NEGATIVE,
-    "split_seed": NON_NEGATIVE, "eval_every": AT_LEAST_1, "eval_batches": AT_LEAST_1, "checkpoint_every": AT_LEAST_1,
+    "warmup_frac": HALF_OPEN_UNIT, "grad_clip": NON_NEGATIVE, "dropout": HALF_OPEN_UNIT, "seed": SEED,
+    "split_seed": SEED, "eval_every": AT_LEAST_1, "eval_batches": AT_LEAST_1, "checkpoint_every": AT_LEAST_1,
     "keep_checkpoints": AT_LEAST_1,
     # probes
     "max_epochs": AT_LEAST_1, "patience": NON_NEGATIVE, "ridge_alpha": NON_NEGATIVE, "test_fraction": OPEN_UNIT,
@@ -79,6 +80,10 @@ def check_settings(config: Any, overrides: dict[str, Rule] | None = None) -> Non
         raise ForethoughtError(f"n_head {n_head} does not divide d_model {d_model}")
     if isinstance(getattr(config, "device", None), str):
         check_device(config.device)
+    for name in ("out", "corpus", "preset", "figures_dir", "tokens_root"):  # '' would mean the current folder, or all
+        value = getattr(config, name, None)
+        if isinstance(value, str) and not value.strip():
+            raise ForethoughtError(f"{name} is empty: give a value or leave the setting out")
     check_lists(config)
 
 
@@ -123,10 +128,12 @@ def list_kinds(config_class: type) -> dict[str, str]:
 def from_text(kind: str, text: str, name: str) -> Any:
     """Command-line text → a list setting of ``kind``: ``"1,2"`` → (1, 2); ``"all"`` → None (int lists that
     allow it); ``"a,b"`` → ("a", "b"); ``"NAME=SOURCE,SOURCE"`` → {NAME: SOURCE, folder name: SOURCE}."""
-    parts = [part.strip() for part in text.split(",") if part.strip()]
+    parts = [part.strip() for part in text.split(",")]
+    if kind.startswith("tuple[int") and kind.endswith("None") and text.strip() == "all":
+        return None
+    if "" in parts:
+        raise ForethoughtError(f"{name} has an empty item in {text!r}: lists take single commas, e.g. 1,2")
     if kind.startswith("tuple[int"):
-        if kind.endswith("None") and text.strip() == "all":
-            return None
         try:
             return tuple(int(part) for part in parts)
         except ValueError:
@@ -172,7 +179,14 @@ def check_lists(config: Any) -> None:
             raise ForethoughtError(f"{name} takes a {'dict' if kind.startswith('dict') else 'tuple'} in Python, "
                                    f"e.g. {example}; commas are for the command line (--{name.replace('_', '-')} "
                                    f"{as_text(from_text(kind, value, name))})")
-        object.__setattr__(config, name, _typed(kind, value))
+        value = _typed(kind, value)
+        if isinstance(value, tuple):
+            repeated = next((item for index, item in enumerate(value) if item in value[:index]), None)
+            if repeated is not None:
+                raise ForethoughtError(f"{name} lists {repeated!r} twice")
+            if any(isinstance(item, str) and not item.strip() for item in value):
+                raise ForethoughtError(f"{name} has an empty item")
+        object.__setattr__(config, name, value)
 
 
 def _typed(kind: str, value: Any) -> Any:

@@ -36,7 +36,7 @@ def bpe_size(spec: str) -> int | None:
     """``bpe`` → 4,096, ``bpe:N`` → N, anything else (a model source) → None. Refuses sizes that cannot be."""
     if spec != BPE_PREFIX and not spec.startswith(BPE_PREFIX + ":"):
         return None
-    text = spec.partition(":")[2] or str(DEFAULT_BPE_SIZE)
+    text = spec.partition(":")[2] if ":" in spec else str(DEFAULT_BPE_SIZE)
     if not text.isdigit() or not _MIN_SIZE <= int(text) <= _MAX_SIZE:
         raise ForethoughtError(f"--tokenizer {spec}: the BPE size must be an integer from {_MIN_SIZE} to {_MAX_SIZE}")
     return int(text)
