@@ -214,6 +214,9 @@ class ProbeBenchConfig:
 
     def __post_init__(self):
         check_settings(self)
+        if max(self.taus) >= TextData().seq_len:
+            raise ForethoughtError(f"taus reach {max(self.taus)}, but the benchmark's sequences have "
+                                   f"{TextData().seq_len} tokens")
 
 
 def bench_probe(config: ProbeBenchConfig) -> pd.DataFrame:

@@ -20,7 +20,7 @@ from forethought.analyses.results import CONTROL, read_results
 from forethought.core.errors import ForethoughtError
 from forethought.core.files import read_json
 from forethought.core.precision import check_precision
-from forethought.core.settings import UNBOUND, as_text, check_settings, typed_settings
+from forethought.core.settings import UNBOUND, check_settings, typed_settings
 from forethought.probes.future import FutureProbeConfig
 from forethought.probes.metrics import POOLED
 
@@ -66,8 +66,6 @@ class ProbeSettings:
         if self.nonlinear and self.kind != "topk":
             raise ForethoughtError("--nonlinear fits mlp probes beside topk probes of their classes: add --kind topk")
         check_precision(self.precision)
-        if not self.taus or min(self.taus) < 1:
-            raise ForethoughtError(f"taus must be offsets ≥ 1, got {as_text(self.taus) or 'none'}")
         if self.layers is not None and not self.layers:
             raise ForethoughtError("layers must name at least one residual layer (or be None: all)")
 

@@ -84,7 +84,14 @@ def check_settings(config: Any, overrides: dict[str, Rule] | None = None) -> Non
         value = getattr(config, name, None)
         if isinstance(value, str) and not value.strip():
             raise ForethoughtError(f"{name} is empty: give a value or leave the setting out")
+    for name in ("out", "figures_dir"):  # folders written into: refused before any work if they are files
+        value = getattr(config, name, None)
+        if isinstance(value, str) and Path(value).exists() and not Path(value).is_dir():
+            raise ForethoughtError(f"--{name.replace('_', '-')} {value} is a file, not a folder")
     check_lists(config)
+    taus = getattr(config, "taus", None)
+    if taus is not None and (not taus or min(taus) < 1):
+        raise ForethoughtError(f"taus must be offsets ≥ 1, got {as_text(taus) or 'none'}")
 
 
 def check_device(name: str) -> None:

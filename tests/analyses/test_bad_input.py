@@ -41,6 +41,7 @@ BAD_INPUT = {
         (["--freq", "-1"], r"freq must be > 0"),
         (["--ridge-alpha", "-1"], r"ridge_alpha must be ≥ 0"),
         (["--vanilla-checkpoint", "missing"], r"checkpoint folder missing does not exist"),
+        (["--figures-dir", "corpus.txt"], r"--figures-dir corpus.txt is a file, not a folder"),  # trained first
     ],
     "pathstar": [
         (["--preset", "nope"], r"unknown preset 'nope'"),
@@ -148,6 +149,8 @@ BAD_INPUT = {
     "bench probe": [
         (["--classes", "1"], r"classes must be ≥ 2"),
         (["--epochs", "0"], r"epochs must be > 0"),
+        (["--taus", "0"], r"taus must be offsets ≥ 1, got 0"),  # both ran 26 s of caching first
+        (["--taus", "64"], r"taus reach 64, but the benchmark's sequences have 64 tokens"),
     ],
     "bench pathstar": [
         (["--degree", "1"], r"degree must be ≥ 2"),
