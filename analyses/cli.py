@@ -206,6 +206,9 @@ class _OneLineErrors(argparse.ArgumentParser):
 
     def error(self, message: str) -> NoReturn:
         command = self.prog.removeprefix("forethought").strip()  # "probe", "bench train"; "" for the top level
+        stray = message.removeprefix("unrecognized arguments: ").split() if "unrecognized arguments" in message else []
+        if stray and not any(word.startswith("-") for word in stray):  # --taus 1 2: a list written with spaces
+            message += " (lists take commas, not spaces: e.g. --taus 1,2)"
         raise ForethoughtError(f"{command}: {message}" if command else message)
 
 

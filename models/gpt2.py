@@ -22,7 +22,7 @@ from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_N
 from transformers.models.gpt2.modeling_gpt2 import GPT2Model, GPT2PreTrainedModel
 from transformers.utils import logging as transformers_logging
 
-from forethought.core.errors import ForethoughtError, one_line
+from forethought.core.errors import ForethoughtError, looks_like_a_path, one_line
 from forethought.core.files import check_folder_digests, read_json
 from forethought.models.hub import hub_reachable
 
@@ -167,6 +167,8 @@ def load_model(source: str | Path, kind: ModelKind) -> PreTrainedModel:
             )
     elif kind == "regression":
         raise ForethoughtError(f"checkpoint folder {folder} does not exist")
+    elif looks_like_a_path(str(source)):
+        raise ForethoughtError(f"checkpoint folder {source} does not exist")
     elif not hub_reachable():
         raise ForethoughtError(f"{source} is not a folder, and the Hugging Face hub cannot be reached to fetch it")
     try:

@@ -20,7 +20,7 @@ from typing import Any, ClassVar
 from torch import nn
 from transformers import AutoConfig, AutoTokenizer, PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
 
-from forethought.core.errors import ForethoughtError
+from forethought.core.errors import ForethoughtError, did_you_mean, looks_like_a_path
 from forethought.core.files import check_out_folder, run_lock
 from forethought.core.settings import Presets, check_preset, check_settings, record_settings
 from forethought.models.distributed import Distributed
@@ -29,7 +29,7 @@ from forethought.models.gpt2 import CAUSAL_LM_CLASSES, build_lm, gpt2_config, lo
 from forethought.models.hub import hub_reachable
 from forethought.models.mtp import NEXT_TOKEN, MultiTokenTask, add_heads, objective_heads
 from forethought.models.myopic import check_myopic_support
-from forethought.models.sources import model_folder, source_card
+from forethought.models.sources import NAMED_MODELS, model_folder, source_card
 from forethought.models.tasks.bpe import bpe_size, corpus_bpe
 from forethought.models.tasks.text import TextData, TextTask, check_vocabulary, gpt2_tokenizer, tokenizer_fingerprint
 from forethought.models.train import TrainConfig, TrainResult, TrainSettings, resolve_device, train
@@ -155,8 +155,12 @@ def _architecture(source: str) -> PretrainedConfig:
     folder = Path(source)
     if folder.exists() and not (folder / "config.json").is_file():
         raise ForethoughtError(f"checkpoint folder {folder} has no config.json")
+    if not folder.exists() and looks_like_a_path(source):
+        raise ForethoughtError(f"model folder {source} does not exist")
     if not folder.exists() and not hub_reachable():
-        raise ForethoughtError(f"{source} is neither a preset nor a folder, and the Hugging Face hub cannot be reached")
+        raise ForethoughtError(f"{source} is neither a preset nor a folder"
+                               f"{did_you_mean(source, [*LM_PRESETS, *NAMED_MODELS])}, and the Hugging Face hub "
+                               "cannot be reached")
     try:
         config = AutoConfig.from_pretrained(source)
     except (OSError, ValueError) as error:

@@ -34,10 +34,11 @@ from typing import Any
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from forethought.core.errors import ForethoughtError, one_line
+from forethought.core.errors import ForethoughtError, did_you_mean, one_line
 from forethought.core.files import check_free_space
 from forethought.models.checkpoint import latest_checkpoint
 from forethought.models.gpt2 import quiet_loading
+from forethought.models.hub import hub_reachable
 
 SOURCE_FILE = "forethought-source.json"  # what a converted folder was made from
 GGUF_PREFIX = "gguf:"
@@ -86,6 +87,8 @@ def model_folder(source: str | Path) -> str:
         if newest is None:
             raise ForethoughtError(f"run folder {source} has no finished checkpoint yet")
         return str(newest)
+    if not Path(text).exists() and (hint := did_you_mean(text, NAMED_MODELS)) and not hub_reachable():
+        raise ForethoughtError(f"{text} is not a folder{hint}, and the Hugging Face hub cannot be reached")
     return text
 
 

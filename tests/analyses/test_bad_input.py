@@ -91,6 +91,8 @@ BAD_INPUT = {
         (["--seed", "99999999999999999999"], r"seed must be ≥ 0 and < 2³², got 99999999999999999999"),
         (["--objective", "mtp:0"], r"objective must be next-token or mtp:K with K in 1 … 16, got 'mtp:0'"),
         (["--objective", "mtp:2", "--myopic"], r"objective mtp:2 trains positions for later tokens"),
+        (["--model", "gpt2-mirco"], r"gpt2-mirco is neither a preset nor a folder; did you mean gpt2-micro\?"),
+        (["--model", "./nothere"], r"model folder ./nothere does not exist$"),
     ],
     "probe": [
         ([], r"give --checkpoints"),
@@ -111,6 +113,9 @@ BAD_INPUT = {
         (["--checkpoints", "x", "--taus", "1,1"], r"taus lists 1 twice"),
         (["--checkpoints", "x", "--taus", "1,,2"], r"taus has an empty item in '1,,2': lists take single commas"),
         (["--checkpoints", "x", "--layers", "0,0"], r"layers lists 0 twice"),
+        (["--checkpoints", "x", "--taus", "1", "2"], r"unrecognized arguments: 2 \(lists take commas, not spaces"),
+        (["--checkpoints", "smollm2-135"], r"smollm2-135 is not a folder; did you mean smollm2-135m\?"),
+        (["--checkpoints", "./nothere"], r"checkpoint folder ./nothere does not exist$"),
         ([*GOOD, "--layers", "9"], r"layers \[9\] out of range: the checkpoints have residual layers 0 … 3"),
         ([*GOOD, "--taus", "8"], r"taus reach 8, but the held-out sequences have 8 tokens"),
     ],
