@@ -150,8 +150,10 @@ def test_the_trend_of_precache_runs_reads_p_at_the_best_vanilla_layer_on_validat
 def test_bad_run_lists_are_one_line_errors(tmp_path):
     with pytest.raises(ForethoughtError, match="at least two run folders"):
         AcrossConfig(runs=("only-one",))
-    with pytest.raises(ForethoughtError, match="--labels must name every run once"):
+    with pytest.raises(ForethoughtError, match="labels lists 'x' twice"):
         AcrossConfig(runs=("a", "b"), labels=("x", "x"))
+    with pytest.raises(ForethoughtError, match="--labels must name every run once"):
+        AcrossConfig(runs=("a", "b"), labels=("x",))
     with pytest.raises(ForethoughtError, match="cannot read results in"):
         run_seeds(AcrossConfig(runs=(f"{tmp_path}/nope", f"{tmp_path}/nope2"), out=str(tmp_path / "seeds")))
 

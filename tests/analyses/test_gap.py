@@ -13,6 +13,7 @@ from forethought.analyses.compare import Comparison
 from forethought.analyses.gap import GAP, GapConfig, GapResults, run_gap
 from forethought.analyses.precache import PrecacheConfig, run_precache
 from forethought.core.errors import ForethoughtError
+from forethought.core.files import DIGESTS_FILE
 from forethought.models.checkpoint import latest_checkpoint, load_training_state
 from forethought.models.gpt2 import build_lm, gpt2_config
 from forethought.models.lm import LMCheckpoint, LMTrainConfig, train_lm
@@ -69,6 +70,7 @@ def test_twins_that_do_not_match_are_refused(twins, tmp_path, capsys):
         "--vanilla", str(twins / "vanilla"), "--myopic", str(early))
     older = tmp_path / "older" / "checkpoints" / "step-0000040"  # a twin made before --objective existed: matches
     shutil.copytree(twins / "myopic" / "checkpoints" / "step-0000040", older)
+    (older / DIGESTS_FILE).unlink()  # older runs recorded no digests either
     description = json.loads((older / "forethought.json").read_text())
     del description["train_config"]["objective"]
     (older / "forethought.json").write_text(json.dumps(description))
