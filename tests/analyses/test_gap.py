@@ -80,9 +80,10 @@ def test_twins_that_do_not_match_are_refused(twins, tmp_path, capsys):
     with pytest.raises(ForethoughtError, match="objective: 'next-token' → 'mtp:2'"):
         check_twins(LMCheckpoint.load(twins / "vanilla"), LMCheckpoint.load(older))
     assert "give --vanilla and/or --myopic checkpoints" in gap()
-    assert "nowhere is not a folder, and the Hugging Face hub cannot be reached" in gap(
+    assert f"checkpoint folder {tmp_path / 'nowhere'} does not exist" in gap(  # a path: not looked for on the hub
         "--vanilla", str(tmp_path / "nowhere")
     )
+    assert "nowhere is not a folder, and the Hugging Face hub cannot be reached" in gap("--vanilla", "nowhere")
     assert not (tmp_path / "g").exists()
 
 
