@@ -235,11 +235,12 @@ class TrendResults(ExperimentResults):
         x, y = np.log10(self.table["parameters"].to_numpy(float)), self.table["value"].to_numpy(float)
         runs, sizes = len(y), len(np.unique(x))
         if runs < 3 or sizes < 2:
-            return dict(slope=np.nan, ci_low=np.nan, ci_high=np.nan, p=np.nan, runs=runs, sizes=sizes)
+            return dict(slope=np.nan, intercept=np.nan, ci_low=np.nan, ci_high=np.nan, p=np.nan, runs=runs,
+                        sizes=sizes)
         fit = stats.linregress(x, y)
         half = stats.t.ppf(0.975, runs - 2) * fit.stderr
-        return dict(slope=fit.slope, ci_low=fit.slope - half, ci_high=fit.slope + half, p=fit.pvalue, runs=runs,
-                    sizes=sizes)
+        return dict(slope=fit.slope, intercept=fit.intercept, ci_low=fit.slope - half, ci_high=fit.slope + half,
+                    p=fit.pvalue, runs=runs, sizes=sizes)
 
     def figure(self) -> go.Figure:
         """Each run's value (95 % CI over documents) at its size, each size's mean ± sd over runs, the OLS line."""
@@ -253,8 +254,7 @@ class TrendResults(ExperimentResults):
         trend = self.slope()
         if np.isfinite(trend["slope"]):
             x = np.log10(sizes["parameters"].to_numpy(float))
-            intercept = rows["value"].mean() - trend["slope"] * np.log10(rows["parameters"].to_numpy(float)).mean()
-            figure.add_scatter(x=sizes["parameters"], y=intercept + trend["slope"] * x, mode="lines",
+            figure.add_scatter(x=sizes["parameters"], y=trend["intercept"] + trend["slope"] * x, mode="lines",
                                line=dict(color="gray", dash="dash"),
                                name=f"OLS: {trend['slope']:+.3f} per 10× (p = {trend['p']:.2g})")
         figure.add_hline(y=0, line=dict(color="black", dash="dot"))
