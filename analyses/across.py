@@ -51,9 +51,9 @@ class AcrossConfig:
     def __post_init__(self):
         check_settings(self)
         if len(self.run_folders()) < 2:
-            raise ForethoughtError("give at least two run folders: --runs A,B[,…]")
+            raise ForethoughtError("give at least two run folders in `runs`")
         if len(set(self.run_labels())) != len(self.run_folders()):
-            raise ForethoughtError("--labels must name every run once, in the order of --runs")
+            raise ForethoughtError("`labels` must name every run once, in the order of `runs`")
 
     def run_folders(self) -> list[str]:
         return [run.rstrip("/") for run in self.runs]

@@ -122,7 +122,7 @@ def bench_train(config: TrainBenchConfig) -> pd.DataFrame:
     config = config.resolved()
     device = torch.device(config.device)
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise ForethoughtError("bench: --device cuda asked for, but no CUDA device is available")
+        raise ForethoughtError("bench: `device` cuda asked for, but no CUDA device is available")
     model = bench_model(config).to(device).train()
     vocab_size = model.config.vocab_size
     runnable = torch.compile(model) if config.compile else model
@@ -483,7 +483,7 @@ class SideBySideBenchConfig:
         try:
             build_parser().parse_args(words)
         except ForethoughtError as error:
-            raise ForethoughtError(f"--command-line {self.command_line!r} is not a forethought command: "
+            raise ForethoughtError(f"`command_line` {self.command_line!r} is not a forethought command: "
                                    f"{error}") from None
 
 

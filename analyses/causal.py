@@ -18,12 +18,14 @@ from plotly.subplots import make_subplots
 
 from forethought.analyses.engine import Probing
 from forethought.analyses.plots import FDR_NOTE, PALETTE, difference_heatmap, interval_line
+from forethought.analyses.probing import check_top_k
 from forethought.core.errors import ForethoughtError
 from forethought.models.heldout import token_losses
 from forethought.models.train import resolve_device
 from forethought.probes.erasure import ConceptEraser, ErasureFit, linear_r2, mlp_gain
 from forethought.probes.metrics import mean_scores
 from forethought.probes.paths import path_effects
+from forethought.probes.split import ProbeSplit
 
 LEACE = "leace"  # the concept erased
 RANDOM, SHUFFLED = "random", "shuffled"  # the controls: random directions; LEACE of an unrelated (shuffled) concept
@@ -179,6 +181,12 @@ class CausalResults(CausalViews):
     table: pd.DataFrame
 
 
+def concept_split(engine: Probing, top_k: int) -> ProbeSplit:
+    """The documents the erasers are fitted on and tested on, and the concept's classes (``top_k`` + "other")."""
+    return engine.split(replace(engine.settings.probe_config(str(resolve_device(engine.settings.device)), "topk"),
+                                top_k=top_k))
+
+
 def check_causal(engine: Probing, top_k: int) -> None:
     """Refuse, before anything is written, held-out sequences too short for the offsets and a concept of
     ``top_k`` + 1 classes that could span a checkpoint's residual stream."""
@@ -188,12 +196,14 @@ def check_causal(engine: Probing, top_k: int) -> None:
                                f"the causal test needs at least {max(taus) + 2}")
     for name in engine.names:
         engine.layers(name)  # layers exist
+        check_top_k(top_k, engine.checkpoint(name).model.config.vocab_size)
         width = engine.checkpoint(name).model.config.hidden_size
         if top_k >= width:
             raise ForethoughtError(
                 f"top_k {top_k}: the concept's {top_k} + 1 classes can span all {width} residual "
                 f"dimensions of {name}, and then full-rank erasure removes everything and its random control is the "
                 f"same edit; choose a top_k below {width}")
+    concept_split(engine, top_k)  # a held-out sample too small to split is refused here, before anything is written
 
 
 def causal_rows(engine: Probing, top_k: int, ranks: Sequence[int], n_positions: int,
@@ -208,7 +218,7 @@ def causal_rows(engine: Probing, top_k: int, ranks: Sequence[int], n_positions: 
     tokens, taus, seed = engine.tokens, engine.taus, settings.seed
     device = resolve_device(settings.device)
     last = tokens.shape[1] - max(taus) - 2  # the last position whose offsets all have a loss
-    split = engine.split(replace(settings.probe_config(str(device), "topk"), top_k=top_k))
+    split = concept_split(engine, top_k)
     classes = np.full(int(tokens.max()) + 1, len(split.classes))  # token → class; "other" last
     classes[split.classes] = np.arange(len(split.classes))
     positions = sorted(set(np.linspace(0, last, min(n_positions, last + 1)).round().astype(int).tolist()))

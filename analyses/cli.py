@@ -10,6 +10,7 @@ or any experiment is imported; a command's modules load only once its flags have
 from __future__ import annotations
 
 import argparse
+import errno
 import functools
 import importlib
 import json
@@ -24,8 +25,8 @@ from typing import Any, NoReturn
 from tqdm.auto import tqdm
 
 from forethought.analyses.flags import FlagSpec, add_flags, flag_specs
-from forethought.core.errors import ForethoughtError, one_line
-from forethought.core.settings import build_config
+from forethought.core.errors import ForethoughtError, as_flags, one_line
+from forethought.core.settings import build_config, flat_defaults
 from forethought.core.threads import claim_threads, using_threads
 
 FIGURES_FILE = Path(__file__).with_name("figures.txt")  # every command that writes figures/, as data
@@ -233,10 +234,13 @@ def build_parser(specs: dict[str, dict[str, Any]] | None = None) -> argparse.Arg
 
 
 class _ProgressSafeHandler(logging.Handler):
-    """Log records as plain lines on the current stderr, written around any progress bar."""
+    """Log records as plain lines on the current stderr, written around any progress bar (settings named as flags)."""
 
     def emit(self, record: logging.LogRecord) -> None:
-        tqdm.write(self.format(record), file=sys.stderr)
+        tqdm.write(as_flags(self.format(record), _COMMAND_SETTINGS), file=sys.stderr)
+
+
+_COMMAND_SETTINGS: set[str] = set()  # the running command's settings: messages name them as its flags
 
 
 def show_library_logs() -> None:
@@ -249,6 +253,7 @@ def show_library_logs() -> None:
 
 def main(argv: list[str] | None = None) -> int:
     show_library_logs()
+    config = None
     try:
         args = vars(build_parser().parse_args(argv))
         name = args.pop("command")
@@ -257,6 +262,7 @@ def main(argv: list[str] | None = None) -> int:
             name = next(key for key, row in COMMANDS.items() if key == f"{name} {member}" or member in row.aliases)
         command, threads = COMMANDS[name], args.pop("threads", None)
         config_class = command.config_class()  # the flags parsed: now the command's modules load
+        _COMMAND_SETTINGS.update({*flat_defaults(config_class), "threads"})
         preset = args.pop("preset", command.preset)
         config = config_class.from_preset(preset, **args) if preset is not None else build_config(config_class, args)
         from forethought.models.gpt2 import quiet_loading  # loads transformers: not before the flags parsed
@@ -266,16 +272,31 @@ def main(argv: list[str] | None = None) -> int:
         if report := command.report(name, config, result):
             print(report)
     except ForethoughtError as error:
-        print(f"forethought: error: {one_line(error, limit=10_000)}", file=sys.stderr)
+        print(f"forethought: error: {as_flags(one_line(error, limit=10_000), _COMMAND_SETTINGS)}", file=sys.stderr)
         return 2
-    except OSError as error:  # the disk or the file system refused (full, read-only, permissions)
-        where = f": {error.filename}" if error.filename else ""
-        print(f"forethought: error: {error.strerror or error}{where}", file=sys.stderr)
+    except OSError as error:  # the disk or the file system refused (full, read-only, permissions, a size limit)
+        print(f"forethought: error: {_refused(error, getattr(config, 'out', None))}", file=sys.stderr)
+        return 2
+    except MemoryError as error:  # settings asking for more memory than there is
+        print(f"forethought: error: not enough memory for these settings ({one_line(error, 200) or 'MemoryError'}); "
+              "choose smaller ones", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("forethought: interrupted; run the same command again to resume", file=sys.stderr)
         return 130
     return 0
+
+
+def _refused(error: OSError, out: str | None) -> str:
+    """What the file system refused, naming the file (or, when the error does not, the run folder written)."""
+    if isinstance(error, FileExistsError) and error.filename:
+        return f"{error.filename} already exists where this command needs to make a folder or file: move it away"
+    reason = error.strerror or str(error)
+    if error.errno == errno.EFBIG:
+        reason = "a file reached the largest size this process may write (the file-size limit, ulimit -f)"
+    if error.filename:
+        return f"{reason}: {error.filename}"
+    return f"{reason} (while writing under {out})" if out else reason
 
 
 def cli_reference(specs: dict[str, dict[str, Any]] | None = None) -> str:

@@ -73,7 +73,7 @@ class CompareConfig:
     def __post_init__(self):
         check_settings(self)
         if not self.run:
-            raise ForethoughtError("give --run: the --out folder of a forethought probe or precache run")
+            raise ForethoughtError("give `run`: the `out` folder of a forethought probe or precache run")
 
 
 def run_compare(config: CompareConfig) -> Comparison:

@@ -27,9 +27,11 @@ from forethought.analyses.probing import (
     LENS_TAUS,
     LOGIT_LENS,
     SKIP_BIGRAM,
+    TOPK_KINDS,
     VALIDATION,
     ProbeSettings,
     best_by_tau,
+    check_top_k,
 )
 from forethought.analyses.results import CONTROL, run_meta
 from forethought.core.errors import ForethoughtError
@@ -451,6 +453,9 @@ def probe_checkpoints(config: ProbeSettings, checkpoints: dict[str, LMCheckpoint
     if max(config.tau_list()) >= tokens.shape[1]:
         raise ForethoughtError(f"taus reach {max(config.tau_list())}, but the held-out sequences have "
                                f"{tokens.shape[1]} tokens: τ must stay below that")
+    if config.kind in TOPK_KINDS:
+        check_top_k(config.top_k, next(iter(checkpoints.values())).model.config.vocab_size)
+    engine.split(config.probe_config(engine._device))  # a sample too small to split: refused before writing
     prepare_out(out, config)
     kinds = [config.kind, *(["mlp"] if config.nonlinear else [])]
     rows, text_rows = (engine.table(kinds, by_text=by_text).to_dict("records") for by_text in (False, True))

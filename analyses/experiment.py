@@ -22,6 +22,7 @@ from forethought.analyses.results import read_by_text, read_results, write_resul
 from forethought.core.errors import ForethoughtError
 from forethought.core.files import atomic_write_json, check_out_folder, read_json, run_lock
 from forethought.core.settings import (
+    ANALYSIS_SETTINGS,
     Presets,
     build_config,
     check_preset,
@@ -109,7 +110,7 @@ def prepare_out(out: str | Path, config: Any) -> Path:
     Refuses (changing nothing) when ``out`` is a file or its ``config.json`` differs from the settings.
     """
     out = check_out_folder(out)
-    record_settings(out / "config.json", config)
+    record_settings(out / ANALYSIS_SETTINGS, config)
     return out
 
 

@@ -64,7 +64,7 @@ class GapConfig:
     def __post_init__(self):
         check_settings(self)
         if self.vanilla is None and self.myopic is None:
-            raise ForethoughtError("give --vanilla and/or --myopic checkpoints")
+            raise ForethoughtError("give `vanilla` and/or `myopic` checkpoints")
         if min(self.max_sequences, self.share_sequences, self.batch_size) < 1:
             raise ForethoughtError("max_sequences, share_sequences and batch_size must be at least 1")
 

@@ -63,7 +63,7 @@ class InterveneConfig:
         check_settings(self)
         check_names(self.checkpoints)
         if not self.checkpoints:
-            raise ForethoughtError("give --checkpoints NAME=PATH,...")
+            raise ForethoughtError("give `checkpoints` (name → folder)")
         if not self.ranks or min(self.ranks) < 1:
             raise ForethoughtError(f"ranks must be ≥ 1, got {', '.join(map(str, self.ranks)) or 'none'}")
         check_controls(self.controls)

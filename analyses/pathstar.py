@@ -9,6 +9,7 @@ the goal (d classes) and the node τ steps ahead in the emitted sequence — wit
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -34,6 +35,8 @@ from forethought.probes.fit import fit_logistic_by_layer
 from forethought.probes.metrics import mean_scores
 from forethought.probes.residuals import model_residuals
 from forethought.probes.split import split_sequences
+
+log = logging.getLogger(__name__)
 
 TRAININGS = {"vanilla": False, "myopic": True}
 
@@ -88,7 +91,10 @@ class PathStarConfig(ExperimentConfig):
         if unknown or not self.trainings:
             raise ForethoughtError(f"unknown training {sorted(unknown)}; choose from vanilla, myopic")
         if (self.train_file is None) != (self.test_file is None):
-            raise ForethoughtError("give both --train-file and --test-file, or neither")
+            raise ForethoughtError("give both `train_file` and `test_file`, or neither")
+        if self.train_file is not None and Path(self.train_file).resolve() == Path(self.test_file).resolve():
+            raise ForethoughtError(f"`train_file` and `test_file` are the same file ({self.train_file}): the test "
+                                   "graphs must be other graphs")
 
     def spec(self) -> PathStarSpec:
         return PathStarSpec(self.degree, self.length, self.n_nodes)
@@ -197,6 +203,10 @@ def run_pathstar(config: PathStarConfig) -> PathStarResults:
         train_data, test_data = (
             replace(data, spec=replace(data.spec, n_nodes=n_nodes)) for data in (train_data, test_data)
         )
+        if (config.degree, config.length) != (train_data.spec.degree, train_data.spec.length):
+            log.warning("the graphs in %s have degree %d and length %d: those are used, not degree %d and length "
+                        "%d", config.train_file, train_data.spec.degree, train_data.spec.length, config.degree,
+                        config.length)
         config = replace(config, degree=train_data.spec.degree, length=train_data.spec.length, n_nodes=n_nodes)
     else:
         train_data, test_data = generate_split(config.spec(), config.n_train, config.n_test, seed=config.seed)
@@ -355,7 +365,7 @@ def run_pathstar_data(config: PathStarDataConfig) -> str:
     overwritten. Returns what was written, in words."""
     folder, paths = check_out_folder(config.out), config.paths()
     if taken := [str(path) for path in paths.values() if path.exists()]:
-        raise ForethoughtError(f"{' and '.join(taken)} already exist; remove them or choose another --out")
+        raise ForethoughtError(f"{' and '.join(taken)} already exist; remove them or choose another `out`")
     spec = config.spec()
     line_bytes = 4 * (2 * spec.n_edges + 2 + config.length)  # ≤ 3 digits and a separator per label
     check_free_space(folder, (config.n_train + config.n_test) * line_bytes, "pathstar-data")

@@ -61,7 +61,7 @@ class PrecacheConfig(ProbeSettings):
 
     def named_checkpoints(self) -> dict[str, str]:
         if self.vanilla is None or self.myopic is None:
-            raise ForethoughtError("give the twins: --vanilla and --myopic")
+            raise ForethoughtError("give the twins: `vanilla` and `myopic`")
         return {"vanilla": self.vanilla, "myopic": self.myopic}
 
 
@@ -134,8 +134,8 @@ def run_precache(config: PrecacheConfig) -> PrecacheResults:
         if match.source != checkpoints["vanilla"].source:
             checkpoints[MATCHED] = LMCheckpoint.load(match.source)
         if len(match.vanilla_losses) == 1:
-            log.warning("the vanilla run saved one checkpoint: P_matched is P. Train it with --checkpoint-every N "
-                        "--keep-checkpoints K to have checkpoints of lower skill to match")
+            log.warning("the vanilla run saved one checkpoint: P_matched is P. Train it with `checkpoint_every` N "
+                        "and `keep_checkpoints` K to have checkpoints of lower skill to match")
     run = probe_checkpoints(config, checkpoints, config.out, heldout)  # checks the settings, then writes the folder
     scores = {**run.scores, MATCHED: run.scores.get(MATCHED, run.scores["vanilla"])}
     differences = [("vanilla", "myopic", PRECACHE)] + [(MATCHED, "myopic", PRECACHE_MATCHED)] * config.loss_matched

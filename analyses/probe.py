@@ -33,7 +33,7 @@ class ProbeConfig(ProbeSettings):
     def __post_init__(self):
         super().__post_init__()
         if not self.named_checkpoints():
-            raise ForethoughtError("give --checkpoints NAME=PATH,...")
+            raise ForethoughtError("give `checkpoints` (name → folder)")
 
     def named_checkpoints(self) -> dict[str, str]:
         check_names(self.checkpoints)

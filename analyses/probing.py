@@ -32,6 +32,14 @@ VALIDATION = "validation"  # the split column of fitted probes' scores on their 
 TOPK_KINDS = ("topk", "mlp")  # probe kinds predicting the K most frequent tokens + "other"
 
 
+def check_top_k(top_k: int, vocab_size: int) -> None:
+    """Refuse top-K classes that take the whole vocabulary: "other" would stay empty (a user asking for more classes
+    than there are tokens meant something else)."""
+    if top_k >= vocab_size:
+        raise ForethoughtError(f"top_k {top_k} reaches the vocabulary's {vocab_size} tokens, which leaves the class "
+                               f"'other' empty: choose a top_k below {vocab_size}")
+
+
 @dataclass
 class ProbeSettings:
     """What is probed and how: held-out data, the (layer, τ) grid, the probe kind and its training. The settings
@@ -64,7 +72,7 @@ class ProbeSettings:
         check_settings(self)
         FutureProbeConfig(kind=self.kind)  # validates the kind
         if self.nonlinear and self.kind != "topk":
-            raise ForethoughtError("--nonlinear fits mlp probes beside topk probes of their classes: add --kind topk")
+            raise ForethoughtError("`nonlinear` fits mlp probes beside topk probes of their classes: add `kind` topk")
         check_precision(self.precision)
         if self.layers is not None and not self.layers:
             raise ForethoughtError("layers must name at least one residual layer (or be None: all)")

@@ -6,11 +6,22 @@ The CLI prints a ``ForethoughtError`` as a one-line message with no traceback; a
 from __future__ import annotations
 
 import difflib
-from collections.abc import Iterable
+import re
+from collections.abc import Collection, Iterable
 
 
 class ForethoughtError(ValueError):
     """Bad input or state, described in one line that names the problem."""
+
+
+def as_flags(message: str, settings: Collection[str]) -> str:
+    """A message as the command line shows it: each of the command's ``settings`` named as a field in backticks
+    (`` `max_sequences` ``, how Python users meet it) becomes its flag (``--max-sequences``); other backticked
+    words (a library's, quoted) stay as they are."""
+    def flag(match: re.Match) -> str:
+        name = match.group(1)
+        return "--" + name.replace("_", "-") if name in settings else match.group(0)
+    return re.sub(r"`([a-z][a-z0-9_]*)`", flag, message)
 
 
 def one_line(error: BaseException | str, limit: int = 300) -> str:

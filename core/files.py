@@ -32,7 +32,7 @@ def check_out_folder(out: str | Path) -> Path:
     """``out`` as a path, refusing one that names a file: every ``--out`` is a folder."""
     out = Path(out)
     if out.exists() and not out.is_dir():
-        raise ForethoughtError(f"--out {out} is a file, not a folder")
+        raise ForethoughtError(f"`out` {out} is a file, not a folder")
     return out
 
 
@@ -77,7 +77,7 @@ def staged_folder(final: str | Path) -> Iterator[Path]:
     and ``final`` is left as it was."""
     final = Path(final)
     staging = final.with_name(f"{final.name}.tmp-{os.getpid()}")
-    _remove(staging)
+    remove_path(staging)
     staging.mkdir(parents=True)
     try:
         yield staging
@@ -85,29 +85,37 @@ def staged_folder(final: str | Path) -> Iterator[Path]:
             if path.is_file():
                 with open(path, "rb") as written:
                     os.fsync(written.fileno())
-        _remove(final)  # replaced whole, never merged
+        remove_path(final)  # replaced whole, never merged
         os.replace(staging, final)
         fsync_folder(final.parent)
     finally:
-        _remove(staging)
+        remove_path(staging)
 
 
-def _remove(path: Path) -> None:
+def remove_path(path: str | Path) -> None:
     """Remove a folder, file or symbolic link at ``path`` (a link itself, never what it points to)."""
+    path = Path(path)
     if path.is_symlink() or path.is_file():
         path.unlink()
     elif path.exists():
         shutil.rmtree(path)
 
 
-def read_json(path: str | Path, rebuild: str = "") -> Any:
-    """The JSON at ``path``; a missing, torn or non-JSON file is a one-line error (``rebuild``: what to do)."""
+def read_json(path: str | Path, rebuild: str = "") -> dict[str, Any]:
+    """The JSON object at ``path``; a missing, torn, non-JSON or too deeply nested file, or one holding anything
+    but an object, is a one-line error (``rebuild``: what to do)."""
+    then = f"; {rebuild}" if rebuild else ""
     try:
-        return json.loads(Path(path).read_text(encoding="utf-8"))
+        value = json.loads(Path(path).read_text(encoding="utf-8"))
     except FileNotFoundError:
-        raise ForethoughtError(f"{path} is missing{'; ' + rebuild if rebuild else ''}") from None
+        raise ForethoughtError(f"{path} is missing{then}") from None
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise ForethoughtError(f"{path} is damaged ({error}){'; ' + rebuild if rebuild else ''}") from None
+        raise ForethoughtError(f"{path} is damaged ({error}){then}") from None
+    except RecursionError:
+        raise ForethoughtError(f"{path} is damaged (nested too deeply to read){then}") from None
+    if not isinstance(value, dict):
+        raise ForethoughtError(f"{path} is damaged (it holds a JSON {type(value).__name__}, not an object){then}")
+    return value
 
 
 def file_digest(path: str | Path) -> str:
@@ -180,7 +188,8 @@ def run_lock(folder: str | Path) -> Iterator[None]:
     A second process asking for the same folder is refused at once with who holds it; the holding process may
     nest the lock. The kernel releases the lock when the holder exits, however it exits, so a crash never
     leaves a folder locked. A folder the lock created is removed again if nothing else was written into it
-    (a run refused after the lock was taken leaves nothing behind); a lock file that was there keeps its content.
+    (a run refused after the lock was taken leaves nothing behind), and so is a lock file it created in a folder that
+    was there when the run fails; a lock file that was there keeps its content.
     A lock file that is a symbolic link is refused, never written through.
     """
     folder = Path(folder).absolute()
@@ -192,6 +201,7 @@ def run_lock(folder: str | Path) -> Iterator[None]:
             _HELD[folder] -= 1
         return
     created = not folder.exists()
+    lock_was_there = (folder / LOCK_FILE).exists() or (folder / LOCK_FILE).is_symlink()
     folder.mkdir(parents=True, exist_ok=True)
     try:
         descriptor = os.open(folder / LOCK_FILE, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
@@ -216,6 +226,10 @@ def run_lock(folder: str | Path) -> Iterator[None]:
         _HELD[folder] = 1
         try:
             yield
+        except BaseException:
+            if not lock_was_there and not created:  # a refused or failed run leaves a folder as it found it
+                (folder / LOCK_FILE).unlink(missing_ok=True)
+            raise
         finally:
             del _HELD[folder]
             os.ftruncate(descriptor, 0)

@@ -84,10 +84,10 @@ def check_settings(config: Any, overrides: dict[str, Rule] | None = None) -> Non
         value = getattr(config, name, None)
         if isinstance(value, str) and not value.strip():
             raise ForethoughtError(f"{name} is empty: give a value or leave the setting out")
-    for name in ("out", "figures_dir"):  # folders written into: refused before any work if they are files
+    for name in ("out", "figures_dir", "tokens_root"):  # folders written into: refused before any work if files
         value = getattr(config, name, None)
         if isinstance(value, str) and Path(value).exists() and not Path(value).is_dir():
-            raise ForethoughtError(f"--{name.replace('_', '-')} {value} is a file, not a folder")
+            raise ForethoughtError(f"`{name}` {value} is a file, not a folder")
     check_lists(config)
     taus = getattr(config, "taus", None)
     if taus is not None and (not taus or min(taus) < 1):
@@ -293,21 +293,41 @@ def changed_settings(saved: dict[str, Any], wanted: dict[str, Any], defaults: di
                      if saved.get(key, defaults.get(key)) != wanted.get(key))
 
 
+ANALYSIS_SETTINGS, TRAINING_SETTINGS = "config.json", "train_config.json"  # where a run folder keeps its settings
+SETTINGS_FILES = (ANALYSIS_SETTINGS, TRAINING_SETTINGS)
+
+
 def record_settings(settings_file: Path, config: Any) -> dict[str, Any]:
     """Write ``config``'s :func:`bound_settings` to ``settings_file`` (atomically) and return them, or refuse,
-    changing nothing and naming the settings, if the file holds others (a setting it lacks counts as its default;
-    settings it holds that no longer bind are ignored)."""
+    changing nothing, where :func:`check_recorded_settings` does."""
+    settings = check_recorded_settings(settings_file, config)
+    settings_file.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(settings_file, settings)
+    return settings
+
+
+def check_recorded_settings(settings_file: Path, config: Any) -> dict[str, Any]:
+    """``config``'s :func:`bound_settings`, refused (naming the settings) if ``settings_file`` holds others (a
+    setting it lacks counts as its default; settings it holds that no longer bind are ignored), or if its folder
+    holds a run of another command (the other of :data:`SETTINGS_FILES`, or settings this config does not have).
+    Writes nothing: a command checks its folder with it before work that takes time."""
     settings, config_class = bound_settings(config), type(config)
+    folder = settings_file.parent
+    other = next((name for name in SETTINGS_FILES if name != settings_file.name and (folder / name).exists()), None)
+    if other:
+        raise ForethoughtError(f"`out` {folder} holds a run of another command (its {other}); choose another `out`")
     if settings_file.exists():
-        saved = read_json(settings_file, f"remove {settings_file.parent} to start afresh")
+        saved = read_json(settings_file, f"remove {folder} to start afresh")
         defaults = flat_defaults(config_class)
+        if foreign := sorted(set(saved) - set(defaults)):
+            raise ForethoughtError(f"`out` {folder} holds a run of another command or an older workbench (settings "
+                                   f"{', '.join(foreign[:3])}{' …' if len(foreign) > 3 else ''} are not this "
+                                   "command's); choose another `out`")
         free = set(defaults) - set(settings)
         saved = _as_json(typed_settings(config_class, {k: v for k, v in saved.items() if k not in free}))
         if changed := changed_settings(saved, settings, defaults):
-            raise ForethoughtError(f"--out {settings_file.parent} holds a run with other settings ({changed}); "
-                                   "choose another --out")
-    settings_file.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(settings_file, settings)
+            raise ForethoughtError(f"`out` {settings_file.parent} holds a run with other settings ({changed}); "
+                                   "choose another `out`")
     return settings
 
 

@@ -33,7 +33,7 @@ def registry() -> Path:
     status = folder.lstat()  # a shared temporary directory: the folder must be this user's own, not a link
     if folder.is_symlink() or status.st_uid != os.getuid() or status.st_mode & 0o077:
         raise ForethoughtError(f"{folder} is not this user's private folder (a link, another owner, or open to "
-                               "others): remove it, or give --threads N")
+                               "others): remove it, or give `threads` N")
     return folder
 
 

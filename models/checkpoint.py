@@ -16,7 +16,6 @@ planted pickle never runs.
 from __future__ import annotations
 
 import re
-import shutil
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -25,7 +24,13 @@ import torch
 from transformers import PreTrainedModel
 
 from forethought.core.errors import ForethoughtError, one_line
-from forethought.core.files import check_folder_digests, check_free_space, staged_folder, write_folder_digests
+from forethought.core.files import (
+    check_folder_digests,
+    check_free_space,
+    remove_path,
+    staged_folder,
+    write_folder_digests,
+)
 from forethought.models.gpt2 import quiet_loading
 from forethought.models.mtp import save_heads, without_heads
 
@@ -66,7 +71,7 @@ def save_checkpoint(
             extra(staging)
         write_folder_digests(staging)  # checked before any resume or load (check_checkpoint)
     for old in list_checkpoints(run_dir)[:-keep]:
-        shutil.rmtree(old)
+        remove_path(old)
     return folder
 
 

@@ -7,6 +7,7 @@ families (Llama, …) load and build through the same two functions: ``kind="lm"
 
 from __future__ import annotations
 
+import pickle
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -161,6 +162,8 @@ def load_model(source: str | Path, kind: ModelKind) -> PreTrainedModel:
             raise ForethoughtError(f"checkpoint folder {folder} has no config.json")
         check_folder_digests(folder, "the checkpoint is damaged: train it again, or load another")
         architectures = read_json(config_file, "the checkpoint is damaged").get("architectures") or ["?"]
+        if not isinstance(architectures, list) or not isinstance(architectures[0], str):
+            raise ForethoughtError(f"{config_file} is damaged: architectures holds {architectures!r:.40}")
         if expected := _expected(kind, architectures[0]):
             raise ForethoughtError(
                 f"checkpoint {folder} holds a {architectures[0]}, expected a {expected} ({kind} model)"
@@ -172,7 +175,7 @@ def load_model(source: str | Path, kind: ModelKind) -> PreTrainedModel:
     elif not hub_reachable():
         raise ForethoughtError(f"{source} is not a folder, and the Hugging Face hub cannot be reached to fetch it")
     try:
-        return _CLASSES[kind].from_pretrained(str(source))
+        model = _CLASSES[kind].from_pretrained(str(source))
     except OSError as error:  # not a folder, and the hub does not have it (or is unreachable)
         raise ForethoughtError(
             f"{source} is neither a checkpoint folder nor a loadable hub id: {error}"
@@ -180,3 +183,17 @@ def load_model(source: str | Path, kind: ModelKind) -> PreTrainedModel:
     except (SafetensorError, ValueError, RuntimeError) as error:  # truncated or mismatched weight files
         reason = one_line(error, 200)
         raise ForethoughtError(f"the weights in {source} cannot be loaded (damaged or incomplete: {reason})") from None
+    except pickle.UnpicklingError:  # torch.load(weights_only=True) refused a pickle that is not just tensors
+        raise ForethoughtError(f"the weights in {source} hold Python objects besides tensors: refused, since loading "
+                               "them could run code (save the model as safetensors from a source you trust)") from None
+    except (TypeError, AttributeError, KeyError) as error:  # a config.json with values of the wrong type
+        raise ForethoughtError(f"the config of {source} is damaged ({one_line(error, 200)})") from None
+    check_blocks(model.config, str(source))
+    return model
+
+
+def check_blocks(config: PretrainedConfig, source: str) -> None:
+    """Refuse a model config with no transformer blocks (``n_layer`` ≤ 0 builds an empty stack)."""
+    n_layer = getattr(config, "num_hidden_layers", None)
+    if not isinstance(n_layer, int) or n_layer < 1:
+        raise ForethoughtError(f"the config of {source} has {n_layer!r} layers; a model needs at least one")

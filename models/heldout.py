@@ -35,8 +35,8 @@ def heldout_data(checkpoints: dict[str, LMCheckpoint], corpus: str | None, layou
         return TextData(corpus=corpus, layout=layout, seq_len=seq_len, prepend_bos=bool(prepend_bos))
     recorded = next((c.data() for c in checkpoints.values() if c.data() is not None), None)
     if recorded is None:
-        raise ForethoughtError("the checkpoints record no training data (trained elsewhere?): pass --corpus, "
-                               "e.g. --corpus embedded")
+        raise ForethoughtError("the checkpoints record no training data (trained elsewhere?): pass `corpus`, "
+                               "e.g. `corpus` embedded")
     return recorded if prepend_bos is None else replace(recorded, prepend_bos=prepend_bos)
 
 

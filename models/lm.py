@@ -20,12 +20,19 @@ from typing import Any, ClassVar
 from torch import nn
 from transformers import AutoConfig, AutoTokenizer, PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
 
-from forethought.core.errors import ForethoughtError, did_you_mean, looks_like_a_path
-from forethought.core.files import check_out_folder, run_lock
-from forethought.core.settings import Presets, check_preset, check_settings, record_settings
+from forethought.core.errors import ForethoughtError, did_you_mean, looks_like_a_path, one_line
+from forethought.core.files import check_out_folder, read_json, run_lock
+from forethought.core.settings import (
+    TRAINING_SETTINGS,
+    Presets,
+    check_preset,
+    check_recorded_settings,
+    check_settings,
+    record_settings,
+)
 from forethought.models.distributed import Distributed
 from forethought.models.families import architecture
-from forethought.models.gpt2 import CAUSAL_LM_CLASSES, build_lm, gpt2_config, load_model
+from forethought.models.gpt2 import CAUSAL_LM_CLASSES, build_lm, check_blocks, gpt2_config, load_model
 from forethought.models.hub import hub_reachable
 from forethought.models.mtp import NEXT_TOKEN, MultiTokenTask, add_heads, objective_heads
 from forethought.models.myopic import check_myopic_support
@@ -95,14 +102,14 @@ class LMTrainConfig(Presets):
         check_settings(self)
         check_preset(type(self), self.preset)
         if self.from_pretrained and self.model in LM_PRESETS:
-            raise ForethoughtError(f"--from-pretrained needs a folder or hub id; {self.model!r} is a preset")
+            raise ForethoughtError(f"`from_pretrained` needs a folder or hub id; {self.model!r} is a preset")
         if self.epochs <= 0 and self.steps is None:
             raise ForethoughtError(f"epochs must be positive, got {self.epochs}")
         if objective_heads(self.objective) > 1 and self.myopic:
             raise ForethoughtError(f"objective {self.objective} trains positions for later tokens: it cannot be "
-                                   "--myopic too")
+                                   "`myopic` too")
         if bpe_size(self.tokenizer) is not None and self.from_pretrained:
-            raise ForethoughtError("--tokenizer bpe:N makes a new vocabulary: it cannot fine-tune a pretrained model")
+            raise ForethoughtError("`tokenizer` bpe:N makes a new vocabulary: it cannot fine-tune a pretrained model")
         self.data()  # validates layout, seq_len and the corpus name
 
     def data(self) -> TextData:
@@ -120,10 +127,13 @@ def load_tokenizer(name: str) -> PreTrainedTokenizerBase:
     tokenizer files, ``smollm2-135m``, ``gguf:PATH``)."""
     if name == "gpt2":
         return gpt2_tokenizer()
+    source = model_folder(name)
     try:
-        return AutoTokenizer.from_pretrained(model_folder(name))
-    except (OSError, ValueError) as error:
-        raise ForethoughtError(f"cannot load a tokenizer from {name}: {error}") from error
+        return AutoTokenizer.from_pretrained(source)
+    except (OSError, ValueError, RecursionError) as error:  # RecursionError: a tokenizer file nested too deeply
+        files = Path(source) / "tokenizer.json"
+        where = f"{files} (or the other tokenizer files beside it)" if files.is_file() else name
+        raise ForethoughtError(f"cannot load a tokenizer from {where}: {one_line(error, 200)}") from None
 
 
 def lm_to_train(config: LMTrainConfig, vocab_size: int) -> PreTrainedModel:
@@ -155,6 +165,8 @@ def _architecture(source: str) -> PretrainedConfig:
     folder = Path(source)
     if folder.exists() and not (folder / "config.json").is_file():
         raise ForethoughtError(f"checkpoint folder {folder} has no config.json")
+    if folder.exists():
+        read_json(folder / "config.json", "the checkpoint is damaged")  # JSON, and an object
     if not folder.exists() and looks_like_a_path(source):
         raise ForethoughtError(f"model folder {source} does not exist")
     if not folder.exists() and not hub_reachable():
@@ -165,8 +177,11 @@ def _architecture(source: str) -> PretrainedConfig:
         config = AutoConfig.from_pretrained(source)
     except (OSError, ValueError) as error:
         raise ForethoughtError(
-            f"{source} is neither a preset, a checkpoint folder nor a loadable hub id: {error}"
-        ) from error
+            f"{source} is neither a preset, a checkpoint folder nor a loadable hub id: {one_line(error, 200)}"
+        ) from None
+    except (TypeError, AttributeError, KeyError, RecursionError) as error:  # a config.json of the wrong shape
+        raise ForethoughtError(f"the config of {source} is damaged ({one_line(error, 200)})") from None
+    check_blocks(config, source)
     if architecture(config) not in CAUSAL_LM_CLASSES:
         raise ForethoughtError(
             f"{source} holds a {architecture(config)} ({config.model_type}), not a causal language model"
@@ -186,6 +201,7 @@ def train_lm(config: LMTrainConfig) -> TrainResult:
 
 
 def _train_lm(config: LMTrainConfig, out: Path, dist: Distributed) -> TrainResult:
+    check_recorded_settings(out / TRAINING_SETTINGS, config)  # a folder of another run: refused before tokenising
     data = config.data()
     size = bpe_size(config.tokenizer)
     with dist.main_first():
@@ -195,7 +211,7 @@ def _train_lm(config: LMTrainConfig, out: Path, dist: Distributed) -> TrainResul
         if config.myopic:
             check_myopic_support(model)
         sequences = data.load(tokenizer, config.tokens_root)
-        settings = record_settings(out / "train_config.json", config)
+        settings = record_settings(out / TRAINING_SETTINGS, config)
     description = {
         "model_source": config.model, "myopic": config.myopic, "myopic_cut": config.training.myopic_cut,
         "objective": config.objective,
@@ -230,8 +246,7 @@ class LMCheckpoint:
         ``smollm2-135m`` or ``gguf:PATH`` (converted on first use)."""
         folder = model_folder(source)
         model = load_model(folder, kind="lm")
-        description_file = Path(folder) / DESCRIPTION_FILE
-        description = json.loads(description_file.read_text()) if description_file.is_file() else None
+        description = read_description(folder)
         local = Path(folder).is_dir()
         has_tokenizer = local and (Path(folder) / "tokenizer_config.json").is_file()
         tokenizer = load_tokenizer(str(folder)) if has_tokenizer or not local else gpt2_tokenizer()
@@ -243,7 +258,32 @@ class LMCheckpoint:
         if self.description is None:
             return None
         known = {f.name for f in fields(TextData)}
-        return TextData(**{k: v for k, v in self.description["data"].items() if k in known})
+        try:
+            return TextData(**{k: v for k, v in self.description["data"].items() if k in known})
+        except (TypeError, ValueError, ForethoughtError) as error:
+            raise ForethoughtError(f"{Path(self.source) / DESCRIPTION_FILE} is damaged: its data settings cannot be "
+                                   f"used ({one_line(error, 120)})") from None
+
+
+# forethought.json's fields and their types (a file written by an older workbench may lack some)
+_DESCRIPTION_TYPES: dict[str, type | tuple[type, ...]] = {
+    "model_source": str, "myopic": bool, "myopic_cut": (str, type(None)), "objective": str, "data": dict,
+    "tokenizer": (str, type(None)), "n_sequences": dict, "train_config": dict, "steps": int,
+}
+
+
+def read_description(folder: str | Path) -> dict[str, Any] | None:
+    """A checkpoint's ``forethought.json`` (what it was trained on, and how), its fields' types checked; None for a
+    model trained elsewhere."""
+    path = Path(folder) / DESCRIPTION_FILE
+    if not path.is_file():
+        return None
+    description = read_json(path, "the checkpoint is damaged")
+    for name, kind in _DESCRIPTION_TYPES.items():
+        if name in description and not isinstance(description[name], kind):
+            raise ForethoughtError(f"{path} is damaged: {name} holds {description[name]!r:.40}, "
+                                   f"a {type(description[name]).__name__}")
+    return description
 
 
 def check_same_tokenizer(checkpoints: dict[str, LMCheckpoint]) -> None:

@@ -35,7 +35,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from forethought.core.errors import ForethoughtError, did_you_mean, one_line
-from forethought.core.files import check_free_space
+from forethought.core.files import check_free_space, read_json
 from forethought.models.checkpoint import latest_checkpoint
 from forethought.models.gpt2 import quiet_loading
 from forethought.models.hub import hub_reachable
@@ -95,7 +95,7 @@ def model_folder(source: str | Path) -> str:
 def source_card(folder: str | Path) -> dict[str, Any] | None:
     """What a converted model was made from (``forethought-source.json``); None for other folders."""
     path = Path(folder) / SOURCE_FILE
-    return json.loads(path.read_text()) if path.is_file() else None
+    return read_json(path, "convert the model again") if path.is_file() else None
 
 
 def convert_named(name: str) -> Path:

@@ -17,11 +17,12 @@ from pathlib import Path
 from typing import Any, ClassVar, Protocol
 
 import torch
+from safetensors import SafetensorError
 from torch import nn
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel, get_cosine_schedule_with_warmup
 
-from forethought.core.errors import ForethoughtError
+from forethought.core.errors import ForethoughtError, one_line
 from forethought.core.files import run_lock
 from forethought.core.precision import TRAINING_PRECISIONS, check_precision, training_precision
 from forethought.core.precision import autocast as precision_autocast
@@ -255,8 +256,12 @@ def _resume(folder: Path, model, optimizer, scheduler, data: torch.Generator, ta
             model.load_state_dict(saved_model.state_dict())
         if heads is not None:
             load_heads(heads, folder)
+    except SafetensorError as error:  # a checkpoint written before digests were recorded, damaged since
+        raise ForethoughtError(f"the weights in {folder} cannot be read (damaged or truncated: {one_line(error, 120)})"
+                               "; remove that checkpoint to resume from the one before") from None
     except (RuntimeError, ValueError, OSError) as error:
-        raise ForethoughtError(f"checkpoint {folder} does not match the model being trained: {error}") from error
+        raise ForethoughtError(f"checkpoint {folder} does not match the model being trained: {one_line(error, 200)}"
+                               ) from None
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     data.set_state(state["data_rng"])

@@ -36,7 +36,7 @@ def check_twins(vanilla: LMCheckpoint, myopic_twin: LMCheckpoint) -> None:
         trained_myopic = (checkpoint.description or {}).get("myopic")
         if trained_myopic is not None and trained_myopic != (name == "myopic"):
             raise ForethoughtError(
-                f"--{name} {checkpoint.source} was trained {'myopically' if trained_myopic else 'the vanilla way'}"
+                f"`{name}` {checkpoint.source} was trained {'myopically' if trained_myopic else 'the vanilla way'}"
             )
     settings = [_twin_settings(checkpoint) for checkpoint in (vanilla, myopic_twin)]
     if None not in settings and (changed := changed_settings(*settings)):

@@ -24,6 +24,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, 
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
 from forethought.core.errors import ForethoughtError
+from forethought.core.files import remove_path
 from forethought.models.tasks.text import TextData, iter_documents, source_fingerprint, split_documents
 
 BPE_PREFIX = "bpe"
@@ -38,7 +39,7 @@ def bpe_size(spec: str) -> int | None:
         return None
     text = spec.partition(":")[2] if ":" in spec else str(DEFAULT_BPE_SIZE)
     if not text.isdigit() or not _MIN_SIZE <= int(text) <= _MAX_SIZE:
-        raise ForethoughtError(f"--tokenizer {spec}: the BPE size must be an integer from {_MIN_SIZE} to {_MAX_SIZE}")
+        raise ForethoughtError(f"`tokenizer` {spec}: the BPE size must be an integer from {_MIN_SIZE} to {_MAX_SIZE}")
     return int(text)
 
 
@@ -76,7 +77,7 @@ def corpus_bpe(data: TextData, vocab_size: int, tokens_root: str | Path = "runs/
         tokenizer = fit_bpe((text for i, text in enumerate(documents()) if i in train), vocab_size)
         if len(tokenizer) < vocab_size:
             raise ForethoughtError(f"the training documents of {data.corpus} give a BPE of only {len(tokenizer)} "
-                                   f"tokens; ask for --tokenizer bpe:{len(tokenizer)} or fewer")
+                                   f"tokens; ask for `tokenizer` bpe:{len(tokenizer)} or fewer")
         staging = folder.with_name(f"{folder.name}.partial-{os.getpid()}")
         shutil.rmtree(staging, ignore_errors=True)
         tokenizer.save_pretrained(staging)
@@ -84,7 +85,7 @@ def corpus_bpe(data: TextData, vocab_size: int, tokens_root: str | Path = "runs/
             {"fitted_on": "training documents", "n_documents": len(train), "vocab_size": vocab_size,
              "data": asdict(data)}, indent=2) + "\n")
         if folder.exists():  # fitted meanwhile by another process, or left incomplete: keep one whole copy
-            shutil.rmtree(folder)
+            remove_path(folder)
         os.replace(staging, folder)
     tokenizer = AutoTokenizer.from_pretrained(str(folder))
     if len(tokenizer) != vocab_size:

@@ -141,7 +141,7 @@ def iter_documents(source: str, split: str = "train", text_field: str = "text") 
                 if line.strip():
                     try:
                         yield json.loads(line)[text_field]
-                    except (json.JSONDecodeError, KeyError, TypeError):
+                    except (json.JSONDecodeError, KeyError, TypeError, RecursionError):
                         raise ForethoughtError(f"{file} line {number}: no JSON object with {text_field!r}") from None
         elif file.suffix == ".parquet":
             import pyarrow.parquet as pq
@@ -466,6 +466,8 @@ class TextData:
     def __post_init__(self):
         if self.layout not in ("first", "packed"):
             raise ForethoughtError(f"unknown layout {self.layout!r}; choose first or packed")
+        if self.corpus.startswith("hf:") and not self.corpus[3:].partition(":")[0]:
+            raise ForethoughtError(f"corpus {self.corpus} names no dataset: give hf:NAME or hf:NAME:CONFIG")
         if is_embedded(self.corpus):  # named in full, so a token folder is never reused for another mix
             object.__setattr__(self, "corpus", f"{EMBEDDED}:{','.join(embedded_names(self.corpus))}")
         if self.seq_len < 2:

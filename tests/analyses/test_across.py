@@ -152,7 +152,7 @@ def test_bad_run_lists_are_one_line_errors(tmp_path):
         AcrossConfig(runs=("only-one",))
     with pytest.raises(ForethoughtError, match="labels lists 'x' twice"):
         AcrossConfig(runs=("a", "b"), labels=("x", "x"))
-    with pytest.raises(ForethoughtError, match="--labels must name every run once"):
+    with pytest.raises(ForethoughtError, match="`labels` must name every run once"):
         AcrossConfig(runs=("a", "b"), labels=("x",))
     with pytest.raises(ForethoughtError, match="cannot read results in"):
         run_seeds(AcrossConfig(runs=(f"{tmp_path}/nope", f"{tmp_path}/nope2"), out=str(tmp_path / "seeds")))

@@ -8,7 +8,10 @@ parquet file that is not one, a checkpoint with truncated weights, a run folder 
 from __future__ import annotations
 
 import json
+import pickle
 import re
+import shutil
+from pathlib import Path
 
 import pytest
 
@@ -54,9 +57,11 @@ BAD_INPUT = {
         (["--n-nodes", "1"], r"n_nodes must be ≥ 2"),
         (["--eval-samples", "0"], r"eval_samples must be ≥ 1"),
         (["--probe-test-fraction", "0"], r"probe_test_fraction must be in \(0, 1\)"),
-        (["--train-file", "missing.txt", "--test-file", "missing.txt"], r"missing.txt does not exist"),
-        (["--train-file", "latin1.txt", "--test-file", "latin1.txt"], r"latin1.txt is not a path-star text file"),
+        (["--train-file", "missing.txt", "--test-file", "star.txt"], r"missing.txt does not exist"),
+        (["--train-file", "latin1.txt", "--test-file", "star.txt"], r"latin1.txt is not a path-star text file"),
         (["--train-file", "star.txt", "--test-file", "notstar.txt"], r"notstar.txt line 1"),
+        (["--train-file", "star.txt", "--test-file", "./star.txt"], r"--train-file and --test-file are the same file"),
+        (["--out", "trainrun"], r"--out trainrun holds a run of another command \(its train_config.json\)"),
     ],
     "pathstar-data": [
         (["--n-train", "0"], r"n_train must be ≥ 1, got 0"),
@@ -93,6 +98,10 @@ BAD_INPUT = {
         (["--objective", "mtp:2", "--myopic"], r"objective mtp:2 trains positions for later tokens"),
         (["--model", "gpt2-mirco"], r"gpt2-mirco is neither a preset nor a folder; did you mean gpt2-micro\?"),
         (["--model", "./nothere"], r"model folder ./nothere does not exist$"),
+        (["--corpus", "hf:"], r"corpus hf: names no dataset: give hf:NAME or hf:NAME:CONFIG"),
+        (["--model", "blockless"], r"the config of blockless has -3 layers; a model needs at least one"),
+        (["--model", "listconfig"], r"listconfig/config.json is damaged \(it holds a JSON list, not an object\)"),
+        (["--out", "otherrun"], r"--out otherrun holds a run of another command \(its config.json\)"),
     ],
     "probe": [
         ([], r"give --checkpoints"),
@@ -118,6 +127,20 @@ BAD_INPUT = {
         (["--checkpoints", "./nothere"], r"checkpoint folder ./nothere does not exist$"),
         ([*GOOD, "--layers", "9"], r"layers \[9\] out of range: the checkpoints have residual layers 0 … 3"),
         ([*GOOD, "--taus", "8"], r"taus reach 8, but the held-out sequences have 8 tokens"),
+        # damaged or hostile checkpoint files: one line naming the file, nothing run
+        (["--checkpoints", "listconfig"], r"listconfig/config.json is damaged \(it holds a JSON list, not an object\)"),
+        (["--checkpoints", "typedconfig"], r"typedconfig/config.json is damaged: architectures holds 5"),
+        (["--checkpoints", "blockless"], r"the config of blockless has -3 layers"),
+        (["--checkpoints", "torntokenizer"], r"cannot load a tokenizer from torntokenizer/tokenizer.json"),
+        (["--checkpoints", "deeptokenizer"], r"cannot load a tokenizer from deeptokenizer/tokenizer.json .*recursion"),
+        (["--checkpoints", "pickled"], r"the weights in pickled hold Python objects besides tensors: refused"),
+        (["--checkpoints", "listdescription"], r"listdescription/forethought.json is damaged \(it holds a JSON list"),
+        (["--checkpoints", "typeddescription"], r"typeddescription/forethought.json is damaged: data holds 5, a int"),
+        ([*GOOD, "--kind", "topk", "--top-k", "100"], r"top_k 100 reaches the vocabulary's 23 tokens"),
+        ([*GOOD, "--max-sequences", "1"], r"1 held-out documents \(clusters of sequences\) are too few"),
+        ([*GOOD, "--out", "trainrun"], r"--out trainrun holds a run of another command \(its train_config.json\)"),
+        ([*GOOD, "--out", "otherrun"], r"--out otherrun holds a run of another command or an older workbench "
+                                       r"\(settings steps are not this command's\)"),
     ],
     "precache": [
         (["--vanilla", "truncated"], r"myopic"),
@@ -161,6 +184,7 @@ BAD_INPUT = {
         (["--degree", "1"], r"degree must be ≥ 2"),
         (["--n-nodes", "5"], r"N = 5 labels are too few"),
         (["--n-train", "0"], r"n_train must be ≥ 1"),
+        (["--n-train", "10000000000000"], r"not enough memory for these settings \(.*\); choose smaller ones"),
     ],
     "bench grid": [
         (["--kind", "x"], r"unknown probe kind 'x'"),
@@ -197,7 +221,35 @@ def workdir(tmp_path_factory, monkeypatch, tiny_lm, lm_folder):
     (tmp_path / "otherrun" / "config.json").write_text(json.dumps({"steps": 3}))
     (tmp_path / "torn").mkdir()
     (tmp_path / "torn" / "config.json").write_text('{"checkpoints": "a=b", "ta')
+    (tmp_path / "trainrun").mkdir()
+    (tmp_path / "trainrun" / "train_config.json").write_text("{}")
+    _damaged_copies(tmp_path)
     return tmp_path
+
+
+def _damaged_copies(root) -> None:
+    """Copies of the good checkpoint, each with one file damaged or hostile."""
+    def copy(name: str):
+        shutil.copytree(root / "good", root / name)
+        return root / name
+    config = json.loads((root / "good" / "config.json").read_text())
+    (copy("listconfig") / "config.json").write_text("[1, 2]")
+    (copy("typedconfig") / "config.json").write_text(json.dumps({**config, "architectures": 5}))
+    (copy("blockless") / "config.json").write_text(json.dumps({**config, "n_layer": -3}))
+    (copy("torntokenizer") / "tokenizer.json").write_text('{"model": {"type": "WordLevel", "vocab": {"w0": 0')
+    (copy("deeptokenizer") / "tokenizer.json").write_text("[" * 100_000 + "]" * 100_000)
+    (copy("listdescription") / "forethought.json").write_text("[]")
+    (copy("typeddescription") / "forethought.json").write_text('{"data": 5}')
+    pickled = copy("pickled")
+    (pickled / "model.safetensors").unlink()
+    (pickled / "pytorch_model.bin").write_bytes(pickle.dumps(_Payload()))
+
+
+class _Payload:
+    """A pickle that, if loaded without ``weights_only``, would write a file into the working folder."""
+
+    def __reduce__(self):
+        return (Path.touch, (Path("PWNED"),))
 
 
 def _files(folder) -> set[str]:

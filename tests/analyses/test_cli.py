@@ -45,6 +45,28 @@ def test_out_that_is_a_file_is_refused_and_kept(capsys, tmp_path):
     assert target.read_text() == "precious"
 
 
+def test_what_the_file_system_refuses_is_named(capsys, tmp_path, monkeypatch):
+    """A refused write names the file, or the run folder where the error does not; a size limit is explained."""
+    import errno
+
+    from forethought.analyses import synthetic
+
+    for error, expected in [
+        (OSError(errno.EFBIG, "File too large"), "a file reached the largest size this process may write (the "
+                                                  f"file-size limit, ulimit -f) (while writing under {tmp_path}/r)"),
+        (FileExistsError(errno.EEXIST, "File exists", "afile.txt"), "afile.txt already exists where this command "
+                                                                    "needs to make a folder or file: move it away"),
+        (OSError(errno.EACCES, "Permission denied", "x/y"), "Permission denied: x/y"),
+        (MemoryError("Unable to allocate 3.55 PiB"), "not enough memory for these settings (Unable to allocate 3.55 "
+                                                     "PiB); choose smaller ones"),
+    ]:
+        def refuse(config, error=error):
+            raise error
+        monkeypatch.setattr(synthetic, "run_synthetic", refuse)
+        code, _, err = run_cli(capsys, "synthetic", "--out", f"{tmp_path}/r")
+        assert (code, err) == (2, f"forethought: error: {expected}\n")
+
+
 def test_bad_checkpoints_are_named(capsys, tmp_path, tiny_lm):
     code, _, err = run_cli(capsys, "synthetic", "--vanilla-checkpoint", str(tmp_path / "missing"),
                            "--out", str(tmp_path / "run"))

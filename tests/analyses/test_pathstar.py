@@ -109,7 +109,7 @@ def test_rerun_reproduces(tiny_run):
     pd.testing.assert_frame_equal(again.table, results.table)
 
 
-def test_files_train_and_bad_settings(tmp_path):
+def test_files_train_and_bad_settings(tmp_path, caplog):
     train, test = generate_split(PathStarSpec(3, 4, 12), 100, 20, seed=3)  # not the config's G(2, 3, 8)
     train.save(tmp_path / "train.txt")
     test.save(tmp_path / "test.txt")
@@ -117,7 +117,9 @@ def test_files_train_and_bad_settings(tmp_path):
     config = PathStarConfig.from_preset("cpu", **{**TINY, "epochs": 0.3, **chosen},
                                         train_file=str(tmp_path / "train.txt"), test_file=str(tmp_path / "test.txt"),
                                         out=str(tmp_path / "run"))
-    results = run_pathstar(config)
+    with caplog.at_level("WARNING"):
+        results = run_pathstar(config)
+    assert "have degree 3 and length 4: those are used, not degree 2 and length 3" in caplog.text  # said, not silent
     assert results.accuracy_table()[["regime", "training"]].values.tolist() == [["reverse", "myopic"]]
     assert (results.config.degree, results.config.length, results.config.n_nodes) == (3, 4, 12)  # from the graphs
     assert results.chance == pytest.approx(1 / 3) and "G(3, 4, 12)" in results.summary()
@@ -126,5 +128,7 @@ def test_files_train_and_bad_settings(tmp_path):
         PathStarConfig.from_preset("cpu", regimes=("teacherles",))
     with pytest.raises(ForethoughtError, match="unknown training"):
         PathStarConfig.from_preset("cpu", trainings=("lazy",))
-    with pytest.raises(ForethoughtError, match="both --train-file and --test-file"):
+    with pytest.raises(ForethoughtError, match="both `train_file` and `test_file`"):
         PathStarConfig.from_preset("cpu", train_file="x")
+    with pytest.raises(ForethoughtError, match="`train_file` and `test_file` are the same file"):
+        PathStarConfig.from_preset("cpu", train_file=str(tmp_path / "train.txt"), test_file=str(tmp_path / "train.txt"))

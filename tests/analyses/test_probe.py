@@ -95,7 +95,7 @@ def test_probe_table_figure_and_reuse(twins, tmp_path, monkeypatch):
          "probe: argument --taus: taus must be comma-separated integers, got 'one'"),
         (["--checkpoints", "x", "--kind", "quadratic"],
          "unknown probe kind 'quadratic'; choose one of softmax, topk, lens, mlp"),
-        ([], "give --checkpoints NAME=PATH,..."),
+        ([], "give --checkpoints (name → folder)"),
     ],
 )
 def test_bad_probe_settings_are_one_line_errors(capsys, tmp_path, argv, message):

@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from forethought.core.errors import ForethoughtError
+from forethought.core.errors import ForethoughtError, as_flags
 from forethought.core.files import (
     LOCK_FILE,
     atomic_write_json,
@@ -80,6 +80,30 @@ def test_atomic_json_round_trip_and_torn_json_is_one_line(tmp_path):
         read_json(tmp_path / "a.json", "run it again")
     with pytest.raises(ForethoughtError, match=r"b.json is missing"):
         read_json(tmp_path / "b.json")
+    (tmp_path / "a.json").write_text("[1, 2]")
+    with pytest.raises(ForethoughtError, match=r"a.json is damaged \(it holds a JSON list, not an object\)"):
+        read_json(tmp_path / "a.json")
+    (tmp_path / "a.json").write_text("[" * 100_000 + "]" * 100_000)
+    with pytest.raises(ForethoughtError, match=r"a.json is damaged \(nested too deeply to read\)"):
+        read_json(tmp_path / "a.json")
+
+
+def test_a_failed_run_leaves_no_lock_file_in_a_folder_it_found(tmp_path):
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "results.csv").write_text("x\n")
+    with pytest.raises(ForethoughtError), run_lock(tmp_path / "run"):
+        raise ForethoughtError("refused")
+    assert [p.name for p in (tmp_path / "run").iterdir()] == ["results.csv"]
+    (tmp_path / "run" / LOCK_FILE).write_text("")  # a lock file that was there stays
+    with pytest.raises(ForethoughtError), run_lock(tmp_path / "run"):
+        raise ForethoughtError("refused")
+    assert (tmp_path / "run" / LOCK_FILE).exists()
+
+
+def test_messages_name_settings_as_fields_in_python_and_as_flags_on_the_command_line():
+    message = "give `max_sequences` above 1, or `corpus` embedded; `weights_only` is torch's; `forethought probe`"
+    assert as_flags(message, {"max_sequences", "corpus"}) == (
+        "give --max-sequences above 1, or --corpus embedded; `weights_only` is torch's; `forethought probe`")
 
 
 def test_a_digest_catches_one_flipped_bit(tmp_path):

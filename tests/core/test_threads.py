@@ -53,6 +53,6 @@ def test_a_registry_that_is_not_the_users_own_folder_is_refused(tmp_path, monkey
     elsewhere.mkdir()
     monkeypatch.setattr("tempfile.gettempdir", lambda: str(tmp_path))
     (tmp_path / f"forethought-threads-{os.getuid()}").symlink_to(elsewhere)
-    with pytest.raises(ForethoughtError, match="is not this user's private folder .* give --threads N"):
+    with pytest.raises(ForethoughtError, match="is not this user's private folder .* give `threads` N"):
         claim_threads()
     assert claim_threads(2) == 2 and list(elsewhere.iterdir()) == []  # asked for: nothing written there

@@ -74,7 +74,7 @@ def test_other_families_train_and_bad_models_are_named(corpus, llama_folder, tmp
     (tmp_path / "empty").mkdir()
     with pytest.raises(ForethoughtError, match="empty has no config.json"):
         lm_to_train(LMTrainConfig(model=str(tmp_path / "empty")), vocab_size=50257)
-    with pytest.raises(ForethoughtError, match="--from-pretrained needs a folder or hub id; 'gpt2-tiny' is a preset"):
+    with pytest.raises(ForethoughtError, match="`from_pretrained` needs a folder or hub id; 'gpt2-tiny' is a preset"):
         LMTrainConfig(model="gpt2-tiny", from_pretrained=True)
     build_lm(gpt2_config(n_layer=1, d_model=16, n_head=2, vocab_size=23), seed=0).save_pretrained(tmp_path / "v23")
     with pytest.raises(ForethoughtError, match="the tokenizer has 50257 tokens but .*v23 has a vocabulary of 23"):

@@ -144,7 +144,7 @@ def test_extra_heads_are_saved_beside_an_ordinary_model_and_resume_exactly(corpu
     (dict(objective="mtp:0"), "objective must be next-token or mtp:K with K in 1 … 16, got 'mtp:0'"),
     (dict(objective="mtp"), "objective must be next-token or mtp:K with K in 1 … 16, got 'mtp'"),
     (dict(objective="mtp:2", myopic=True), "objective mtp:2 trains positions for later tokens: it cannot be "
-                                           "--myopic too"),
+                                           "`myopic` too"),
 ])
 def test_bad_objectives_are_one_line_errors(overrides, message, tmp_path):
     with pytest.raises(ForethoughtError, match=f"^{message}$"):

@@ -117,6 +117,17 @@ def test_a_planted_pickle_in_a_run_folder_never_runs(tmp_path):
     assert not marker.exists()
 
 
+def test_truncated_weights_without_digests_are_named_on_resume(tmp_path):
+    """A checkpoint from before digests were recorded, its weights truncated since: one line, not a traceback."""
+    train(tiny_model(), TASK, config(), tmp_path / "run")
+    checkpoint = latest_checkpoint(tmp_path / "run")
+    (checkpoint / DIGESTS_FILE).unlink()
+    weights = checkpoint / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    with pytest.raises(ForethoughtError, match=rf"the weights in .*{checkpoint.name} cannot be read \(damaged"):
+        train(tiny_model(), TASK, config(), tmp_path / "run")
+
+
 class NanGradientTask:
     """A finite loss whose gradient is NaN (√x at 0, times 0): the weights go NaN while the loss looks fine."""
 

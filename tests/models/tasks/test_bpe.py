@@ -53,7 +53,7 @@ def test_bad_sizes_and_corpora_too_small_are_one_line_errors(tmp_path):
     for bad in ("bpe:12", "bpe:70000", "bpe:many"):
         with pytest.raises(ForethoughtError, match="the BPE size must be an integer from 257 to 65536"):
             bpe_size(bad)
-    with pytest.raises(ForethoughtError, match="give a BPE of only .* tokens; ask for --tokenizer bpe:"):
+    with pytest.raises(ForethoughtError, match="give a BPE of only .* tokens; ask for `tokenizer` bpe:"):
         corpus_bpe(_corpus(tmp_path, "train"), 60000, tmp_path / "tokens")
     with pytest.raises(ForethoughtError, match="cannot fine-tune a pretrained model"):
         LMTrainConfig(model="some/folder", from_pretrained=True, tokenizer="bpe:512")
