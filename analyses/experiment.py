@@ -124,5 +124,5 @@ def finish_run(results: ExperimentResults, out: Path, meta: dict[str, Any]) -> N
         written += save_figure(figure, out / "figures" / stem)
     if results.config.figures_dir is not None:
         Path(results.config.figures_dir).mkdir(parents=True, exist_ok=True)
-        for path in written:
+        for path in dict.fromkeys(written):  # plotly.min.js once
             shutil.copy2(path, Path(results.config.figures_dir) / path.name)

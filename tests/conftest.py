@@ -7,6 +7,7 @@ import tempfile
 
 os.environ["HF_HUB_OFFLINE"] = "1"  # tests never reach a hub
 os.environ["FORETHOUGHT_CACHE"] = tempfile.mkdtemp(prefix="forethought-tests-")  # converted models: not in ~/.cache
+os.environ["FORETHOUGHT_PNG"] = "0"  # no PNG export (~2.5 s of Chromium each) but where a test asks for it
 
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402

@@ -1,0 +1,53 @@
+"""Figures as a reader meets them: the HTML draws offline in a real browser, menus included; the PNG is a picture."""
+
+from __future__ import annotations
+
+import subprocess
+
+import numpy as np
+import plotly.graph_objects as go
+import pytest
+from PIL import Image
+
+from forethought.analyses.plots import PLOTLY_JS, chromium, save_figure
+
+needs_chromium = pytest.mark.skipif(chromium() is None, reason="no Chromium here (CI installs one: .ci/run)")
+
+
+def _figure_with_a_menu() -> go.Figure:
+    figure = go.Figure([go.Scatter(x=[0, 1, 2], y=[1, 3, 2], name="top1"),
+                        go.Scatter(x=[0, 1, 2], y=[2, 1, 3], name="top5", visible=False)])
+    return figure.update_layout(updatemenus=[dict(buttons=[
+        dict(label="top1", method="update", args=[{"visible": [True, False]}]),
+        dict(label="top5", method="update", args=[{"visible": [False, True]}])])])
+
+
+def _browser(*flags: str, page) -> subprocess.CompletedProcess:
+    """Headless Chromium on a local page with the network switched off (a page must not need it)."""
+    return subprocess.run([chromium(), "--headless", "--no-sandbox", "--disable-gpu", "--virtual-time-budget=5000",
+                           "--proxy-server=127.0.0.1:9", "--proxy-bypass-list=<-loopback>", *flags,
+                           page.as_uri()], capture_output=True, text=True, timeout=120, check=True)
+
+
+def test_the_html_loads_plotly_from_beside_it(tmp_path):
+    written = save_figure(_figure_with_a_menu(), tmp_path / "a")
+    save_figure(_figure_with_a_menu(), tmp_path / "b")
+    assert written == [tmp_path / "a.html", tmp_path / PLOTLY_JS]  # one shared copy of the library
+    html = (tmp_path / "a.html").read_text()
+    assert f'src="{PLOTLY_JS}"' in html and "cdn.plot.ly" not in html and len(html) < 100_000
+
+
+@needs_chromium
+def test_a_figure_draws_offline_in_a_headless_browser_with_its_menus(tmp_path, monkeypatch):
+    monkeypatch.setenv("FORETHOUGHT_PNG", "1")
+    written = save_figure(_figure_with_a_menu(), tmp_path / "figure")
+    assert tmp_path / "figure.png" in written
+    dom = _browser("--dump-dom", page=tmp_path / "figure.html").stdout
+    assert dom.count('class="main-svg"') >= 1 and "updatemenu-container" in dom  # drawn, with its menu
+    assert dom.count('class="scatterlayer') >= 1 and ">top1<" in dom
+    _browser("--window-size=1100,650", f"--screenshot={tmp_path / 'shot.png'}", page=tmp_path / "figure.html")
+    for picture in (tmp_path / "shot.png", tmp_path / "figure.png"):
+        pixels = np.asarray(Image.open(picture).convert("L"))
+        assert (pixels < 250).mean() > 0.05, picture  # not a white page: the plot area, lines and text are drawn
+    (tmp_path / PLOTLY_JS).unlink()  # and without the library beside it, the page is blank: the test can fail
+    assert "main-svg" not in _browser("--dump-dom", page=tmp_path / "figure.html").stdout
