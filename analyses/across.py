@@ -23,7 +23,7 @@ from scipy import stats
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from forethought.analyses.experiment import ExperimentResults, finish_run, prepare_out, writes_run
-from forethought.analyses.plots import difference_heatmap
+from forethought.analyses.plots import difference_heatmap, signed
 from forethought.analyses.probing import SINCE_ADDED, VALIDATION, best_by_tau
 from forethought.analyses.results import CONTROL, read_results, run_meta
 from forethought.core.errors import ForethoughtError
@@ -45,7 +45,7 @@ class AcrossConfig:
     runs: tuple[str, ...] = ()  # finished run folders (gap, precache or probe) of one command
     labels: tuple[str, ...] | None = None  # names for the runs (default: their folder names)
     tau: int = 2  # trend of precache runs: P at this τ, at the vanilla twin's best layer on validation
-    out: str = "runs/seeds"
+    out: str = "runs/seeds"  # folder for the table, meta.json and figures
     figures_dir: str | None = None  # also copy the figures here
 
     def __post_init__(self):
@@ -163,15 +163,16 @@ class SeedsResults(ExperimentResults):
         cells = rows.assign(value=rows["mean"], p=rows["p_across_runs"])
         figure = difference_heatmap(cells, f"Pre-caching estimate P (top-1), mean over {n} training seeds", "mean P")
         significant = bh_significant(rows["p_across_runs"].to_numpy())
-        text = rows.assign(text=[f"{r['mean']:+.3f} ± {r['sd']:.3f}<br>{r['runs_above_0']}↑ {r['runs_below_0']}↓"
+        text = rows.assign(text=[f"{signed(r['mean'])} ± {r['sd']:.3f}<br>{r['runs_above_0']}↑ {r['runs_below_0']}↓"
                                  + (" flips" if r["sign"] == "flips" else "") + ("" if marked else "<br>n.s.")
                                  for (_, r), marked in zip(rows.iterrows(), significant)])
         grid = text.pivot(index="layer", columns="tau", values="text")
         figure.update_traces(text=grid.to_numpy(), texttemplate="%{text}")
         vanilla = "vanilla at the myopic twin's loss" if matched else "vanilla"
         figure.update_layout(title=f"{'P_matched' if matched else 'P'} = top-1({vanilla}) − top-1(myopic): mean ± sd "
-                                   f"over {n} seeds; k↑ / k↓: runs whose 95% CI lies above / below 0; n.s.: t-test "
-                                   "across seeds not significant at a 5% false-discovery rate over the grid")
+                                   f"over {n} seeds<br><sup>k↑ / k↓: runs whose 95% CI lies above / below 0; flips: "
+                                   "the runs' values lie on both sides of 0; n.s.: t-test across seeds not significant "
+                                   "at a 5% false-discovery rate over the grid</sup>", margin=dict(t=110))
         return figure
 
     def headline(self) -> pd.DataFrame:
@@ -252,16 +253,21 @@ class TrendResults(ExperimentResults):
         figure.add_scatter(x=sizes["parameters"], y=sizes["mean"], mode="markers", name="mean ± sd over runs",
                            error_y=dict(array=sizes["sd"].fillna(0)), marker=dict(symbol="diamond", size=11))
         trend = self.slope()
-        if np.isfinite(trend["slope"]):
+        if np.isfinite(trend["slope"]) and trend["sizes"] >= 3:  # a line through two sizes only joins them
             x = np.log10(sizes["parameters"].to_numpy(float))
             figure.add_scatter(x=sizes["parameters"], y=trend["intercept"] + trend["slope"] * x, mode="lines",
                                line=dict(color="gray", dash="dash"),
                                name=f"OLS: {trend['slope']:+.3f} per 10× (p = {trend['p']:.2g})")
         figure.add_hline(y=0, line=dict(color="black", dash="dot"))
         quantity = rows["quantity"].iloc[0]
-        figure.update_layout(title=f"{quantity} by model size", xaxis_title="non-embedding parameters",
+        fitted = (f"OLS slope {signed(trend['slope'])} per 10×, p = {trend['p']:.2g}" if np.isfinite(trend["slope"])
+                  else "no slope: it needs ≥ 3 runs at ≥ 2 sizes")
+        if np.isfinite(trend["slope"]) and trend["sizes"] < 3:
+            fitted += " (two sizes: no line drawn)"
+        figure.update_layout(title=f"{quantity} by model size<br><sup>{len(rows)} runs at {trend['sizes']} sizes; "
+                                   f"{fitted}</sup>", xaxis_title="non-embedding parameters",
                              yaxis_title="nats per token" if quantity == GAP_QUANTITY else "top-1 difference",
-                             margin=dict(t=80))
+                             margin=dict(t=100, r=40), legend=dict(orientation="h", y=-0.25))
         return figure
 
     def figures(self) -> dict[str, go.Figure]:

@@ -73,12 +73,12 @@ class TrainBenchConfig:
 
     model: str = "gpt2"  # a family at the sizes below (gpt2, llama, gpt-neox), or a model source at its own size
     device: str = "auto"  # "auto": CUDA when available
-    n_layer: int | None = None  # GPU: 12, CPU: 4
-    d_model: int | None = None  # GPU: 768, CPU: 256
-    n_head: int | None = None  # GPU: 12, CPU: 4 (llama: half as many key/value heads)
-    vocab_size: int | None = None  # GPU: 50257, CPU: 1000
-    seq_len: int | None = None  # GPU: 1024, CPU: 256
-    batch_size: int | None = None  # GPU: 16, CPU: 8
+    n_layer: int | None = None  # blocks of the model timed (default: 12 on a GPU, 4 on the CPU)
+    d_model: int | None = None  # width of the model timed (default: 768 on a GPU, 256 on the CPU)
+    n_head: int | None = None  # attention heads; llama: half as many for keys (default: 12 on a GPU, 4 on the CPU)
+    vocab_size: int | None = None  # vocabulary of the model timed (default: 50257 on a GPU, 1000 on the CPU)
+    seq_len: int | None = None  # tokens per sequence (default: 1024 on a GPU, 256 on the CPU)
+    batch_size: int | None = None  # sequences per step (default: 16 on a GPU, 8 on the CPU)
     steps: int = 10  # timed steps per round
     rounds: int = 3  # rounds; each variant's time is the median over rounds
     warmup: int = 3  # untimed steps per variant before timing
@@ -196,10 +196,10 @@ class ProbeBenchConfig:
     on held-out text of the embedded corpus. Unset sizes follow the device."""
 
     device: str = "auto"  # "auto": CUDA when available
-    n_layer: int | None = None  # GPU: 12, CPU: 4
-    d_model: int | None = None  # GPU: 768, CPU: 256
-    n_sequences: int | None = None  # GPU: 4096, CPU: 256 (64 tokens each)
-    taus: tuple[int, ...] = (1, 2, 3, 4)
+    n_layer: int | None = None  # blocks of the model timed (default: 12 on a GPU, 4 on the CPU)
+    d_model: int | None = None  # width of the model timed (default: 768 on a GPU, 256 on the CPU)
+    n_sequences: int | None = None  # sequences of 64 tokens probed (default: 4096 on a GPU, 256 on the CPU)
+    taus: tuple[int, ...] = (1, 2, 3, 4)  # offsets τ of the probes fitted (τ = 1: the next token)
     classes: int = 20  # K: the vocabulary subset both fitters predict (+ "other")
     epochs: int = 10  # torch probe epochs (early stopping may end sooner)
     sklearn_max_iter: int = 200  # L-BFGS iterations per sklearn probe
@@ -303,17 +303,17 @@ CACHING = "caching (forward hooks, float16 writes, digest)"
 @dataclass
 class CacheBenchConfig:
     """Settings of ``forethought bench cache``: residual caching through the TransformerBridge (forward pass and
-    float16 writes of all L + 1 residual layers) ÷ a bare Hugging Face forward pass with
-    ``output_hidden_states=True``, on the same held-out tokens of the embedded corpus, at the same precision."""
+    float16 writes of all L + 1 residual layers) ÷ a bare Hugging Face forward pass returning every hidden state,
+    on the same held-out tokens of the embedded corpus, at the same precision."""
 
     model: str = "smollm2-135m"  # any model source (folder, run folder, hub id, smollm2-135m, gguf:PATH)
     corpus: str = "embedded"  # held-out text: test documents of this corpus, packed into sequences
-    tokens_root: str = "runs/tokens"
+    tokens_root: str = "runs/tokens"  # token files are written (once) under here
     device: str = "auto"  # "auto": CUDA when available
     precision: str = "bfloat16"  # float32 or bfloat16 (autocast), for both
-    n_sequences: int = 512  # sequences of seq_len tokens per round (fixed costs — weights hash, files — amortise)
-    seq_len: int = 64
-    batch_size: int = 32
+    n_sequences: int = 512  # sequences of `seq_len` tokens per round (fixed costs — weights hash, files — amortise)
+    seq_len: int = 64  # tokens per held-out sequence
+    batch_size: int = 32  # sequences per forward pass
     rounds: int = 3  # rounds, alternating the two; each one's throughput is the median over rounds
     folder: str = "runs/bench-cache"  # a temporary folder for the caches is made (and removed) here
 
@@ -380,9 +380,9 @@ class GridBenchConfig(ProbeSettings):
     layout: str = "packed"
     kind: str = "topk"
     precision: str = "bfloat16"
-    batch_sequences: int = 32
-    max_epochs: int = 4
-    progress: bool = False
+    batch_sequences: int = 32  # sequences per minibatch (cache writing and probe fitting)
+    max_epochs: int = 4  # at most this many passes over the probes' training split
+    progress: bool = False  # show progress bars
     folder: str = "runs/bench-grid"  # a temporary run folder is made (and removed) here
 
 
@@ -426,13 +426,13 @@ def _synchronize(device: str) -> None:
 class PathStarBenchConfig:
     """Settings of ``forethought bench pathstar``: generating path-star samples, writing them in the paper's text
     format and parsing them back, vectorised (what ``pathstar-data`` and ``--train-file`` use) vs line by line
-    (a Python loop over :func:`~models.tasks.pathstar.format_line` / ``parse_line``)."""
+    (a Python loop over one line at a time: models/tasks/pathstar.py's ``format_line`` / ``parse_line``)."""
 
-    degree: int = 5
-    length: int = 5
-    n_nodes: int = 50
+    degree: int = 5  # d: arms leaving the start node
+    length: int = 5  # l: nodes on the path, start included
+    n_nodes: int = 50  # N: labels 0 … N − 1
     n_train: int = 200000  # samples written and parsed
-    seed: int = 0
+    seed: int = 0  # seeds the graphs drawn
 
     def __post_init__(self):
         check_settings(self)

@@ -17,7 +17,7 @@ import torch
 from plotly.subplots import make_subplots
 
 from forethought.analyses.engine import Probing
-from forethought.analyses.plots import FDR_NOTE, PALETTE, difference_heatmap, interval_line
+from forethought.analyses.plots import FDR_NOTE, PALETTE, difference_heatmap, interval_line, measured_layers
 from forethought.analyses.probing import check_top_k
 from forethought.core.errors import ForethoughtError
 from forethought.models.heldout import token_losses
@@ -139,7 +139,8 @@ class CausalViews:
                     interval_line(figure, chosen[chosen["tau"] == tau], "layer", f"{edit}, {path}", column,
                                   color=color, dash=dash)
         figure.add_hline(y=0, line=dict(color="gray", dash="dot"))
-        figure.update_xaxes(title_text="residual layer l", dtick=1)
+        measured_layers(figure.update_xaxes(title_text="residual layer l"),
+                        self.table.loc[self.table["checkpoint"] == checkpoint, "layer"])
         figure.update_yaxes(title_text="Δ loss, nats (own: at t; future: t+1 … t+τ summed)", col=1)
         figure.update_layout(title=f"{checkpoint}: erasing x[t+τ] from h[l, t] — where the loss moves (full-rank "
                                    "LEACE vs controls of equal rank; 95% CI over documents)")

@@ -13,6 +13,7 @@ import argparse
 import errno
 import functools
 import importlib
+import inspect
 import json
 import logging
 import os
@@ -173,6 +174,132 @@ COMMANDS: dict[str, Command] = {  # the command line, one row per command
     "bench side-by-side": Command(f"{BENCH}:SideBySideBenchConfig", f"{BENCH}:bench_side_by_side",
                                   "two runs started together ÷ one after the other (the threads rule)", _benched),
 }
+EXAMPLES: dict[str, tuple[tuple[str, str], ...]] = {  # (command line, what it does): the end of each help
+    "demo": (
+        ("forethought demo",
+         "the embedded default: train both twins, probe and test them causally (5–7 min on 2 cores)"),
+        ("forethought demo --seed 1 --out runs/demo-s1",
+         "another training seed, for the spread between seeds (forethought seeds)"),
+    ),
+    "synthetic": (
+        ("forethought synthetic --preset paper --out runs/synthetic",
+         "the paper's setting: 20,000 steps of 512 sequences per twin (a GPU)"),
+        ("forethought synthetic --vanilla-checkpoint runs/demo/vanilla/checkpoints/step-0003000 --myopic-checkpoint "
+         "runs/demo/myopic/checkpoints/step-0003000 --out runs/synthetic-read",
+         "probe and erase in trained twins again, without training (20 s)"),
+    ),
+    "pathstar": (
+        ("forethought pathstar --seed 1 --out runs/pathstar-cpu-s1",
+         "cpu preset, G(2, 4, 20): three regimes × (vanilla, myopic), about 20 min on 2 cores"),
+        ("forethought pathstar --prefix-loss --regimes teacher-forcing --out runs/pathstar-prefix",
+         "both twins also learn to predict the edge list; one regime"),
+    ),
+    "pathstar-data": (
+        ("forethought pathstar-data --out data",
+         "the paper's G(5, 5, 50): 200,000 training and 20,000 test graphs"),
+        ("forethought pathstar-data --degree 2 --length 4 --n-nodes 20 --n-train 50000 --n-test 2000 --out data-cpu",
+         "the cpu preset's graph family"),
+    ),
+    "train": (
+        ("forethought train --preset cpu --out runs/lm-cpu-vanilla",
+         "a small model on the embedded corpus (about 13 min on 2 cores)"),
+        ("forethought train --preset cpu --myopic --out runs/lm-cpu-myopic",
+         "its myopic twin: same data, seed and settings"),
+        ("forethought train --model smollm2-135m --from-pretrained --tokenizer smollm2-135m --steps 300 --myopic "
+         "--out runs/ft-smollm2-myopic",
+         "fine-tune the pretrained SmolLM2-135M myopically"),
+    ),
+    "probe": (
+        ("forethought probe --checkpoints smollm2-135m",
+         "the pretrained SmolLM2-135M (offline) on the embedded corpus, every layer, τ = 1 … 4"),
+        ("forethought probe --checkpoints vanilla=runs/lm-cpu-vanilla,myopic=runs/lm-cpu-myopic --taus 1,2 --out "
+         "runs/probe-cpu",
+         "two trained models side by side, τ = 1 and 2"),
+    ),
+    "precache": (
+        ("forethought precache --vanilla runs/lm-cpu-vanilla --myopic runs/lm-cpu-myopic --out runs/precache-cpu",
+         "P(l, τ) of twins, and P at equal next-token loss"),
+        ("forethought precache --vanilla runs/lm-cpu-vanilla --myopic runs/lm-cpu-myopic --precision bfloat16 "
+         "--max-sequences 1000 --max-epochs 4 --out runs/precache-cpu-fast",
+         "the README's faster run (15–20 min on 2 cores)"),
+    ),
+    "intervene": (
+        ("forethought intervene --checkpoints vanilla=runs/lm-cpu-vanilla,myopic=runs/lm-cpu-myopic --max-sequences "
+         "400 --positions 4 --out runs/intervene-cpu",
+         "erase x[t+τ] from every layer of the twins; loss on the own and future paths"),
+        ("forethought intervene --checkpoints smollm2=smollm2-135m --layers 0,15,30 --taus 1,2 --ranks 1,16 --out "
+         "runs/intervene-smollm2",
+         "three layers of the pretrained SmolLM2-135M"),
+    ),
+    "compare": (
+        ("forethought compare --run runs/probe-cpu",
+         "the interactive figure of a probe run (menus: probe, metric, τ)"),
+        ("forethought compare --run runs/precache-cpu --figures-dir figures",
+         "the same for a precache run, copied into figures/"),
+    ),
+    "gap": (
+        ("forethought gap --vanilla runs/lm-cpu-vanilla --myopic runs/lm-cpu-myopic --out runs/gap-cpu",
+         "the myopia gap of twins, by position, and the future-gradient share"),
+        ("forethought gap --vanilla smollm2-135m --corpus embedded --layout packed --max-sequences 256 --out "
+         "runs/gap-smollm2",
+         "the future-gradient share of a pretrained model alone"),
+    ),
+    "seeds": (
+        ("forethought seeds --runs runs/demo-s0,runs/demo-s1,runs/demo-s2 --out runs/seeds-demo",
+         "the spread of the demo's numbers over three training seeds"),
+        ("forethought seeds --runs runs/gap-cpu-s0,runs/gap-cpu-s1,runs/gap-cpu-s2 --labels s0,s1,s2 --out "
+         "runs/seeds-gap",
+         "the myopia gap over seeds, labelled"),
+    ),
+    "trend": (
+        ("forethought trend --runs runs/gap-nano-s0,runs/gap-nano-s1,runs/gap-cpu-s0,runs/gap-cpu-s1 --out runs/trend",
+         "the gap against model size, seeds of each size pooled"),
+        ("forethought trend --runs runs/precache-nano-s0,runs/precache-cpu-s0 --tau 2 --out runs/trend-precache",
+         "P at τ = 2 against model size"),
+    ),
+    "figures": (
+        ("forethought figures --dry-run",
+         "list the commands that make figures/, in order"),
+        ("forethought figures",
+         "run them (hours on 2 cores; a rerun resumes where it stopped)"),
+    ),
+    "bench train": (
+        ("forethought bench train",
+         "tokens/s of a myopic step (fast and naive) ÷ a vanilla step, GPT-2 at CPU size"),
+        ("forethought bench train --model llama --steps 5",
+         "the same for the Llama family"),
+    ),
+    "bench probe": (
+        ("forethought bench probe",
+         "caching and probe-fitting throughput, and the time of sklearn ÷ this package's fitter"),
+        ("forethought bench probe --taus 1,2 --classes 100",
+         "fewer offsets, more classes"),
+    ),
+    "bench cache": (
+        ("forethought bench cache",
+         "residual caching of SmolLM2-135M ÷ a bare Hugging Face forward pass"),
+        ("forethought bench cache --model runs/lm-cpu-vanilla --n-sequences 128",
+         "the same for a trained run"),
+    ),
+    "bench grid": (
+        ("forethought bench grid",
+         "each step of the probing grid on SmolLM2-135M ÷ a bare forward pass"),
+        ("forethought bench grid --model runs/lm-cpu-vanilla --taus 1,2",
+         "the grid of a trained run"),
+    ),
+    "bench pathstar": (
+        ("forethought bench pathstar",
+         "generate, write and parse G(5, 5, 50) files: vectorised ÷ line by line"),
+        ("forethought bench pathstar --n-train 20000",
+         "a smaller file"),
+    ),
+    "bench side-by-side": (
+        ("forethought bench side-by-side",
+         "two bench train runs started together ÷ one after the other"),
+        ("forethought bench side-by-side --command-line 'bench probe --taus 1' --rounds 2",
+         "another command, two rounds"),
+    ),
+}
 THREADS_HELP = ("CPU threads (default: the cores no other forethought run holds, shared evenly with runs started "
                 "together; recorded with the results: docs/performance.md)")
 SPEC_FILE = Path(__file__).with_name("cli.json")  # {command: {"description", "flags"}}: what the parser is built from
@@ -184,7 +311,7 @@ def command_specs() -> dict[str, dict[str, Any]]:
     specs = {}
     for name, command in COMMANDS.items():
         config = command.config_class()
-        specs[name] = {"description": command.description or config.__doc__,
+        specs[name] = {"description": command.description or help_description(config.__doc__),
                        "flags": flag_specs(config, skip=() if command.choose_preset else ("preset",),
                                            presets=command.preset_values())}
     return specs
@@ -199,6 +326,28 @@ def _saved_specs() -> dict[str, dict[str, Any]]:
     if set(specs) != set(COMMANDS):
         raise ForethoughtError(f"{SPEC_FILE} is stale: run python scripts/cli_reference.py")
     return specs
+
+
+def help_description(docstring: str) -> str:
+    """A config's docstring as its command's description: without reStructuredText's double backticks, and
+    without the paragraphs written for Python users (those starting "In Python")."""
+    paragraphs = inspect.cleandoc(docstring).split("\n\n")
+    return "\n\n".join(text.replace("``", "") for text in paragraphs if not text.startswith("In Python"))
+
+
+def examples_text(name: str) -> str:
+    """The last paragraph of a command's help: its :data:`EXAMPLES`, each line as written."""
+    return "examples:\n" + "\n".join(f"  {line}\n      {what}" for line, what in EXAMPLES[name])
+
+
+class _HelpFormatter(argparse.HelpFormatter):
+    """argparse's formatter, keeping paragraphs apart and the examples' lines as written (to copy)."""
+
+    def _fill_text(self, text: str, width: int, indent: str) -> str:
+        if text.startswith("examples:"):
+            return "".join(indent + line for line in text.splitlines(keepends=True))
+        fill = super()._fill_text
+        return "\n\n".join(fill(part, width, indent) for part in text.split("\n\n"))
 
 
 class _OneLineErrors(argparse.ArgumentParser):
@@ -227,7 +376,8 @@ def build_parser(specs: dict[str, dict[str, Any]] | None = None) -> argparse.Arg
             groups[group] = commands.add_parser(group, help=GROUPS[group]).add_subparsers(
                 dest=group, required=True, metavar=group.upper())
         subparser = (groups[group] if member else commands).add_parser(
-            member or name, aliases=command.aliases, help=command.help, description=specs[name]["description"])
+            member or name, aliases=command.aliases, help=command.help, description=specs[name]["description"],
+            epilog=examples_text(name), formatter_class=_HelpFormatter)
         add_flags(subparser, [FlagSpec(*flag) for flag in specs[name]["flags"]])
         subparser.add_argument("--threads", type=int, default=argparse.SUPPRESS, metavar="INT", help=THREADS_HELP)
     return parser

@@ -35,10 +35,19 @@ from forethought.analyses.causal import (
     check_controls,
 )
 from forethought.analyses.engine import Probing, load_checkpoint
-from forethought.analyses.plots import FDR_NOTE, PALETTE, difference_heatmap, save_figure
+from forethought.analyses.plots import (
+    FDR_NOTE,
+    MENU_LABEL,
+    METRIC_TITLES,
+    PALETTE,
+    difference_heatmap,
+    measured_layers,
+    save_figure,
+)
 from forethought.analyses.probing import (
     BASELINE,
     LOGIT_LENS,
+    PROBE_COLUMNS,
     ProbeSettings,
     check_name,
     check_names,
@@ -65,15 +74,15 @@ class CompareConfig:
     """Settings of ``forethought compare``: the comparison figure of a probe or precache run, as interactive HTML
     (menus and legend work in a browser) and PNG."""
 
-    run: str = ""  # the --out folder of a `forethought probe` or `forethought precache` run
-    add: dict[str, str] = field(default_factory=dict)  # more checkpoints to probe beside the run's: {name: source}
+    run: str = ""  # the --out folder of a forethought probe or precache run
+    add: dict[str, str] = field(default_factory=dict)  # more checkpoints to probe beside the run's, NAME=SOURCE pairs
     figures_dir: str = "figures"  # writes compare_<kind>.html (and .png with Chromium) here
-    progress: bool = True
+    progress: bool = True  # show progress bars
 
     def __post_init__(self):
         check_settings(self)
         if not self.run:
-            raise ForethoughtError("give `run`: the `out` folder of a forethought probe or precache run")
+            raise ForethoughtError("give `run`: the --out folder of a forethought probe or precache run")
 
 
 def run_compare(config: CompareConfig) -> Comparison:
@@ -162,7 +171,7 @@ class Comparison(Probing):
         """The tidy table (DESIGN.md's columns) of ``kinds`` (default: those computed, or the settings' kind):
         every checkpoint's probes, their logit lens (τ = 1), the count baselines for those probes' classes, and
         each probe − skip-bigram (:meth:`analyses.engine.Probing.table`)."""
-        return tidy(self.table(kinds), task=f"text: {self.heldout.corpus}", seed=self.settings.seed)
+        return tidy(self.table(kinds), PROBE_COLUMNS, task=f"text: {self.heldout.corpus}", seed=self.settings.seed)
 
     def accuracy(self, kind: str | None = None, metric: str = "top1", layers: Sequence[int] | None = None,
                  taus: Sequence[int] | None = None) -> pd.DataFrame:
@@ -226,13 +235,14 @@ class Comparison(Probing):
                 )
         figure.update_layout(
             title=dict(text=self._figure_title(views[0]), y=0.97, yref="container"),
-            xaxis=dict(title="residual layer l", dtick=1), yaxis_title=metric, legend_title="checkpoint",
+            xaxis=dict(title="residual layer l"), yaxis_title=METRIC_TITLES[metric], legend_title="checkpoint",
             margin=dict(t=170),
             updatemenus=[self._kind_menu(views, keys), _metric_menu(lines, metric), self._tau_menu(keys, tau)],
             annotations=[dict(text=label, x=x, y=1.2, xref="paper", yref="paper", showarrow=False, xanchor="left",
-                              yanchor="bottom") for label, x in (("probe", 0.0), ("metric", 0.25), ("τ", 0.5))],
+                              yanchor="bottom", name=MENU_LABEL)
+                         for label, x in (("probe", 0.0), ("metric", 0.25), ("τ", 0.5))],
         )
-        return figure
+        return measured_layers(figure, table["layer"])
 
     def _view_rows(self, table: pd.DataFrame, view: str) -> pd.DataFrame:
         """Rows drawn for probe kind ``view``: the checkpoints' probes and the baselines for the same classes;
@@ -350,6 +360,6 @@ def _metric_menu(lines: list[dict[str, dict[str, list[float]]] | None], metric: 
         "y": [column(line, m, "value") for line in lines],
         "error_y.array": [column(line, m, "plus") for line in lines],
         "error_y.arrayminus": [column(line, m, "minus") for line in lines],
-    }, {"yaxis.title.text": m}]) for m in METRICS]
+    }, {"yaxis.title.text": METRIC_TITLES[m]}]) for m in METRICS]
     return dict(x=0.25, y=1.12, xanchor="left", yanchor="bottom", active=METRICS.index(metric), buttons=buttons)
 

@@ -10,6 +10,7 @@ objects (TransformerLens boots over a copy) only where it is not on disk already
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, replace
@@ -19,15 +20,16 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import torch
-from tqdm.auto import tqdm
 
-from forethought.analyses.experiment import prepare_out
+from forethought.analyses.experiment import check_out, prepare_out
 from forethought.analyses.probing import (
+    AT_PRIOR,
     BASELINE,
     LENS_TAUS,
     LOGIT_LENS,
     SKIP_BIGRAM,
     TOPK_KINDS,
+    UNIGRAM,
     VALIDATION,
     ProbeSettings,
     best_by_tau,
@@ -35,6 +37,7 @@ from forethought.analyses.probing import (
 )
 from forethought.analyses.results import CONTROL, run_meta
 from forethought.core.errors import ForethoughtError
+from forethought.core.progress import progress_bar
 from forethought.models.families import n_layers
 from forethought.models.gpt2 import build_lm, quiet_loading
 from forethought.models.heldout import HeldOutSample, heldout_data, heldout_sample
@@ -46,6 +49,10 @@ from forethought.probes.cache import PROCESSING_MODE, ResidualCache, build_cache
 from forethought.probes.future import KINDS, FutureProbeConfig, Probe, ProbeScores
 from forethought.probes.split import ProbeSplit
 from forethought.probes.store import fitted_probes, probe_scores, validation_scores
+
+log = logging.getLogger(__name__)
+
+FEW_DOCUMENTS = 20  # test documents below which a bootstrap over documents is too coarse to trust
 
 
 class Probing:
@@ -76,10 +83,20 @@ class Probing:
         self.seconds: dict[str, float] = {}  # wall time of each step run here, computed or read back
 
     def _admit(self, name: str, checkpoint: LMCheckpoint) -> None:
-        """Check that ``checkpoint`` can be fed the same tokens and has the requested layers; then keep it."""
+        """Check that ``checkpoint`` can be fed the same tokens, has the requested layers and — unless the
+        settings name a ``corpus`` — was trained on the data the others were (or records none): the held-out
+        documents are those none of them trained on. Then keep it."""
         if self._checkpoints:
             first_name, first = next(iter(self._checkpoints.items()))
             check_same_tokenizer({first_name: first, name: checkpoint})
+        recorded = {other: c.data() for other, c in self._checkpoints.items() if c.data() is not None}
+        if self.settings.corpus is None and checkpoint.data() is not None and recorded:
+            other, data = next(iter(recorded.items()))
+            if checkpoint.data() != data:
+                ours, theirs = asdict(checkpoint.data()), asdict(data)
+                differing = ", ".join(f"{key} {ours[key]} vs {theirs[key]}" for key in ours if ours[key] != theirs[key])
+                raise ForethoughtError(f"{name} was trained on other data than {other} ({differing}): their held-out "
+                                       "documents differ; give `corpus` to read both on one text")
         self.settings.layer_list(n_layers(checkpoint.model.config))
         self._checkpoints[name] = checkpoint
 
@@ -209,17 +226,23 @@ class Probing:
 
     def split(self, config: FutureProbeConfig) -> ProbeSplit:
         """The held-out split of probes fitted as ``config``, and their classes: one per class set, shared by every
-        checkpoint's probes and the count baselines they are drawn beside."""
+        checkpoint's probes and the count baselines they are drawn beside. Warns when its test sequences come from
+        fewer than :data:`FEW_DOCUMENTS` documents: intervals that resample so few clusters are unreliable."""
         key = config.top_k if config.in_topk else None
         if key not in self._splits:
             self._splits[key] = config.split(self.tokens, self.sample.clusters)
+            documents = len(np.unique(self.sample.clusters[self._splits[key].test]))
+            if documents < FEW_DOCUMENTS:
+                log.warning("the probes' test sequences come from %d held-out documents only: intervals that resample "
+                            "them are unreliable (a larger `max_sequences`, or a corpus of more documents)", documents)
         return self._splits[key]
 
     def compute(self, kinds: str | Sequence[str] | None = None) -> Probing:
         """Probe every checkpoint with each of ``kinds`` (default: the settings' kind), and the logit lens."""
         for kind in self._kinds(kinds):
             missing = [name for name in self.names if {(name, kind), (name, LOGIT_LENS)} - self._scores.keys()]
-            for name in tqdm(missing, desc=f"probing ({kind})", disable=not self.settings.progress or not missing):
+            shown = self.settings.progress and missing
+            for name in progress_bar(missing, desc=f"probing ({kind})", disable=not shown):
                 self.scores(name, kind)
                 self.scores(name, LOGIT_LENS)
         return self
@@ -290,20 +313,23 @@ class Probing:
         kind = self._kind(kind)
         return self.baselines(kind).table(by_text).assign(checkpoint=BASELINE, target=self._target(kind))
 
-    def beyond_counts(self, name: str, kind: str | None = None, by_text: bool = False) -> pd.DataFrame:
-        """Paired differences probe − skip-bigram per (layer, τ, metric) of checkpoint ``name`` (on the same
-        examples, intervals resampling the same clusters): what the residual stream tells about x[t+τ] beyond the
-        counts. The logit lens (``kind="logit lens"``) is read in the probes' classes."""
+    def beyond_counts(self, name: str, kind: str | None = None, by_text: bool = False,
+                      baseline: str = SKIP_BIGRAM) -> pd.DataFrame:
+        """Paired differences probe − ``baseline`` (skip-bigram or unigram) per (layer, τ, metric) of checkpoint
+        ``name`` (on the same examples, intervals resampling the same clusters): what the residual stream tells about
+        x[t+τ] beyond the counts (beyond the class prior, for the unigram). The logit lens (``kind="logit lens"``)
+        is read in the probes' classes."""
         kind = self._kind(kind)
-        rows = self.scores(name, kind).minus_baseline(self.baselines(kind), SKIP_BIGRAM, by_text)
+        rows = self.scores(name, kind).minus_baseline(self.baselines(kind), baseline, by_text)
         rows = rows.assign(checkpoint=name, target=self._target(kind))
-        return rows.assign(probe=f"{LOGIT_LENS} − {SKIP_BIGRAM}") if kind == LOGIT_LENS else rows
+        return rows.assign(probe=f"{LOGIT_LENS} − {baseline}") if kind == LOGIT_LENS else rows
 
     def table(self, kinds: str | Sequence[str] | None = None, by_text: bool = False) -> pd.DataFrame:
         """The tidy table (DESIGN.md's columns) of ``kinds`` (default: those computed, or the settings' kind),
         row for row as ``forethought probe`` writes it (less the probes' validation rows, :meth:`validation_rows`): per
         checkpoint its probes and its logit lens (τ = 1); the
-        count baselines for those probes' classes; each checkpoint's probe − skip-bigram and lens − skip-bigram.
+        count baselines for those probes' classes; each checkpoint's probe − skip-bigram, probe − unigram and lens −
+        skip-bigram; and the ``flag`` column (:func:`flag_priors`).
         ``by_text``: the same rows per text of a mixed held-out sample (split "test: <text>"; none for one text)."""
         kinds = self._kinds(kinds)
         self.compute(kinds)
@@ -311,9 +337,10 @@ class Probing:
         frames += [self.baseline_rows(kind, by_text) for kind in kinds]
         if self._target(LOGIT_LENS) not in {self._target(kind) for kind in kinds}:
             frames.append(self.baseline_rows(LOGIT_LENS, by_text))  # the lens's classes differ from every probe's
-        frames += [self.beyond_counts(name, kind, by_text) for kind in kinds for name in self.names]
+        frames += [self.beyond_counts(name, kind, by_text, baseline) for kind in kinds for name in self.names
+                   for baseline in (SKIP_BIGRAM, UNIGRAM)]
         frames += [self.beyond_counts(name, LOGIT_LENS, by_text) for name in self.names]
-        return pd.concat(frames, ignore_index=True)
+        return flag_priors(pd.concat(frames, ignore_index=True), kinds)
 
     def difference(self, a: str, b: str, kind: str | None = None, by_text: bool = False) -> pd.DataFrame:
         """Paired differences a − b per (layer, τ, metric) on the same held-out examples, with 95 % bootstrap
@@ -443,11 +470,30 @@ def counted_on(counted: np.ndarray | None, split: ProbeSplit) -> str:
     return f"the probes' training split of the held-out text ({len(split.train):,} sequences)"
 
 
+def flag_priors(table: pd.DataFrame, kinds: Sequence[str]) -> pd.DataFrame:
+    """``table`` with the ``flag`` column: :data:`AT_PRIOR` on each probe row (of ``kinds``) whose probe beats the
+    unigram — the class prior, whose top-1 is the majority class — neither in top-1 nor in cross-entropy (paired
+    95 % intervals wholly on the better side of 0), "" on the other probe rows, None on every other row. A probe at
+    the prior has learnt nothing the token frequencies do not give: its row is a number, not a result."""
+    flags = pd.Series(None, index=table.index, dtype="str")  # as a results.parquet reads back
+    key = ["checkpoint", "layer", "tau", "split"]
+    for kind in kinds:
+        beyond = table[table["probe"] == f"{kind} − {UNIGRAM}"]
+        better = ((beyond["metric"] == "top1") & (beyond["ci_low"] > 0)) | (
+            (beyond["metric"] == "cross_entropy") & (beyond["ci_high"] < 0))
+        beats = better.groupby([beyond[column] for column in key]).any()
+        probes = table[(table["probe"] == kind) & table["layer"].notna()]
+        found = [beats.get(tuple(row), False) for row in probes[key].itertuples(index=False)]
+        flags[probes.index] = ["" if beat else AT_PRIOR for beat in found]
+    return table.assign(flag=flags)
+
+
 def probe_checkpoints(config: ProbeSettings, checkpoints: dict[str, LMCheckpoint], out: str | Path,
                       heldout: tuple[TextData, HeldOutSample] | None = None) -> ProbeRun:
     """Cache and probe ``checkpoints`` (and the control) on held-out text into the run folder ``out``; add the
     logit lens and the baselines. The held-out data, layers and τ are checked before the folder is written;
     ``heldout`` is the data and sample when drawn already (:func:`heldout_tokens`)."""
+    check_out(out, config)
     engine = Probing(checkpoints, config, out, heldout)
     tokens = engine.tokens
     if max(config.tau_list()) >= tokens.shape[1]:

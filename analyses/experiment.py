@@ -26,6 +26,7 @@ from forethought.core.settings import (
     Presets,
     build_config,
     check_preset,
+    check_recorded_settings,
     check_settings,
     flat_defaults,
     flat_settings,
@@ -43,12 +44,12 @@ class ExperimentConfig(Presets):
     defaults, and fill ``PRESETS`` (flat settings)."""
 
     preset: str = "cpu"  # starting values: paper or cpu (recorded in the run); flags given override them
-    seed: int = 0
+    seed: int = 0  # seeds the data, both twins' initialisation and the probes
     training: TrainSettings = field(default_factory=TrainSettings)
-    out: str = "runs/experiment"
+    out: str = "runs/experiment"  # run folder: results, checkpoints, figures (resumed when rerun)
     figures_dir: str | None = None  # also copy the figures here (e.g. the repository's figures/)
-    device: str = "auto"
-    progress: bool = True
+    device: str = "auto"  # "auto": CUDA when available, else the CPU; or "cpu", "cuda:1"
+    progress: bool = True  # show progress bars
 
     def __post_init__(self):
         check_settings(self)
@@ -112,6 +113,11 @@ def prepare_out(out: str | Path, config: Any) -> Path:
     out = check_out_folder(out)
     record_settings(out / ANALYSIS_SETTINGS, config)
     return out
+
+
+def check_out(out: str | Path, config: Any) -> None:
+    """Refuse, writing nothing, where :func:`prepare_out` would: a command calls it before work or warnings."""
+    check_recorded_settings(check_out_folder(out) / ANALYSIS_SETTINGS, config)
 
 
 def finish_run(results: ExperimentResults, out: Path, meta: dict[str, Any]) -> None:

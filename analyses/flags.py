@@ -12,7 +12,7 @@ import re
 from dataclasses import Field, fields
 from typing import Any, NamedTuple
 
-from forethought.core.errors import ForethoughtError
+from forethought.core.errors import ForethoughtError, as_flags
 from forethought.core.settings import LIST_KINDS, as_text, field_default, from_text, list_kinds, nested_settings
 
 SCALARS = {"int": int, "float": float, "str": str}
@@ -30,8 +30,9 @@ class FlagSpec(NamedTuple):
 def flag_specs(cls: type, skip: tuple[str, ...] = (), presets: dict[str, dict] | None = None) -> list[FlagSpec]:
     """The flags of the config dataclass ``cls``, its own fields first; ``skip``: fields that are not flags.
     With ``presets``, the help shows each preset's value where one differs from the class default."""
-    specs = []
-    for f, default, helps, listed in _fields(cls):
+    specs, entries = [], _fields(cls)
+    names = {f.name for f, *_ in entries if f.name not in skip}  # `seq_len` in a comment: --seq-len in the help
+    for f, default, helps, listed in entries:
         if f.name in skip:
             continue
         annotation = str(f.type)
@@ -39,11 +40,12 @@ def flag_specs(cls: type, skip: tuple[str, ...] = (), presets: dict[str, dict] |
             (name for name in SCALARS if annotation.startswith(name)), "str")
         values = {name: preset.get(f.name, default) for name, preset in (presets or {"": {}}).items()}
         texts = {name: _default_text(value, listed) for name, value in values.items()}
-        if len(set(texts.values())) == 1:
-            shown = f"default: {next(iter(texts.values()))}"
-        else:
-            shown = ", ".join(f"{name}: {text}" for name, text in texts.items())
-        help_text = f"{helps.get(f.name, '')} ({shown})".strip().replace("%", "%%")  # argparse formats help
+        described = helps.get(f.name, "")
+        if len(set(texts.values())) > 1:
+            described += f" ({', '.join(f'{name}: {text}' for name, text in texts.items())})"
+        elif "(default" not in described:  # a comment may say its default in words: "(default: all)"
+            described += f" (default: {next(iter(texts.values()))})"
+        help_text = as_flags(described.strip(), names).replace("%", "%%")  # argparse formats help
         specs.append(FlagSpec("--" + f.name.replace("_", "-"), f.name, kind, help_text))
     return specs
 
@@ -101,7 +103,12 @@ def _list_from_text(kind: str, name: str, text: str) -> object:
 
 
 def _default_text(value: object, listed: str | None) -> str:
-    """A default as the command line writes it ('all' for an int list's None)."""
-    if listed is None or (value is None and not listed.startswith("tuple[int")):
+    """A default as the command line writes it: 'on' / 'off' for a switch, 'none' for no value or an empty
+    list, 'all' for an int list's None."""
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    if value is None or value == "":
+        return "all" if value is None and listed is not None and listed.startswith("tuple[int") else "none"
+    if listed is None:
         return str(value)
-    return "all" if value is None else as_text(value)
+    return as_text(value) or "none"

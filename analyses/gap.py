@@ -20,7 +20,7 @@ import torch
 from plotly.subplots import make_subplots
 
 from forethought.analyses.experiment import ExperimentResults, finish_run, prepare_out, writes_run
-from forethought.analyses.plots import PALETTE, loss_curves_figure
+from forethought.analyses.plots import PALETTE, loss_curves_figure, measured_layers
 from forethought.analyses.results import run_meta, tidy
 from forethought.core.errors import ForethoughtError
 from forethought.core.settings import check_settings
@@ -49,17 +49,17 @@ class GapConfig:
     vanilla: str | None = None  # checkpoint folder, run folder (newest checkpoint) or hub id
     myopic: str | None = None  # the myopic twin: same architecture, tokenizer and data
     corpus: str | None = None  # held-out text from another corpus (default: the checkpoints' own data)
-    layout: str = "first"  # with corpus: 'first' or 'packed'
-    seq_len: int = 64  # with corpus: sequence length
-    tokens_root: str = "runs/tokens"
+    layout: str = "first"  # with `corpus`: 'first' or 'packed'
+    seq_len: int = 64  # with `corpus`: sequence length
+    tokens_root: str = "runs/tokens"  # token files are written (once) under here
     max_sequences: int = 2000  # held-out sequences for the losses
     share_sequences: int = 64  # held-out sequences for the future-gradient share (two backward passes each)
-    batch_size: int = 32
+    batch_size: int = 32  # sequences per forward pass
     seed: int = 0  # bootstrap seed
-    out: str = "runs/gap"
+    out: str = "runs/gap"  # run folder: table, meta.json, figures
     figures_dir: str | None = None  # also copy the figures here
     device: str = "auto"  # 'auto': CUDA when available
-    progress: bool = True
+    progress: bool = True  # show progress bars
 
     def __post_init__(self):
         check_settings(self)
@@ -127,7 +127,7 @@ class GapResults(ExperimentResults):
             for name, color in zip(rows["checkpoint"].unique(), PALETTE):
                 _band(figure, rows[rows["checkpoint"] == name], name, color, x="layer", row=row, legend=row == 1)
         figure.add_hline(y=0, line=dict(color="gray", dash="dot"), row=2, col=1)
-        figure.update_xaxes(dtick=1)
+        measured_layers(figure, self.table.loc[self.table["metric"] == SHARE, "layer"])
         figure.update_xaxes(title_text="residual layer l (0 = embeddings)", row=2, col=1)
         figure.update_yaxes(range=[0, 1.05], row=1, col=1)
         figure.update_yaxes(range=[-1.05, 1.05], row=2, col=1)
@@ -206,7 +206,7 @@ def run_gap(config: GapConfig) -> GapResults:
         split = future_gradient_split(model, test[shared], config.batch_size, config.seed, config.progress,
                                       clusters=sample.clusters[shared])
         rows += [{"checkpoint": name, "layer": layer, "metric": metric, **estimate.columns()}
-                 for metric, estimates in split.items() for layer, estimate in enumerate(estimates)]
+                 for metric, by_layer in split.items() for layer, estimate in by_layer.items()]
     if len(losses) == 2:
         losses[GAP] = losses["myopic"] - losses["vanilla"]  # paired: the same sequences resampled together
     loss_row = {"metric": "loss", "tau": 1, "target": "next token"}

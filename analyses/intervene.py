@@ -39,25 +39,25 @@ from forethought.probes.metrics import POOLED
 class InterveneConfig:
     """Settings of ``forethought intervene``; every field is also a command-line flag."""
 
-    checkpoints: dict[str, str] = field(default_factory=dict)  # {name: folder, hub id, smollm2-135m or gguf:PATH}
+    checkpoints: dict[str, str] = field(default_factory=dict)  # models: run folder, hub id, smollm2-135m or gguf:PATH
     corpus: str | None = None  # held-out text from another corpus (default: the checkpoints' own test documents)
-    layout: str = "first"  # with corpus: 'first' or 'packed'
-    seq_len: int = 64  # with corpus: sequence length
-    tokens_root: str = "runs/tokens"
+    layout: str = "first"  # with `corpus`: 'first' or 'packed'
+    seq_len: int = 64  # with `corpus`: sequence length
+    tokens_root: str = "runs/tokens"  # token files are written (once) under here
     max_sequences: int = 400  # held-out sequences: erasers fitted on the probe-training documents, edits on test
-    layers: tuple[int, ...] | None = None  # residual layers 0 … L (None, on the command line 'all': every one)
+    layers: tuple[int, ...] | None = None  # residual layers 0 … L to edit (default: all)
     taus: tuple[int, ...] = (1, 2, 3, 4)  # the concept: x[t+τ]
     top_k: int = 64  # the concept's classes: the K most frequent training tokens + "other" (K < d_model)
     ranks: tuple[int, ...] = (1, 4, 16, 64)  # erasure ranks (capped at the concept's); full rank is always added
     positions: int = 8  # positions t edited per sequence (evenly spaced; one edited run each)
     controls: tuple[str, ...] = CONTROLS  # 'random' (equal rank and variance) and/or 'shuffled' (unrelated concept)
-    batch_sequences: int = 64
+    batch_sequences: int = 64  # sequences per forward pass
     seed: int = 0  # probe split, the controls' directions and shuffle, bootstrap
-    device: str = "auto"
+    device: str = "auto"  # "auto": CUDA when available, else the CPU
     precision: str = "float32"  # the cached residuals' forward (bfloat16: faster on AMX CPUs); edits run in float32
-    out: str = "runs/intervene"
+    out: str = "runs/intervene"  # run folder: table, meta.json, figures
     figures_dir: str | None = None  # also copy the figures here
-    progress: bool = True
+    progress: bool = True  # show progress bars
 
     def __post_init__(self):
         check_settings(self)

@@ -50,27 +50,26 @@ class PathStarConfig(ExperimentConfig):
     degree: int = 2  # d: arms leaving the start node
     length: int = 5  # l: nodes on the path, start included
     n_nodes: int = 50  # N: labels 0 … N − 1
-    n_train: int = 200000
-    n_test: int = 20000
+    n_train: int = 200000  # training graphs drawn (without files)
+    n_test: int = 20000  # test graphs drawn, none of them a training graph
     train_file: str | None = None  # a data file in the paper's format (e.g. its released ones)
-    test_file: str | None = None
+    test_file: str | None = None  # its test file (default: test graphs drawn apart from the training file's)
     # what to train
-    regimes: tuple[str, ...] = ("teacher-forcing", "teacherless", "reverse")
+    regimes: tuple[str, ...] = ("teacher-forcing", "teacherless", "reverse")  # regimes trained (docs/pathstar.md)
     trainings: tuple[str, ...] = ("vanilla", "myopic")  # vanilla and/or myopic
-    n_layer: int = 6
-    d_model: int = 384
-    n_head: int = 6
-    epochs: float = 50.0  # passes over the training set (steps = ceil(epochs · n_train / batch_size))
-    prefix_loss: bool = False  # also train on predicting the edge list (both twins): the myopic twin's prefix
-    # positions then learn for themselves, instead of getting no gradient at all
+    n_layer: int = 6  # transformer blocks
+    d_model: int = 384  # residual width
+    n_head: int = 6  # attention heads
+    epochs: float = 50.0  # passes over the training set (steps = ceil(`epochs` · `n_train` / `batch_size`))
+    prefix_loss: bool = False  # also train both twins to predict the edge list (myopic prefix positions then learn)
     # the paper's: batch 256, AdamW lr 1e-4, no weight decay (its code ignored its weight-decay flag)
     training: TrainSettings = field(default_factory=lambda: TrainSettings(
         batch_size=256, lr=1e-4, weight_decay=0.0, eval_every=1000, checkpoint_every=5000))
     # evaluation and probes
     eval_samples: int = 2000  # graphs decoded greedily, from each of train and test
     probe_samples: int = 2000  # test graphs whose residual streams are probed
-    probe_test_fraction: float = 0.25
-    out: str = "runs/pathstar"
+    probe_test_fraction: float = 0.25  # share of the probed graphs the probes are scored on
+    out: str = "runs/pathstar"  # run folder: results, checkpoints, figures (resumed when rerun)
 
     PRESETS: ClassVar[dict[str, dict[str, Any]]] = {
         "paper": {},  # 6 layers × 384, 6 heads, batch 256, AdamW lr 1e-4, 200k / 20k graphs of G(2, 5, 50)
@@ -129,18 +128,28 @@ class PathStarResults(ExperimentResults):
         return pd.DataFrame(rows)
 
     def accuracy_figure(self) -> go.Figure:
-        """Regime × training heatmap of held-out exact-path accuracy, decision-token accuracy in the cells."""
+        """Regime × training heatmap of this run's held-out exact-path accuracy, with the exact-path and
+        decision-token accuracies and their 95 % intervals over graphs in the cells."""
         table = self.accuracy_table()
         exact = table.pivot(index="regime", columns="training", values="exact_path")
-        decision = table.pivot(index="regime", columns="training", values="decision_token")
-        text = [[f"exact {e:.2f}<br>decision {d:.2f}" for e, d in zip(er, dr)]
-                for er, dr in zip(exact.values, decision.values)]
+        held_out = self.table[(self.table["split"] == "test") & self.table["checkpoint"].isin(list(TRAININGS))]
+
+        def cell(regime: str, training: str) -> str:
+            rows = held_out[(held_out["task"].str.endswith(f":{regime}")) & (held_out["checkpoint"] == training)]
+            found = [rows[(rows["metric"] == metric) & (rows["target"] == target)].iloc[0]
+                     for metric, target in (("exact_path", "path"), ("position_accuracy", "position 2"))]
+            return "<br>".join(f"{what} {r['value']:.2f} [{r['ci_low']:.2f}, {r['ci_high']:.2f}]"
+                               for what, r in zip(("exact", "decision"), found))
+
+        text = [[cell(regime, training) for training in exact.columns] for regime in exact.index]
         figure = go.Figure(go.Heatmap(z=exact.values, x=list(exact.columns), y=list(exact.index), text=text,
                                       texttemplate="%{text}", zmin=0, zmax=1, colorscale="Viridis",
                                       colorbar=dict(title="exact path")))
         figure.update_layout(
-            title=f"Path-star {self.config.spec()}: held-out greedy accuracy (chance {self.chance:.2f})"
-        )
+            title=f"Path-star {self.config.spec()}, training seed {self.config.seed}: held-out greedy accuracy "
+                  "[95% CI over graphs]<br><sup>decision token (which arm): 1/d = "
+                  f"{self.chance:.2f} for a model that names an arm at random; other seeds: forethought "
+                  "seeds</sup>", margin=dict(t=100))
         return figure
 
     def position_figure(self) -> go.Figure:
@@ -336,14 +345,14 @@ def _values(rows: pd.DataFrame, metric: str, targets: list[str]) -> pd.Series:
 @dataclass
 class PathStarDataConfig:
     """Settings of ``forethought pathstar-data``: disjoint train/test files of G(d, l, N) in the paper's format
-    and file names (``deg_D_path_L_nodes_N_{train,test}_COUNT.txt``)."""
+    and file names (``deg_D_path_L_nodes_N_train_COUNT.txt`` and ``…_test_COUNT.txt``)."""
 
     degree: int = 5  # d: arms leaving the start node
     length: int = 5  # l: nodes on the path, start included
     n_nodes: int = 50  # N: labels 0 … N − 1
-    n_train: int = 200000
-    n_test: int = 20000
-    seed: int = 0
+    n_train: int = 200000  # training graphs
+    n_test: int = 20000  # test graphs, none of them a training graph
+    seed: int = 0  # seeds the graphs drawn
     out: str = "data"  # folder for the two files
 
     def __post_init__(self):

@@ -18,6 +18,24 @@ _CHROMIUM = ("chromium", "chromium-browser", "google-chrome", "chrome")
 PALETTE = px.colors.qualitative.D3  # every figure's line colours, in order (the control takes D3's gray)
 
 
+METRIC_TITLES = {  # axis titles of the probe metrics: words and units
+    "top1": "top-1 accuracy (fraction of held-out positions)",
+    "top5": "top-5 accuracy (fraction of held-out positions)",
+    "cross_entropy": "cross-entropy (nats per position)",
+}
+
+
+def measured_layers(figure: go.Figure, layers: pd.Series) -> go.Figure:
+    """x-axes showing only the layers measured (ticks at them, no room for layers that do not exist); where the
+    measured layers skip some (0, 15, 30), points are not joined: a line would claim the layers between."""
+    measured = sorted({int(layer) for layer in layers.dropna()})
+    figure.update_xaxes(tickvals=measured, range=[measured[0] - 0.5, measured[-1] + 0.5])
+    if any(later - earlier > 1 for earlier, later in zip(measured, measured[1:])):
+        figure.update_traces(mode="markers", selector=lambda trace: "lines" in (trace.mode or "") and trace.x
+                             is not None and len(trace.x) > 1)
+    return figure
+
+
 def facet_labels_as_values(figure: go.Figure) -> go.Figure:
     """Panel titles "checkpoint=vanilla" → "vanilla" (plotly express names the column too)."""
     return figure.for_each_annotation(lambda a: a.update(text=a.text.split("=", 1)[-1]))
@@ -72,6 +90,12 @@ def loss_curves_figure(
 FDR_NOTE = "n.s.: not significant at a 5% false-discovery rate over the grid (Benjamini–Hochberg)"
 
 
+def signed(value: float, digits: int = 3) -> str:
+    """``value`` with its sign, to ``digits`` decimals; one that rounds to zero is "0.000", never "-0.000"."""
+    rounded = round(float(value), digits)
+    return f"{0.0:.{digits}f}" if rounded == 0 else f"{rounded:+.{digits}f}"
+
+
 def difference_heatmap(rows: pd.DataFrame, title: str, colorbar: str) -> go.Figure:
     """Layer × τ heatmap of differences (tidy rows with layer, tau, value, and ci_low, ci_high — or a p-value
     column ``p``), centred at 0; cells not significant over the whole grid (:data:`FDR_NOTE`) are marked "n.s."."""
@@ -81,11 +105,13 @@ def difference_heatmap(rows: pd.DataFrame, title: str, colorbar: str) -> go.Figu
     else:
         low, high = (rows.pivot(index="layer", columns="tau", values=column) for column in ("ci_low", "ci_high"))
         significant = fdr_significant(value.to_numpy(), low.to_numpy(), high.to_numpy())
-    text = np.where(significant, value.map(lambda v: f"{v:+.3f}"), value.map(lambda v: f"{v:+.3f}<br>n.s."))
-    bound = float(np.nanmax(np.abs(value.to_numpy()))) or 1.0
+    text = np.where(significant, value.map(signed), value.map(lambda v: f"{signed(v)}<br>n.s."))
+    bound = float(np.nanmax(np.abs(value.to_numpy())))
+    if bound == 0:  # a scale of ±1 would make nothing look like a result
+        title += "<br><sup>every difference is exactly 0: these probes do not tell the two apart</sup>"
     figure = go.Figure(go.Heatmap(
         z=value.to_numpy(), x=[f"τ = {tau}" for tau in value.columns], y=[str(layer) for layer in value.index],
-        text=text, texttemplate="%{text}", colorscale="RdBu", zmid=0, zmin=-bound, zmax=bound,
+        text=text, texttemplate="%{text}", colorscale="RdBu", zmid=0, zmin=-bound or -1e-3, zmax=bound or 1e-3,
         colorbar=dict(title=colorbar),
     ))
     figure.update_layout(title=title, xaxis_title="offset τ", yaxis_title="residual layer l")
@@ -102,6 +128,7 @@ def interval_line(figure: go.Figure, rows: pd.DataFrame, x: str, name: str, colu
                                     arrayminus=rows["value"] - rows["ci_low"]))
 
 
+MENU_LABEL = "menu label"  # the name of an annotation that labels a dropdown menu (left out of PNGs)
 PLOTLY_JS = "plotly.min.js"  # written once beside the HTML figures of a folder, which load it from there
 
 
@@ -125,6 +152,15 @@ def save_figure(figure: go.Figure, stem: str | Path, scale: float = 2.0) -> list
     written = [stem.with_suffix(".html"), stem.parent / PLOTLY_JS]
     figure.write_html(written[0], include_plotlyjs="directory")
     if png_export_available():
-        figure.write_image(stem.with_suffix(".png"), scale=scale, width=1100, height=650)
+        static_figure(figure).write_image(stem.with_suffix(".png"), scale=scale, width=1100, height=650)
         written.append(stem.with_suffix(".png"))
     return written
+
+
+def static_figure(figure: go.Figure) -> go.Figure:
+    """``figure`` for a picture: without its dropdown menus and their labels (annotations named
+    :data:`MENU_LABEL`), which do nothing there; the view it opens on is what is drawn."""
+    static = go.Figure(figure)
+    static.layout.updatemenus = ()
+    static.layout.annotations = [note for note in figure.layout.annotations if note.name != MENU_LABEL]
+    return static

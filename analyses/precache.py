@@ -26,7 +26,7 @@ import torch
 from forethought.analyses.engine import heldout_tokens, load_checkpoints, probe_checkpoints, probe_meta
 from forethought.analyses.experiment import finish_run, writes_run
 from forethought.analyses.plots import FDR_NOTE, difference_heatmap
-from forethought.analyses.probing import ProbeSettings, ProbingResults
+from forethought.analyses.probing import PROBE_COLUMNS, ProbeSettings, ProbingResults
 from forethought.analyses.results import CONTROL, tidy
 from forethought.core.errors import ForethoughtError
 from forethought.models.heldout import HeldOutSample
@@ -52,7 +52,7 @@ class PrecacheConfig(ProbeSettings):
     myopic: str | None = None  # the myopic twin: same architecture, tokenizer and training data
     share_sequences: int = 64  # held-out sequences for each twin's future-gradient share
     loss_matched: bool = True  # also P against the vanilla run's checkpoint of the myopic twin's held-out loss
-    out: str = "runs/precache"
+    out: str = "runs/precache"  # run folder: table, meta.json, figures, probe scores
     figures_dir: str | None = None  # also copy the figures here
 
     def __post_init__(self):
@@ -155,9 +155,10 @@ def run_precache(config: PrecacheConfig) -> PrecacheResults:
         split = future_gradient_split(model, torch.from_numpy(run.tokens[shared]), config.batch_sequences,
                                       config.seed, clusters=run.engine.sample.clusters[shared])
         rows += [{"checkpoint": name, "layer": layer, "metric": metric, "split": "test", **estimate.columns()}
-                 for metric, estimates in split.items() for layer, estimate in enumerate(estimates)]
+                 for metric, by_layer in split.items() for layer, estimate in by_layer.items()]
     constants = dict(task=f"text: {run.data.corpus}", seed=config.seed)
-    results = PrecacheResults(config=config, table=tidy(rows, **constants), by_text=tidy(text_rows, **constants))
+    results = PrecacheResults(config=config, table=tidy(rows, PROBE_COLUMNS, **constants),
+                              by_text=tidy(text_rows, PROBE_COLUMNS, **constants))
     finish_run(results, Path(config.out), {**probe_meta(run), "loss_match": match and match.record()})
     return results
 

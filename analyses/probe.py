@@ -16,7 +16,7 @@ import pandas as pd
 
 from forethought.analyses.engine import load_checkpoints, probe_checkpoints, probe_meta
 from forethought.analyses.experiment import finish_run, writes_run
-from forethought.analyses.probing import ProbeSettings, ProbingResults, check_names
+from forethought.analyses.probing import PROBE_COLUMNS, ProbeSettings, ProbingResults, check_names
 from forethought.analyses.results import tidy
 from forethought.core.errors import ForethoughtError
 
@@ -25,8 +25,8 @@ from forethought.core.errors import ForethoughtError
 class ProbeConfig(ProbeSettings):
     """Settings of ``forethought probe``; every field is also a command-line flag."""
 
-    checkpoints: dict[str, str] = field(default_factory=dict)  # {name: folder, hub id, smollm2-135m or gguf:PATH}
-    out: str = "runs/probe"
+    checkpoints: dict[str, str] = field(default_factory=dict)  # models: run folder, hub id, smollm2-135m or gguf:PATH
+    out: str = "runs/probe"  # run folder: table, meta.json, figures, probe scores
     figures_dir: str | None = None  # also copy the figures here
     show: int = 0  # also print N held-out positions as text: per τ, the best layer's top-5 tokens beside the truth
 
@@ -61,7 +61,8 @@ def run_probe(config: ProbeConfig) -> ProbeResults:
     checkpoints = load_checkpoints(config.named_checkpoints())
     run = probe_checkpoints(config, checkpoints, config.out)
     constants = dict(task=f"text: {run.data.corpus}", seed=config.seed)
-    results = ProbeResults(config=config, table=tidy(run.rows, **constants), by_text=tidy(run.text_rows, **constants))
+    results = ProbeResults(config=config, table=tidy(run.rows, PROBE_COLUMNS, **constants),
+                           by_text=tidy(run.text_rows, PROBE_COLUMNS, **constants))
     finish_run(results, Path(config.out), probe_meta(run))
     if config.show:
         name = next(iter(checkpoints))

@@ -15,7 +15,7 @@ import plotly.express as px
 import plotly.graph_objects as go
 
 from forethought.analyses.experiment import ExperimentResults
-from forethought.analyses.plots import PALETTE, facet_labels_as_values
+from forethought.analyses.plots import METRIC_TITLES, PALETTE, facet_labels_as_values, measured_layers
 from forethought.analyses.results import CONTROL, read_results
 from forethought.core.errors import ForethoughtError
 from forethought.core.files import read_json
@@ -28,6 +28,9 @@ LOGIT_LENS = "logit lens"
 LENS_TAUS = [1]  # the logit lens reads the model's own next-token prediction
 BASELINE = "baseline"  # the checkpoint column of the count baselines' rows
 SKIP_BIGRAM = "skip-bigram"
+UNIGRAM = "unigram"  # the class prior: its top-1 always names the majority class
+AT_PRIOR = "at the prior"  # the flag of a probe that beats the unigram neither in top-1 nor in cross-entropy
+PROBE_COLUMNS = ("flag",)  # a probing table's own column: AT_PRIOR or "" on each probe row (None elsewhere)
 VALIDATION = "validation"  # the split column of fitted probes' scores on their validation sequences
 TOPK_KINDS = ("topk", "mlp")  # probe kinds predicting the K most frequent tokens + "other"
 
@@ -47,26 +50,26 @@ class ProbeSettings:
     ``named_checkpoints()`` method), ``out`` and ``figures_dir``."""
 
     corpus: str | None = None  # held-out text from another corpus (default: the checkpoints' own test documents)
-    layout: str = "first"  # with corpus: 'first' or 'packed'
-    seq_len: int = 64  # with corpus: sequence length
-    prepend_bos: bool = False  # start every held-out sequence with the tokenizer's BOS token (counted in seq_len)
-    tokens_root: str = "runs/tokens"
+    layout: str = "first"  # with `corpus`: 'first' or 'packed'
+    seq_len: int = 64  # with `corpus`: sequence length
+    prepend_bos: bool = False  # start every held-out sequence with the tokenizer's BOS token (counted in `seq_len`)
+    tokens_root: str = "runs/tokens"  # token files are written (once) under here
     max_sequences: int = 2000  # held-out sequences cached and probed (split again for the probes)
-    layers: tuple[int, ...] | None = None  # residual layers 0 … L (None, on the command line 'all': every one)
+    layers: tuple[int, ...] | None = None  # residual layers 0 … L to probe (default: all)
     taus: tuple[int, ...] = (1, 2, 3, 4)  # offsets τ ≥ 1 (τ = 1: the next token)
     kind: str = "softmax"  # softmax, topk, lens, or mlp (topk's classes through one hidden layer: not linear)
     top_k: int = 1000  # topk, mlp: the K most frequent tokens + "other"
     hidden: int = 256  # mlp: the hidden layer's width
     nonlinear: bool = False  # also fit mlp probes (--kind topk's classes, one hidden layer) and report mlp − topk
-    lr: float = 3e-3  # Adam (on standardised features, the bias starting at the unigram log-frequencies)
-    max_epochs: int = 20
-    patience: int = 2
+    lr: float = 3e-3  # Adam's learning rate (standardised features; bias starts at unigram log-frequencies)
+    max_epochs: int = 20  # at most this many passes over the probes' training split
+    patience: int = 2  # stop after this many epochs without a better validation loss
     batch_sequences: int = 64  # sequences per minibatch (cache writing and probe fitting)
     random_init: bool = True  # also probe a random-init model of the same architecture (the control)
     seed: int = 0  # probe split, probe training, random-init weights
     device: str = "auto"  # 'auto': CUDA when available
-    precision: str = "float32"  # or bfloat16: forwards and probes under autocast (~3× / ~10× faster on AMX CPUs)
-    progress: bool = True
+    precision: str = "float32"  # float32 or bfloat16 (forwards and probes autocast; ~3× / ~10× faster on AMX CPUs)
+    progress: bool = True  # show progress bars
 
     def __post_init__(self):
         check_settings(self)
@@ -157,15 +160,32 @@ class ProbingResults(ExperimentResults):
         """The tidy table (DESIGN.md's columns)."""
         return self.table
 
-    def beyond_counts(self, checkpoint: str | None = None, metric: str = "top1") -> pd.DataFrame:
-        """Probe − skip-bigram baseline for ``metric`` (paired, same examples) of ``checkpoint`` (default: the
-        first): (layer, τ) rows with value, ci_low, ci_high — where the residual stream holds more about x[t+τ]
-        than the token x[t] does through the counts."""
+    def beyond_counts(self, checkpoint: str | None = None, metric: str = "top1",
+                      baseline: str = SKIP_BIGRAM) -> pd.DataFrame:
+        """Probe − ``baseline`` (skip-bigram or unigram) for ``metric`` (paired, same examples) of ``checkpoint``
+        (default: the first): (layer, τ) rows with value, ci_low, ci_high — where the residual stream holds more about
+        x[t+τ] than the token x[t] does through the counts (than the class prior, for the unigram)."""
         rows = self.table[
-            (self.table["probe"] == f"{self.config.kind} − {SKIP_BIGRAM}") & (self.table["metric"] == metric)
+            (self.table["probe"] == f"{self.config.kind} − {baseline}") & (self.table["metric"] == metric)
         ]
         rows = rows[rows["checkpoint"] == (checkpoint or rows["checkpoint"].iloc[0])]
         return rows.set_index(["layer", "tau"])[["value", "ci_low", "ci_high", "n"]]
+
+    def baseline_values(self, tau: int, metric: str = "top1") -> dict[str, tuple[float, int | None]]:
+        """{baseline: (its ``metric`` at ``tau``, its layer)}: the unigram and the skip-bigram (no layer) and, at
+        τ = 1, the logit lens at its best layer — what a probe has to beat to show something the counts or the
+        model's own output do not already give."""
+        table, found = self.table, {}
+        counts = table[(table["checkpoint"] == BASELINE) & (table["metric"] == metric) & (table["tau"] == tau)
+                       & (table["target"] == self.config.target())]
+        for _, row in counts.iterrows():
+            found[row["probe"]] = (float(row["value"]), None)
+        lens = self._probed(metric, probe=LOGIT_LENS)
+        lens = lens[lens["tau"] == tau]
+        if len(lens):
+            best = lens.loc[(lens["value"] if metric != "cross_entropy" else -lens["value"]).idxmax()]
+            found[LOGIT_LENS] = (float(best["value"]), int(best["layer"]))
+        return found
 
     def best_layers(self, checkpoint: str, metric: str = "top1") -> dict[int, int]:
         """{τ: the layer whose probe scores best on ``metric``} for ``checkpoint``, chosen on the probes' validation
@@ -177,21 +197,45 @@ class ProbingResults(ExperimentResults):
         return best_by_tau(rows[rows["checkpoint"] == checkpoint], metric)
 
     def reading(self, checkpoint: str | None = None, metric: str = "top1") -> str:
-        """The plain reading: per τ, the best layer's probe (chosen on validation) minus the skip-bigram on the test
-        examples, with its paired 95 % interval, and the layers whose interval lies wholly on the better side of 0
-        (higher top-1 / top-5, lower cross-entropy)."""
+        """The plain reading, per τ: the best layer's probe (chosen on validation) on the test examples beside the
+        strongest baseline (the best of unigram, skip-bigram and, at τ = 1, the logit lens), with the paired 95 %
+        interval where that baseline is a count; the layers whose probe beats both counts (paired intervals wholly on
+        the better side of 0: higher top-1 / top-5, lower cross-entropy); and the layers flagged at the prior."""
         checkpoint = checkpoint or next(iter(self.config.named_checkpoints()))
         sign = -1 if metric == "cross_entropy" else 1  # +1: higher is better
-        beyond, best = self.beyond_counts(checkpoint, metric), self.best_layers(checkpoint, metric)
-        lines = [f"{checkpoint}: {metric} of the probe minus the skip-bigram on the test examples (paired 95% CI); "
-                 "best layer chosen on the validation sequences:"]
-        for tau, rows in beyond.groupby(level="tau"):
-            better = [int(layer) for (layer, _), row in rows.iterrows()
-                      if min(sign * row["ci_low"], sign * row["ci_high"]) > 0]
-            row = rows.loc[(best[int(tau)], tau)]
-            lines.append(f"  τ = {tau}: best layer {best[int(tau)]}: {row['value']:+.3f} ({row['ci_low']:+.3f} – "
-                         f"{row['ci_high']:+.3f}); better than the counts at "
-                         + (f"layer{'s' * (len(better) > 1)} {span_text(better)}" if better else "no layer"))
+        best = self.best_layers(checkpoint, metric)
+        beyond = {name: self.beyond_counts(checkpoint, metric, name) for name in (SKIP_BIGRAM, UNIGRAM)}
+        beyond = {name: rows for name, rows in beyond.items() if len(rows)}  # runs before the unigram rows: one
+        probed = self._probed(metric)
+        probed = probed[probed["checkpoint"] == checkpoint].set_index(["layer", "tau"])
+        lines = [f"{checkpoint}: held-out {metric} of the probe at its best layer (chosen on the validation "
+                 "sequences) beside the strongest baseline, paired 95% CI against a count baseline:"]
+        for tau in sorted(best):
+            layer = best[tau]
+            value = float(probed.loc[(layer, tau), "value"])
+            baselines = self.baseline_values(tau, metric)
+            name, (strongest, lens_layer) = max(baselines.items(), key=lambda item: sign * item[1][0])
+            where = f" at layer {lens_layer}" if lens_layer is not None else ""
+            side = "above" if sign * (value - strongest) > 0 else "below"
+            interval = ""
+            if name in beyond and (layer, tau) in beyond[name].index:
+                row = beyond[name].loc[(layer, tau)]
+                side = ("above" if sign * row["ci_low"] > 0 and sign * row["ci_high"] > 0 else
+                        "below" if sign * row["ci_low"] < 0 and sign * row["ci_high"] < 0 else "not separable from")
+                interval = f" ({row['value']:+.3f}, {row['ci_low']:+.3f} – {row['ci_high']:+.3f})"
+            layers = sorted({int(layer) for layer, _ in probed.index})
+            better = [lay for lay in layers if all(
+                (lay, tau) in rows.index and min(sign * rows.loc[(lay, tau), "ci_low"],
+                                                 sign * rows.loc[(lay, tau), "ci_high"]) > 0
+                for rows in beyond.values())]
+            flagged = ([int(lay) for (lay, t), flag in probed["flag"].items() if t == tau and flag == AT_PRIOR]
+                       if "flag" in probed else [])
+            lines.append(f"  τ = {tau}: best layer {layer}: {value:.3f}, {side} the strongest baseline, {name}{where} "
+                         f"{strongest:.3f}{interval}; better than "
+                         f"{' and '.join(beyond) or 'the counts'} at "
+                         + (f"layer{'s' * (len(better) > 1)} {span_text(better)}" if better else "no layer")
+                         + (f"; at the prior (no better than the majority class) at layer{'s' * (len(flagged) > 1)} "
+                            f"{span_text(sorted(flagged))}" if flagged else ""))
         return "\n".join(lines)
 
     def accuracy(self, metric: str = "top1") -> pd.DataFrame:
@@ -208,9 +252,10 @@ class ProbingResults(ExperimentResults):
             plus=lambda t: t["ci_high"] - t["value"], minus=lambda t: t["value"] - t["ci_low"])
         figure = px.line(rows, x="layer", y="value", color="tau", facet_col="checkpoint", markers=True,
                          error_y="plus", error_y_minus="minus", color_discrete_sequence=PALETTE,
-                         labels={"layer": "residual layer l", "value": metric},
+                         labels={"layer": "residual layer l", "value": METRIC_TITLES[metric]},
                          title=f"Future-token probes ({self.config.kind}): held-out {metric} of x[t+τ] from h[l, t], "
-                               "95% CI; dashed: skip-bigram, dotted: logit lens (τ = 1)")
+                               "95% CI; dashed: skip-bigram, dash-dot: unigram (the prior), dotted: logit lens "
+                               "(τ = 1); ✕: at the prior")
         colors = {trace.name: trace.line.color for trace in figure.data}
         lens = self._probed(metric, probe=LOGIT_LENS)
         for column, name in enumerate(dict.fromkeys(rows["checkpoint"]), start=1):
@@ -218,13 +263,20 @@ class ProbingResults(ExperimentResults):
             figure.add_scatter(x=mine["layer"].astype(int), y=mine["value"], mode="lines", name="logit lens (τ = 1)",
                                line=dict(dash="dot", color=colors.get("τ = 1", "gray")), showlegend=column == 1,
                                row=1, col=column)
-        baselines = self.table[(self.table["probe"] == "skip-bigram") & (self.table["metric"] == metric)]
+        table = self.table
+        baselines = table[table["probe"].isin([SKIP_BIGRAM, UNIGRAM]) & (table["metric"] == metric)
+                          & (table["checkpoint"] == BASELINE) & (table["target"] == self.config.target())]
         for _, row in baselines.iterrows():
-            figure.add_hline(y=row["value"], line_dash="dash", line_color=colors.get(f"τ = {row['tau']}", "gray"),
-                             row="all", col="all")
+            figure.add_hline(y=row["value"], line_dash="dash" if row["probe"] == SKIP_BIGRAM else "dashdot",
+                             line_color=colors.get(f"τ = {row['tau']}", "gray"), row="all", col="all")
+        if "flag" in rows:  # probes no better than the class prior, marked where they sit
+            for column, name in enumerate(dict.fromkeys(rows["checkpoint"]), start=1):
+                flagged = rows[(rows["checkpoint"] == name) & (rows["flag"] == AT_PRIOR)]
+                figure.add_scatter(x=flagged["layer"].astype(int), y=flagged["value"], mode="markers",
+                                   marker=dict(symbol="x", size=11, color="black"), showlegend=column == 1,
+                                   name="at the prior (no better than the majority class)", row=1, col=column)
         facet_labels_as_values(figure)
-        figure.update_xaxes(dtick=1)
-        return figure
+        return measured_layers(figure, rows["layer"])
 
     def figures(self) -> dict[str, go.Figure]:
         return {f"probe_{self.config.kind}_{metric}": self.figure(metric) for metric in ("top1", "top5")}

@@ -47,26 +47,25 @@ class SyntheticConfig(ExperimentConfig):
 
     # task
     p: float = 1.0  # probability that y_t is the sine sum (otherwise y_t = x_t)
-    n_terms: int = 10  # y_t sums sin(freq · x_{t−i}) over i = 1 … n_terms
-    freq: float = 10.0
-    seq_len: int = 64
+    n_terms: int = 10  # y[t] sums sin(`freq` · x[t − i]) over i = 1 … `n_terms`
+    freq: float = 10.0  # frequency of the sine
+    seq_len: int = 64  # positions per sequence
     # model: GPT-2 trunk, MLP width 4·d_model, ReLU, no dropout
-    n_layer: int = 2
-    d_model: int = 128
-    n_head: int = 2
+    n_layer: int = 2  # transformer blocks
+    d_model: int = 128  # residual width
+    n_head: int = 2  # attention heads
     # training (identical for both twins; the paper did not clip)
-    steps: int = 20000
+    steps: int = 20000  # optimiser steps per twin
     training: TrainSettings = field(default_factory=lambda: TrainSettings(
         batch_size=512, lr=1e-3, grad_clip=0.0, eval_every=500, checkpoint_every=2000))
     # held-out evaluation and probes
     heldout_sequences: int = 4000  # fresh sequences for the losses and the probes
     test_fraction: float = 0.25  # share of held-out sequences the probes are scored on
-    ridge_alpha: float = 1e-4
+    ridge_alpha: float = 1e-4  # ridge penalty of the linear probes
     causal: bool = True  # also erase sin(freq · x_t) from each layer and read where the loss moves (docs/causal.md)
-    # evaluate these checkpoints instead of training (folders of GPT2RegressionModel)
-    vanilla_checkpoint: str | None = None
-    myopic_checkpoint: str | None = None
-    out: str = "runs/synthetic"
+    vanilla_checkpoint: str | None = None  # evaluate this trained twin (a checkpoint folder) instead of training one
+    myopic_checkpoint: str | None = None  # evaluate this trained myopic twin instead of training one
+    out: str = "runs/synthetic"  # run folder: results, checkpoints, figures (resumed when rerun)
 
     PRESETS: ClassVar[dict[str, dict[str, Any]]] = {
         "paper": {},  # the dataclass defaults are the paper's setting

@@ -10,6 +10,7 @@ sides of a probe split.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -17,26 +18,31 @@ from typing import Any
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
 from forethought.core.errors import ForethoughtError
+from forethought.core.progress import progress_bar
 from forethought.models.lm import LMCheckpoint
+from forethought.models.tasks.embedded import EMBEDDED
 from forethought.models.tasks.text import TextData, TokenFile, document_texts, next_token_loss
+
+log = logging.getLogger(__name__)
 
 BLOCK_SEQUENCES = 4  # packed layout: windows per cluster of whole documents (~1/8 of the tokens dropped)
 
 
 def heldout_data(checkpoints: dict[str, LMCheckpoint], corpus: str | None, layout: str, seq_len: int,
                  prepend_bos: bool | None = None) -> TextData:
-    """The checkpoints' own data (their test documents are held out), or ``corpus`` cut by layout and length;
-    ``prepend_bos`` (None: as the data was recorded, or no BOS for ``corpus``) sets the BOS policy."""
+    """The checkpoints' own data (their test documents are held out), or ``corpus`` cut by layout and length — the
+    embedded corpus, said in a warning, where neither is known; ``prepend_bos`` (None: as the data was recorded,
+    or no BOS for ``corpus``) sets the BOS policy."""
     if corpus is not None:
         return TextData(corpus=corpus, layout=layout, seq_len=seq_len, prepend_bos=bool(prepend_bos))
     recorded = next((c.data() for c in checkpoints.values() if c.data() is not None), None)
-    if recorded is None:
-        raise ForethoughtError("the checkpoints record no training data (trained elsewhere?): pass `corpus`, "
-                               "e.g. `corpus` embedded")
+    if recorded is None:  # a pretrained model: read on the embedded default, as the main job is
+        log.warning("the checkpoints record no training data (trained elsewhere): held-out text from the embedded "
+                    "corpus; give `corpus` to choose another")
+        return TextData(corpus=EMBEDDED, layout=layout, seq_len=seq_len, prepend_bos=bool(prepend_bos))
     return recorded if prepend_bos is None else replace(recorded, prepend_bos=prepend_bos)
 
 
@@ -148,7 +154,7 @@ def device_batches(model: torch.nn.Module, sequences: torch.Tensor, batch_size: 
                    progress: bool) -> Iterator[torch.Tensor]:
     """Chunks [≤ batch_size, T] of ``sequences`` on the model's device, with a progress bar."""
     device = next(model.parameters()).device
-    for chunk in tqdm(sequences.split(batch_size), desc=desc, disable=not progress, leave=False):
+    for chunk in progress_bar(sequences.split(batch_size), desc=desc, disable=not progress, leave=False):
         yield chunk.to(device)
 
 

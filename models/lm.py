@@ -61,21 +61,24 @@ LM_TRAIN_PRESETS: dict[str, dict[str, Any]] = {  # starting values of ``forethou
 
 @dataclass
 class LMTrainConfig(Presets):
-    """Settings of ``forethought train``: a GPT-2 language model on a text corpus, vanilla or myopic.
+    """Settings of ``forethought train``: a language model (GPT-2, Llama or GPT-NeoX family) on a text corpus,
+    vanilla, myopic or multi-token.
 
     Defaults follow Wu et al.'s GPT-2 run on MS MARCO (first 64 tokens of each document, batch 512,
     lr 6e-4, warm-up 10 % — theirs was 1,000 of 9,100 steps —, cosine schedule, one epoch); the embedded corpus
-    is a small stand-in for it. In Python, build it flat with ``LMTrainConfig.from_settings(lr=…)`` or
-    ``from_preset``, or pass ``training=TrainSettings(…)`` whole.
+    is a small stand-in for it.
+
+    In Python, build it flat with ``LMTrainConfig.from_settings(lr=…)`` or ``from_preset``, or pass
+    ``training=TrainSettings(…)`` whole.
     """
 
     # data
     corpus: str = "embedded"  # 'embedded', a local file or folder (txt, jsonl, parquet), or hf:NAME[:CONFIG]
     corpus_split: str = "train"  # which split of a hub dataset to read
     text_field: str = "text"  # the field of a jsonl / parquet / hub row that holds the text
-    max_documents: int | None = None  # read only the first documents of the corpus (None: all)
-    layout: str = "first"  # 'first': first seq_len tokens of each document that long (the paper's); 'packed'
-    seq_len: int = 64
+    max_documents: int | None = None  # read only this many documents of the corpus (default: all)
+    layout: str = "first"  # 'first': first `seq_len` tokens of each document that long (the paper's); 'packed'
+    seq_len: int = 64  # tokens per training sequence
     split_seed: int = 0  # seeds the 90 / 1 / 9 % train / validation / test split by document
     tokens_root: str = "runs/tokens"  # token files are written (once) under here
     # model
@@ -84,17 +87,17 @@ class LMTrainConfig(Presets):
     tokenizer: str = "gpt2"  # 'gpt2', 'bpe:N' (fitted to the training documents), or a model source (its tokenizer)
     myopic: bool = False  # train with the myopic gradient
     objective: str = NEXT_TOKEN  # 'next-token', or 'mtp:K': K heads predict x[t+1] … x[t+K] (mean loss; models/mtp.py)
-    dropout: float | None = None  # None: presets 0, loaded models their own (attention dropout > 0 makes myopic slow)
+    dropout: float | None = None  # dropout rate (default: 0 for presets, a loaded model's own; > 0 slows myopic)
     # training
     epochs: float = 1.0  # passes over the training sequences (ignored when steps is set)
     steps: int | None = None  # optimiser steps (default: from epochs)
     seed: int = 0  # model initialisation and data order
     training: TrainSettings = field(default_factory=lambda: TrainSettings(
         batch_size=512, lr=6e-4, warmup_frac=0.1, eval_every=200, checkpoint_every=1000))
-    out: str = "runs/lm"
+    out: str = "runs/lm"  # run folder: checkpoints, history, token files (resumed when rerun)
     device: str = "auto"  # 'auto': CUDA when available
-    progress: bool = True
-    preset: str | None = None  # starting values from LM_TRAIN_PRESETS (cpu); flags given override them
+    progress: bool = True  # show progress bars
+    preset: str | None = None  # starting values: cpu (small, for 2 cores); flags override them (default: the paper's)
 
     PRESETS: ClassVar[dict[str, dict[str, Any]]] = LM_TRAIN_PRESETS
 

@@ -19,13 +19,13 @@ from typing import Any, ClassVar, Protocol
 import torch
 from safetensors import SafetensorError
 from torch import nn
-from tqdm.auto import tqdm
 from transformers import PreTrainedModel, get_cosine_schedule_with_warmup
 
 from forethought.core.errors import ForethoughtError, one_line
 from forethought.core.files import run_lock
 from forethought.core.precision import TRAINING_PRECISIONS, check_precision, training_precision
 from forethought.core.precision import autocast as precision_autocast
+from forethought.core.progress import progress_bar
 from forethought.core.settings import changed_settings, check_settings
 from forethought.core.versions import package_versions
 from forethought.models.checkpoint import (
@@ -59,15 +59,15 @@ class TrainSettings:
     (``--lr``). Fields in ``RESUMABLE`` may change between a run and its resume."""
 
     batch_size: int = 64  # sequences per global batch (split over torchrun processes)
-    lr: float = 1e-3
-    weight_decay: float = 0.01
+    lr: float = 1e-3  # peak learning rate of AdamW (cosine schedule after the warm-up)
+    weight_decay: float = 0.01  # AdamW weight decay
     warmup_frac: float = 0.01  # fraction of steps spent warming up (at least one step)
     grad_clip: float = 1.0  # max global gradient norm; 0 disables clipping
     myopic_cut: str = "residual"  # where a myopic run cuts the gradient: 'residual' (the paper's) or 'kv'
     eval_every: int = 100  # steps between held-out evaluations
     eval_batches: int = 4  # held-out batches per evaluation
-    checkpoint_every: int = 500
-    keep_checkpoints: int = 2
+    checkpoint_every: int = 500  # steps between saved checkpoints (a rerun resumes from the last)
+    keep_checkpoints: int = 2  # how many of the newest checkpoints are kept (older ones are deleted)
     precision: str = "auto"  # float32, bfloat16 (autocast; ~2× faster on AMX / AVX512-BF16 CPUs); auto: bf16 on CUDA
     gradient_checkpointing: bool = False  # recompute activations in the backward pass: less memory, ~10–20 % slower
     compile: bool = False  # torch.compile the model (worth it on GPUs)
@@ -189,7 +189,7 @@ def _train(model: PreTrainedModel, task: Task, config: TrainConfig, run_dir: Pat
         return folder
 
     mode = myopic(model, cut=config.myopic_cut) if config.myopic else contextlib.nullcontext()
-    with mode, tqdm(
+    with mode, progress_bar(
         total=config.steps, initial=step, disable=not (config.progress and dist.is_main), desc=run_dir.name,
         leave=False,
     ) as bar:

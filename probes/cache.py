@@ -28,12 +28,12 @@ from typing import Any
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 from transformers import PreTrainedModel
 
 from forethought.core.errors import ForethoughtError
 from forethought.core.files import atomic_write_json, check_digest, check_free_space, file_digest, read_json, size_text
 from forethought.core.precision import autocast, check_precision
+from forethought.core.progress import progress_bar
 from forethought.core.versions import package_versions
 from forethought.models.families import decoder_blocks
 from forethought.models.lm import LMCheckpoint
@@ -136,6 +136,9 @@ def _tokens_hash(tokens: np.ndarray) -> str:
     return hashlib.blake2b(np.ascontiguousarray(tokens).tobytes(), digest_size=16).hexdigest()
 
 
+_SAME_CACHE = ("weights_hash", "tokens_hash", "layers", "processing_mode", "precision", "dtype")  # what must match
+
+
 def _partial(folder: Path) -> Path:
     return folder.with_name(folder.name + ".partial")
 
@@ -190,6 +193,8 @@ def build_cache(
         "tokens_hash": _tokens_hash(tokens),
         "versions": package_versions(),
     }
+    if not (folder / "meta.json").is_file() and (same := _same_cache(folder, meta)) is not None:
+        _link_cache(same, folder)  # another name for the same weights: its files, linked, not recomputed
     if (folder / "meta.json").is_file():
         return _reuse(folder, meta, checkpoint)
     partial = _partial(folder)
@@ -208,7 +213,7 @@ def build_cache(
     outputs = {layer: np.load(partial / _layer_file(layer), mmap_mode="r+") for layer in layers}
     starts = range(done, len(tokens), batch_size)
     runnable = _on_device(model, device)
-    for start in tqdm(starts, desc=f"caching {folder.name}", disable=not progress, leave=False):
+    for start in progress_bar(starts, desc=f"caching {folder.name}", disable=not progress, leave=False):
         chunk = torch.from_numpy(tokens[start : start + batch_size]).to(device)
         with autocast(device, precision):
             captured = read_layers(runnable, chunk, layers)  # {layer: [b, seq, d_model]}
@@ -232,11 +237,42 @@ def _on_device(model: PreTrainedModel, device: str) -> PreTrainedModel:
     return model if there else copy.deepcopy(model).to(wanted)
 
 
+def _same_cache(folder: Path, meta: dict[str, Any]) -> Path | None:
+    """A finished cache beside ``folder`` (under another checkpoint's name) of the same weights, tokens, layers,
+    processing, precision and dtype, if any."""
+    if not folder.parent.is_dir():
+        return None
+    for sibling in sorted(folder.parent.iterdir()):
+        try:
+            saved = read_json(sibling / "meta.json", "") if sibling != folder else None
+        except (ForethoughtError, OSError):  # not a finished cache (or a damaged one): not a match
+            continue
+        if isinstance(saved, dict) and all(saved.get(key) == meta[key] for key in _SAME_CACHE):
+            return sibling
+    return None
+
+
+def _link_cache(source: Path, folder: Path) -> None:
+    """``folder`` as a copy of the finished cache ``source``: its files hard-linked (copied where the file system
+    cannot link), made in a staging folder and renamed into place."""
+    staging = folder.with_name(f".{folder.name}.link-{os.getpid()}")
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir()
+    for path in source.iterdir():
+        if path.is_file() and not path.is_symlink():
+            try:
+                os.link(path, staging / path.name)
+            except OSError:
+                shutil.copy2(path, staging / path.name)
+    os.rename(staging, folder)
+    log.info("%s: the cache of the same weights in %s, linked", folder.name, source)
+
+
 def _reuse(folder: Path, meta: dict[str, Any], checkpoint: LMCheckpoint) -> ResidualCache:
     """The finished cache in ``folder``, if it holds these weights, tokens, layers, processing, precision and
     dtype (a cache of the older route holds the same residuals, up to the attention kernel's rounding: reused)."""
     cache = ResidualCache.open(folder)
-    keys = ("weights_hash", "tokens_hash", "layers", "processing_mode", "precision", "dtype")
+    keys = _SAME_CACHE
     saved = {"precision": "float32", **cache.meta}  # caches made before the setting existed ran in float32
     if saved.get("processing_mode") in OLDER_PROCESSING_MODES:
         saved["processing_mode"] = PROCESSING_MODE

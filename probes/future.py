@@ -38,12 +38,12 @@ import safetensors.torch
 import torch
 from torch import nn
 from torch.nn.functional import cross_entropy, gelu
-from tqdm.auto import tqdm
 
 from forethought.core.errors import ForethoughtError
 from forethought.core.files import atomic_write_bytes
 from forethought.core.offsets import at_offset
 from forethought.core.precision import autocast, check_precision
+from forethought.core.progress import progress_bar
 from forethought.core.settings import NON_NEGATIVE, check_settings
 from forethought.probes.baselines import BaselineScores
 from forethought.probes.metrics import mean_scores, text_groups
@@ -425,7 +425,7 @@ def fit_future_probes(
     # per layer, its parameters [J, …] as they were at each τ's best epoch
     best_parameters = [[p.detach().clone() for p in probes.layer_parameters(i)] for i in range(len(layers))]
     history, stale = [], 0
-    for epoch in tqdm(range(config.max_epochs), desc="probes", disable=not progress, leave=False):
+    for epoch in progress_bar(range(config.max_epochs), desc="probes", disable=not progress, leave=False):
         order = generator.permutation(fit_part)
         for start in range(0, len(order), config.batch_sequences):
             features, targets = batches(np.sort(order[start : start + config.batch_sequences]))

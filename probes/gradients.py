@@ -59,9 +59,11 @@ def future_gradient_stats(model: torch.nn.Module, sequences: torch.Tensor, batch
 
 
 def future_gradient_split(model: torch.nn.Module, sequences: torch.Tensor, batch_size: int = 16, seed: int = 0,
-                          progress: bool = False, clusters: np.ndarray | None = None) -> dict[str, list[Estimate]]:
-    """Per residual layer 0 … L: {:data:`SHARE`: the future share, :data:`COSINE`: cos(g_own, g_future)}, with
-    95 % bootstrap intervals over ``clusters`` [n] of the sequences (None: over sequences)."""
+                          progress: bool = False, clusters: np.ndarray | None = None
+                          ) -> dict[str, dict[int, Estimate]]:
+    """{:data:`SHARE`: {layer: the future share}, :data:`COSINE`: {layer: cos(g_own, g_future)}} for residual
+    layers 0 … L of ``sequences`` [n, T], with 95 % bootstrap intervals over ``clusters`` [n] of the sequences
+    (None: over sequences)."""
     stats = future_gradient_stats(model, sequences, batch_size, progress)
     if clusters is not None:
         stats = per_cluster_sums(stats, clusters)
@@ -73,4 +75,4 @@ def future_gradient_split(model: torch.nn.Module, sequences: torch.Tensor, batch
             return np.concatenate([future / (own + future), cross / np.sqrt(own * future)], axis=-1)
 
     estimates = bootstrap(stats, share_and_cosine, n_examples=len(sequences) * sequences.shape[1], seed=seed)
-    return {SHARE: estimates[:n_layers], COSINE: estimates[n_layers:]}
+    return {SHARE: dict(enumerate(estimates[:n_layers])), COSINE: dict(enumerate(estimates[n_layers:]))}

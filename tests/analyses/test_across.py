@@ -118,6 +118,10 @@ def test_the_trend_tests_its_slope_over_seeds_and_sizes(tmp_path):
     assert (trend["runs"], trend["sizes"]) == (6, 3) and trend["p"] < 0.01
     assert "OLS of 6 runs' values on log10 parameters at 3 sizes" in results.summary()
     assert any(trace.name.startswith("OLS: +") for trace in results.figure().data)
+    two = run_trend(AcrossConfig(runs=tuple(runs[:4]), labels=tuple(gaps)[:4], out=str(tmp_path / "trend-2")))
+    figure = two.figure()  # two sizes: a slope to test, but a line would only join their means
+    assert np.isfinite(two.slope()["slope"]) and not any(trace.mode == "lines" for trace in figure.data)
+    assert "4 runs at 2 sizes" in figure.layout.title.text and "no line drawn" in figure.layout.title.text
 
 
 def test_the_trend_of_precache_runs_reads_p_at_the_best_vanilla_layer_on_validation(tmp_path):

@@ -3,14 +3,26 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 import re
+import shlex
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from forethought.analyses.cli import FIGURES, SPEC_FILE, build_parser, cli_reference, command_specs, main
+from forethought.analyses.cli import (
+    COMMANDS,
+    EXAMPLES,
+    FIGURES,
+    SPEC_FILE,
+    _subcommands,
+    build_parser,
+    cli_reference,
+    command_specs,
+    main,
+)
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -215,6 +227,44 @@ def test_the_cli_reference_in_docs_is_the_parsers_help():
     assert current == f"\n{reference}\n", "docs/cli.md is stale: run python scripts/cli_reference.py"
     assert "<code>forethought bench probe</code>" in reference and "--checkpoints NAME=SOURCE,…" in reference
     assert "readme" not in build_parser().format_help()  # a maintainer's tool, not a user command
+
+
+PYTHON_IN_HELP = re.compile(r"``|\bNone\b|\bTrue\b|\bFalse\b|[A-Z]{2,}_[A-Z_]+|\(default: \)|:(class|func|data):|\{")
+
+
+def test_every_flag_is_described_in_words_with_its_default_once():
+    for command, spec in json.loads(SPEC_FILE.read_text()).items():
+        assert not PYTHON_IN_HELP.search(spec["description"]), command
+        for flag, _, _, text in spec["flags"]:
+            described = re.sub(r"\s*\([^()]*\)$", "", text)  # without the default (or each preset's value)
+            assert described and not PYTHON_IN_HELP.search(text) and text.count("default") <= 1, (command, flag, text)
+    reference = cli_reference()  # switches and empty defaults in words
+    assert "show progress bars (default: on)" in reference and "(default: none)" in reference
+
+
+def test_every_command_has_two_examples_that_parse_and_show_in_its_help():
+    parser = build_parser()
+    assert set(EXAMPLES) == set(COMMANDS)
+    for name, examples in EXAMPLES.items():
+        assert len(examples) >= 2, name
+        for line, what in examples:
+            words = shlex.split(line)
+            assert words[:1 + len(name.split())] == ["forethought", *name.split()] and what, line
+            parser.parse_args(words[1:])  # every flag exists and every value parses
+        subparser = dict(_subcommands(parser))[name]
+        assert subparser.format_help().rstrip().endswith(f"  {examples[-1][0]}\n      {examples[-1][1]}")
+
+
+def test_the_command_summary_is_the_same_in_the_readme_and_docs_and_names_every_command():
+    def summary(page: str) -> list[str]:
+        return [line for line in (ROOT / page).read_text().splitlines() if re.match(r"forethought [a-z]", line)]
+    readme = summary("README.md")
+    assert readme == summary("docs/cli.md")[:len(readme)]
+    named = " ".join(readme)
+    for name in COMMANDS:
+        group, _, member = name.partition(" ")
+        assert re.search(rf"forethought {group}\b", named) or f"|{group}" in named, name
+        assert not member or member in named, name
 
 
 def test_figures_lists_commands_that_parse(capsys):

@@ -14,11 +14,12 @@ import forethought.probes.cache
 import forethought.probes.store
 from forethought.analyses.cli import main
 from forethought.analyses.compare import Comparison
+from forethought.analyses.plots import METRIC_TITLES
 from forethought.analyses.probe import ProbeConfig, run_probe
 from forethought.analyses.probing import LOGIT_LENS
 from forethought.analyses.results import CONTROL
 from forethought.core.errors import ForethoughtError
-from forethought.models.lm import LMCheckpoint
+from forethought.models.lm import LMCheckpoint, LMTrainConfig, train_lm
 
 SETTINGS = dict(taus=(1, 2), kind="topk", top_k=40, max_sequences=60, max_epochs=3, progress=False)
 KEY = ["checkpoint", "probe", "target", "layer", "tau", "metric", "split"]
@@ -115,7 +116,7 @@ def test_figure_menus_show_the_chosen_kind_metric_and_tau(comparison):
     click(figure, 0, LOGIT_LENS)
     click(figure, 2, "τ = 1")
     assert drawn(figure) == expected(LOGIT_LENS, "top5", 1)
-    assert "logit lens" in figure.layout.title.text and figure.layout.yaxis.title.text == "top5"
+    assert "logit lens" in figure.layout.title.text and figure.layout.yaxis.title.text == METRIC_TITLES["top5"]
     click(figure, 0, "topk")
     click(figure, 2, "all τ")
     assert len(drawn(figure)) == 5 and sum(t.opacity == 1 and t.visible is True for t in figure.data) == 5 + 2 * 5
@@ -159,13 +160,17 @@ def test_a_model_in_memory_gives_the_numbers_of_its_folder(twins, tmp_path):
                                              tokens_root=str(twins / "tokens"), **SETTINGS)
     table = comparison.to_dataframe().set_index(KEY[1:])
     folder, memory = table[table["checkpoint"] == "folder"], table[table["checkpoint"] == "memory"]
-    assert len(folder) == 2 * (3 * 2 * 3 + 3 * 3)  # probes and lens, each also minus the skip-bigram
+    assert len(folder) == 2 * (3 * 3 * 3 + 3 * 3)  # probes (each also − skip-bigram, − unigram), lens
     assert folder.drop(columns="checkpoint").equals(memory.drop(columns="checkpoint"))
     assert not (tmp_path / "models").exists()  # held as it is: never saved, never loaded again
 
 
 def test_bad_input_is_named_and_computed_results_stay_usable(comparison, twins, tmp_path, lm_folder, monkeypatch):
     table = comparison.to_dataframe()
+    other_data = tmp_path / "other-data"  # the twins' model, trained on fewer documents: other held-out documents
+    train_lm(LMTrainConfig.from_settings(corpus="embedded", max_documents=2000, model="gpt2-micro", seq_len=32,
+                                         steps=2, batch_size=4, tokens_root=str(twins / "tokens"), progress=False,
+                                         out=str(other_data)))
     no_work(monkeypatch)
     (tmp_path / "other" / "vanilla").mkdir(parents=True)
     (tmp_path / "broken").mkdir()
@@ -178,6 +183,8 @@ def test_bad_input_is_named_and_computed_results_stay_usable(comparison, twins, 
          f"checkpoint 'broken' ({tmp_path / 'broken'}) cannot be loaded: checkpoint folder {tmp_path / 'broken'} "
          "has no config.json"),
         (lambda: comparison.add("myopic", twins / "myopic"), "two checkpoints are named 'myopic'"),
+        (lambda: comparison.add("fewer", other_data),
+         "fewer was trained on other data than vanilla (max_documents 2000 vs 3000): their held-out documents differ"),
         (lambda: comparison.add("words", lm_folder),
          "checkpoint 'words' uses another tokenizer than 'vanilla': they cannot be probed on the same tokens"),
         (lambda: comparison.heatmap("vanilla", "myopic", taus=[3]),
@@ -237,3 +244,12 @@ def test_a_llama_goes_through_cache_probes_and_comparison(llama_folder, llama_gg
     np.testing.assert_allclose(cache.layer(0)[:4], model.model.embed_tokens(tokens).detach(), atol=1e-3)
     np.testing.assert_allclose(final, hidden[2], atol=2e-2)  # HF's last entry has the final norm applied
     assert comparison.figure().data and "llama" in repr(comparison)
+
+
+def test_another_name_for_the_same_weights_reuses_their_cache(comparison, twins, monkeypatch):
+    original = comparison.cache("vanilla")
+    no_work(monkeypatch)  # nothing is run through the model again
+    comparison.add("vanilla again", twins / "vanilla")
+    linked = comparison.cache("vanilla again")
+    assert linked.folder != original.folder and np.array_equal(linked.layer(1), original.layer(1))
+    assert all((linked.folder / path.name).samefile(path) for path in original.folder.iterdir())  # linked files

@@ -14,7 +14,8 @@ import torch
 
 import forethought as ft
 from forethought.analyses.cli import main
-from forethought.analyses.engine import Probing
+from forethought.analyses.engine import Probing, flag_priors
+from forethought.analyses.probing import AT_PRIOR
 from forethought.analyses.results import CONTROL, read_results
 from forethought.models.lm import LMCheckpoint
 
@@ -42,6 +43,7 @@ def test_a_run_folder_of_the_code_before_opens_and_is_reused(old_run, monkeypatc
     no_work(monkeypatch)
     comparison = ft.Comparison.from_folder("run", progress=False)
     table = comparison.to_dataframe()
+    table = table[table["probe"] != "softmax − unigram"]  # added since (issue 29), with the flag column
     key = ["checkpoint", "layer", "tau", "probe", "metric", "target"]
     mine = table.merge(stored[key], on=key).sort_values(key).reset_index(drop=True)
     theirs = stored.sort_values(key).reset_index(drop=True)
@@ -57,13 +59,33 @@ def test_a_rerun_gives_the_old_codes_table(old_run):
     stored, new = read_results("run")[0], read_results("run-again")[0]
     validation = new["split"] == "validation"  # since issue 26 a run also scores its probes on validation
     assert set(new[validation]["probe"]) == {"softmax"} and validation.sum() == 2 * 3 * 2 * 3
-    new = new[~validation].reset_index(drop=True)
+    new = new[~validation & (new["probe"] != "softmax − unigram")].drop(columns="flag").reset_index(drop=True)
     numbers = ["value", "ci_low", "ci_high"]
     pd.testing.assert_frame_equal(new.drop(columns=numbers), stored.drop(columns=numbers), check_exact=True)
     accuracies = stored["metric"] != "cross_entropy"
     pd.testing.assert_frame_equal(new[accuracies], stored[accuracies], check_exact=True)
     np.testing.assert_allclose(new[numbers].to_numpy(), stored[numbers].to_numpy(), rtol=0, atol=1e-5)
     assert not (old_run / "run-again" / "random-init").exists()  # the control stayed an object
+
+
+def test_a_probe_no_better_than_the_class_prior_is_flagged():
+    """flag_priors: a probe row is "at the prior" when its paired difference with the unigram is better neither in
+    top-1 nor in cross-entropy; beating it on either clears it; other rows get no flag."""
+    def row(probe, layer, metric, value, low, high, checkpoint="m"):
+        return dict(checkpoint=checkpoint, layer=layer, tau=1, split="test", probe=probe, metric=metric,
+                    value=value, ci_low=low, ci_high=high)
+    rows = [row("topk", layer, metric, 0.45, 0.4, 0.5) for layer in (0, 1, 2) for metric in ("top1", "cross_entropy")]
+    rows += [row("topk − unigram", 0, "top1", 0.0, 0.0, 0.0), row("topk − unigram", 0, "cross_entropy", 0.01, -0.02,
+                                                                                              0.04),  # the prior
+             row("topk − unigram", 1, "top1", 0.05, 0.02, 0.08), row("topk − unigram", 1, "cross_entropy", 0.1, 0.05,
+                                                                                              0.2),  # top-1 beats it
+             row("topk − unigram", 2, "top1", 0.01, -0.01, 0.03), row("topk − unigram", 2, "cross_entropy", -0.3,
+                                                                                              -0.4, -0.2),  # CE beats
+             row("unigram", None, "top1", 0.45, 0.4, 0.5, checkpoint="baseline")]
+    flagged = flag_priors(pd.DataFrame(rows), ["topk"])
+    probes = flagged[flagged["probe"] == "topk"]
+    assert probes.groupby("layer")["flag"].agg(set).to_dict() == {0: {AT_PRIOR}, 1: {""}, 2: {""}}
+    assert flagged.loc[flagged["probe"] != "topk", "flag"].isna().all()
 
 
 def test_models_handed_in_are_never_loaded_again(old_run, monkeypatch):

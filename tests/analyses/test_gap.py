@@ -6,6 +6,7 @@ import json
 import shutil
 
 import numpy as np
+import pandas as pd
 import pytest
 
 from forethought.analyses.cli import main
@@ -94,15 +95,17 @@ def test_single_checkpoint_gives_its_share_alone(twins, tmp_path):
     assert list(results.histories) == ["vanilla"]
 
 
-def test_a_model_trained_elsewhere_needs_a_corpus(twins, tmp_path, capsys):
+def test_a_model_trained_elsewhere_is_read_on_the_embedded_corpus_saying_so(twins, tmp_path, caplog):
     """Like pretrained GPT-2 from the hub: weights with no tokenizer or data record beside them."""
     build_lm(gpt2_config(n_layer=2, d_model=16, n_head=2), seed=0).save_pretrained(tmp_path / "elsewhere")
-    assert main(["gap", "--vanilla", str(tmp_path / "elsewhere"), "--out", str(tmp_path / "g")]) == 2
-    assert "record no training data (trained elsewhere?): pass --corpus" in capsys.readouterr().err
-    results = run_gap(GapConfig(vanilla=str(tmp_path / "elsewhere"), corpus="embedded", seq_len=32, max_sequences=8,
-                                share_sequences=4, tokens_root=str(twins / "tokens"), out=str(tmp_path / "g"),
-                                progress=False))
-    assert results.shares()["vanilla"].between(0, 1).all()
+    common = dict(vanilla=str(tmp_path / "elsewhere"), seq_len=32, max_sequences=8, share_sequences=4,
+                  tokens_root=str(twins / "tokens"), progress=False)
+    with caplog.at_level("WARNING"):
+        fallback = run_gap(GapConfig(**common, out=str(tmp_path / "fallback")))
+    assert "record no training data (trained elsewhere): held-out text from the embedded corpus" in caplog.text
+    chosen = run_gap(GapConfig(**common, corpus="embedded", out=str(tmp_path / "chosen")))
+    assert chosen.shares()["vanilla"].between(0, 1).all()
+    pd.testing.assert_frame_equal(fallback.losses(), chosen.losses())  # the same held-out text as asking for it
 
 
 def test_a_llama_gets_its_losses_and_its_future_gradient_share(llama_folder, llama_text, tmp_path):

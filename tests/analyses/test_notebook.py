@@ -7,6 +7,8 @@ from pathlib import Path
 import nbformat
 from nbclient import NotebookClient
 
+from forethought.analyses.plots import chromium
+
 NOTEBOOK = Path(__file__).parents[2] / "analyses" / "compare_checkpoints.ipynb"
 
 
@@ -17,7 +19,8 @@ def test_notebook_is_stored_without_outputs():
     assert code and all(cell.outputs == [] and cell.execution_count is None for cell in code)
 
 
-def test_notebook_runs_headless(tmp_path):
+def test_notebook_runs_headless(tmp_path, monkeypatch):
+    monkeypatch.setenv("FORETHOUGHT_PNG", "1")  # the kernel inherits it: a PNG beside each figure where Chromium is
     notebook = nbformat.read(NOTEBOOK, as_version=4)
     NotebookClient(
         notebook, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}
@@ -26,6 +29,8 @@ def test_notebook_runs_headless(tmp_path):
     assert not [output for output in outputs if output.output_type == "error"]
     figures = [output for output in outputs if "application/vnd.plotly.v1+json" in output.get("data", {})]
     assert len(figures) == 3  # accuracy by layer, the heatmap, accuracy after adding a checkpoint
+    if chromium():  # kept for viewers of the saved notebook without JavaScript (GitHub)
+        assert all(output["data"]["image/png"] for output in figures)
     summaries = [
         output["data"]["text/html"]
         for output in outputs

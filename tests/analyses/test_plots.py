@@ -5,11 +5,20 @@ from __future__ import annotations
 import subprocess
 
 import numpy as np
+import pandas as pd
 import plotly.graph_objects as go
 import pytest
 from PIL import Image
 
-from forethought.analyses.plots import PLOTLY_JS, chromium, save_figure
+from forethought.analyses.plots import (
+    MENU_LABEL,
+    PLOTLY_JS,
+    chromium,
+    difference_heatmap,
+    save_figure,
+    signed,
+    static_figure,
+)
 
 needs_chromium = pytest.mark.skipif(chromium() is None, reason="no Chromium here (CI installs one: .ci/run)")
 
@@ -51,3 +60,25 @@ def test_a_figure_draws_offline_in_a_headless_browser_with_its_menus(tmp_path, m
         assert (pixels < 250).mean() > 0.05, picture  # not a white page: the plot area, lines and text are drawn
     (tmp_path / PLOTLY_JS).unlink()  # and without the library beside it, the page is blank: the test can fail
     assert "main-svg" not in _browser("--dump-dom", page=tmp_path / "figure.html").stdout
+
+
+def test_a_picture_leaves_out_the_menus_and_their_labels_and_keeps_other_notes():
+    figure = _figure_with_a_menu().add_annotation(text="metric", name=MENU_LABEL, x=0, y=1.1, showarrow=False)
+    figure.add_annotation(text="n = 40", x=1, y=2, showarrow=False)
+    static = static_figure(figure)
+    assert static.layout.updatemenus == () and [note.text for note in static.layout.annotations] == ["n = 40"]
+    assert len(figure.layout.updatemenus) == 1 and len(figure.layout.annotations) == 2  # the figure is untouched
+    assert [trace.visible for trace in static.data] == [None, False]  # the view it opens on
+
+
+@pytest.mark.parametrize("value, text", [(-0.0004, "0.000"), (0.0004, "0.000"), (-0.0006, "-0.001"),
+                                         (0.0126, "+0.013"), (0.0, "0.000")])
+def test_a_difference_that_rounds_to_zero_has_no_sign(value, text):
+    assert signed(value) == text
+
+
+def test_a_heatmap_of_exact_zeros_says_so_instead_of_spreading_a_scale():
+    rows = pd.DataFrame({"layer": [0, 0, 1, 1], "tau": [1, 2, 1, 2], "value": 0.0, "ci_low": 0.0, "ci_high": 0.0})
+    figure = difference_heatmap(rows, "P", "P")
+    assert "every difference is exactly 0" in figure.layout.title.text
+    assert figure.data[0].zmax < 0.01 and "-0.000" not in str(figure.data[0].text)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 
 import numpy as np
@@ -16,6 +17,7 @@ from forethought.analyses.cli import main
 from forethought.analyses.compare import Comparison
 from forethought.analyses.precache import MATCHED, PRECACHE, PrecacheConfig, run_precache
 from forethought.analyses.probe import ProbeConfig, ProbeResults, run_probe
+from forethought.analyses.probing import AT_PRIOR
 from forethought.analyses.results import CONTROL
 from forethought.core.errors import ForethoughtError
 from forethought.models.heldout import heldout_sample, token_losses
@@ -44,12 +46,16 @@ def test_probe_table_figure_and_reuse(twins, tmp_path, monkeypatch):
     assert results.best_layers("myopic") == {  # chosen on validation, never on the test examples
         tau: int(rows.loc[rows["value"].idxmax(), "layer"]) for tau, rows in chosen.groupby("tau")}
     assert (table["probe"] == "topk − skip-bigram").sum() == len(probed)  # the same grid, paired with the counts
+    assert (table["probe"] == "topk − unigram").sum() == len(probed)  # and with the class prior
+    assert set(table.loc[table.index.isin(probed.index), "flag"]) <= {"", AT_PRIOR}  # every probe row flagged or not
+    assert table.loc[~table.index.isin(probed.index) & (table["split"] == "test"), "flag"].isna().all()
     lens = table[table["probe"] == "logit lens"]
     assert len(lens) == 3 * 3 * 3 and set(lens["tau"]) == {1}  # checkpoints × layers × metrics, τ = 1 only
     assert set(table.loc[table["layer"].isna(), "probe"]) == {"unigram", "skip-bigram"}
     top1 = results.accuracy()
     assert list(top1.columns) == [0, 1, 2] and ((top1 >= 0) & (top1 <= 1)).all().all()
-    assert {trace.name for trace in results.figure().data} == {"τ = 1", "τ = 2", "logit lens (τ = 1)"}
+    assert {trace.name for trace in results.figure().data} <= {"τ = 1", "τ = 2", "logit lens (τ = 1)",
+                                                                "at the prior (no better than the majority class)"}
     assert (tmp_path / "probe" / "figures" / "probe_topk_top1.html").exists()
     assert ProbeResults.from_folder(tmp_path / "probe").table.equals(table)
     meta = json.loads((tmp_path / "probe" / "meta.json").read_text())
@@ -66,8 +72,14 @@ def test_probe_table_figure_and_reuse(twins, tmp_path, monkeypatch):
     for (layer, tau), row in beyond.iterrows():  # paired means: exactly probe − baseline
         assert row["value"] == pytest.approx(top1.loc[("myopic", tau), layer] - skip_bigram[tau], abs=1e-12)
         assert row["ci_low"] <= row["value"] <= row["ci_high"]
-    assert "myopic" not in results.reading() and "vanilla: top1 of the probe minus the skip-bigram" in results.reading()
-    assert "best layer chosen on the validation sequences" in results.reading()
+    reading = results.reading()
+    assert "myopic" not in reading and "vanilla: held-out top1 of the probe at its best layer" in reading
+    for tau in (1, 2):  # the strongest baseline is named: the best of unigram, skip-bigram and (τ = 1) the lens
+        candidates = results.baseline_values(tau)
+        assert set(candidates) == ({"unigram", "skip-bigram", "logit lens"} if tau == 1 else {"unigram", "skip-bigram"})
+        strongest = max(candidates, key=lambda name: candidates[name][0])
+        assert re.search(rf"τ = {tau}: best layer \d: [\d.]+, (above|below|not separable from) the strongest "
+                         rf"baseline, {strongest}", reading), reading
     monkeypatch.setattr("forethought.probes.cache.read_layers", lambda *a: pytest.fail("cache rebuilt"))
     monkeypatch.setattr("forethought.probes.store.fit_future_probes", lambda *a, **k: pytest.fail("refitted"))
     again = run_probe(settings(twins, tmp_path / "probe"))
@@ -218,3 +230,17 @@ def test_nonlinear_probes_sit_beside_the_linear_ones_with_their_paired_differenc
     assert set(validation["probe"]) == {"topk", "mlp"}
     assert main(["probe", "--checkpoints", str(twins / "vanilla"), "--nonlinear", "--out", str(tmp_path / "x")]) == 2
     assert "add --kind topk" in capsys.readouterr().err and not (tmp_path / "x").exists()
+
+
+def test_a_held_out_sample_of_few_documents_is_warned_about(twins, tmp_path, caplog):
+    """Intervals resample documents: a split whose test sequences come from a handful of them says so."""
+    for max_sequences in (40, 400):
+        comparison = Comparison.from_checkpoints({"vanilla": str(twins / "vanilla")}, tmp_path / str(max_sequences),
+                                                 max_sequences=max_sequences, tokens_root=str(twins / "tokens"),
+                                                 random_init=False, progress=False)
+        caplog.clear()
+        with caplog.at_level("WARNING"):
+            split = comparison.split(comparison.settings.probe_config("cpu"))
+        documents = len(np.unique(comparison.sample.clusters[split.test]))
+        assert (documents < engine.FEW_DOCUMENTS) == (max_sequences == 40), documents  # both sides exercised
+        assert (f"come from {documents} held-out documents only" in caplog.text) == (documents < engine.FEW_DOCUMENTS)

@@ -42,6 +42,7 @@ def test_share_is_of_the_squared_norm_and_the_cosine_its_angle(monkeypatch):
     per_sequence[0, 8] = -np.sqrt(0.97 * 0.03)  # layer 2: opposite
     monkeypatch.setattr(gradients, "future_gradient_stats", lambda *args: np.repeat(per_sequence, 4, axis=0))
     split = future_gradient_split(None, sequences)
-    assert [e.value for e in split[SHARE]] == pytest.approx([0.03, 0.03, 0.03])
-    assert [e.value for e in split[COSINE]] == pytest.approx([0.0, 1.0, -1.0])
+    assert list(split[SHARE]) == list(split[COSINE]) == [0, 1, 2]  # labelled by residual layer
+    assert [e.value for e in split[SHARE].values()] == pytest.approx([0.03, 0.03, 0.03])
+    assert [e.value for e in split[COSINE].values()] == pytest.approx([0.0, 1.0, -1.0])
     assert split[SHARE][0].n == 4 * 5 and split[SHARE][0].ci_low == pytest.approx(0.03)  # identical sequences
