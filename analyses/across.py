@@ -259,6 +259,7 @@ class TrendResults(ExperimentResults):
                                line=dict(color="gray", dash="dash"),
                                name=f"OLS: {trend['slope']:+.3f} per 10× (p = {trend['p']:.2g})")
         figure.add_hline(y=0, line=dict(color="black", dash="dot"))
+        figure.update_xaxes(tickvals=sizes["parameters"], ticktext=[f"{n / 1e6:.3g} M" for n in sizes["parameters"]])
         quantity = rows["quantity"].iloc[0]
         fitted = (f"OLS slope {signed(trend['slope'])} per 10×, p = {trend['p']:.2g}" if np.isfinite(trend["slope"])
                   else "no slope: it needs ≥ 3 runs at ≥ 2 sizes")
