@@ -36,5 +36,6 @@ def progress_bar(iterable: Iterable | None = None, **options: Any) -> tqdm:
     """``tqdm(iterable, **options)``, written as plain lines (:class:`LogLines`, every :data:`LOG_INTERVAL_S`)
     where stderr is not a terminal and the bar is not a notebook widget."""
     if not tqdm.__module__.startswith("tqdm.notebook") and not sys.stderr.isatty():
-        options = {"mininterval": LOG_INTERVAL_S, "file": LogLines(sys.stderr), **options}
+        options = {"mininterval": LOG_INTERVAL_S, "maxinterval": LOG_INTERVAL_S, "file": LogLines(sys.stderr),
+                   **options}  # maxinterval: tqdm's monitor would otherwise redraw every 10 s
     return tqdm(iterable, **options)
