@@ -77,7 +77,7 @@ class LMTrainConfig(Presets):
     corpus_split: str = "train"  # which split of a hub dataset to read
     text_field: str = "text"  # the field of a jsonl / parquet / hub row that holds the text
     max_documents: int | None = None  # read only this many documents of the corpus (default: all)
-    layout: str = "first"  # 'first': first `seq_len` tokens of each document that long (the paper's); 'packed'
+    layout: str = "first"  # 'first': each document's first `seq_len` tokens (paper's); 'packed': cut across documents
     seq_len: int = 64  # tokens per training sequence
     split_seed: int = 0  # seeds the 90 / 1 / 9 % train / validation / test split by document
     tokens_root: str = "runs/tokens"  # token files are written (once) under here
@@ -89,12 +89,12 @@ class LMTrainConfig(Presets):
     objective: str = NEXT_TOKEN  # 'next-token', or 'mtp:K': K heads predict x[t+1] … x[t+K] (mean loss; models/mtp.py)
     dropout: float | None = None  # dropout rate (default: 0 for presets, a loaded model's own; > 0 slows myopic)
     # training
-    epochs: float = 1.0  # passes over the training sequences (ignored when steps is set)
+    epochs: float = 1.0  # passes over the training sequences (ignored when `steps` is set)
     steps: int | None = None  # optimiser steps (default: from epochs)
     seed: int = 0  # model initialisation and data order
     training: TrainSettings = field(default_factory=lambda: TrainSettings(
         batch_size=512, lr=6e-4, warmup_frac=0.1, eval_every=200, checkpoint_every=1000))
-    out: str = "runs/lm"  # run folder: checkpoints, history, token files (resumed when rerun)
+    out: str = "runs/lm"  # run folder: checkpoints and training history (resumed when rerun)
     device: str = "auto"  # 'auto': CUDA when available
     progress: bool = True  # show progress bars
     preset: str | None = None  # starting values: cpu (small, for 2 cores); flags override them (default: the paper's)
