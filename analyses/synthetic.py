@@ -135,9 +135,10 @@ class SyntheticResults(ExperimentResults):
         figure.add_hline(y=0, line=dict(color="gray", dash="dot"))
         figure.update_xaxes(title_text="offset k (loss at t + k)", dtick=1)
         figure.update_yaxes(title_text="Δ Huber, LEACE − random", col=1)
-        figure.update_layout(title=f"Synthetic task: erasing sin({self.config.freq:g}·x[t]) from h[l, t] — the "
-                                   f"loss at t (own path) and at t + 1 … t + {self.config.n_terms} (future path), "
-                                   "beyond random directions of equal rank; 95% CI over sequences")
+        figure.update_layout(title=f"Synthetic task: erasing sin({self.config.freq:g}·x[t]) from h[l, t]<br><sup>"
+                                   f"the loss at t (own path) and at t + 1 … t + {self.config.n_terms} (future path), "
+                                   "beyond random directions of equal rank; 95% CI over sequences</sup>",
+                             margin=dict(t=100))
         return figure
 
     def probe_figure(self) -> go.Figure:
@@ -171,7 +172,7 @@ class SyntheticResults(ExperimentResults):
         lines.append(f"probe R² for sin({self.config.freq:g}·x_t) by layer:")
         lines.append("  layer  " + "  ".join(f"{name:>11}" for name in r2.columns))
         for layer, row in r2.iterrows():
-            lines.append(f"  {layer:>5}  " + "  ".join(f"{v:>11.3f}" for v in row))
+            lines.append(f"  {layer:>5}  " + "  ".join(f"{round(v, 3) + 0.0:>11.3f}" for v in row))  # no -0.000
         return "\n".join(lines)
 
 
