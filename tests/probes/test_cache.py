@@ -55,7 +55,8 @@ def test_finished_cache_is_reused_and_other_data_refused(lm_folder, tmp_path, mo
 
 
 def test_interrupted_cache_resumes_to_the_same_files(lm_folder, tmp_path, monkeypatch):
-    straight = build_cache(lm_folder, TOKENS, tmp_path / "straight", batch_size=3, progress=False)
+    # in another folder: a finished cache of the same weights beside it would be linked, not computed
+    straight = build_cache(lm_folder, TOKENS, tmp_path / "elsewhere" / "straight", batch_size=3, progress=False)
     real, calls = forethought.probes.cache.read_layers, {"n": 0}
 
     def crashes_on_third_chunk(*args):
