@@ -162,8 +162,9 @@ def build_cache(
     :func:`models.sources.model_folder` source, loaded here) over ``tokens`` [n, seq] — exactly those tokens: nothing
     (no BOS) is added. ``precision``: the forward pass's (recorded).
 
-    A finished cache of the same weights, data, layers and precision is reused without running the model; an
-    interrupted one resumes; one of anything else is refused with what differs. Needs and checks the disk space
+    A finished cache of the same weights, data, layers and precision is reused without running the model (one
+    beside ``folder``, made under another name for the same weights, is hard-linked into it); an interrupted one
+    resumes; one of anything else is refused with what differs. Needs and checks the disk space
     before writing. The residuals are read by forward hooks on the model's own decoder blocks
     (:func:`probes.residuals.read_layers`: the model's forward pass and nothing more, in eval mode, equal to what a
     TransformerLens bridge reads at the same hook names); the model is left as it was.
