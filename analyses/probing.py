@@ -208,6 +208,7 @@ class ProbingResults(ExperimentResults):
         beyond = {name: rows for name, rows in beyond.items() if len(rows)}  # runs before the unigram rows: one
         probed = self._probed(metric)
         probed = probed[probed["checkpoint"] == checkpoint].set_index(["layer", "tau"])
+        layers = sorted({int(layer) for layer, _ in probed.index})
         lines = [f"{checkpoint}: held-out {metric} of the probe at its best layer (chosen on the validation "
                  "sequences) beside the strongest baseline, paired 95% CI against a count baseline:"]
         for tau in sorted(best):
@@ -223,7 +224,6 @@ class ProbingResults(ExperimentResults):
                 side = ("above" if sign * row["ci_low"] > 0 and sign * row["ci_high"] > 0 else
                         "below" if sign * row["ci_low"] < 0 and sign * row["ci_high"] < 0 else "not separable from")
                 interval = f" ({row['value']:+.3f}, {row['ci_low']:+.3f} – {row['ci_high']:+.3f})"
-            layers = sorted({int(layer) for layer, _ in probed.index})
             better = [lay for lay in layers if all(
                 (lay, tau) in rows.index and min(sign * rows.loc[(lay, tau), "ci_low"],
                                                  sign * rows.loc[(lay, tau), "ci_high"]) > 0
