@@ -80,9 +80,9 @@ class CompareConfig:
     progress: bool = True  # show progress bars
 
     def __post_init__(self):
-        check_settings(self)
         if not self.run:
             raise ForethoughtError("give `run`: the --out folder of a forethought probe or precache run")
+        check_settings(self)
 
 
 def run_compare(config: CompareConfig) -> Comparison:

@@ -180,7 +180,11 @@ class PathStarResults(ExperimentResults):
                          facet_col="checkpoint", markers=True, range_y=[-0.02, 1.02],
                          labels={"value": "probe accuracy", "probe_target": "probe for"},
                          title=f"Path-star {self.config.spec()}: planning probes at target position {position} "
-                               f"(0 = '='), held-out graphs; goal-arm chance {self.chance:.2f}")
+                               f"(0 = '='), held-out graphs<br><sup>goal arm: 1/d = {self.chance:.2f} for a "
+                               "random guess (dotted)" + (", while layer 0 (the same '=' in every graph) scores the "
+                               "held-out rate of the training majority arm" if position == 0 else "") + "</sup>")
+        figure.add_hline(y=self.chance, line_dash="dot", line_color="gray")
+        figure.update_layout(margin=dict(t=100))
         figure.update_xaxes(dtick=1)
         facet_labels_as_values(figure)
         return figure

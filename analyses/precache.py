@@ -24,11 +24,12 @@ import plotly.graph_objects as go
 import torch
 
 from forethought.analyses.engine import heldout_tokens, load_checkpoints, probe_checkpoints, probe_meta
-from forethought.analyses.experiment import finish_run, writes_run
+from forethought.analyses.experiment import check_out, finish_run, writes_run
 from forethought.analyses.plots import FDR_NOTE, difference_heatmap
 from forethought.analyses.probing import PROBE_COLUMNS, ProbeSettings, ProbingResults
 from forethought.analyses.results import CONTROL, tidy
 from forethought.core.errors import ForethoughtError
+from forethought.models.families import n_layers
 from forethought.models.heldout import HeldOutSample
 from forethought.models.lm import LMCheckpoint
 from forethought.models.train import resolve_device
@@ -126,6 +127,8 @@ def run_precache(config: PrecacheConfig) -> PrecacheResults:
     """Probe both twins and the control, estimate P and B per (layer, τ); write table, meta and figures."""
     checkpoints = load_checkpoints(config.named_checkpoints())
     check_twins(checkpoints["vanilla"], checkpoints["myopic"])
+    check_out(config.out, config)  # the folder and the layers, before the loss match's work and warnings
+    config.layer_list(n_layers(checkpoints["vanilla"].model.config))
     match, heldout = None, None
     if config.loss_matched:  # the checkpoint of matching loss is found on the sample the probes read
         heldout = heldout_tokens(checkpoints, config)

@@ -36,6 +36,8 @@ OPEN_UNIT: Rule = ("in (0, 1)", lambda v: 0 < v < 1)
 HALF_OPEN_UNIT: Rule = ("in [0, 1)", lambda v: 0 <= v < 1)
 PROBABILITY: Rule = ("in [0, 1]", lambda v: 0 <= v <= 1)
 SEED: Rule = ("≥ 0 and < 2³²", lambda v: 0 <= v < 2**32)  # seeds are combined and offset (torch takes < 2⁶⁴)
+LARGEST = 2**31  # every other integer setting stays below it: a size, a count or a step beyond it is a typo, and
+# past 2⁶³ numpy and torch fail with tracebacks of their own
 
 RULES: dict[str, Rule] = {
     # sizes of data and models
@@ -64,26 +66,27 @@ RULES: dict[str, Rule] = {
 
 def check_settings(config: Any, overrides: dict[str, Rule] | None = None) -> None:
     """Refuse, in one line naming the setting, any numeric field of the dataclass ``config`` that is not finite
-    or outside its range in :data:`RULES` (``overrides`` replace rules for this config); also ``n_head`` not
-    dividing ``d_model``, and a ``device`` that is not there."""
+    or outside its range in :data:`RULES` (``overrides`` replace rules for this config), any integer from
+    :data:`LARGEST` up but a seed, and any text field left empty; also ``n_head`` not dividing ``d_model``, and a
+    ``device`` that is not there."""
     rules = {**RULES, **(overrides or {})}
     for field in fields(config):
         value = getattr(config, field.name)
+        if isinstance(value, str) and not value.strip():  # '' would mean the current folder, or every file
+            raise ForethoughtError(f"{field.name} is empty: give a value or leave the setting out")
         if value is None or isinstance(value, bool) or not isinstance(value, (int, float)):
             continue
         if isinstance(value, float) and not math.isfinite(value):
             raise ForethoughtError(f"{field.name} must be a finite number, got {value}")
         if field.name in rules and not rules[field.name][1](value):
             raise ForethoughtError(f"{field.name} must be {rules[field.name][0]}, got {value}")
+        if isinstance(value, int) and value >= LARGEST and rules.get(field.name) is not SEED:
+            raise ForethoughtError(f"{field.name} must be < 2³¹, got {value}")
     d_model, n_head = getattr(config, "d_model", None), getattr(config, "n_head", None)
     if d_model is not None and n_head is not None and d_model % n_head:
         raise ForethoughtError(f"n_head {n_head} does not divide d_model {d_model}")
     if isinstance(getattr(config, "device", None), str):
         check_device(config.device)
-    for name in ("out", "corpus", "preset", "figures_dir", "tokens_root"):  # '' would mean the current folder, or all
-        value = getattr(config, name, None)
-        if isinstance(value, str) and not value.strip():
-            raise ForethoughtError(f"{name} is empty: give a value or leave the setting out")
     for name in ("out", "figures_dir", "tokens_root"):  # folders written into: refused before any work if files
         value = getattr(config, name, None)
         if isinstance(value, str) and Path(value).exists() and not Path(value).is_dir():

@@ -131,6 +131,12 @@ def load_tokenizer(name: str) -> PreTrainedTokenizerBase:
     if name == "gpt2":
         return gpt2_tokenizer()
     source = model_folder(name)
+    if not Path(source).exists():  # a hub id: fetched only where the hub answers (no retries for minutes)
+        if looks_like_a_path(source):
+            raise ForethoughtError(f"tokenizer folder {source} does not exist")
+        if not hub_reachable():
+            raise ForethoughtError(f"{source} is not a folder, and the Hugging Face hub cannot be reached to fetch "
+                                   "its tokenizer")
     try:
         return AutoTokenizer.from_pretrained(source)
     except (OSError, ValueError, RecursionError) as error:  # RecursionError: a tokenizer file nested too deeply

@@ -468,6 +468,11 @@ class TextData:
             raise ForethoughtError(f"unknown layout {self.layout!r}; choose first or packed")
         if self.corpus.startswith("hf:") and not self.corpus[3:].partition(":")[0]:
             raise ForethoughtError(f"corpus {self.corpus} names no dataset: give hf:NAME or hf:NAME:CONFIG")
+        plain = is_embedded(self.corpus) or self.corpus.endswith(".txt")  # text without rows or fields
+        if plain and self.text_field != "text":
+            raise ForethoughtError(f"`text_field` applies to jsonl, parquet and hub corpora, not to {self.corpus}")
+        if self.corpus_split != "train" and not self.corpus.startswith("hf:"):
+            raise ForethoughtError(f"`corpus_split` applies to hub datasets (hf:NAME), not to {self.corpus}")
         if is_embedded(self.corpus):  # named in full, so a token folder is never reused for another mix
             object.__setattr__(self, "corpus", f"{EMBEDDED}:{','.join(embedded_names(self.corpus))}")
         if self.seq_len < 2:

@@ -45,6 +45,9 @@ BAD_INPUT = {
         (["--ridge-alpha", "-1"], r"ridge_alpha must be ≥ 0"),
         (["--vanilla-checkpoint", "missing"], r"checkpoint folder missing does not exist"),
         (["--figures-dir", "corpus.txt"], r"--figures-dir corpus.txt is a file, not a folder"),  # trained first
+        # the third attack: integers past 2³¹ (overflow tracebacks, or runs that never end)
+        (["--steps", "99999999999999999999"], r"steps must be < 2³¹, got 99999999999999999999"),
+        (["--heldout-sequences", "99999999999999999999"], r"heldout_sequences must be < 2³¹"),
     ],
     "pathstar": [
         (["--preset", "nope"], r"unknown preset 'nope'"),
@@ -57,6 +60,7 @@ BAD_INPUT = {
         (["--n-nodes", "1"], r"n_nodes must be ≥ 2"),
         (["--eval-samples", "0"], r"eval_samples must be ≥ 1"),
         (["--probe-test-fraction", "0"], r"probe_test_fraction must be in \(0, 1\)"),
+        (["--n-train", "99999999999999999999"], r"n_train must be < 2³¹"),
         (["--train-file", "missing.txt", "--test-file", "star.txt"], r"missing.txt does not exist"),
         (["--train-file", "latin1.txt", "--test-file", "star.txt"], r"latin1.txt is not a path-star text file"),
         (["--train-file", "star.txt", "--test-file", "notstar.txt"], r"notstar.txt line 1"),
@@ -102,6 +106,14 @@ BAD_INPUT = {
         (["--model", "blockless"], r"the config of blockless has -3 layers; a model needs at least one"),
         (["--model", "listconfig"], r"listconfig/config.json is damaged \(it holds a JSON list, not an object\)"),
         (["--out", "otherrun"], r"--out otherrun holds a run of another command \(its config.json\)"),
+        (["--text-field", ""], r"text_field is empty"),
+        (["--corpus", "corpus.txt", "--text-field", "body"], r"--text-field applies to jsonl, parquet and hub corpora, "
+                                                             r"not to corpus.txt"),
+        (["--corpus-split", "validation"], r"--corpus-split applies to hub datasets \(hf:NAME\), not to embedded"),
+        (["--max-documents", "99999999999999999999"], r"max_documents must be < 2³¹"),
+        (["--tokenizer", "nowhere"], r"nowhere is not a folder, and the Hugging Face hub cannot be reached to fetch "
+                                     r"its tokenizer"),
+        (["--tokenizer", "./nowhere"], r"tokenizer folder ./nowhere does not exist$"),
     ],
     "probe": [
         ([], r"give --checkpoints"),
@@ -114,6 +126,7 @@ BAD_INPUT = {
         (["--checkpoints", "x", "--top-k", "abc"], r"probe: argument --top-k: invalid int value: 'abc'"),
         (["--checkpoints", "x", "--layers", "0", "--taus", "1", "--kind"], r"argument --kind: expected one argument"),
         (["--checkpoints", "x", "--max-epochs", "0"], r"max_epochs must be ≥ 1"),
+        (["--checkpoints", "x", "--max-epochs", "99999999999999999999"], r"max_epochs must be < 2³¹"),
         (["--checkpoints", "x", "--patience", "-1"], r"patience must be ≥ 0"),
         (["--checkpoints", "x", "--max-sequences", "0"], r"max_sequences must be ≥ 1"),
         (["--checkpoints", "x", "--precision", "float8"], r"float8"),
@@ -145,6 +158,8 @@ BAD_INPUT = {
     "precache": [
         (["--vanilla", "truncated"], r"myopic"),
         (["--vanilla", "a", "--myopic", "b", "--max-epochs", "0"], r"max_epochs must be ≥ 1"),
+        (["--vanilla", "good", "--myopic", "good", *GOOD[2:], "--layers", "-1"],  # before the loss match's warning
+         r"layers \[-1\] out of range: the checkpoints have residual layers 0 … 3"),
     ],
     "gap": [
         ([], r"give --vanilla and/or --myopic"),
@@ -179,12 +194,15 @@ BAD_INPUT = {
         (["--epochs", "0"], r"epochs must be > 0"),
         (["--taus", "0"], r"taus must be offsets ≥ 1, got 0"),  # both ran 26 s of caching first
         (["--taus", "64"], r"taus reach 64, but the benchmark's sequences have 64 tokens"),
+        (["--folder", ""], r"folder is empty"),
+        (["--d-model", "99999999999999999999"], r"d_model must be < 2³¹"),
     ],
     "bench pathstar": [
         (["--degree", "1"], r"degree must be ≥ 2"),
         (["--n-nodes", "5"], r"N = 5 labels are too few"),
         (["--n-train", "0"], r"n_train must be ≥ 1"),
-        (["--n-train", "10000000000000"], r"not enough memory for these settings \(.*\); choose smaller ones"),
+        (["--n-train", "2000000000"], r"not enough memory for these settings \(.*\); choose smaller ones"),
+        (["--n-train", "10000000000000"], r"n_train must be < 2³¹"),
     ],
     "bench grid": [
         (["--kind", "x"], r"unknown probe kind 'x'"),

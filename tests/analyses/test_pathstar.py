@@ -99,6 +99,8 @@ def test_tiny_run_tables_and_figures(tiny_run):
     for stem in ("pathstar_accuracy", "pathstar_positions", "pathstar_probes"):
         assert (out / "figures" / f"{stem}.html").exists()
     assert len(results.probe_figure().data) > 0 and "goal-arm" in results.summary()
+    at_equals, at_target = (results.probe_figure(position).layout.title.text for position in (0, 1))
+    assert f"1/d = {results.chance:.2f}" in at_equals and "layer 0" in at_equals and "layer 0" not in at_target
     reloaded = PathStarResults.from_folder(out)
     pd.testing.assert_frame_equal(reloaded.table, results.table)
 
