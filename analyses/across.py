@@ -36,6 +36,14 @@ KEYS = ["checkpoint", "task", "layer", "position", "tau", "target", "probe", "me
 GAP_SUFFIX = "(myopic − vanilla)"  # the checkpoint name of the myopia gap rows ends so
 PRECACHE_SUFFIX = "(vanilla − myopic)"  # and the pre-caching estimate's
 MATCHED_SUFFIX = "(vanilla at the myopic loss − myopic)"  # and the loss-matched estimate's
+SEEDS_HEATMAPS = (  # (the estimate's name ends with, figure stem, what it is) of precache runs' estimates
+    (PRECACHE_SUFFIX, "seeds_precache_heatmap", "P = top-1(vanilla) − top-1(myopic)"),
+    (MATCHED_SUFFIX, "seeds_precache_matched_heatmap",
+     "P_matched = top-1(vanilla at the myopic twin's loss) − top-1(myopic)"),
+    ("(mtp − vanilla)", "seeds_precache_mtp_heatmap", "P_mtp = top-1(mtp) − top-1(vanilla)"),
+    ("(mtp − vanilla at equal loss)", "seeds_precache_mtp_matched_heatmap",
+     "P_mtp at equal loss = top-1(mtp) − top-1(vanilla), the better one's run at the other's loss"),
+)
 
 
 @dataclass
@@ -124,12 +132,11 @@ class SeedsResults(ExperimentResults):
         figures = {}
         if not self.gap().empty:
             figures["seeds_gap"] = self.gap_figure()
-        for suffix, stem in ((PRECACHE_SUFFIX, "seeds_precache_heatmap"),
-                             (MATCHED_SUFFIX, "seeds_precache_matched_heatmap")):
+        for suffix, stem, difference in SEEDS_HEATMAPS:
             rows = self.table[self.table["checkpoint"].str.endswith(suffix) & (self.table["metric"] == "top1")
                               & (self.table["split"] == "test")]
             if not rows.empty:
-                figures[stem] = self.heatmap(rows, matched=suffix == MATCHED_SUFFIX)
+                figures[stem] = self.heatmap(rows, difference)
         return figures
 
     def _labels(self) -> list[str]:
@@ -155,24 +162,23 @@ class SeedsResults(ExperimentResults):
                              xaxis_title="run", yaxis_title="nats per token")
         return figure
 
-    def heatmap(self, rows: pd.DataFrame, matched: bool = False) -> go.Figure:
-        """Mean P (``matched``: P_matched) over runs per (layer, τ); cells say mean ± sd and how many runs'
-        intervals exclude 0, and "n.s." where the t-test across runs is not significant over the grid
-        (Benjamini–Hochberg, 5 % false-discovery rate)."""
+    def heatmap(self, rows: pd.DataFrame, difference: str = SEEDS_HEATMAPS[0][2]) -> go.Figure:
+        """The mean of a paired estimate over runs per (layer, τ) (``difference`` says which: P by default); cells
+        say mean ± sd and how many runs' intervals exclude 0, and "n.s." where the t-test across runs is not
+        significant over the grid (Benjamini–Hochberg, 5 % false-discovery rate)."""
         n = len(self._labels())
         cells = rows.assign(value=rows["mean"], p=rows["p_across_runs"])
-        figure = difference_heatmap(cells, f"Pre-caching estimate P (top-1), mean over {n} training seeds", "mean P")
+        figure = difference_heatmap(cells, difference, "mean")
         significant = bh_significant(rows["p_across_runs"].to_numpy())
         text = rows.assign(text=[f"{signed(r['mean'])} ± {r['sd']:.3f}<br>{r['runs_above_0']}↑ {r['runs_below_0']}↓"
                                  + (" flips" if r["sign"] == "flips" else "") + ("" if marked else "<br>n.s.")
                                  for (_, r), marked in zip(rows.iterrows(), significant)])
         grid = text.pivot(index="layer", columns="tau", values="text")
         figure.update_traces(text=grid.to_numpy(), texttemplate="%{text}")
-        vanilla = "vanilla at the myopic twin's loss" if matched else "vanilla"
-        figure.update_layout(title=f"{'P_matched' if matched else 'P'} = top-1({vanilla}) − top-1(myopic): mean ± sd "
-                                   f"over {n} seeds<br><sup>k↑ / k↓: runs whose 95% CI lies above / below 0; flips: "
-                                   "the runs' values lie on both sides of 0; n.s.: t-test across seeds not significant "
-                                   "at a 5% false-discovery rate over the grid</sup>", margin=dict(t=110))
+        figure.update_layout(title=f"{difference}: mean ± sd over {n} seeds<br><sup>k↑ / k↓: runs whose 95% CI lies "
+                                   "above / below 0; flips: the runs' values lie on both sides of 0; n.s.: t-test "
+                                   "across seeds not significant at a 5% false-discovery rate over the grid</sup>",
+                             margin=dict(t=110))
         return figure
 
     def headline(self) -> pd.DataFrame:

@@ -17,7 +17,8 @@ GAP = "myopia gap (myopic − vanilla)"
 PRECACHE = "pre-caching (vanilla − myopic)"
 
 
-def _gap_run(folder, gap: tuple[float, float, float], vanilla_loss: float, model_folder=None):
+def _gap_run(folder, gap: tuple[float, float, float], vanilla_loss: float, model_folder=None,
+             estimates: tuple[str, ...] = (PRECACHE,)):
     rows = [
         {
             "checkpoint": "vanilla",
@@ -40,11 +41,12 @@ def _gap_run(folder, gap: tuple[float, float, float], vanilla_loss: float, model
             "n": 5,
         },
     ]
-    for layer in range(2):
-        for tau in (1, 2):
-            value = gap[0] * (layer + tau)
-            rows.append({"checkpoint": PRECACHE, "layer": layer, "tau": tau, "metric": "top1", "value": value,
-                         "ci_low": value - 0.01, "ci_high": value + 0.01, "n": 50})
+    for estimate in estimates:
+        for layer in range(2):
+            for tau in (1, 2):
+                value = gap[0] * (layer + tau)
+                rows.append({"checkpoint": estimate, "layer": layer, "tau": tau, "metric": "top1", "value": value,
+                             "ci_low": value - 0.01, "ci_high": value + 0.01, "n": 50})
     meta = {"config": {"vanilla": "v", "myopic": "m", "out": str(folder)},
             "checkpoints": {"vanilla": str(model_folder) if model_folder else "v"}}
     write_results(tidy(rows, task="text", split="test", seed=0), folder, meta)
@@ -65,6 +67,18 @@ def test_seed_spread_is_exact_and_names_sign_flips(tmp_path):
     assert set(results.figures()) == {"seeds_gap", "seeds_precache_heatmap"}
     reloaded = SeedsResults.from_folder(tmp_path / "seeds")  # the table round-trips through its folder
     pd.testing.assert_frame_equal(reloaded.table, results.table, check_dtype=False)
+
+
+def test_every_estimate_of_the_bracket_gets_its_seeds_heatmap(tmp_path):
+    beyond, matched = "beyond vanilla (mtp − vanilla)", "beyond vanilla, loss-matched (mtp − vanilla at equal loss)"
+    runs = [_gap_run(tmp_path / f"s{i}", (0.02 + i / 100, 0.01, 0.05), 4.0, estimates=(PRECACHE, beyond, matched))
+            for i in range(2)]
+    figures = run_seeds(AcrossConfig(runs=tuple(runs), out=str(tmp_path / "seeds"))).figures()
+    assert set(figures) == {"seeds_gap", "seeds_precache_heatmap", "seeds_precache_mtp_heatmap",
+                            "seeds_precache_mtp_matched_heatmap"}
+    assert figures["seeds_precache_mtp_heatmap"].layout.title.text.startswith(
+        "P_mtp = top-1(mtp) − top-1(vanilla): mean ± sd over 2 seeds")
+    assert figures["seeds_precache_heatmap"].data[0].z[1][1] == pytest.approx(0.025 * 3)  # layer 1, τ 2
 
 
 def test_one_sign_in_every_run_is_reported_as_holding(tmp_path):

@@ -164,6 +164,44 @@ def test_precache_estimates_are_paired_differences(twins, tmp_path, monkeypatch)
         ProbeResults.from_folder(tmp_path / "pre")  # a precache run is not a probe run
 
 
+def test_the_multi_token_bracket_adds_its_paired_estimates(twins, mtp_twin, tmp_path):
+    config = PrecacheConfig(vanilla=str(twins / "vanilla"), myopic=str(twins / "myopic"), mtp=str(mtp_twin),
+                            taus=(1, 2), layers=(0, 2), max_sequences=60, max_epochs=2, share_sequences=4,
+                            random_init=False, tokens_root=str(twins / "tokens"), out=str(tmp_path / "pre"),
+                            progress=False)
+    results = run_precache(config)
+    top1 = results.table[(results.table["metric"] == "top1") & (results.table["split"] == "test")
+                         & (results.table["probe"] == "softmax")]
+    probed = {name: top1[top1["checkpoint"] == name].pivot(index="layer", columns="tau", values="value")
+              for name in top1["checkpoint"].unique()}
+    np.testing.assert_allclose(results.precaching(beyond=True), probed["mtp"] - probed["vanilla"], atol=1e-12)
+    matched = results.mtp_matched()  # the better next-token model's run, at the other's loss
+    losses = results.losses()["value"]
+    record = json.loads((tmp_path / "pre" / "meta.json").read_text())["loss_match_mtp"][matched]
+    if matched == "mtp at the vanilla loss":
+        assert losses["mtp"] <= losses["vanilla"] and record["vanilla_loss"] == pytest.approx(losses["vanilla"])
+        expected = probed.get(matched, probed["mtp"]) - probed["vanilla"]
+    else:
+        assert losses["mtp"] > losses["vanilla"] and record["mtp_loss"] == pytest.approx(losses["mtp"])
+        expected = probed["mtp"] - probed.get(matched, probed["vanilla"])
+    np.testing.assert_allclose(results.precaching(matched=True, beyond=True), expected, atol=1e-12)
+    assert losses[matched] == pytest.approx(record[f"{matched.split()[0]}_loss"])
+    assert {"precache_softmax_heatmap_mtp.html", "precache_softmax_heatmap_mtp_matched.html"} <= {
+        p.name for p in (tmp_path / "pre" / "figures").glob("*.html")}
+    assert "the multi-token twin (positive control)" in results.summary()
+    shares = results.table[results.table["metric"] == "future_squared_share"]
+    assert set(shares["checkpoint"]) == {"vanilla", "myopic", "mtp"}
+
+
+def test_the_multi_token_twin_must_be_one(twins, mtp_twin, tmp_path, capsys):
+    common = ["--tokens-root", str(twins / "tokens"), "--out", str(tmp_path / "pre")]
+    for mtp, message in ((twins / "myopic", "--mtp .* was trained myopically"),
+                         (twins / "vanilla", "--mtp must be a multi-token twin of the vanilla one")):
+        assert main(["precache", "--vanilla", str(twins / "vanilla"), "--myopic", str(twins / "myopic"),
+                     "--mtp", str(mtp), *common]) == 2
+        assert re.search(message, capsys.readouterr().err) and not (tmp_path / "pre").exists()
+
+
 def test_the_loss_match_finds_a_checkpoint_of_equal_loss(twins):
     """A 'myopic twin' that is the vanilla run's own step-20 checkpoint is matched to exactly that step."""
     vanilla = LMCheckpoint.load(twins / "vanilla")
