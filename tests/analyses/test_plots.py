@@ -15,6 +15,7 @@ from forethought.analyses.plots import (
     PLOTLY_JS,
     chromium,
     difference_heatmap,
+    loss_curves_figure,
     save_figure,
     signed,
     static_figure,
@@ -82,3 +83,11 @@ def test_a_heatmap_of_exact_zeros_says_so_instead_of_spreading_a_scale():
     figure = difference_heatmap(rows, "P", "P")
     assert "every difference is exactly 0" in figure.layout.title.text
     assert figure.data[0].zmax < 0.01 and "-0.000" not in str(figure.data[0].text)
+
+
+def test_a_log_loss_axis_labels_its_ticks_in_full():
+    """Plotly labels minor log ticks with a bare digit ("1, 9, 8 … 2, 0.1"); the loss axis names each value."""
+    history = [{"step": s, "train_loss": 1.3 * 0.8 ** s, "eval_loss": 1.3 * 0.8 ** s} for s in range(0, 12, 2)]
+    axis = loss_curves_figure({"vanilla": history}, baseline=1.26).layout.yaxis
+    assert axis.type == "log" and list(axis.ticktext) == ["0.2", "0.3", "0.5", "1"]
+    assert list(axis.tickvals) == pytest.approx([0.2, 0.3, 0.5, 1.0])
