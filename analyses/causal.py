@@ -5,9 +5,11 @@ docs/causal.md."""
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from functools import partial
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -20,6 +22,7 @@ from forethought.analyses.engine import Probing
 from forethought.analyses.plots import FDR_NOTE, PALETTE, difference_heatmap, interval_line, measured_layers
 from forethought.analyses.probing import check_top_k
 from forethought.core.errors import ForethoughtError
+from forethought.core.files import check_folder_digests, staged_folder, write_folder_digests
 from forethought.models.heldout import token_losses
 from forethought.models.train import resolve_device
 from forethought.probes.erasure import ConceptEraser, ErasureFit, linear_r2, mlp_gain
@@ -208,13 +211,15 @@ def check_causal(engine: Probing, top_k: int) -> None:
 
 
 def causal_rows(engine: Probing, top_k: int, ranks: Sequence[int], n_positions: int,
-                names: Sequence[str] | None = None, controls: Sequence[str] = CONTROLS,
+                names: Sequence[str] | None = None, controls: Sequence[str] = CONTROLS, cells: Path | None = None,
                 ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """The causal test on ``engine``'s held-out sample (its document split, caches and settings: layers, τ, batch,
     seed, device): for each checkpoint of ``names`` (default: all), layer and τ, LEACE of x[t+τ] in the ``top_k``
     most frequent tokens + "other", fitted on the probe-training documents, at each of ``ranks`` and full rank,
-    beside its ``controls``, at ``n_positions`` positions t of each test sequence (evenly spaced). Returns (tidy
-    rows, meta)."""
+    beside its ``controls``, at ``n_positions`` positions t of each test sequence (evenly spaced). With ``cells``
+    (a folder of the run, whose settings bind it), each finished (checkpoint, layer) is kept there and a rerun
+    reads it back instead of computing it again: an interrupted run resumes to the rows of an uninterrupted one.
+    Returns (tidy rows, meta)."""
     settings = engine.settings
     tokens, taus, seed = engine.tokens, engine.taus, settings.seed
     device = resolve_device(settings.device)
@@ -234,6 +239,11 @@ def causal_rows(engine: Probing, top_k: int, ranks: Sequence[int], n_positions: 
         clean: dict = {}  # prefix caches and unedited losses, shared by every edit of this model
         rows.append({"checkpoint": name, "metric": "loss", "tau": 1, "target": "next token", **loss.columns()})
         for layer in engine.layers(name):
+            kept = None if cells is None else cells / name / f"layer-{layer:02d}"
+            if kept is not None and kept.is_dir():
+                rows += _read_cell(kept)
+                continue
+            layer_rows: list[dict[str, Any]] = []
             residuals = cache.layer(layer)  # [n, T, d]
             for tau in taus:
                 fit_rows, test_rows = (_concept(residuals, tokens, classes, sequences, tau)
@@ -243,19 +253,42 @@ def causal_rows(engine: Probing, top_k: int, ranks: Sequence[int], n_positions: 
                 fit_rows = _subsample(fit_rows, CHECK_FIT_ROWS, seed)  # the erasure check's rows
                 test_rows = _subsample(test_rows, CHECK_TEST_ROWS, seed)
                 cell = {"checkpoint": name, "layer": layer, "tau": tau, "target": f"x[t+{tau}]"}
-                rows += _check_rows(cell, None, fit_rows, test_rows, rank=0, edit="none", seed=seed)
+                layer_rows += _check_rows(cell, None, fit_rows, test_rows, rank=0, edit="none", seed=seed)
                 for rank in sorted({min(rank, fit.max_rank) for rank in ranks} | {fit.max_rank}):
                     effects = {}
                     for edit, eraser in erasers(fit, rank, seed, controls, unrelated).items():
-                        rows += _check_rows(cell, eraser, fit_rows, test_rows, rank=rank, edit=edit, seed=seed,
-                                            nonlinear=edit == LEACE and rank == fit.max_rank)
+                        layer_rows += _check_rows(cell, eraser, fit_rows, test_rows, rank=rank, edit=edit,
+                                                  seed=seed, nonlinear=edit == LEACE and rank == fit.max_rank)
                         effects[edit] = path_effects(model, test, partial(eraser.at, layer), positions, tau,
                                                      settings.batch_sequences, clean)
-                    rows += effect_rows({**cell, "rank": rank}, effects, clusters, seed)
+                    layer_rows += effect_rows({**cell, "rank": rank}, effects, clusters, seed)
+            if kept is not None:
+                _write_cell(kept, layer_rows)
+            rows += layer_rows
     meta = dict(heldout=engine.sample.composition(), positions=positions, classes=len(split.classes) + 1,
                 probe_split={part: getattr(split, part).tolist() for part in ("train", "validation", "test")},
                 checkpoints={name: engine.checkpoint(name).source for name in names or engine.names})
     return rows, meta
+
+
+def _write_cell(folder: Path, rows: list[dict[str, Any]]) -> None:
+    """Keep one finished (checkpoint, layer)'s rows, atomically, with their content digest: JSON, whose floats
+    round-trip exactly (numpy scalars written as the Python numbers they equal)."""
+    def plain(value: Any) -> Any:
+        return value.item() if isinstance(value, np.generic) else value
+    with staged_folder(folder) as staging:
+        (staging / "rows.json").write_text(json.dumps([{k: plain(v) for k, v in row.items()} for row in rows]))
+        write_folder_digests(staging)
+
+
+def _read_cell(folder: Path) -> list[dict[str, Any]]:
+    """The rows :func:`_write_cell` kept; a changed or damaged file is a one-line error, never used."""
+    rebuild = f"remove {folder} and run the same command again"
+    check_folder_digests(folder, rebuild)
+    try:
+        return json.loads((folder / "rows.json").read_text())
+    except (OSError, ValueError) as error:
+        raise ForethoughtError(f"{folder / 'rows.json'} is damaged ({error}); {rebuild}") from None
 
 
 def _concept(residuals: np.ndarray, tokens: np.ndarray, classes: np.ndarray, sequences: np.ndarray,

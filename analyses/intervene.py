@@ -97,7 +97,8 @@ def run_intervene(config: InterveneConfig) -> InterveneResults:
     engine = Probing(load_checkpoints(dict(config.checkpoints)), config.probe_settings(), config.out)
     check_causal(engine, config.top_k)
     out = prepare_out(config.out, config)
-    rows, meta = causal_rows(engine, config.top_k, config.ranks, config.positions, controls=config.controls)
+    rows, meta = causal_rows(engine, config.top_k, config.ranks, config.positions, controls=config.controls,
+                             cells=out / "cells")  # each finished (checkpoint, layer) kept: a rerun resumes
     constants = dict(task=f"text: {engine.heldout.corpus}", seed=config.seed, split=POOLED)
     results = InterveneResults(config=config, table=tidy(rows, extra=CAUSAL_COLUMNS, **constants))
     finish_run(results, out, run_meta(**meta, processing_mode="raw (Hugging Face forward hooks)"))

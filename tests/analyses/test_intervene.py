@@ -6,6 +6,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from forethought.analyses import causal
 from forethought.analyses.causal import LEACE, NET, RANDOM, SHUFFLED, net
 from forethought.analyses.cli import main
 from forethought.analyses.compare import Comparison
@@ -59,6 +60,38 @@ def test_the_causal_test_on_twins(twins, tmp_path):
     mine = table[table["checkpoint"] == "myopic"].reset_index(drop=True)
     pd.testing.assert_frame_equal(causal.table.reset_index(drop=True), mine)
     assert causal.effects("myopic").equals(results.effects("myopic"))
+
+
+def test_an_interrupted_run_resumes_to_the_rows_of_an_uninterrupted_one(twins, tmp_path, monkeypatch):
+    """Each finished (checkpoint, layer) is kept in the run folder: a run killed in its second layer reruns only
+    what was left and writes the table of a run that was never interrupted; a damaged kept cell is refused."""
+    def config(out: str) -> InterveneConfig:
+        return InterveneConfig(checkpoints={"vanilla": str(twins / "vanilla")}, max_sequences=60, taus=(1,),
+                               ranks=(1,), positions=2, top_k=20, controls=(RANDOM,),
+                               tokens_root=str(twins / "tokens"), out=str(tmp_path / out), progress=False)
+    whole = run_intervene(config("whole")).table
+    calls = []
+    real = causal.path_effects
+
+    def killed_in_layer_1(model, tokens, edit, positions, tau, batch, clean):
+        calls.append(1)
+        if len(calls) > 4:  # layer 0's edits (LEACE, random) at ranks 1 and full are kept; killed in layer 1
+            raise KeyboardInterrupt
+        return real(model, tokens, edit, positions, tau, batch, clean)
+    monkeypatch.setattr(causal, "path_effects", killed_in_layer_1)
+    with pytest.raises(KeyboardInterrupt):
+        run_intervene(config("resumed"))
+    kept = tmp_path / "resumed" / "cells" / "vanilla"
+    assert sorted(p.name for p in kept.iterdir()) == ["layer-00"]
+    calls.clear()
+    monkeypatch.setattr(causal, "path_effects", lambda *args: calls.append(1) or real(*args))
+    pd.testing.assert_frame_equal(run_intervene(config("resumed")).table, whole)
+    n_layers = int(whole["layer"].max()) + 1  # layer 0 read back, the others computed
+    assert len(calls) == 2 * 2 * (n_layers - 1)  # ranks 1 and full × (LEACE, random) per layer
+    rows = kept / "layer-00" / "rows.json"
+    rows.write_text(rows.read_text().replace("0.", "1.", 1))
+    with pytest.raises(ForethoughtError, match="layer-00/rows.json was changed or damaged"):
+        run_intervene(config("resumed"))
 
 
 def test_a_concept_that_could_span_the_residual_stream_is_refused(twins, tmp_path):
