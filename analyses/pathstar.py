@@ -162,8 +162,11 @@ class PathStarResults(ExperimentResults):
         figure = px.line(rows, x="path_position", y="value", color="regime", line_dash="how",
                          facet_col="checkpoint", markers=True, range_y=[-0.02, 1.02],
                          labels={"path_position": "path position (1 = start, 2 = the decision)", "value": "accuracy"},
-                         title=f"Path-star {self.config.spec()}: held-out accuracy by path position")
+                         title=f"Path-star {self.config.spec()}: held-out accuracy by path position<br><sup>dotted: "
+                               f"1/d = {self.chance:.2f}, an arm named at random at the decision; teacherless reads "
+                               "the same forced as greedy (its inputs are the dummy '$')</sup>")
         figure.add_hline(y=self.chance, line_dash="dot", line_color="gray")
+        figure.update_layout(margin=dict(t=100))
         facet_labels_as_values(figure)
         return figure
 
