@@ -104,10 +104,11 @@ class PrecacheResults(ProbingResults):
         (Benjamini–Hochberg, 5 % false-discovery rate) are marked "n.s."."""
         rows = self.table[(self.table["checkpoint"] == _estimate(matched, beyond)) & (self.table["metric"] == metric)]
         if beyond:
-            matched_name = self.mtp_matched()
-            title = (f"P_mtp, loss-matched = {metric}({matched_name if matched_name.startswith('mtp') else 'mtp'}) − "
-                     f"{metric}({'vanilla' if matched_name.startswith('mtp') else matched_name})" if matched
-                     else f"P_mtp = {metric}(mtp) − {metric}(vanilla)")
+            title = f"P_mtp = {metric}(mtp) − {metric}(vanilla)"
+            if matched:
+                name = self.mtp_matched()
+                mtp, vanilla = (name, "vanilla") if name == MTP_AT_VANILLA else (MTP, name)
+                title = f"P_mtp at equal loss = {metric}({mtp}) − {metric}({vanilla})"
             return difference_heatmap(rows, f"{title}, paired 95% CI; " + FDR_NOTE, colorbar="P_mtp")
         vanilla = f"{metric}(vanilla at the myopic twin's loss)" if matched else f"{metric}(vanilla)"
         return difference_heatmap(rows, f"{'P_matched' if matched else 'Pre-caching estimate P'} = {vanilla} − "

@@ -189,6 +189,8 @@ def test_the_multi_token_bracket_adds_its_paired_estimates(twins, mtp_twin, tmp_
     assert {"precache_softmax_heatmap_mtp.html", "precache_softmax_heatmap_mtp_matched.html"} <= {
         p.name for p in (tmp_path / "pre" / "figures").glob("*.html")}
     assert "the multi-token twin (positive control)" in results.summary()
+    assert results.heatmap(beyond=True).layout.title.text.startswith("P_mtp = top1(mtp) − top1(vanilla)")
+    assert matched in results.heatmap(matched=True, beyond=True).layout.title.text
     shares = results.table[results.table["metric"] == "future_squared_share"]
     assert set(shares["checkpoint"]) == {"vanilla", "myopic", "mtp"}
 
