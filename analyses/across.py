@@ -196,7 +196,7 @@ class SeedsResults(ExperimentResults):
                  f"{'paired differences' if paired else 'whole-model quantities'}, positions pooled:"]
         for _, row in self.headline().iterrows():
             where = ", ".join(f"{k} {row[k]}" for k in ("layer", "tau") if not pd.isna(row[k]))
-            named_by = ("probe",) if paired else ("probe", "task", "target")
+            named_by = ("probe",) if paired else ("probe", "task", "target", "split")  # train and test apart
             name = row["checkpoint"] + "".join(f" {row[k]}" for k in named_by if isinstance(row[k], str))
             runs = "  ".join(f"{row[f'value@{label}']:+.4f} "
                              f"[{row[f'ci_low@{label}']:+.4f}, {row[f'ci_high@{label}']:+.4f}]" for label in labels)

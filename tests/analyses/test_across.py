@@ -216,3 +216,19 @@ def test_the_seeds_heatmap_marks_cells_by_a_test_across_seeds_controlled_over_th
     assert (precache["runs_above_0"] >= 2).all() and (precache["p_across_runs"] > 0.05).all()
     heatmap = results.figures()["seeds_precache_heatmap"]
     assert all(text.endswith("<br>n.s.") for row in heatmap.data[0].text for text in row)
+
+
+def test_whole_model_quantities_name_their_split(tmp_path):
+    """Runs without paired differences (path-star, the synthetic twins) list every quantity, train and test apart."""
+    runs = []
+    for seed in range(2):
+        rows = [{"checkpoint": "vanilla", "metric": "exact_path", "target": "path", "split": split, "value": value,
+                 "ci_low": value - 0.01, "ci_high": value + 0.01, "n": 100}
+                for split, value in (("train", 0.6 + seed / 10), ("test", 0.5 + seed / 10))]
+        write_results(tidy(rows, task="pathstar:reverse", seed=seed), tmp_path / f"s{seed}",
+                      {"config": {"seed": seed, "out": str(tmp_path / f"s{seed}")}})
+        runs.append(str(tmp_path / f"s{seed}"))
+    lines = run_seeds(AcrossConfig(runs=tuple(runs), out=str(tmp_path / "seeds"))).summary().splitlines()
+    assert lines[0].endswith("whole-model quantities, positions pooled:")
+    assert any(" path train exact_path: +0.6000" in line and "mean +0.6500" in line for line in lines)
+    assert any(" path test exact_path: +0.5000" in line and "mean +0.5500" in line for line in lines)
