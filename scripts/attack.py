@@ -48,7 +48,7 @@ FLOAT_BAD = ["nan", "-1e400"]
 NAMED = {"--myopic-cut", "--precision", "--device", "--preset", "--layout", "--kind", "--model", "--tokenizer",
          "--objective", "--corpus-split", "--text-field"}  # flags that take one of a set of names
 INPUTS = {"--vanilla-checkpoint", "--myopic-checkpoint", "--train-file", "--test-file", "--corpus", "--vanilla",
-          "--myopic", "--run", "--command-line"}  # flags that name something that must exist
+          "--myopic", "--mtp", "--run", "--command-line"}  # flags that name something that must exist
 OUTPUTS = {"--out", "--figures-dir", "--folder", "--tokens-root"}  # folders written into
 CORPUS = ["--corpus", "words.txt", "--seq-len", "16", "--tokens-root", "tok"]
 PROBING = ["--max-sequences", "60", "--max-epochs", "1", "--precision", "float32"]
