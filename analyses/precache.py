@@ -173,14 +173,12 @@ def run_precache(config: PrecacheConfig) -> PrecacheResults:
             log.warning("the vanilla run saved one checkpoint: P_matched is P. Train it with `checkpoint_every` N "
                         "and `keep_checkpoints` K to have checkpoints of lower skill to match")
         if MTP in checkpoints:
-            matches.update(_bracket_match(checkpoints, tokens, config))
+            matches.update(_bracket_match(checkpoints, tokens, config, matches[MATCHED]))
         for name, match in matches.items():
-            searched = checkpoints[MTP if name == MTP_AT_VANILLA else "vanilla"]
-            if match.source != searched.source:
+            if match.source != checkpoints[MATCH_ROLES[name][0]].source:
                 checkpoints[name] = LMCheckpoint.load(match.source)
     run = probe_checkpoints(config, checkpoints, config.out, heldout)  # checks the settings, then writes the folder
-    scores = {**run.scores, **{name: run.scores.get(name, run.scores[MTP if name == MTP_AT_VANILLA else "vanilla"])
-                               for name in matches}}
+    scores = {**run.scores, **{name: run.scores.get(name, run.scores[MATCH_ROLES[name][0]]) for name in matches}}
     differences = [("vanilla", "myopic", PRECACHE)] + [(MATCHED, "myopic", PRECACHE_MATCHED)] * config.loss_matched
     differences += [("myopic", CONTROL, B_NET_CONTROL)] * config.random_init
     if MTP in checkpoints:
@@ -223,15 +221,17 @@ def _estimate(matched: bool, beyond: bool) -> str:
             (True, True): BEYOND_MATCHED}[matched, beyond]
 
 
-def _bracket_match(checkpoints: dict[str, LMCheckpoint], tokens: torch.Tensor, config: PrecacheConfig
-                   ) -> dict[str, LossMatch]:
+def _bracket_match(checkpoints: dict[str, LMCheckpoint], tokens: torch.Tensor, config: PrecacheConfig,
+                   vanilla: LossMatch) -> dict[str, LossMatch]:
     """The multi-token bracket at equal skill: the better next-token model's run searched for the checkpoint
-    nearest the other twin's held-out loss — {``mtp at the vanilla loss`` or ``vanilla at the mtp loss``: match}."""
-    match = loss_matched(checkpoints[MTP], checkpoints["vanilla"], tokens, config.batch_sequences, config.progress)
-    if match.vanilla_losses[max(match.vanilla_losses)].mean() <= match.myopic_losses.mean():
+    nearest the other twin's held-out loss — {``mtp at the vanilla loss`` or ``vanilla at the mtp loss``: match}.
+    ``vanilla``: the myopic twin's match, whose vanilla losses are not measured again."""
+    match = loss_matched(checkpoints[MTP], checkpoints["vanilla"], tokens, config.batch_sequences, config.progress,
+                         measured=vanilla.measured)
+    if match.given_losses.mean() <= match.myopic_losses.mean():
         return {MTP_AT_VANILLA: match}
     return {VANILLA_AT_MTP: loss_matched(checkpoints["vanilla"], checkpoints[MTP], tokens, config.batch_sequences,
-                                         config.progress)}
+                                         config.progress, measured={**vanilla.measured, **match.measured})}
 
 
 def _loss_rows(matches: dict[str, LossMatch], sample: HeldOutSample, seed: int) -> list[dict[str, Any]]:
@@ -240,7 +240,7 @@ def _loss_rows(matches: dict[str, LossMatch], sample: HeldOutSample, seed: int) 
     losses = {}
     for name, match in matches.items():
         searched, target = MATCH_ROLES[name]
-        losses.update({searched: match.vanilla_losses[max(match.vanilla_losses)], target: match.myopic_losses,
+        losses.update({searched: match.given_losses, target: match.myopic_losses,
                        name: match.losses})
     rows = []
     for name, values in losses.items():

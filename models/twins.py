@@ -4,6 +4,7 @@ held-out loss, for comparisons at equal skill."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -83,11 +84,26 @@ class LossMatch:
     step: int
     myopic_losses: np.ndarray  # [n, T − 1] the myopic twin's per-token held-out losses, nats (the twin matched)
     vanilla_losses: dict[int, np.ndarray]  # step → [n, T − 1]: every saved checkpoint's of the run searched
+    sources: dict[int, str]  # step → the folder of each checkpoint searched
+    given_step: int  # the step of the checkpoint given for the run searched (its twin: usually its last)
+    target_source: str  # the folder of the twin matched
 
     @property
     def losses(self) -> np.ndarray:
         """The matched checkpoint's per-token losses [n, T − 1]."""
         return self.vanilla_losses[self.step]
+
+    @property
+    def given_losses(self) -> np.ndarray:
+        """The per-token losses [n, T − 1] of the checkpoint given for the run searched."""
+        return self.vanilla_losses[self.given_step]
+
+    @property
+    def measured(self) -> dict[str, np.ndarray]:
+        """{checkpoint folder: per-token losses [n, T − 1]} of every checkpoint measured, for a next match on the
+        same tokens (``loss_matched``'s ``measured``)."""
+        return {self.target_source: self.myopic_losses,
+                **{self.sources[step]: losses for step, losses in self.vanilla_losses.items()}}
 
     def record(self, searched: str = "vanilla", target: str = "myopic") -> dict[str, Any]:
         """For ``meta.json``: the match, and each candidate's mean loss (the run searched and the twin matched
@@ -99,17 +115,27 @@ class LossMatch:
 
 
 def loss_matched(vanilla: LMCheckpoint, myopic_twin: LMCheckpoint, tokens: torch.Tensor, batch_size: int = 32,
-                 progress: bool = False) -> LossMatch:
+                 progress: bool = False, measured: dict[str, np.ndarray] | None = None) -> LossMatch:
     """Among the checkpoints the vanilla twin's run saved (``vanilla.source``'s run folder; the one given where it
-    saved no other), the one whose mean held-out loss on ``tokens`` [n, T] is nearest the myopic twin's."""
+    saved no other), the one whose mean held-out loss on ``tokens`` [n, T] is nearest the myopic twin's.
+    ``measured``: {checkpoint folder: per-token losses [n, T − 1] on these ``tokens``} not to measure again (an
+    earlier match's ``measured``)."""
+    measured = dict(measured or {})
     device = next(myopic_twin.model.parameters()).device
-    myopic_losses = token_losses(myopic_twin.model.to(device), tokens, batch_size, progress)
-    folder = Path(vanilla.source)
-    saved = list_checkpoints(folder.parent.parent) if checkpoint_step(folder) is not None else []
-    candidates = {checkpoint_step(path): path for path in saved} or {checkpoint_step(folder) or 0: folder}
-    losses = {}
-    for step, path in candidates.items():
-        model = vanilla.model if path == folder else LMCheckpoint.load(path).model
-        losses[step] = token_losses(model.to(device), tokens, batch_size, progress)
+
+    def losses_of(folder: Path, model: Callable[[], torch.nn.Module]) -> np.ndarray:
+        if str(folder) not in measured:
+            measured[str(folder)] = token_losses(model().to(device), tokens, batch_size, progress)
+        return measured[str(folder)]
+
+    target = Path(myopic_twin.source)
+    myopic_losses = losses_of(target, lambda: myopic_twin.model)
+    given = Path(vanilla.source)
+    saved = list_checkpoints(given.parent.parent) if checkpoint_step(given) is not None else []
+    candidates = {checkpoint_step(path): path for path in saved} or {checkpoint_step(given) or 0: given}
+    losses = {step: losses_of(path, lambda path=path: vanilla.model if path == given else
+                              LMCheckpoint.load(path).model) for step, path in candidates.items()}
     step = min(losses, key=lambda s: abs(losses[s].mean() - myopic_losses.mean()))
-    return LossMatch(str(candidates[step]), step, myopic_losses, losses)
+    return LossMatch(str(candidates[step]), step, myopic_losses, losses,
+                     sources={step: str(path) for step, path in candidates.items()},
+                     given_step=checkpoint_step(given) or 0, target_source=str(target))

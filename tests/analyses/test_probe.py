@@ -216,6 +216,22 @@ def test_the_loss_match_finds_a_checkpoint_of_equal_loss(twins):
     assert match.record()["vanilla_losses_by_step"]["40"] == pytest.approx(token_losses(vanilla.model, tokens).mean())
 
 
+def test_a_loss_match_reuses_the_losses_an_earlier_one_measured(twins, monkeypatch):
+    """The bracket's second match (the vanilla run searched again) measures nothing the first one measured, and
+    finds the same checkpoint as when it measures everything; ``given_losses`` is the checkpoint given."""
+    vanilla = LMCheckpoint.load(twins / "vanilla")
+    myopic = LMCheckpoint.load(twins / "myopic")
+    tokens = torch.from_numpy(heldout_sample(vanilla.data(), vanilla.tokenizer, twins / "tokens", 20, seed=0).tokens)
+    first = loss_matched(vanilla, myopic, tokens, batch_size=8)
+    np.testing.assert_array_equal(first.given_losses, token_losses(vanilla.model, tokens))
+    monkeypatch.setattr("forethought.models.twins.token_losses", lambda *a, **k: pytest.fail("measured again"))
+    again = loss_matched(vanilla, myopic, tokens, batch_size=8, measured=first.measured)
+    assert (again.step, again.source, again.sources) == (first.step, first.source, first.sources)
+    np.testing.assert_array_equal(again.losses, first.losses)
+    with pytest.raises(pytest.fail.Exception, match="measured again"):  # the test's stand-in is the one measuring
+        loss_matched(vanilla, myopic, tokens, batch_size=8)
+
+
 def test_precache_refuses_swapped_twins(twins, tmp_path, capsys):
     assert main(["precache", "--vanilla", str(twins / "myopic"), "--myopic", str(twins / "vanilla"),
                  "--out", str(tmp_path / "pre"), "--tokens-root", str(twins / "tokens")]) == 2
