@@ -210,7 +210,7 @@ def run_lock(folder: str | Path) -> Iterator[None]:
             shutil.rmtree(folder, ignore_errors=True)
         reason = "a symbolic link" if (folder / LOCK_FILE).is_symlink() else error.strerror
         raise ForethoughtError(f"cannot take the lock {folder / LOCK_FILE}: it is {reason}; remove it") from None
-    before = os.pread(descriptor, 4096, 0)
+    before = os.pread(descriptor, os.fstat(descriptor).st_size, 0)  # all of it: put back as it was
     try:
         try:
             fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)

@@ -148,10 +148,11 @@ def test_nothing_is_written_through_a_symbolic_link(tmp_path, capsys):
     assert victim.read_text() == "precious" and (run / LOCK_FILE).is_symlink() and len(list(run.iterdir())) == 1
     assert capsys.readouterr().err.count("\n") == 1  # one line
     (tmp_path / "kept").mkdir()
-    (tmp_path / "kept" / LOCK_FILE).write_text("a note")
+    note = "a note " * 1000  # longer than one read
+    (tmp_path / "kept" / LOCK_FILE).write_text(note)
     with run_lock(tmp_path / "kept"):
         pass
-    assert (tmp_path / "kept" / LOCK_FILE).read_text() == "a note"  # a lock file that was there keeps its content
+    assert (tmp_path / "kept" / LOCK_FILE).read_text() == note  # a lock file that was there keeps its content
     staging = tmp_path / f".a.json.tmp-{os.getpid()}"  # an atomic write's (predictable) temporary, planted
     staging.symlink_to(victim)
     atomic_write_json(tmp_path / "a.json", {"x": 1})
