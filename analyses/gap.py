@@ -139,7 +139,7 @@ class GapResults(ExperimentResults):
         figures = {}
         if self.histories:
             figures["gap_training_loss"] = loss_curves_figure(
-                self.histories, title="Training of the checkpoints: train loss and validation loss by step")
+                self.histories, title="Training of the twins: train loss and held-out loss by step")
         if (self.table["metric"] == SHARE).any():
             figures["gap_future_gradient_share"] = self.share_figure()
         if (self.table["metric"] == "loss").any():

@@ -86,8 +86,9 @@ def loss_curves_figure(
     figure.update_layout(title=title, xaxis_title="step", yaxis_title="loss (log scale)", yaxis_type="log")
     values = np.concatenate([np.asarray(trace.y, dtype=float) for trace in figure.data])
     low, high = np.nanmin(values[values > 0]), np.nanmax(values)
+    mantissas = (1, 2, 3, 5) if high / low >= 4 else range(1, 10)  # a narrow range: every digit, ≥ 2 ticks
     ticks = [m * 10.0**e for e in range(int(np.floor(np.log10(low))), int(np.ceil(np.log10(high))) + 1)
-             for m in (1, 2, 3, 5) if low / 1.2 <= m * 10.0**e <= high * 1.2]
+             for m in mantissas if low / 1.2 <= m * 10.0**e <= high * 1.2]
     figure.update_yaxes(tickvals=ticks, ticktext=[f"{tick:g}" for tick in ticks])  # not plotly's bare "2, 3, 5"
     return figure
 

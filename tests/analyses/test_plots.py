@@ -91,3 +91,6 @@ def test_a_log_loss_axis_labels_its_ticks_in_full():
     axis = loss_curves_figure({"vanilla": history}, baseline=1.26).layout.yaxis
     assert axis.type == "log" and list(axis.ticktext) == ["0.2", "0.3", "0.5", "1"]
     assert list(axis.tickvals) == pytest.approx([0.2, 0.3, 0.5, 1.0])
+    narrow = [{"step": s, "train_loss": 10.5 - s, "eval_loss": 10.5 - s} for s in range(0, 7)]  # 4.5 … 10.5 nats
+    axis = loss_curves_figure({"vanilla": narrow}).layout.yaxis  # within a decade: every digit, not "5" alone
+    assert list(axis.ticktext) == ["4", "5", "6", "7", "8", "9", "10"]
