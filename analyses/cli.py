@@ -18,6 +18,7 @@ import json
 import logging
 import os
 import sys
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +28,7 @@ from tqdm.auto import tqdm
 
 from forethought.analyses.flags import FlagSpec, add_flags, flag_specs
 from forethought.core.errors import ForethoughtError, as_flags, one_line
+from forethought.core.files import atomic_write_json, read_json
 from forethought.core.settings import build_config, flat_defaults
 from forethought.core.threads import claim_threads, using_threads
 
@@ -47,14 +49,47 @@ class FiguresConfig:
     """Settings of ``forethought figures``: run, in order, every command that writes figures/."""
 
     dry_run: bool = False  # print the commands without running them
+    log: str = "runs/figures.json"  # commands finished, with wall times: a rerun skips each while its --out is there
+    redo: bool = False  # run every command again, finished or not
 
 
 def run_figures(config: FiguresConfig) -> None:
-    """Run each line of :data:`FIGURES` (analyses/figures.txt), or only print it; stop at the first that fails."""
+    """Run each line of :data:`FIGURES` (analyses/figures.txt), or only print it; stop at the first that fails.
+    A line finished before (in ``config.log``, its ``--out`` still there) is skipped, so a rerun resumes."""
+    log = Path(config.log)
+    if log.is_dir() or (log.parent.exists() and not log.parent.is_dir()):
+        raise ForethoughtError(f"log {log} cannot be written (a folder, or in a file's place); give the file "
+                               "that records finished commands")
+    finished = read_json(log, "remove it to run every command again") if log.exists() and not config.redo else {}
+    if not all(isinstance(done, dict) and isinstance(done.get("wall_s"), (int, float)) for done in finished.values()):
+        raise ForethoughtError(f"{log} is damaged (an entry without its wall time); remove it to run every command "
+                               "again")
     for line in FIGURES:
+        out = _flag_value(line, "--out")
+        if line in finished and (out is None or Path(out).exists()):
+            print(f"forethought {line}  # done earlier, {_wall(finished[line]['wall_s'])}", flush=True)
+            continue
         print(f"forethought {line}", flush=True)
-        if not config.dry_run and (status := main(line.split())) != 0:
+        if config.dry_run:
+            continue
+        start = time.perf_counter()
+        if (status := main(line.split())) != 0:
             raise ForethoughtError(f"stopped: `forethought {line}` failed (exit {status})")
+        finished[line] = {"wall_s": round(time.perf_counter() - start, 1)}  # threads: in the run's own meta.json
+        atomic_write_json(log, finished)
+        print(f"  # {_wall(finished[line]['wall_s'])}", flush=True)
+
+
+def _flag_value(line: str, flag: str) -> str | None:
+    """The value given to ``flag`` in a command ``line`` (None when it is not given)."""
+    words = line.split()
+    return words[words.index(flag) + 1] if flag in words[:-1] else None
+
+
+def _wall(seconds: float) -> str:
+    """A wall time readably: ``"wall 42 s"``, ``"wall 12 min 5 s"``."""
+    minutes, rest = divmod(round(seconds), 60)
+    return f"wall {minutes} min {rest} s" if minutes else f"wall {rest} s"
 
 
 Report = Callable[[str, Any, Any], str]  # (command, config, what its run returned) → what is printed
@@ -164,8 +199,9 @@ COMMANDS: dict[str, Command] = {  # the command line, one row per command
     "figures": Command("forethought.analyses.cli:FiguresConfig", "forethought.analyses.cli:run_figures",
                        "regenerate every figure in figures/ from the embedded default", _as_returned,
                        description=f"Runs, in order, the {len(FIGURES)} commands of analyses/figures.txt (--dry-run "
-                                   "prints them), which write every figure in figures/; each resumes or reuses what "
-                                   "an earlier run left in runs/, so a rerun redoes only what changed."),
+                                   "prints them), which write every figure in figures/, and prints each one's wall "
+                                   "time. Each finished command is recorded in --log; a rerun skips those whose "
+                                   "--out is still there, and an interrupted training or causal run resumes."),
     "bench train": Command(f"{BENCH}:TrainBenchConfig", f"{BENCH}:bench_train",
                            "training step: tokens/s and memory, myopic (fast, naive) ÷ vanilla", _benched,
                            aliases=("myopic",)),  # `bench myopic`: its old name

@@ -267,8 +267,8 @@ def test_the_command_summary_is_the_same_in_the_readme_and_docs_and_names_every_
         assert not member or member in named, name
 
 
-def test_figures_lists_commands_that_parse(capsys):
-    code, out, _ = run_cli(capsys, "figures", "--dry-run")
+def test_figures_lists_commands_that_parse(capsys, tmp_path):
+    code, out, _ = run_cli(capsys, "figures", "--dry-run", "--log", str(tmp_path / "none.json"))
     assert code == 0 and out.splitlines() == [f"forethought {line}" for line in FIGURES]
     made = set()
     for line in FIGURES:
@@ -279,6 +279,54 @@ def test_figures_lists_commands_that_parse(capsys):
         figures_dir = args.get("figures_dir") or "figures"
         assert figures_dir.split("/")[0] == "figures"  # every figure lands in figures/ (or a folder of it)
         made.add(args.get("out"))  # results a later command may read
+
+
+def test_figures_resumes_after_the_commands_it_finished_and_records_their_wall_times(tmp_path, monkeypatch, capsys):
+    from forethought.analyses import cli
+    from forethought.core.errors import ForethoughtError
+
+    lines = [f"probe --out {tmp_path / 'a'}", f"gap --out {tmp_path / 'b'}", "seeds --runs x,y"]
+    ran: list[str] = []
+
+    def fake_main(argv: list[str]) -> int:  # each "command" makes its --out folder, or fails on "fail"
+        ran.append(" ".join(argv))
+        if "--out" in argv:
+            Path(argv[argv.index("--out") + 1]).mkdir()
+        return 1 if "fail" in argv else 0
+
+    monkeypatch.setattr(cli, "FIGURES", lines)
+    monkeypatch.setattr(cli, "main", fake_main)
+    log = tmp_path / "figures.json"
+    cli.run_figures(cli.FiguresConfig(log=str(log)))
+    assert ran == lines and set(json.loads(log.read_text())) == set(lines)
+    assert all(done["wall_s"] >= 0 for done in json.loads(log.read_text()).values())
+    assert capsys.readouterr().out.count("  # wall ") == 3
+    ran.clear()
+    cli.run_figures(cli.FiguresConfig(log=str(log)))  # all finished: nothing runs again
+    assert ran == [] and capsys.readouterr().out.count("# done earlier, wall ") == 3
+    (tmp_path / "b").rmdir()  # a finished command whose results are gone runs again, alone
+    cli.run_figures(cli.FiguresConfig(log=str(log)))
+    assert ran == [lines[1]]
+    ran.clear()
+    cli.run_figures(cli.FiguresConfig(log=str(log), dry_run=True))
+    assert ran == []
+    monkeypatch.setattr(cli, "FIGURES", [*lines, f"train --out {tmp_path / 'c'} fail"])
+    with pytest.raises(ForethoughtError, match="stopped: `forethought train .* failed"):
+        cli.run_figures(cli.FiguresConfig(log=str(log)))
+    assert ran == [f"train --out {tmp_path / 'c'} fail"] and len(json.loads(log.read_text())) == 3  # kept
+    ran.clear()
+    monkeypatch.setattr(cli, "FIGURES", lines)
+    for folder in "abc":  # --redo runs every command, finished or not
+        (tmp_path / folder).rmdir()
+    cli.run_figures(cli.FiguresConfig(log=str(log), redo=True))
+    assert ran == lines
+    log.write_text(json.dumps({lines[0]: {"wall": 3}}))
+    with pytest.raises(ForethoughtError, match="figures.json is damaged"):
+        cli.run_figures(cli.FiguresConfig(log=str(log)))
+    for bad in (tmp_path, log / "x.json"):  # refused before any command runs
+        with pytest.raises(ForethoughtError, match="cannot be written"):
+            cli.run_figures(cli.FiguresConfig(log=str(bad)))
+    assert ran == lines
 
 
 def test_bench_cache_prints_the_ratio_to_a_bare_forward_pass(capsys, llama_folder, llama_text, tmp_path):
