@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import textwrap
 from pathlib import Path
 from typing import Any
 
@@ -30,15 +31,22 @@ def measured_layers(figure: go.Figure, layers: pd.Series) -> go.Figure:
     measured layers skip some (0, 15, 30), points are not joined: a line would claim the layers between."""
     measured = sorted({int(layer) for layer in layers.dropna()})
     figure.update_xaxes(tickvals=measured, range=[measured[0] - 0.5, measured[-1] + 0.5])
+    # plotly.js leaves facets' matched y axes at their empty default (−1 … 4) once the x range is set: ask again
+    figure.update_yaxes(autorange=True, selector=lambda axis: axis.range is None)
     if any(later - earlier > 1 for earlier, later in zip(measured, measured[1:])):
         figure.update_traces(mode="markers", selector=lambda trace: "lines" in (trace.mode or "") and trace.x
                              is not None and len(trace.x) > 1)
     return figure
 
 
-def facet_labels_as_values(figure: go.Figure) -> go.Figure:
-    """Panel titles "checkpoint=vanilla" → "vanilla" (plotly express names the column too)."""
-    return figure.for_each_annotation(lambda a: a.update(text=a.text.split("=", 1)[-1]))
+def facet_labels_as_values(figure: go.Figure, width: int = 18) -> go.Figure:
+    """Panel titles "checkpoint=vanilla" → "vanilla" (plotly express names the column too), broken into lines of
+    at most ``width`` characters so that neighbours do not overlap."""
+    def relabel(note: go.layout.Annotation) -> None:
+        if note.text and "=" in note.text:
+            value = note.text.split("=", 1)[1]
+            note.update(text="<br>".join(textwrap.wrap(value, width)) or value)
+    return figure.for_each_annotation(relabel)
 
 
 def probe_r2_figure(table: pd.DataFrame, title: str = "Probe R² on held-out sequences") -> go.Figure:
@@ -136,6 +144,7 @@ def interval_line(figure: go.Figure, rows: pd.DataFrame, x: str, name: str, colu
 
 MENU_LABEL = "menu label"  # the name of an annotation that labels a dropdown menu (left out of PNGs)
 PLOTLY_JS = "plotly.min.js"  # written once beside the HTML figures of a folder, which load it from there
+TITLE_WIDTH = 110  # characters of a figure title's line: what fits the 1100-pixel picture
 
 
 def chromium() -> str | None:
@@ -155,6 +164,14 @@ def save_figure(figure: go.Figure, stem: str | Path, scale: float = 2.0) -> list
     4.8 MB of the library in every figure)."""
     stem = Path(stem)
     stem.parent.mkdir(parents=True, exist_ok=True)
+    figure = go.Figure(figure)
+    title = figure.layout.title.text or ""
+    if "<br>" not in title:  # a long title in lines that fit the picture's width (it was cut off at the right)
+        figure.layout.title.text = "<br>".join(textwrap.wrap(title, TITLE_WIDTH))
+    title_lines = (figure.layout.title.text or "").count("<br>") + 1
+    label_lines = max([(note.text or "").count("<br>") + 1 for note in figure.layout.annotations], default=1)
+    if figure.layout.margin.t is None:  # room for the title's lines above the panels' (as plotly's 100 px for one)
+        figure.layout.margin.t = max(100, 40 + 30 * title_lines + 18 * label_lines)
     written = [stem.with_suffix(".html"), stem.parent / PLOTLY_JS]
     figure.write_html(written[0], include_plotlyjs="directory")
     if png_export_available():

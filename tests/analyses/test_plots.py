@@ -6,6 +6,7 @@ import subprocess
 
 import numpy as np
 import pandas as pd
+import plotly.express as px
 import plotly.graph_objects as go
 import pytest
 from PIL import Image
@@ -15,7 +16,9 @@ from forethought.analyses.plots import (
     PLOTLY_JS,
     chromium,
     difference_heatmap,
+    facet_labels_as_values,
     loss_curves_figure,
+    measured_layers,
     save_figure,
     signed,
     static_figure,
@@ -94,3 +97,22 @@ def test_a_log_loss_axis_labels_its_ticks_in_full():
     narrow = [{"step": s, "train_loss": 10.5 - s, "eval_loss": 10.5 - s} for s in range(0, 7)]  # 4.5 … 10.5 nats
     axis = loss_curves_figure({"vanilla": narrow}).layout.yaxis  # within a decade: every digit, not "5" alone
     assert list(axis.ticktext) == ["4", "5", "6", "7", "8", "9", "10"]
+
+
+def test_facets_keep_their_y_range_and_long_labels_and_titles_are_broken_into_lines(tmp_path):
+    """Three regressions seen in the seed-0 bracket's pictures: facets drawn on plotly's empty −1 … 4 y range once
+    the layers' x range was set, neighbouring panel titles written over each other, a title cut off at the right."""
+    rows = pd.DataFrame({"layer": [0, 1, 0, 1], "value": [0.1, 0.2, 0.15, 0.25],
+                         "checkpoint": ["vanilla"] * 2 + ["vanilla at the myopic loss"] * 2})
+    figure = measured_layers(px.line(rows, x="layer", y="value", facet_col="checkpoint"), rows["layer"])
+    assert figure.layout.yaxis.autorange is True and figure.layout.yaxis2.autorange is True
+    assert figure.layout.xaxis.range == (-0.5, 1.5)
+    pinned = measured_layers(go.Figure(go.Scatter(x=[0, 1], y=[0, 1])).update_yaxes(range=[0, 2]), rows["layer"])
+    assert pinned.layout.yaxis.range == (0, 2) and pinned.layout.yaxis.autorange is None  # a range given stays
+    labels = [note.text for note in facet_labels_as_values(figure).layout.annotations]
+    assert labels == ["vanilla", "vanilla at the<br>myopic loss"]
+    figure.update_layout(title="word " * 40)
+    save_figure(figure, tmp_path / "long")
+    html = (tmp_path / "long.html").read_text()
+    broken = "word<br>word" in html or "word\\u003cbr\\u003eword" in html  # plotly escapes "<" in its JSON
+    assert broken and figure.layout.title.text == "word " * 40  # the figure given is left as it was
