@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 from forethought.analyses.flags import FlagSpec, add_flags, flag_specs
 from forethought.core.errors import ForethoughtError, as_flags, one_line
 from forethought.core.files import atomic_write_json, read_json
-from forethought.core.settings import build_config, flat_defaults
+from forethought.core.settings import build_config, check_settings, flat_defaults
 from forethought.core.threads import claim_threads, using_threads
 
 FIGURES_FILE = Path(__file__).with_name("figures.txt")  # every command that writes figures/, as data
@@ -56,6 +56,7 @@ class FiguresConfig:
 def run_figures(config: FiguresConfig) -> None:
     """Run each line of :data:`FIGURES` (analyses/figures.txt), or only print it; stop at the first that fails.
     A line finished before (in ``config.log``, its ``--out`` still there) is skipped, so a rerun resumes."""
+    check_settings(config)
     log = Path(config.log)
     if log.is_dir() or (log.parent.exists() and not log.parent.is_dir()):
         raise ForethoughtError(f"log {log} cannot be written (a folder, or in a file's place); give the file "

@@ -183,6 +183,12 @@ BAD_INPUT = {
         (["--run", "torn"], r"torn/config.json is damaged"),
         (["--run", "nothere"], r"nothere holds no probe or precache run"),
     ],
+    "figures": [
+        (["--log", "otherrun"], r"log otherrun cannot be written \(a folder"),
+        (["--log", "corpus.txt/figures.json"], r"cannot be written \(a folder, or in a file's place\)"),
+        (["--log", "torn/config.json"], r"torn/config.json is damaged"),
+        (["--log", ""], r"log is empty"),
+    ],
     "bench train": [
         (["--rounds", "0"], r"rounds must be ≥ 1"),
         (["--seq-len", "1"], r"seq_len must be ≥ 2"),
