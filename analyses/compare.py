@@ -148,7 +148,8 @@ class Comparison(Probing):
             if known not in self._checkpoints:
                 raise ForethoughtError(f"no checkpoint named {known!r}; this comparison has {', '.join(self.names)}")
         match = loss_matched(self.checkpoint(name), self.checkpoint(to), torch.from_numpy(self.sample.tokens),
-                             self.settings.batch_sequences, self.settings.progress)
+                             self.settings.batch_sequences, self.settings.progress, measured=self._losses)
+        self._losses.update(match.measured)  # a later match on this sample measures none of them again
         self.add(as_name or f"{name} at the {to} loss", match.source)
         return match
 

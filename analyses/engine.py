@@ -80,6 +80,7 @@ class Probing:
         self._splits: dict[int | None, ProbeSplit] = {}  # per class set (top-K or every token)
         self._heldout = heldout
         self._counted: np.ndarray | None | object = _UNREAD  # the count baselines' training tokens, once read
+        self._losses: dict[str, np.ndarray] = {}  # checkpoint folder → per-token held-out losses, once measured
         self.seconds: dict[str, float] = {}  # wall time of each step run here, computed or read back
 
     def _admit(self, name: str, checkpoint: LMCheckpoint) -> None:

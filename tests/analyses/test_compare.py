@@ -135,7 +135,7 @@ def test_heatmap_is_the_paired_difference_with_confidence_marks(comparison):
     assert ((rows["ci_low"] <= rows["value"]) & (rows["value"] <= rows["ci_high"])).all()
 
 
-def test_a_loss_matched_checkpoint_is_the_saved_step_nearest_the_other_loss(comparison, twins):
+def test_a_loss_matched_checkpoint_is_the_saved_step_nearest_the_other_loss(comparison, twins, monkeypatch):
     """The bracket's P_matched for any pair: the vanilla run's checkpoint whose held-out loss on the comparison's
     own sample is nearest the myopic twin's, added and probed like any checkpoint."""
     match = comparison.add_loss_matched("vanilla", to="myopic")
@@ -151,6 +151,10 @@ def test_a_loss_matched_checkpoint_is_the_saved_step_nearest_the_other_loss(comp
     assert np.isfinite(np.asarray(heatmap.data[0].z, dtype=float)).all()
     with pytest.raises(ForethoughtError, match="no checkpoint named 'mtp2'; this comparison has vanilla, myopic"):
         comparison.add_loss_matched("mtp2", to="vanilla")
+    with monkeypatch.context() as patch:  # a second match on the same sample measures nothing again
+        patch.setattr("forethought.models.twins.token_losses", lambda *a, **k: pytest.fail("measured again"))
+        again = comparison.add_loss_matched("vanilla", to="myopic", as_name="again")
+    assert (again.step, again.source) == (match.step, match.source)
 
 
 def test_a_model_in_memory_gives_the_numbers_of_its_folder(twins, tmp_path):
