@@ -31,8 +31,8 @@ def measured_layers(figure: go.Figure, layers: pd.Series) -> go.Figure:
     measured layers skip some (0, 15, 30), points are not joined: a line would claim the layers between."""
     measured = sorted({int(layer) for layer in layers.dropna()})
     figure.update_xaxes(tickvals=measured, range=[measured[0] - 0.5, measured[-1] + 0.5])
-    # plotly.js leaves facets' matched y axes at their empty default (−1 … 4) once the x range is set: ask again
-    figure.update_yaxes(autorange=True, selector=lambda axis: axis.range is None)
+    if any(axis.matches for axis in figure.select_yaxes()):  # facets: plotly.js leaves matched y axes at their
+        figure.update_yaxes(autorange=True, selector=lambda axis: axis.range is None)  # empty −1 … 4: ask again
     if any(later - earlier > 1 for earlier, later in zip(measured, measured[1:])):
         figure.update_traces(mode="markers", selector=lambda trace: "lines" in (trace.mode or "") and trace.x
                              is not None and len(trace.x) > 1)
