@@ -101,6 +101,11 @@ class CausalViews:
     ``forethought intervene``'s results and :meth:`analyses.compare.Comparison.intervene`."""
 
     table: pd.DataFrame
+    head: int = 1  # whose loss the table reads: the next token (1), or a multi-token twin's head k (x[t+k])
+
+    def _scored(self) -> str:
+        """"" for the next-token loss; else which head's loss, for titles."""
+        return "" if self.head == 1 else f", head {self.head}'s loss (x[t+{self.head}])"
 
     def effects(self, checkpoint: str, edit: str = NET, rank: int | None = None) -> pd.DataFrame:
         """Own-path and summed future-path Δloss (columns) per (layer, τ) (rows) at ``rank`` (None: full)."""
@@ -145,22 +150,22 @@ class CausalViews:
         measured_layers(figure.update_xaxes(title_text="residual layer l"),
                         self.table.loc[self.table["checkpoint"] == checkpoint, "layer"])
         figure.update_yaxes(title_text="Δ loss, nats (own: at t; future: t+1 … t+τ summed)", col=1)
-        figure.update_layout(title=f"{checkpoint}: erasing x[t+τ] from h[l, t] — where the loss moves (full-rank "
-                                   "LEACE vs controls of equal rank; 95% CI over documents)")
+        figure.update_layout(title=f"{checkpoint}{self._scored()}: erasing x[t+τ] from h[l, t] — where the loss "
+                                   "moves (full-rank LEACE vs controls of equal rank; 95% CI over documents)")
         return figure
 
     def future_heatmap(self, checkpoint: str, control: str = RANDOM) -> go.Figure:
         """Layer × τ: the future path's Δloss beyond ``control`` (full rank), "n.s." marks by FDR over the grid."""
         rows = self._cell_rows(checkpoint, net(control), None)
         rows = rows[(rows["path"] == "future") & rows["offset"].isna()]
-        return difference_heatmap(rows, f"{checkpoint}: future-path Δloss, {net(control)} (full rank). {FDR_NOTE}",
-                                  "Δ loss (nats)")
+        title = f"{checkpoint}{self._scored()}: future-path Δloss, {net(control)} (full rank). {FDR_NOTE}"
+        return difference_heatmap(rows, title, "Δ loss (nats)")
 
     def causal_figures(self) -> dict[str, go.Figure]:
         """{file stem: figure}: each checkpoint's paths figure and future-path heatmap."""
         figures = {}
         for name in self.table["checkpoint"].dropna().unique():
-            stem = str(name).replace(" ", "_").replace("/", "_")
+            stem = str(name).replace(" ", "_").replace("/", "_") + ("" if self.head == 1 else f"_head{self.head}")
             figures[f"intervene_{stem}_paths"] = self.paths_figure(name)
             for control in self.controls():
                 suffix = "" if control == RANDOM else f"_{control}"
@@ -170,8 +175,8 @@ class CausalViews:
     def causal_summary(self) -> str:
         lines = []
         for control in self.controls():
-            lines.append(f"Δ loss when x[t+τ] is erased from h[l, t] at full rank, beyond the {control} control of "
-                         "the same rank (own: at t; future: t+1 … t+τ summed); layers × τ:")
+            lines.append(f"Δ loss{self._scored()} when x[t+τ] is erased from h[l, t] at full rank, beyond the "
+                         f"{control} control of the same rank (own: at t; future: t+1 … t+τ summed); layers × τ:")
             for name in self.table["checkpoint"].dropna().unique():
                 effects = self.effects(name, net(control)).unstack("tau")
                 lines += [f"{name}:", effects.to_string(float_format=lambda v: f"{v:+.4f}")]
@@ -191,15 +196,19 @@ def concept_split(engine: Probing, top_k: int) -> ProbeSplit:
                                 top_k=top_k))
 
 
-def check_causal(engine: Probing, top_k: int) -> None:
-    """Refuse, before anything is written, held-out sequences too short for the offsets and a concept of
-    ``top_k`` + 1 classes that could span a checkpoint's residual stream."""
+def check_causal(engine: Probing, top_k: int, head: int = 1) -> None:
+    """Refuse, before anything is written, held-out sequences too short for the offsets, a ``head`` a checkpoint
+    was not trained with, and a concept of ``top_k`` + 1 classes that could span a checkpoint's residual stream."""
     taus, seq = engine.taus, engine.tokens.shape[1]
-    if seq < max(taus) + 2:
+    if seq < max(taus) + 1 + head:
         raise ForethoughtError(f"taus reach {max(taus)}, but the held-out sequences have {seq} tokens: "
-                               f"the causal test needs at least {max(taus) + 2}")
+                               f"the causal test needs at least {max(taus) + 1 + head}")
     for name in engine.names:
         engine.layers(name)  # layers exist
+        if head > engine.checkpoint(name).heads:
+            raise ForethoughtError(f"head {head}: {name} has {engine.checkpoint(name).heads} prediction head(s) (a "
+                                   f"multi-token twin trained with --objective mtp:K has K); score head 1 … "
+                                   f"{engine.checkpoint(name).heads}")
         check_top_k(top_k, engine.checkpoint(name).model.config.vocab_size)
         width = engine.checkpoint(name).model.config.hidden_size
         if top_k >= width:
@@ -212,18 +221,19 @@ def check_causal(engine: Probing, top_k: int) -> None:
 
 def causal_rows(engine: Probing, top_k: int, ranks: Sequence[int], n_positions: int,
                 names: Sequence[str] | None = None, controls: Sequence[str] = CONTROLS, cells: Path | None = None,
-                ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+                head: int = 1) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """The causal test on ``engine``'s held-out sample (its document split, caches and settings: layers, τ, batch,
     seed, device): for each checkpoint of ``names`` (default: all), layer and τ, LEACE of x[t+τ] in the ``top_k``
     most frequent tokens + "other", fitted on the probe-training documents, at each of ``ranks`` and full rank,
     beside its ``controls``, at ``n_positions`` positions t of each test sequence (evenly spaced). With ``cells``
     (a folder of the run, whose settings bind it), each finished (checkpoint, layer) is kept there and a rerun
     reads it back instead of computing it again: an interrupted run resumes to the rows of an uninterrupted one.
-    Returns (tidy rows, meta)."""
+    The loss read is the next-token loss (``head`` 1), or that of a multi-token twin's head k, predicting x[s+k] at
+    each position s. Returns (tidy rows, meta)."""
     settings = engine.settings
     tokens, taus, seed = engine.tokens, engine.taus, settings.seed
     device = resolve_device(settings.device)
-    last = tokens.shape[1] - max(taus) - 2  # the last position whose offsets all have a loss
+    last = tokens.shape[1] - max(taus) - 1 - head  # the last position whose offsets all have a loss
     split = concept_split(engine, top_k)
     classes = np.full(int(tokens.max()) + 1, len(split.classes))  # token → class; "other" last
     classes[split.classes] = np.arange(len(split.classes))
@@ -232,12 +242,14 @@ def causal_rows(engine: Probing, top_k: int, ranks: Sequence[int], n_positions: 
     clusters = engine.sample.clusters[split.test]
     rows: list[dict[str, Any]] = []
     for name in names or engine.names:
-        model = engine.checkpoint(name).model.to(device).float().eval()
+        model = engine.checkpoint(name).with_heads().to(device).float().eval()
         cache = engine.cache(name)
-        losses = token_losses(model, test, settings.batch_sequences)
+        scored = None if head == 1 else partial(token_losses, head=head)  # None: path_effects' cached next-token way
+        losses = token_losses(model, test, settings.batch_sequences, head=head)
         (loss,) = mean_scores(losses.reshape(-1), np.repeat(clusters, losses.shape[1]), seed=seed)
         clean: dict = {}  # prefix caches and unedited losses, shared by every edit of this model
-        rows.append({"checkpoint": name, "metric": "loss", "tau": 1, "target": "next token", **loss.columns()})
+        rows.append({"checkpoint": name, "metric": "loss", "tau": head, "target": scored_target(head),
+                     **loss.columns()})
         for layer in engine.layers(name):
             kept = None if cells is None else cells / name / f"layer-{layer:02d}"
             if kept is not None and kept.is_dir():
@@ -260,15 +272,21 @@ def causal_rows(engine: Probing, top_k: int, ranks: Sequence[int], n_positions: 
                         layer_rows += _check_rows(cell, eraser, fit_rows, test_rows, rank=rank, edit=edit,
                                                   seed=seed, nonlinear=edit == LEACE and rank == fit.max_rank)
                         effects[edit] = path_effects(model, test, partial(eraser.at, layer), positions, tau,
-                                                     settings.batch_sequences, clean)
+                                                     settings.batch_sequences, clean, scored, head)
                     layer_rows += effect_rows({**cell, "rank": rank}, effects, clusters, seed)
             if kept is not None:
                 _write_cell(kept, layer_rows)
             rows += layer_rows
     meta = dict(heldout=engine.sample.composition(), positions=positions, classes=len(split.classes) + 1,
+                scored=scored_target(head),
                 probe_split={part: getattr(split, part).tolist() for part in ("train", "validation", "test")},
                 checkpoints={name: engine.checkpoint(name).source for name in names or engine.names})
     return rows, meta
+
+
+def scored_target(head: int) -> str:
+    """What the causal table's loss is the loss of: the next token, or a multi-token twin's head k."""
+    return "next token" if head == 1 else f"x[t+{head}] (head {head})"
 
 
 def _write_cell(folder: Path, rows: list[dict[str, Any]]) -> None:

@@ -16,6 +16,10 @@ is **pre-cached**; used by both, a **breadcrumb** (computed for t, read again la
 future path gets no training signal, so its future-path effect is what untrained reading of t's keys and values
 gives. Beside every effect: what a freshly fitted least-squares linear probe still explains of the concept after
 the edit (R² ≤ 0 at full rank: the erasure worked) and the raw variance each edit removed.
+
+With ``head`` k > 1 (a multi-token twin, ``train --objective mtp:K``, K ≥ k) the loss read is that of its head k,
+which predicts x[s+k] at each position s: the own path then asks whether t uses what it holds about x[t+k] for the
+prediction it was trained to make of it — where the twin is *told* to use it, a check of the test itself.
 """
 
 from __future__ import annotations
@@ -50,6 +54,7 @@ class InterveneConfig:
     top_k: int = 64  # the concept's classes: the K most frequent training tokens + "other" (K < d_model)
     ranks: tuple[int, ...] = (1, 4, 16, 64)  # erasure ranks (capped at the concept's); full rank is always added
     positions: int = 8  # positions t edited per sequence (evenly spaced; one edited run each)
+    head: int = 1  # the loss read: 1, the next token; k > 1, a multi-token twin's head k (predicts x[t+k])
     controls: tuple[str, ...] = CONTROLS  # 'random' (equal rank and variance) and/or 'shuffled' (unrelated concept)
     batch_sequences: int = 64  # sequences per forward pass
     seed: int = 0  # probe split, the controls' directions and shuffle, bootstrap
@@ -64,6 +69,8 @@ class InterveneConfig:
         check_names(self.checkpoints)
         if not self.checkpoints:
             raise ForethoughtError("give `checkpoints` (name → folder)")
+        if self.head < 1:
+            raise ForethoughtError(f"head must be ≥ 1 (1: the next-token prediction), got {self.head}")
         if not self.ranks or min(self.ranks) < 1:
             raise ForethoughtError(f"ranks must be ≥ 1, got {', '.join(map(str, self.ranks)) or 'none'}")
         check_controls(self.controls)
@@ -84,6 +91,10 @@ class InterveneResults(ExperimentResults, CausalViews):
 
     CONFIG: ClassVar[type] = InterveneConfig
 
+    @property
+    def head(self) -> int:
+        return self.config.head
+
     def figures(self) -> dict[str, go.Figure]:
         return self.causal_figures()
 
@@ -95,10 +106,11 @@ class InterveneResults(ExperimentResults, CausalViews):
 def run_intervene(config: InterveneConfig) -> InterveneResults:
     """Fit the erasers, edit each test position, read the own- and future-path effects; write table and figures."""
     engine = Probing(load_checkpoints(dict(config.checkpoints)), config.probe_settings(), config.out)
-    check_causal(engine, config.top_k)
+    check_causal(engine, config.top_k, config.head)
     out = prepare_out(config.out, config)
     rows, meta = causal_rows(engine, config.top_k, config.ranks, config.positions, controls=config.controls,
-                             cells=out / "cells")  # each finished (checkpoint, layer) kept: a rerun resumes
+                             cells=out / "cells", head=config.head)  # each finished (checkpoint, layer) kept: a
+                                                                      # rerun resumes
     constants = dict(task=f"text: {engine.heldout.corpus}", seed=config.seed, split=POOLED)
     results = InterveneResults(config=config, table=tidy(rows, extra=CAUSAL_COLUMNS, **constants))
     finish_run(results, out, run_meta(**meta, processing_mode="raw (Hugging Face forward hooks)"))

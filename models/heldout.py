@@ -23,6 +23,7 @@ from transformers import PreTrainedTokenizerBase
 from forethought.core.errors import ForethoughtError
 from forethought.core.progress import progress_bar
 from forethought.models.lm import LMCheckpoint
+from forethought.models.mtp import head_losses
 from forethought.models.tasks.embedded import EMBEDDED
 from forethought.models.tasks.text import TextData, TokenFile, document_texts, next_token_loss
 
@@ -160,8 +161,14 @@ def device_batches(model: torch.nn.Module, sequences: torch.Tensor, batch_size: 
 
 @torch.no_grad()
 def token_losses(model: torch.nn.Module, sequences: torch.Tensor, batch_size: int = 32,
-                 progress: bool = False) -> np.ndarray:
-    """sequences [n, T] → per-token cross-entropy [n, T − 1] (position t predicts token t + 1), nats."""
-    losses = [next_token_loss(model(chunk, use_cache=False).logits, chunk, reduction="none").cpu()
-              for chunk in device_batches(model, sequences, batch_size, "losses", progress)]
-    return torch.cat(losses).double().numpy()
+                 progress: bool = False, head: int = 1) -> np.ndarray:
+    """sequences [n, T] → per-token cross-entropy [n, T − head], nats: position t predicts token t + 1 (head 1, the
+    model's own prediction), or with ``head`` k > 1 the extra head k of a multi-token model predicts token t + k
+    (the model carries its heads: :meth:`~models.lm.LMCheckpoint.with_heads`)."""
+    def losses(chunk: torch.Tensor) -> torch.Tensor:
+        if head == 1:
+            return next_token_loss(model(chunk, use_cache=False).logits, chunk, reduction="none")
+        return head_losses(model, model, chunk, chunk, reduction="none")[head - 1]
+
+    return torch.cat([losses(chunk).cpu() for chunk in device_batches(model, sequences, batch_size, "losses",
+                                                                      progress)]).double().numpy()

@@ -34,7 +34,7 @@ from forethought.models.distributed import Distributed
 from forethought.models.families import architecture
 from forethought.models.gpt2 import CAUSAL_LM_CLASSES, build_lm, check_blocks, gpt2_config, load_model
 from forethought.models.hub import hub_reachable
-from forethought.models.mtp import NEXT_TOKEN, MultiTokenTask, add_heads, objective_heads
+from forethought.models.mtp import NEXT_TOKEN, MultiTokenTask, add_heads, extra_heads, load_heads, objective_heads
 from forethought.models.myopic import check_myopic_support
 from forethought.models.sources import NAMED_MODELS, model_folder, source_card
 from forethought.models.tasks.bpe import bpe_size, corpus_bpe
@@ -261,6 +261,20 @@ class LMCheckpoint:
         tokenizer = load_tokenizer(str(folder)) if has_tokenizer or not local else gpt2_tokenizer()
         check_vocabulary(tokenizer, model.config.vocab_size, str(folder))
         return cls(str(folder), model.eval(), tokenizer, description, source_card(folder) if local else None)
+
+    @property
+    def heads(self) -> int:
+        """K, the prediction heads it was trained with (``mtp:K``); 1 for next-token training or a model trained
+        elsewhere."""
+        return objective_heads((self.description or {}).get("objective", NEXT_TOKEN))
+
+    def with_heads(self) -> PreTrainedModel:
+        """Its model carrying the extra heads 2 … K read from beside the checkpoint (``model.mtp_heads``, covered by
+        the checkpoint's digests), to score them; the model itself for K = 1. Idempotent."""
+        if self.heads > 1 and extra_heads(self.model) is None:
+            add_heads(self.model, self.heads)
+            load_heads(self.model.mtp_heads, Path(self.source))
+        return self.model
 
     def data(self) -> TextData | None:
         """The text data it was trained on, if recorded."""

@@ -73,11 +73,11 @@ def test_an_interrupted_run_resumes_to_the_rows_of_an_uninterrupted_one(twins, t
     calls = []
     real = causal.path_effects
 
-    def killed_in_layer_1(model, tokens, edit, positions, tau, batch, clean):
+    def killed_in_layer_1(*args):
         calls.append(1)
         if len(calls) > 4:  # layer 0's edits (LEACE, random) at ranks 1 and full are kept; killed in layer 1
             raise KeyboardInterrupt
-        return real(model, tokens, edit, positions, tau, batch, clean)
+        return real(*args)
     monkeypatch.setattr(causal, "path_effects", killed_in_layer_1)
     with pytest.raises(KeyboardInterrupt):
         run_intervene(config("resumed"))
@@ -94,6 +94,39 @@ def test_an_interrupted_run_resumes_to_the_rows_of_an_uninterrupted_one(twins, t
         run_intervene(config("resumed"))
 
 
+def test_a_multi_token_twins_second_head_is_scored(twins, mtp_twin, tmp_path):
+    """``head=2`` reads the loss of the twin's second head (x[t+2] at t), which sits on h[L − 1]: an edit of h[L]
+    changes it nowhere (while it moves the next-token loss at t), an edit of h[L − 1] does."""
+    def config(head: int, out: str) -> InterveneConfig:
+        return InterveneConfig(checkpoints={"mtp": str(mtp_twin)}, head=head, max_sequences=60, taus=(1, 2),
+                               ranks=(4,), positions=3, top_k=20, controls=(RANDOM,), layers=(1, 2),
+                               tokens_root=str(twins / "tokens"), out=str(tmp_path / out), progress=False)
+    second, first = (run_intervene(config(head, f"head{head}")) for head in (2, 1))
+    loss = {head: results.table.set_index("metric").loc["loss"] for head, results in ((2, second), (1, first))}
+    assert loss[2]["target"] == "x[t+2] (head 2)" and loss[1]["target"] == "next token"
+    assert loss[2]["value"] > loss[1]["value"]  # two ahead is harder
+    own = {head: results.table.query("metric == 'delta_loss' and edit == @LEACE and path == 'own'")
+           .set_index(["layer", "tau", "rank"])["value"] for head, results in ((2, second), (1, first))}
+    assert (own[2].xs(2, level="layer") == 0).all() and (own[1].xs(2, level="layer") != 0).all()  # L = 2
+    assert (own[2].xs(1, level="layer") != 0).all()
+    assert "head 2's loss (x[t+2])" in second.summary()
+    assert (tmp_path / "head2" / "figures" / "intervene_mtp_head2_paths.html").is_file()
+    assert InterveneResults.from_folder(tmp_path / "head2").head == 2
+
+
+@pytest.mark.parametrize("head, checkpoint, message", [
+    (3, "mtp", "head 3: mtp has 2 prediction head"),
+    (2, "vanilla", "head 2: vanilla has 1 prediction head"),
+])
+def test_a_head_the_checkpoint_lacks_is_refused(twins, mtp_twin, tmp_path, capsys, head, checkpoint, message):
+    argv = ["intervene", "--checkpoints", f"{checkpoint}={twins / checkpoint}", "--head", str(head),
+            "--max-sequences", "60", "--top-k", "20", "--tokens-root", str(twins / "tokens"), "--out",
+            str(tmp_path / "iv"), "--no-progress"]
+    assert main(argv) == 2
+    assert capsys.readouterr().err.startswith(f"forethought: error: {message}")
+    assert not (tmp_path / "iv").exists()
+
+
 def test_a_concept_that_could_span_the_residual_stream_is_refused(twins, tmp_path):
     config = InterveneConfig(checkpoints={"vanilla": str(twins / "vanilla")}, max_sequences=60, top_k=64,
                              tokens_root=str(twins / "tokens"), out=str(tmp_path / "iv"), progress=False)
@@ -108,6 +141,7 @@ def test_a_concept_that_could_span_the_residual_stream_is_refused(twins, tmp_pat
     (["--positions", "0"], "positions must be ≥ 1, got 0"),
     (["--taus", "0"], "taus must be offsets ≥ 1, got 0"),
     (["--controls", "random,probe"], "unknown control probe; choose from random, shuffled"),
+    (["--head", "0"], "head must be ≥ 1 (1: the next-token prediction), got 0"),
 ])
 def test_bad_intervene_settings_are_one_line_errors(capsys, tmp_path, argv, message):
     assert main(["intervene", "--checkpoints", "a=x", *argv, "--out", str(tmp_path / "iv")]) == 2
