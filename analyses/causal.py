@@ -26,6 +26,7 @@ from forethought.core.files import check_folder_digests, staged_folder, write_fo
 from forethought.models.heldout import token_losses
 from forethought.models.train import resolve_device
 from forethought.probes.erasure import ConceptEraser, ErasureFit, linear_r2, mlp_gain
+from forethought.probes.future import FutureProbeConfig
 from forethought.probes.metrics import mean_scores
 from forethought.probes.paths import path_effects
 from forethought.probes.split import ProbeSplit
@@ -43,6 +44,7 @@ def net(control: str) -> str:
 NET = net(RANDOM)
 CAUSAL_COLUMNS = ["edit", "rank", "path", "offset"]  # a causal table's columns beyond the tidy ones
 CHECK_FIT_ROWS, CHECK_TEST_ROWS = 100_000, 20_000  # positions the erasure check fits and scores its probe on
+TEST_FRACTION = FutureProbeConfig.test_fraction  # share of the clusters the effects are read on: the probes' split
 
 
 def erasers(fit: ErasureFit, rank: int, seed: int, controls: Sequence[str] = (RANDOM,),
@@ -190,13 +192,14 @@ class CausalResults(CausalViews):
     table: pd.DataFrame
 
 
-def concept_split(engine: Probing, top_k: int) -> ProbeSplit:
-    """The documents the erasers are fitted on and tested on, and the concept's classes (``top_k`` + "other")."""
+def concept_split(engine: Probing, top_k: int, test_fraction: float = TEST_FRACTION) -> ProbeSplit:
+    """The documents the erasers are fitted on and tested on (``test_fraction`` of the clusters), and the concept's
+    classes (``top_k`` + "other")."""
     return engine.split(replace(engine.settings.probe_config(str(resolve_device(engine.settings.device)), "topk"),
-                                top_k=top_k))
+                                top_k=top_k, test_fraction=test_fraction))
 
 
-def check_causal(engine: Probing, top_k: int, head: int = 1) -> None:
+def check_causal(engine: Probing, top_k: int, head: int = 1, test_fraction: float = TEST_FRACTION) -> None:
     """Refuse, before anything is written, held-out sequences too short for the offsets, a ``head`` a checkpoint
     was not trained with, and a concept of ``top_k`` + 1 classes that could span a checkpoint's residual stream."""
     taus, seq = engine.taus, engine.tokens.shape[1]
@@ -216,16 +219,17 @@ def check_causal(engine: Probing, top_k: int, head: int = 1) -> None:
                 f"top_k {top_k}: the concept's {top_k} + 1 classes can span all {width} residual "
                 f"dimensions of {name}, and then full-rank erasure removes everything and its random control is the "
                 f"same edit; choose a top_k below {width}")
-    concept_split(engine, top_k)  # a held-out sample too small to split is refused here, before anything is written
+    concept_split(engine, top_k, test_fraction)  # a sample too small to split is refused here, before any write
 
 
 def causal_rows(engine: Probing, top_k: int, ranks: Sequence[int], n_positions: int,
                 names: Sequence[str] | None = None, controls: Sequence[str] = CONTROLS, cells: Path | None = None,
-                head: int = 1) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+                head: int = 1, test_fraction: float = TEST_FRACTION) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """The causal test on ``engine``'s held-out sample (its document split, caches and settings: layers, τ, batch,
     seed, device): for each checkpoint of ``names`` (default: all), layer and τ, LEACE of x[t+τ] in the ``top_k``
     most frequent tokens + "other", fitted on the probe-training documents, at each of ``ranks`` and full rank,
-    beside its ``controls``, at ``n_positions`` positions t of each test sequence (evenly spaced). With ``cells``
+    beside its ``controls``, at ``n_positions`` positions t of each test sequence (evenly spaced; the test part:
+    ``test_fraction`` of the sample's clusters, the erasers fitted on the rest). With ``cells``
     (a folder of the run, whose settings bind it), each finished (checkpoint, layer) is kept there and a rerun
     reads it back instead of computing it again: an interrupted run resumes to the rows of an uninterrupted one.
     The loss read is the next-token loss (``head`` 1), or that of a multi-token twin's head k, predicting x[s+k] at
@@ -234,7 +238,7 @@ def causal_rows(engine: Probing, top_k: int, ranks: Sequence[int], n_positions: 
     tokens, taus, seed = engine.tokens, engine.taus, settings.seed
     device = resolve_device(settings.device)
     last = tokens.shape[1] - max(taus) - 1 - head  # the last position whose offsets all have a loss
-    split = concept_split(engine, top_k)
+    split = concept_split(engine, top_k, test_fraction)
     classes = np.full(int(tokens.max()) + 1, len(split.classes))  # token → class; "other" last
     classes[split.classes] = np.arange(len(split.classes))
     positions = sorted(set(np.linspace(0, last, min(n_positions, last + 1)).round().astype(int).tolist()))

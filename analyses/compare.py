@@ -29,6 +29,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from forethought.analyses.causal import (
     CAUSAL_COLUMNS,
     CONTROLS,
+    TEST_FRACTION,
     CausalResults,
     causal_rows,
     check_causal,
@@ -156,15 +157,16 @@ class Comparison(Probing):
     # ---- results
 
     def intervene(self, names: Sequence[str] | None = None, top_k: int = 64, ranks: Sequence[int] = (1, 4, 16, 64),
-                  positions: int = 8, controls: Sequence[str] = CONTROLS) -> CausalResults:
+                  positions: int = 8, controls: Sequence[str] = CONTROLS,
+                  test_fraction: float = TEST_FRACTION) -> CausalResults:
         """The causal test (docs/causal.md) on this comparison's held-out sample, layers and τ: erase x[t+τ] (the
         ``top_k`` most frequent tokens + "other") from h[l, t] by LEACE at each rank and full rank, beside its
         ``controls`` (random directions; LEACE of shuffled labels), at ``positions`` positions t of each test
-        sequence; Δloss on the own and future paths. ``.effects(name)``, ``.checks(name)``,
-        ``.paths_figure(name)``, ``.future_heatmap(name, control)``."""
+        sequence (the test documents: ``test_fraction`` of the sample's); Δloss on the own and future paths.
+        ``.effects(name)``, ``.checks(name)``, ``.paths_figure(name)``, ``.future_heatmap(name, control)``."""
         check_controls(controls)
-        check_causal(self, top_k)
-        rows, _ = causal_rows(self, top_k, ranks, positions, names, controls)
+        check_causal(self, top_k, test_fraction=test_fraction)
+        rows, _ = causal_rows(self, top_k, ranks, positions, names, controls, test_fraction=test_fraction)
         return CausalResults(tidy(rows, extra=CAUSAL_COLUMNS, task=f"text: {self.heldout.corpus}",
                                   seed=self.settings.seed, split=POOLED))
 

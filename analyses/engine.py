@@ -77,7 +77,7 @@ class Probing:
         self._scores: dict[tuple[str, str], ProbeScores] = {}  # (checkpoint, probe kind or LOGIT_LENS)
         self._rows: dict[tuple[str, str, bool | str], pd.DataFrame] = {}  # tidy rows (bootstrapped once)
         self._baselines: dict[str, BaselineScores] = {}  # per target
-        self._splits: dict[int | None, ProbeSplit] = {}  # per class set (top-K or every token)
+        self._splits: dict[tuple, ProbeSplit] = {}  # per class set (top-K or every token) and fractions
         self._heldout = heldout
         self._counted: np.ndarray | None | object = _UNREAD  # the count baselines' training tokens, once read
         self._losses: dict[str, np.ndarray] = {}  # checkpoint folder → per-token held-out losses, once measured
@@ -229,7 +229,7 @@ class Probing:
         """The held-out split of probes fitted as ``config``, and their classes: one per class set, shared by every
         checkpoint's probes and the count baselines they are drawn beside. Warns when its test sequences come from
         fewer than :data:`FEW_DOCUMENTS` documents: intervals that resample so few clusters are unreliable."""
-        key = config.top_k if config.in_topk else None
+        key = (config.top_k if config.in_topk else None, config.test_fraction, config.validation_fraction)
         if key not in self._splits:
             self._splits[key] = config.split(self.tokens, self.sample.clusters)
             documents = len(np.unique(self.sample.clusters[self._splits[key].test]))

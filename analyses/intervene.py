@@ -29,7 +29,15 @@ from typing import ClassVar
 
 import plotly.graph_objects as go
 
-from forethought.analyses.causal import CAUSAL_COLUMNS, CONTROLS, CausalViews, causal_rows, check_causal, check_controls
+from forethought.analyses.causal import (
+    CAUSAL_COLUMNS,
+    CONTROLS,
+    TEST_FRACTION,
+    CausalViews,
+    causal_rows,
+    check_causal,
+    check_controls,
+)
 from forethought.analyses.engine import Probing, load_checkpoints
 from forethought.analyses.experiment import ExperimentResults, finish_run, prepare_out, writes_run
 from forethought.analyses.probing import ProbeSettings, check_names
@@ -54,6 +62,7 @@ class InterveneConfig:
     top_k: int = 64  # the concept's classes: the K most frequent training tokens + "other" (K < d_model)
     ranks: tuple[int, ...] = (1, 4, 16, 64)  # erasure ranks (capped at the concept's); full rank is always added
     positions: int = 8  # positions t edited per sequence (evenly spaced; one edited run each)
+    test_fraction: float = TEST_FRACTION  # share of the documents the effects are read on; the rest fit the erasers
     head: int = 1  # the loss read: 1, the next token; k > 1, a multi-token twin's head k (predicts x[t+k])
     controls: tuple[str, ...] = CONTROLS  # 'random' (equal rank and variance) and/or 'shuffled' (unrelated concept)
     batch_sequences: int = 64  # sequences per forward pass
@@ -106,11 +115,11 @@ class InterveneResults(ExperimentResults, CausalViews):
 def run_intervene(config: InterveneConfig) -> InterveneResults:
     """Fit the erasers, edit each test position, read the own- and future-path effects; write table and figures."""
     engine = Probing(load_checkpoints(dict(config.checkpoints)), config.probe_settings(), config.out)
-    check_causal(engine, config.top_k, config.head)
+    check_causal(engine, config.top_k, config.head, config.test_fraction)
     out = prepare_out(config.out, config)
     rows, meta = causal_rows(engine, config.top_k, config.ranks, config.positions, controls=config.controls,
-                             cells=out / "cells", head=config.head)  # each finished (checkpoint, layer) kept: a
-                                                                      # rerun resumes
+                             cells=out / "cells", head=config.head,  # each finished (checkpoint, layer) kept:
+                             test_fraction=config.test_fraction)  # a rerun resumes
     constants = dict(task=f"text: {engine.heldout.corpus}", seed=config.seed, split=POOLED)
     results = InterveneResults(config=config, table=tidy(rows, extra=CAUSAL_COLUMNS, **constants))
     finish_run(results, out, run_meta(**meta, processing_mode="raw (Hugging Face forward hooks)"))

@@ -7,7 +7,7 @@ import pandas as pd
 import pytest
 
 from forethought.analyses import causal
-from forethought.analyses.causal import LEACE, NET, RANDOM, SHUFFLED, net
+from forethought.analyses.causal import LEACE, NET, RANDOM, SHUFFLED, concept_split, net
 from forethought.analyses.cli import main
 from forethought.analyses.compare import Comparison
 from forethought.analyses.intervene import InterveneConfig, InterveneResults, run_intervene
@@ -127,6 +127,20 @@ def test_a_head_the_checkpoint_lacks_is_refused(twins, mtp_twin, tmp_path, capsy
     assert not (tmp_path / "iv").exists()
 
 
+def test_a_larger_test_fraction_reads_the_effects_on_more_documents(twins, tmp_path):
+    """The erasers are fitted on the rest; the engine keeps a split per fraction, so the probes' split is unchanged."""
+    comparison = Comparison.from_checkpoints({"vanilla": twins / "vanilla"}, folder=tmp_path / "cmp", max_sequences=60,
+                                             taus=(1,), tokens_root=str(twins / "tokens"), progress=False,
+                                             random_init=False)
+    probes, wider = concept_split(comparison, 20), concept_split(comparison, 20, test_fraction=0.5)
+    clusters = comparison.sample.clusters
+    assert len(np.unique(clusters[wider.test])) > len(np.unique(clusters[probes.test]))
+    assert not set(clusters[wider.test]) & set(clusters[np.concatenate([wider.train, wider.validation])])
+    assert concept_split(comparison, 20) is probes
+    results = comparison.intervene(top_k=20, ranks=(1,), positions=2, controls=(RANDOM,), test_fraction=0.5)
+    assert set(results.table.query("metric == 'delta_loss'")["n"]) == {2 * len(wider.test)}  # (sequence, t) pairs
+
+
 def test_a_concept_that_could_span_the_residual_stream_is_refused(twins, tmp_path):
     config = InterveneConfig(checkpoints={"vanilla": str(twins / "vanilla")}, max_sequences=60, top_k=64,
                              tokens_root=str(twins / "tokens"), out=str(tmp_path / "iv"), progress=False)
@@ -142,6 +156,7 @@ def test_a_concept_that_could_span_the_residual_stream_is_refused(twins, tmp_pat
     (["--taus", "0"], "taus must be offsets ≥ 1, got 0"),
     (["--controls", "random,probe"], "unknown control probe; choose from random, shuffled"),
     (["--head", "0"], "head must be ≥ 1 (1: the next-token prediction), got 0"),
+    (["--test-fraction", "1"], "test_fraction must be in (0, 1), got 1.0"),
 ])
 def test_bad_intervene_settings_are_one_line_errors(capsys, tmp_path, argv, message):
     assert main(["intervene", "--checkpoints", "a=x", *argv, "--out", str(tmp_path / "iv")]) == 2
