@@ -78,8 +78,6 @@ class InterveneConfig:
         check_names(self.checkpoints)
         if not self.checkpoints:
             raise ForethoughtError("give `checkpoints` (name → folder)")
-        if self.head < 1:
-            raise ForethoughtError(f"head must be ≥ 1 (1: the next-token prediction), got {self.head}")
         if not self.ranks or min(self.ranks) < 1:
             raise ForethoughtError(f"ranks must be ≥ 1, got {', '.join(map(str, self.ranks)) or 'none'}")
         check_controls(self.controls)

@@ -155,7 +155,7 @@ def test_a_concept_that_could_span_the_residual_stream_is_refused(twins, tmp_pat
     (["--positions", "0"], "positions must be ≥ 1, got 0"),
     (["--taus", "0"], "taus must be offsets ≥ 1, got 0"),
     (["--controls", "random,probe"], "unknown control probe; choose from random, shuffled"),
-    (["--head", "0"], "head must be ≥ 1 (1: the next-token prediction), got 0"),
+    (["--head", "0"], "head must be ≥ 1, got 0"),
     (["--test-fraction", "1"], "test_fraction must be in (0, 1), got 1.0"),
 ])
 def test_bad_intervene_settings_are_one_line_errors(capsys, tmp_path, argv, message):
