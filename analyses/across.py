@@ -143,12 +143,13 @@ class SeedsResults(ExperimentResults):
         return [column.split("@", 1)[1] for column in self.table.columns if column.startswith("value@")]
 
     def gap_figure(self) -> go.Figure:
-        """Each run's overall myopia gap with its 95 % interval over sequences, and the mean ± sd between runs."""
+        """Each run's overall myopia gap with its 95 % interval (resampling documents), and the mean ± sd between
+        runs."""
         row = self.gap().iloc[0]
         labels = self._labels()
         figure = go.Figure(go.Scatter(
             x=labels, y=[row[f"value@{label}"] for label in labels], mode="markers", marker=dict(size=10),
-            name="one run: 95% CI over held-out sequences",
+            name="one run: 95% CI resampling held-out documents",
             error_y=dict(type="data", symmetric=False,
                          array=[row[f"ci_high@{label}"] - row[f"value@{label}"] for label in labels],
                          arrayminus=[row[f"value@{label}"] - row[f"ci_low@{label}"] for label in labels]),
@@ -158,7 +159,9 @@ class SeedsResults(ExperimentResults):
         figure.add_hline(y=row["mean"], line=dict(color="gray"),
                          annotation_text=f"mean {row['mean']:+.3f} ± sd {row['sd']:.3f}")
         figure.add_hline(y=0, line=dict(color="black", dash="dot"))
-        figure.update_layout(title="Myopia gap (held-out loss, myopic − vanilla) of each training seed",
+        figure.update_layout(title="Myopia gap (held-out loss, myopic − vanilla) of each training seed<br><sup>each "
+                                   "run: its 95% CI resampling held-out documents; line and band: mean ± sd between "
+                                   "runs</sup>",
                              xaxis_title="run", yaxis_title="nats per token")
         return figure
 
