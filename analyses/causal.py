@@ -248,7 +248,6 @@ def causal_rows(engine: Probing, top_k: int, ranks: Sequence[int], n_positions: 
     for name in names or engine.names:
         model = engine.checkpoint(name).with_heads().to(device).float().eval()
         cache = engine.cache(name)
-        scored = None if head == 1 else partial(token_losses, head=head)  # None: path_effects' cached next-token way
         losses = token_losses(model, test, settings.batch_sequences, head=head)
         (loss,) = mean_scores(losses.reshape(-1), np.repeat(clusters, losses.shape[1]), seed=seed)
         clean: dict = {}  # prefix caches and unedited losses, shared by every edit of this model
@@ -276,7 +275,7 @@ def causal_rows(engine: Probing, top_k: int, ranks: Sequence[int], n_positions: 
                         layer_rows += _check_rows(cell, eraser, fit_rows, test_rows, rank=rank, edit=edit,
                                                   seed=seed, nonlinear=edit == LEACE and rank == fit.max_rank)
                         effects[edit] = path_effects(model, test, partial(eraser.at, layer), positions, tau,
-                                                     settings.batch_sequences, clean, scored, head)
+                                                     settings.batch_sequences, clean, head=head)
                     layer_rows += effect_rows({**cell, "rank": rank}, effects, clusters, seed)
             if kept is not None:
                 _write_cell(kept, layer_rows)

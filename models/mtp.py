@@ -31,6 +31,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import PreTrainedModel
+from transformers.cache_utils import Cache
 
 from forethought.core.errors import ForethoughtError, one_line
 from forethought.models.families import decoder_blocks, unembedding
@@ -79,15 +80,23 @@ def head_losses(model: PreTrainedModel, runnable: nn.Module, inputs: torch.Tenso
     heads = extra_heads(model)
     if heads is None:
         return [next_token_loss(runnable(inputs, use_cache=False).logits, targets, reduction)]
-    with _trunk_output(decoder_blocks(model)[-1]) as trunk:
+    with trunk_output(model) as trunk:
         logits = runnable(inputs, use_cache=False).logits
+    return [next_token_loss(logits, targets, reduction)] + [
+        next_token_loss(head_logits(model, head, trunk), targets, reduction, head) for head in range(2, len(heads) + 2)]
+
+
+def head_logits(model: PreTrainedModel, head: int, trunk: dict[str, Any], cache: Cache | None = None) -> torch.Tensor:
+    """Head ``head``'s (≥ 2) logits [batch, seq, vocab] from the last block's captured call (:func:`trunk_output`).
+    With ``cache`` the head attends through its own key/value cache — its keys and values of earlier positions,
+    not the last block's —, put in place of the trunk's in the call (a continuation after a cached prefix)."""
+    args, kwargs = trunk["args"], trunk["kwargs"]
+    if cache is not None:
+        args = tuple(cache if isinstance(value, Cache) else value for value in args)
+        kwargs = {name: cache if isinstance(value, Cache) else value for name, value in kwargs.items()}
+    hidden = extra_heads(model)[head - 2](*args, **kwargs)
     norm, unembed = unembedding(model)
-    losses = [next_token_loss(logits, targets, reduction)]
-    for offset, head in enumerate(heads, start=2):
-        hidden = head(*trunk["args"], **trunk["kwargs"])
-        hidden = hidden[0] if isinstance(hidden, tuple) else hidden
-        losses.append(next_token_loss(unembed(norm(hidden)), targets, reduction, offset))
-    return losses
+    return unembed(norm(hidden[0] if isinstance(hidden, tuple) else hidden))
 
 
 class MultiTokenTask(TextTask):
@@ -103,15 +112,15 @@ class MultiTokenTask(TextTask):
 
 
 @contextlib.contextmanager
-def _trunk_output(last_block: nn.Module) -> Iterator[dict[str, Any]]:
-    """Capture the positional and keyword arguments the last block is called with (h[L − 1] and the masks,
-    positions and rotary tables of its family): the extra heads are called with exactly the same."""
+def trunk_output(model: nn.Module) -> Iterator[dict[str, Any]]:
+    """Capture the positional and keyword arguments ``model``'s last block is called with (h[L − 1] and the masks,
+    positions, rotary tables and cache of its family): the extra heads are called with exactly the same."""
     captured: dict[str, Any] = {}
 
     def capture(module: nn.Module, args: tuple, kwargs: dict) -> None:
         captured.update(args=args, kwargs=kwargs)
 
-    handle = last_block.register_forward_pre_hook(capture, with_kwargs=True)
+    handle = decoder_blocks(model)[-1].register_forward_pre_hook(capture, with_kwargs=True)
     try:
         yield captured
     finally:

@@ -25,8 +25,10 @@ from typing import Literal
 import numpy as np
 import torch
 from transformers import PreTrainedModel
+from transformers.cache_utils import DynamicCache
 
 from forethought.core.errors import ForethoughtError
+from forethought.models.mtp import head_logits, trunk_output
 from forethought.models.tasks.text import next_token_loss
 from forethought.probes.interventions import Edit, intervene
 
@@ -75,28 +77,30 @@ def _cache(output):
 def path_effects(model: PreTrainedModel, inputs: torch.Tensor, edit_at: Callable[[int], Edit],
                  positions: Sequence[int], max_offset: int, batch_size: int = 32, clean: dict | None = None,
                  losses: Callable[[PreTrainedModel, torch.Tensor, int], np.ndarray] | None = None,
-                 lag: int = 1) -> np.ndarray:
+                 lag: int = 1, head: int = 1) -> np.ndarray:
     """The change in loss at t + k when h[l, t] is edited, for every sequence of ``inputs`` [n, T, ...], t in
     ``positions`` and k = 0 … ``max_offset``: [n, len(positions), max_offset + 1]. Offset 0 is the own path's
     effect, offsets ≥ 1 the future path's (module docstring). ``edit_at(i)`` makes the edit at index i of the
     forward pass it is applied to (the pass holding position t at i).
 
-    Default (``losses`` None): a causal LM's next-token cross-entropy (position s predicts token s + 1). Nothing
-    before t changes, so the prefix 0 … t − 1 runs once per (batch, t) into a key/value cache, and each edited
-    run — and its unedited twin, the same arithmetic, so that an edit that changes nothing gives exactly 0 — runs
-    only positions t … t + max_offset + 1 on it: ~T / (max_offset + 2) times less work than whole prefixes.
+    Default (``losses`` None): a causal LM's next-token cross-entropy (position s predicts token s + 1), or with
+    ``head`` k > 1 that of a multi-token model's head k (s predicts s + k; the model carries its heads). Nothing
+    before t changes, so the prefix 0 … t − 1 runs once per (batch, t) into a key/value cache (and the head's own),
+    and each edited run — and its unedited twin, the same arithmetic, so that an edit that changes nothing gives
+    exactly 0 — runs only positions t … t + max_offset + k on it: ~T / (max_offset + 2) times less work than
+    whole prefixes.
     Otherwise ``losses(model, inputs, batch_size)`` gives the per-position loss [n, T − lag] of inputs cut to
     any length (a regression's loss at s: lag 0), and each edited run is a whole prefix 0 … t + max_offset + lag.
     ``clean`` keeps what is shared between calls (prefix caches, unedited losses): pass the same dict to later
     calls on the same model and inputs."""
-    lag = 1 if losses is None else lag
+    lag = head if losses is None else lag
     seq = inputs.shape[1]
     if positions and (min(positions) < 0 or max(positions) + max_offset + 1 + lag > seq):
         raise ForethoughtError(f"positions {min(positions)} … {max(positions)} with offsets up to {max_offset} "
                                f"need sequences of {max(positions) + max_offset + 1 + lag} positions; these have {seq}")
     clean = {} if clean is None else clean
     if losses is None:
-        return _cached_lm_effects(model, inputs, edit_at, positions, max_offset, batch_size, clean)
+        return _cached_lm_effects(model, inputs, edit_at, positions, max_offset, batch_size, clean, head)
     effects = np.empty((len(inputs), len(positions), max_offset + 1))
     for index, t in enumerate(positions):
         length = t + max_offset + 1 + lag
@@ -109,27 +113,48 @@ def path_effects(model: PreTrainedModel, inputs: torch.Tensor, edit_at: Callable
 
 
 def _cached_lm_effects(model: PreTrainedModel, tokens: torch.Tensor, edit_at: Callable[[int], Edit],
-                       positions: Sequence[int], max_offset: int, batch_size: int, clean: dict) -> np.ndarray:
-    """:func:`path_effects` for a causal LM: the unedited prefix of each (batch, t) cached in ``clean``."""
+                       positions: Sequence[int], max_offset: int, batch_size: int, clean: dict,
+                       head: int) -> np.ndarray:
+    """:func:`path_effects` for a causal LM (its ``head``): the unedited prefix of each (batch, t) cached in
+    ``clean``."""
     device = next(model.parameters()).device
     effects = np.empty((len(tokens), len(positions), max_offset + 1))
     for start in range(0, len(tokens), batch_size):
         batch = tokens[start: start + batch_size].to(device)
         for index, t in enumerate(positions):
-            chunk = batch[:, t: t + max_offset + 2]  # positions t … t + max_offset + 1
+            chunk = batch[:, t: t + max_offset + 1 + head]  # positions t … t + max_offset + head
             key = (start, t, max_offset)
             if key not in clean:
-                prefix = _cache(_run(model, batch[:, :t])) if t > 0 else None
+                prefix = _prefix(model, batch[:, :t], head) if t > 0 else None
                 clean[(start, t)] = prefix
-                clean[key] = _chunk_losses(model, chunk, prefix)
+                clean[key] = _chunk_losses(model, chunk, prefix, head)
             with intervene(model, edit_at(0)):
-                edited = _chunk_losses(model, chunk, clean[(start, t)])
+                edited = _chunk_losses(model, chunk, clean[(start, t)], head)
             effects[start: start + len(batch), index] = (edited - clean[key]).numpy()
     return effects
 
 
-def _chunk_losses(model: PreTrainedModel, chunk: torch.Tensor, prefix) -> torch.Tensor:
-    """Next-token cross-entropy [batch, len(chunk) − 1] (float64) of ``chunk`` run after the cached ``prefix``
-    (None: from position 0); the prefix is copied, the continuation appending to the copy."""
-    logits = _run(model, chunk, copy.deepcopy(prefix) if prefix is not None else None).logits
-    return next_token_loss(logits, chunk, reduction="none").double().cpu()
+def _prefix(model: PreTrainedModel, tokens: torch.Tensor, head: int) -> tuple:
+    """The key/value state after ``tokens`` [batch, t]: the model's cache and, for a ``head`` k > 1, the head's own
+    (its attention reads its own keys and values of earlier positions)."""
+    if head == 1:
+        return _cache(_run(model, tokens)), None
+    with trunk_output(model) as trunk:
+        cache = _cache(_run(model, tokens))
+    own = DynamicCache(config=model.config)  # layers like the model's: the head reads its last block's kind
+    head_logits(model, head, trunk, own)
+    return cache, own
+
+
+def _chunk_losses(model: PreTrainedModel, chunk: torch.Tensor, prefix: tuple | None, head: int) -> torch.Tensor:
+    """The cross-entropy of ``head`` [batch, len(chunk) − head] (float64; head 1: the next token) of ``chunk`` run
+    after the cached ``prefix`` (None: from position 0); the caches are copied, the continuation appending to the
+    copies."""
+    cache, own = (None, None) if prefix is None else (copy.deepcopy(part) for part in prefix)
+    if head == 1:
+        logits = _run(model, chunk, cache).logits
+    else:
+        with trunk_output(model) as trunk:
+            _run(model, chunk, cache)
+        logits = head_logits(model, head, trunk, own if own is not None else DynamicCache(config=model.config))
+    return next_token_loss(logits, chunk, reduction="none", offset=head).double().cpu()

@@ -73,18 +73,18 @@ def test_an_interrupted_run_resumes_to_the_rows_of_an_uninterrupted_one(twins, t
     calls = []
     real = causal.path_effects
 
-    def killed_in_layer_1(*args):
+    def killed_in_layer_1(*args, **kwargs):
         calls.append(1)
         if len(calls) > 4:  # layer 0's edits (LEACE, random) at ranks 1 and full are kept; killed in layer 1
             raise KeyboardInterrupt
-        return real(*args)
+        return real(*args, **kwargs)
     monkeypatch.setattr(causal, "path_effects", killed_in_layer_1)
     with pytest.raises(KeyboardInterrupt):
         run_intervene(config("resumed"))
     kept = tmp_path / "resumed" / "cells" / "vanilla"
     assert sorted(p.name for p in kept.iterdir()) == ["layer-00"]
     calls.clear()
-    monkeypatch.setattr(causal, "path_effects", lambda *args: calls.append(1) or real(*args))
+    monkeypatch.setattr(causal, "path_effects", lambda *args, **kwargs: calls.append(1) or real(*args, **kwargs))
     pd.testing.assert_frame_equal(run_intervene(config("resumed")).table, whole)
     n_layers = int(whole["layer"].max()) + 1  # layer 0 read back, the others computed
     assert len(calls) == 2 * 2 * (n_layers - 1)  # ranks 1 and full × (LEACE, random) per layer

@@ -3,12 +3,16 @@ plainly edited run, and a zero edit leaves every logit as it was — in every fa
 
 from __future__ import annotations
 
+import copy
+from functools import partial
+
 import numpy as np
 import pytest
 import torch
 
 from forethought.core.errors import ForethoughtError
 from forethought.models.heldout import token_losses
+from forethought.models.mtp import add_heads
 from forethought.probes.interventions import AddVector, ProjectOut, intervene
 from forethought.probes.paths import path_effects, path_logits
 from tests.conftest import tiny_family
@@ -59,6 +63,32 @@ def test_the_cached_prefix_gives_the_whole_prefix_runs_effects(model):
     assert (zero == 0).all()
     with pytest.raises(ForethoughtError, match=r"positions 0 … 8 with offsets up to 2 need sequences of 12 positions"):
         path_effects(model, tokens, edit_at, positions=[0, 8], max_offset=2)
+
+
+def test_a_multi_token_heads_effects_from_cached_prefixes_equal_whole_prefix_runs(model):
+    """Head 2 attends through its own key/value cache (its keys of earlier positions, not the last block's): its
+    effects from cached prefixes equal those of whole-prefix runs, in every family; an edit of h[L], which the head
+    does not read, changes its loss nowhere."""
+    model = copy.deepcopy(model)
+    add_heads(model, 3)
+    with torch.no_grad():  # heads unlike the last block, so that reading the wrong keys would show
+        for parameter in model.mtp_heads.parameters():
+            parameter.add_(0.1 * torch.randn(parameter.shape, generator=torch.Generator().manual_seed(3),
+                                             dtype=parameter.dtype))
+    tokens = torch.randint(0, 23, (5, 12), generator=torch.Generator().manual_seed(2))
+    vector = torch.linspace(-1, 1, model.config.hidden_size)
+    for layer in (1, model.config.num_hidden_layers):
+        edit_at = partial(lambda i, layer: AddVector(layer, positions=i, vector=vector), layer=layer)
+        cached = path_effects(model, tokens, edit_at, positions=[0, 3, 7], max_offset=2, batch_size=2, head=2)
+        whole = path_effects(model, tokens, edit_at, positions=[0, 3, 7], max_offset=2, batch_size=2,
+                             losses=partial(token_losses, head=2), lag=2)
+        np.testing.assert_allclose(cached, whole, rtol=0, atol=1e-10)
+        if layer == 1:
+            assert np.abs(cached).max() > 1e-3
+        else:
+            assert (cached == 0).all()
+    with pytest.raises(ForethoughtError, match=r"positions 0 … 8 with offsets up to 2 need sequences of 13 positions"):
+        path_effects(model, tokens, edit_at, positions=[0, 8], max_offset=2, head=2)
 
 
 def test_a_path_run_edits_one_position(tiny_lm):
