@@ -208,10 +208,9 @@ def check_causal(engine: Probing, top_k: int, head: int = 1, test_fraction: floa
                                f"the causal test needs at least {max(taus) + 1 + head}")
     for name in engine.names:
         engine.layers(name)  # layers exist
-        if head > engine.checkpoint(name).heads:
-            raise ForethoughtError(f"head {head}: {name} has {engine.checkpoint(name).heads} prediction head(s) (a "
-                                   f"multi-token twin trained with --objective mtp:K has K); score head 1 … "
-                                   f"{engine.checkpoint(name).heads}")
+        if head > (heads := engine.checkpoint(name).heads):
+            raise ForethoughtError(f"head {head}: {name} has {heads} prediction head(s) (a multi-token twin trained "
+                                   f"with --objective mtp:K has K); score head 1 … {heads}")
         check_top_k(top_k, engine.checkpoint(name).model.config.vocab_size)
         width = engine.checkpoint(name).model.config.hidden_size
         if top_k >= width:

@@ -23,7 +23,7 @@ from transformers import PreTrainedTokenizerBase
 from forethought.core.errors import ForethoughtError
 from forethought.core.progress import progress_bar
 from forethought.models.lm import LMCheckpoint
-from forethought.models.mtp import head_losses
+from forethought.models.mtp import head_logits, trunk_output
 from forethought.models.tasks.embedded import EMBEDDED
 from forethought.models.tasks.text import TextData, TokenFile, document_texts, next_token_loss
 
@@ -168,7 +168,9 @@ def token_losses(model: torch.nn.Module, sequences: torch.Tensor, batch_size: in
     def losses(chunk: torch.Tensor) -> torch.Tensor:
         if head == 1:
             return next_token_loss(model(chunk, use_cache=False).logits, chunk, reduction="none")
-        return head_losses(model, model, chunk, chunk, reduction="none")[head - 1]
+        with trunk_output(model) as trunk:  # head k alone, not every head
+            model(chunk, use_cache=False)
+        return next_token_loss(head_logits(model, head, trunk), chunk, reduction="none", offset=head)
 
     return torch.cat([losses(chunk).cpu() for chunk in device_batches(model, sequences, batch_size, "losses",
                                                                       progress)]).double().numpy()
