@@ -12,6 +12,10 @@ and their ratio (default model: SmolLM2-135M).
 lens, and the same for the random-init control), each step's wall time ÷ one bare forward pass of the model over
 the same held-out tokens (the grid's floor: one such pass per model probed).
 
+``bench paths``: the causal test's edited runs (the loss at t … t + τ when h[l, t] is edited, what ``forethought
+intervene`` runs for every edit), from cached prefixes with the blocks under the edit replayed vs whole prefixes
+0 … t + τ + 1, per layer edited: seconds per edited (sequence, position) and their ratio.
+
 ``bench pathstar``: generating, writing and parsing path-star text files, vectorised vs line by line.
 
 ``bench side-by-side``: a forethought command run twice one after the other and twice started together, each in
@@ -35,6 +39,7 @@ import tempfile
 import time
 import warnings
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -56,6 +61,7 @@ from forethought.core.settings import as_text, check_settings
 from forethought.core.threads import available_cores
 from forethought.models.families import decoder_blocks
 from forethought.models.gpt2 import build_lm, gpt2_config, load_model
+from forethought.models.heldout import token_losses
 from forethought.models.lm import LMCheckpoint
 from forethought.models.myopic import myopic
 from forethought.models.sources import model_folder
@@ -64,6 +70,8 @@ from forethought.models.tasks.text import TextData, gpt2_tokenizer, next_token_l
 from forethought.models.train import resolve_device
 from forethought.probes.cache import build_cache
 from forethought.probes.future import FutureProbeConfig, fit_future_probes
+from forethought.probes.interventions import AddVector
+from forethought.probes.paths import edited_positions, path_effects
 from forethought.probes.residuals import bridge_residuals, load_bridge, read_layers
 
 
@@ -421,6 +429,78 @@ def bench_grid(config: GridBenchConfig) -> pd.DataFrame:
 def _synchronize(device: str) -> None:
     if device.startswith("cuda"):
         torch.cuda.synchronize()
+
+@dataclass
+class PathsBenchConfig:
+    """Settings of ``forethought bench paths``: the causal test's edited runs (in float32, as ``forethought
+    intervene`` runs them) from cached prefixes with the blocks under the edited layer replayed — the default — ÷
+    whole prefixes (the plain way: every edited run from position 0), at a few layers, on the same held-out tokens.
+    Only edited runs are timed: the clean parts (prefix caches, unedited losses), computed once per model and shared
+    by the test's hundreds of edits, are run first."""
+
+    model: str = "smollm2-135m"  # any model source (folder, run folder, hub id, smollm2-135m, gguf:PATH)
+    corpus: str = "embedded"  # held-out text: test documents of this corpus, packed into sequences
+    tokens_root: str = "runs/tokens"  # token files are written (once) under here
+    device: str = "auto"  # "auto": CUDA when available
+    layers: tuple[int, ...] = (0, 15, 30)  # residual layers edited (SmolLM2-135M's 0 … 30; pick others for others)
+    tau: int = 4  # the losses read: at t … t + τ (the causal test's largest τ)
+    positions: int = 4  # positions t edited per sequence (evenly spaced, as in the causal test)
+    n_sequences: int = 32  # held-out sequences of `seq_len` tokens
+    seq_len: int = 64  # tokens per held-out sequence
+    batch_size: int = 32  # sequences per forward pass
+    rounds: int = 3  # rounds, alternating the two ways; each one's time is the median over rounds
+
+    def __post_init__(self):
+        check_settings(self)
+        if not self.layers or min(self.layers) < 0:
+            raise ForethoughtError(f"layers must be residual layers ≥ 0, got {as_text(self.layers) or 'none'}")
+        if self.tau + 2 > self.seq_len:
+            raise ForethoughtError(f"tau {self.tau} needs sequences of at least {self.tau + 2} tokens; seq_len is "
+                                   f"{self.seq_len}")
+
+
+def bench_paths(config: PathsBenchConfig) -> pd.DataFrame:
+    """Seconds per edited (sequence, position) of the causal test's edited runs, cached and replayed ÷ whole
+    prefixes, at each layer (checked to give the same effects to 1e-4 nats)."""
+    device = resolve_device(config.device)
+    checkpoint = LMCheckpoint.load(config.model)
+    model = checkpoint.model.to(device).float().eval()
+    last = len(decoder_blocks(model))
+    if max(config.layers) > last:
+        raise ForethoughtError(f"layers reach {max(config.layers)}, but {config.model} has residual layers 0 … {last}")
+    data = TextData(corpus=config.corpus, layout="packed", seq_len=config.seq_len)
+    tokens = torch.from_numpy(data.load(checkpoint.tokenizer, config.tokens_root)["test"][: config.n_sequences])
+    positions = edited_positions(tokens.shape[1], config.positions, config.tau)
+    direction = torch.randn(model.config.hidden_size, generator=torch.Generator().manual_seed(0))
+    ways = {"cached prefixes, blocks under l replayed": {},
+            "whole prefixes": dict(losses=token_losses, lag=1)}
+    rows = []
+    for layer in config.layers:
+        edit_at = partial(lambda i, layer: AddVector(layer, positions=i, vector=direction), layer=layer)
+        clean: dict[str, dict] = {way: {} for way in ways}
+        effects = {way: path_effects(model, tokens, edit_at, positions, config.tau, config.batch_size,  # untimed:
+                                     clean[way], **options) for way, options in ways.items()}  # the clean parts
+        cached, whole = effects.values()
+        if not np.allclose(cached, whole, rtol=0, atol=1e-4):  # float32 rounding: ~1e-5 nats on SmolLM2
+            raise ForethoughtError("the cached and the whole-prefix effects disagree")  # a bug, never expected
+        seconds: dict[str, list[float]] = {way: [] for way in ways}
+        for _ in range(config.rounds):
+            for way, options in ways.items():
+                start = time.perf_counter()
+                path_effects(model, tokens, edit_at, positions, config.tau, config.batch_size, clean[way], **options)
+                _synchronize(str(device))
+                seconds[way].append(time.perf_counter() - start)
+        edited = len(tokens) * len(positions)
+        fast, plain = (statistics.median(times) / edited for times in seconds.values())
+        rows.append({"layer": layer, "cached_replayed_ms": 1000 * fast, "whole_prefixes_ms": 1000 * plain,
+                     "speedup": plain / fast})
+    table = pd.DataFrame(rows)
+    table.attrs["setting"] = (f"{device}, {config.model} ({type(model).__name__}, {last} layers), float32, "
+                              f"{len(tokens)} sequences × {config.seq_len} tokens, positions {positions}, losses at "
+                              f"t … t + {config.tau}, batch {config.batch_size}; ms per edited (sequence, position), "
+                              f"median of {config.rounds} alternating rounds")
+    return table
+
 
 @dataclass
 class PathStarBenchConfig:

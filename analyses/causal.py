@@ -28,7 +28,7 @@ from forethought.models.train import resolve_device
 from forethought.probes.erasure import ConceptEraser, ErasureFit, linear_r2, mlp_gain
 from forethought.probes.future import FutureProbeConfig
 from forethought.probes.metrics import mean_scores
-from forethought.probes.paths import path_effects
+from forethought.probes.paths import edited_positions, path_effects
 from forethought.probes.split import ProbeSplit
 
 LEACE = "leace"  # the concept erased
@@ -236,11 +236,10 @@ def causal_rows(engine: Probing, top_k: int, ranks: Sequence[int], n_positions: 
     settings = engine.settings
     tokens, taus, seed = engine.tokens, engine.taus, settings.seed
     device = resolve_device(settings.device)
-    last = tokens.shape[1] - max(taus) - 1 - head  # the last position whose offsets all have a loss
     split = concept_split(engine, top_k, test_fraction)
     classes = np.full(int(tokens.max()) + 1, len(split.classes))  # token → class; "other" last
     classes[split.classes] = np.arange(len(split.classes))
-    positions = sorted(set(np.linspace(0, last, min(n_positions, last + 1)).round().astype(int).tolist()))
+    positions = edited_positions(tokens.shape[1], n_positions, max(taus), lag=head)
     test = torch.from_numpy(tokens[split.test])
     clusters = engine.sample.clusters[split.test]
     rows: list[dict[str, Any]] = []

@@ -212,6 +212,8 @@ COMMANDS: dict[str, Command] = {  # the command line, one row per command
                            "residual caching (and the bridge) ÷ a bare Hugging Face forward pass", _benched),
     "bench grid": Command(f"{BENCH}:GridBenchConfig", f"{BENCH}:bench_grid",
                           "the probing grid end to end, each step ÷ a bare forward pass", _benched),
+    "bench paths": Command(f"{BENCH}:PathsBenchConfig", f"{BENCH}:bench_paths",
+                           "the causal test's edited runs: cached and replayed ÷ whole prefixes", _benched),
     "bench pathstar": Command(f"{BENCH}:PathStarBenchConfig", f"{BENCH}:bench_pathstar",
                               "path-star text files: generate, write, parse, vectorised ÷ line by line", _benched),
     "bench side-by-side": Command(f"{BENCH}:SideBySideBenchConfig", f"{BENCH}:bench_side_by_side",
@@ -329,6 +331,12 @@ EXAMPLES: dict[str, tuple[tuple[str, str], ...]] = {  # (command line, what it d
          "each step of the probing grid on SmolLM2-135M ÷ a bare forward pass"),
         ("forethought bench grid --model runs/lm-cpu-vanilla --taus 1,2",
          "the grid of a trained run"),
+    ),
+    "bench paths": (
+        ("forethought bench paths",
+         "the causal test's edited runs on SmolLM2-135M at layers 0, 15, 30: cached and replayed ÷ whole prefixes"),
+        ("forethought bench paths --model runs/lm-cpu-s0-vanilla --layers 0,2,4 --n-sequences 64",
+         "the same for a trained run"),
     ),
     "bench pathstar": (
         ("forethought bench pathstar",

@@ -31,7 +31,7 @@ from forethought.models.twins import TWINS
 from forethought.probes.erasure import ErasureFit
 from forethought.probes.fit import fit_ridge_by_layer
 from forethought.probes.metrics import mean_scores
-from forethought.probes.paths import path_effects
+from forethought.probes.paths import edited_positions, path_effects
 from forethought.probes.residuals import model_residuals
 from forethought.probes.split import split_sequences
 
@@ -272,8 +272,7 @@ def _causal_rows(models, task: SyntheticTask, inputs, targets, config: Synthetic
     train, test = split_sequences(len(inputs), config.test_fraction, seed=config.seed)
     concept = torch.sin(task.freq * inputs[train][..., 0]).reshape(-1)  # [train sequences · seq]
     max_offset = task.n_terms + 1
-    last = task.seq_len - max_offset - 1  # the last t whose offsets all have a loss
-    positions = sorted(set(np.linspace(0, last, min(8, last + 1)).round().astype(int).tolist()))
+    positions = edited_positions(task.seq_len, 8, max_offset, lag=0)
 
     def huber(model: GPT2RegressionModel, cut: torch.Tensor, batch: int) -> np.ndarray:  # [n, length]
         return huber_loss(_predict(model, cut, batch), targets[test][:, : cut.shape[1]], reduction="none").double(

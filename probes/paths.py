@@ -19,7 +19,8 @@ from __future__ import annotations
 
 import copy
 import inspect
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from typing import Literal
 
 import numpy as np
@@ -28,6 +29,7 @@ from transformers import PreTrainedModel
 from transformers.cache_utils import DynamicCache
 
 from forethought.core.errors import ForethoughtError
+from forethought.models.families import decoder_blocks
 from forethought.models.mtp import head_logits, trunk_output
 from forethought.models.tasks.text import next_token_loss
 from forethought.probes.interventions import Edit, intervene
@@ -73,6 +75,14 @@ def _cache(output):
     return getattr(output, "cache", None) or output.past_key_values
 
 
+def edited_positions(seq_len: int, n: int, max_offset: int, lag: int = 1) -> list[int]:
+    """``n`` positions t evenly spaced from 0 to the last one whose losses at t … t + ``max_offset`` all exist in
+    sequences of ``seq_len`` (the loss at s reading ``lag`` positions ahead: 1 for the next token, k for a head k,
+    0 for a regression), as :func:`path_effects` takes them; fewer if there are fewer such positions."""
+    last = seq_len - max_offset - 1 - lag
+    return sorted(set(np.linspace(0, last, min(n, last + 1)).round().astype(int).tolist()))
+
+
 @torch.no_grad()
 def path_effects(model: PreTrainedModel, inputs: torch.Tensor, edit_at: Callable[[int], Edit],
                  positions: Sequence[int], max_offset: int, batch_size: int = 32, clean: dict | None = None,
@@ -88,7 +98,8 @@ def path_effects(model: PreTrainedModel, inputs: torch.Tensor, edit_at: Callable
     before t changes, so the prefix 0 … t − 1 runs once per (batch, t) into a key/value cache (and the head's own),
     and each edited run — and its unedited twin, the same arithmetic, so that an edit that changes nothing gives
     exactly 0 — runs only positions t … t + max_offset + k on it: ~T / (max_offset + 2) times less work than
-    whole prefixes.
+    whole prefixes. Nor does anything below the edited layer l change: the edited run replays the blocks under l
+    from their clean output (:func:`_replayed`), so it costs the blocks above l only.
     Otherwise ``losses(model, inputs, batch_size)`` gives the per-position loss [n, T − lag] of inputs cut to
     any length (a regression's loss at s: lag 0), and each edited run is a whole prefix 0 … t + max_offset + lag.
     ``clean`` keeps what is shared between calls (prefix caches, unedited losses): pass the same dict to later
@@ -128,10 +139,50 @@ def _cached_lm_effects(model: PreTrainedModel, tokens: torch.Tensor, edit_at: Ca
                 prefix = _prefix(model, batch[:, :t], head) if t > 0 else None
                 clean[(start, t)] = prefix
                 clean[key] = _chunk_losses(model, chunk, prefix, head)
-            with intervene(model, edit_at(0)):
+            edit = edit_at(0)
+            below = min(edit.residual_layer, len(decoder_blocks(model)) - (head > 1))  # a head k > 1 reads h[L − 1]
+            if below > 0 and (key, below) not in clean:
+                clean[(key, below)] = _block_output(model, chunk, clean[(start, t)], head, below - 1)
+            with intervene(model, edit), _replayed(model, below, clean.get((key, below))):
                 edited = _chunk_losses(model, chunk, clean[(start, t)], head)
             effects[start: start + len(batch), index] = (edited - clean[key]).numpy()
     return effects
+
+
+def _block_output(model: PreTrainedModel, chunk: torch.Tensor, prefix: tuple | None, head: int, block: int):
+    """What decoder block ``block`` returns for ``chunk`` run (unedited) after the cached ``prefix``: its output
+    h[block + 1] [batch, len(chunk), d_model], as the block returns it (a tensor, or a tuple led by one)."""
+    recorded = []
+    handle = decoder_blocks(model)[block].register_forward_hook(lambda module, args, output: recorded.append(output))
+    try:
+        _chunk_losses(model, chunk, prefix, head)
+    finally:
+        handle.remove()
+    return recorded[0]
+
+
+@contextmanager
+def _replayed(model: PreTrainedModel, below: int, output) -> Iterator[None]:
+    """Within the context, decoder blocks 0 … ``below`` − 1 do not run: each returns ``output``, block below − 1's
+    output in an unedited run of the same tokens (:func:`_block_output`), so that block ``below`` gets its true
+    input and an edit at h[below] costs only the blocks above (for SmolLM2's layer 15 of 30, half of them). Exact:
+    the blocks under an edit compute the same thing edited or not. Their key/value caches are not extended by the
+    run, and nothing reads them after it (the caches are copies, dropped). Hooks on the replayed blocks still run
+    (an edit at h[below] edits block below − 1's replayed output)."""
+    blocks = decoder_blocks(model)[:below]
+
+    def replay(*args, **kwargs):  # a fresh tensor each call: later blocks may not write into the recorded one
+        if isinstance(output, tuple):
+            return (output[0].clone(), *output[1:])
+        return output.clone()
+
+    for block in blocks:
+        block.forward = replay  # an instance attribute: nn.Module.__call__ (and its hooks) call it
+    try:
+        yield
+    finally:
+        for block in blocks:
+            del block.forward
 
 
 def _prefix(model: PreTrainedModel, tokens: torch.Tensor, head: int) -> tuple:

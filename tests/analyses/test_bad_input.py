@@ -214,6 +214,11 @@ BAD_INPUT = {
         (["--kind", "x"], r"unknown probe kind 'x'"),
         (["--taus", "0"], r"taus must be offsets ≥ 1"),
     ],
+    "bench paths": [
+        (["--tau", "0"], r"tau must be ≥ 1"),
+        (["--tau", "63"], r"tau 63 needs sequences of at least 65 tokens; seq_len is 64"),
+        (["--layers", "-1"], r"layers must be residual layers ≥ 0, got -1"),
+    ],
     "bench cache": [
         (["--precision", "x"], r"precision"),
         (["--n-sequences", "0"], r"n_sequences must be ≥ 1"),

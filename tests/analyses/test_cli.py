@@ -368,6 +368,26 @@ def test_bench_grid_times_every_step_against_a_bare_forward_pass(capsys, llama_f
     assert list((tmp_path / "bench").iterdir()) == []  # the run folder was temporary
 
 
+def test_bench_paths_times_the_edited_runs_both_ways(capsys, llama_folder, llama_text, tmp_path):
+    code, out, err = run_cli(
+        capsys, "bench", "paths", "--model", str(llama_folder), "--corpus", str(llama_text), "--layers", "0,1,2",
+        "--tau", "2", "--positions", "3", "--n-sequences", "4", "--seq-len", "12", "--batch-size", "2", "--rounds",
+        "1", "--tokens-root", str(tmp_path / "tokens"))
+    assert code == 0, err
+    lines = out.splitlines()
+    header = next(i for i, line in enumerate(lines) if line.startswith("forethought bench paths — cpu, "))
+    assert "LlamaForCausalLM, 2 layers), float32, 4 sequences × 12 tokens, positions [0, 4, 8]" in lines[header]
+    assert lines[header + 1].split() == ["layer", "cached_replayed_ms", "whole_prefixes_ms", "speedup"]
+    rows = [[float(v) for v in line.split()] for line in lines[header + 2:]]
+    assert [row[0] for row in rows] == [0, 1, 2]
+    for _, cached, whole, speedup in rows:
+        assert cached > 0 and whole > 0 and speedup == pytest.approx(whole / cached, rel=0.01, abs=0.002)
+    code, out, err = run_cli(capsys, "bench", "paths", "--model", str(llama_folder), "--layers", "0,3",
+                             "--tokens-root", str(tmp_path / "other"))
+    assert code == 2 and err.strip().endswith(f"layers reach 3, but {llama_folder} has residual layers 0 … 2")
+    assert not (tmp_path / "other").exists()
+
+
 def test_bench_side_by_side_times_two_runs_both_ways(capsys):
     code, out, err = run_cli(capsys, "bench", "side-by-side", "--command-line", "bench pathstar --n-train 200")
     assert code == 0, err

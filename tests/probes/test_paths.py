@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from forethought.core.errors import ForethoughtError
+from forethought.models.families import decoder_blocks
 from forethought.models.heldout import token_losses
 from forethought.models.mtp import add_heads
 from forethought.probes.interventions import AddVector, ProjectOut, intervene
@@ -48,17 +49,31 @@ def test_the_two_paths_split_the_plain_edited_run_at_t(model, layer):
         torch.testing.assert_close(path_logits(model, tokens, zero, path), clean, **exact)
 
 
-def test_the_cached_prefix_gives_the_whole_prefix_runs_effects(model):
-    """A causal LM's effects from the cached prefix 0 … t − 1 (the default) equal those of whole-prefix runs, and
-    an edit that changes nothing gives exactly 0."""
+@pytest.mark.parametrize("layer", [1, "last"])
+def test_the_cached_prefix_gives_the_whole_prefix_runs_effects(model, layer):
+    """A causal LM's effects from the cached prefix 0 … t − 1 and the replayed blocks under the edit (the default)
+    equal those of whole-prefix runs, and an edit that changes nothing gives exactly 0. The blocks under the edit
+    never run in an edited run: with every clean part cached, only the blocks above it do."""
+    layer = model.config.num_hidden_layers if layer == "last" else layer
     tokens = torch.randint(0, 23, (5, 11), generator=torch.Generator().manual_seed(2))
     vector = torch.linspace(-1, 1, model.config.hidden_size)
-    edit_at = lambda i: AddVector(1, positions=i, vector=vector)  # noqa: E731
-    cached = path_effects(model, tokens, edit_at, positions=[0, 3, 7], max_offset=2, batch_size=2)
+    edit_at = partial(lambda i, layer: AddVector(layer, positions=i, vector=vector), layer=layer)
+    clean = {}
+    cached = path_effects(model, tokens, edit_at, positions=[0, 3, 7], max_offset=2, batch_size=2, clean=clean)
     whole = path_effects(model, tokens, edit_at, positions=[0, 3, 7], max_offset=2, batch_size=2,
                          losses=token_losses, lag=1)
     np.testing.assert_allclose(cached, whole, rtol=0, atol=1e-10)
     assert np.abs(cached).max() > 1e-3
+    ran = []  # the blocks whose first part runs, when only edited runs are left to do
+    handles = [next(block.children()).register_forward_pre_hook(partial(lambda *_, index: ran.append(index), index=i))
+               for i, block in enumerate(decoder_blocks(model))]
+    try:
+        again = path_effects(model, tokens, edit_at, positions=[0, 3, 7], max_offset=2, batch_size=2, clean=clean)
+    finally:
+        for handle in handles:
+            handle.remove()
+    np.testing.assert_array_equal(again, cached)
+    assert set(ran) == set(range(layer, model.config.num_hidden_layers))
     zero = path_effects(model, tokens, lambda i: AddVector(1, positions=i, vector=vector * 0), [0, 3, 7], 2)
     assert (zero == 0).all()
     with pytest.raises(ForethoughtError, match=r"positions 0 … 8 with offsets up to 2 need sequences of 12 positions"):
