@@ -74,6 +74,8 @@ BASE = {  # a valid, quick command line per command; the attacked flag is append
     "bench cache": ["--model", "ck-a", *CORPUS, "--n-sequences", "8", "--rounds", "1"],
     "bench grid": ["--model", "ck-a", *CORPUS, "--max-sequences", "40", "--max-epochs", "1", "--taus", "1",
                    "--top-k", "100"],
+    "bench paths": ["--model", "ck-a", *CORPUS, "--layers", "0,1", "--tau", "1", "--positions", "2",
+                    "--n-sequences", "4", "--rounds", "1"],
     "bench pathstar": ["--n-train", "100"],
     "bench side-by-side": ["--command-line", "bench pathstar --n-train 100", "--rounds", "1"],
 }
