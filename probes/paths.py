@@ -176,13 +176,17 @@ def _replayed(model: PreTrainedModel, below: int, output) -> Iterator[None]:
             return (output[0].clone(), *output[1:])
         return output.clone()
 
+    own = [block.__dict__.get("forward") for block in blocks]  # a forward set on the instance (accelerate's hooks)
     for block in blocks:
         block.forward = replay  # an instance attribute: nn.Module.__call__ (and its hooks) call it
     try:
         yield
     finally:
-        for block in blocks:
-            del block.forward
+        for block, forward in zip(blocks, own):
+            if forward is None:
+                del block.forward
+            else:
+                block.forward = forward
 
 
 def _prefix(model: PreTrainedModel, tokens: torch.Tensor, head: int) -> tuple:

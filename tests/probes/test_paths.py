@@ -80,6 +80,21 @@ def test_the_cached_prefix_gives_the_whole_prefix_runs_effects(model, layer):
         path_effects(model, tokens, edit_at, positions=[0, 8], max_offset=2)
 
 
+def test_replayed_blocks_get_their_own_forward_back(tiny_lm):
+    """A forward set on a block instance (as accelerate's hooks do) is what the block has again after a replayed run;
+    a block without one is left without one."""
+    blocks = decoder_blocks(tiny_lm)
+    own = lambda *args, **kwargs: type(blocks[0]).forward(blocks[0], *args, **kwargs)  # noqa: E731
+    blocks[0].forward = own
+    try:
+        tokens = torch.randint(0, 23, (2, 8), generator=torch.Generator().manual_seed(1))
+        vector = torch.ones(tiny_lm.config.hidden_size)
+        path_effects(tiny_lm, tokens, lambda i: AddVector(len(blocks), positions=i, vector=vector), [2], max_offset=1)
+        assert blocks[0].__dict__["forward"] is own and all("forward" not in block.__dict__ for block in blocks[1:])
+    finally:
+        del blocks[0].forward
+
+
 def test_a_multi_token_heads_effects_from_cached_prefixes_equal_whole_prefix_runs(model):
     """Head 2 attends through its own key/value cache (its keys of earlier positions, not the last block's): its
     effects from cached prefixes equal those of whole-prefix runs, in every family; an edit of h[L], which the head
