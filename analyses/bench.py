@@ -460,7 +460,7 @@ class PathsBenchConfig:
 
 
 def bench_paths(config: PathsBenchConfig) -> pd.DataFrame:
-    """Seconds per edited (sequence, position) of the causal test's edited runs, cached and replayed ÷ whole
+    """Milliseconds per edited (sequence, position) of the causal test's edited runs, cached and replayed ÷ whole
     prefixes, at each layer (checked to give the same effects to 1e-4 nats)."""
     device = resolve_device(config.device)
     checkpoint = LMCheckpoint.load(config.model)
