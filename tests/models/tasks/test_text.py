@@ -36,6 +36,20 @@ def test_gpt2_ids(tokenizer):
     assert tokenizer.encode("Hello world") == [15496, 995]
 
 
+def test_the_offline_tokenizer_folder_is_made_once_and_a_damaged_one_again(tmp_path, monkeypatch):
+    monkeypatch.setenv("FORETHOUGHT_CACHE", str(tmp_path))
+    gpt2_tokenizer()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["gpt2-tokenizer", "gpt2-tokenizer.lock"]  # no staging left
+    made = tmp_path / "gpt2-tokenizer" / "tokenizer.json"
+    stamp = made.stat().st_mtime_ns
+    gpt2_tokenizer()
+    assert made.stat().st_mtime_ns == stamp  # reused, not made per call
+    made.write_text('{"model": ')  # damaged
+    assert gpt2_tokenizer().encode("Hello world") == [15496, 995]
+    assert json.loads(made.read_text())["model"]["type"] == "BPE"  # made again
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["gpt2-tokenizer", "gpt2-tokenizer.lock"]
+
+
 def test_pathstar_text_through_bpe(tokenizer):
     data = PathStarData.from_lines([PAPER_LINE, PAPER_LINE], n_nodes=50)
     inputs, labels = data.sequences("teacher-forcing", tokenizer=tokenizer)
@@ -160,7 +174,7 @@ def test_too_little_disk_is_refused_before_starting(tokenizer, tmp_path, monkeyp
 def test_token_file_keeps_its_identity_across_tokenizer_copies(tokenizer, tmp_path):
     first = tokenize_source(str(_jsonl(tmp_path)), tmp_path / "tok", tokenizer)
     assert first.meta["tokenizer"] == tokenizer_fingerprint(tokenizer) == "gpt2"
-    again = tokenize_source(str(_jsonl(tmp_path)), tmp_path / "tok", gpt2_tokenizer())  # another temp folder
+    again = tokenize_source(str(_jsonl(tmp_path)), tmp_path / "tok", gpt2_tokenizer())  # another load
     assert np.array_equal(again.tokens, first.tokens)
 
 
