@@ -104,10 +104,12 @@ class CausalViews:
 
     table: pd.DataFrame
     head: int = 1  # whose loss the table reads: the next token (1), or a multi-token twin's head k (x[t+k])
+    given: int = 0  # 0: x[t+τ] erased whole; k: only what h holds about it beyond x[t+k] (:func:`causal_rows`)
 
     def _scored(self) -> str:
-        """"" for the next-token loss; else which head's loss, for titles."""
-        return "" if self.head == 1 else f", head {self.head}'s loss (x[t+{self.head}])"
+        """"" for the next-token loss of a whole erasure; else which head's loss and what was kept, for titles."""
+        return ("" if self.head == 1 else f", head {self.head}'s loss (x[t+{self.head}])") + (
+            "" if not self.given else f", x[t+τ] beyond x[t+{self.given}] (its linear readout kept)")
 
     def effects(self, checkpoint: str, edit: str = NET, rank: int | None = None) -> pd.DataFrame:
         """Own-path and summed future-path Δloss (columns) per (layer, τ) (rows) at ``rank`` (None: full)."""
@@ -167,7 +169,8 @@ class CausalViews:
         """{file stem: figure}: each checkpoint's paths figure and future-path heatmap."""
         figures = {}
         for name in self.table["checkpoint"].dropna().unique():
-            stem = str(name).replace(" ", "_").replace("/", "_") + ("" if self.head == 1 else f"_head{self.head}")
+            stem = (str(name).replace(" ", "_").replace("/", "_") + ("" if self.head == 1 else f"_head{self.head}")
+                    + ("" if not self.given else f"_given{self.given}"))
             figures[f"intervene_{stem}_paths"] = self.paths_figure(name)
             for control in self.controls():
                 suffix = "" if control == RANDOM else f"_{control}"
@@ -190,6 +193,7 @@ class CausalResults(CausalViews):
     """A causal table computed in memory (:meth:`analyses.compare.Comparison.intervene`)."""
 
     table: pd.DataFrame
+    given: int = 0
 
 
 def concept_split(engine: Probing, top_k: int, test_fraction: float = TEST_FRACTION) -> ProbeSplit:
@@ -199,13 +203,20 @@ def concept_split(engine: Probing, top_k: int, test_fraction: float = TEST_FRACT
                                 top_k=top_k, test_fraction=test_fraction))
 
 
-def check_causal(engine: Probing, top_k: int, head: int = 1, test_fraction: float = TEST_FRACTION) -> None:
+def check_causal(engine: Probing, top_k: int, head: int = 1, test_fraction: float = TEST_FRACTION,
+                 given: int = 0) -> None:
     """Refuse, before anything is written, held-out sequences too short for the offsets, a ``head`` a checkpoint
-    was not trained with, and a concept of ``top_k`` + 1 classes that could span a checkpoint's residual stream."""
+    was not trained with, a ``given`` offset that leaves no τ to erase, and a concept of ``top_k`` + 1 classes that
+    could span a checkpoint's residual stream."""
     taus, seq = engine.taus, engine.tokens.shape[1]
-    if seq < max(taus) + 1 + head:
-        raise ForethoughtError(f"taus reach {max(taus)}, but the held-out sequences have {seq} tokens: "
-                               f"the causal test needs at least {max(taus) + 1 + head}")
+    if given < 0:
+        raise ForethoughtError(f"given must be 0 (erase x[t+τ] whole) or an offset ≥ 1, got {given}")
+    if given and set(taus) <= {given}:
+        raise ForethoughtError(f"given {given}: every τ is {given}, and x[t+{given}] beyond itself is nothing; "
+                               f"add other taus")
+    if seq < (reach := max(*taus, given)) + 1 + head:
+        raise ForethoughtError(f"taus reach {reach}, but the held-out sequences have {seq} tokens: "
+                               f"the causal test needs at least {reach + 1 + head}")
     for name in engine.names:
         engine.layers(name)  # layers exist
         if head > (heads := engine.checkpoint(name).heads):
@@ -223,7 +234,8 @@ def check_causal(engine: Probing, top_k: int, head: int = 1, test_fraction: floa
 
 def causal_rows(engine: Probing, top_k: int, ranks: Sequence[int], n_positions: int,
                 names: Sequence[str] | None = None, controls: Sequence[str] = CONTROLS, cells: Path | None = None,
-                head: int = 1, test_fraction: float = TEST_FRACTION) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+                head: int = 1, test_fraction: float = TEST_FRACTION,
+                given: int = 0) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """The causal test on ``engine``'s held-out sample (its document split, caches and settings: layers, τ, batch,
     seed, device): for each checkpoint of ``names`` (default: all), layer and τ, LEACE of x[t+τ] in the ``top_k``
     most frequent tokens + "other", fitted on the probe-training documents, at each of ``ranks`` and full rank,
@@ -232,7 +244,10 @@ def causal_rows(engine: Probing, top_k: int, ranks: Sequence[int], n_positions: 
     (a folder of the run, whose settings bind it), each finished (checkpoint, layer) is kept there and a rerun
     reads it back instead of computing it again: an interrupted run resumes to the rows of an uninterrupted one.
     The loss read is the next-token loss (``head`` 1), or that of a multi-token twin's head k, predicting x[s+k] at
-    each position s. Returns (tidy rows, meta)."""
+    each position s. With ``given`` k ≥ 1 only what h holds about x[t+τ] beyond x[t+k] is erased
+    (:meth:`~probes.erasure.ErasureFit.beyond`: x[t+k]'s best linear readout of h is left exactly as it was, and the
+    controls avoid its directions too), at the positions t where both exist; τ = k is skipped. Returns (tidy rows,
+    meta)."""
     settings = engine.settings
     tokens, taus, seed = engine.tokens, engine.taus, settings.seed
     device = resolve_device(settings.device)
@@ -258,11 +273,14 @@ def causal_rows(engine: Probing, top_k: int, ranks: Sequence[int], n_positions: 
                 continue
             layer_rows: list[dict[str, Any]] = []
             residuals = cache.layer(layer)  # [n, T, d]
-            for tau in taus:
-                fit_rows, test_rows = (_concept(residuals, tokens, classes, sequences, tau)
-                                       for sequences in (split.train, split.test))
+            for tau in (tau for tau in taus if tau != given):
+                (*fit_rows, kept_labels), (*test_rows, _) = (_concept(residuals, tokens, classes, sequences, tau, given)
+                                                             for sequences in (split.train, split.test))
                 fit = ErasureFit.from_samples(*fit_rows, len(split.classes) + 1)
                 unrelated = shuffled_fit(*fit_rows, len(split.classes) + 1, seed) if SHUFFLED in controls else None
+                if given:
+                    kept_fit = ErasureFit.from_samples(fit_rows[0], kept_labels, len(split.classes) + 1)
+                    fit, unrelated = fit.beyond(kept_fit), unrelated and unrelated.beyond(kept_fit)
                 fit_rows = _subsample(fit_rows, CHECK_FIT_ROWS, seed)  # the erasure check's rows
                 test_rows = _subsample(test_rows, CHECK_TEST_ROWS, seed)
                 cell = {"checkpoint": name, "layer": layer, "tau": tau, "target": f"x[t+{tau}]"}
@@ -279,7 +297,7 @@ def causal_rows(engine: Probing, top_k: int, ranks: Sequence[int], n_positions: 
                 _write_cell(kept, layer_rows)
             rows += layer_rows
     meta = dict(heldout=engine.sample.composition(), positions=positions, classes=len(split.classes) + 1,
-                scored=scored_target(head),
+                scored=scored_target(head), erased="x[t+τ]" + (f" beyond x[t+{given}]" if given else ""),
                 probe_split={part: getattr(split, part).tolist() for part in ("train", "validation", "test")},
                 checkpoints={name: engine.checkpoint(name).source for name in names or engine.names})
     return rows, meta
@@ -310,11 +328,15 @@ def _read_cell(folder: Path) -> list[dict[str, Any]]:
         raise ForethoughtError(f"{folder / 'rows.json'} is damaged ({error}); {rebuild}") from None
 
 
-def _concept(residuals: np.ndarray, tokens: np.ndarray, classes: np.ndarray, sequences: np.ndarray,
-             tau: int) -> tuple[np.ndarray, np.ndarray]:
-    """(h[l, t] [m, d], class of x[t+τ] [m]) over every position t < T − τ of ``sequences``."""
-    h = np.asarray(residuals[sequences][:, : tokens.shape[1] - tau], dtype=np.float64)
-    return h.reshape(-1, h.shape[-1]), classes[tokens[sequences][:, tau:]].reshape(-1)
+def _concept(residuals: np.ndarray, tokens: np.ndarray, classes: np.ndarray, sequences: np.ndarray, tau: int,
+             given: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """(h[l, t] [m, d], class of x[t+τ] [m], class of x[t+given] [m] or None) over every position t of
+    ``sequences`` where both exist (t < T − max(τ, given))."""
+    end = tokens.shape[1] - max(tau, given)
+    h = np.asarray(residuals[sequences][:, :end], dtype=np.float64)
+    def labels(offset: int) -> np.ndarray:  # [m]
+        return classes[tokens[sequences][:, offset: end + offset]].reshape(-1)
+    return h.reshape(-1, h.shape[-1]), labels(tau), labels(given) if given else None
 
 
 def _subsample(part: tuple[np.ndarray, np.ndarray], n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:

@@ -158,17 +158,18 @@ class Comparison(Probing):
 
     def intervene(self, names: Sequence[str] | None = None, top_k: int = 64, ranks: Sequence[int] = (1, 4, 16, 64),
                   positions: int = 8, controls: Sequence[str] = CONTROLS,
-                  test_fraction: float = TEST_FRACTION) -> CausalResults:
+                  test_fraction: float = TEST_FRACTION, given: int = 0) -> CausalResults:
         """The causal test (docs/causal.md) on this comparison's held-out sample, layers and τ: erase x[t+τ] (the
         ``top_k`` most frequent tokens + "other") from h[l, t] by LEACE at each rank and full rank, beside its
         ``controls`` (random directions; LEACE of shuffled labels), at ``positions`` positions t of each test
-        sequence (the test documents: ``test_fraction`` of the sample's); Δloss on the own and future paths.
+        sequence (the test documents: ``test_fraction`` of the sample's); Δloss on the own and future paths. ``given``
+        k ≥ 1: erase only what h holds about x[t+τ] beyond x[t+k] (x[t+k]'s linear readout kept exactly).
         ``.effects(name)``, ``.checks(name)``, ``.paths_figure(name)``, ``.future_heatmap(name, control)``."""
         check_controls(controls)
-        check_causal(self, top_k, test_fraction=test_fraction)
-        rows, _ = causal_rows(self, top_k, ranks, positions, names, controls, test_fraction=test_fraction)
+        check_causal(self, top_k, test_fraction=test_fraction, given=given)
+        rows, _ = causal_rows(self, top_k, ranks, positions, names, controls, test_fraction=test_fraction, given=given)
         return CausalResults(tidy(rows, extra=CAUSAL_COLUMNS, task=f"text: {self.heldout.corpus}",
-                                  seed=self.settings.seed, split=POOLED))
+                                  seed=self.settings.seed, split=POOLED), given=given)
 
     def to_dataframe(self, kinds: str | Sequence[str] | None = None) -> pd.DataFrame:
         """The tidy table (DESIGN.md's columns) of ``kinds`` (default: those computed, or the settings' kind):

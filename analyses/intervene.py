@@ -20,6 +20,10 @@ the edit (R² ≤ 0 at full rank: the erasure worked) and the raw variance each 
 With ``head`` k > 1 (a multi-token twin, ``train --objective mtp:K``, K ≥ k) the loss read is that of its head k,
 which predicts x[s+k] at each position s: the own path then asks whether t uses what it holds about x[t+k] for the
 prediction it was trained to make of it — where the twin is *told* to use it, a check of the test itself.
+
+With ``given`` k (e.g. 1), only what h holds about x[t+τ] *beyond* x[t+k] is erased: tokens two ahead are
+correlated with the next one, so a plain eraser of x[t+2] also removes some of x[t+1]; this one leaves x[t+1]'s best
+linear readout of h exactly as it was (:meth:`probes.erasure.ErasureFit.beyond`).
 """
 
 from __future__ import annotations
@@ -64,6 +68,7 @@ class InterveneConfig:
     positions: int = 8  # positions t edited per sequence (evenly spaced; one edited run each)
     test_fraction: float = TEST_FRACTION  # share of the documents the effects are read on; the rest fit the erasers
     head: int = 1  # the loss read: 1, the next token; k > 1, a multi-token twin's head k (predicts x[t+k])
+    given: int = 0  # k ≥ 1: erase only what h holds about x[t+τ] beyond x[t+k] (whose linear readout is kept)
     controls: tuple[str, ...] = CONTROLS  # 'random' (equal rank and variance) and/or 'shuffled' (unrelated concept)
     batch_sequences: int = 64  # sequences per forward pass
     seed: int = 0  # probe split, the controls' directions and shuffle, bootstrap
@@ -102,6 +107,10 @@ class InterveneResults(ExperimentResults, CausalViews):
     def head(self) -> int:
         return self.config.head
 
+    @property
+    def given(self) -> int:
+        return self.config.given
+
     def figures(self) -> dict[str, go.Figure]:
         return self.causal_figures()
 
@@ -113,11 +122,11 @@ class InterveneResults(ExperimentResults, CausalViews):
 def run_intervene(config: InterveneConfig) -> InterveneResults:
     """Fit the erasers, edit each test position, read the own- and future-path effects; write table and figures."""
     engine = Probing(load_checkpoints(dict(config.checkpoints)), config.probe_settings(), config.out)
-    check_causal(engine, config.top_k, config.head, config.test_fraction)
+    check_causal(engine, config.top_k, config.head, config.test_fraction, config.given)
     out = prepare_out(config.out, config)
     rows, meta = causal_rows(engine, config.top_k, config.ranks, config.positions, controls=config.controls,
                              cells=out / "cells", head=config.head,  # each finished (checkpoint, layer) kept:
-                             test_fraction=config.test_fraction)  # a rerun resumes
+                             test_fraction=config.test_fraction, given=config.given)  # a rerun resumes
     constants = dict(task=f"text: {engine.heldout.corpus}", seed=config.seed, split=POOLED)
     results = InterveneResults(config=config, table=tidy(rows, extra=CAUSAL_COLUMNS, **constants))
     finish_run(results, out, run_meta(**meta, processing_mode="raw (Hugging Face forward hooks)"))

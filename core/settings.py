@@ -58,7 +58,7 @@ RULES: dict[str, Rule] = {
     # probes
     "max_epochs": AT_LEAST_1, "patience": NON_NEGATIVE, "ridge_alpha": NON_NEGATIVE, "test_fraction": OPEN_UNIT,
     "probe_test_fraction": OPEN_UNIT, "validation_fraction": OPEN_UNIT, "sklearn_max_iter": AT_LEAST_1,
-    "show": NON_NEGATIVE, "positions": AT_LEAST_1, "tau": AT_LEAST_1, "head": AT_LEAST_1,
+    "show": NON_NEGATIVE, "positions": AT_LEAST_1, "tau": AT_LEAST_1, "head": AT_LEAST_1, "given": NON_NEGATIVE,
     # benchmarks
     "rounds": AT_LEAST_1, "warmup": NON_NEGATIVE,
 }

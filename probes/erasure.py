@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -71,6 +71,7 @@ class ErasureFit:
     unwhiten: torch.Tensor  # [d, d]  W⁺ = Σ^(1/2)
     directions: torch.Tensor  # [d, k]  left singular vectors of W Σ_hz, by decreasing singular value
     singular_values: torch.Tensor  # [k]
+    kept: torch.Tensor | None = None  # [d, j]  whitened directions no eraser of this fit touches (:meth:`beyond`)
 
     @classmethod
     def from_samples(cls, h: np.ndarray | torch.Tensor, labels: np.ndarray | torch.Tensor, n_classes: int,
@@ -112,6 +113,21 @@ class ErasureFit:
         informative = s > s.max() * 1e-6 if s.numel() and s.max() > 0 else s > 0
         return cls(fitter.mean_x.clone(), whiten, unwhiten, u[:, informative], s[informative])
 
+    def beyond(self, other: ErasureFit) -> ErasureFit:
+        """What h holds about this concept beyond ``other`` (both fitted on the same rows): this concept's whitened
+        directions with ``other``'s projected out, W Σ_hz ↦ (I − U_o U_oᵀ) W Σ_hz, re-decomposed. An eraser cut from
+        it leaves every whitened coordinate along U_o as it was, so ``other``'s best linear readout of h,
+        Σ_zo,h Σ_hh⁻¹ (h − μ), is exactly unchanged; its random controls avoid U_o too. Used to ask whether x[t+2]'s
+        information matters apart from the next token's, with which it is correlated."""
+        if not (torch.equal(self.mean, other.mean) and torch.equal(self.whiten, other.whiten)):
+            raise ForethoughtError("an erasure beyond another concept needs both fitted on the same residual rows")
+        kept = other.directions if self.kept is None else torch.cat([self.kept, other.directions], dim=1)
+        kept = torch.linalg.qr(kept)[0] if kept.shape[1] else kept
+        scaled = self.directions * self.singular_values  # W Σ_hz up to an orthogonal factor on the right
+        u, s, _ = torch.linalg.svd(scaled - kept @ (kept.T @ scaled), full_matrices=False)
+        informative = s > self.singular_values.max() * 1e-6 if self.singular_values.numel() else s > 0
+        return replace(self, directions=u[:, informative], singular_values=s[informative], kept=kept)
+
     @property
     def max_rank(self) -> int:
         """The rank of full erasure: the number of whitened directions that carry the concept."""
@@ -123,8 +139,8 @@ class ErasureFit:
         return self._erasing(self.directions[:, :rank])
 
     def random_eraser(self, rank: int, seed: int, like: ConceptEraser | None = None) -> ConceptEraser:
-        """The control: ``rank`` random orthonormal directions in the whitened space (on Σ's range), drawn from
-        ``seed`` alone — the same rank and whitened variance (``rank``) as :meth:`eraser`, and nothing of the
+        """The control: ``rank`` random orthonormal directions in the whitened space (on Σ's range, off :attr:`kept`),
+        drawn from ``seed`` alone — the same rank and whitened variance (``rank``) as :meth:`eraser`, and nothing of the
         concept. With ``like`` (the concept's eraser), the draw is tilted towards Σ's high- or low-variance
         directions, U = orth(Σ^(a/2) G) with the same Gaussian G, a found by bisection, until the *raw* variance it
         removes, tr(Uᵀ Σ U), equals ``like``'s: LEACE's directions carry the residual's large-variance token
@@ -137,9 +153,12 @@ class ErasureFit:
         eigenvalues = torch.where(on_range, eigenvalues, 0.0)
         drawn = vectors.T @ gaussian  # G in Σ's eigenbasis
 
-        def basis(tilt: float) -> torch.Tensor:  # [d, rank], orthonormal, on Σ's range
+        def basis(tilt: float) -> torch.Tensor:  # [d, rank], orthonormal, on Σ's range (and off self.kept)
             scale = torch.where(on_range, eigenvalues.clamp_min(1e-300) ** (tilt / 2), 0.0)
-            return torch.linalg.qr(vectors @ (scale[:, None] * drawn))[0]
+            tilted = vectors @ (scale[:, None] * drawn)
+            if self.kept is not None:
+                tilted = tilted - self.kept @ (self.kept.T @ tilted)
+            return torch.linalg.qr(tilted)[0]
 
         def raw(u: torch.Tensor) -> float:  # the raw variance an erasure of whitened directions u removes
             return float(((u.T @ vectors) ** 2 @ eigenvalues).sum())

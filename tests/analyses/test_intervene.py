@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -114,6 +116,30 @@ def test_a_multi_token_twins_second_head_is_scored(twins, mtp_twin, tmp_path):
     assert InterveneResults.from_folder(tmp_path / "head2").head == 2
 
 
+def test_erasing_beyond_the_next_token_skips_it_and_keeps_its_directions(twins, tmp_path):
+    """``given=1``: x[t+2] is erased beyond x[t+1] (the exact property: tests/probes/test_erasure.py) — τ = 1 is
+    skipped, the effects are not the plain erasure's, the run says what it erased, and a Comparison gives the same
+    table."""
+    def config(given: int, out: str) -> InterveneConfig:
+        return InterveneConfig(checkpoints={"vanilla": str(twins / "vanilla")}, given=given, max_sequences=60,
+                               taus=(1, 2), ranks=(4,), positions=2, top_k=20, controls=(RANDOM,), layers=(1,),
+                               tokens_root=str(twins / "tokens"), out=str(tmp_path / out), progress=False)
+    plain, beyond = run_intervene(config(0, "plain")), run_intervene(config(1, "beyond"))
+    effects = beyond.table.query("metric == 'delta_loss'")
+    assert set(effects["tau"]) == {2} and set(plain.table.query("metric == 'delta_loss'")["tau"]) == {1, 2}
+    assert not np.allclose(*(results.effects("vanilla").loc[(1, 2)].to_numpy() for results in (plain, beyond)))
+    assert "x[t+τ] beyond x[t+1] (its linear readout kept)" in beyond.summary()
+    assert (tmp_path / "beyond" / "figures" / "intervene_vanilla_given1_paths.html").is_file()
+    assert InterveneResults.from_folder(tmp_path / "beyond").given == 1
+    assert json.loads((tmp_path / "beyond" / "meta.json").read_text())["erased"] == "x[t+τ] beyond x[t+1]"
+    comparison = Comparison.from_checkpoints({"vanilla": twins / "vanilla"}, folder=tmp_path / "cmp", max_sequences=60,
+                                             taus=(1, 2), layers=(1,), tokens_root=str(twins / "tokens"),
+                                             progress=False, random_init=False)
+    again = comparison.intervene(top_k=20, ranks=(4,), positions=2, controls=(RANDOM,), given=1)
+    pd.testing.assert_frame_equal(again.table, beyond.table)
+    assert again.given == 1
+
+
 @pytest.mark.parametrize("head, checkpoint, message", [
     (3, "mtp", "head 3: mtp has 2 prediction head"),
     (2, "vanilla", "head 2: vanilla has 1 prediction head"),
@@ -141,6 +167,16 @@ def test_a_larger_test_fraction_reads_the_effects_on_more_documents(twins, tmp_p
     assert set(results.table.query("metric == 'delta_loss'")["n"]) == {2 * len(wider.test)}  # (sequence, t) pairs
 
 
+def test_a_given_offset_that_leaves_nothing_to_erase_is_refused(twins, tmp_path, capsys):
+    argv = ["intervene", "--checkpoints", f"vanilla={twins / 'vanilla'}", "--taus", "2", "--given", "2",
+            "--max-sequences", "60", "--top-k", "20", "--tokens-root", str(twins / "tokens"), "--out",
+            str(tmp_path / "iv"), "--no-progress"]
+    assert main(argv) == 2
+    assert capsys.readouterr().err == ("forethought: error: given 2: every τ is 2, and x[t+2] beyond itself is "
+                                       "nothing; add other taus\n")
+    assert not (tmp_path / "iv").exists()
+
+
 def test_a_concept_that_could_span_the_residual_stream_is_refused(twins, tmp_path):
     config = InterveneConfig(checkpoints={"vanilla": str(twins / "vanilla")}, max_sequences=60, top_k=64,
                              tokens_root=str(twins / "tokens"), out=str(tmp_path / "iv"), progress=False)
@@ -156,6 +192,7 @@ def test_a_concept_that_could_span_the_residual_stream_is_refused(twins, tmp_pat
     (["--taus", "0"], "taus must be offsets ≥ 1, got 0"),
     (["--controls", "random,probe"], "unknown control probe; choose from random, shuffled"),
     (["--head", "0"], "head must be ≥ 1, got 0"),
+    (["--given", "-1"], "given must be ≥ 0, got -1"),
     (["--test-fraction", "1"], "test_fraction must be in (0, 1), got 1.0"),
 ])
 def test_bad_intervene_settings_are_one_line_errors(capsys, tmp_path, argv, message):

@@ -71,6 +71,37 @@ def test_the_control_matches_rank_and_whitened_variance_and_ignores_the_concept(
     assert not torch.equal(fit.random_eraser(2, seed=8).right, fit.random_eraser(2, seed=7).right)  # the seed does
 
 
+def correlated(n: int, seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Rows holding a and b (5 classes each; b = a half the time, else uniform), each along its own directions."""
+    rng = np.random.default_rng(seed)
+    a = rng.integers(0, CLASSES, n)
+    b = np.where(rng.random(n) < 0.5, a, rng.integers(0, CLASSES, n))
+    means_a, means_b = (np.random.default_rng(s).normal(size=(CLASSES, D)) for s in (97, 96))
+    mixing = np.random.default_rng(98).normal(size=(D, D)) / np.sqrt(D)
+    return means_a[a] + means_b[b] + rng.normal(size=(n, D)) @ mixing, a, b
+
+
+def test_erasing_beyond_a_correlated_concept_keeps_its_readout_exactly_and_removes_the_rest():
+    h, a, b = correlated(6000, 3)
+    fit_a, fit_b = (ErasureFit.from_samples(h, labels, CLASSES, shrinkage=False) for labels in (a, b))
+    design = np.c_[h, np.ones(len(h))]
+    coefficients = np.linalg.lstsq(design, np.eye(CLASSES)[a], rcond=None)[0]  # a's least-squares readout
+    readout = lambda x: np.c_[x, np.ones(len(x))] @ coefficients  # noqa: E731
+    erase = lambda eraser: eraser(torch.from_numpy(h)).numpy()  # noqa: E731
+    assert np.abs(readout(erase(fit_b.eraser())) - readout(h)).max() > 0.05  # plain LEACE of b moves a's readout
+    beyond = fit_b.beyond(fit_a)
+    assert beyond.max_rank == fit_b.max_rank  # b's directions are not a's: none lost, each turned off a's
+    for eraser in (beyond.eraser(), beyond.random_eraser(2, seed=0, like=beyond.eraser(2))):
+        np.testing.assert_allclose(readout(erase(eraser)), readout(h), atol=1e-9)
+    # what a linear probe still reads of b is what a's whitened coordinates tell about it, no more
+    through_a = ((torch.from_numpy(h) - fit_a.mean) @ fit_a.whiten @ fit_a.directions).numpy()
+    left = linear_r2(erase(beyond.eraser()), b, erase(beyond.eraser()), b)
+    assert left == pytest.approx(linear_r2(through_a, b, through_a, b), abs=0.01)
+    assert 0.05 < left < linear_r2(h, b, h, b) - 0.2
+    with pytest.raises(ForethoughtError, match="same residual rows"):
+        fit_b.beyond(ErasureFit.from_samples(h[:-1], a[:-1], CLASSES))
+
+
 def test_rank_zero_is_the_identity_and_ranks_beyond_the_concept_are_capped():
     h, labels = planted(500, 4)
     fit = ErasureFit.from_samples(h, labels, CLASSES)
