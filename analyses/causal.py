@@ -138,7 +138,7 @@ class CausalViews:
     def paths_figure(self, checkpoint: str) -> go.Figure:
         """Δloss by layer, own path and future path, the LEACE edit and its controls (full rank), one panel per
         τ."""
-        taus = sorted(self.table["tau"].dropna().unique())
+        taus = sorted(self.table.loc[self.table["metric"] == "delta_loss", "tau"].unique())  # not the loss row's
         figure = make_subplots(rows=1, cols=len(taus), shared_yaxes=True,
                                subplot_titles=[f"x[t+{tau}] erased" for tau in taus])
         colors = iter(PALETTE)

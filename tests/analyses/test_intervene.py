@@ -130,6 +130,7 @@ def test_erasing_beyond_the_next_token_skips_it_and_keeps_its_directions(twins, 
     assert not np.allclose(*(results.effects("vanilla").loc[(1, 2)].to_numpy() for results in (plain, beyond)))
     assert "x[t+τ] beyond x[t+1] (its linear readout kept)" in beyond.summary()
     assert (tmp_path / "beyond" / "figures" / "intervene_vanilla_given1_paths.html").is_file()
+    assert [title.text for title in beyond.paths_figure("vanilla").layout.annotations] == ["x[t+2] erased"]
     assert InterveneResults.from_folder(tmp_path / "beyond").given == 1
     assert json.loads((tmp_path / "beyond" / "meta.json").read_text())["erased"] == "x[t+τ] beyond x[t+1]"
     comparison = Comparison.from_checkpoints({"vanilla": twins / "vanilla"}, folder=tmp_path / "cmp", max_sequences=60,
