@@ -93,12 +93,22 @@ def loss_curves_figure(
                            line=dict(color="black", dash="dash"))
     figure.update_layout(title=title, xaxis_title="step", yaxis_title="loss (log scale)", yaxis_type="log")
     values = np.concatenate([np.asarray(trace.y, dtype=float) for trace in figure.data])
-    low, high = np.nanmin(values[values > 0]), np.nanmax(values)
-    mantissas = (1, 2, 3, 5) if high / low >= 4 else range(1, 10)  # a narrow range: every digit, ≥ 2 ticks
-    ticks = [m * 10.0**e for e in range(int(np.floor(np.log10(low))), int(np.ceil(np.log10(high))) + 1)
-             for m in mantissas if low / 1.2 <= m * 10.0**e <= high * 1.2]
+    ticks = log_ticks(np.nanmin(values[values > 0]), np.nanmax(values))
     figure.update_yaxes(tickvals=ticks, ticktext=[f"{tick:g}" for tick in ticks])  # not plotly's bare "2, 3, 5"
     return figure
+
+
+def log_ticks(low: float, high: float) -> list[float]:
+    """Round tick values for a log axis over the data's ``low`` … ``high`` (and a little beyond): 1, 2, 3, 5 × 10ᵉ
+    over a wide range; over a narrow one the coarsest of steps of 1, 0.5, 0.2, 0.1 × 10ᵉ that puts at least three
+    inside the data (a fine-tuning curve within 3.2 … 4.6 nats had one label, "4")."""
+    decades = range(int(np.floor(np.log10(low))), int(np.ceil(np.log10(high))) + 1)
+    for step in (1.0, 0.5, 0.2, 0.1):
+        mantissas = (1, 2, 3, 5) if high / low >= 4 else np.arange(1, 10, step)
+        ticks = [round(m * 10.0**e, 12) for e in decades for m in mantissas if low / 1.2 <= m * 10.0**e <= high * 1.2]
+        if high / low >= 4 or sum(low <= tick <= high for tick in ticks) >= 3:
+            break
+    return ticks
 
 
 FDR_NOTE = "n.s.: not significant at a 5% false-discovery rate over the grid (Benjamini–Hochberg)"

@@ -17,6 +17,7 @@ from forethought.analyses.plots import (
     chromium,
     difference_heatmap,
     facet_labels_as_values,
+    log_ticks,
     loss_curves_figure,
     measured_layers,
     save_figure,
@@ -97,6 +98,10 @@ def test_a_log_loss_axis_labels_its_ticks_in_full():
     narrow = [{"step": s, "train_loss": 10.5 - s, "eval_loss": 10.5 - s} for s in range(0, 7)]  # 4.5 … 10.5 nats
     axis = loss_curves_figure({"vanilla": narrow}).layout.yaxis  # within a decade: every digit, not "5" alone
     assert list(axis.ticktext) == ["4", "5", "6", "7", "8", "9", "10"]
+    fine_tuning = [{"step": s, "train_loss": 4.6 - 0.2 * s, "eval_loss": 4.6 - 0.2 * s} for s in range(0, 8)]  # 3.2 …
+    axis = loss_curves_figure({"vanilla": fine_tuning}).layout.yaxis  # one digit inside (4): halves instead
+    assert list(axis.ticktext) == ["3", "3.5", "4", "4.5", "5", "5.5"]
+    assert log_ticks(3.31, 3.39) == pytest.approx([2.8, 2.9, 3.0, 3.1, 3.2, 3.3, 3.4, 3.5, 3.6, 3.7, 3.8, 3.9, 4.0])
 
 
 def test_facets_keep_their_y_range_and_long_labels_and_titles_are_broken_into_lines(tmp_path):
