@@ -280,7 +280,8 @@ def causal_rows(engine: Probing, top_k: int, ranks: Sequence[int], n_positions: 
                 unrelated = shuffled_fit(*fit_rows, len(split.classes) + 1, seed) if SHUFFLED in controls else None
                 if given:
                     kept_fit = ErasureFit.from_samples(fit_rows[0], kept_labels, len(split.classes) + 1)
-                    fit, unrelated = fit.beyond(kept_fit), unrelated and unrelated.beyond(kept_fit)
+                    fit = fit.beyond(kept_fit)
+                    unrelated = None if unrelated is None else unrelated.beyond(kept_fit)
                 fit_rows = _subsample(fit_rows, CHECK_FIT_ROWS, seed)  # the erasure check's rows
                 test_rows = _subsample(test_rows, CHECK_TEST_ROWS, seed)
                 cell = {"checkpoint": name, "layer": layer, "tau": tau, "target": f"x[t+{tau}]"}
