@@ -122,7 +122,7 @@ def test_erasing_beyond_the_next_token_skips_it_and_keeps_its_directions(twins, 
     table."""
     def config(given: int, out: str) -> InterveneConfig:
         return InterveneConfig(checkpoints={"vanilla": str(twins / "vanilla")}, given=given, max_sequences=60,
-                               taus=(1, 2), ranks=(4,), positions=2, top_k=20, controls=(RANDOM,), layers=(1,),
+                               taus=(1, 2), ranks=(4,), positions=2, top_k=20, layers=(1,),
                                tokens_root=str(twins / "tokens"), out=str(tmp_path / out), progress=False)
     plain, beyond = run_intervene(config(0, "plain")), run_intervene(config(1, "beyond"))
     effects = beyond.table.query("metric == 'delta_loss'")
@@ -136,7 +136,7 @@ def test_erasing_beyond_the_next_token_skips_it_and_keeps_its_directions(twins, 
     comparison = Comparison.from_checkpoints({"vanilla": twins / "vanilla"}, folder=tmp_path / "cmp", max_sequences=60,
                                              taus=(1, 2), layers=(1,), tokens_root=str(twins / "tokens"),
                                              progress=False, random_init=False)
-    again = comparison.intervene(top_k=20, ranks=(4,), positions=2, controls=(RANDOM,), given=1)
+    again = comparison.intervene(top_k=20, ranks=(4,), positions=2, given=1)  # both controls, conditioned
     pd.testing.assert_frame_equal(again.table, beyond.table)
     assert again.given == 1
 
