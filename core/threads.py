@@ -5,8 +5,8 @@ count: results, caches and checkpoints record it, and ``--threads N`` repeats it
 The rule: each run registers its claim in a folder of the system's temporary directory and waits half a second
 for runs started with it; then it takes the cores no settled claim holds, shared with the runs still waiting (at
 least one thread). So two runs started together on 2 cores take one thread each, three on 6 cores two each, and
-a run started beside a running one takes what is left (docs/performance.md: what each costs, and when
-``OMP_WAIT_POLICY=PASSIVE`` helps).
+a run started beside a running one takes what is left; a stopped run (SIGSTOP, Ctrl-Z) holds none while stopped
+(docs/performance.md: what each costs, and when ``OMP_WAIT_POLICY=PASSIVE`` helps).
 """
 
 from __future__ import annotations
@@ -89,6 +89,8 @@ def _claims(folder: Path, but: Path) -> dict[int, int | None]:
         if not _alive(int(path.name)):
             path.unlink(missing_ok=True)
             continue
+        if _stopped(int(path.name)):
+            continue  # a stopped run (SIGSTOP, Ctrl-Z) holds no cores while it stays stopped; its claim stays
         text = path.read_text().strip()
         claims[int(path.name)] = int(text) if text.isdigit() else None
     return claims
@@ -102,6 +104,15 @@ def _alive(pid: int) -> bool:
     except PermissionError:
         return True
     return True
+
+
+def _stopped(pid: int) -> bool:
+    """Whether ``pid`` is stopped (state T or t in ``/proc/<pid>/stat``); False where /proc cannot tell."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat[stat.rfind(")") + 2:][:1] in ("T", "t")  # the state follows the command name in parentheses
 
 
 @contextmanager

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -44,6 +46,27 @@ def test_a_run_alone_takes_every_core_and_beside_others_what_is_left(tmp_path):
     assert claim_threads(3, folder=full, cores=4) == 3  # asked for: given, whatever the others hold
     with pytest.raises(ForethoughtError, match="threads must be ≥ 1, got 0"):
         claim_threads(0, folder=tmp_path)
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="no /proc to read a process's state from")
+def test_a_stopped_run_holds_no_cores_while_it_is_stopped(tmp_path):
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        running, stopped = tmp_path / "running", tmp_path / "stopped"  # a folder each: a claim is decided once
+        for folder in (running, stopped):
+            folder.mkdir()
+            (folder / str(sleeper.pid)).write_text("3")
+        assert claim_threads(folder=running, cores=4, settle=0) == 1
+        sleeper.send_signal(signal.SIGSTOP)
+        for _ in range(100):  # the state changes asynchronously
+            if Path(f"/proc/{sleeper.pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "T":
+                break
+            time.sleep(0.05)
+        assert claim_threads(folder=stopped, cores=4, settle=0) == 4
+        assert (stopped / str(sleeper.pid)).read_text() == "3"  # kept: continued, it holds its cores again
+    finally:
+        sleeper.kill()
+        sleeper.wait()
 
 
 def test_a_registry_that_is_not_the_users_own_folder_is_refused(tmp_path, monkeypatch):
