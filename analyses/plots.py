@@ -27,10 +27,13 @@ METRIC_TITLES = {  # axis titles of the probe metrics: words and units
 
 
 def measured_layers(figure: go.Figure, layers: pd.Series) -> go.Figure:
-    """x-axes showing only the layers measured (ticks at them, no room for layers that do not exist); where the
-    measured layers skip some (0, 15, 30), points are not joined: a line would claim the layers between."""
+    """x-axes showing only the layers measured (ticks at them, no room for layers that do not exist; over many,
+    a label at every 2nd, 5th, … layer); where the measured layers skip some (0, 15, 30), points are not joined: a
+    line would claim the layers between."""
     measured = sorted({int(layer) for layer in layers.dropna()})
-    figure.update_xaxes(tickvals=measured, range=[measured[0] - 0.5, measured[-1] + 0.5])
+    every = next(step for step in (1, 2, 5, 10, 20, 50) if len(measured) <= 12 * step)  # ≤ ~12 labels: 31 of
+    labels = [str(layer) if layer % every == 0 else "" for layer in measured]  # them overlapped in a narrow facet
+    figure.update_xaxes(tickvals=measured, ticktext=labels, range=[measured[0] - 0.5, measured[-1] + 0.5])
     if any(axis.matches for axis in figure.select_yaxes()):  # facets: plotly.js leaves matched y axes at their
         figure.update_yaxes(autorange=True, selector=lambda axis: axis.range is None)  # empty −1 … 4: ask again
     if any(later - earlier > 1 for earlier, later in zip(measured, measured[1:])):

@@ -116,6 +116,10 @@ def test_facets_keep_their_y_range_and_long_labels_and_titles_are_broken_into_li
     assert pinned.layout.yaxis.range == (0, 2) and pinned.layout.yaxis.autorange is None  # a range given stays
     labels = [note.text for note in facet_labels_as_values(figure).layout.annotations]
     assert labels == ["vanilla", "vanilla at the<br>myopic loss"]
+    assert list(figure.layout.xaxis.ticktext) == ["0", "1"]
+    many = measured_layers(go.Figure(), pd.Series(range(31))).layout.xaxis  # SmolLM2's 31 overlapped in a facet
+    assert list(many.tickvals) == list(range(31))
+    assert [text for text in many.ticktext if text] == ["0", "5", "10", "15", "20", "25", "30"]
     figure.update_layout(title="word " * 40)
     save_figure(figure, tmp_path / "long")
     html = (tmp_path / "long.html").read_text()
