@@ -29,8 +29,8 @@ _HELD: dict[Path, int] = {}  # folders this process holds the lock of → nestin
 
 
 def cache_root() -> Path:
-    """Where converted models are kept: ``$FORETHOUGHT_CACHE``, else ``$XDG_CACHE_HOME/forethought``, else
-    ``~/.cache/forethought``."""
+    """Where files made once and reused are kept (converted models, the offline GPT-2 tokenizer):
+    ``$FORETHOUGHT_CACHE``, else ``$XDG_CACHE_HOME/forethought``, else ``~/.cache/forethought``."""
     if os.environ.get("FORETHOUGHT_CACHE"):
         return Path(os.environ["FORETHOUGHT_CACHE"])
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "forethought"
