@@ -65,6 +65,8 @@ def test_seed_spread_is_exact_and_names_sign_flips(tmp_path):
     assert vanilla["sign"] == "+" and vanilla["mean"] == pytest.approx(5.0)
     assert "mean +0.0167 ± sd 0.0252, sign flips" in results.summary()
     assert set(results.figures()) == {"seeds_gap", "seeds_precache_heatmap"}
+    figure = results.gap_figure()  # mean ± sd said in the subtitle, not in a label over the last run's bar
+    assert "mean +0.017 ± sd 0.025 between runs" in figure.layout.title.text and not figure.layout.annotations
     reloaded = SeedsResults.from_folder(tmp_path / "seeds")  # the table round-trips through its folder
     pd.testing.assert_frame_equal(reloaded.table, results.table, check_dtype=False)
 
