@@ -17,6 +17,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, ClassVar
 
+import torch
 from torch import nn
 from transformers import AutoConfig, AutoTokenizer, PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
 
@@ -231,7 +232,9 @@ def _train_lm(config: LMTrainConfig, out: Path, dist: Distributed) -> TrainResul
 
     def save_extra(folder: Path) -> None:
         tokenizer.save_pretrained(folder)
-        (folder / DESCRIPTION_FILE).write_text(json.dumps(description, indent=2) + "\n")
+        record = {**description, "threads": torch.get_num_threads(),  # the weights may depend on the threads
+                  "deterministic_algorithms": torch.are_deterministic_algorithms_enabled()}
+        (folder / DESCRIPTION_FILE).write_text(json.dumps(record, indent=2) + "\n")
 
     add_heads(model, objective_heads(config.objective))
     task = MultiTokenTask(sequences["train"], model, seed=config.seed)
@@ -291,7 +294,8 @@ class LMCheckpoint:
 # forethought.json's fields and their types (a file written by an older workbench may lack some)
 _DESCRIPTION_TYPES: dict[str, type | tuple[type, ...]] = {
     "model_source": str, "myopic": bool, "myopic_cut": (str, type(None)), "objective": str, "data": dict,
-    "tokenizer": (str, type(None)), "n_sequences": dict, "train_config": dict, "steps": int,
+    "tokenizer": (str, type(None)), "n_sequences": dict, "train_config": dict, "steps": int, "threads": int,
+    "deterministic_algorithms": bool,
 }
 
 

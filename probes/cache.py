@@ -226,7 +226,9 @@ def build_cache(
     (partial / _PROGRESS).unlink()
     files = ["tokens.npy", *(_layer_file(layer) for layer in layers)]
     digests = {name: file_digest(partial / name) for name in files}
-    atomic_write_json(partial / "meta.json", {**meta, "threads": torch.get_num_threads(), "digests": digests})
+    atomic_write_json(partial / "meta.json", {**meta, "threads": torch.get_num_threads(),
+                                              "deterministic_algorithms": torch.are_deterministic_algorithms_enabled(),
+                                              "digests": digests})
     os.replace(partial, folder)  # complete from here on
     return ResidualCache.open(folder)
 

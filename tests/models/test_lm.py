@@ -88,6 +88,8 @@ def test_checkpoint_loads_offline_in_transformers_and_transformer_lens(corpus, t
     checkpoint = LMCheckpoint.load(tmp_path / "run")  # the run folder resolves to its newest checkpoint
     assert checkpoint.data() == settings(corpus, tmp_path).data()
     assert checkpoint.description["myopic"] is False and checkpoint.description["n_sequences"]["train"] > 0
+    assert checkpoint.description["threads"] == torch.get_num_threads()  # the weights may depend on it
+    assert checkpoint.description["deterministic_algorithms"] is torch.are_deterministic_algorithms_enabled()
     tokens = torch.tensor([checkpoint.tokenizer.encode("the river of 3 and the hill of 4")])
     hf = GPT2LMHeadModel.from_pretrained(result.checkpoint).eval()
     torch.testing.assert_close(hf(tokens).logits, result.model(tokens).logits)

@@ -38,6 +38,7 @@ def test_cache_holds_the_models_residuals_in_float16_as_the_bridge_reads_them(lm
     meta = json.loads((tmp_path / "cache" / "meta.json").read_text())
     assert meta["hooks"] == ["blocks.0.hook_resid_pre", "blocks.1.hook_resid_post", "blocks.2.hook_resid_post"]
     assert meta["processing_mode"].startswith("raw") and meta["versions"]["transformer-lens"]
+    assert meta["threads"] == torch.get_num_threads() and meta["deterministic_algorithms"] is False  # both recorded
     assert meta["weights_hash"] == weights_hash(LMCheckpoint.load(lm_folder).model)  # the model's own state dict
     with pytest.raises(ForethoughtError, match=r"layer 1 is not in the cache .* \(it holds layers \[0, 2, 3\]\)"):
         cache.layer(1)
