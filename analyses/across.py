@@ -167,13 +167,14 @@ class SeedsResults(ExperimentResults):
     def heatmap(self, rows: pd.DataFrame, difference: str = SEEDS_HEATMAPS[0][2]) -> go.Figure:
         """The mean of a paired estimate over runs per (layer, τ) (``difference`` says which: P by default); cells
         say mean ± sd and how many runs' intervals exclude 0, and "n.s." where the t-test across runs is not
-        significant over the grid (Benjamini–Hochberg, 5 % false-discovery rate)."""
+        significant over the grid (Benjamini–Hochberg, 5 % false-discovery rate) — two lines, as the per-run
+        heatmap's, so that the text stays legible on SmolLM2's 31 layers."""
         n = len(self._labels())
         cells = rows.assign(value=rows["mean"], p=rows["p_across_runs"])
         figure = difference_heatmap(cells, difference, "mean")
         significant = bh_significant(rows["p_across_runs"].to_numpy())
         text = rows.assign(text=[f"{signed(r['mean'])} ± {r['sd']:.3f}<br>{r['runs_above_0']}↑ {r['runs_below_0']}↓"
-                                 + (" flips" if r["sign"] == "flips" else "") + ("" if marked else "<br>n.s.")
+                                 + (" flips" if r["sign"] == "flips" else "") + ("" if marked else " n.s.")
                                  for (_, r), marked in zip(rows.iterrows(), significant)])
         grid = text.pivot(index="layer", columns="tau", values="text")
         figure.update_traces(text=grid.to_numpy(), texttemplate="%{text}")

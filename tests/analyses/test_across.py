@@ -81,6 +81,8 @@ def test_every_estimate_of_the_bracket_gets_its_seeds_heatmap(tmp_path):
     assert figures["seeds_precache_mtp_heatmap"].layout.title.text.startswith(
         "P_mtp = top-1(mtp) − top-1(vanilla): mean ± sd over 2 seeds")
     assert figures["seeds_precache_heatmap"].data[0].z[1][1] == pytest.approx(0.025 * 3)  # layer 1, τ 2
+    cells = [cell for row in figures["seeds_precache_heatmap"].data[0].text for cell in row]
+    assert all(cell.count("<br>") == 1 for cell in cells) and any("n.s." in cell for cell in cells)  # two lines
 
 
 def test_one_sign_in_every_run_is_reported_as_holding(tmp_path):
@@ -217,7 +219,7 @@ def test_the_seeds_heatmap_marks_cells_by_a_test_across_seeds_controlled_over_th
     np.testing.assert_allclose(precache["p_across_runs"], expected)
     assert (precache["runs_above_0"] >= 2).all() and (precache["p_across_runs"] > 0.05).all()
     heatmap = results.figures()["seeds_precache_heatmap"]
-    assert all(text.endswith("<br>n.s.") for row in heatmap.data[0].text for text in row)
+    assert all(text.endswith(" n.s.") for row in heatmap.data[0].text for text in row)
 
 
 def test_whole_model_quantities_name_their_split(tmp_path):
