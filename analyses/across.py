@@ -156,8 +156,9 @@ class SeedsResults(ExperimentResults):
         ))
         figure.add_hrect(y0=row["mean"] - row["sd"], y1=row["mean"] + row["sd"], fillcolor="gray", opacity=0.2,
                          line_width=0)
-        figure.add_hline(y=row["mean"], line=dict(color="gray"))  # its value in the subtitle: a label on the
-        figure.add_hline(y=0, line=dict(color="black", dash="dot"))  # line would sit on the last run's bar
+        # the mean's value goes in the subtitle: a label on its line would sit on the last run's bar
+        figure.add_hline(y=row["mean"], line=dict(color="gray"))
+        figure.add_hline(y=0, line=dict(color="black", dash="dot"))
         figure.update_layout(title="Myopia gap (held-out loss, myopic − vanilla) of each training seed<br><sup>each "
                                    "run: its 95% CI resampling held-out documents; line and band: mean "
                                    f"{row['mean']:+.3f} ± sd {row['sd']:.3f} between runs</sup>",

@@ -17,7 +17,6 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
-import torch
 
 from forethought.core.errors import ForethoughtError, one_line
 from forethought.core.files import (
@@ -28,6 +27,7 @@ from forethought.core.files import (
     file_digest,
     read_json,
 )
+from forethought.core.threads import thread_settings
 from forethought.core.versions import package_versions
 
 COLUMNS = [
@@ -68,8 +68,7 @@ def run_meta(**details: Any) -> dict[str, Any]:
         "git_revision": git_revision(),
         "python": platform.python_version(),
         "versions": package_versions(),
-        "threads": torch.get_num_threads(),  # a run's numbers may depend on it: --threads N repeats it
-        "deterministic_algorithms": torch.are_deterministic_algorithms_enabled(),
+        **thread_settings(),  # a run's numbers may depend on them: --threads N repeats it
         **details,
     }
 

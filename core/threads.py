@@ -134,3 +134,12 @@ def using_threads(threads: int) -> Iterator[None]:
         yield
     finally:
         torch.set_num_threads(before)
+
+
+def thread_settings() -> dict[str, int | bool]:
+    """What a run records beside its numbers, which may depend on them: torch's intra-op threads and whether
+    deterministic algorithms are on (``meta.json``, a cache's ``meta.json``, a checkpoint's ``forethought.json``)."""
+    import torch  # here, not above: the command line decides its threads before torch loads
+
+    return {"threads": torch.get_num_threads(),
+            "deterministic_algorithms": torch.are_deterministic_algorithms_enabled()}

@@ -17,7 +17,6 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, ClassVar
 
-import torch
 from torch import nn
 from transformers import AutoConfig, AutoTokenizer, PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
 
@@ -31,6 +30,7 @@ from forethought.core.settings import (
     check_settings,
     record_settings,
 )
+from forethought.core.threads import thread_settings
 from forethought.models.distributed import Distributed
 from forethought.models.families import architecture
 from forethought.models.gpt2 import CAUSAL_LM_CLASSES, build_lm, check_blocks, gpt2_config, load_model
@@ -232,8 +232,7 @@ def _train_lm(config: LMTrainConfig, out: Path, dist: Distributed) -> TrainResul
 
     def save_extra(folder: Path) -> None:
         tokenizer.save_pretrained(folder)
-        record = {**description, "threads": torch.get_num_threads(),  # the weights may depend on the threads
-                  "deterministic_algorithms": torch.are_deterministic_algorithms_enabled()}
+        record = {**description, **thread_settings()}  # the weights may depend on them
         (folder / DESCRIPTION_FILE).write_text(json.dumps(record, indent=2) + "\n")
 
     add_heads(model, objective_heads(config.objective))

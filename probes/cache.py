@@ -34,6 +34,7 @@ from forethought.core.errors import ForethoughtError
 from forethought.core.files import atomic_write_json, check_digest, check_free_space, file_digest, read_json, size_text
 from forethought.core.precision import autocast, check_precision
 from forethought.core.progress import progress_bar
+from forethought.core.threads import thread_settings
 from forethought.core.versions import package_versions
 from forethought.models.families import decoder_blocks
 from forethought.models.lm import LMCheckpoint
@@ -226,9 +227,7 @@ def build_cache(
     (partial / _PROGRESS).unlink()
     files = ["tokens.npy", *(_layer_file(layer) for layer in layers)]
     digests = {name: file_digest(partial / name) for name in files}
-    atomic_write_json(partial / "meta.json", {**meta, "threads": torch.get_num_threads(),
-                                              "deterministic_algorithms": torch.are_deterministic_algorithms_enabled(),
-                                              "digests": digests})
+    atomic_write_json(partial / "meta.json", {**meta, **thread_settings(), "digests": digests})
     os.replace(partial, folder)  # complete from here on
     return ResidualCache.open(folder)
 
