@@ -219,6 +219,19 @@ def run_seeds(config: AcrossConfig) -> SeedsResults:
     return results
 
 
+def run_size(label: str, meta: dict[str, Any]) -> int:
+    """Non-embedding parameters of a run's vanilla twin: as its ``meta.json`` records them (so that a run's table
+    alone suffices), or, for runs from before they were recorded, counted from the checkpoint's config."""
+    recorded = meta.get("parameters", {}).get("vanilla")
+    if isinstance(recorded, int) and recorded > 0:
+        return recorded
+    source = meta.get("checkpoints", {}).get("vanilla")
+    if not isinstance(source, str) or not (Path(source) / "config.json").is_file():
+        raise ForethoughtError(f"run {label} records no model size and its vanilla checkpoint ({source}) is not "
+                               "there to count it from: rerun its `gap` / `precache`")
+    return model_size(source)
+
+
 @quiet_loading()
 def model_size(source: str) -> int:
     """Non-embedding parameters of a checkpoint (built from its config; the weights are not read)."""
@@ -306,8 +319,7 @@ def run_trend(config: AcrossConfig) -> TrendResults:
     rows = []
     for label, table in tables.items():
         row = _trend_row(label, table, config.tau)
-        source = metas[label].get("checkpoints", {}).get("vanilla")
-        rows.append({"run": label, "parameters": model_size(source), **row})
+        rows.append({"run": label, "parameters": run_size(label, metas[label]), **row})
     out = prepare_out(config.out, config)
     results = TrendResults(config=config, table=pd.DataFrame(rows))
     finish_run(results, out, run_meta(runs=dict(zip(config.run_labels(), config.run_folders()))))

@@ -38,7 +38,7 @@ from forethought.analyses.probing import (
 from forethought.analyses.results import CONTROL, run_meta
 from forethought.core.errors import ForethoughtError
 from forethought.core.progress import progress_bar
-from forethought.models.families import n_layers
+from forethought.models.families import n_layers, non_embedding_parameters
 from forethought.models.gpt2 import build_lm, quiet_loading
 from forethought.models.heldout import HeldOutSample, heldout_data, heldout_sample
 from forethought.models.lm import LMCheckpoint, check_same_tokenizer
@@ -525,6 +525,8 @@ def probe_meta(run: ProbeRun) -> dict[str, Any]:
     """Provenance of a probing run for ``meta.json``."""
     return run_meta(data=asdict(run.data), heldout=run.engine.sample.composition(),
                     checkpoints=run.sources, models=run.origins, tokenization=run.tokenization,
+                    parameters={name: non_embedding_parameters(run.engine.checkpoint(name).model)
+                                for name in run.sources},  # sizes (trend) without the checkpoints
                     baselines_counted_on=run.baselines_counted_on, probe_split=split_record(run.split),
                     processing_mode=PROCESSING_MODE, seconds=run.engine.seconds)
 

@@ -25,6 +25,7 @@ from forethought.analyses.results import run_meta, tidy
 from forethought.core.errors import ForethoughtError
 from forethought.core.settings import check_settings
 from forethought.models.checkpoint import training_history
+from forethought.models.families import non_embedding_parameters
 from forethought.models.heldout import heldout_data, heldout_sample, token_losses
 from forethought.models.lm import LMCheckpoint
 from forethought.models.myopic import myopic_layers
@@ -228,6 +229,7 @@ def run_gap(config: GapConfig) -> GapResults:
     finish_run(results, out, run_meta(
         data=asdict(data), heldout=sample.composition(), gradient_split_sequences=len(shared),
         checkpoints={name: c.source for name, c in checkpoints.items()},
+        parameters={name: non_embedding_parameters(c.model) for name, c in checkpoints.items()},  # for `trend`
         processing_mode="raw (Hugging Face forward hooks)",
     ))
     return results

@@ -18,7 +18,7 @@ PRECACHE = "pre-caching (vanilla − myopic)"
 
 
 def _gap_run(folder, gap: tuple[float, float, float], vanilla_loss: float, model_folder=None,
-             estimates: tuple[str, ...] = (PRECACHE,)):
+             estimates: tuple[str, ...] = (PRECACHE,), parameters: int | None = None):
     rows = [
         {
             "checkpoint": "vanilla",
@@ -48,7 +48,8 @@ def _gap_run(folder, gap: tuple[float, float, float], vanilla_loss: float, model
                 rows.append({"checkpoint": estimate, "layer": layer, "tau": tau, "metric": "top1", "value": value,
                              "ci_low": value - 0.01, "ci_high": value + 0.01, "n": 50})
     meta = {"config": {"vanilla": "v", "myopic": "m", "out": str(folder)},
-            "checkpoints": {"vanilla": str(model_folder) if model_folder else "v"}}
+            "checkpoints": {"vanilla": str(model_folder) if model_folder else "v"},
+            **({"parameters": {"vanilla": parameters}} if parameters else {})}
     write_results(tidy(rows, task="text", split="test", seed=0), folder, meta)
     return str(folder)
 
@@ -107,6 +108,19 @@ def test_the_trend_reads_each_runs_model_size(tmp_path):
     assert table.loc["large", "value"] == pytest.approx(0.04)
     assert set(results.figures()) == {"trend_gap"}
     assert "slope: not testable (needs ≥ 3 runs at ≥ 2 sizes)" in results.summary()  # two runs: no degree left
+
+
+def test_the_trend_reads_a_recorded_size_without_the_checkpoint(tmp_path):
+    """A run whose meta.json records its vanilla twin's size needs no checkpoint (a run's table kept alone); a run
+    with neither is refused in one line."""
+    runs = [_gap_run(tmp_path / f"gap-{n}", (0.01 * i, 0.0, 0.1), 4.0, parameters=n)
+            for i, n in enumerate((1_000, 10_000, 100_000), start=1)]
+    results = run_trend(AcrossConfig(runs=tuple(runs), out=str(tmp_path / "trend")))
+    assert results.table["parameters"].tolist() == [1_000, 10_000, 100_000]
+    assert results.slope()["slope"] == pytest.approx(0.01)
+    bare = _gap_run(tmp_path / "gap-bare", (0.02, 0.0, 0.1), 4.0)
+    with pytest.raises(ForethoughtError, match="records no model size and its vanilla checkpoint"):
+        run_trend(AcrossConfig(runs=(runs[0], bare), out=str(tmp_path / "trend-bare")))
 
 
 def test_the_trend_tests_its_slope_over_seeds_and_sizes(tmp_path):

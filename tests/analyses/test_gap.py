@@ -16,6 +16,7 @@ from forethought.analyses.precache import PrecacheConfig, run_precache
 from forethought.core.errors import ForethoughtError
 from forethought.core.files import DIGESTS_FILE
 from forethought.models.checkpoint import latest_checkpoint, load_training_state
+from forethought.models.families import non_embedding_parameters
 from forethought.models.gpt2 import build_lm, gpt2_config
 from forethought.models.lm import LMCheckpoint, LMTrainConfig, train_lm
 from forethought.models.twins import TWINS, check_twins
@@ -37,6 +38,9 @@ def test_gap_end_to_end_on_a_tiny_pair(twins, tmp_path):
     assert ((shares.loc[[0, 1]] > 0) & (shares.loc[[0, 1]] < 1)).all().all()
     reloaded = GapResults.from_folder(tmp_path / "gap")
     assert reloaded.table.equals(results.table) and reloaded.config == config
+    sizes = json.loads((tmp_path / "gap" / "meta.json").read_text())["parameters"]  # `trend` reads them
+    expected = non_embedding_parameters(LMCheckpoint.load(twins / "vanilla").model)
+    assert sizes == {"vanilla": expected, "myopic": expected} and expected > 0
     for twin in ("vanilla", "myopic"):  # the twins' own training curves, read from their training state
         history = load_training_state(latest_checkpoint(twins / twin))["history"]
         assert reloaded.histories[twin] == history and [r["step"] for r in history] == list(range(1, 41))

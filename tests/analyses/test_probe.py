@@ -62,6 +62,7 @@ def test_probe_table_figure_and_reuse(twins, tmp_path, monkeypatch):
     steps = [f"{step} {name}" for name in ("vanilla", "myopic", CONTROL) for step in ("caching", "topk", "logit lens")]
     assert sorted(meta["seconds"]) == sorted(steps) and all(seconds >= 0 for seconds in meta["seconds"].values())
     assert meta["threads"] == torch.get_num_threads()  # a run's numbers may depend on it: recorded
+    assert set(meta["parameters"]) == {"vanilla", "myopic", CONTROL} and meta["parameters"]["vanilla"] > 0
     split = meta["probe_split"]  # carried with the results
     assert len(split["classes"]) == 40 and not set(split["train"]) & set(split["test"])
     assert set(split["validation"]) <= set(split["train"]) and len(split["train"]) + len(split["test"]) == 60
