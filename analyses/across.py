@@ -268,10 +268,13 @@ class TrendResults(ExperimentResults):
 
     def figure(self) -> go.Figure:
         """Each run's value (95 % CI over documents) at its size, each size's mean ± sd over runs, the OLS line."""
-        rows = self.table.sort_values("parameters")
-        figure = px.scatter(rows, x="parameters", y="value", hover_name="run", log_x=True,
-                            error_y=rows["ci_high"] - rows["value"], error_y_minus=rows["value"] - rows["ci_low"])
-        figure.update_traces(name="a run (95% CI over documents)", showlegend=True)
+        rows = self.table.sort_values(["parameters", "run"])
+        before = rows.groupby("parameters").cumcount(ascending=False) + 1  # runs of a size side by side, left of
+        rows = rows.assign(drawn_at=rows["parameters"] * 10 ** (-RUN_SPREAD * before))  # their mean
+        figure = px.scatter(rows, x="drawn_at", y="value", hover_name="run", hover_data={"parameters": True,
+                            "drawn_at": False}, log_x=True, error_y=rows["ci_high"] - rows["value"],
+                            error_y_minus=rows["value"] - rows["ci_low"])
+        figure.update_traces(name="a run (95% CI over documents; drawn left of its size)", showlegend=True)
         sizes = self.sizes().reset_index()
         figure.add_scatter(x=sizes["parameters"], y=sizes["mean"], mode="markers", name="mean ± sd over runs",
                            error_y=dict(array=sizes["sd"].fillna(0)), marker=dict(symbol="diamond", size=11))
@@ -308,6 +311,7 @@ class TrendResults(ExperimentResults):
 
 
 GAP_QUANTITY = "myopia gap (myopic − vanilla held-out loss)"
+RUN_SPREAD = 0.012  # log10 units between the runs of one size in the trend figure: apart, and off their mean
 
 
 @writes_run

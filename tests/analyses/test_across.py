@@ -149,7 +149,13 @@ def test_the_trend_tests_its_slope_over_seeds_and_sizes(tmp_path):
     assert trend["ci_high"] - trend["slope"] == pytest.approx(stats.t.ppf(0.975, 4) * stderr)
     assert (trend["runs"], trend["sizes"]) == (6, 3) and trend["p"] < 0.01
     assert "OLS of 6 runs' values on log10 parameters at 3 sizes" in results.summary()
-    assert any(trace.name.startswith("OLS: +") for trace in results.figure().data)
+    figure = results.figure()
+    assert any(trace.name.startswith("OLS: +") for trace in figure.data)
+    drawn, means = figure.data[0].x, figure.data[1].x  # a size's two runs beside its mean, not on it
+    assert len(set(drawn)) == 6 and sorted(means) == sorted(set(results.table["parameters"]))
+    for size in means:
+        mine = sorted(x for x in drawn if abs(np.log10(x / size)) < 0.05)
+        assert len(mine) == 2 and mine[0] < mine[1] < size and np.log10(mine[1] / mine[0]) == pytest.approx(0.012)
     two = run_trend(AcrossConfig(runs=tuple(runs[:4]), labels=tuple(gaps)[:4], out=str(tmp_path / "trend-2")))
     figure = two.figure()  # two sizes: a slope to test, but a line would only join their means
     assert np.isfinite(two.slope()["slope"]) and not any(trace.mode == "lines" for trace in figure.data)
