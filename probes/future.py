@@ -360,6 +360,8 @@ class Probe:
     @torch.no_grad()
     def predict(self, h: torch.Tensor | np.ndarray) -> torch.Tensor:
         """h [..., d_model] (raw residuals of this layer) → logits [..., n_classes] over :attr:`classes`."""
+        if isinstance(h, np.ndarray) and not h.flags.writeable:
+            h = h.copy()  # a read-only array (a cache's memory map) cannot back a tensor
         h = torch.as_tensor(h, dtype=torch.float32, device=self.grid.probes.feature_mean.device)
         i, j = self._index
         return self.grid.probes.logits(i, j, h.reshape(-1, h.shape[-1])).reshape(*h.shape[:-1], -1)

@@ -31,7 +31,8 @@ def test_every_kept_run_reads_undamaged_and_names_its_code(run):
 
 def _run(folder: Path) -> Path:
     rows = [{"checkpoint": "vanilla", "metric": "loss", "value": 4.0, "ci_low": 3.9, "ci_high": 4.1, "n": 10}]
-    write_results(tidy(rows, task="text", split="test", seed=0), folder, {"config": {"out": str(folder)}})
+    by_text = tidy([{**rows[0], "text": "kjv"}], task="text", split="test", seed=0)
+    write_results(tidy(rows, task="text", split="test", seed=0), folder, {"config": {"out": str(folder)}}, by_text)
     (folder / "config.json").write_text(json.dumps({"out": str(folder)}))
     (folder / "figures").mkdir()
     (folder / "figures" / "a.html").write_text("<html></html>")
@@ -43,14 +44,14 @@ def test_keep_copies_the_tables_only_and_they_read_back(tmp_path):
     run = _run(tmp_path / "runs" / "gap-x")
     kept = keep_run.keep(run, tmp_path / "results")
     assert kept == tmp_path / "results" / "gap-x"
-    assert {path.name for path in kept.iterdir()} == {"results.parquet", "results.csv", "meta.json", "config.json"}
+    assert {path.name for path in kept.iterdir()} == set(keep_run.KEPT)
     assert read_results(kept)[0].equals(read_results(run)[0])
 
 
-def test_a_damaged_run_is_refused_and_nothing_is_kept(tmp_path):
+@pytest.mark.parametrize("table", ["results.parquet", "by_text.parquet"])
+def test_a_damaged_run_is_refused_and_nothing_is_kept(tmp_path, table):
     run = _run(tmp_path / "runs" / "gap-x")
-    table = pd.read_parquet(run / "results.parquet").assign(value=5.0)
-    table.to_parquet(run / "results.parquet")  # changed after its digest was recorded
+    pd.read_parquet(run / table).assign(value=5.0).to_parquet(run / table)  # changed after its digest was recorded
     with pytest.raises(ForethoughtError, match="changed or damaged"):
         keep_run.keep(run, tmp_path / "results")
     assert not (tmp_path / "results").exists() or not any((tmp_path / "results").iterdir())

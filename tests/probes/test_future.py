@@ -3,6 +3,7 @@ logit lens; bad τ named."""
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import replace
 
 import numpy as np
@@ -73,6 +74,11 @@ def test_a_fitted_probe_is_held_saved_and_read_back(kind, tmp_path):
     h = torch.from_numpy(h_all[:40]).float()  # [40, SEQ, D], raw (not standardised)
     logits = probe.predict(h)
     torch.testing.assert_close(h @ probe.weight + probe.bias, logits, atol=1e-3, rtol=1e-4)
+    read_only = h_all[:40].copy()
+    read_only.flags.writeable = False  # as a cache's memory map is: read without torch's non-writable warning
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert torch.equal(probe.predict(read_only), logits)
     truth = np.where(np.isin(ahead[:40], probe.classes), ahead[:40], -1)  # topk: a token outside the K is "other"
     assert (probe.classes[logits.argmax(-1).numpy()] == truth)[:, :-1].mean() > 0.8
     assert len(probe.classes) == logits.shape[-1] == (VOCAB - 1 if kind == "topk" else VOCAB)
