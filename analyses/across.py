@@ -53,6 +53,7 @@ class AcrossConfig:
     runs: tuple[str, ...] = ()  # finished run folders (gap, precache or probe) of one command
     labels: tuple[str, ...] | None = None  # names for the runs (default: their folder names)
     tau: int = 2  # trend of precache runs: P at this τ, at the vanilla twin's best layer on validation
+    loss_matched: bool = False  # trend of precache runs: P_matched (vanilla at the myopic loss − myopic), not P
     out: str = "runs/seeds"  # folder for the table, meta.json and figures
     figures_dir: str | None = None  # also copy the figures here
 
@@ -298,7 +299,10 @@ class TrendResults(ExperimentResults):
         return figure
 
     def figures(self) -> dict[str, go.Figure]:
-        return {"trend_gap": self.figure()}
+        """trend_gap, or trend_precache[_matched]_tauN (P or P_matched at τ = N)."""
+        if self.table["quantity"].iloc[0] == GAP_QUANTITY:
+            return {"trend_gap": self.figure()}
+        return {f"trend_precache{'_matched' if self.config.loss_matched else ''}_tau{self.config.tau}": self.figure()}
 
     def summary(self) -> str:
         trend = self.slope()
@@ -316,13 +320,13 @@ RUN_SPREAD = 0.012  # log10 units between the runs of one size in the trend figu
 
 @writes_run
 def run_trend(config: AcrossConfig) -> TrendResults:
-    """The overall myopia gap of ``gap`` runs, or P at τ = ``config.tau`` of ``precache`` runs (top-1, at the layer
-    where the vanilla twin's probe is best on the validation sequences: chosen without the test examples), against
-    their models' non-embedding parameters; table, figure."""
+    """The overall myopia gap of ``gap`` runs, or P (``config.loss_matched``: P_matched) at τ = ``config.tau`` of
+    ``precache`` runs (top-1, at the layer where the vanilla twin's probe is best on the validation sequences: chosen
+    without the test examples), against their models' non-embedding parameters; table, figure."""
     tables, metas = read_runs(config)
     rows = []
     for label, table in tables.items():
-        row = _trend_row(label, table, config.tau)
+        row = _trend_row(label, table, config.tau, config.loss_matched)
         rows.append({"run": label, "parameters": run_size(label, metas[label]), **row})
     out = prepare_out(config.out, config)
     results = TrendResults(config=config, table=pd.DataFrame(rows))
@@ -330,21 +334,26 @@ def run_trend(config: AcrossConfig) -> TrendResults:
     return results
 
 
-def _trend_row(label: str, table: pd.DataFrame, tau: int) -> dict[str, Any]:
-    """A run's quantity, layer, value and interval: its overall myopia gap, or its P at ``tau`` (top-1, test
-    split) at the vanilla twin's best layer on validation."""
+def _trend_row(label: str, table: pd.DataFrame, tau: int, matched: bool) -> dict[str, Any]:
+    """A run's quantity, layer, value and interval: its overall myopia gap, or its P (``matched``: P_matched) at
+    ``tau`` (top-1, test split) at the vanilla twin's best layer on validation."""
     overall = (table["metric"] == "loss") & table["position"].isna()
     gap = table[table["checkpoint"].str.endswith(GAP_SUFFIX) & overall]
     if not gap.empty:
+        if matched:
+            raise ForethoughtError(f"`loss_matched` reads precache runs: {label} is a gap run")
         return {"quantity": GAP_QUANTITY, "layer": np.nan, **gap.iloc[0][["value", "ci_low", "ci_high"]]}
-    precache = table[table["checkpoint"].str.endswith(PRECACHE_SUFFIX) & (table["metric"] == "top1")
+    estimate = MATCHED_SUFFIX if matched else PRECACHE_SUFFIX
+    precache = table[table["checkpoint"].str.endswith(estimate) & (table["metric"] == "top1")
                      & (table["split"] == "test") & (table["tau"] == tau)]
     vanilla = table[(table["checkpoint"] == "vanilla") & (table["split"] == VALIDATION) & table["layer"].notna()
                     & (table["tau"] == tau)]
     if precache.empty or vanilla.empty:
-        raise ForethoughtError(f"run {label} holds neither a myopia gap nor a pre-caching estimate at τ = {tau} with "
+        estimate = "loss-matched pre-caching estimate" if matched else "pre-caching estimate"
+        raise ForethoughtError(f"run {label} holds neither a myopia gap nor a {estimate} at τ = {tau} with "
                                "validation scores: give finished `forethought gap` or `precache` runs")
     layer = best_by_tau(vanilla, "top1")[tau]
     row = precache[precache["layer"] == layer].iloc[0]
-    return {"quantity": f"pre-caching P (top-1, τ = {tau}, best vanilla layer)", "layer": layer,
+    return {"quantity": f"pre-caching {'P_matched' if matched else 'P'} (top-1, τ = {tau}, best vanilla layer)",
+            "layer": layer,
             **row[["value", "ci_low", "ci_high"]]}

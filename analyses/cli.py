@@ -299,8 +299,8 @@ EXAMPLES: dict[str, tuple[tuple[str, str], ...]] = {  # (command line, what it d
     "trend": (
         ("forethought trend --runs runs/gap-nano-s0,runs/gap-nano-s1,runs/gap-cpu-s0,runs/gap-cpu-s1 --out runs/trend",
          "the gap against model size, seeds of each size pooled"),
-        ("forethought trend --runs runs/precache-nano-s0,runs/precache-cpu-s0 --tau 2 --out runs/trend-precache",
-         "P at τ = 2 against model size"),
+        ("forethought trend --runs runs/precache-nano-s0,runs/precache-cpu-s0 --tau 2 --loss-matched "
+         "--out runs/trend-precache", "P at τ = 2 at equal next-token loss (P_matched) against model size"),
     ),
     "figures": (
         ("forethought figures --dry-run",

@@ -15,6 +15,7 @@ from forethought.models.gpt2 import gpt2_config
 
 GAP = "myopia gap (myopic − vanilla)"
 PRECACHE = "pre-caching (vanilla − myopic)"
+MATCHED = "pre-caching, loss-matched (vanilla at the myopic loss − myopic)"
 
 
 def _gap_run(folder, gap: tuple[float, float, float], vanilla_loss: float, model_folder=None,
@@ -163,8 +164,8 @@ def test_the_trend_tests_its_slope_over_seeds_and_sizes(tmp_path):
 
 
 def test_the_trend_of_precache_runs_reads_p_at_the_best_vanilla_layer_on_validation(tmp_path):
-    """P at τ = 2, at the layer where the vanilla twin's probe is best on *validation* (not where P or the test
-    score is largest)."""
+    """P (or P_matched) at τ = 2, at the layer where the vanilla twin's probe is best on *validation* (not where P or
+    the test score is largest); each in its own figure."""
     runs = []
     for layers in (1, 2):
         config = tmp_path / f"config-{layers}"
@@ -172,8 +173,9 @@ def test_the_trend_of_precache_runs_reads_p_at_the_best_vanilla_layer_on_validat
         rows = []
         for layer in range(3):
             p_value = 0.01 * layers + 0.1 * (layer == 2)  # P largest at layer 2 …
-            rows.append({"checkpoint": PRECACHE, "layer": layer, "tau": 2, "metric": "top1", "value": p_value,
-                         "ci_low": p_value - 0.01, "ci_high": p_value + 0.01, "n": 50, "split": "test"})
+            for estimate, value in ((PRECACHE, p_value), (MATCHED, p_value / 2)):
+                rows.append({"checkpoint": estimate, "layer": layer, "tau": 2, "metric": "top1", "value": value,
+                             "ci_low": value - 0.01, "ci_high": value + 0.01, "n": 50, "split": "test"})
             for split, best in (("validation", 1), ("test", 2)):  # … the vanilla probe best at 1 on validation
                 rows.append({"checkpoint": "vanilla", "probe": "softmax", "layer": layer, "tau": 2, "metric": "top1",
                              "value": 0.5 if layer == best else 0.2, "ci_low": 0.1, "ci_high": 0.6, "n": 50,
@@ -185,6 +187,15 @@ def test_the_trend_of_precache_runs_reads_p_at_the_best_vanilla_layer_on_validat
     table = results.table.set_index("run")
     assert table["layer"].tolist() == [1, 1] and table["value"].to_numpy() == pytest.approx([0.01, 0.02])
     assert table["quantity"].iloc[0] == "pre-caching P (top-1, τ = 2, best vanilla layer)"
+    assert set(results.figures()) == {"trend_precache_tau2"}
+    matched = run_trend(AcrossConfig(runs=tuple(runs), loss_matched=True, out=str(tmp_path / "trend-matched")))
+    assert matched.table["value"].to_numpy() == pytest.approx([0.005, 0.01])
+    assert matched.table["layer"].tolist() == [1, 1]
+    assert matched.table["quantity"].iloc[0] == "pre-caching P_matched (top-1, τ = 2, best vanilla layer)"
+    assert set(matched.figures()) == {"trend_precache_matched_tau2"}
+    gaps = [_gap_run(tmp_path / f"gap-{n}", (0.1, 0.09, 0.11), 4.0, parameters=1000 * n) for n in (1, 2)]
+    with pytest.raises(ForethoughtError, match="`loss_matched` reads precache runs: gap-1 is a gap run"):
+        run_trend(AcrossConfig(runs=tuple(gaps), loss_matched=True, out=str(tmp_path / "trend-gap")))
     with pytest.raises(ForethoughtError, match="holds neither a myopia gap nor a pre-caching estimate at τ = 3"):
         run_trend(AcrossConfig(runs=tuple(runs), tau=3, out=str(tmp_path / "trend3")))
 
