@@ -284,11 +284,11 @@ class TrendResults(ExperimentResults):
             x = np.log10(sizes["parameters"].to_numpy(float))
             figure.add_scatter(x=sizes["parameters"], y=trend["intercept"] + trend["slope"] * x, mode="lines",
                                line=dict(color="gray", dash="dash"),
-                               name=f"OLS: {trend['slope']:+.3f} per 10× (p = {trend['p']:.2g})")
+                               name=f"OLS: {signed(trend['slope'], 4)} per 10× (p = {trend['p']:.2g})")
         figure.add_hline(y=0, line=dict(color="black", dash="dot"))
         figure.update_xaxes(tickvals=sizes["parameters"], ticktext=[f"{n / 1e6:.3g} M" for n in sizes["parameters"]])
         quantity = rows["quantity"].iloc[0]
-        fitted = (f"OLS slope {signed(trend['slope'])} per 10×, p = {trend['p']:.2g}" if np.isfinite(trend["slope"])
+        fitted = (f"OLS slope {signed(trend['slope'], 4)} per 10×, p = {trend['p']:.2g}" if np.isfinite(trend["slope"])
                   else "no slope: it needs ≥ 3 runs at ≥ 2 sizes")
         if np.isfinite(trend["slope"]) and trend["sizes"] < 3:
             fitted += " (two sizes: no line drawn)"
